@@ -1,0 +1,35 @@
+"""Optional compiled extension ``grpo_kernels._C``.
+
+The package works without it (``GRPO_KERNELS_NO_EXT=1`` at build time skips
+it); backends that need it report themselves unavailable.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Optional
+
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
+
+def _load() -> Optional[ModuleType]:
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _C
+
+
+_C = _load()
+
+
+def extension_available() -> bool:
+    """Whether the compiled extension ``grpo_kernels._C`` was built and imports."""
+    return _C is not None
+
+
+def extension_info() -> dict:
+    """Version and build facts of the extension (empty when it is absent)."""
+    if _C is None:
+        return {}
+    return {"version": _C.version(), "cuda": bool(_C.with_cuda()), "cuda_version": int(_C.cuda_version())}

@@ -1,0 +1,214 @@
+"""Public ops: validate the inputs, pick the backend, run it.
+
+The math of every op is stated in :mod:`grpo_kernels.reference` (the
+specification); each backend computes the same numbers.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional, Union
+
+from torch import Tensor
+
+from . import reference, validation
+from .backends import implementation
+from .reference import GRPOLossOutput
+
+Number = Union[int, float]
+
+# The keyword options of the loss and their defaults, as named by the specification.
+LOSS_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(reference.grpo_loss).parameters.items() if p.kind is p.KEYWORD_ONLY
+}
+LOSS_OPTIONS = tuple(LOSS_DEFAULTS)
+
+
+def _loss_options(arguments: dict) -> dict:
+    return {name: arguments[name] for name in LOSS_OPTIONS}
+
+
+def token_logprobs(
+    logits: Tensor,
+    token_ids: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Log-prob of each sampled token under ``softmax(logits / temperature)``.
+
+    Args:
+        logits: ``[..., V]`` float16/bfloat16/float32/float64; any leading shape.
+        token_ids: ``[...]`` int32/int64 in ``[0, V)``, or ``ignore_index``.
+        temperature: positive finite sampling temperature.
+        ignore_index: positions with this id get log-prob 0 (and entropy 0).
+        return_entropy: also return the entropy of each row's distribution.
+        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        ``logp [...]`` float32 (float64 for float64 logits), or
+        ``(logp, entropy)`` with ``return_entropy=True``. Differentiable
+        w.r.t. ``logits``.
+
+    See :func:`grpo_kernels.reference.token_logprobs` for the formula.
+    """
+    validation.check_token_logprobs(
+        logits, token_ids, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+    )
+    return implementation(backend, logits.device).token_logprobs(
+        logits, token_ids, temperature=float(temperature), ignore_index=ignore_index, return_entropy=return_entropy
+    )
+
+
+def group_advantages(
+    rewards: Tensor,
+    *,
+    group_size: Optional[int] = None,
+    group_ids: Optional[Tensor] = None,
+    scale: str = "group",
+    estimator: str = "grpo",
+    eps: float = 1e-4,
+    reward_weights: Optional[Tensor] = None,
+    multi_objective: str = "sum_then_normalize",
+    return_stats: bool = False,
+    backend: str = "auto",
+) -> Union[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """Group-relative advantages ``(r - group mean) / (group std + eps)`` and variants.
+
+    Args:
+        rewards: ``[B]`` or ``[B, K]`` (K reward functions); NaN = missing reward.
+        group_size: G for contiguous groups of G completions (must divide B).
+        group_ids: ``[B]`` integer group label per completion (verl's ``uid``).
+        scale: ``"group"`` (divide by group std), ``"batch"`` (by batch std), ``"none"``.
+        estimator: ``"grpo"`` (baseline = group mean) or ``"rloo"`` (leave-one-out mean).
+        eps: added to the std before dividing.
+        reward_weights: ``[K]`` weights of the reward functions (default ones).
+        multi_objective: ``"sum_then_normalize"`` or ``"normalize_then_sum"`` for ``[B, K]`` rewards.
+        return_stats: also return per-group ``mean`` and ``std``.
+        backend: see :func:`token_logprobs`.
+
+    Returns:
+        ``advantages [B]`` (float32; float64 for float64 rewards), or
+        ``(advantages, mean [num_groups], std [num_groups])``.
+
+    See :func:`grpo_kernels.reference.group_advantages` for the formula.
+    """
+    options = dict(
+        group_size=group_size, group_ids=group_ids, scale=scale, estimator=estimator, eps=eps,
+        reward_weights=reward_weights, multi_objective=multi_objective, return_stats=return_stats,
+    )
+    validation.check_group_advantages(rewards, **options)
+    return implementation(backend, rewards.device).group_advantages(rewards, **options)
+
+
+def grpo_loss(
+    logprobs: Tensor,
+    old_logprobs: Optional[Tensor],
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logprobs: Optional[Tensor] = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: Optional[float] = None,
+    delta: Optional[float] = None,
+    clip_ratio_c: Optional[float] = None,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    kl_estimator: str = "k3",
+    use_bias_correction_kl: bool = False,
+    importance_weights: Optional[Tensor] = None,
+    max_completion_length: Optional[int] = None,
+    num_items_in_batch: Optional[Union[Number, Tensor]] = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    backend: str = "auto",
+) -> GRPOLossOutput:
+    """The GRPO policy loss (TRL ``GRPOTrainer`` semantics) on per-token log-probs.
+
+    Args:
+        logprobs: ``[B, T]`` float, log-probs of the sampled tokens under the policy (requires grad).
+        old_logprobs: ``[B, T]`` under the sampling policy, or ``None`` (uses ``logprobs.detach()``).
+        advantages: ``[B]``, ``[B, 1]`` or ``[B, T]``.
+        mask: ``[B, T]`` bool or 0/1 (completion tokens that count).
+        ref_logprobs: ``[B, T]`` reference-policy log-probs; required when ``beta != 0``.
+        beta: KL penalty coefficient.
+        epsilon_low, epsilon_high: clip range ``[1 - epsilon_low, 1 + epsilon_high]``;
+            ``epsilon_high`` defaults to ``epsilon_low`` (cispo: absolute cap).
+        delta: upper clamp of the unclipped ratio (two-sided GRPO).
+        clip_ratio_c: dual-clip bound (> 1) for negative advantages (verl).
+        loss_type: ``"grpo"``, ``"bnpo"``, ``"dr_grpo"``, ``"dapo"``, ``"cispo"``, ``"sapo"``, ``"luspo"``.
+        importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO).
+        kl_estimator: ``"k3"``, ``"k1"``, ``"k2"`` or ``"low_var_kl"``.
+        use_bias_correction_kl: multiply the KL by the importance ratio.
+        importance_weights: ``[B, T]``, ``[B, 1]`` or ``[B]`` per-token loss multipliers
+            (e.g. TRL's vLLM importance-sampling ratio).
+        max_completion_length: normalizer length for ``dr_grpo`` (default T).
+        num_items_in_batch: normalizer token count for ``dapo``/``cispo`` (default: masked tokens).
+        sapo_temperature_pos, sapo_temperature_neg: SAPO temperatures.
+        backend: see :func:`token_logprobs`.
+
+    Returns:
+        :class:`~grpo_kernels.GRPOLossOutput` with ``loss`` (0-d), ``per_token_loss [B, T]`` and
+        0-d metrics ``kl``, ``clip_ratio_low``, ``clip_ratio_high``, ``clip_ratio_region``.
+
+    See :func:`grpo_kernels.reference.grpo_loss` for the formulas.
+    """
+    options = _loss_options(locals())
+    validation.check_grpo_loss(logprobs, old_logprobs, advantages, mask, **options)
+    return implementation(backend, logprobs.device).grpo_loss(logprobs, old_logprobs, advantages, mask, **options)
+
+
+def fused_grpo_loss(
+    logits: Tensor,
+    token_ids: Tensor,
+    old_logprobs: Optional[Tensor],
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    ref_logprobs: Optional[Tensor] = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: Optional[float] = None,
+    delta: Optional[float] = None,
+    clip_ratio_c: Optional[float] = None,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    kl_estimator: str = "k3",
+    use_bias_correction_kl: bool = False,
+    importance_weights: Optional[Tensor] = None,
+    max_completion_length: Optional[int] = None,
+    num_items_in_batch: Optional[Union[Number, Tensor]] = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    backend: str = "auto",
+) -> GRPOLossOutput:
+    """Logits straight to the GRPO loss: :func:`token_logprobs` then :func:`grpo_loss` in one call.
+
+    Args:
+        logits: ``[B, T, V]`` float16/bfloat16/float32/float64 policy logits of the completion tokens.
+        token_ids: ``[B, T]`` int sampled completion ids; ``ignore_index`` positions are excluded like masked ones.
+        old_logprobs, advantages, mask: as in :func:`grpo_loss`.
+        temperature, ignore_index: as in :func:`token_logprobs`.
+        return_entropy: also fill ``entropy`` (masked mean entropy) in the result.
+        Remaining options: as in :func:`grpo_loss`.
+
+    Returns:
+        :class:`~grpo_kernels.GRPOLossOutput`; gradients flow to ``logits``.
+
+    See :func:`grpo_kernels.reference.fused_grpo_loss` for the formulas.
+    """
+    options = _loss_options(locals())
+    validation.check_fused_grpo_loss(
+        logits, token_ids, old_logprobs, advantages, mask,
+        temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy, **options,
+    )
+    return implementation(backend, logits.device).fused_grpo_loss(
+        logits, token_ids, old_logprobs, advantages, mask,
+        temperature=float(temperature), ignore_index=ignore_index, return_entropy=return_entropy, **options,
+    )

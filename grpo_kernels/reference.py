@@ -1,0 +1,485 @@
+"""The specification: pure-PyTorch reference implementations of every op.
+
+Written for clarity, not speed. Every function is dtype-generic: it computes in
+float32 (float64 when its main input is float64), runs on any device, and is
+differentiable through plain autograd. Every fast backend is tested against
+these functions.
+
+Semantics follow TRL's ``GRPOTrainer._compute_loss`` (TRL 1.16) and, for the
+extras (dual clip, k1/k2/low_var_kl estimators, RLOO, arbitrary group ids),
+verl's ``core_algos``. ``docs/semantics.md`` maps every option name.
+
+This module imports only torch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+LOSS_TYPES = CLIPPED_LOSS_TYPES + ("cispo", "sapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+KL_ESTIMATORS = ("k3", "k1", "k2", "low_var_kl")
+SCALES = ("group", "batch", "none")
+ESTIMATORS = ("grpo", "rloo")
+MULTI_OBJECTIVES = ("sum_then_normalize", "normalize_then_sum")
+
+
+class GRPOLossOutput(NamedTuple):
+    """Result of :func:`grpo_loss` / :func:`fused_grpo_loss`.
+
+    All fields are tensors on the inputs' device (no host synchronization).
+
+    - ``loss``: 0-d, the aggregated loss to call ``backward()`` on.
+    - ``per_token_loss``: ``[B, T]``, the per-token loss before masking and
+      aggregation (TRL's ``per_token_loss``, including ``beta * KL``).
+    - ``kl``: 0-d masked mean of the per-token KL estimate, or ``None`` when no
+      ``ref_logprobs`` were given.
+    - ``clip_ratio_low`` / ``clip_ratio_high`` / ``clip_ratio_region``: 0-d
+      fractions of clipped tokens (TRL's ``clip_ratio/*_mean`` definitions).
+    - ``entropy``: 0-d masked mean entropy (only from ``fused_grpo_loss`` with
+      ``return_entropy=True``), else ``None``.
+    """
+
+    loss: Tensor
+    per_token_loss: Tensor
+    kl: Optional[Tensor]
+    clip_ratio_low: Tensor
+    clip_ratio_high: Tensor
+    clip_ratio_region: Tensor
+    entropy: Optional[Tensor] = None
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- #
+# token_logprobs
+# --------------------------------------------------------------------------- #
+def token_logprobs(
+    logits: Tensor,
+    token_ids: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    r"""Log-probability of each sampled token under ``softmax(logits / T)``.
+
+    For a row of logits :math:`x \in \mathbb{R}^V`, temperature :math:`T` and
+    token id :math:`y`:
+
+    .. math::
+        z = x / T,\quad
+        \mathrm{logp} = z_y - \log \textstyle\sum_v e^{z_v},\quad
+        H = -\textstyle\sum_v p_v \log p_v,\ p = \mathrm{softmax}(z)
+
+    (terms with :math:`p_v = 0`, e.g. from ``-inf`` logits, contribute 0 to H).
+    Rows whose id equals ``ignore_index`` get ``logp = 0`` and ``H = 0``.
+
+    Args:
+        logits: ``[..., V]`` floating point.
+        token_ids: ``[...]`` integer, values in ``[0, V)`` or ``ignore_index``.
+        temperature: positive finite float.
+        ignore_index: id marking positions to skip.
+        return_entropy: also return the entropy of each row's distribution.
+
+    Returns:
+        ``logp`` of shape ``[...]`` in float32 (float64 for float64 logits), or
+        ``(logp, entropy)`` when ``return_entropy``.
+    """
+    z = logits.to(_compute_dtype(logits)) / temperature
+    logp_all = torch.log_softmax(z, dim=-1)
+
+    ignored = token_ids == ignore_index
+    safe_ids = torch.where(ignored, torch.zeros_like(token_ids), token_ids)
+    logp = logp_all.gather(-1, safe_ids.unsqueeze(-1)).squeeze(-1)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    logp = torch.where(ignored, zero, logp)
+    if not return_entropy:
+        return logp
+
+    # p·log p with the convention 0·log 0 = 0, written so that autograd sees
+    # no 0·inf either.
+    finite_logp = torch.where(torch.isneginf(logp_all), zero, logp_all)
+    entropy = -(logp_all.exp() * finite_logp).sum(-1)
+    entropy = torch.where(ignored, zero, entropy)
+    return logp, entropy
+
+
+# --------------------------------------------------------------------------- #
+# group_advantages
+# --------------------------------------------------------------------------- #
+def _group_index(n: int, group_size: Optional[int], group_ids: Optional[Tensor], device) -> tuple[Tensor, int]:
+    """Dense group index in ``[0, num_groups)`` for each of ``n`` rows."""
+    if group_ids is None:
+        return torch.arange(n, device=device) // group_size, n // group_size
+    unique, inverse = torch.unique(group_ids, sorted=True, return_inverse=True)
+    return inverse, unique.numel()
+
+
+def _nan_group_stats(r: Tensor, index: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-group count of non-NaN values, NaN-ignoring mean and unbiased std.
+
+    mean is NaN for a group with no value; std is NaN for fewer than 2 values.
+    """
+    valid = ~torch.isnan(r)
+    r0 = torch.where(valid, r, torch.zeros_like(r))
+    count = torch.zeros(num_groups, dtype=r.dtype, device=r.device).index_add_(0, index, valid.to(r.dtype))
+    total = torch.zeros_like(count).index_add_(0, index, r0)
+    mean = total / count  # NaN for empty groups (0 / 0)
+    dev2 = torch.where(valid, (r - mean[index]) ** 2, torch.zeros_like(r))
+    ss = torch.zeros_like(count).index_add_(0, index, dev2)
+    std = torch.sqrt(ss / (count - 1))
+    std = torch.where(count > 1, std, torch.full_like(std, float("nan")))
+    return count, mean, std
+
+
+def _nan_std(r: Tensor) -> Tensor:
+    """Unbiased std over all non-NaN values (NaN for fewer than 2)."""
+    index = torch.zeros(r.shape[0], dtype=torch.long, device=r.device)
+    return _nan_group_stats(r, index, 1)[2][0]
+
+
+def _normalize(r: Tensor, index: Tensor, num_groups: int, scale: str, estimator: str, eps: float):
+    """Advantages of scalar rewards ``r [B]`` (NaN = missing); NaN results stay NaN."""
+    count, mean, std = _nan_group_stats(r, index, num_groups)
+    adv = r - mean[index]
+    if estimator == "rloo":
+        # baseline = mean of the other n-1 valid rewards of the group:
+        # r - (n·mean - r)/(n - 1) = n/(n - 1) · (r - mean); NaN when n < 2.
+        n = count[index]
+        adv = torch.where(n > 1, adv * n / (n - 1), torch.full_like(adv, float("nan")))
+    if scale == "group":
+        adv = adv / (std[index] + eps)
+    elif scale == "batch":
+        adv = adv / (_nan_std(r) + eps)
+    return adv, mean, std
+
+
+def group_advantages(
+    rewards: Tensor,
+    *,
+    group_size: Optional[int] = None,
+    group_ids: Optional[Tensor] = None,
+    scale: str = "group",
+    estimator: str = "grpo",
+    eps: float = 1e-4,
+    reward_weights: Optional[Tensor] = None,
+    multi_objective: str = "sum_then_normalize",
+    return_stats: bool = False,
+) -> Union[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    r"""Group-relative advantages of the completions' rewards.
+
+    Rows are grouped either contiguously (``group_size`` G: rows
+    ``[kG, (k+1)G)`` share a prompt, TRL's layout) or by arbitrary integer
+    ``group_ids`` (verl's ``uid``). Within group g, with the non-NaN rewards
+    :math:`r_1..r_n`, :math:`\mu_g` their mean and :math:`\sigma_g` their
+    unbiased std:
+
+    .. math::
+        A_i = \frac{r_i - b_i}{s + \varepsilon},\qquad
+        b_i = \begin{cases}\mu_g & \text{grpo}\\
+              \frac{1}{n-1}\sum_{j\ne i} r_j & \text{rloo}\end{cases},\qquad
+        s = \begin{cases}\sigma_g & \text{scale="group"}\\
+              \sigma_{\text{batch}} & \text{scale="batch"}\\
+              \text{(no division)} & \text{scale="none"}\end{cases}
+
+    NaN rewards are left out of every statistic and get advantage 0; so does
+    every advantage that is undefined (a group with fewer than 2 rewards when
+    dividing by its std, or with rloo). A singleton group therefore gets 0.
+
+    Several rewards per completion (``rewards [B, K]``, weights ``w [K]``,
+    default all ones):
+
+    - ``"sum_then_normalize"`` (TRL's default): :math:`r = \sum_k w_k r_k`
+      ignoring NaN entries (a row whose K rewards are all NaN is NaN), then as
+      above.
+    - ``"normalize_then_sum"`` (GDPO): each column is turned into advantages
+      as above, the weighted sum (ignoring NaN) is formed, and the result is
+      standardized over the whole batch:
+      :math:`(s - \text{mean}(s)) / (\text{std}(s) + \varepsilon)`.
+
+    Args:
+        rewards: ``[B]`` or ``[B, K]`` floating/integer; NaN marks a missing reward.
+        group_size: G, must divide B. Exactly one of ``group_size`` / ``group_ids``.
+        group_ids: ``[B]`` integer group labels, any values, any order.
+        scale: ``"group"`` | ``"batch"`` | ``"none"``.
+        estimator: ``"grpo"`` (baseline = group mean) | ``"rloo"`` (leave-one-out mean).
+        eps: added to the std before dividing (TRL: 1e-4, verl: 1e-6).
+        reward_weights: ``[K]`` weights for 2-D rewards.
+        multi_objective: ``"sum_then_normalize"`` | ``"normalize_then_sum"``.
+        return_stats: also return per-group mean and std.
+
+    Returns:
+        advantages ``[B]`` (float32, or float64 for float64 rewards); with
+        ``return_stats``, also ``mean [num_groups]`` and ``std [num_groups]`` of
+        the (weighted-summed) rewards, groups ordered by position
+        (``group_size``) or by sorted id (``group_ids``); NaN where undefined.
+    """
+    r = rewards.to(_compute_dtype(rewards))
+    index, num_groups = _group_index(r.shape[0], group_size, group_ids, r.device)
+
+    if r.ndim == 2:
+        w = torch.ones(r.shape[1], dtype=r.dtype, device=r.device) if reward_weights is None else reward_weights.to(r)
+        unscorable = torch.isnan(r).all(dim=1)
+        nan = torch.full_like(r[:, 0], float("nan"))
+        if multi_objective == "sum_then_normalize":
+            r = torch.where(unscorable, nan, torch.nansum(r * w, dim=1))
+        else:
+            per_reward = [_normalize(r[:, k], index, num_groups, scale, estimator, eps)[0] for k in range(r.shape[1])]
+            s = torch.where(unscorable, nan, torch.nansum(torch.stack(per_reward, dim=1) * w, dim=1))
+            adv = (s - torch.nanmean(s)) / (_nan_std(s) + eps)
+            adv = torch.nan_to_num(adv, nan=0.0)
+            if not return_stats:
+                return adv
+            _, mean, std = _nan_group_stats(s, index, num_groups)
+            return adv, mean, std
+
+    adv, mean, std = _normalize(r, index, num_groups, scale, estimator, eps)
+    adv = torch.nan_to_num(adv, nan=0.0)
+    return (adv, mean, std) if return_stats else adv
+
+
+# --------------------------------------------------------------------------- #
+# grpo_loss
+# --------------------------------------------------------------------------- #
+def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+    r"""Per-token estimate of KL(π_θ ‖ π_ref) from log-probs of sampled tokens.
+
+    With :math:`d = \mathrm{ref\_logp} - \mathrm{logp}`:
+    k1 :math:`= -d`; k2 :math:`= d^2/2`; k3 :math:`= e^{d} - d - 1`;
+    low_var_kl (verl) = k3 with :math:`d` clamped to [-20, 20] and the result to [-10, 10].
+    """
+    d = ref_logp - logp
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "low_var_kl":
+        d = d.clamp(-20.0, 20.0)
+        return (torch.exp(d) - d - 1).clamp(-10.0, 10.0)
+    return torch.exp(d) - d - 1
+
+
+def _as_column(t: Tensor) -> Tensor:
+    """``[B]`` → ``[B, 1]``; ``[B, 1]`` / ``[B, T]`` unchanged."""
+    return t.unsqueeze(1) if t.ndim == 1 else t
+
+
+def grpo_loss(
+    logprobs: Tensor,
+    old_logprobs: Optional[Tensor],
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logprobs: Optional[Tensor] = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: Optional[float] = None,
+    delta: Optional[float] = None,
+    clip_ratio_c: Optional[float] = None,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    kl_estimator: str = "k3",
+    use_bias_correction_kl: bool = False,
+    importance_weights: Optional[Tensor] = None,
+    max_completion_length: Optional[int] = None,
+    num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+) -> GRPOLossOutput:
+    r"""The GRPO policy loss on per-token log-probs (TRL ``_compute_loss``).
+
+    For completion i, token t, mask :math:`m`, advantage :math:`A_i` (or
+    :math:`A_{i,t}`), :math:`\epsilon_l, \epsilon_h` = ``epsilon_low/high``:
+
+    .. math::
+        r_{i,t} = \mathrm{logp}_{i,t} - \mathrm{old}_{i,t},\qquad
+        w = \begin{cases} r_{i,t} & \text{token level}\\
+            \sum_t m_{i,t} r_{i,t} / \max(1, \sum_t m_{i,t}) & \text{sequence level (GSPO)}\end{cases},
+        \qquad c_1 = e^{w}
+
+    Per-token loss :math:`\ell`, by ``loss_type``:
+
+    - grpo, bnpo, dr_grpo, dapo, luspo: :math:`c_2 = \mathrm{clip}(c_1, 1-\epsilon_l, 1+\epsilon_h)`;
+      with ``delta``, :math:`c_1 \leftarrow \min(c_1, \delta)` (after forming
+      :math:`c_2`); :math:`\ell = -\min(c_1 A, c_2 A)`. With ``clip_ratio_c``
+      (verl dual clip), for :math:`A < 0`: :math:`\ell \leftarrow \min(\ell, -c A)`.
+    - cispo: :math:`\ell = -\mathrm{sg}[\min(c_1, \epsilon_h)]\, A\, \mathrm{logp}`.
+    - sapo: :math:`\tau = \tau_+` if :math:`A > 0` else :math:`\tau_-`;
+      :math:`\ell = -\sigma(\tau (c_1 - 1))\, \tfrac{4}{\tau}\, A`.
+
+    then :math:`\ell \leftarrow \ell \cdot \mathrm{iw}` (``importance_weights``,
+    e.g. TRL's vLLM importance-sampling ratio), and
+    :math:`\ell \leftarrow \ell + \beta\, \mathrm{KL}` with
+    :math:`\mathrm{KL} = \mathrm{kl\_estimate}(\mathrm{logp}, \mathrm{ref})`
+    (times :math:`c_1` when ``use_bias_correction_kl``).
+
+    Aggregation, with :math:`S_i = \sum_t m_{i,t} \ell_{i,t}`, :math:`n_i = \sum_t m_{i,t}`:
+
+    - grpo, sapo: :math:`\frac{1}{B}\sum_i S_i / \max(1, n_i)`
+    - bnpo: :math:`\sum_i S_i / \max(1, \sum_i n_i)`
+    - dr_grpo: :math:`\sum_i S_i / (B \cdot L)`, L = ``max_completion_length`` (default T)
+    - dapo, cispo: :math:`\sum_i S_i / \max(1, N)`, N = ``num_items_in_batch``
+      (default :math:`\sum_i n_i`; TRL passes the generation batch's token
+      count divided by the number of processes)
+    - luspo: :math:`\frac{1}{B}\sum_i S_i`
+
+    Metrics: ``kl`` is the masked mean of the per-token KL; clip ratios are
+    masked means (per-sequence means at sequence level with per-sequence
+    advantages) of low: :math:`c_1 < 1-\epsilon_l \wedge A < 0`, high:
+    :math:`c_1 > 1+\epsilon_h \wedge A > 0`, region: either (with
+    :math:`c_1` after the ``delta`` clamp, as TRL). For cispo, high = region =
+    :math:`c_1 > \epsilon_h \wedge A > 0` and low = 0.
+
+    Args:
+        logprobs: ``[B, T]`` log-probs of the sampled tokens under the policy.
+        old_logprobs: ``[B, T]`` under the sampling policy, or ``None`` (→ ``logprobs.detach()``).
+        advantages: ``[B]``, ``[B, 1]`` or ``[B, T]``.
+        mask: ``[B, T]`` bool or 0/1 of any dtype.
+        ref_logprobs: ``[B, T]`` under the reference policy (required if ``beta != 0``).
+        beta: KL coefficient.
+        epsilon_low, epsilon_high: clip range (``epsilon_high`` defaults to
+            ``epsilon_low``; for cispo it is the absolute cap, e.g. 5.0).
+        delta: upper clamp of :math:`c_1` (INTELLECT-2 two-sided clipping).
+        clip_ratio_c: dual-clip bound (> 1) for negative advantages.
+        loss_type: one of grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo.
+        importance_sampling_level: ``"token"`` or ``"sequence"``.
+        kl_estimator: ``"k3"`` (TRL), ``"k1"``, ``"k2"``, ``"low_var_kl"`` (verl's clamped k3).
+        use_bias_correction_kl: multiply the KL by :math:`c_1`.
+        importance_weights: ``[B, T]``, ``[B, 1]`` or ``[B]`` multipliers of the per-token loss.
+        max_completion_length: L for dr_grpo.
+        num_items_in_batch: N for dapo/cispo (int, float or 0-d tensor).
+        sapo_temperature_pos, sapo_temperature_neg: SAPO temperatures.
+
+    Returns:
+        :class:`GRPOLossOutput` (float32, float64 for float64 ``logprobs``).
+    """
+    dtype = _compute_dtype(logprobs)
+    logp = logprobs.to(dtype)
+    old = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
+    adv = _as_column(advantages.to(dtype))
+    m = mask.to(dtype)
+    eps_low = epsilon_low
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+
+    log_ratio = logp - old
+    if importance_sampling_level == "sequence":
+        log_w = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    else:
+        log_w = log_ratio
+    coef_1 = torch.exp(log_w)
+
+    per_token_kl = None
+    if ref_logprobs is not None:
+        per_token_kl = kl_estimate(logp, ref_logprobs.to(dtype), kl_estimator)
+        if use_bias_correction_kl:
+            per_token_kl = per_token_kl * coef_1
+
+    if loss_type == "cispo":
+        per_token_loss = -torch.clamp(coef_1, max=eps_high).detach() * adv * logp
+        is_high = (coef_1 > eps_high) & (adv > 0)
+        is_low = torch.zeros_like(is_high)
+    elif loss_type == "sapo":
+        tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg).to(dtype)
+        per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * adv
+        is_low = (coef_1 < 1 - eps_low) & (adv < 0)
+        is_high = (coef_1 > 1 + eps_high) & (adv > 0)
+    else:
+        coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+        if delta is not None:
+            coef_1 = torch.clamp(coef_1, max=delta)
+        per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+        if clip_ratio_c is not None:
+            per_token_loss = torch.where(adv < 0, torch.min(per_token_loss, -adv * clip_ratio_c), per_token_loss)
+        is_low = (coef_1 < 1 - eps_low) & (adv < 0)
+        is_high = (coef_1 > 1 + eps_high) & (adv > 0)
+
+    if importance_weights is not None:
+        per_token_loss = per_token_loss * _as_column(importance_weights.to(dtype))
+    if beta != 0.0:
+        per_token_loss = per_token_loss + beta * per_token_kl
+    per_token_loss = per_token_loss.expand(m.shape)
+
+    # aggregation
+    seq_sum = (per_token_loss * m).sum(-1)
+    n_tokens = m.sum()
+    batch = m.shape[0]
+    if loss_type in ("grpo", "sapo"):
+        loss = (seq_sum / m.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = seq_sum.sum() / n_tokens.clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        length = m.shape[1] if max_completion_length is None else max_completion_length
+        loss = seq_sum.sum() / (batch * length)
+    elif loss_type in ("dapo", "cispo"):
+        normalizer = n_tokens if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=dtype)
+        loss = seq_sum.sum() / normalizer.to(device=m.device, dtype=dtype).clamp(min=1.0)
+    else:  # luspo
+        loss = seq_sum.mean()
+
+    def masked_mean(x: Tensor) -> Tensor:
+        x = x.to(dtype)
+        if x.shape[-1] == 1 and m.shape[-1] != 1:  # one value per sequence: mean over sequences
+            return x.sum() / batch
+        return (x * m).sum() / n_tokens.clamp(min=1.0)
+
+    return GRPOLossOutput(
+        loss=loss,
+        per_token_loss=per_token_loss,
+        kl=None if per_token_kl is None else masked_mean(per_token_kl),
+        clip_ratio_low=masked_mean(is_low),
+        clip_ratio_high=masked_mean(is_high),
+        clip_ratio_region=masked_mean(is_low | is_high),
+    )
+
+
+# --------------------------------------------------------------------------- #
+# fused_grpo_loss
+# --------------------------------------------------------------------------- #
+def fused_grpo_loss(
+    logits: Tensor,
+    token_ids: Tensor,
+    old_logprobs: Optional[Tensor],
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    **loss_options,
+) -> GRPOLossOutput:
+    r"""Logits → GRPO loss: :func:`token_logprobs` composed with :func:`grpo_loss`.
+
+    .. math::
+        \mathrm{logp}_{i,t} = \log\mathrm{softmax}(x_{i,t} / T)_{y_{i,t}},\qquad
+        \mathcal{L} = \mathrm{grpo\_loss}(\mathrm{logp}, \mathrm{old}, A, m')
+
+    with :math:`m' = m \wedge (y \ne \text{ignore\_index})`: positions whose id
+    is ``ignore_index`` are excluded as if masked. With ``return_entropy``,
+    the result's ``entropy`` is the masked mean entropy of
+    :math:`\mathrm{softmax}(x/T)` over :math:`m'`.
+
+    Args:
+        logits: ``[B, T, V]`` floating point.
+        token_ids: ``[B, T]`` integer.
+        old_logprobs, advantages, mask: as in :func:`grpo_loss`.
+        temperature, ignore_index: as in :func:`token_logprobs`.
+        return_entropy: fill ``GRPOLossOutput.entropy``.
+        **loss_options: keyword options of :func:`grpo_loss`.
+    """
+    out = token_logprobs(
+        logits, token_ids, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+    )
+    logp, entropy = out if return_entropy else (out, None)
+    keep = mask.to(torch.bool) & (token_ids != ignore_index)
+    result = grpo_loss(logp, old_logprobs, advantages, keep, **loss_options)
+    if entropy is not None:
+        k = keep.to(entropy.dtype)
+        result = result._replace(entropy=(entropy * k).sum() / k.sum().clamp(min=1.0))
+    return result

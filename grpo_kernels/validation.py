@@ -1,0 +1,288 @@
+"""Input validation shared by every op and backend.
+
+Each public op calls one ``check_*`` function here before any computation.
+Errors are ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape,
+range or option) and name the offending argument and what was expected.
+
+Checks that read tensor *values* (ids in range, mask in {0, 1}) need a device
+synchronization; they are skipped while ``torch.compile`` traces, for fake or
+meta tensors, and when the environment sets ``GRPO_KERNELS_CHECK_VALUES=0``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .reference import (
+    CLIPPED_LOSS_TYPES,
+    ESTIMATORS,
+    IMPORTANCE_SAMPLING_LEVELS,
+    KL_ESTIMATORS,
+    LOSS_TYPES,
+    MULTI_OBJECTIVES,
+    SCALES,
+)
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+# --------------------------------------------------------------------------- #
+# building blocks
+# --------------------------------------------------------------------------- #
+def _values_checkable(*tensors: Tensor) -> bool:
+    if os.environ.get("GRPO_KERNELS_CHECK_VALUES", "1") == "0":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if t.is_meta or isinstance(t, torch._subclasses.FakeTensor):
+            return False
+    return True
+
+
+def _tensor(name: str, t, *, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _floating(name: str, t: Tensor) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+
+
+def _integer(name: str, t: Tensor) -> None:
+    if t.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {t.dtype}")
+
+
+def _same_device(**tensors: Optional[Tensor]) -> None:
+    named = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; all inputs must share a device")
+
+
+def _shape(name: str, t: Tensor, expected: Sequence[int], what: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {what} = {list(expected)}, got {list(t.shape)}")
+
+
+def _real(name: str, value, *, low: Optional[float] = None, high: Optional[float] = None,
+          low_open: bool = False, high_open: bool = False) -> None:
+    """``value`` is a finite real number in the given interval."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+
+
+def _choice(name: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _int(name: str, value, *, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def _mask(name: str, mask: Tensor, shape: Sequence[int], what: str) -> None:
+    _tensor(name, mask)
+    if mask.dtype != torch.bool and (mask.is_complex() or not (mask.is_floating_point() or mask.dtype in _INT_DTYPES)):
+        raise TypeError(f"{name} must be a bool or 0/1 numeric tensor, got {mask.dtype}")
+    _shape(name, mask, shape, what)
+    if mask.dtype != torch.bool and mask.numel() and _values_checkable(mask):
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{name} must contain only 0 and 1 (or be bool)")
+
+
+# --------------------------------------------------------------------------- #
+# per-op checks
+# --------------------------------------------------------------------------- #
+def check_temperature(temperature) -> None:
+    _real("temperature", temperature, low=0.0, low_open=True)
+
+
+def check_token_logprobs(logits, token_ids, *, temperature, ignore_index, return_entropy) -> None:
+    _tensor("logits", logits)
+    _tensor("token_ids", token_ids)
+    _floating("logits", logits)
+    _integer("token_ids", token_ids)
+    if logits.ndim < 1:
+        raise ValueError("logits must have shape [..., V] with at least one dimension, got a 0-d tensor")
+    _shape("token_ids", token_ids, logits.shape[:-1], "logits.shape[:-1]")
+    vocab = logits.shape[-1]
+    if vocab == 0:
+        raise ValueError("logits must have a non-empty vocabulary dimension (V >= 1), got V = 0")
+    if token_ids.numel() == 0:
+        raise ValueError(f"empty batch: logits has shape {list(logits.shape)} with no rows")
+    _same_device(logits=logits, token_ids=token_ids)
+    check_temperature(temperature)
+    _int("ignore_index", ignore_index, low=-(2**63))
+    _bool("return_entropy", return_entropy)
+    if _values_checkable(token_ids):
+        bad = (token_ids != ignore_index) & ((token_ids < 0) | (token_ids >= vocab))
+        if bool(bad.any()):
+            value = int(token_ids[bad].flatten()[0])
+            raise ValueError(
+                f"token_ids must be in [0, V) = [0, {vocab}) or equal ignore_index={ignore_index}, found {value}"
+            )
+
+
+def check_group_advantages(rewards, *, group_size, group_ids, scale, estimator, eps, reward_weights,
+                           multi_objective, return_stats) -> None:
+    _tensor("rewards", rewards)
+    if rewards.dtype == torch.bool or rewards.is_complex() or not (
+        rewards.is_floating_point() or rewards.dtype in _INT_DTYPES
+    ):
+        raise TypeError(f"rewards must be a floating-point or integer tensor, got {rewards.dtype}")
+    if rewards.ndim not in (1, 2):
+        raise ValueError(f"rewards must have shape [B] or [B, K], got {list(rewards.shape)}")
+    batch = rewards.shape[0]
+    if batch == 0 or rewards.numel() == 0:
+        raise ValueError(f"empty batch: rewards has shape {list(rewards.shape)}")
+    if (group_size is None) == (group_ids is None):
+        raise ValueError("pass exactly one of group_size (contiguous groups) or group_ids (a group label per row)")
+    if group_size is not None:
+        _int("group_size", group_size, low=1)
+        if batch % group_size:
+            raise ValueError(f"group_size={group_size} must divide the batch size B={batch}")
+    else:
+        _tensor("group_ids", group_ids)
+        _integer("group_ids", group_ids)
+        _shape("group_ids", group_ids, (batch,), "[B]")
+    _choice("scale", scale, SCALES)
+    _choice("estimator", estimator, ESTIMATORS)
+    _choice("multi_objective", multi_objective, MULTI_OBJECTIVES)
+    _real("eps", eps, low=0.0)
+    _bool("return_stats", return_stats)
+    if reward_weights is not None:
+        _tensor("reward_weights", reward_weights)
+        if rewards.ndim != 2:
+            raise ValueError("reward_weights needs rewards of shape [B, K] (one column per reward function)")
+        _floating("reward_weights", reward_weights)
+        _shape("reward_weights", reward_weights, (rewards.shape[1],), "[K]")
+        if _values_checkable(reward_weights) and not bool(torch.isfinite(reward_weights).all()):
+            raise ValueError("reward_weights must be finite")
+    _same_device(rewards=rewards, group_ids=group_ids, reward_weights=reward_weights)
+
+
+def _check_per_token(name: str, t: Optional[Tensor], shape, *, optional: bool = True) -> None:
+    _tensor(name, t, optional=optional)
+    if t is not None:
+        _floating(name, t)
+        _shape(name, t, shape, "[B, T]")
+
+
+def _check_per_sequence_or_token(name: str, t: Optional[Tensor], batch: int, length: int) -> None:
+    _tensor(name, t, optional=True)
+    if t is None:
+        return
+    _floating(name, t)
+    if tuple(t.shape) not in ((batch,), (batch, 1), (batch, length)):
+        raise ValueError(f"{name} must have shape [B], [B, 1] or [B, T] = [{batch}, {length}], got {list(t.shape)}")
+
+
+# Options held per call (tensors or batch-dependent counts), not by GRPOLoss.
+PER_CALL_OPTIONS = ("ref_logprobs", "importance_weights", "num_items_in_batch")
+
+
+def check_loss_options(*, beta, epsilon_low, epsilon_high, delta, clip_ratio_c, loss_type,
+                       importance_sampling_level, kl_estimator, use_bias_correction_kl, max_completion_length,
+                       sapo_temperature_pos, sapo_temperature_neg) -> None:
+    """Checks of the scalar options of grpo_loss / fused_grpo_loss / GRPOLoss."""
+    _choice("loss_type", loss_type, LOSS_TYPES)
+    _choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+    _choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    _real("beta", beta, low=0.0)
+    _real("epsilon_low", epsilon_low, low=0.0, high=1.0, high_open=True)
+    if epsilon_high is not None:
+        _real("epsilon_high", epsilon_high, low=0.0)
+    for name, value in (("delta", delta), ("clip_ratio_c", clip_ratio_c)):
+        if value is not None and loss_type not in CLIPPED_LOSS_TYPES:
+            raise ValueError(f"{name} applies to the clipped loss types {list(CLIPPED_LOSS_TYPES)}, not {loss_type!r}")
+    if delta is not None:
+        _real("delta", delta, low=0.0, low_open=True)
+    if clip_ratio_c is not None:
+        _real("clip_ratio_c", clip_ratio_c, low=1.0, low_open=True)
+    _bool("use_bias_correction_kl", use_bias_correction_kl)
+    if max_completion_length is not None:
+        _int("max_completion_length", max_completion_length, low=1)
+    _real("sapo_temperature_pos", sapo_temperature_pos, low=0.0, low_open=True)
+    _real("sapo_temperature_neg", sapo_temperature_neg, low=0.0, low_open=True)
+
+
+def _check_num_items(num_items_in_batch) -> None:
+    if num_items_in_batch is None:
+        return
+    if isinstance(num_items_in_batch, Tensor):
+        t = num_items_in_batch
+        if t.numel() != 1 or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(
+                f"num_items_in_batch must be a number or a one-element real tensor, got shape {list(t.shape)} "
+                f"dtype {t.dtype}"
+            )
+        if _values_checkable(t):
+            _real("num_items_in_batch", float(t), low=0.0)
+    else:
+        _real("num_items_in_batch", num_items_in_batch, low=0.0)
+
+
+def check_grpo_loss(logprobs, old_logprobs, advantages, mask, **options) -> None:
+    _tensor("logprobs", logprobs)
+    _floating("logprobs", logprobs)
+    if logprobs.ndim != 2:
+        raise ValueError(f"logprobs must have shape [B, T] (batch, completion length), got {list(logprobs.shape)}")
+    batch, length = logprobs.shape
+    if batch == 0 or length == 0:
+        raise ValueError(f"empty batch: logprobs has shape {list(logprobs.shape)}")
+    _check_loss_inputs(logprobs, "logprobs", logprobs.shape, old_logprobs, advantages, mask, options)
+
+
+def _check_loss_inputs(main: Tensor, main_name: str, shape, old_logprobs, advantages, mask, options: dict) -> None:
+    """The [B, T] tensors and the options of the loss; ``main`` is logprobs or logits."""
+    batch, length = shape
+    ref_logprobs, importance_weights = options["ref_logprobs"], options["importance_weights"]
+    _check_per_token("old_logprobs", old_logprobs, shape)
+    _tensor("advantages", advantages)
+    _check_per_sequence_or_token("advantages", advantages, batch, length)
+    _mask("mask", mask, shape, "[B, T]")
+    _check_per_token("ref_logprobs", ref_logprobs, shape)
+    _check_per_sequence_or_token("importance_weights", importance_weights, batch, length)
+    _same_device(**{main_name: main}, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
+                 ref_logprobs=ref_logprobs, importance_weights=importance_weights)
+    _check_num_items(options["num_items_in_batch"])
+    check_loss_options(**{k: v for k, v in options.items() if k not in PER_CALL_OPTIONS})
+    if options["beta"] != 0.0 and ref_logprobs is None:
+        raise ValueError(f"beta={options['beta']} needs ref_logprobs (the reference policy's per-token log-probs)")
+
+
+def check_fused_grpo_loss(logits, token_ids, old_logprobs, advantages, mask, *, temperature, ignore_index,
+                          return_entropy, **options) -> None:
+    _tensor("logits", logits)
+    if isinstance(logits, Tensor) and logits.ndim != 3:
+        raise ValueError(f"logits must have shape [B, T, V], got {list(logits.shape)}")
+    check_token_logprobs(logits, token_ids, temperature=temperature, ignore_index=ignore_index,
+                         return_entropy=return_entropy)
+    _check_loss_inputs(logits, "logits", token_ids.shape, old_logprobs, advantages, mask, options)
