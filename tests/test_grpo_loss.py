@@ -1,0 +1,354 @@
+"""grpo_loss: against a token-by-token Python implementation for every option; gradients; properties."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import grpo_kernels as gk
+
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
+CLIPPED = ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def python_loss(logp, old, adv, mask, *, ref=None, beta=0.0, eps_low=0.2, eps_high=None, delta=None, c=None,
+                loss_type="dapo", level="token", kl_est="k3", bias_kl=False, iw=None, max_len=None, n_items=None,
+                tau_pos=1.0, tau_neg=1.05):
+    """Plain floats, one token at a time. adv/iw given per token ([B][T] lists)."""
+    eps_high = eps_low if eps_high is None else eps_high
+    B, T = len(logp), len(logp[0])
+    per_token = [[0.0] * T for _ in range(B)]
+    kl = [[0.0] * T for _ in range(B)]
+    low = [[False] * T for _ in range(B)]
+    high = [[False] * T for _ in range(B)]
+    for i in range(B):
+        n_i = sum(mask[i])
+        seq_w = sum(mask[i][t] * (logp[i][t] - old[i][t]) for t in range(T)) / max(1.0, n_i)
+        for t in range(T):
+            a = adv[i][t]
+            w = seq_w if level == "sequence" else logp[i][t] - old[i][t]
+            c1 = math.exp(w)
+            if ref is not None:
+                d = ref[i][t] - logp[i][t]
+                if kl_est == "k1":
+                    k = -d
+                elif kl_est == "k2":
+                    k = d * d / 2
+                elif kl_est == "low_var_kl":
+                    dc = min(max(d, -20.0), 20.0)
+                    k = min(max(math.exp(dc) - dc - 1, -10.0), 10.0)
+                else:
+                    k = math.exp(d) - d - 1
+                kl[i][t] = k * c1 if bias_kl else k
+            if loss_type == "cispo":
+                loss = -min(c1, eps_high) * a * logp[i][t]
+                high[i][t] = c1 > eps_high and a > 0
+            elif loss_type == "sapo":
+                tau = tau_pos if a > 0 else tau_neg
+                loss = -sigmoid(tau * (c1 - 1)) * 4 / tau * a
+                low[i][t] = c1 < 1 - eps_low and a < 0
+                high[i][t] = c1 > 1 + eps_high and a > 0
+            else:
+                c2 = min(max(c1, 1 - eps_low), 1 + eps_high)
+                if delta is not None:
+                    c1 = min(c1, delta)
+                loss = -min(c1 * a, c2 * a)
+                if c is not None and a < 0:
+                    loss = min(loss, -a * c)
+                low[i][t] = c1 < 1 - eps_low and a < 0
+                high[i][t] = c1 > 1 + eps_high and a > 0
+            if iw is not None:
+                loss *= iw[i][t]
+            if beta != 0.0:
+                loss += beta * kl[i][t]
+            per_token[i][t] = loss
+
+    seq_sums = [sum(mask[i][t] * per_token[i][t] for t in range(T)) for i in range(B)]
+    n_seq = [sum(mask[i]) for i in range(B)]
+    total_n = sum(n_seq)
+    if loss_type in ("grpo", "sapo"):
+        loss = sum(s / max(1.0, n) for s, n in zip(seq_sums, n_seq)) / B
+    elif loss_type == "bnpo":
+        loss = sum(seq_sums) / max(1.0, total_n)
+    elif loss_type == "dr_grpo":
+        loss = sum(seq_sums) / (B * (max_len or T))
+    elif loss_type in ("dapo", "cispo"):
+        loss = sum(seq_sums) / max(1.0, total_n if n_items is None else n_items)
+    else:
+        loss = sum(seq_sums) / B
+
+    def masked_mean(x):
+        return sum(mask[i][t] * float(x[i][t]) for i in range(B) for t in range(T)) / max(1.0, total_n)
+
+    region = [[low[i][t] or high[i][t] for t in range(T)] for i in range(B)]
+    return dict(loss=loss, per_token_loss=per_token, kl=masked_mean(kl) if ref is not None else None,
+                clip_ratio_low=masked_mean(low), clip_ratio_high=masked_mean(high),
+                clip_ratio_region=masked_mean(region))
+
+
+def make_inputs(B=3, T=5, *, spread=0.3, dtype=torch.float64, adv_shape="B", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = logp + spread * torch.randn(B, T, generator=g, dtype=torch.float64)
+    ref = logp + spread * torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = {"B": torch.randn(B, generator=g, dtype=torch.float64),
+           "B1": torch.randn(B, 1, generator=g, dtype=torch.float64),
+           "BT": torch.randn(B, T, generator=g, dtype=torch.float64)}[adv_shape]
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[0, 0] = True
+    if B > 2:
+        mask[2] = False  # a fully masked sequence
+    iw = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5
+    return [x.to(dtype) for x in (logp, old, ref, adv, iw)] + [mask]
+
+
+def per_token_list(t, B, T):
+    t = t.double()
+    if t.ndim == 1:
+        t = t[:, None]
+    return t.expand(B, T).tolist()
+
+
+def check_against_python(out, logp, old, adv, mask, ref=None, iw=None, **opts):
+    B, T = logp.shape
+    py_opts = dict(beta=opts.get("beta", 0.0), eps_low=opts.get("epsilon_low", 0.2),
+                   eps_high=opts.get("epsilon_high"), delta=opts.get("delta"), c=opts.get("clip_ratio_c"),
+                   loss_type=opts.get("loss_type", "dapo"), level=opts.get("importance_sampling_level", "token"),
+                   kl_est=opts.get("kl_estimator", "k3"), bias_kl=opts.get("use_bias_correction_kl", False),
+                   max_len=opts.get("max_completion_length"),
+                   n_items=None if opts.get("num_items_in_batch") is None else float(opts["num_items_in_batch"]),
+                   tau_pos=opts.get("sapo_temperature_pos", 1.0), tau_neg=opts.get("sapo_temperature_neg", 1.05))
+    old_l = logp.tolist() if old is None else old.double().tolist()
+    expected = python_loss(
+        logp.double().tolist(), old_l, per_token_list(adv, B, T), mask.int().tolist(),
+        ref=None if ref is None else ref.double().tolist(),
+        iw=None if iw is None else per_token_list(iw, B, T), **py_opts,
+    )
+    tol = dict(atol=1e-12, rtol=1e-10) if logp.dtype == torch.float64 else dict(atol=2e-6, rtol=2e-6)
+    dt = torch.float64
+    torch.testing.assert_close(out.loss.double(), torch.tensor(expected["loss"], dtype=dt), **tol)
+    torch.testing.assert_close(out.per_token_loss.double(), torch.tensor(expected["per_token_loss"], dtype=dt), **tol)
+    assert out.per_token_loss.shape == (B, T)
+    if ref is None:
+        assert out.kl is None
+    else:
+        torch.testing.assert_close(out.kl.double(), torch.tensor(expected["kl"], dtype=dt), **tol)
+    if opts.get("importance_sampling_level", "token") == "token" or adv.ndim == 2 and adv.shape[1] == T:
+        for name in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region"):
+            torch.testing.assert_close(getattr(out, name).double(), torch.tensor(expected[name], dtype=dt), **tol)
+
+
+OPTION_GRID = [
+    dict(),
+    dict(beta=0.04),
+    dict(beta=0.1, kl_estimator="k1"),
+    dict(beta=0.1, kl_estimator="k2"),
+    dict(beta=0.1, kl_estimator="low_var_kl"),
+    dict(beta=0.04, use_bias_correction_kl=True),
+    dict(epsilon_low=0.1, epsilon_high=0.28),
+    dict(epsilon_high=5.0),
+    dict(delta=1.3),
+    dict(clip_ratio_c=3.0),
+    dict(clip_ratio_c=1.5, delta=1.2, epsilon_high=0.28),
+    dict(max_completion_length=9),
+    dict(num_items_in_batch=17),
+    dict(num_items_in_batch=torch.tensor(4.0)),
+    dict(sapo_temperature_pos=0.5, sapo_temperature_neg=2.0),
+]
+
+
+def _applicable(loss_type, opts):
+    return loss_type in CLIPPED or not {"delta", "clip_ratio_c"} & set(opts)
+
+
+CASES = [(lt, o) for lt, o in itertools.product(LOSS_TYPES, OPTION_GRID) if _applicable(lt, o)]
+
+
+@pytest.mark.parametrize("loss_type,opts", CASES, ids=[f"{lt}-{sorted(o)}" for lt, o in CASES])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("adv_shape", ["B", "BT"])
+def test_matches_python(backend, loss_type, opts, level, adv_shape):
+    logp, old, ref, adv, iw, mask = make_inputs(adv_shape=adv_shape, spread=0.4)
+    kwargs = dict(opts, loss_type=loss_type, importance_sampling_level=level)
+    out = gk.grpo_loss(logp, old, adv, mask, ref_logprobs=ref, backend=backend, **kwargs)
+    check_against_python(out, logp, old, adv, mask, ref=ref, **kwargs)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("iw_shape", ["B", "B1", "BT"])
+def test_importance_weights(backend, loss_type, iw_shape):
+    logp, old, ref, adv, iw, mask = make_inputs()
+    iw = {"B": iw[:, 0], "B1": iw[:, :1], "BT": iw}[iw_shape]
+    out = gk.grpo_loss(logp, old, adv, mask, ref_logprobs=ref, beta=0.05, importance_weights=iw,
+                       loss_type=loss_type, backend=backend)
+    check_against_python(out, logp, old, adv, mask, ref=ref, iw=iw, beta=0.05, loss_type=loss_type)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_low_precision_inputs(backend, dtype, loss_type):
+    logp, old, ref, adv, _, mask = make_inputs(dtype=dtype)
+    out = gk.grpo_loss(logp, old, adv, mask, ref_logprobs=ref, beta=0.04, loss_type=loss_type, backend=backend)
+    assert out.loss.dtype == torch.float32
+    check_against_python(out, logp, old, adv, mask, ref=ref, beta=0.04, loss_type=loss_type)
+
+
+def test_sequence_level_metrics_are_per_sequence(backend):
+    """With one ratio per sequence and per-sequence advantages, clip metrics average over sequences."""
+    logp = torch.zeros(4, 3, dtype=torch.float64)
+    old = torch.tensor([[-1.0] * 3, [1.0] * 3, [0.0] * 3, [-1.0] * 3], dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 0]])
+    out = gk.grpo_loss(logp, old, adv, mask, importance_sampling_level="sequence", backend=backend)
+    # ratio e^1 with A>0 (high), e^-1 with A<0 (low), 1, and an empty sequence (ratio e^0)
+    assert out.clip_ratio_high.item() == 0.25
+    assert out.clip_ratio_low.item() == 0.25
+    assert out.clip_ratio_region.item() == 0.5
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_gradcheck(backend, loss_type, level):
+    logp, old, ref, adv, iw, mask = make_inputs(spread=0.25)
+    logp.requires_grad_()
+    opts = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.04, ref_logprobs=ref,
+                importance_weights=iw, use_bias_correction_kl=True, epsilon_high=0.28)
+
+    def f(x):
+        return gk.grpo_loss(x, old, adv, mask, backend=backend, **opts).loss
+
+    assert torch.autograd.gradcheck(f, (logp,))
+
+
+def test_gradient_only_through_unmasked_tokens(backend):
+    logp, old, ref, adv, _, mask = make_inputs()
+    logp.requires_grad_()
+    gk.grpo_loss(logp, old, adv, mask, ref_logprobs=ref, beta=0.1, backend=backend).loss.backward()
+    assert (logp.grad[~mask] == 0).all()
+    assert (logp.grad[mask] != 0).any()
+
+
+@pytest.mark.parametrize("loss_type", CLIPPED + ["sapo"])
+def test_on_policy_loss_is_minus_mean_advantage(backend, loss_type):
+    """old = None (ratio 1), beta 0: the loss is -A averaged like the loss type aggregates."""
+    logp, _, _, adv, _, mask = make_inputs()
+    out = gk.grpo_loss(logp, None, adv, mask, loss_type=loss_type, max_completion_length=5, backend=backend)
+    m = mask.double()
+    a = adv[:, None].expand_as(m)
+    expected = {
+        "grpo": ((a * m).sum(-1) / m.sum(-1).clamp(min=1)).mean(),
+        "sapo": ((a * m).sum(-1) / m.sum(-1).clamp(min=1)).mean(),  # sigmoid(0)·4/τ·A·τ/... = A·2/τ? no: see below
+        "bnpo": (a * m).sum() / m.sum(),
+        "dapo": (a * m).sum() / m.sum(),
+        "dr_grpo": (a * m).sum() / (m.shape[0] * 5),
+        "luspo": (a * m).sum(-1).mean(),
+    }[loss_type]
+    if loss_type == "sapo":  # -σ(0)·4/τ·A = -2A/τ, τ depending on the sign of A
+        tau = torch.where(adv > 0, 1.0, 1.05).double()
+        expected = (((2 / tau)[:, None] * a * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    torch.testing.assert_close(out.loss, -expected)
+    assert out.clip_ratio_region == 0
+
+
+def test_on_policy_gradient(backend):
+    """At ratio 1 the dapo gradient is the policy gradient -A·m / N."""
+    logp, _, _, adv, _, mask = make_inputs()
+    logp.requires_grad_()
+    gk.grpo_loss(logp, None, adv, mask, backend=backend).loss.backward()
+    expected = -adv[:, None] * mask.double() / mask.sum()
+    torch.testing.assert_close(logp.grad, expected)
+
+
+def test_all_masked(backend):
+    logp, old, ref, adv, _, mask = make_inputs()
+    mask = torch.zeros_like(mask)
+    for loss_type in LOSS_TYPES:
+        out = gk.grpo_loss(logp, old, adv, mask, ref_logprobs=ref, beta=0.1, loss_type=loss_type, backend=backend)
+        assert out.loss.item() == 0.0 and out.kl.item() == 0.0 and out.clip_ratio_region.item() == 0.0
+
+
+def test_single_token(backend):
+    logp = torch.tensor([[-0.5]], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[-1.0]], dtype=torch.float64)
+    out = gk.grpo_loss(logp, old, torch.tensor([2.0], dtype=torch.float64), torch.ones(1, 1, dtype=torch.bool),
+                       backend=backend)
+    # ratio e^0.5 > 1.2 with A > 0: clipped, constant loss -1.2·2, zero gradient
+    torch.testing.assert_close(out.loss, torch.tensor(-2.4, dtype=torch.float64))
+    assert out.clip_ratio_high.item() == 1.0
+    out.loss.backward()
+    assert logp.grad.item() == 0.0
+
+
+def test_dual_clip_caps_negative_advantage_loss(backend):
+    logp = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
+    old = torch.tensor([[-3.0, -0.1]], dtype=torch.float64)  # ratios e^3 ≈ 20 and e^0.1
+    adv = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
+    mask = torch.ones(1, 2)
+    plain = gk.grpo_loss(logp, old, adv, mask, backend=backend).per_token_loss
+    dual = gk.grpo_loss(logp, old, adv, mask, clip_ratio_c=3.0, backend=backend).per_token_loss
+    torch.testing.assert_close(plain[0, 0], torch.tensor(math.exp(3.0), dtype=torch.float64))
+    torch.testing.assert_close(dual[0, 0], torch.tensor(3.0, dtype=torch.float64))
+    torch.testing.assert_close(dual[0, 1], plain[0, 1])
+
+
+def test_delta_caps_ratio(backend):
+    logp = torch.tensor([[0.0]], dtype=torch.float64)
+    old = torch.tensor([[-2.0]], dtype=torch.float64)
+    adv = torch.tensor([-1.0], dtype=torch.float64)
+    out = gk.grpo_loss(logp, old, adv, torch.ones(1, 1), delta=2.0, backend=backend)
+    torch.testing.assert_close(out.loss, torch.tensor(2.0, dtype=torch.float64))  # -min(2·(-1), 1.2·(-1)) = 2
+
+
+def test_num_items_in_batch_forms_agree(backend):
+    logp, old, _, adv, _, mask = make_inputs()
+    a = gk.grpo_loss(logp, old, adv, mask, num_items_in_batch=11, backend=backend).loss
+    b = gk.grpo_loss(logp, old, adv, mask, num_items_in_batch=torch.tensor(11), backend=backend).loss
+    c = gk.grpo_loss(logp, old, adv, mask, num_items_in_batch=11.0, backend=backend).loss
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+    # N = 0 is clamped to 1
+    d = gk.grpo_loss(logp, old, adv, mask, num_items_in_batch=0, backend=backend).loss
+    torch.testing.assert_close(d, a * 11)
+
+
+def test_float_mask_equals_bool_mask(backend):
+    logp, old, ref, adv, _, mask = make_inputs()
+    for other in (mask.float(), mask.long(), mask.to(torch.uint8)):
+        a = gk.grpo_loss(logp, old, adv, mask, ref_logprobs=ref, beta=0.1, backend=backend)
+        b = gk.grpo_loss(logp, old, adv, other, ref_logprobs=ref, beta=0.1, backend=backend)
+        for x, y in zip(a, b):
+            if x is not None:
+                torch.testing.assert_close(x, y)
+
+
+def test_kl_reported_with_beta_zero(backend):
+    logp, old, ref, adv, _, mask = make_inputs()
+    out0 = gk.grpo_loss(logp, old, adv, mask, ref_logprobs=ref, backend=backend)
+    plain = gk.grpo_loss(logp, old, adv, mask, backend=backend)
+    torch.testing.assert_close(out0.loss, plain.loss)
+    assert out0.kl is not None and out0.kl > 0
+
+
+# ----------------------------------------------------------------------------- properties
+@given(
+    st.integers(1, 4), st.integers(1, 6), st.sampled_from(LOSS_TYPES), st.sampled_from(["token", "sequence"]),
+    st.floats(0.0, 1.0), st.integers(0, 2**31 - 1),
+)
+def test_metric_ranges_and_kl_nonnegative(B, T, loss_type, level, spread, seed):
+    logp, old, ref, adv, _, mask = make_inputs(B, T, spread=spread, seed=seed)
+    out = gk.grpo_loss(logp, old, adv, mask, ref_logprobs=ref, beta=0.04, loss_type=loss_type,
+                       importance_sampling_level=level)
+    for name in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region"):
+        v = getattr(out, name).item()
+        assert 0.0 <= v <= 1.0, name
+    # low and high are disjoint (opposite advantage signs): region is their sum
+    torch.testing.assert_close(out.clip_ratio_region, out.clip_ratio_low + out.clip_ratio_high)
+    assert out.kl.item() >= 0.0  # k3 >= 0
+    assert torch.isfinite(out.loss)

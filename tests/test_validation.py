@@ -1,0 +1,221 @@
+"""Every bad input raises a ValueError/TypeError naming the argument, before any computation."""
+
+import math
+
+import pytest
+import torch
+
+import grpo_kernels as gk
+
+B, T, V = 2, 3, 5
+
+
+def loss_inputs():
+    return dict(
+        logprobs=-torch.rand(B, T), old_logprobs=-torch.rand(B, T), advantages=torch.randn(B),
+        mask=torch.ones(B, T, dtype=torch.bool),
+    )
+
+
+def fused_inputs():
+    return dict(
+        logits=torch.randn(B, T, V), token_ids=torch.randint(0, V, (B, T)), old_logprobs=-torch.rand(B, T),
+        advantages=torch.randn(B), mask=torch.ones(B, T, dtype=torch.bool),
+    )
+
+
+def call_loss(**over):
+    kw = loss_inputs()
+    kw.update(over)
+    return gk.grpo_loss(kw.pop("logprobs"), kw.pop("old_logprobs"), kw.pop("advantages"), kw.pop("mask"), **kw)
+
+
+def call_fused(**over):
+    kw = fused_inputs()
+    kw.update(over)
+    return gk.fused_grpo_loss(kw.pop("logits"), kw.pop("token_ids"), kw.pop("old_logprobs"), kw.pop("advantages"),
+                              kw.pop("mask"), **kw)
+
+
+# ----------------------------------------------------------------------------- token_logprobs
+TOKEN_CASES = [
+    (dict(logits=[[1.0]]), TypeError, "logits must be a torch.Tensor"),
+    (dict(logits=torch.zeros(3, 5, dtype=torch.long)), TypeError, "logits must be a floating-point"),
+    (dict(token_ids=torch.zeros(3, dtype=torch.float32)), TypeError, "token_ids must be an integer"),
+    (dict(token_ids=torch.zeros(3, dtype=torch.bool)), TypeError, "token_ids must be an integer"),
+    (dict(token_ids=torch.zeros(4, dtype=torch.long)), ValueError, r"token_ids must have shape logits.shape\[:-1\]"),
+    (dict(token_ids=torch.zeros(3, 1, dtype=torch.long)), ValueError, "token_ids must have shape"),
+    (dict(logits=torch.tensor(1.0), token_ids=torch.tensor(0)), ValueError, "logits must have shape"),
+    (dict(logits=torch.zeros(3, 0), token_ids=torch.zeros(3, dtype=torch.long)), ValueError, "V >= 1"),
+    (dict(logits=torch.zeros(0, 5), token_ids=torch.zeros(0, dtype=torch.long)), ValueError, "empty batch"),
+    (dict(token_ids=torch.tensor([0, 5, 1])), ValueError, r"token_ids must be in \[0, V\) = \[0, 5\).*found 5"),
+    (dict(token_ids=torch.tensor([0, -1, 1])), ValueError, "found -1"),
+    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(temperature=-1.0), ValueError, "temperature must be > 0"),
+    (dict(temperature=math.nan), ValueError, "temperature must be finite"),
+    (dict(temperature=math.inf), ValueError, "temperature must be finite"),
+    (dict(temperature="1"), TypeError, "temperature must be a real number"),
+    (dict(temperature=torch.tensor(1.0)), TypeError, "temperature must be a real number"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    (dict(return_entropy=1), TypeError, "return_entropy must be a bool"),
+    (dict(backend="nope"), ValueError, "backend must be 'auto' or one of"),
+    (dict(backend=3), TypeError, "backend must be a str"),
+]
+
+
+@pytest.mark.parametrize("over,error,match", TOKEN_CASES, ids=[c[2][:40] for c in TOKEN_CASES])
+def test_token_logprobs_errors(over, error, match):
+    kw = dict(logits=torch.randn(3, 5), token_ids=torch.tensor([0, 4, 1]))
+    kw.update(over)
+    with pytest.raises(error, match=match):
+        gk.token_logprobs(kw.pop("logits"), kw.pop("token_ids"), **kw)
+
+
+def test_ignore_index_is_allowed_out_of_range():
+    out = gk.token_logprobs(torch.randn(3, 5), torch.tensor([-100, 4, -100]))
+    assert out[0] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_token_logprobs_device_mismatch():
+    with pytest.raises(ValueError, match="token_ids is on"):
+        gk.token_logprobs(torch.randn(3, 5, device="cuda"), torch.tensor([0, 1, 2]))
+
+
+def test_device_mismatch_with_meta_tensor():
+    with pytest.raises(ValueError, match="advantages is on meta but logprobs is on cpu"):
+        call_loss(advantages=torch.randn(B, device="meta"))
+
+
+# ----------------------------------------------------------------------------- group_advantages
+GROUP_CASES = [
+    (dict(rewards=[1.0, 2.0]), TypeError, "rewards must be a torch.Tensor"),
+    (dict(rewards=torch.ones(4, dtype=torch.bool)), TypeError, "rewards must be a floating-point or integer"),
+    (dict(rewards=torch.ones(2, 2, 2)), ValueError, r"rewards must have shape \[B\] or \[B, K\]"),
+    (dict(rewards=torch.ones(())), ValueError, r"rewards must have shape \[B\]"),
+    (dict(rewards=torch.ones(0)), ValueError, "empty batch"),
+    (dict(rewards=torch.ones(4, 0)), ValueError, "empty batch"),
+    (dict(group_size=None), ValueError, "exactly one of group_size"),
+    (dict(group_ids=torch.zeros(4, dtype=torch.long)), ValueError, "exactly one of group_size"),
+    (dict(group_size=3), ValueError, "group_size=3 must divide the batch size B=4"),
+    (dict(group_size=0), ValueError, "group_size must be >= 1"),
+    (dict(group_size=2.0), TypeError, "group_size must be an int"),
+    (dict(group_size=None, group_ids=torch.zeros(3, dtype=torch.long)), ValueError, r"group_ids must have shape \[B\]"),
+    (dict(group_size=None, group_ids=torch.zeros(4)), TypeError, "group_ids must be an integer"),
+    (dict(scale="std"), ValueError, "scale must be one of"),
+    (dict(estimator="ppo"), ValueError, "estimator must be one of"),
+    (dict(multi_objective="mean"), ValueError, "multi_objective must be one of"),
+    (dict(eps=-1e-4), ValueError, "eps must be >= 0"),
+    (dict(eps=math.nan), ValueError, "eps must be finite"),
+    (dict(reward_weights=torch.ones(1)), ValueError, r"reward_weights needs rewards of shape \[B, K\]"),
+    (dict(rewards=torch.ones(4, 2), reward_weights=torch.ones(3)), ValueError, r"reward_weights must have shape \[K\]"),
+    (dict(rewards=torch.ones(4, 2), reward_weights=torch.ones(2, dtype=torch.long)), TypeError,
+     "reward_weights must be a floating-point"),
+    (dict(rewards=torch.ones(4, 2), reward_weights=torch.tensor([1.0, math.inf])), ValueError,
+     "reward_weights must be finite"),
+    (dict(return_stats="yes"), TypeError, "return_stats must be a bool"),
+]
+
+
+@pytest.mark.parametrize("over,error,match", GROUP_CASES, ids=[c[2][:40] for c in GROUP_CASES])
+def test_group_advantages_errors(over, error, match):
+    kw = dict(rewards=torch.randn(4), group_size=2)
+    kw.update(over)
+    with pytest.raises(error, match=match):
+        gk.group_advantages(kw.pop("rewards"), **kw)
+
+
+# ----------------------------------------------------------------------------- grpo_loss
+LOSS_CASES = [
+    (dict(logprobs=torch.zeros(B, T, dtype=torch.long)), TypeError, "logprobs must be a floating-point"),
+    (dict(logprobs=-torch.rand(B * T)), ValueError, r"logprobs must have shape \[B, T\]"),
+    (dict(logprobs=-torch.rand(0, T), old_logprobs=None, mask=torch.ones(0, T)), ValueError, "empty batch"),
+    (dict(logprobs=-torch.rand(B, 0)), ValueError, "empty batch"),
+    (dict(old_logprobs=-torch.rand(B, T + 1)), ValueError, r"old_logprobs must have shape \[B, T\]"),
+    (dict(old_logprobs=torch.zeros(B, T, dtype=torch.long)), TypeError, "old_logprobs must be a floating-point"),
+    (dict(advantages=torch.randn(B + 1)), ValueError, r"advantages must have shape \[B\], \[B, 1\] or \[B, T\]"),
+    (dict(advantages=torch.randn(B, T, 1)), ValueError, "advantages must have shape"),
+    (dict(advantages=torch.ones(B, dtype=torch.long)), TypeError, "advantages must be a floating-point"),
+    (dict(advantages=None), TypeError, "advantages must be a torch.Tensor"),
+    (dict(mask=torch.ones(B, T + 1)), ValueError, r"mask must have shape \[B, T\]"),
+    (dict(mask=torch.full((B, T), 0.5)), ValueError, "mask must contain only 0 and 1"),
+    (dict(mask=torch.full((B, T), 2)), ValueError, "mask must contain only 0 and 1"),
+    (dict(mask=torch.ones(B, T, dtype=torch.complex64)), TypeError, "mask must be a bool or 0/1"),
+    (dict(ref_logprobs=-torch.rand(B, 1)), ValueError, r"ref_logprobs must have shape \[B, T\]"),
+    (dict(beta=0.04), ValueError, "beta=0.04 needs ref_logprobs"),
+    (dict(beta=-0.1, ref_logprobs=-torch.rand(B, T)), ValueError, "beta must be >= 0"),
+    (dict(beta=math.inf, ref_logprobs=-torch.rand(B, T)), ValueError, "beta must be finite"),
+    (dict(epsilon_low=1.0), ValueError, "epsilon_low must be < 1"),
+    (dict(epsilon_low=-0.1), ValueError, "epsilon_low must be >= 0"),
+    (dict(epsilon_low=math.nan), ValueError, "epsilon_low must be finite"),
+    (dict(epsilon_high=-0.2), ValueError, "epsilon_high must be >= 0"),
+    (dict(epsilon_high=math.inf), ValueError, "epsilon_high must be finite"),
+    (dict(delta=0.0), ValueError, "delta must be > 0"),
+    (dict(delta=1.5, loss_type="cispo"), ValueError, "delta applies to the clipped loss types"),
+    (dict(clip_ratio_c=1.0), ValueError, "clip_ratio_c must be > 1"),
+    (dict(clip_ratio_c=3.0, loss_type="sapo"), ValueError, "clip_ratio_c applies to the clipped loss types"),
+    (dict(loss_type="ppo"), ValueError, "loss_type must be one of"),
+    (dict(importance_sampling_level="seq"), ValueError, "importance_sampling_level must be one of"),
+    (dict(kl_estimator="k4"), ValueError, "kl_estimator must be one of"),
+    (dict(use_bias_correction_kl=None), TypeError, "use_bias_correction_kl must be a bool"),
+    (dict(importance_weights=torch.ones(B, T + 2)), ValueError, "importance_weights must have shape"),
+    (dict(max_completion_length=0), ValueError, "max_completion_length must be >= 1"),
+    (dict(max_completion_length=2.5), TypeError, "max_completion_length must be an int"),
+    (dict(num_items_in_batch=-1), ValueError, "num_items_in_batch must be >= 0"),
+    (dict(num_items_in_batch=math.nan), ValueError, "num_items_in_batch must be finite"),
+    (dict(num_items_in_batch=torch.ones(2)), ValueError, "num_items_in_batch must be a number or a one-element"),
+    (dict(num_items_in_batch="7"), TypeError, "num_items_in_batch must be a real number"),
+    (dict(sapo_temperature_pos=0.0), ValueError, "sapo_temperature_pos must be > 0"),
+    (dict(sapo_temperature_neg=math.inf), ValueError, "sapo_temperature_neg must be finite"),
+]
+
+
+@pytest.mark.parametrize("over,error,match", LOSS_CASES, ids=[c[2][:40] for c in LOSS_CASES])
+def test_grpo_loss_errors(over, error, match):
+    with pytest.raises(error, match=match):
+        call_loss(**over)
+
+
+FUSED_CASES = [
+    (dict(logits=torch.randn(B * T, V), token_ids=torch.zeros(B * T, dtype=torch.long)), ValueError,
+     r"logits must have shape \[B, T, V\]"),
+    (dict(token_ids=torch.full((B, T), V)), ValueError, "token_ids must be in"),
+    (dict(temperature=0), ValueError, "temperature must be > 0"),
+    (dict(advantages=torch.randn(B, T + 1)), ValueError, "advantages must have shape"),
+    (dict(mask=torch.ones(B, T - 1)), ValueError, "mask must have shape"),
+    (dict(beta=0.1), ValueError, "needs ref_logprobs"),
+    (dict(loss_type="grpo ", ), ValueError, "loss_type must be one of"),
+]
+
+
+@pytest.mark.parametrize("over,error,match", FUSED_CASES, ids=[c[2][:40] for c in FUSED_CASES])
+def test_fused_grpo_loss_errors(over, error, match):
+    with pytest.raises(error, match=match):
+        call_fused(**over)
+
+
+def test_validation_runs_before_any_computation(monkeypatch):
+    """A bad input never reaches the backend."""
+    from grpo_kernels import reference
+
+    def boom(*args, **kwargs):
+        raise AssertionError("backend reached")
+
+    for name in ("token_logprobs", "grpo_loss", "fused_grpo_loss", "group_advantages"):
+        monkeypatch.setattr(reference, name, boom)
+    with pytest.raises(ValueError):
+        gk.token_logprobs(torch.randn(3, 5), torch.tensor([0, 9, 1]))
+    with pytest.raises(ValueError):
+        call_loss(loss_type="nope")
+    with pytest.raises(ValueError):
+        call_fused(temperature=-1.0)
+    with pytest.raises(ValueError):
+        gk.group_advantages(torch.randn(4), group_size=3)
+
+
+def test_value_checks_can_be_disabled(monkeypatch):
+    monkeypatch.setenv("GRPO_KERNELS_CHECK_VALUES", "0")
+    call_loss(mask=torch.full((B, T), 0.5))  # not checked: the caller opted out of the device sync
+    monkeypatch.setenv("GRPO_KERNELS_CHECK_VALUES", "1")
+    with pytest.raises(ValueError, match="mask must contain only 0 and 1"):
+        call_loss(mask=torch.full((B, T), 0.5))
