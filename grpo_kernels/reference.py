@@ -386,7 +386,8 @@ def grpo_loss(
         is_high = (coef_1 > eps_high) & (adv > 0)
         is_low = torch.zeros_like(is_high)
     elif loss_type == "sapo":
-        tau = torch.where(adv > 0, torch.full_like(adv, sapo_temperature_pos), torch.full_like(adv, sapo_temperature_neg))
+        tau_pos, tau_neg = torch.full_like(adv, sapo_temperature_pos), torch.full_like(adv, sapo_temperature_neg)
+        tau = torch.where(adv > 0, tau_pos, tau_neg)
         per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * adv
         is_low = (coef_1 < 1 - eps_low) & (adv < 0)
         is_high = (coef_1 > 1 + eps_high) & (adv > 0)

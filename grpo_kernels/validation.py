@@ -68,7 +68,9 @@ def _same_device(**tensors: Optional[Tensor]) -> None:
     first_name, first = named[0]
     for name, t in named[1:]:
         if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; all inputs must share a device")
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; all inputs must share a device"
+            )
 
 
 def _shape(name: str, t: Tensor, expected: Sequence[int], what: str) -> None:

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-import grpo_kernels as gk
 from conftest import TOLERANCES
 from test_token_logprobs import numpy_token_logprobs
+
+import grpo_kernels as gk
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
 

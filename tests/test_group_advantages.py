@@ -28,7 +28,7 @@ def python_advantages(rewards, groups, scale="group", estimator="grpo", eps=1e-4
     valid_all = [r for r in rewards if not math.isnan(r)]
     batch_std = statistics.stdev(valid_all) if len(valid_all) > 1 else NAN
     out = [0.0] * len(rewards)
-    for g, rows in members.items():
+    for rows in members.values():
         vals = [rewards[i] for i in rows if not math.isnan(rewards[i])]
         n = len(vals)
         mean = sum(vals) / n if n else NAN

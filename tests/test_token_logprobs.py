@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TOLERANCES
 from hypothesis import given
 from hypothesis import strategies as st
 
 import grpo_kernels as gk
-from conftest import TOLERANCES
 
 
 def numpy_token_logprobs(logits, ids, temperature, ignore_index=-100):
