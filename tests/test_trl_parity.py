@@ -11,9 +11,8 @@
   and TRL's fused LM head (``ChunkedLogProbFunction``, its torch path, with an
   identity "LM head" so that its logits are ours).
 - ``group_advantages``: TRL computes advantages inline in
-  ``_generate_and_score_completions``; :func:`trl_advantages` restates those
-  statements (with TRL's own ``nanstd``), and :func:`trl_source_advantages`
-  executes them from the installed TRL's source to check the restatement.
+  ``_generate_and_score_completions``; :func:`trl_source_advantages` cuts those
+  statements from the installed TRL's source and executes them.
 
 Name mapping (TRL → ours): ``epsilon`` → ``epsilon_low``; ``epsilon_high`` (TRL
 sets it to ``epsilon`` when unset) → ``epsilon_high`` (``None`` = same rule);
@@ -514,42 +513,12 @@ def test_token_logprobs_matches_trl_fused_lm_head(temperature):
 # --------------------------------------------------------------------------- #
 # group advantages
 # --------------------------------------------------------------------------- #
-def trl_advantages(rewards_per_func, reward_weights, num_generations, scale_rewards, multi_objective_aggregation):
-    """The advantage statements of TRL 1.16.0 ``GRPOTrainer._generate_and_score_completions``, in order.
+def trl_source_advantages(rewards_per_func, reward_weights, num_generations, scale_rewards,
+                          multi_objective_aggregation):
+    """TRL's advantage statements, cut from the installed ``_generate_and_score_completions`` and executed.
 
     ``rewards_per_func`` is [B, K] with NaN for "reward function returned None".
     """
-    unscorable_mask = torch.isnan(rewards_per_func).all(dim=1)
-    if multi_objective_aggregation == "sum_then_normalize":
-        rewards = (rewards_per_func * reward_weights.unsqueeze(0)).nansum(dim=1)
-        rewards[unscorable_mask] = torch.nan
-        mean_grouped = torch.nanmean(rewards.view(-1, num_generations), dim=1).repeat_interleave(num_generations)
-        if scale_rewards in ("group", "none"):
-            if num_generations > 1:
-                std_rewards = nanstd(rewards.view(-1, num_generations), dim=1).repeat_interleave(num_generations)
-            else:
-                std_rewards = torch.zeros_like(rewards)
-        else:  # "batch"
-            std_rewards = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
-        advantages = rewards - mean_grouped
-        if scale_rewards != "none":
-            advantages = advantages / (std_rewards + 1e-4)
-    else:  # "normalize_then_sum" (ignores scale_rewards)
-        k = rewards_per_func.shape[1]
-        grouped = rewards_per_func.view(-1, num_generations, k)
-        mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
-        std_k = nanstd(grouped, dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(mean_k)
-        reward_k = ((grouped - mean_k) / (std_k + 1e-4)).view(-1, k)
-        rewards = (reward_k * reward_weights.unsqueeze(0)).nansum(dim=1)
-        rewards[unscorable_mask] = torch.nan
-        std_rewards = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
-        advantages = (rewards - torch.nanmean(rewards)) / (std_rewards + 1e-4)
-    return torch.nan_to_num(advantages, nan=0.0)
-
-
-def trl_source_advantages(rewards_per_func, reward_weights, num_generations, scale_rewards,
-                          multi_objective_aggregation):
-    """The same statements taken from the installed TRL's source and executed (checks the restatement above)."""
     src = inspect.getsource(GRPOTrainer._generate_and_score_completions)
     start = src.rindex("\n", 0, src.index("unscorable_mask = torch.isnan(rewards_per_func)")) + 1
     end = src.index("\n", src.index("advantages = torch.nan_to_num(advantages, nan=0.0)"))
@@ -587,9 +556,7 @@ def test_sum_then_normalize_matches_trl(scale, groups, group_size, k, weights, d
     r = make_rewards(groups * 100 + group_size * 10 + k, groups, group_size, k, dtype)
     w = torch.ones(k, dtype=dtype) if weights is None else torch.tensor(weights, dtype=dtype)
     with default_dtype(dtype):
-        expected = trl_advantages(r, w, group_size, scale, "sum_then_normalize")
-        torch.testing.assert_close(trl_source_advantages(r, w, group_size, scale, "sum_then_normalize"), expected,
-                                   rtol=0, atol=0)
+        expected = trl_source_advantages(r, w, group_size, scale, "sum_then_normalize")
     ours = gk.group_advantages(r, group_size=group_size, scale=scale, reward_weights=None if weights is None else w,
                                backend="reference")
     torch.testing.assert_close(ours, expected, **(F64 if dtype == torch.float64 else F32))
@@ -607,8 +574,8 @@ def test_normalize_then_sum_matches_trl(groups, group_size, k, weights, dtype):
     r = make_rewards(groups * 100 + group_size * 10 + k + 1, groups, group_size, k, dtype)
     w = torch.ones(k, dtype=dtype) if weights is None else torch.tensor(weights, dtype=dtype)
     with default_dtype(dtype):
-        expected = trl_advantages(r, w, group_size, "group", "normalize_then_sum")
-        for scale in ("group", "batch", "none"):  # TRL ignores scale_rewards here
+        expected = trl_source_advantages(r, w, group_size, "group", "normalize_then_sum")
+        for scale in ("batch", "none"):  # TRL ignores scale_rewards here
             torch.testing.assert_close(trl_source_advantages(r, w, group_size, scale, "normalize_then_sum"),
                                        expected, rtol=0, atol=0)
     ours = gk.group_advantages(r, group_size=group_size, scale="group", reward_weights=w,
