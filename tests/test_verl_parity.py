@@ -1,20 +1,21 @@
-"""Parity with verl 0.9.1 (``verl.trainer.ppo.core_algos``): the formulas, restated.
+"""Parity with verl 0.9.1 (``verl.trainer.ppo.core_algos``): its formulas, encoded here.
 
 verl is not a dependency and is not imported: ``import verl.trainer.ppo.core_algos``
 runs ``verl/__init__.py``, which imports ``ray`` and ``tensordict``, and the module
 chain further needs ``omegaconf``, ``codetiming``, ``orjson`` and ``wandb``. So the
-functions below restate verl's, statement by statement, under verl's names:
+helpers below are our own encodings of the behaviour of verl's functions (written
+from the formulas, vectorized; not verl's code), each compared against ours:
 
-- :func:`compute_grpo_outcome_advantage` ↔ ``group_advantages(group_ids=index, eps=1e-6)``,
-  ``norm_adv_by_std_in_grpo=False`` ↔ ``scale="none"``;
-- :func:`compute_rloo_outcome_advantage` ↔ ``estimator="rloo", scale="none"``;
-- :func:`compute_policy_loss_vanilla` (dual clip, ``clip_ratio_c``) ↔ ``grpo_loss(clip_ratio_c=...)``;
-- :func:`agg_loss` modes ↔ loss types (token-mean ↔ bnpo, seq-mean-token-mean ↔ grpo,
-  seq-mean-token-sum ↔ luspo, seq-mean-token-sum-norm ↔ dr_grpo);
-- :func:`kl_penalty` ``k1``/``kl``, ``k2``/``mse``, ``low_var_kl``/``k3`` ↔ ``kl_estimator``
-  ``k1``, ``k2``, ``low_var_kl`` (verl's ``k3`` is the clamped estimator: our ``low_var_kl``);
-- the actor loss of ``verl.workers.utils.losses.ppo_loss``: ``pg_loss + kl_loss_coef * agg_loss(kl)``
-  ↔ ``grpo_loss(beta=kl_loss_coef, kl_estimator=...)``.
+- :func:`verl_grpo_advantage` (``compute_grpo_outcome_advantage``) ↔
+  ``group_advantages(group_ids=index, eps=1e-6)``; ``std_normalize=False`` ↔ ``scale="none"``;
+- :func:`verl_rloo_advantage` (``compute_rloo_outcome_advantage``) ↔ ``estimator="rloo", scale="none"``;
+- :func:`verl_vanilla_pg` (``compute_policy_loss_vanilla``, dual clip) ↔ ``grpo_loss(clip_ratio_c=...)``;
+- :func:`verl_aggregate` (``agg_loss``) modes ↔ loss types (token-mean ↔ bnpo,
+  seq-mean-token-mean ↔ grpo, seq-mean-token-sum ↔ luspo, seq-mean-token-sum-norm ↔ dr_grpo);
+- :func:`verl_kl_term` (``kl_penalty``) ``k1``/``kl``, ``k2``/``mse``, ``low_var_kl``/``k3`` ↔
+  ``kl_estimator`` ``k1``, ``k2``, ``low_var_kl`` (verl's ``k3`` is the clamped estimator: our ``low_var_kl``);
+- :func:`verl_actor_loss` (the actor loss of ``verl.workers.utils.losses.ppo_loss``) ↔
+  ``grpo_loss(beta=kl_loss_coef, kl_estimator=...)``.
 
 Deliberate differences (pinned by tests below): a singleton group gets advantage
 0 here, verl gives ``score / (1 + eps)`` (mean 0, std 1); verl's seq-mean modes
@@ -24,8 +25,6 @@ log-ratio to [-20, 20] before ``exp``; the inputs here keep ``|log-ratio| < 20``
 """
 
 from __future__ import annotations
-
-from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -39,148 +38,126 @@ F32 = dict(rtol=2e-5, atol=2e-6)
 
 
 # --------------------------------------------------------------------------- #
-# verl 0.9.1 core_algos, restated (dp_size = 1, no global batch info)
+# verl 0.9.1 behaviour, encoded from its formulas (dp_size = 1, no global batch info)
 # --------------------------------------------------------------------------- #
-def masked_sum(values, mask, axis=None):
-    """verl.utils.torch_functional.masked_sum"""
-    valid_values = torch.where(mask.bool(), values, 0.0)
-    return (valid_values * mask).sum(axis=axis)
+def _row_group_stats(score, index):
+    """Per row: size n, mean and unbiased (n - 1) std of the row's group, in ``score``'s dtype.
 
-
-def masked_mean(values, mask, axis=None):
-    """verl.utils.torch_functional.masked_mean"""
-    return masked_sum(values, mask, axis) / (mask.sum(axis=axis) + 1e-8)
-
-
-def compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
-                                   norm_adv_by_std_in_grpo=True):
-    """core_algos.compute_grpo_outcome_advantage"""
-    scores = token_level_rewards.sum(dim=-1)
-    id2score = defaultdict(list)
-    id2mean, id2std = {}, {}
-    with torch.no_grad():
-        bsz = scores.shape[0]
-        for i in range(bsz):
-            id2score[index[i]].append(scores[i])
-        for idx in id2score:
-            if len(id2score[idx]) == 1:
-                id2mean[idx] = torch.tensor(0.0)
-                id2std[idx] = torch.tensor(1.0)
-            else:
-                scores_tensor = torch.stack(id2score[idx])
-                id2mean[idx] = torch.mean(scores_tensor)
-                id2std[idx] = torch.std(scores_tensor)
-        for i in range(bsz):
-            if norm_adv_by_std_in_grpo:
-                scores[i] = (scores[i] - id2mean[index[i]]) / (id2std[index[i]] + epsilon)
-            else:
-                scores[i] = scores[i] - id2mean[index[i]]
-        scores = scores.unsqueeze(-1) * response_mask
-    return scores, scores
-
-
-def compute_rloo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6):
-    """core_algos.compute_rloo_outcome_advantage"""
-    scores = token_level_rewards.sum(dim=-1)
-    id2score = defaultdict(list)
-    id2mean = {}
-    with torch.no_grad():
-        bsz = scores.shape[0]
-        for i in range(bsz):
-            id2score[index[i]].append(scores[i])
-        for idx in id2score:
-            if len(id2score[idx]) == 1:
-                id2mean[idx] = torch.tensor(0.0)
-            else:
-                id2mean[idx] = torch.mean(torch.stack(id2score[idx]))
-        for i in range(bsz):
-            response_num = len(id2score[index[i]])
-            if response_num > 1:
-                scores[i] = scores[i] * response_num / (response_num - 1) - id2mean[index[i]] * response_num / (
-                    response_num - 1
-                )
-        scores = scores.unsqueeze(-1) * response_mask
-    return scores, scores
-
-
-def agg_loss(loss_mat, loss_mask, loss_agg_mode, loss_scale_factor=None):
-    """core_algos.agg_loss with dp_size=1, batch_num_tokens=None, global_batch_size=None"""
-    if loss_agg_mode == "token-mean":
-        batch_num_tokens = loss_mask.sum()
-        return masked_sum(loss_mat, loss_mask) / batch_num_tokens
-    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
-        seq_losses = torch.sum(loss_mat * loss_mask, dim=-1)
-        seq_mask = (torch.sum(loss_mask, dim=-1) > 0).float()
-        loss = masked_sum(seq_losses, seq_mask) / seq_mask.sum()
-        if loss_agg_mode == "seq-mean-token-sum-norm":
-            loss /= loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
-        return loss
-    if loss_agg_mode == "seq-mean-token-mean":
-        seq_mask = torch.sum(loss_mask, dim=-1)
-        seq_losses = torch.sum(loss_mat * loss_mask, dim=-1) / (seq_mask + 1e-8)
-        seq_mask = (seq_mask > 0).float()
-        return masked_sum(seq_losses, seq_mask) / seq_mask.sum()
-    raise ValueError(loss_agg_mode)
-
-
-def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
-                                clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None, clip_ratio_c=3.0,
-                                rollout_is_weights=None):
-    """core_algos.compute_policy_loss_vanilla (the ActorConfig fields as keyword arguments).
-
-    Returns ``(pg_loss, pg_metrics, pg_losses)``; verl returns the first two.
+    ``same[i, j]`` is 1 where rows i and j carry the same group id (any ids numpy can
+    compare with ``==``); the std of a group of one comes out 0 (callers replace it).
     """
-    cliprange_low = clip_ratio_low if clip_ratio_low is not None else clip_ratio
-    cliprange_high = clip_ratio_high if clip_ratio_high is not None else clip_ratio
-    assert clip_ratio_c > 1.0
-    negative_approx_kl = log_prob - old_log_prob
-    negative_approx_kl = torch.clamp(negative_approx_kl, min=-20.0, max=20.0)
-    ratio = torch.exp(negative_approx_kl)
-    ppo_kl = masked_mean(-negative_approx_kl, response_mask)
-    pg_losses1 = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1 - cliprange_low, 1 + cliprange_high)
-    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
-    pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses1).float(), response_mask)
-    pg_losses3 = -advantages * clip_ratio_c
-    clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
-    pg_clipfrac_lower = masked_mean(torch.gt(clip_pg_losses1, pg_losses3) * (advantages < 0).float(), response_mask)
-    pg_losses = torch.where(advantages < 0, clip_pg_losses2, clip_pg_losses1)
-    if rollout_is_weights is not None:
-        pg_losses = pg_losses * rollout_is_weights
-    pg_loss = agg_loss(loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode)
-    pg_metrics = {
-        "actor/pg_clipfrac": pg_clipfrac.detach().item(),
-        "actor/ppo_kl": ppo_kl.detach().item(),
-        "actor/pg_clipfrac_lower": pg_clipfrac_lower.detach().item(),
-    }
-    return pg_loss, pg_metrics, pg_losses
+    ids = np.asarray(index)
+    same = torch.as_tensor(ids[:, None] == ids[None, :]).to(score.dtype)
+    n = same.sum(-1)
+    mean = (same @ score) / n
+    sq_dev = same * (score[None, :] - mean[:, None]).square()
+    std = (sq_dev.sum(-1) / (n - 1).clamp(min=1)).sqrt()
+    return n, mean, std
 
 
-def kl_penalty(logprob, ref_logprob, kl_penalty):
-    """core_algos.kl_penalty = kl_penalty_forward for names without the straight-through '+' suffix"""
-    if kl_penalty in ("kl", "k1"):
-        return logprob - ref_logprob
-    if kl_penalty == "abs":
-        return (logprob - ref_logprob).abs()
-    if kl_penalty in ("mse", "k2"):
-        return 0.5 * (logprob - ref_logprob).square()
-    if kl_penalty in ("low_var_kl", "k3"):
-        kl = ref_logprob - logprob
-        kl = torch.clamp(kl, min=-20, max=20)
-        ratio = torch.exp(kl)
-        kld = (ratio - kl - 1).contiguous()
-        return torch.clamp(kld, min=-10, max=10)
-    raise NotImplementedError(kl_penalty)
+def verl_grpo_advantage(token_rewards, mask, index, eps=1e-6, std_normalize=True):
+    """Models verl's ``compute_grpo_outcome_advantage``.
+
+    A row's score is the sum of its token rewards. Against its group (rows sharing an
+    id) it becomes (score - group mean) / (group std + eps), the std unbiased, or just
+    score - group mean without std normalization. A group of one counts as mean 0,
+    std 1. The per-row value is then spread over the row's valid tokens (× mask).
+    """
+    with torch.no_grad():
+        score = token_rewards.sum(-1)
+        n, mean, std = _row_group_stats(score, index)
+        alone = n == 1
+        mean = torch.where(alone, torch.zeros_like(mean), mean)
+        std = torch.where(alone, torch.ones_like(std), std)
+        adv = (score - mean) / (std + eps) if std_normalize else score - mean
+        return adv[:, None] * mask
 
 
-def ppo_loss_with_kl(old_log_prob, log_prob, ref_log_prob, advantages, response_mask, loss_agg_mode, kl_loss_type,
-                     kl_loss_coef, **policy_options):
-    """verl.workers.utils.losses.ppo_loss: vanilla policy loss, then ``+ agg_loss(kl) * kl_loss_coef``."""
-    pg_loss, _, _ = compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
-                                                **policy_options)
-    kld = kl_penalty(logprob=log_prob, ref_logprob=ref_log_prob, kl_penalty=kl_loss_type)
-    kl_loss = agg_loss(loss_mat=kld, loss_mask=response_mask, loss_agg_mode=loss_agg_mode)
-    return pg_loss + kl_loss * kl_loss_coef, kl_loss
+def verl_rloo_advantage(token_rewards, mask, index):
+    """Models verl's ``compute_rloo_outcome_advantage``.
+
+    Leave-one-out baseline: in a group of n > 1 rows, score minus the mean of the other
+    n - 1 scores, i.e. n / (n - 1) · (score - group mean); a row alone in its group keeps
+    its raw score. Spread over the row's valid tokens (× mask).
+    """
+    with torch.no_grad():
+        score = token_rewards.sum(-1)
+        n, mean, _ = _row_group_stats(score, index)
+        loo = n / (n - 1).clamp(min=1) * (score - mean)
+        adv = torch.where(n > 1, loo, score)
+        return adv[:, None] * mask
+
+
+def verl_aggregate(per_token, mask, mode, scale=None):
+    """Models verl's ``agg_loss`` for one data-parallel rank, no global token/batch counts.
+
+    token-mean: Σ m·ℓ / Σ m over the whole batch. The seq-mean modes first reduce each
+    row, then average over the rows that have at least one valid token:
+    seq-mean-token-sum uses Σ_t m·ℓ, seq-mean-token-mean uses Σ_t m·ℓ / (Σ_t m + 1e-8),
+    and seq-mean-token-sum-norm is seq-mean-token-sum divided by ``scale`` (default: T,
+    the padded length).
+    """
+    weighted = per_token * mask
+    if mode == "token-mean":
+        return weighted.sum() / mask.sum()
+    row_total, row_count = weighted.sum(-1), mask.sum(-1)
+    if mode == "seq-mean-token-mean":
+        per_row = row_total / (row_count + 1e-8)
+    elif mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        per_row = row_total
+    else:
+        raise ValueError(mode)
+    result = per_row[row_count > 0].mean()
+    if mode == "seq-mean-token-sum-norm":
+        result = result / (mask.shape[-1] if scale is None else scale)
+    return result
+
+
+def verl_vanilla_pg(logp, old_logp, adv, mask, mode="token-mean", eps_low=0.2, eps_high=None, dual_c=3.0,
+                    is_weights=None):
+    """Models verl's ``compute_policy_loss_vanilla`` (PPO clip with dual clip).
+
+    ratio = exp(clamp(logp - old_logp, ±20)). Per token, the clipped surrogate is
+    max(-A·ratio, -A·clip(ratio, 1 - eps_low, 1 + eps_high)) (eps_high defaults to
+    eps_low); where A < 0 it is further capped at -A·dual_c. Optionally scaled by the
+    rollout importance weights, then reduced with :func:`verl_aggregate`.
+    Returns (loss, per-token loss).
+    """
+    eps_high = eps_low if eps_high is None else eps_high
+    ratio = (logp - old_logp).clamp(-20.0, 20.0).exp()
+    surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps_low, 1 + eps_high))
+    per_token = torch.where(adv < 0, torch.minimum(surrogate, -adv * dual_c), surrogate)
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    return verl_aggregate(per_token, mask, mode), per_token
+
+
+def verl_kl_term(logp, ref_logp, name):
+    """Models verl's ``kl_penalty`` (names without the straight-through '+' suffix).
+
+    With δ = logp - ref_logp: k1/kl gives δ; k2/mse gives δ²/2; low_var_kl/k3 takes
+    d = clamp(-δ, ±20) and gives exp(d) - d - 1 clamped to [-10, 10].
+    """
+    delta = logp - ref_logp
+    if name in ("k1", "kl"):
+        return delta
+    if name in ("k2", "mse"):
+        return delta.square() / 2
+    if name in ("low_var_kl", "k3"):
+        d = (-delta).clamp(-20.0, 20.0)
+        return (d.exp() - d - 1).clamp(-10.0, 10.0)
+    raise NotImplementedError(name)
+
+
+def verl_actor_loss(logp, old_logp, ref_logp, adv, mask, mode, kl_name, kl_coef, **pg_options):
+    """Models the actor loss of verl's ``verl.workers.utils.losses.ppo_loss``.
+
+    The vanilla policy loss plus kl_coef times the KL term reduced with the same mode.
+    Returns (total loss, aggregated KL).
+    """
+    pg_loss, _ = verl_vanilla_pg(logp, old_logp, adv, mask, mode, **pg_options)
+    kl = verl_aggregate(verl_kl_term(logp, ref_logp, kl_name), mask, mode)
+    return pg_loss + kl_coef * kl, kl
 
 
 # --------------------------------------------------------------------------- #
@@ -230,7 +207,7 @@ SIZES = [(2, 3, 4, 5), (8, 8, 8), (2, 2), (6, 3, 7, 2, 4)]
 def test_grpo_outcome_advantage(sizes, norm, dtype):
     rewards, mask, index = make_groups(sum(sizes), sizes, dtype)
     rewards[index == index[0]] = 0.0  # one group with all-equal scores (std 0)
-    expected, _ = compute_grpo_outcome_advantage(rewards, mask, index, epsilon=1e-6, norm_adv_by_std_in_grpo=norm)
+    expected = verl_grpo_advantage(rewards, mask, index, eps=1e-6, std_normalize=norm)
     ours = gk.group_advantages(rewards.sum(-1), group_ids=torch.as_tensor(index), eps=1e-6,
                                scale="group" if norm else "none", backend="reference")
     torch.testing.assert_close(ours[:, None] * mask, expected, **(F64 if dtype == torch.float64 else F32))
@@ -241,7 +218,7 @@ def test_grpo_outcome_advantage(sizes, norm, dtype):
 @pytest.mark.parametrize("sizes", SIZES, ids=str)
 def test_rloo_outcome_advantage(sizes, dtype):
     rewards, mask, index = make_groups(3 * sum(sizes), sizes, dtype)
-    expected, _ = compute_rloo_outcome_advantage(rewards, mask, index)
+    expected = verl_rloo_advantage(rewards, mask, index)
     ours = gk.group_advantages(rewards.sum(-1), group_ids=torch.as_tensor(index), estimator="rloo", scale="none",
                                backend="reference")
     torch.testing.assert_close(ours[:, None] * mask, expected, **(F64 if dtype == torch.float64 else F32))
@@ -253,13 +230,13 @@ def test_singleton_group_is_a_deliberate_difference(norm):
     rewards, mask, index = make_groups(5, (3, 1, 4))
     lone = index == 47
     assert lone.sum() == 1
-    expected, _ = compute_grpo_outcome_advantage(rewards, mask, index, norm_adv_by_std_in_grpo=norm)
+    expected = verl_grpo_advantage(rewards, mask, index, std_normalize=norm)
     ours = gk.group_advantages(rewards.sum(-1), group_ids=torch.as_tensor(index), eps=1e-6,
                                scale="group" if norm else "none", backend="reference")
     torch.testing.assert_close(ours[~lone][:, None] * mask[~lone], expected[~lone], **F64)
     assert ours[lone].item() == 0.0
     score = rewards[lone].sum().item()
-    # (verl's std 1 is a float32 tensor, so 1 + eps is float32(1 + 1e-6))
+    # rel=1e-7 also admits verl's float32 1 + eps (its std 1 is a float32 tensor): float32(1 + 1e-6)
     assert expected[lone][0, 0].item() == pytest.approx(score / (1 + 1e-6) if norm else score, rel=1e-7)
 
 
@@ -289,9 +266,8 @@ def test_policy_loss_vanilla(agg, clip_ratio_c, clip_ratio_high, weights, adv_sh
 
     verl_lp = log_prob.clone().requires_grad_(True)
     verl_adv = adv if adv.ndim == 2 else adv[:, None].expand_as(mask)
-    pg_loss, _, pg_losses = compute_policy_loss_vanilla(old, verl_lp, verl_adv, mask, agg, clip_ratio=0.2,
-                                                        clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c,
-                                                        rollout_is_weights=iw)
+    pg_loss, pg_losses = verl_vanilla_pg(verl_lp, old, verl_adv, mask, agg, eps_low=0.2, eps_high=clip_ratio_high,
+                                         dual_c=clip_ratio_c, is_weights=iw)
     pg_loss.backward()
 
     our_lp = log_prob.clone().requires_grad_(True)
@@ -314,7 +290,7 @@ def test_policy_loss_vanilla(agg, clip_ratio_c, clip_ratio_high, weights, adv_sh
 def test_fully_masked_rows_in_seq_mean_modes(agg):
     """verl leaves fully masked sequences out of the mean over sequences; ours (TRL) count them: a factor B/B'."""
     log_prob, old, _, adv, mask = make_policy_batch(8, empty_rows=True)
-    pg_loss, _, _ = compute_policy_loss_vanilla(old, log_prob, adv, mask, agg)
+    pg_loss, _ = verl_vanilla_pg(log_prob, old, adv, mask, agg)
     out = gk.grpo_loss(log_prob, old, adv, mask, clip_ratio_c=3.0, loss_type=AGG_TO_LOSS_TYPE[agg],
                        backend="reference")
     batch, nonempty = mask.shape[0], (mask.sum(-1) > 0).sum().item()
@@ -326,7 +302,7 @@ def test_fully_masked_rows_in_seq_mean_modes(agg):
 def test_token_mean_with_fully_masked_rows():
     """token-mean ↔ bnpo holds with fully masked rows too."""
     log_prob, old, _, adv, mask = make_policy_batch(9, empty_rows=True)
-    pg_loss, _, _ = compute_policy_loss_vanilla(old, log_prob, adv, mask, "token-mean")
+    pg_loss, _ = verl_vanilla_pg(log_prob, old, adv, mask, "token-mean")
     out = gk.grpo_loss(log_prob, old, adv, mask, clip_ratio_c=3.0, loss_type="bnpo", backend="reference")
     torch.testing.assert_close(out.loss, pg_loss, **F64)
 
@@ -348,7 +324,7 @@ def test_kl_penalty(verl_name, ours, dtype):
     logprob = logprob.to(dtype)
     a = logprob.clone().requires_grad_(True)
     b = logprob.clone().requires_grad_(True)
-    expected = kl_penalty(a, ref, verl_name)
+    expected = verl_kl_term(a, ref, verl_name)
     got = kl_estimate(b, ref, ours)
     tol = F64 if dtype == torch.float64 else F32
     torch.testing.assert_close(got, expected, **tol)
@@ -362,7 +338,7 @@ def test_verl_k3_is_our_low_var_kl_not_our_k3():
     """verl's "k3" clamps (like its "low_var_kl"); our "k3" is TRL's unclamped k3. Same where no clamp acts."""
     logprob = torch.zeros(8, dtype=torch.float64)
     ref = torch.tensor([-25.0, -3.0, -0.5, 0.0, 0.5, 2.0, 3.0, 25.0], dtype=torch.float64)
-    verl_k3 = kl_penalty(logprob, ref, "k3")
+    verl_k3 = verl_kl_term(logprob, ref, "k3")
     ours_k3 = kl_estimate(logprob, ref, "k3")
     small = ours_k3 < 10
     assert small.sum() == 5
@@ -380,7 +356,7 @@ def test_actor_loss_with_kl_loss(verl_name, ours, agg):
     ref[0, 0] = log_prob[0, 0] - 15.0  # one token where low_var_kl's clamps act
     coef = 0.04
     verl_lp = log_prob.clone().requires_grad_(True)
-    loss, _ = ppo_loss_with_kl(old, verl_lp, ref, adv, mask, agg, verl_name, coef, clip_ratio_c=3.0)
+    loss, _ = verl_actor_loss(verl_lp, old, ref, adv, mask, agg, verl_name, coef, dual_c=3.0)
     loss.backward()
     our_lp = log_prob.clone().requires_grad_(True)
     out = gk.grpo_loss(our_lp, old, adv, mask, ref_logprobs=ref, beta=coef, kl_estimator=ours, clip_ratio_c=3.0,
@@ -389,8 +365,8 @@ def test_actor_loss_with_kl_loss(verl_name, ours, agg):
     torch.testing.assert_close(out.loss, loss.detach(), **F64)
     torch.testing.assert_close(our_lp.grad, verl_lp.grad, **F64)
     # our kl metric = the masked token mean of verl's per-token kl_penalty
-    kld = kl_penalty(log_prob, ref, verl_name)
-    torch.testing.assert_close(out.kl, masked_sum(kld, mask) / mask.sum(), **F64)
+    kld = verl_kl_term(log_prob, ref, verl_name)
+    torch.testing.assert_close(out.kl, (kld * mask).sum() / mask.sum(), **F64)
 
 
 def test_grid_is_not_trivial():
