@@ -5,7 +5,7 @@
 PYTHON        ?= python3
 VENV          ?= .venv
 VPY           := $(VENV)/bin/python
-PIP           := $(VPY) -m pip
+PIP           := $(VPY) -m pip --quiet
 TORCH_VERSION ?= 2.13.0
 DEV_PACKAGES  := triton numpy pybind11 ninja pytest pytest-benchmark hypothesis matplotlib
 # Peers, for parity tests only (never imported by the library).

@@ -7,8 +7,9 @@ specification); each backend computes the same numbers.
 from __future__ import annotations
 
 import inspect
-from typing import Optional, Union
+from typing import Literal, Optional, Sequence, Union, overload
 
+import torch
 from torch import Tensor
 
 from . import reference, validation
@@ -26,6 +27,20 @@ LOSS_OPTIONS = tuple(LOSS_DEFAULTS)
 
 def _loss_options(arguments: dict) -> dict:
     return {name: arguments[name] for name in LOSS_OPTIONS}
+
+
+@overload
+def token_logprobs(
+    logits: Tensor, token_ids: Tensor, *, temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[False] = ..., backend: str = ...,
+) -> Tensor: ...
+
+
+@overload
+def token_logprobs(
+    logits: Tensor, token_ids: Tensor, *, temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[True], backend: str = ...,
+) -> tuple[Tensor, Tensor]: ...
 
 
 def token_logprobs(
@@ -70,7 +85,7 @@ def group_advantages(
     scale: str = "group",
     estimator: str = "grpo",
     eps: float = 1e-4,
-    reward_weights: Optional[Tensor] = None,
+    reward_weights: Optional[Union[Tensor, Sequence[float]]] = None,
     multi_objective: str = "sum_then_normalize",
     return_stats: bool = False,
     backend: str = "auto",
@@ -84,7 +99,7 @@ def group_advantages(
         scale: ``"group"`` (divide by group std), ``"batch"`` (by batch std), ``"none"``.
         estimator: ``"grpo"`` (baseline = group mean) or ``"rloo"`` (leave-one-out mean).
         eps: added to the std before dividing.
-        reward_weights: ``[K]`` weights of the reward functions (default ones).
+        reward_weights: ``[K]`` weights of the reward functions, a tensor or a list (default ones).
         multi_objective: ``"sum_then_normalize"`` or ``"normalize_then_sum"`` for ``[B, K]`` rewards.
         return_stats: also return per-group ``mean`` and ``std``.
         backend: see :func:`token_logprobs`.
@@ -100,6 +115,8 @@ def group_advantages(
         reward_weights=reward_weights, multi_objective=multi_objective, return_stats=return_stats,
     )
     validation.check_group_advantages(rewards, **options)
+    if isinstance(reward_weights, (list, tuple)):
+        options["reward_weights"] = torch.tensor(reward_weights, dtype=torch.float64, device=rewards.device)
     return implementation(backend, rewards.device).group_advantages(rewards, **options)
 
 

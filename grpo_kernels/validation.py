@@ -180,14 +180,21 @@ def check_group_advantages(rewards, *, group_size, group_ids, scale, estimator, 
     _real("eps", eps, low=0.0)
     _bool("return_stats", return_stats)
     if reward_weights is not None:
-        _tensor("reward_weights", reward_weights)
         if rewards.ndim != 2:
             raise ValueError("reward_weights needs rewards of shape [B, K] (one column per reward function)")
-        _floating("reward_weights", reward_weights)
-        _shape("reward_weights", reward_weights, (rewards.shape[1],), "[K]")
-        if _values_checkable(reward_weights) and not bool(torch.isfinite(reward_weights).all()):
-            raise ValueError("reward_weights must be finite")
-    _same_device(rewards=rewards, group_ids=group_ids, reward_weights=reward_weights)
+        if isinstance(reward_weights, (list, tuple)):
+            for k, w in enumerate(reward_weights):
+                _real(f"reward_weights[{k}]", w)
+            if len(reward_weights) != rewards.shape[1]:
+                raise ValueError(f"reward_weights must have K = {rewards.shape[1]} entries, got {len(reward_weights)}")
+        else:
+            _tensor("reward_weights", reward_weights)
+            _floating("reward_weights", reward_weights)
+            _shape("reward_weights", reward_weights, (rewards.shape[1],), "[K]")
+            if _values_checkable(reward_weights) and not bool(torch.isfinite(reward_weights).all()):
+                raise ValueError("reward_weights must be finite")
+            _same_device(rewards=rewards, reward_weights=reward_weights)
+    _same_device(rewards=rewards, group_ids=group_ids)
 
 
 def _check_per_token(name: str, t: Optional[Tensor], shape, *, optional: bool = True) -> None:

@@ -266,3 +266,12 @@ def test_permutation_equivariance(data, rng):
     a = gk.group_advantages(rewards, group_ids=ids)
     b = gk.group_advantages(rewards[perm], group_ids=ids[perm])
     torch.testing.assert_close(a[perm], b, atol=1e-9, rtol=1e-9)
+
+
+def test_reward_weights_as_a_list(backend):
+    rewards = torch.tensor(MULTI)
+    as_list = gk.group_advantages(rewards, group_size=4, reward_weights=WEIGHTS, backend=backend)
+    as_tuple = gk.group_advantages(rewards, group_size=4, reward_weights=tuple(WEIGHTS), backend=backend)
+    as_tensor = gk.group_advantages(rewards, group_size=4, reward_weights=torch.tensor(WEIGHTS), backend=backend)
+    torch.testing.assert_close(as_list, as_tensor)
+    torch.testing.assert_close(as_tuple, as_tensor)

@@ -114,6 +114,9 @@ GROUP_CASES = [
     (dict(rewards=torch.ones(4, 2), reward_weights=torch.tensor([1.0, math.inf])), ValueError,
      "reward_weights must be finite"),
     (dict(return_stats="yes"), TypeError, "return_stats must be a bool"),
+    (dict(rewards=torch.ones(4, 2), reward_weights=[1.0]), ValueError, "reward_weights must have K = 2 entries"),
+    (dict(rewards=torch.ones(4, 2), reward_weights=[1.0, math.nan]), ValueError, r"reward_weights\[1\] must be finite"),
+    (dict(rewards=torch.ones(4, 2), reward_weights=[1.0, "2"]), TypeError, r"reward_weights\[1\] must be a real"),
 ]
 
 
