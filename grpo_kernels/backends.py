@@ -1,33 +1,38 @@
 """Backend registry and selection.
 
-A backend is a module providing ``token_logprobs``, ``group_advantages``,
-``grpo_loss`` and ``fused_grpo_loss`` with the signatures of
-:mod:`grpo_kernels.reference`. ``"auto"`` picks, per device type, the first
-available backend of an ordered preference list; the environment variable
-``GRPO_KERNELS_BACKEND`` overrides that choice.
+A backend is a module providing some of the ops ``token_logprobs``,
+``group_advantages``, ``grpo_loss`` and ``fused_grpo_loss`` with the
+signatures of :mod:`grpo_kernels.reference`; a module lists what it provides
+in ``OPS`` (the reference provides all). Backend modules are imported on first
+use. ``"auto"`` picks, per device type, the first available backend of an
+ordered preference list; the environment variable ``GRPO_KERNELS_BACKEND``
+overrides that choice.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from types import ModuleType
+from typing import Callable, Optional
 
 import torch
 
-from . import reference
-
 BACKENDS = ("reference", "triton", "cpu", "cuda")
+OPS = ("token_logprobs", "group_advantages", "grpo_loss", "fused_grpo_loss")
 
-# What each backend will be once built, for the error message.
+# What each backend is, for the error messages.
 _DESCRIPTIONS = {
     "reference": "pure PyTorch (the specification)",
-    "triton": "Triton kernels (GPU, or CPU under TRITON_INTERPRET=1)",
+    "triton": "Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)",
     "cpu": "C++ kernels from the grpo_kernels._C extension",
     "cuda": "CUDA kernels from the grpo_kernels._C extension",
 }
 
-# Backends that exist in this version.
-_IMPLEMENTATIONS: dict[str, ModuleType] = {"reference": reference}
+# Backends that exist in this version: the module that implements each, and
+# the package it needs installed.
+_MODULES = {"reference": ("grpo_kernels.reference", None), "triton": ("grpo_kernels.triton", "triton")}
 
 # "auto": preference per device type; a backend is listed here only once its
 # tests (and, for GPUs, a committed GPU result file) show it correct.
@@ -35,12 +40,32 @@ _AUTO_PREFERENCE = {"cpu": ("reference",), "cuda": ("reference",)}
 
 
 class BackendUnavailableError(RuntimeError):
-    """A known backend that is not built or cannot run here."""
+    """A known backend that is not built, not installed, or cannot run here."""
 
 
-def available_backends() -> list[str]:
-    """Names of the backends usable in this installation (``"reference"`` always)."""
-    return [name for name in BACKENDS if name in _IMPLEMENTATIONS]
+def _installed(name: str) -> bool:
+    if name not in _MODULES:
+        return False
+    requirement = _MODULES[name][1]
+    return requirement is None or importlib.util.find_spec(requirement) is not None
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(_MODULES[name][0])
+
+
+def _provides(name: str, op: str) -> bool:
+    return op in getattr(_module(name), "OPS", OPS)
+
+
+def available_backends(op: Optional[str] = None) -> list[str]:
+    """Names of the backends usable in this installation (``"reference"`` always).
+
+    With ``op``, only those that implement that op.
+    """
+    if op is not None and op not in OPS:
+        raise ValueError(f"op must be one of {list(OPS)}, got {op!r}")
+    return [name for name in BACKENDS if _installed(name) and (op is None or _provides(name, op))]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -52,21 +77,39 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if override and override != "auto":
             return _check_known(override, "GRPO_KERNELS_BACKEND")
         preference = _AUTO_PREFERENCE.get(device.type, ("reference",))
-        return next(name for name in preference if name in _IMPLEMENTATIONS)
+        return next(name for name in preference if _installed(name))
     return _check_known(backend, "backend")
 
 
 def _check_known(name: str, where: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"{where} must be 'auto' or one of {list(BACKENDS)}, got {name!r}")
-    if name not in _IMPLEMENTATIONS:
+    if not _installed(name):
         raise BackendUnavailableError(
-            f"backend {name!r} ({_DESCRIPTIONS[name]}) is not available in this version of grpo_kernels; "
+            f"backend {name!r} ({_DESCRIPTIONS[name]}) is not available in this installation of grpo_kernels; "
             f"available: {available_backends()}"
         )
     return name
 
 
-def implementation(backend: str, device: torch.device) -> ModuleType:
-    """The backend module to run for ``backend`` on ``device``."""
-    return _IMPLEMENTATIONS[resolve_backend(backend, device)]
+def _check_device(name: str, device: torch.device) -> None:
+    if name != "triton":
+        return
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise BackendUnavailableError(
+            "backend 'triton' runs CPU tensors only under the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before importing triton, or pass CUDA tensors"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise BackendUnavailableError(f"backend 'triton' does not run on {device.type} tensors")
+
+
+def implementation(backend: str, device: torch.device, op: str) -> Callable:
+    """The function computing ``op`` for ``backend`` on ``device``."""
+    name = resolve_backend(backend, device)
+    if not _provides(name, op):
+        raise BackendUnavailableError(
+            f"backend {name!r} does not implement {op} yet; backends with {op}: {available_backends(op)}"
+        )
+    _check_device(name, device)
+    return getattr(_module(name), op)

@@ -72,7 +72,7 @@ def token_logprobs(
     validation.check_token_logprobs(
         logits, token_ids, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
     )
-    return implementation(backend, logits.device).token_logprobs(
+    return implementation(backend, logits.device, "token_logprobs")(
         logits, token_ids, temperature=float(temperature), ignore_index=ignore_index, return_entropy=return_entropy
     )
 
@@ -117,7 +117,7 @@ def group_advantages(
     validation.check_group_advantages(rewards, **options)
     if isinstance(reward_weights, (list, tuple)):
         options["reward_weights"] = torch.tensor(reward_weights, dtype=torch.float64, device=rewards.device)
-    return implementation(backend, rewards.device).group_advantages(rewards, **options)
+    return implementation(backend, rewards.device, "group_advantages")(rewards, **options)
 
 
 def grpo_loss(
@@ -175,7 +175,7 @@ def grpo_loss(
     """
     options = _loss_options(locals())
     validation.check_grpo_loss(logprobs, old_logprobs, advantages, mask, **options)
-    return implementation(backend, logprobs.device).grpo_loss(logprobs, old_logprobs, advantages, mask, **options)
+    return implementation(backend, logprobs.device, "grpo_loss")(logprobs, old_logprobs, advantages, mask, **options)
 
 
 def fused_grpo_loss(
@@ -225,7 +225,7 @@ def fused_grpo_loss(
         logits, token_ids, old_logprobs, advantages, mask,
         temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy, **options,
     )
-    return implementation(backend, logits.device).fused_grpo_loss(
+    return implementation(backend, logits.device, "fused_grpo_loss")(
         logits, token_ids, old_logprobs, advantages, mask,
         temperature=float(temperature), ignore_index=ignore_index, return_entropy=return_entropy, **options,
     )

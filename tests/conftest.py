@@ -1,12 +1,21 @@
-"""Shared fixtures: the backend matrix, tolerances per dtype, hypothesis profile."""
+"""Shared fixtures: the backend matrix, tolerances per dtype, hypothesis profile.
+
+Each test module names the op it tests in ``OP``; its tests that take the
+``backend`` fixture run once per backend implementing that op. Without a GPU,
+Triton kernels run on CPU tensors under the Triton interpreter.
+"""
 
 import os
 
-import pytest
 import torch
-from hypothesis import settings
 
-import grpo_kernels
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+import grpo_kernels  # noqa: E402
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
@@ -20,10 +29,11 @@ TOLERANCES = {
 }
 
 
-@pytest.fixture(params=grpo_kernels.available_backends())
-def backend(request) -> str:
-    """Every backend usable here; each test runs once per backend."""
-    return request.param
+def pytest_generate_tests(metafunc):
+    """``backend``: every backend here that implements the module's ``OP`` (all backends if none)."""
+    if "backend" in metafunc.fixturenames:
+        op = getattr(metafunc.module, "OP", None)
+        metafunc.parametrize("backend", grpo_kernels.available_backends(op))
 
 
 @pytest.fixture(autouse=True)

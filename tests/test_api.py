@@ -20,16 +20,43 @@ def test_available_backends():
     names = gk.available_backends()
     assert names[0] == "reference"
     assert set(names) <= {"reference", "triton", "cpu", "cuda"}
+    for op in ("token_logprobs", "group_advantages", "grpo_loss", "fused_grpo_loss"):
+        assert "reference" in gk.available_backends(op)
+        assert set(gk.available_backends(op)) <= set(names)
+    with pytest.raises(ValueError, match="op must be one of"):
+        gk.available_backends("softmax")
+
+
+CALLS = {
+    "token_logprobs": lambda b: gk.token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]), backend=b),
+    "group_advantages": lambda b: gk.group_advantages(torch.randn(4), group_size=2, backend=b),
+    "grpo_loss": lambda b: gk.grpo_loss(-torch.rand(2, 3), None, torch.randn(2), torch.ones(2, 3), backend=b),
+    "fused_grpo_loss": lambda b: gk.fused_grpo_loss(torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.long),
+                                                    None, torch.randn(2), torch.ones(2, 3), backend=b),
+}
 
 
 @pytest.mark.parametrize("name", ["triton", "cpu", "cuda"])
-def test_unbuilt_backend_raises_clearly(name):
+@pytest.mark.parametrize("op", list(CALLS))
+def test_unavailable_backend_raises_clearly(name, op):
+    if name in gk.available_backends(op):
+        pytest.skip(f"{name} implements {op} here")
     if name in gk.available_backends():
-        pytest.skip(f"{name} is built here")
-    with pytest.raises(gk.BackendUnavailableError, match=f"backend '{name}'.*not available.*available: "):
-        gk.token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]), backend=name)
-    with pytest.raises(gk.BackendUnavailableError):
-        gk.group_advantages(torch.randn(4), group_size=2, backend=name)
+        match = f"backend '{name}' does not implement {op} yet"
+    else:
+        match = f"backend '{name}'.*not available.*available: "
+    with pytest.raises(gk.BackendUnavailableError, match=match):
+        CALLS[op](name)
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    from grpo_kernels import backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(gk.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        backends._check_device("triton", torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backends._check_device("triton", torch.device("cpu"))
 
 
 def test_env_overrides_auto(monkeypatch):

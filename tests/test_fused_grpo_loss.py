@@ -7,6 +7,8 @@ from test_token_logprobs import numpy_token_logprobs
 
 import grpo_kernels as gk
 
+OP = "fused_grpo_loss"
+
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
 
 

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 import grpo_kernels as gk
 
+OP = "group_advantages"
+
 NAN = float("nan")
 
 

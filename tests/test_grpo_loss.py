@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 import grpo_kernels as gk
 
+OP = "grpo_loss"
+
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
 CLIPPED = ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]
 

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 import grpo_kernels as gk
 
+OP = "token_logprobs"
+
 
 def numpy_token_logprobs(logits, ids, temperature, ignore_index=-100):
     """Row by row in float64 numpy: log p(y) and entropy of softmax(x / T)."""

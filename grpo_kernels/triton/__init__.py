@@ -1,0 +1,8 @@
+"""Triton backend: one kernel family per file, each wrapped in an autograd Function.
+
+``OPS`` lists the ops this backend implements so far; the others raise
+``BackendUnavailableError`` (see :mod:`grpo_kernels.backends`). Kernels never
+import the public API.
+"""
+
+OPS: tuple[str, ...] = ()
