@@ -1,5 +1,6 @@
 """token_logprobs: against an independent numpy float64 implementation, gradients, properties."""
 
+import inspect
 import math
 
 import numpy as np
@@ -170,7 +171,8 @@ def test_gradcheck(backend, temperature):
         return logp, ent
 
     assert torch.autograd.gradcheck(f, (logits,))
-    assert torch.autograd.gradgradcheck(f, (logits,))
+    if backend == "reference":  # the Triton backward is once_differentiable: no double backward
+        assert torch.autograd.gradgradcheck(f, (logits,))
 
 
 def test_low_precision_gradient_dtype(backend):
@@ -211,3 +213,241 @@ def test_distribution_properties(rows, temperature):
     assert (ent >= -1e-12).all() and (ent <= math.log(vocab) + 1e-9).all()
     scaled = gk.token_logprobs(logits / temperature, torch.zeros(n, dtype=torch.long))
     torch.testing.assert_close(every[:, 0], scaled)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+# The kernels loop over each row in BLOCK_V chunks with an online log-sum-exp; these
+# tests force small chunks (``block_v``) so that rows span several chunks and end in a
+# partial one, under the interpreter at small sizes. Tolerances: float64 1e-10
+# (values) and assert_close's float64 default (gradients); float32/bfloat16 values
+# as TOLERANCES (math in float32); bfloat16 gradients to one bfloat16 ulp (rtol 2^-7)
+# of the float32 reference gradient.
+needs_triton = pytest.mark.skipif(
+    "triton" not in gk.available_backends(OP), reason="the Triton backend does not implement token_logprobs here"
+)
+
+
+def _triton_module():
+    import importlib
+
+    return importlib.import_module("grpo_kernels.triton.token_logprobs")
+
+
+BLOCK = 16
+
+
+@needs_triton
+@pytest.mark.parametrize("vocab", [BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK - 5, 4 * BLOCK])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_triton_multi_block_rows_match_numpy(vocab, dtype):
+    tl_mod = _triton_module()
+    logits = (3 * torch.randn(3, 2, vocab, dtype=torch.float64)).to(dtype)
+    logits[0, 0, : 2 * BLOCK] = float("-inf")  # the first chunk(s) all -inf, the max comes later
+    logits[0, 0, -1] = 5.0
+    logits[1, 1, -1] = 40.0  # the max in the last, partial chunk
+    ids = torch.randint(0, vocab, (3, 2))
+    ids[0, 0] = vocab - 1
+    ids[2, 1] = -100
+    for temperature in (0.3, 2.0):
+        logp, ent = tl_mod.token_logprobs_triton(logits, ids, temperature=temperature, return_entropy=True,
+                                                 block_v=BLOCK)
+        expected_logp, expected_ent = numpy_token_logprobs(logits, ids, temperature)
+        torch.testing.assert_close(logp.double(), expected_logp, **TOLERANCES[dtype])
+        torch.testing.assert_close(ent.double(), expected_ent, **TOLERANCES[dtype])
+        plain = tl_mod.token_logprobs_triton(logits, ids, temperature=temperature, block_v=BLOCK)
+        torch.testing.assert_close(plain, logp, atol=0, rtol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("vocab", [BLOCK + 1, 3 * BLOCK - 5])
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_triton_multi_block_gradients_match_reference(vocab, temperature):
+    tl_mod = _triton_module()
+    logits = torch.randn(4, vocab, dtype=torch.float64)
+    logits[1, :BLOCK] = float("-inf")
+    logits = logits.requires_grad_()
+    ids = torch.randint(BLOCK, vocab, (4,))
+    ids[3] = -100
+    g_logp, g_ent = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    logp, ent = tl_mod.token_logprobs_triton(logits, ids, temperature=temperature, return_entropy=True,
+                                             block_v=BLOCK)
+    (grad,) = torch.autograd.grad((logp * g_logp).sum() + (ent * g_ent).sum(), logits)
+    ref_logp, ref_ent = gk.token_logprobs(logits, ids, temperature=temperature, return_entropy=True,
+                                          backend="reference")
+    (expected,) = torch.autograd.grad((ref_logp * g_logp).sum() + (ref_ent * g_ent).sum(), logits)
+    torch.testing.assert_close(logp, ref_logp, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(grad, expected)
+    assert (grad[3] == 0).all() and (grad[1, :BLOCK] == 0).all()
+
+
+@needs_triton
+def test_triton_default_block_table_and_longer_rows():
+    tl_mod = _triton_module()
+    assert tl_mod.launch_config(1, torch.float32) == (1, 1)
+    assert tl_mod.launch_config(1000, torch.bfloat16) == (1024, 4)
+    assert tl_mod.launch_config(151_936, torch.bfloat16)[0] == 8192
+    assert tl_mod.launch_config(151_936, torch.float32)[0] == 4096
+    assert tl_mod.launch_config(151_936, torch.float64)[0] == 2048
+    with pytest.raises(ValueError, match="power of two"):
+        tl_mod.launch_config(100, torch.float32, block_v=48)
+    # A row longer than the default float32 chunk (4096): two chunks, the second partial.
+    vocab = 4096 + 1003
+    logits = torch.randn(2, vocab)
+    ids = torch.tensor([vocab - 1, 17])
+    logp, ent = gk.token_logprobs(logits, ids, temperature=0.7, return_entropy=True, backend="triton")
+    expected_logp, expected_ent = numpy_token_logprobs(logits, ids, 0.7)
+    torch.testing.assert_close(logp.double(), expected_logp, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(ent.double(), expected_ent, **TOLERANCES[torch.float32])
+
+
+@needs_triton
+def test_triton_many_rows():
+    logits = torch.randn(3, 50, 2, 7) * 4
+    ids = torch.randint(0, 7, (3, 50, 2))
+    ids[ids == 3] = -100
+    logits.requires_grad_()
+    logp, ent = gk.token_logprobs(logits, ids, temperature=1.5, return_entropy=True, backend="triton")
+    expected_logp, expected_ent = numpy_token_logprobs(logits, ids, 1.5)
+    torch.testing.assert_close(logp.double(), expected_logp, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(ent.double(), expected_ent, **TOLERANCES[torch.float32])
+    (logp.sum() + ent.sum()).backward()
+    ref = logits.detach().requires_grad_()
+    ref_logp, ref_ent = gk.token_logprobs(ref, ids, temperature=1.5, return_entropy=True, backend="reference")
+    (ref_logp.sum() + ref_ent.sum()).backward()
+    torch.testing.assert_close(logits.grad, ref.grad, atol=1e-6, rtol=1e-5)
+
+
+@needs_triton
+def test_triton_row_layouts_without_copy():
+    tl_mod = _triton_module()
+    base = torch.randn(9, 4, 31)
+    two_level = base.transpose(0, 1)[:, ::2]  # leading dims that do not collapse into one stride
+    x, n_inner, stride_outer, stride_inner = tl_mod._row_layout(two_level)
+    assert x is two_level and (n_inner, stride_outer, stride_inner) == (5, 31, 2 * 4 * 31)
+    padded = base[:, :, :20]  # padded rows: one row stride, no copy
+    x, n_inner, stride_outer, stride_inner = tl_mod._row_layout(padded)
+    assert x is padded and (n_inner, stride_outer, stride_inner) == (36, 0, 31)
+    three_level = torch.randn(4, 3, 5, 11).permute(0, 2, 1, 3)[::2]  # 3 non-collapsible leading dims
+    assert tl_mod._row_layout(three_level)[0] is not three_level  # copied
+    vocab_strided = torch.randn(11, 6).t()  # vocab stride != 1: copied
+    assert tl_mod._row_layout(vocab_strided)[0].is_contiguous()
+    for logits in (two_level, three_level, vocab_strided):
+        logits = logits.double().requires_grad_() if logits.dtype != torch.float64 else logits
+        ids = torch.randint(0, logits.shape[-1], logits.shape[:-1])
+        out = gk.token_logprobs(logits, ids, temperature=1.3, return_entropy=True, backend="triton")
+        expected = numpy_token_logprobs(logits, ids, 1.3)
+        torch.testing.assert_close(out[0], expected[0])
+        torch.testing.assert_close(out[1], expected[1])
+        (grad,) = torch.autograd.grad(out[0].sum() + out[1].sum(), logits)
+        ref = gk.token_logprobs(logits, ids, temperature=1.3, return_entropy=True, backend="reference")
+        (expected_grad,) = torch.autograd.grad(ref[0].sum() + ref[1].sum(), logits)
+        torch.testing.assert_close(grad, expected_grad)
+
+
+@needs_triton
+@pytest.mark.parametrize("return_entropy", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+def test_triton_inplace_backward(return_entropy, strided):
+    """inplace_backward=True: the gradient lands in the logits buffer, equal to the out-of-place one."""
+    tl_mod = _triton_module()
+    weight = torch.randn(8, 3 * BLOCK - 5, dtype=torch.float64, requires_grad=True)
+    hidden = torch.randn(5, 8, dtype=torch.float64)
+    ids = torch.randint(0, 3 * BLOCK - 5, (5,))
+    ids[2] = -100
+    grads = []
+    for inplace in (False, True):
+        full = hidden @ weight  # the logits: an intermediate, dead after the loss
+        logits = full[:, 1:-1] if strided else full  # rows with stride V + 2
+        vocab = logits.shape[-1]
+        out = tl_mod.token_logprobs_triton(logits, torch.where(ids >= 0, ids % vocab, ids), temperature=0.7,
+                                           return_entropy=return_entropy, inplace_backward=inplace, block_v=BLOCK)
+        loss = (out[0].sum() + 0.5 * out[1].sum()) if return_entropy else out.sum()
+        (logits_grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
+        if inplace:
+            # the logits buffer now holds the gradient
+            assert logits_grad.data_ptr() == logits.data_ptr()
+            torch.testing.assert_close(logits.detach(), logits_grad, atol=0, rtol=0)
+            assert (logits[2] == 0).all()
+        grads.append(logits_grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], atol=0, rtol=0)
+    # and the gradient flows on through the matmul
+    weight.grad = None
+    logits = hidden @ weight
+    out = tl_mod.token_logprobs_triton(logits, ids, temperature=0.7, inplace_backward=True, block_v=BLOCK)
+    out.sum().backward()
+    ref_weight = weight.detach().clone().requires_grad_()
+    gk.token_logprobs(hidden @ ref_weight, ids, temperature=0.7, backend="reference").sum().backward()
+    torch.testing.assert_close(weight.grad, ref_weight.grad)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_low_precision_gradient_values(dtype):
+    """The gradient is written in the logits dtype: the float32 gradient rounded once."""
+    tl_mod = _triton_module()
+    logits = (2 * torch.randn(4, 2 * BLOCK + 3)).to(dtype).requires_grad_()
+    ids = torch.randint(0, 2 * BLOCK + 3, (4,))
+    ids[1] = -100
+    g = torch.randn(4)
+    logp, ent = tl_mod.token_logprobs_triton(logits, ids, temperature=0.9, return_entropy=True, block_v=BLOCK)
+    assert logp.dtype == ent.dtype == torch.float32
+    (grad,) = torch.autograd.grad((logp * g).sum() + ent.sum(), logits)
+    assert grad.dtype == dtype
+    ref = logits.detach().float().requires_grad_()
+    ref_logp, ref_ent = gk.token_logprobs(ref, ids, temperature=0.9, return_entropy=True, backend="reference")
+    (expected,) = torch.autograd.grad((ref_logp * g).sum() + ref_ent.sum(), ref)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    torch.testing.assert_close(grad.float(), expected.to(dtype).float(), atol=1e-6, rtol=ulp)
+    assert (grad[1] == 0).all()
+
+
+@needs_triton
+def test_triton_temperature_is_a_runtime_argument():
+    """No recompilation per temperature: 1/T reaches the kernels as runtime (non-constexpr) floats."""
+    tl_mod = _triton_module()
+    for kernel in (tl_mod._token_logprobs_fwd_kernel, tl_mod._token_logprobs_bwd_kernel):
+        params = inspect.signature(kernel.fn).parameters
+        assert params["inv_t_hi"].annotation is inspect.Parameter.empty
+        assert params["inv_t_lo"].annotation is inspect.Parameter.empty
+        assert "constexpr" in str(params["BLOCK_V"].annotation)  # the check would see a constexpr
+
+
+@needs_triton
+def test_triton_kernels_compile_for_hopper():
+    """The interpreter is lenient about types: compile both kernels to sm_90 cubins (no GPU needed)."""
+    import subprocess
+    import sys
+
+    script = r'''
+import importlib
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+m = importlib.import_module("grpo_kernels.triton.token_logprobs")
+target = GPUTarget("cuda", 90, 32)
+for xdt, acc, block, warps in [("bf16", tl.float32, 8192, 16), ("fp64", tl.float64, 2048, 8)]:
+    odt = "fp64" if xdt == "fp64" else "fp32"
+    sig = dict(x_ptr="*" + xdt, y_ptr="*i64", logp_ptr="*" + odt, ent_ptr="*" + odt, lse_ptr="*" + odt,
+               n_inner="i32", stride_outer="i64", stride_inner="i32", V="i32", inv_t_hi="fp32", inv_t_lo="fp32",
+               ignore_index="i64", RETURN_ENTROPY="constexpr", BLOCK_V="constexpr", ACC="constexpr")
+    compile(ASTSource(m._token_logprobs_fwd_kernel, sig,
+                      constexprs={"RETURN_ENTROPY": True, "BLOCK_V": block, "ACC": acc}),
+            target=target, options=dict(num_warps=warps))
+    sig = dict(x_ptr="*" + xdt, dx_ptr="*" + xdt, y_ptr="*i32", lse_ptr="*" + odt, ent_ptr="*" + odt,
+               g_logp_ptr="*" + odt, g_ent_ptr="*" + odt, n_inner="i32", stride_outer="i64", stride_inner="i32",
+               dx_stride_outer="i64", dx_stride_inner="i32", V="i32", inv_t_hi="fp32", inv_t_lo="fp32",
+               ignore_index="i32", HAS_G_LOGP="constexpr", HAS_G_ENT="constexpr", BLOCK_V="constexpr",
+               ACC="constexpr")
+    compile(ASTSource(m._token_logprobs_bwd_kernel, sig,
+                      constexprs={"HAS_G_LOGP": True, "HAS_G_ENT": True, "BLOCK_V": block, "ACC": acc}),
+            target=target, options=dict(num_warps=warps))
+print("compiled")
+'''
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no NVIDIA backend")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

@@ -5,4 +5,6 @@
 import the public API.
 """
 
-OPS: tuple[str, ...] = ()
+from .token_logprobs import token_logprobs  # noqa: E402
+
+OPS: tuple[str, ...] = ("token_logprobs",)
