@@ -354,3 +354,188 @@ def test_metric_ranges_and_kl_nonnegative(B, T, loss_type, level, spread, seed):
     torch.testing.assert_close(out.clip_ratio_region, out.clip_ratio_low + out.clip_ratio_high)
     assert out.kl.item() >= 0.0  # k3 >= 0
     assert torch.isfinite(out.loss)
+
+
+# ----------------------------------------------------------------------------- against the reference's autograd
+# Cases for fast backends (trivially true for the reference itself): every output and d loss / d logprobs equal
+# the reference's, including at ties of the clipped objective (PyTorch's clamp passes the gradient at its bounds,
+# torch.min splits a tie 0.5/0.5).
+def _loss_and_grad(backend, logp, old, adv, mask, **kwargs):
+    x = logp.detach().clone().requires_grad_()
+    out = gk.grpo_loss(x, old, adv, mask, backend=backend, **kwargs)
+    out.loss.backward()
+    return out, x.grad
+
+
+def assert_matches_reference(backend, logp, old, adv, mask, *, tol=None, **kwargs):
+    tol = tol or dict(atol=1e-12, rtol=1e-10)
+    out, grad = _loss_and_grad(backend, logp, old, adv, mask, **kwargs)
+    ref_out, ref_grad = _loss_and_grad("reference", logp, old, adv, mask, **kwargs)
+    for name, x, y in zip(out._fields, out, ref_out):
+        if y is None:
+            assert x is None, name
+        else:
+            assert x.dtype == y.dtype and x.shape == y.shape, name
+            torch.testing.assert_close(x, y.detach(), **tol, msg=lambda m: f"{name}: {m}")
+    assert grad.dtype == ref_grad.dtype
+    torch.testing.assert_close(grad, ref_grad, **tol)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_gradient_matches_reference(backend, loss_type, level):
+    logp, old, ref, adv, iw, mask = make_inputs(adv_shape="BT" if level == "token" else "B", spread=0.4)
+    for opts in OPTION_GRID:
+        if _applicable(loss_type, opts):
+            assert_matches_reference(backend, logp, old, adv, mask, ref_logprobs=ref, importance_weights=iw,
+                                     loss_type=loss_type, importance_sampling_level=level, **opts)
+
+
+TIE_OPTIONS = [dict(), dict(delta=1.0), dict(epsilon_low=0.0, epsilon_high=0.0), dict(clip_ratio_c=1.5, delta=1.0)]
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_on_policy_tie_gradient_matches_reference(backend, loss_type, level):
+    """old == logp exactly (ratio exactly 1, the on-policy case): c1·A == clip(c1)·A, c1 == delta, c1 == 1 ± eps."""
+    logp, _, ref, adv, iw, mask = make_inputs()
+    for opts in TIE_OPTIONS:
+        if _applicable(loss_type, opts):
+            for old in (logp.clone(), None):
+                assert_matches_reference(backend, logp, old, adv, mask, ref_logprobs=ref, beta=0.04,
+                                         importance_weights=iw[:, :1], loss_type=loss_type,
+                                         importance_sampling_level=level, **opts)
+
+
+def test_many_sequences(backend):
+    B, T = 67, 23
+    logp, old, ref, adv, iw, mask = make_inputs(B, T, spread=0.3, dtype=torch.float32, seed=3)
+    for loss_type, level in (("dapo", "token"), ("grpo", "sequence"), ("sapo", "token")):
+        assert_matches_reference(backend, logp, old, adv, mask, ref_logprobs=ref, beta=0.04, importance_weights=iw,
+                                 loss_type=loss_type, importance_sampling_level=level,
+                                 tol=dict(atol=1e-6, rtol=1e-5))
+
+
+@pytest.mark.parametrize("n_items", [torch.tensor(7.0), torch.tensor(7), torch.tensor(0.0)],
+                         ids=["float0d", "int0d", "zero"])
+def test_num_items_in_batch_tensor(backend, n_items):
+    """A 0-d CPU tensor N (no CUDA involved): loss and gradient as the reference's."""
+    logp, old, ref, adv, _, mask = make_inputs()
+    for loss_type in ("dapo", "cispo"):
+        assert_matches_reference(backend, logp, old, adv, mask, ref_logprobs=ref, beta=0.04, loss_type=loss_type,
+                                 num_items_in_batch=n_items)
+
+
+def test_num_items_in_batch_one_element_tensor(backend):
+    logp, old, _, adv, _, mask = make_inputs()
+    a, grad_a = _loss_and_grad(backend, logp, old, adv, mask, num_items_in_batch=torch.tensor([7.0]))
+    b, grad_b = _loss_and_grad(backend, logp, old, adv, mask, num_items_in_batch=7.0)
+    # the reference's loss takes the shape [1] of such an N; the documented shape, 0-d, elsewhere
+    torch.testing.assert_close(a.loss.reshape(()), b.loss)
+    torch.testing.assert_close(grad_a, grad_b)
+    if backend != "reference":
+        assert a.loss.shape == ()
+
+
+def test_noncontiguous_inputs(backend):
+    logp, old, ref, adv, iw, mask = make_inputs(4, 6, adv_shape="BT")
+    t = lambda x: x.t().contiguous().t()  # noqa: E731  same values, column-major
+    for level in ("token", "sequence"):
+        assert_matches_reference(backend, t(logp), t(old), adv[:, 1:2], t(mask), ref_logprobs=t(ref), beta=0.1,
+                                 importance_weights=iw[:, ::2][:, 0], importance_sampling_level=level)
+        assert_matches_reference(backend, logp, old, t(adv), mask, ref_logprobs=ref, beta=0.1,
+                                 importance_weights=t(iw), importance_sampling_level=level)
+
+
+# ----------------------------------------------------------------------------- Triton only
+def _triton_module():
+    if "triton" not in gk.available_backends(OP):
+        pytest.skip("the triton backend does not implement grpo_loss here")
+    import importlib
+
+    return importlib.import_module("grpo_kernels.triton.grpo_loss")
+
+
+@pytest.mark.parametrize("loss_type,level,adv_shape", [
+    ("dapo", "token", "BT"), ("grpo", "sequence", "B"), ("cispo", "sequence", "BT"), ("sapo", "token", "B"),
+    ("luspo", "sequence", "B1"),
+])
+def test_triton_completion_longer_than_one_block(monkeypatch, loss_type, level, adv_shape):
+    """T = 11 over blocks of 4 tokens (the last one partial), first loop of the sequence level included."""
+    monkeypatch.setattr(_triton_module(), "BLOCK_T_OVERRIDE", 4)
+    logp, old, ref, adv, iw, mask = make_inputs(3, 11, adv_shape=adv_shape, spread=0.4, seed=1)
+    assert_matches_reference("triton", logp, old, adv, mask, ref_logprobs=ref, beta=0.04, importance_weights=iw,
+                             use_bias_correction_kl=True, loss_type=loss_type, importance_sampling_level=level)
+    out = gk.grpo_loss(logp, old, adv, mask, loss_type=loss_type, importance_sampling_level=level, backend="triton")
+    check_against_python(out, logp, old, adv, mask, loss_type=loss_type, importance_sampling_level=level)
+
+
+def test_triton_block_table():
+    module = _triton_module()
+    assert module._block_config(5)[0] == 16
+    assert module._block_config(300)[0] == 512
+    assert module._block_config(100_000)[0] == 1024
+
+
+def test_triton_only_loss_is_differentiable():
+    """Documented: per_token_loss, kl and the metrics of the triton backend carry no gradient."""
+    _triton_module()
+    logp, old, ref, adv, _, mask = make_inputs(dtype=torch.bfloat16)
+    logp.requires_grad_()
+    out = gk.grpo_loss(logp, old, adv, mask, ref_logprobs=ref, beta=0.04, backend="triton")
+    assert out.loss.requires_grad
+    for name in ("per_token_loss", "kl", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region"):
+        assert not getattr(out, name).requires_grad, name
+    out.loss.backward()
+    assert logp.grad.dtype == torch.bfloat16
+    x = logp.detach().clone().requires_grad_()
+    gk.grpo_loss(x, old, adv, mask, ref_logprobs=ref, beta=0.04, backend="reference").loss.backward()
+    torch.testing.assert_close(logp.grad, x.grad, atol=1e-6, rtol=2**-7)  # float32 math, rounded to bfloat16
+
+
+def test_triton_kernels_compile_for_hopper():
+    """The interpreter is lenient about types: compile both kernels to sm_90 cubins (no GPU needed)."""
+    _triton_module()
+    import subprocess
+    import sys
+
+    script = r'''
+import importlib, inspect
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+m = importlib.import_module("grpo_kernels.triton.grpo_loss")
+target = GPUTarget("cuda", 90, 32)
+VARIANTS = [  # input dtype, compute dtype, family, sequence level, kl estimator, delta, dual clip, bias, iw
+    ("bf16", tl.float32, 0, False, 0, True, True, True, True),
+    ("fp32", tl.float32, 2, True, 3, False, False, False, True),
+    ("fp64", tl.float64, 1, True, 2, False, False, True, False),
+    ("fp64", tl.float64, 0, True, 1, True, False, False, True),
+]
+for xdt, dtype, family, seq, kl, has_delta, has_c, bias, iw in VARIANTS:
+    cdt = "fp64" if dtype == tl.float64 else "fp32"
+    ptr = dict(logp_ptr=xdt, old_logp_ptr=xdt, ref_logp_ptr=xdt, adv_ptr="fp32", mask_ptr="u8", iw_ptr="fp32",
+               grad_logp_ptr=xdt)
+    flags = dict(FAMILY=family, SEQ_LEVEL=seq, KL_EST=kl, ADD_KL=True, BIAS_KL=bias, HAS_IW=iw,
+                 HAS_DELTA=has_delta, HAS_C=has_c, DTYPE=dtype, BLOCK_T=1024)
+    for kernel, extra in ((m._grpo_loss_fwd_kernel, dict(HAS_REF=True, PER_SEQ_METRICS=seq)),
+                          (m._grpo_loss_bwd_kernel, {})):
+        constexprs = dict(flags, **extra)
+        sig = {}
+        for name in inspect.signature(kernel.fn).parameters:
+            if name in constexprs:
+                sig[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                sig[name] = "*" + ptr.get(name, cdt)
+            else:
+                sig[name] = "fp64" if name.endswith("_arg") else "i32"
+        compile(ASTSource(kernel, sig, constexprs=constexprs), target=target, options=dict(num_warps=4))
+print("compiled")
+'''
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no NVIDIA backend")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

@@ -6,5 +6,6 @@ import the public API.
 """
 
 from .token_logprobs import token_logprobs  # noqa: E402
+from .grpo_loss import grpo_loss  # noqa: E402
 
-OPS: tuple[str, ...] = ("token_logprobs",)
+OPS: tuple[str, ...] = ("token_logprobs", "grpo_loss")
