@@ -419,8 +419,11 @@ def grpo_loss(
         length = m.shape[1] if max_completion_length is None else max_completion_length
         loss = seq_sum.sum() / (batch * length)
     elif loss_type in ("dapo", "cispo"):
-        normalizer = n_tokens if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=dtype)
-        loss = seq_sum.sum() / normalizer.to(device=m.device, dtype=dtype).clamp(min=1.0)
+        if num_items_in_batch is None:
+            normalizer = n_tokens
+        else:
+            normalizer = torch.as_tensor(num_items_in_batch, dtype=dtype).reshape(()).to(m.device)
+        loss = seq_sum.sum() / normalizer.clamp(min=1.0)
     else:  # luspo
         loss = seq_sum.mean()
 

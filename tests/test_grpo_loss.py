@@ -539,3 +539,10 @@ print("compiled")
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+def test_loss_is_0d_with_one_element_num_items(backend):
+    logp, old, _, adv, _, mask = make_inputs()
+    out = gk.grpo_loss(logp, old, adv, mask, num_items_in_batch=torch.tensor([11.0]), backend=backend)
+    assert out.loss.shape == ()
+    torch.testing.assert_close(out.loss, gk.grpo_loss(logp, old, adv, mask, num_items_in_batch=11, backend=backend).loss)
