@@ -545,4 +545,5 @@ def test_loss_is_0d_with_one_element_num_items(backend):
     logp, old, _, adv, _, mask = make_inputs()
     out = gk.grpo_loss(logp, old, adv, mask, num_items_in_batch=torch.tensor([11.0]), backend=backend)
     assert out.loss.shape == ()
-    torch.testing.assert_close(out.loss, gk.grpo_loss(logp, old, adv, mask, num_items_in_batch=11, backend=backend).loss)
+    expected = gk.grpo_loss(logp, old, adv, mask, num_items_in_batch=11, backend=backend).loss
+    torch.testing.assert_close(out.loss, expected)

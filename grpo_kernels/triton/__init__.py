@@ -5,9 +5,10 @@
 import the public API.
 """
 
-from .token_logprobs import token_logprobs  # noqa: E402
-from .group_advantages import group_advantages  # noqa: E402
-from .grpo_loss import grpo_loss  # noqa: E402
-from .fused_grpo_loss import fused_grpo_loss  # noqa: E402
+from .fused_grpo_loss import fused_grpo_loss
+from .group_advantages import group_advantages
+from .grpo_loss import grpo_loss
+from .token_logprobs import token_logprobs
 
 OPS: tuple[str, ...] = ("token_logprobs", "group_advantages", "grpo_loss", "fused_grpo_loss")
+__all__ = ["OPS", "fused_grpo_loss", "group_advantages", "grpo_loss", "token_logprobs"]
