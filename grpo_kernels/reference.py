@@ -481,9 +481,19 @@ def fused_grpo_loss(
         logits, token_ids, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
     )
     logp, entropy = out if return_entropy else (out, None)
-    keep = mask.to(torch.bool) & (token_ids != ignore_index)
+    keep = fused_loss_mask(mask, token_ids, ignore_index)
     result = grpo_loss(logp, old_logprobs, advantages, keep, **loss_options)
     if entropy is not None:
-        k = keep.to(entropy.dtype)
-        result = result._replace(entropy=(entropy * k).sum() / k.sum().clamp(min=1.0))
+        result = result._replace(entropy=masked_mean_entropy(entropy, keep))
     return result
+
+
+def fused_loss_mask(mask: Tensor, token_ids: Tensor, ignore_index: int) -> Tensor:
+    """The tokens :func:`fused_grpo_loss` counts: ``mask`` and ``token_ids != ignore_index`` (bool)."""
+    return mask.to(torch.bool) & (token_ids != ignore_index)
+
+
+def masked_mean_entropy(entropy: Tensor, keep: Tensor) -> Tensor:
+    """The ``entropy`` metric of :func:`fused_grpo_loss`: mean of ``entropy`` over ``keep`` (0 when empty)."""
+    k = keep.to(entropy.dtype)
+    return (entropy * k).sum() / k.sum().clamp(min=1.0)

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference import GRPOLossOutput
+from ..reference import GRPOLossOutput, fused_loss_mask, masked_mean_entropy
 from .grpo_loss import grpo_loss
 from .token_logprobs import token_logprobs_triton
 
@@ -45,12 +45,9 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
                 x, token_ids, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
             )
             logp, entropy = out if return_entropy else (out, None)
-            keep = mask.to(torch.bool) & (token_ids != ignore_index)
+            keep = fused_loss_mask(mask, token_ids, ignore_index)
             result = grpo_loss(logp, old_logprobs, advantages, keep, **loss_options)
-            entropy_metric = None
-            if entropy is not None:
-                k = keep.to(entropy.dtype)
-                entropy_metric = (entropy * k).sum() / k.sum().clamp(min=1.0)
+            entropy_metric = None if entropy is None else masked_mean_entropy(entropy, keep)
             grad_logits = None
             if needs_grad:
                 (grad_logits,) = torch.autograd.grad(result.loss, x, retain_graph=entropy_metric is not None)
