@@ -69,6 +69,30 @@ def _block_config(T: int) -> tuple[int, int]:
 # per-token math shared by both kernels
 # --------------------------------------------------------------------------- #
 @triton.jit
+def _options(lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg,
+             DTYPE: tl.constexpr):
+    """The numeric options (float64 kernel arguments) rounded to the compute dtype, as PyTorch rounds a scalar."""
+    return (tl.full((), lo_arg, DTYPE), tl.full((), hi_arg, DTYPE), tl.full((), eps_high_arg, DTYPE),
+            tl.full((), delta_arg, DTYPE), tl.full((), clip_c_arg, DTYPE), tl.full((), beta_arg, DTYPE),
+            tl.full((), tau_pos_arg, DTYPE), tl.full((), tau_neg_arg, DTYPE))
+
+
+@triton.jit
+def _load_tokens(mask_row, logp_row, adv_row, old_row, s_mask_t, s_logp_t, s_adv_t, s_old_t, cols, inb,
+                 seq_coef_1, SEQ_LEVEL: tl.constexpr, DTYPE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One block of a sequence: mask m, logp, adv and the ratio c1 (the sequence's c1 at sequence level)."""
+    m = tl.load(mask_row + cols * s_mask_t, mask=inb, other=0).to(DTYPE)
+    logp = tl.load(logp_row + cols * s_logp_t, mask=inb, other=0).to(DTYPE)
+    adv = tl.load(adv_row + cols * s_adv_t, mask=inb, other=0).to(DTYPE)
+    if SEQ_LEVEL:
+        coef_1 = tl.zeros((BLOCK_T,), DTYPE) + seq_coef_1
+    else:
+        old_logp = tl.load(old_row + cols * s_old_t, mask=inb, other=0).to(DTYPE)
+        coef_1 = tl.exp(logp - old_logp)
+    return m, logp, adv, coef_1
+
+
+@triton.jit
 def _kl_terms(logp, ref_logp, KL_EST: tl.constexpr):
     """Per-token KL estimate of d = ref_logp - logp and its derivative d KL / d logp."""
     d = ref_logp - logp
@@ -164,14 +188,8 @@ def _grpo_loss_fwd_kernel(
     DTYPE: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
-    lo = tl.full((), lo_arg, DTYPE)
-    hi = tl.full((), hi_arg, DTYPE)
-    eps_high = tl.full((), eps_high_arg, DTYPE)
-    delta = tl.full((), delta_arg, DTYPE)
-    clip_c = tl.full((), clip_c_arg, DTYPE)
-    beta = tl.full((), beta_arg, DTYPE)
-    tau_pos = tl.full((), tau_pos_arg, DTYPE)
-    tau_neg = tl.full((), tau_neg_arg, DTYPE)
+    lo, hi, eps_high, delta, clip_c, beta, tau_pos, tau_neg = _options(
+        lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg, DTYPE)
 
     offs = tl.arange(0, BLOCK_T)
     logp_row = logp_ptr + i * s_logp_b
@@ -206,14 +224,9 @@ def _grpo_loss_fwd_kernel(
     for t0 in range(0, T, BLOCK_T):
         cols = (t0 + offs).to(tl.int64)
         inb = cols < T
-        m = tl.load(mask_row + cols * s_mask_t, mask=inb, other=0).to(DTYPE)
-        logp = tl.load(logp_row + cols * s_logp_t, mask=inb, other=0).to(DTYPE)
-        adv = tl.load(adv_row + cols * s_adv_t, mask=inb, other=0).to(DTYPE)
-        if SEQ_LEVEL:
-            coef_1 = tl.zeros((BLOCK_T,), DTYPE) + seq_coef_1
-        else:
-            old_logp = tl.load(old_row + cols * s_old_t, mask=inb, other=0).to(DTYPE)
-            coef_1 = tl.exp(logp - old_logp)
+        m, logp, adv, coef_1 = _load_tokens(
+            mask_row, logp_row, adv_row, old_row, s_mask_t, s_logp_t, s_adv_t, s_old_t, cols, inb, seq_coef_1,
+            SEQ_LEVEL, DTYPE, BLOCK_T)
         loss, is_low, is_high, _dc, _dl = _policy_terms(
             coef_1, adv, logp, lo, hi, eps_high, delta, clip_c, tau_pos, tau_neg, FAMILY, HAS_DELTA, HAS_C)
         if HAS_IW:
@@ -279,14 +292,8 @@ def _grpo_loss_bwd_kernel(
     DTYPE: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
-    lo = tl.full((), lo_arg, DTYPE)
-    hi = tl.full((), hi_arg, DTYPE)
-    eps_high = tl.full((), eps_high_arg, DTYPE)
-    delta = tl.full((), delta_arg, DTYPE)
-    clip_c = tl.full((), clip_c_arg, DTYPE)
-    beta = tl.full((), beta_arg, DTYPE)
-    tau_pos = tl.full((), tau_pos_arg, DTYPE)
-    tau_neg = tl.full((), tau_neg_arg, DTYPE)
+    lo, hi, eps_high, delta, clip_c, beta, tau_pos, tau_neg = _options(
+        lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg, DTYPE)
 
     offs = tl.arange(0, BLOCK_T)
     logp_row = logp_ptr + i * s_logp_b
@@ -307,10 +314,9 @@ def _grpo_loss_bwd_kernel(
         for t0 in range(0, T, BLOCK_T):
             cols = (t0 + offs).to(tl.int64)
             inb = cols < T
-            m = tl.load(mask_row + cols * s_mask_t, mask=inb, other=0).to(DTYPE)
-            logp = tl.load(logp_row + cols * s_logp_t, mask=inb, other=0).to(DTYPE)
-            adv = tl.load(adv_row + cols * s_adv_t, mask=inb, other=0).to(DTYPE)
-            coef_1 = tl.zeros((BLOCK_T,), DTYPE) + seq_coef_1
+            m, logp, adv, coef_1 = _load_tokens(
+                mask_row, logp_row, adv_row, old_row, s_mask_t, s_logp_t, s_adv_t, s_old_t, cols, inb, seq_coef_1,
+                True, DTYPE, BLOCK_T)
             _l, _lo, _hi, dloss_dcoef, _dl = _policy_terms(
                 coef_1, adv, logp, lo, hi, eps_high, delta, clip_c, tau_pos, tau_neg, FAMILY, HAS_DELTA, HAS_C)
             if HAS_IW:
@@ -326,14 +332,9 @@ def _grpo_loss_bwd_kernel(
     for t0 in range(0, T, BLOCK_T):
         cols = (t0 + offs).to(tl.int64)
         inb = cols < T
-        m = tl.load(mask_row + cols * s_mask_t, mask=inb, other=0).to(DTYPE)
-        logp = tl.load(logp_row + cols * s_logp_t, mask=inb, other=0).to(DTYPE)
-        adv = tl.load(adv_row + cols * s_adv_t, mask=inb, other=0).to(DTYPE)
-        if SEQ_LEVEL:
-            coef_1 = tl.zeros((BLOCK_T,), DTYPE) + seq_coef_1
-        else:
-            old_logp = tl.load(old_row + cols * s_old_t, mask=inb, other=0).to(DTYPE)
-            coef_1 = tl.exp(logp - old_logp)
+        m, logp, adv, coef_1 = _load_tokens(
+            mask_row, logp_row, adv_row, old_row, s_mask_t, s_logp_t, s_adv_t, s_old_t, cols, inb, seq_coef_1,
+            SEQ_LEVEL, DTYPE, BLOCK_T)
         _l, _lo, _hi, dloss_dcoef, dloss_dlogp = _policy_terms(
             coef_1, adv, logp, lo, hi, eps_high, delta, clip_c, tau_pos, tau_neg, FAMILY, HAS_DELTA, HAS_C)
         if HAS_IW:
