@@ -38,16 +38,13 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..aggregation import NUM_PARTIALS, P_COUNT, aggregate, sequence_weights
 from ..reference import GRPOLossOutput
 
 # loss_type -> (kernel family, aggregation)
 _FAMILY = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2}
 _CLIPPED, _CISPO, _SAPO = 0, 1, 2
 _KL_CODES = {"k3": 0, "k1": 1, "k2": 2, "low_var_kl": 3}
-
-# Rows of the per-sequence partials [NUM_PARTIALS, B].
-_P_LOSS, _P_COUNT, _P_KL, _P_LOW, _P_HIGH, _P_REGION, _P_SEQ_LOG_RATIO = range(7)
-NUM_PARTIALS = 7
 
 # Block of tokens per loop step and warps, by completion length: the smallest
 # block holding T (T > 1024 loops over blocks of 1024).
@@ -421,37 +418,10 @@ class _GRPOLossFunction(torch.autograd.Function):
             num_warps=warps,
         )
 
-        seq_loss, seq_count = partials[_P_LOSS], partials[_P_COUNT]
-        n_tokens = seq_count.sum()
-        token_denom = n_tokens.clamp(min=1.0)
-        # dL/dS_i = seq_weight (a [B] tensor or a 0-d one broadcast over B)
-        if cfg.loss_type in ("grpo", "sapo"):
-            seq_weight = 1.0 / seq_count.clamp(min=1.0) / B
-            loss = (seq_loss / seq_count.clamp(min=1.0)).mean()
-        elif cfg.loss_type == "bnpo":
-            seq_weight = 1.0 / token_denom
-            loss = seq_loss.sum() / token_denom
-        elif cfg.loss_type == "dr_grpo":
-            length = T if cfg.max_completion_length is None else cfg.max_completion_length
-            seq_weight = torch.full((), 1.0 / (B * length), dtype=dtype, device=logp.device)
-            loss = seq_loss.sum() / (B * length)
-        elif cfg.loss_type in ("dapo", "cispo"):
-            if num_items_in_batch is None:
-                normalizer = token_denom
-            else:
-                normalizer = torch.as_tensor(num_items_in_batch, dtype=dtype)
-                normalizer = normalizer.to(device=logp.device, dtype=dtype).reshape(()).clamp(min=1.0)
-            seq_weight = 1.0 / normalizer
-            loss = seq_loss.sum() / normalizer
-        else:  # luspo
-            seq_weight = torch.full((), 1.0 / B, dtype=dtype, device=logp.device)
-            loss = seq_loss.mean()
-
-        kl = partials[_P_KL].sum() / token_denom if cfg.has_ref else loss.new_zeros(())
-        metric_denom = B if cfg.per_seq_metrics else token_denom
-        low = partials[_P_LOW].sum() / metric_denom
-        high = partials[_P_HIGH].sum() / metric_denom
-        region = partials[_P_REGION].sum() / metric_denom
+        lengths = dict(max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items_in_batch)
+        loss, kl, low, high, region = aggregate(
+            partials, cfg.loss_type, T, has_ref=cfg.has_ref, per_seq_metrics=cfg.per_seq_metrics, **lengths)
+        seq_weight = sequence_weights(partials[P_COUNT], cfg.loss_type, T, **lengths)
 
         ctx.cfg = cfg
         ctx.logp_dtype = logp.dtype
