@@ -324,15 +324,15 @@ def test_triton_row_layouts_without_copy():
     tl_mod = _triton_module()
     base = torch.randn(9, 4, 31)
     two_level = base.transpose(0, 1)[:, ::2]  # leading dims that do not collapse into one stride
-    x, n_inner, stride_outer, stride_inner = tl_mod._row_layout(two_level)
+    x, n_inner, stride_outer, stride_inner = tl_mod.row_layout(two_level)
     assert x is two_level and (n_inner, stride_outer, stride_inner) == (5, 31, 2 * 4 * 31)
     padded = base[:, :, :20]  # padded rows: one row stride, no copy
-    x, n_inner, stride_outer, stride_inner = tl_mod._row_layout(padded)
+    x, n_inner, stride_outer, stride_inner = tl_mod.row_layout(padded)
     assert x is padded and (n_inner, stride_outer, stride_inner) == (36, 0, 31)
     three_level = torch.randn(4, 3, 5, 11).permute(0, 2, 1, 3)[::2]  # 3 non-collapsible leading dims
-    assert tl_mod._row_layout(three_level)[0] is not three_level  # copied
+    assert tl_mod.row_layout(three_level)[0] is not three_level  # copied
     vocab_strided = torch.randn(11, 6).t()  # vocab stride != 1: copied
-    assert tl_mod._row_layout(vocab_strided)[0].is_contiguous()
+    assert tl_mod.row_layout(vocab_strided)[0].is_contiguous()
     for logits in (two_level, three_level, vocab_strided):
         logits = logits.double().requires_grad_() if logits.dtype != torch.float64 else logits
         ids = torch.randint(0, logits.shape[-1], logits.shape[:-1])
@@ -436,10 +436,11 @@ for xdt, acc, block, warps in [("bf16", tl.float32, 8192, 16), ("fp64", tl.float
     sig = dict(x_ptr="*" + xdt, dx_ptr="*" + xdt, y_ptr="*i32", lse_ptr="*" + odt, ent_ptr="*" + odt,
                g_logp_ptr="*" + odt, g_ent_ptr="*" + odt, n_inner="i32", stride_outer="i64", stride_inner="i32",
                dx_stride_outer="i64", dx_stride_inner="i32", V="i32", inv_t_hi="fp32", inv_t_lo="fp32",
-               ignore_index="i32", HAS_G_LOGP="constexpr", HAS_G_ENT="constexpr", BLOCK_V="constexpr",
-               ACC="constexpr")
+               ignore_index="i32", HAS_G_LOGP="constexpr", HAS_G_ENT="constexpr", ACCUMULATE="constexpr",
+               BLOCK_V="constexpr", ACC="constexpr")
     compile(ASTSource(m._token_logprobs_bwd_kernel, sig,
-                      constexprs={"HAS_G_LOGP": True, "HAS_G_ENT": True, "BLOCK_V": block, "ACC": acc}),
+                      constexprs={"HAS_G_LOGP": True, "HAS_G_ENT": True, "ACCUMULATE": True, "BLOCK_V": block,
+                                  "ACC": acc}),
             target=target, options=dict(num_warps=warps))
 print("compiled")
 '''

@@ -162,6 +162,35 @@ def _policy_terms(coef_1, adv, logp, lo, hi, eps_high, delta, clip_c, tau_pos, t
     return loss, is_low, is_high, dloss_dcoef, dloss_dlogp
 
 
+@triton.jit
+def _dloss_dlogp(coef_1, adv, logp, iw, ref_logp, seq_term, lo, hi, eps_high, delta, clip_c, beta, tau_pos, tau_neg,
+                 FAMILY: tl.constexpr, SEQ_LEVEL: tl.constexpr, KL_EST: tl.constexpr, ADD_KL: tl.constexpr,
+                 BIAS_KL: tl.constexpr, HAS_IW: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr):
+    """dℓ_t/dlogp_t of a token (or a block of tokens), before the mask and the sequence weight.
+
+    Token level: ∂ℓ/∂logp + ∂ℓ/∂c1 · c1. Sequence level: ∂ℓ/∂logp + ``seq_term``
+    (the shared ratio's part, G_i · c1 / max(1, n_i), summed over the sequence first).
+    ``iw`` and ``ref_logp`` are read only with HAS_IW and ADD_KL.
+    """
+    _l, _lo, _hi, dloss_dcoef, dloss_dlogp = _policy_terms(
+        coef_1, adv, logp, lo, hi, eps_high, delta, clip_c, tau_pos, tau_neg, FAMILY, HAS_DELTA, HAS_C)
+    if HAS_IW:
+        dloss_dcoef = dloss_dcoef * iw
+        dloss_dlogp = dloss_dlogp * iw
+    if ADD_KL:
+        kl, dkl_dlogp = _kl_terms(logp, ref_logp, KL_EST)
+        if BIAS_KL:
+            dloss_dlogp = dloss_dlogp + beta * (dkl_dlogp * coef_1)
+            dloss_dcoef = dloss_dcoef + beta * kl
+        else:
+            dloss_dlogp = dloss_dlogp + beta * dkl_dlogp
+    if SEQ_LEVEL:
+        dloss = dloss_dlogp + seq_term
+    else:
+        dloss = dloss_dlogp + dloss_dcoef * coef_1
+    return dloss
+
+
 # --------------------------------------------------------------------------- #
 # forward
 # --------------------------------------------------------------------------- #
@@ -332,31 +361,21 @@ def _grpo_loss_bwd_kernel(
         m, logp, adv, coef_1 = _load_tokens(
             mask_row, logp_row, adv_row, old_row, s_mask_t, s_logp_t, s_adv_t, s_old_t, cols, inb, seq_coef_1,
             SEQ_LEVEL, DTYPE, BLOCK_T)
-        _l, _lo, _hi, dloss_dcoef, dloss_dlogp = _policy_terms(
-            coef_1, adv, logp, lo, hi, eps_high, delta, clip_c, tau_pos, tau_neg, FAMILY, HAS_DELTA, HAS_C)
+        iw = 1.0
         if HAS_IW:
             iw = tl.load(iw_row + cols * s_iw_t, mask=inb, other=0).to(DTYPE)
-            dloss_dcoef = dloss_dcoef * iw
-            dloss_dlogp = dloss_dlogp * iw
+        ref_logp = logp
         if ADD_KL:
             ref_logp = tl.load(ref_row + cols * s_ref_t, mask=inb, other=0).to(DTYPE)
-            kl, dkl_dlogp = _kl_terms(logp, ref_logp, KL_EST)
-            if BIAS_KL:
-                dloss_dlogp = dloss_dlogp + beta * (dkl_dlogp * coef_1)
-                dloss_dcoef = dloss_dcoef + beta * kl
-            else:
-                dloss_dlogp = dloss_dlogp + beta * dkl_dlogp
-        if SEQ_LEVEL:
-            dloss = dloss_dlogp + seq_term
-        else:
-            dloss = dloss_dlogp + dloss_dcoef * coef_1
+        dloss = _dloss_dlogp(coef_1, adv, logp, iw, ref_logp, seq_term, lo, hi, eps_high, delta, clip_c, beta,
+                             tau_pos, tau_neg, FAMILY, SEQ_LEVEL, KL_EST, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C)
         tl.store(grad_row + cols, seq_grad * (m * dloss), mask=inb)
 
 
 # --------------------------------------------------------------------------- #
 # host side
 # --------------------------------------------------------------------------- #
-class _Config(NamedTuple):
+class LossConfig(NamedTuple):
     loss_type: str
     family: int
     seq_level: bool
@@ -372,7 +391,7 @@ class _Config(NamedTuple):
     max_completion_length: Optional[int]
 
 
-def _strides(t: Optional[Tensor], B: int, T: int) -> tuple[int, int]:
+def token_strides(t: Optional[Tensor], B: int, T: int) -> tuple[int, int]:
     """(stride over B, stride over T) of a [B], [B, 1] or [B, T] tensor; 0 where broadcast."""
     if t is None:
         return 0, 0
@@ -381,7 +400,7 @@ def _strides(t: Optional[Tensor], B: int, T: int) -> tuple[int, int]:
     return t.stride(0), (t.stride(1) if t.shape[1] == T and T != 1 else 0)
 
 
-def _tl_dtype(dtype: torch.dtype):
+def compute_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
@@ -389,23 +408,23 @@ def _launch_args(logp, old, ref, adv, mask, iw):
     B, T = logp.shape
     args = []
     for t in (logp, old, ref, adv, mask, iw):
-        args += _strides(t, B, T)
+        args += token_strides(t, B, T)
     return args
 
 
-def _as_kernel_mask(mask: Tensor) -> Tensor:
+def kernel_mask(mask: Tensor) -> Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
 class _GRPOLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old, ref, adv, mask, iw, num_items_in_batch, cfg: _Config):
+    def forward(ctx, logp, old, ref, adv, mask, iw, num_items_in_batch, cfg: LossConfig):
         B, T = logp.shape
         dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
         old_k = logp if old is None else old  # old = logp.detach(): log-ratio logp - logp = 0
         ref_k = logp if ref is None else ref
         iw_k = logp if iw is None else iw
-        mask_k = _as_kernel_mask(mask)
+        mask_k = kernel_mask(mask)
         per_token_loss = torch.empty((B, T), dtype=dtype, device=logp.device)
         partials = torch.empty((NUM_PARTIALS, B), dtype=dtype, device=logp.device)
         block, warps = _block_config(T)
@@ -414,7 +433,7 @@ class _GRPOLossFunction(torch.autograd.Function):
             *_launch_args(logp, old_k, ref, adv, mask_k, iw), *cfg.scalars,
             FAMILY=cfg.family, SEQ_LEVEL=cfg.seq_level, KL_EST=cfg.kl_est, HAS_REF=cfg.has_ref,
             ADD_KL=cfg.add_kl, BIAS_KL=cfg.bias_kl, HAS_IW=cfg.has_iw, HAS_DELTA=cfg.has_delta,
-            HAS_C=cfg.has_c, PER_SEQ_METRICS=cfg.per_seq_metrics, DTYPE=_tl_dtype(dtype), BLOCK_T=block,
+            HAS_C=cfg.has_c, PER_SEQ_METRICS=cfg.per_seq_metrics, DTYPE=compute_dtype(dtype), BLOCK_T=block,
             num_warps=warps,
         )
 
@@ -433,7 +452,7 @@ class _GRPOLossFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, *_unused):
         logp, old, ref, adv, mask, iw, partials, seq_weight = ctx.saved_tensors
-        cfg: _Config = ctx.cfg
+        cfg: LossConfig = ctx.cfg
         grad_logp = None
         if ctx.needs_input_grad[0] and grad_loss is not None:
             B, T = logp.shape
@@ -442,7 +461,7 @@ class _GRPOLossFunction(torch.autograd.Function):
             old_k = logp if old is None else old
             ref_k = logp if ref is None else ref
             iw_k = logp if iw is None else iw
-            mask_k = _as_kernel_mask(mask)
+            mask_k = kernel_mask(mask)
             grad_logp = torch.empty((B, T), dtype=ctx.logp_dtype, device=logp.device)
             block, warps = _block_config(T)
             _grpo_loss_bwd_kernel[(B,)](
@@ -450,9 +469,37 @@ class _GRPOLossFunction(torch.autograd.Function):
                 *_launch_args(logp, old_k, ref, adv, mask_k, iw), *cfg.scalars,
                 FAMILY=cfg.family, SEQ_LEVEL=cfg.seq_level, KL_EST=cfg.kl_est, ADD_KL=cfg.add_kl,
                 BIAS_KL=cfg.bias_kl, HAS_IW=cfg.has_iw, HAS_DELTA=cfg.has_delta, HAS_C=cfg.has_c,
-                DTYPE=_tl_dtype(dtype), BLOCK_T=block, num_warps=warps,
+                DTYPE=compute_dtype(dtype), BLOCK_T=block, num_warps=warps,
             )
         return grad_logp, None, None, None, None, None, None, None
+
+
+def loss_config(T: int, advantages: Tensor, options: dict) -> LossConfig:
+    """The kernels' view of the loss ``options`` (every keyword option of the reference ``grpo_loss``):
+    code paths as constexprs, numbers as float64 scalars."""
+    o = options
+    eps_high = o["epsilon_low"] if o["epsilon_high"] is None else o["epsilon_high"]
+    seq_level = o["importance_sampling_level"] == "sequence"
+    per_sequence_adv = advantages.ndim == 1 or advantages.shape[1] == 1
+    return LossConfig(
+        loss_type=o["loss_type"],
+        family=_FAMILY[o["loss_type"]],
+        seq_level=seq_level,
+        kl_est=_KL_CODES[o["kl_estimator"]],
+        has_ref=o["ref_logprobs"] is not None,
+        add_kl=o["ref_logprobs"] is not None and o["beta"] != 0.0,
+        bias_kl=bool(o["use_bias_correction_kl"]),
+        has_iw=o["importance_weights"] is not None,
+        has_delta=o["delta"] is not None,
+        has_c=o["clip_ratio_c"] is not None,
+        # the reference's metric flags are [B, 1] then: a mean over sequences (unless T == 1)
+        per_seq_metrics=seq_level and per_sequence_adv and T != 1,
+        scalars=tuple(float(x) for x in (
+            1 - o["epsilon_low"], 1 + eps_high, eps_high, 0.0 if o["delta"] is None else o["delta"],
+            0.0 if o["clip_ratio_c"] is None else o["clip_ratio_c"], o["beta"], o["sapo_temperature_pos"],
+            o["sapo_temperature_neg"])),
+        max_completion_length=o["max_completion_length"],
+    )
 
 
 def grpo_loss(
@@ -482,28 +529,8 @@ def grpo_loss(
     Only ``loss`` is differentiable (w.r.t. ``logprobs``); ``per_token_loss``,
     ``kl`` and the clip metrics are returned without gradient.
     """
-    B, T = logprobs.shape
-    eps_high = epsilon_low if epsilon_high is None else epsilon_high
-    seq_level = importance_sampling_level == "sequence"
-    per_sequence_adv = advantages.ndim == 1 or advantages.shape[1] == 1
-    cfg = _Config(
-        loss_type=loss_type,
-        family=_FAMILY[loss_type],
-        seq_level=seq_level,
-        kl_est=_KL_CODES[kl_estimator],
-        has_ref=ref_logprobs is not None,
-        add_kl=ref_logprobs is not None and beta != 0.0,
-        bias_kl=bool(use_bias_correction_kl),
-        has_iw=importance_weights is not None,
-        has_delta=delta is not None,
-        has_c=clip_ratio_c is not None,
-        # the reference's metric flags are [B, 1] then: a mean over sequences (unless T == 1)
-        per_seq_metrics=seq_level and per_sequence_adv and T != 1,
-        scalars=tuple(float(x) for x in (
-            1 - epsilon_low, 1 + eps_high, eps_high, 0.0 if delta is None else delta,
-            0.0 if clip_ratio_c is None else clip_ratio_c, beta, sapo_temperature_pos, sapo_temperature_neg)),
-        max_completion_length=max_completion_length,
-    )
+    options = {k: v for k, v in locals().items() if k not in ("logprobs", "old_logprobs", "advantages", "mask")}
+    cfg = loss_config(logprobs.shape[1], advantages, options)
     loss, per_token_loss, kl, low, high, region = _GRPOLossFunction.apply(
         logprobs, old_logprobs, ref_logprobs, advantages, mask, importance_weights, num_items_in_batch, cfg)
     return GRPOLossOutput(

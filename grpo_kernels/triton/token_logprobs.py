@@ -34,8 +34,9 @@ new temperature never recompiles and float64 keeps ~48 bits of ``1/T``.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import triton
@@ -43,7 +44,81 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["token_logprobs", "token_logprobs_triton", "TokenLogprobsFunction", "launch_config"]
+__all__ = ["token_logprobs", "token_logprobs_triton", "TokenLogprobsFunction", "launch_config", "row_layout",
+           "forward_rows", "backward_rows"]
+
+
+# --------------------------------------------------------------------------- #
+# row helpers (shared with the fused loss kernel)
+# --------------------------------------------------------------------------- #
+@triton.jit
+def _row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+                           ACC: tl.constexpr, EVICTION: tl.constexpr):
+    """``(logp, lse, H)`` of one row: a single streaming read of its V logits (H = 0 unless RETURN_ENTROPY)."""
+    m = tl.full([], float("-inf"), dtype=ACC)  # running max of z
+    s = tl.zeros([], dtype=ACC)  # Σ e^{z - m}
+    a = tl.zeros([], dtype=ACC)  # Σ e^{z - m} (z - m)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        z = tl.load(x_row + offs, mask=offs < V, other=float("-inf"), eviction_policy=EVICTION).to(ACC) * inv_t
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # While every z so far is -inf, m_new is -inf: shift by 0 instead (s = a = 0 stay 0).
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
+        alpha = tl.exp(m - shift)  # 0 while m = -inf
+        e = tl.exp(z - shift)  # 0 where z = -inf
+        if RETURN_ENTROPY:
+            # (m - shift) * s only when s > 0 (then m is finite); e·(z - m') = 0 where z = -inf.
+            carried = tl.where(s > 0, m - shift, 0.0).to(ACC) * s
+            a = alpha * (a + carried) + tl.sum(e * tl.where(e > 0, z - shift, 0.0).to(ACC), axis=0)
+        s = alpha * s + tl.sum(e, axis=0)
+        m = m_new
+    log_s = tl.log(s)
+    lse = m + log_s
+    logp = tl.load(x_row + y).to(ACC) * inv_t - lse
+    ent = tl.zeros([], dtype=ACC)
+    if RETURN_ENTROPY:
+        ent = log_s - a / s
+    return logp, lse, ent
+
+
+@triton.jit
+def _row_grad(x_row, dx_row, y, lse, ent, g_logp, g_ent, V, inv_t,
+              HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, ACCUMULATE: tl.constexpr,
+              BLOCK_V: tl.constexpr, ACC: tl.constexpr, REVERSE: tl.constexpr):
+    """Write ``dx = g_logp (onehot_y − p)/T − g_H p (log p + H)/T`` for one row (added to dx with ACCUMULATE).
+
+    One read of the row (from the end backwards with REVERSE, so that the chunks
+    read last by a preceding sweep, the likeliest still in L2, come first) and
+    one write; each chunk is read before it is written, so ``dx_row`` may be ``x_row``.
+    """
+    n_chunks = tl.cdiv(V, BLOCK_V)
+    for i in range(0, n_chunks):
+        if REVERSE:
+            start = (n_chunks - 1 - i) * BLOCK_V
+        else:
+            start = i * BLOCK_V
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < V
+        z = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC) * inv_t
+        log_p = z - lse
+        p = tl.exp(log_p)
+        dz = tl.zeros([BLOCK_V], dtype=ACC)
+        if HAS_G_LOGP:
+            dz = tl.where(offs == y, g_logp, 0.0).to(ACC) - g_logp * p
+        if HAS_G_ENT:
+            # -p (log p + H), with 0 where p = 0 (z = -inf: log p = -inf).
+            dz = dz - g_ent * p * tl.where(p > 0, log_p + ent, 0.0).to(ACC)
+        dx = dz * inv_t
+        if ACCUMULATE:
+            dx += tl.load(dx_row + offs, mask=mask, other=0.0).to(ACC)
+        tl.store(dx_row + offs, dx.to(dx_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_zero(dx_row, V, BLOCK_V: tl.constexpr):
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        tl.store(dx_row + offs, tl.zeros([BLOCK_V], dtype=dx_row.dtype.element_ty), mask=offs < V)
 
 
 # --------------------------------------------------------------------------- #
@@ -74,29 +149,7 @@ def _token_logprobs_fwd_kernel(
     ent = tl.zeros([], dtype=ACC)
     lse = tl.zeros([], dtype=ACC)
     if y != ignore_index:
-        m = tl.full([], float("-inf"), dtype=ACC)  # running max of z
-        s = tl.zeros([], dtype=ACC)  # Σ e^{z - m}
-        a = tl.zeros([], dtype=ACC)  # Σ e^{z - m} (z - m)
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            z = tl.load(x_row + offs, mask=offs < V, other=float("-inf")).to(ACC) * inv_t
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            # While every z so far is -inf, m_new is -inf: shift by 0 instead (s = a = 0 stay 0).
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
-            alpha = tl.exp(m - shift)  # 0 while m = -inf
-            e = tl.exp(z - shift)  # 0 where z = -inf
-            if RETURN_ENTROPY:
-                # (m - shift) * s only when s > 0 (then m is finite); e·(z - m') = 0 where z = -inf.
-                carried = tl.where(s > 0, m - shift, 0.0).to(ACC) * s
-                a = alpha * (a + carried) + tl.sum(e * tl.where(e > 0, z - shift, 0.0).to(ACC), axis=0)
-            s = alpha * s + tl.sum(e, axis=0)
-            m = m_new
-        log_s = tl.log(s)
-        lse = m + log_s
-        z_y = tl.load(x_row + y).to(ACC) * inv_t
-        logp = z_y - lse
-        if RETURN_ENTROPY:
-            ent = log_s - a / s
+        logp, lse, ent = _row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY, BLOCK_V, ACC, "evict_first")
     tl.store(logp_ptr + row, logp.to(logp_ptr.dtype.element_ty))
     tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
     if RETURN_ENTROPY:
@@ -107,14 +160,15 @@ def _token_logprobs_fwd_kernel(
 # HAS_G_ENT) — a few bytes per row — and the V logits of its row once; writes the
 # V entries of dx once (dx may be the logits buffer itself: each BLOCK_V chunk is
 # read before it is overwritten, and nothing reads it afterwards). Memory traffic:
-# one read + one write of the logits, no second reduction (lse and H are saved).
-# Ignored rows only write zeros.
+# one read + one write of the logits (+ one read of dx with ACCUMULATE), no second
+# reduction (lse and H are saved). Ignored rows only write zeros (or nothing with ACCUMULATE).
 @triton.jit
 def _token_logprobs_bwd_kernel(
     x_ptr, dx_ptr, y_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
     n_inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner, V,
     inv_t_hi, inv_t_lo, ignore_index,
-    HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     outer = row // n_inner
@@ -123,9 +177,8 @@ def _token_logprobs_bwd_kernel(
     dx_row = dx_ptr + outer * dx_stride_outer + inner * dx_stride_inner
     y = tl.load(y_ptr + row).to(tl.int64)
     if y == ignore_index:
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            tl.store(dx_row + offs, tl.zeros([BLOCK_V], dtype=dx_ptr.dtype.element_ty), mask=offs < V)
+        if not ACCUMULATE:
+            _row_zero(dx_row, V, BLOCK_V)
     else:
         inv_t = (tl.zeros([], dtype=ACC) + inv_t_hi) + inv_t_lo
         lse = tl.load(lse_ptr + row).to(ACC)
@@ -137,20 +190,8 @@ def _token_logprobs_bwd_kernel(
         if HAS_G_ENT:
             g_ent = tl.load(g_ent_ptr + row).to(ACC)
             ent = tl.load(ent_ptr + row).to(ACC)
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            mask = offs < V
-            z = tl.load(x_row + offs, mask=mask, other=0.0).to(ACC) * inv_t
-            log_p = z - lse
-            p = tl.exp(log_p)
-            dz = tl.zeros([BLOCK_V], dtype=ACC)
-            if HAS_G_LOGP:
-                dz = tl.where(offs == y, g_logp, 0.0).to(ACC) - g_logp * p
-            if HAS_G_ENT:
-                # -p (log p + H), with 0 where p = 0 (z = -inf: log p = -inf).
-                dz = dz - g_ent * p * tl.where(p > 0, log_p + ent, 0.0).to(ACC)
-            dx = dz * inv_t
-            tl.store(dx_row + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        _row_grad(x_row, dx_row, y, lse, ent, g_logp, g_ent, V, inv_t,
+                  HAS_G_LOGP, HAS_G_ENT, ACCUMULATE, BLOCK_V, ACC, False)
 
 
 # --------------------------------------------------------------------------- #
@@ -177,14 +218,35 @@ def launch_config(vocab: int, dtype: torch.dtype, block_v: Optional[int] = None)
     return block_v, num_warps
 
 
-def _row_layout(logits: Tensor) -> tuple[Tensor, int, int, int]:
-    """``(x, n_inner, stride_outer, stride_inner)`` addressing the rows of ``logits``.
+class Rows(NamedTuple):
+    """The rows of a ``[..., V]`` logits buffer as the kernels address them.
 
     Row ``r`` (row-major over the leading dims) starts at element
-    ``(r // n_inner) * stride_outer + (r % n_inner) * stride_inner`` of ``x``.
-    ``x`` is ``logits`` itself when its vocab dim has stride 1 and its leading dims
-    collapse into at most two strided dims; otherwise a contiguous copy.
+    ``(r // n_inner) * stride_outer + (r % n_inner) * stride_inner`` of ``x``; the
+    vocab dim has stride 1.
     """
+
+    x: Tensor
+    n_inner: int
+    stride_outer: int
+    stride_inner: int
+
+    @property
+    def vocab(self) -> int:
+        return self.x.shape[-1]
+
+    @property
+    def strides(self) -> tuple[int, int, int]:
+        return self.n_inner, self.stride_outer, self.stride_inner
+
+    def writable(self) -> bool:
+        """No two rows share memory (a stride-0 expanded dim would make in-place writes race)."""
+        return all(st != 0 for n, st in zip(self.x.shape, self.x.stride()) if n > 1)
+
+
+def row_layout(logits: Tensor) -> Rows:
+    """The :class:`Rows` of ``logits``: ``logits`` itself when its vocab dim has stride 1
+    and its leading dims collapse into at most two strided dims; otherwise a contiguous copy."""
     vocab = logits.shape[-1]
     if vocab == 1 or logits.stride(-1) == 1:
         dims = [(n, st) for n, st in zip(logits.shape[:-1], logits.stride()[:-1]) if n != 1]
@@ -197,16 +259,24 @@ def _row_layout(logits: Tensor) -> tuple[Tensor, int, int, int]:
         if len(merged) <= 2:
             merged = [[1, 0]] * (2 - len(merged)) + merged
             (_, stride_outer), (n_inner, stride_inner) = merged
-            return logits, n_inner, stride_outer, stride_inner
-    x = logits.contiguous()
-    return x, 1, vocab, 0
+            return Rows(logits, n_inner, stride_outer, stride_inner)
+    return Rows(logits.contiguous(), 1, vocab, 0)
+
+
+def gradient_rows(rows: Rows, inplace: bool) -> Rows:
+    """Where a logits gradient goes: ``rows`` itself (in place, when rows do not alias) or a new dense
+    buffer, addressed with the same ``n_inner`` (the kernels split row indices once, for both)."""
+    if inplace and rows.writable():
+        return rows
+    dense = torch.empty(rows.x.shape, dtype=rows.x.dtype, device=rows.x.device)
+    return Rows(dense, rows.n_inner, rows.n_inner * rows.vocab, rows.vocab)
 
 
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _inverse_temperature(temperature: float) -> tuple[float, float]:
+def inverse_temperature(temperature: float) -> tuple[float, float]:
     """``1/T`` as float32 ``hi + lo`` (the kernels add them in their compute dtype)."""
     inv_t = 1.0 / float(temperature)
     hi = float(torch.tensor(inv_t, dtype=torch.float32))
@@ -214,16 +284,51 @@ def _inverse_temperature(temperature: float) -> tuple[float, float]:
     return hi, lo
 
 
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NullContext()
+def device_guard(t: Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-class _NullContext:
-    def __enter__(self):
-        return None
+# --------------------------------------------------------------------------- #
+# launches
+# --------------------------------------------------------------------------- #
+def forward_rows(
+    rows: Rows, ids: Tensor, temperature: float, ignore_index: int, return_entropy: bool,
+    block_v: Optional[int] = None,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(logp, lse, entropy or None)``, each ``[n_rows]`` float32 (float64 for float64 logits)."""
+    out_dtype = torch.float64 if rows.x.dtype == torch.float64 else torch.float32
+    n_rows = ids.numel()
+    logp = torch.empty(n_rows, dtype=out_dtype, device=rows.x.device)
+    lse = torch.empty(n_rows, dtype=out_dtype, device=rows.x.device)
+    ent = torch.empty(n_rows, dtype=out_dtype, device=rows.x.device) if return_entropy else None
+    block, num_warps = launch_config(rows.vocab, rows.x.dtype, block_v)
+    with device_guard(rows.x):
+        _token_logprobs_fwd_kernel[(n_rows,)](
+            rows.x, ids, logp, lse if ent is None else ent, lse, *rows.strides, rows.vocab,
+            *inverse_temperature(temperature), ignore_index,
+            RETURN_ENTROPY=return_entropy, BLOCK_V=block, ACC=_acc_dtype(rows.x.dtype), num_warps=num_warps,
+        )
+    return logp, lse, ent
 
-    def __exit__(self, *exc):
-        return False
+
+def backward_rows(
+    rows: Rows, ids: Tensor, lse: Tensor, ent: Optional[Tensor], g_logp: Optional[Tensor],
+    g_ent: Optional[Tensor], temperature: float, ignore_index: int, out: Rows, *, accumulate: bool = False,
+    block_v: Optional[int] = None,
+) -> None:
+    """Write (or add, with ``accumulate``) the logits gradient for the per-row gradients
+    ``g_logp`` and ``g_ent`` (``[n_rows]`` or None) into ``out`` (which may be ``rows``)."""
+    block, num_warps = launch_config(rows.vocab, rows.x.dtype, block_v)
+    has_g_ent = g_ent is not None
+    with device_guard(rows.x):
+        _token_logprobs_bwd_kernel[(ids.numel(),)](
+            rows.x, out.x, ids, lse, ent if has_g_ent else lse,
+            lse if g_logp is None else g_logp, lse if g_ent is None else g_ent,
+            *rows.strides, out.stride_outer, out.stride_inner, rows.vocab,
+            *inverse_temperature(temperature), ignore_index,
+            HAS_G_LOGP=g_logp is not None, HAS_G_ENT=has_g_ent, ACCUMULATE=accumulate,
+            BLOCK_V=block, ACC=_acc_dtype(rows.x.dtype), num_warps=num_warps,
+        )
 
 
 # --------------------------------------------------------------------------- #
@@ -235,76 +340,38 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, token_ids, temperature, ignore_index, return_entropy, inplace_backward, block_v):
-        out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        lead_shape = logits.shape[:-1]
-        vocab = logits.shape[-1]
-        x, n_inner, stride_outer, stride_inner = _row_layout(logits)
+        rows = row_layout(logits)
         ids = token_ids.reshape(-1)
-        n_rows = ids.numel()
-        logp = torch.empty(n_rows, dtype=out_dtype, device=logits.device)
-        lse = torch.empty(n_rows, dtype=out_dtype, device=logits.device)
-        ent = torch.empty(n_rows, dtype=out_dtype, device=logits.device) if return_entropy else lse
-        block, num_warps = launch_config(vocab, logits.dtype, block_v)
-        inv_t_hi, inv_t_lo = _inverse_temperature(temperature)
-        with _device_guard(logits):
-            _token_logprobs_fwd_kernel[(n_rows,)](
-                x, ids, logp, ent, lse,
-                n_inner, stride_outer, stride_inner, vocab,
-                inv_t_hi, inv_t_lo, ignore_index,
-                RETURN_ENTROPY=return_entropy, BLOCK_V=block, ACC=_acc_dtype(logits.dtype),
-                num_warps=num_warps,
-            )
+        logp, lse, ent = forward_rows(rows, ids, temperature, ignore_index, return_entropy, block_v)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, ids, lse, ent if return_entropy else None)
-        ctx.layout = (n_inner, stride_outer, stride_inner)
-        ctx.logits_shape = logits.shape
-        ctx.temperature = temperature
-        ctx.ignore_index = ignore_index
-        ctx.inplace_backward = inplace_backward
-        ctx.block_v = block_v
-        logp = logp.reshape(lead_shape)
+        ctx.save_for_backward(rows.x, ids, lse, ent)
+        ctx.rows = rows._replace(x=None)
+        ctx.options = (temperature, ignore_index, inplace_backward, block_v)
+        lead_shape = logits.shape[:-1]
         if return_entropy:
-            return logp, ent.reshape(lead_shape)
-        return logp
+            return logp.reshape(lead_shape), ent.reshape(lead_shape)
+        return logp.reshape(lead_shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_logp, g_ent=None):
-        if not ctx.needs_input_grad[0]:
-            return (None,) * 7
         x, ids, lse, ent = ctx.saved_tensors
-        has_g_logp = g_logp is not None
-        has_g_ent = g_ent is not None and ent is not None
-        if not (has_g_logp or has_g_ent):
+        if ent is None:
+            g_ent = None
+        if not ctx.needs_input_grad[0] or (g_logp is None and g_ent is None):
             return (None,) * 7
-        n_inner, stride_outer, stride_inner = ctx.layout
-        vocab = x.shape[-1]
-        n_rows = ids.numel()
-        inplace = ctx.inplace_backward and _writable_rows(x)
-        if inplace:
-            dx = x.detach()
-            dx_outer, dx_inner = stride_outer, stride_inner
-        else:
-            dx = torch.empty(ctx.logits_shape, dtype=x.dtype, device=x.device)
-            dx_outer, dx_inner = n_inner * vocab, vocab
-        g_logp = g_logp.reshape(-1).contiguous() if has_g_logp else lse
-        g_ent = g_ent.reshape(-1).contiguous() if has_g_ent else lse
-        block, num_warps = launch_config(vocab, x.dtype, ctx.block_v)
-        inv_t_hi, inv_t_lo = _inverse_temperature(ctx.temperature)
-        with _device_guard(x):
-            _token_logprobs_bwd_kernel[(n_rows,)](
-                x, dx, ids, lse, ent if has_g_ent else lse, g_logp, g_ent,
-                n_inner, stride_outer, stride_inner, dx_outer, dx_inner, vocab,
-                inv_t_hi, inv_t_lo, ctx.ignore_index,
-                HAS_G_LOGP=has_g_logp, HAS_G_ENT=has_g_ent, BLOCK_V=block, ACC=_acc_dtype(x.dtype),
-                num_warps=num_warps,
-            )
-        return dx, None, None, None, None, None, None
-
-
-def _writable_rows(x: Tensor) -> bool:
-    """No two rows share memory (a stride-0 expanded dim would make in-place writes race)."""
-    return all(st != 0 for n, st in zip(x.shape, x.stride()) if n > 1)
+        temperature, ignore_index, inplace, block_v = ctx.options
+        rows = ctx.rows._replace(x=x.detach())
+        out = gradient_rows(rows, inplace)
+        backward_rows(
+            rows, ids, lse, ent,
+            None if g_logp is None else g_logp.reshape(-1).contiguous(),
+            None if g_ent is None else g_ent.reshape(-1).contiguous(),
+            temperature, ignore_index, out, block_v=block_v,
+        )
+        if out.x is rows.x:  # the logits now hold their gradient: fail loudly if anything else saved them
+            torch.autograd.graph.increment_version(rows.x)
+        return out.x, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- #
@@ -342,8 +409,10 @@ def token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    inplace_backward: bool = False,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Triton backend of :func:`grpo_kernels.reference.token_logprobs` (same semantics)."""
     return token_logprobs_triton(
-        logits, token_ids, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+        logits, token_ids, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
+        inplace_backward=inplace_backward,
     )
