@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import TOLERANCES
 from test_token_logprobs import numpy_token_logprobs
+from triton_compile import run_compile_script
 
 import grpo_kernels as gk
 
@@ -160,3 +161,147 @@ def test_noncontiguous_logits(backend):
     a = gk.fused_grpo_loss(x, ids, old, adv, mask, backend=backend).loss
     b = gk.fused_grpo_loss(logits, ids, old, adv, mask, backend=backend).loss
     torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- #
+# memory options: the gradient formed in the forward, in place on request
+# --------------------------------------------------------------------------- #
+IS_LEVELS = ["token", "sequence"]
+
+
+def _reference_grad(logits, ids, old, adv, mask, **opts):
+    x = logits.detach().clone().requires_grad_()
+    gk.fused_grpo_loss(x, ids, old, adv, mask, backend="reference", **opts).loss.backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("level", IS_LEVELS)
+def test_inplace_backward(backend, level):
+    """inplace_backward=True: the same gradient; kernel backends write it into the logits buffer."""
+    logits, ids, old, ref, adv, mask = make_inputs(V=23)
+    ids[0, 2] = -100
+    opts = dict(ref_logprobs=ref, beta=0.04, importance_sampling_level=level, temperature=0.8)
+    expected = _reference_grad(logits, ids, old, adv, mask, **opts)
+    x = logits.clone().requires_grad_()
+    out = gk.fused_grpo_loss(x, ids, old, adv, mask, inplace_backward=True, backend=backend, **opts)
+    out.loss.backward()
+    torch.testing.assert_close(x.grad, expected)
+    if backend != "reference":
+        torch.testing.assert_close(x.detach(), expected)  # the logits now hold their gradient
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_incoming_gradient_scales(backend, inplace):
+    logits, ids, old, _, adv, mask = make_inputs()
+    expected = _reference_grad(logits, ids, old, adv, mask, loss_type="grpo")
+    x = logits.clone().requires_grad_()
+    out = gk.fused_grpo_loss(x, ids, old, adv, mask, loss_type="grpo", inplace_backward=inplace, backend=backend)
+    (out.loss * -0.25).backward()
+    torch.testing.assert_close(x.grad, -0.25 * expected)
+
+
+def test_repeated_backward(backend):
+    """retain_graph: a gradient of 1 leaves the precomputed gradient as it is; after an in-place scaling
+    a kernel backend refuses a second backward instead of returning a wrong gradient."""
+    logits, ids, old, _, adv, mask = make_inputs()
+    expected = _reference_grad(logits, ids, old, adv, mask)
+    x = logits.clone().requires_grad_()
+    loss = gk.fused_grpo_loss(x, ids, old, adv, mask, backend=backend).loss
+    for _ in range(2):
+        (grad,) = torch.autograd.grad(loss, x, retain_graph=True)
+        torch.testing.assert_close(grad, expected)
+    torch.autograd.grad(3 * loss, x, retain_graph=True)
+    if backend != "reference":
+        with pytest.raises(RuntimeError, match="second backward"):
+            torch.autograd.grad(3 * loss, x)
+
+
+@pytest.mark.parametrize("level", IS_LEVELS)
+def test_entropy_bonus_gradient(backend, level):
+    """loss − c·entropy: the entropy metric's gradient is added to the precomputed one."""
+    logits, ids, old, _, adv, mask = make_inputs()
+    opts = dict(return_entropy=True, temperature=1.3, importance_sampling_level=level)
+    grads = []
+    for b in (backend, "reference"):
+        x = logits.clone().requires_grad_()
+        out = gk.fused_grpo_loss(x, ids, old, adv, mask, backend=b, **opts)
+        (out.loss - 0.05 * out.entropy).backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    x = logits.clone().requires_grad_()
+    (entropy_only,) = torch.autograd.grad(gk.fused_grpo_loss(x, ids, old, adv, mask, backend=backend, **opts).entropy,
+                                          x)
+    y = logits.clone().requires_grad_()
+    gk.fused_grpo_loss(y, ids, old, adv, mask, backend="reference", **opts).entropy.backward()
+    torch.testing.assert_close(entropy_only, y.grad)
+
+
+def test_inplace_refuses_entropy_gradient(backend):
+    if backend == "reference":
+        pytest.skip("the reference never overwrites the logits")
+    logits, ids, old, _, adv, mask = make_inputs()
+    x = logits.clone().requires_grad_()
+    out = gk.fused_grpo_loss(x, ids, old, adv, mask, return_entropy=True, inplace_backward=True, backend=backend)
+    out.loss.backward(retain_graph=True)  # the entropy as a metric only: fine
+    x.grad = None
+    out = gk.fused_grpo_loss(logits.clone().requires_grad_(), ids, old, adv, mask, return_entropy=True,
+                             inplace_backward=True, backend=backend)
+    with pytest.raises(RuntimeError, match="entropy"):
+        (out.loss + out.entropy).backward()
+
+
+def test_inplace_write_is_seen_by_autograd(backend):
+    """In place, the logits' version counter moves: an op that saved them for its backward fails loudly."""
+    if backend == "reference":
+        pytest.skip("the reference never overwrites the logits")
+    logits, ids, old, _, adv, mask = make_inputs()
+    z = logits.clone().requires_grad_()
+    x = z.exp()  # exp saves its output for the backward
+    out = gk.fused_grpo_loss(x, ids, old, adv, mask, inplace_backward=True, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.loss.backward()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_no_gradient_write_without_requires_grad(backend, inplace):
+    logits, ids, old, _, adv, mask = make_inputs()
+    x = logits.clone()
+    out = gk.fused_grpo_loss(x, ids, old, adv, mask, inplace_backward=inplace, backend=backend)
+    assert torch.equal(x, logits) and not out.loss.requires_grad
+    expected = gk.fused_grpo_loss(logits, ids, old, adv, mask, backend="reference")
+    torch.testing.assert_close(out.loss, expected.loss)
+
+
+def test_triton_fused_kernel_compiles_for_hopper():
+    """The single-pass kernel compiles to an sm_90 cubin for bf16 and float64 logits, every code path on."""
+    if "triton" not in gk.available_backends(OP):
+        pytest.skip("triton is not installed")
+    script = r'''
+import importlib, inspect
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+m = importlib.import_module("grpo_kernels.triton.fused_grpo_loss")
+kernel = m._fused_grpo_loss_kernel
+for xdt, acc, block, warps, family in (("bf16", tl.float32, 8192, 16, 0), ("fp64", tl.float64, 2048, 8, 2)):
+    cdt = "fp64" if acc == tl.float64 else "fp32"
+    constexprs = dict(FAMILY=family, KL_EST=3, ADD_KL=True, BIAS_KL=True, HAS_IW=True, HAS_DELTA=True, HAS_C=True,
+                      HAS_OLD=True, RETURN_ENTROPY=True, WRITE_GRAD=True, BLOCK_V=block, ACC=acc)
+    ptr = dict(x_ptr=xdt, dx_ptr=xdt, y_ptr="i64", keep_ptr="u8", adv_ptr="fp32")
+    sig = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + ptr.get(name, cdt)
+        elif name.endswith("_arg"):
+            sig[name] = "fp64"
+        elif name.startswith("inv_t"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i64" if name.startswith(("stride", "dx_stride", "s_")) else "i32"
+    compile(ASTSource(kernel, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+            options=dict(num_warps=warps))
+print("compiled")
+'''
+    run_compile_script(script)

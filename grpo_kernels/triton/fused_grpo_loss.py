@@ -2,22 +2,29 @@
 
 The loss is a scalar, so its gradient w.r.t. the logits is known as soon as the
 forward has run: ``d loss / d logits = w ⊙ (onehot_y − softmax(z)) / T`` with
-the per-token weights ``w = d loss / d logp``. The forward therefore runs
+the per-token weights ``w = d loss / d logp``. For token-level importance
+sampling ``w`` of a token depends only on that token's log-prob and inputs and
+on its sequence's weight ``dL/dS_b``, which depends on the mask alone
+(:func:`grpo_kernels.aggregation.sequence_weights`). So one kernel does it all,
+row by row (:func:`_fused_grpo_loss_kernel`): the log-sum-exp sweep, then
+``logp`` and ``w``, then the gradient sweep over the same row while it is still
+in L2. Logits traffic from DRAM: one read + one write, the floor. The scalar
+loss and the metrics then come from the ``[B, T]`` log-probs through the
+Triton ``grpo_loss`` forward (a few bytes per token).
 
-1. the ``token_logprobs`` forward kernel (one read of the logits; saves ``lse``),
-2. the ``grpo_loss`` forward and backward kernels on the ``[B, T]`` log-probs
-   (tiny: ``w`` for every token, for the incoming gradient 1),
-3. the ``token_logprobs`` backward kernel (one read + one write of the logits),
+Sequence-level importance sampling shares one ratio per sequence, so ``w``
+needs the whole sequence's log-probs first: the ``token_logprobs`` forward
+kernel, then ``grpo_loss`` forward and backward on ``[B, T]``, then the
+``token_logprobs`` gradient kernel (two reads + one write of the logits).
 
-and the autograd backward only scales that gradient by the incoming scalar.
-Logits traffic: two reads + one write, and no work at all in the backward; the
-single-pass kernel that keeps each row on chip between the two reads (one
-read + one write, the floor) is the next step for this file. When the logits do
-not require grad, step 3 is skipped.
-
-With ``return_entropy=True`` the entropy metric stays differentiable: its
-gradient is computed in the backward, from the saved per-row statistics, only
-when the metric actually received one (an entropy bonus).
+Either way the autograd backward only scales the gradient by the incoming
+scalar (in place; not at all when it is 1). ``inplace_backward=True`` writes the
+gradient into the logits buffer itself during the forward (no logits-sized
+allocation; the logits are overwritten). When the logits do not require grad,
+nothing is written. With ``return_entropy=True`` the entropy metric stays
+differentiable: its gradient (an entropy bonus) is added in the backward from
+the saved per-row statistics, which needs the logits, so not after
+``inplace_backward=True``.
 """
 
 from __future__ import annotations
@@ -25,11 +32,148 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
+from ..aggregation import sequence_weights
 from ..reference import GRPOLossOutput, fused_loss_mask, masked_mean_entropy
-from .grpo_loss import grpo_loss
-from .token_logprobs import token_logprobs_triton
+from .grpo_loss import (
+    LossConfig,
+    _dloss_dlogp,
+    _options,
+    compute_dtype,
+    grpo_loss,
+    kernel_mask,
+    loss_config,
+    token_strides,
+)
+from .token_logprobs import (
+    Rows,
+    _row_grad,
+    _row_log_softmax_stats,
+    _row_zero,
+    backward_rows,
+    device_guard,
+    forward_rows,
+    gradient_rows,
+    inverse_temperature,
+    launch_config,
+    row_layout,
+)
+
+
+# Program `row` = token (b, t) = (row // T, row % T). Reads: y, keep, adv, old_logp,
+# ref_logp, iw of the token and dL/dS_b (a few bytes); the V logits of its row in
+# a first sweep (online log-sum-exp, entropy; loads marked evict_last to keep the
+# row in L2), then — with WRITE_GRAD and w = dL/dlogp ≠ 0 — a second sweep from
+# the row's end backwards (the chunks read last come first, while still in L2)
+# that writes dx = w (onehot_y − p) / T into dx (which may be the logits buffer).
+# A row with w = 0 (masked, ignored, fully clipped) gets zeros without a second
+# read. Writes logp, lse (and H): 8-12 bytes per row. DRAM traffic: one read of
+# the logits + one write of dx when the second sweep hits L2; the second sweep
+# costs another read of the rows where it misses.
+@triton.jit
+def _fused_grpo_loss_kernel(
+    x_ptr, y_ptr, keep_ptr, old_ptr, ref_ptr, adv_ptr, iw_ptr, seq_w_ptr,
+    logp_ptr, lse_ptr, ent_ptr, dx_ptr,
+    T, n_inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner, V,
+    s_keep_b, s_keep_t, s_old_b, s_old_t, s_ref_b, s_ref_t, s_adv_b, s_adv_t, s_iw_b, s_iw_t, s_seq_w,
+    inv_t_hi, inv_t_lo, ignore_index,
+    lo_arg: tl.float64, hi_arg: tl.float64, eps_high_arg: tl.float64, delta_arg: tl.float64,
+    clip_c_arg: tl.float64, beta_arg: tl.float64, tau_pos_arg: tl.float64, tau_neg_arg: tl.float64,
+    FAMILY: tl.constexpr, KL_EST: tl.constexpr, ADD_KL: tl.constexpr, BIAS_KL: tl.constexpr,
+    HAS_IW: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr, HAS_OLD: tl.constexpr,
+    RETURN_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row % T
+    x_row = x_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+    dx_row = dx_ptr + (row // n_inner) * dx_stride_outer + (row % n_inner) * dx_stride_inner
+    y = tl.load(y_ptr + row).to(tl.int64)
+    inv_t = (tl.zeros([], dtype=ACC) + inv_t_hi) + inv_t_lo
+
+    logp = tl.zeros([], dtype=ACC)
+    lse = tl.zeros([], dtype=ACC)
+    ent = tl.zeros([], dtype=ACC)
+    if y != ignore_index:
+        logp, lse, ent = _row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY, BLOCK_V, ACC, "evict_last")
+    tl.store(logp_ptr + row, logp.to(logp_ptr.dtype.element_ty))
+    tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
+    if RETURN_ENTROPY:
+        tl.store(ent_ptr + row, ent.to(ent_ptr.dtype.element_ty))
+
+    if WRITE_GRAD:
+        # w = dL/dS_b · m · dℓ/dlogp, as the grpo_loss backward kernel forms it for an incoming gradient of 1.
+        lo, hi, eps_high, delta, clip_c, beta, tau_pos, tau_neg = _options(
+            lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg, ACC)
+        m = tl.load(keep_ptr + b * s_keep_b + t * s_keep_t).to(ACC)
+        adv = tl.load(adv_ptr + b * s_adv_b + t * s_adv_t).to(ACC)
+        old_logp = logp  # on-policy: old_logp = logp.detach()
+        if HAS_OLD:
+            old_logp = tl.load(old_ptr + b * s_old_b + t * s_old_t).to(ACC)
+        coef_1 = tl.exp(logp - old_logp)
+        iw = tl.zeros([], dtype=ACC) + 1.0
+        if HAS_IW:
+            iw = tl.load(iw_ptr + b * s_iw_b + t * s_iw_t).to(ACC)
+        ref_logp = logp
+        if ADD_KL:
+            ref_logp = tl.load(ref_ptr + b * s_ref_b + t * s_ref_t).to(ACC)
+        dloss = _dloss_dlogp(coef_1, adv, logp, iw, ref_logp, 0.0, lo, hi, eps_high, delta, clip_c, beta,
+                             tau_pos, tau_neg, FAMILY, False, KL_EST, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C)
+        seq_w = tl.load(seq_w_ptr + b * s_seq_w).to(ACC)
+        w = seq_w * (m * dloss)
+        if w == 0:
+            _row_zero(dx_row, V, BLOCK_V)
+        else:
+            _row_grad(x_row, dx_row, y, lse, ent, w, 0.0, V, inv_t,
+                      True, False, False, BLOCK_V, ACC, True)
+
+
+def _fused_single_pass(rows: Rows, ids: Tensor, keep: Tensor, old: Optional[Tensor], adv: Tensor,
+                       cfg: LossConfig, loss_options: dict, temperature: float, ignore_index: int,
+                       return_entropy: bool, dx: Optional[Rows]):
+    """One launch: ``(logp, lse, entropy or None)`` per row, and the gradient into ``dx`` (unless None)."""
+    B, T = keep.shape
+    out_dtype = torch.float64 if rows.x.dtype == torch.float64 else torch.float32
+    device = rows.x.device
+    n_rows = ids.numel()
+    logp = torch.empty(n_rows, dtype=out_dtype, device=device)
+    lse = torch.empty(n_rows, dtype=out_dtype, device=device)
+    ent = torch.empty(n_rows, dtype=out_dtype, device=device) if return_entropy else None
+    ref, iw = loss_options["ref_logprobs"], loss_options["importance_weights"]
+    seq_w = sequence_weights(keep.sum(-1).to(out_dtype), cfg.loss_type, T,
+                             max_completion_length=cfg.max_completion_length,
+                             num_items_in_batch=loss_options["num_items_in_batch"])
+    seq_w = seq_w.reshape(-1)  # [B] or [1], broadcast with stride 0
+    keep_k = kernel_mask(keep)
+    block, num_warps = launch_config(rows.vocab, rows.x.dtype)
+    strides = []
+    for tensor in (keep_k, old, ref, adv, iw):
+        strides += token_strides(tensor, B, T)
+    strides.append(seq_w.stride(0) if seq_w.numel() > 1 else 0)
+    out = dx if dx is not None else rows
+    with device_guard(rows.x):
+        _fused_grpo_loss_kernel[(n_rows,)](
+            rows.x, ids, keep_k, logp if old is None else old, logp if ref is None else ref, adv,
+            logp if iw is None else iw, seq_w, logp, lse, lse if ent is None else ent, out.x,
+            T, *rows.strides, out.stride_outer, out.stride_inner, rows.vocab, *strides,
+            *inverse_temperature(temperature), ignore_index, *cfg.scalars,
+            FAMILY=cfg.family, KL_EST=cfg.kl_est, ADD_KL=cfg.add_kl, BIAS_KL=cfg.bias_kl, HAS_IW=cfg.has_iw,
+            HAS_DELTA=cfg.has_delta, HAS_C=cfg.has_c, HAS_OLD=old is not None, RETURN_ENTROPY=return_entropy,
+            WRITE_GRAD=dx is not None, BLOCK_V=block, ACC=compute_dtype(rows.x.dtype), num_warps=num_warps,
+        )
+    return logp, lse, ent
+
+
+def _logprob_weights(logp: Tensor, old: Optional[Tensor], adv: Tensor, keep: Tensor, loss_options: dict) -> Tensor:
+    """``w = d loss / d logp [B, T]`` from the ``grpo_loss`` kernels (the sequence-level path)."""
+    with torch.enable_grad():
+        lp = logp.detach().requires_grad_()
+        (w,) = torch.autograd.grad(grpo_loss(lp, old, adv, keep, **loss_options).loss, lp)
+    return w
 
 
 class _FusedGRPOLossFunction(torch.autograd.Function):
@@ -37,40 +181,82 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, token_ids, old_logprobs, advantages, mask, options):
-        temperature, ignore_index, return_entropy, loss_options = options
+        temperature, ignore_index, return_entropy, inplace, loss_options = options
+        B, T = token_ids.shape
         needs_grad = ctx.needs_input_grad[0]
-        with torch.enable_grad():
-            x = logits.detach().requires_grad_(needs_grad)
-            out = token_logprobs_triton(
-                x, token_ids, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
-            )
-            logp, entropy = out if return_entropy else (out, None)
-            keep = fused_loss_mask(mask, token_ids, ignore_index)
-            result = grpo_loss(logp, old_logprobs, advantages, keep, **loss_options)
-            entropy_metric = None if entropy is None else masked_mean_entropy(entropy, keep)
-            grad_logits = None
+        rows = row_layout(logits)
+        ids = token_ids.reshape(-1)
+        keep = fused_loss_mask(mask, token_ids, ignore_index)
+        cfg = loss_config(T, advantages, loss_options)
+        dx = gradient_rows(rows, inplace) if needs_grad else None
+        if cfg.seq_level:
+            logp, lse, ent = forward_rows(rows, ids, temperature, ignore_index, return_entropy)
+            if dx is not None:
+                w = _logprob_weights(logp.view(B, T), old_logprobs, advantages, keep, loss_options)
+                backward_rows(rows, ids, lse, None, w.reshape(-1), None, temperature, ignore_index, dx)
+        else:
+            logp, lse, ent = _fused_single_pass(rows, ids, keep, old_logprobs, advantages, cfg, loss_options,
+                                                temperature, ignore_index, return_entropy, dx)
+        if dx is not None and dx.x is logits:  # the logits now hold their gradient: fail loudly if anything
+            torch.autograd.graph.increment_version(logits)  # else saved them for its backward
+        result = grpo_loss(logp.view(B, T), old_logprobs, advantages, keep, **loss_options)
+
+        entropy_out = result.loss.new_zeros(())
+        ctx.entropy_graph = None
+        if return_entropy:
+            ent_bt = ent.view(B, T).detach().requires_grad_(needs_grad)
+            with torch.enable_grad():
+                entropy_metric = masked_mean_entropy(ent_bt, keep)
+            entropy_out = entropy_metric.detach()
             if needs_grad:
-                (grad_logits,) = torch.autograd.grad(result.loss, x, retain_graph=entropy_metric is not None)
-        ctx.grad_logits = grad_logits
-        # the inner graph from x to the entropy metric, kept only while an entropy gradient may come
-        ctx.inner = (x, entropy_metric) if needs_grad and entropy_metric is not None else None
+                ctx.entropy_graph = (ent_bt, entropy_metric)
+        ctx.set_materialize_grads(False)
+        ctx.dx = dx
+        ctx.consumed = False
+        ctx.inplace = dx is not None and dx.x is rows.x
+        ctx.rows = rows if ctx.entropy_graph is not None and not ctx.inplace else None  # for an entropy bonus
+        ctx.row_stats = (ids, lse, ent)
+        ctx.options = (temperature, ignore_index)
         kl = result.kl if result.kl is not None else result.loss.new_zeros(())
-        entropy_out = entropy_metric.detach() if entropy_metric is not None else result.loss.new_zeros(())
         ctx.mark_non_differentiable(result.per_token_loss, kl, result.clip_ratio_low, result.clip_ratio_high,
                                     result.clip_ratio_region)
         return (result.loss.detach(), result.per_token_loss, kl, result.clip_ratio_low, result.clip_ratio_high,
                 result.clip_ratio_region, entropy_out)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, _ptl, _kl, _low, _high, _region, grad_entropy):
-        grad_logits = None
-        if ctx.needs_input_grad[0]:
-            grad_logits = ctx.grad_logits * grad_loss.to(ctx.grad_logits.dtype)
-            if grad_entropy is not None and ctx.inner is not None:
-                x, entropy_metric = ctx.inner
-                (grad_from_entropy,) = torch.autograd.grad(entropy_metric, x, grad_entropy, retain_graph=True)
-                grad_logits = grad_logits + grad_from_entropy
-        return grad_logits, None, None, None, None, None
+        dx: Optional[Rows] = ctx.dx
+        if grad_entropy is None or ctx.entropy_graph is None:
+            grad_entropy = None
+        if not ctx.needs_input_grad[0] or dx is None or (grad_loss is None and grad_entropy is None):
+            return (None,) * 6
+        if ctx.consumed:
+            raise RuntimeError(
+                "fused_grpo_loss: its logits gradient was already scaled in place by an earlier backward through "
+                "this graph; a second backward (retain_graph=True) needs a new forward"
+            )
+        if grad_entropy is not None and ctx.inplace:
+            raise RuntimeError(
+                "fused_grpo_loss(inplace_backward=True) overwrote the logits with the loss gradient, so the "
+                "entropy metric cannot be differentiated (an entropy bonus): use inplace_backward=False"
+            )
+        if grad_loss is None:  # only the entropy metric has a gradient: leave the loss gradient untouched
+            out, accumulate = gradient_rows(ctx.rows, inplace=False), False
+        else:
+            out, accumulate = dx, True
+            if torch.compiler.is_compiling() or not bool(grad_loss == 1):
+                dx.x.mul_(grad_loss.to(dx.x.dtype))  # in place: no logits-sized allocation
+                ctx.consumed = True
+        if grad_entropy is not None:
+            ent_bt, entropy_metric = ctx.entropy_graph
+            (g_ent,) = torch.autograd.grad(entropy_metric, ent_bt, grad_entropy, retain_graph=True)
+            ids, lse, ent = ctx.row_stats
+            temperature, ignore_index = ctx.options
+            backward_rows(ctx.rows, ids, lse, ent, None, g_ent.reshape(-1).contiguous(), temperature, ignore_index,
+                          out, accumulate=accumulate)
+            ctx.consumed = ctx.consumed or out is dx
+        return out.x, None, None, None, None, None
 
 
 def fused_grpo_loss(
@@ -83,15 +269,17 @@ def fused_grpo_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    inplace_backward: bool = False,
     **loss_options,
 ) -> GRPOLossOutput:
     """:func:`grpo_kernels.reference.fused_grpo_loss` with Triton kernels (inputs already validated).
 
     ``loss`` is differentiable w.r.t. ``logits`` (its gradient is computed in the
     forward), and so is ``entropy`` with ``return_entropy=True``; ``per_token_loss``,
-    ``kl`` and the clip metrics come without gradient.
+    ``kl`` and the clip metrics come without gradient. ``inplace_backward=True``
+    writes the gradient into ``logits`` during the forward.
     """
-    options = (float(temperature), int(ignore_index), bool(return_entropy), loss_options)
+    options = (float(temperature), int(ignore_index), bool(return_entropy), bool(inplace_backward), loss_options)
     loss, per_token_loss, kl, low, high, region, entropy = _FusedGRPOLossFunction.apply(
         logits, token_ids, old_logprobs, advantages, mask, options
     )
