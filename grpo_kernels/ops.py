@@ -32,14 +32,14 @@ def _loss_options(arguments: dict) -> dict:
 @overload
 def token_logprobs(
     logits: Tensor, token_ids: Tensor, *, temperature: float = ..., ignore_index: int = ...,
-    return_entropy: Literal[False] = ..., backend: str = ...,
+    return_entropy: Literal[False] = ..., inplace_backward: bool = ..., backend: str = ...,
 ) -> Tensor: ...
 
 
 @overload
 def token_logprobs(
     logits: Tensor, token_ids: Tensor, *, temperature: float = ..., ignore_index: int = ...,
-    return_entropy: Literal[True], backend: str = ...,
+    return_entropy: Literal[True], inplace_backward: bool = ..., backend: str = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -50,6 +50,7 @@ def token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    inplace_backward: bool = False,
     backend: str = "auto",
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Log-prob of each sampled token under ``softmax(logits / temperature)``.
@@ -60,6 +61,9 @@ def token_logprobs(
         temperature: positive finite sampling temperature.
         ignore_index: positions with this id get log-prob 0 (and entropy 0).
         return_entropy: also return the entropy of each row's distribution.
+        inplace_backward: the kernel backends write the logits gradient into the
+            logits' own buffer in the backward (no logits-sized allocation); the
+            logits must not be used after ``backward``. No effect on the reference.
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpu"`` or ``"cuda"``.
 
     Returns:
@@ -70,10 +74,12 @@ def token_logprobs(
     See :func:`grpo_kernels.reference.token_logprobs` for the formula.
     """
     validation.check_token_logprobs(
-        logits, token_ids, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+        logits, token_ids, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
+        inplace_backward=inplace_backward,
     )
     return implementation(backend, logits.device, "token_logprobs")(
-        logits, token_ids, temperature=float(temperature), ignore_index=ignore_index, return_entropy=return_entropy
+        logits, token_ids, temperature=float(temperature), ignore_index=ignore_index, return_entropy=return_entropy,
+        inplace_backward=inplace_backward,
     )
 
 
@@ -188,6 +194,7 @@ def fused_grpo_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    inplace_backward: bool = False,
     ref_logprobs: Optional[Tensor] = None,
     beta: float = 0.0,
     epsilon_low: float = 0.2,
@@ -213,6 +220,10 @@ def fused_grpo_loss(
         old_logprobs, advantages, mask: as in :func:`grpo_loss`.
         temperature, ignore_index: as in :func:`token_logprobs`.
         return_entropy: also fill ``entropy`` (masked mean entropy) in the result.
+        inplace_backward: the kernel backends write the logits gradient into the
+            logits' own buffer already in the forward (no logits-sized
+            allocation; the logits are overwritten, so an entropy bonus cannot
+            be differentiated then). No effect on the reference.
         Remaining options: as in :func:`grpo_loss`.
 
     Returns:
@@ -223,9 +234,11 @@ def fused_grpo_loss(
     options = _loss_options(locals())
     validation.check_fused_grpo_loss(
         logits, token_ids, old_logprobs, advantages, mask,
-        temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy, **options,
+        temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
+        inplace_backward=inplace_backward, **options,
     )
     return implementation(backend, logits.device, "fused_grpo_loss")(
         logits, token_ids, old_logprobs, advantages, mask,
-        temperature=float(temperature), ignore_index=ignore_index, return_entropy=return_entropy, **options,
+        temperature=float(temperature), ignore_index=ignore_index, return_entropy=return_entropy,
+        inplace_backward=inplace_backward, **options,
     )

@@ -67,6 +67,7 @@ def token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    inplace_backward: bool = False,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     r"""Log-probability of each sampled token under ``softmax(logits / T)``.
 
@@ -87,6 +88,10 @@ def token_logprobs(
         temperature: positive finite float.
         ignore_index: id marking positions to skip.
         return_entropy: also return the entropy of each row's distribution.
+        inplace_backward: allow the backward to write the logits gradient into
+            the logits' own buffer (their values are then unspecified after the
+            backward). A memory option of the kernel backends; it changes no
+            number, and the reference (plain autograd) does not use it.
 
     Returns:
         ``logp`` of shape ``[...]`` in float32 (float64 for float64 logits), or
@@ -456,6 +461,7 @@ def fused_grpo_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    inplace_backward: bool = False,
     **loss_options,
 ) -> GRPOLossOutput:
     r"""Logits → GRPO loss: :func:`token_logprobs` composed with :func:`grpo_loss`.
@@ -475,6 +481,9 @@ def fused_grpo_loss(
         old_logprobs, advantages, mask: as in :func:`grpo_loss`.
         temperature, ignore_index: as in :func:`token_logprobs`.
         return_entropy: fill ``GRPOLossOutput.entropy``.
+        inplace_backward: allow the logits gradient to be written into the
+            logits' own buffer, as early as the forward (their values are then
+            unspecified); see :func:`token_logprobs`.
         **loss_options: keyword options of :func:`grpo_loss`.
     """
     out = token_logprobs(

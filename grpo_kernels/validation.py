@@ -126,7 +126,8 @@ def check_temperature(temperature) -> None:
     _real("temperature", temperature, low=0.0, low_open=True)
 
 
-def check_token_logprobs(logits, token_ids, *, temperature, ignore_index, return_entropy) -> None:
+def check_token_logprobs(logits, token_ids, *, temperature, ignore_index, return_entropy,
+                         inplace_backward=False) -> None:
     _tensor("logits", logits)
     _tensor("token_ids", token_ids)
     _floating("logits", logits)
@@ -143,6 +144,7 @@ def check_token_logprobs(logits, token_ids, *, temperature, ignore_index, return
     check_temperature(temperature)
     _int("ignore_index", ignore_index, low=-(2**63))
     _bool("return_entropy", return_entropy)
+    _bool("inplace_backward", inplace_backward)
     if _values_checkable(token_ids):
         bad = (token_ids != ignore_index) & ((token_ids < 0) | (token_ids >= vocab))
         if bool(bad.any()):
@@ -288,10 +290,10 @@ def _check_loss_inputs(main: Tensor, main_name: str, shape, old_logprobs, advant
 
 
 def check_fused_grpo_loss(logits, token_ids, old_logprobs, advantages, mask, *, temperature, ignore_index,
-                          return_entropy, **options) -> None:
+                          return_entropy, inplace_backward=False, **options) -> None:
     _tensor("logits", logits)
     if isinstance(logits, Tensor) and logits.ndim != 3:
         raise ValueError(f"logits must have shape [B, T, V], got {list(logits.shape)}")
     check_token_logprobs(logits, token_ids, temperature=temperature, ignore_index=ignore_index,
-                         return_entropy=return_entropy)
+                         return_entropy=return_entropy, inplace_backward=inplace_backward)
     _check_loss_inputs(logits, "logits", token_ids.shape, old_logprobs, advantages, mask, options)

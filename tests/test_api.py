@@ -80,7 +80,7 @@ def test_auto_calls_the_selected_backend(monkeypatch):
 
     monkeypatch.setattr(reference, "token_logprobs", spy)
     gk.token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]), temperature=2)
-    assert calls == [dict(temperature=2.0, ignore_index=-100, return_entropy=False)]
+    assert calls == [dict(temperature=2.0, ignore_index=-100, return_entropy=False, inplace_backward=False)]
 
 
 def test_loss_output_is_a_named_tuple_of_tensors():

@@ -58,6 +58,7 @@ TOKEN_CASES = [
     (dict(temperature=torch.tensor(1.0)), TypeError, "temperature must be a real number"),
     (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
     (dict(return_entropy=1), TypeError, "return_entropy must be a bool"),
+    (dict(inplace_backward="yes"), TypeError, "inplace_backward must be a bool"),
     (dict(backend="nope"), ValueError, "backend must be 'auto' or one of"),
     (dict(backend=3), TypeError, "backend must be a str"),
 ]
@@ -188,6 +189,7 @@ FUSED_CASES = [
     (dict(mask=torch.ones(B, T - 1)), ValueError, "mask must have shape"),
     (dict(beta=0.1), ValueError, "needs ref_logprobs"),
     (dict(loss_type="grpo ", ), ValueError, "loss_type must be one of"),
+    (dict(inplace_backward=None), TypeError, "inplace_backward must be a bool"),
 ]
 
 
