@@ -13,7 +13,7 @@ PEER_PACKAGES := trl==1.16.0
 STAMP         := $(VENV)/.grpo-kernels-installed
 CONSTRAINTS   := $(VENV)/torch-constraint.txt
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest tests
+
+# The pytest-benchmark suite (benchmarks/test_suite.py); not part of `make test`.
+bench: $(STAMP)
+	$(VPY) -m pytest benchmarks
 
 clean:
 	rm -rf build *.egg-info grpo_kernels/_C*.so .pytest_cache .hypothesis examples/output

@@ -90,3 +90,29 @@ def test_large_vocab_low_precision_on_cuda(impl, dtype):
     torch.testing.assert_close(ent.double(), exact_ent, atol=2e-5, rtol=2e-5)
     (logp.sum() + ent.sum()).backward()
     assert logits.grad.dtype == dtype and torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_fused_loss_large_vocab_bf16_on_cuda(impl, inplace, level):
+    """V = 151936 bf16 logits, the gradient formed in the forward (in place or not): the float64
+    reference's gradient rounded to bf16, within one bf16 rounding."""
+    B, T, V = 4, 16, 151936
+    logits = (3 * torch.randn(B, T, V, device="cuda")).to(torch.bfloat16)
+    ids = torch.randint(0, V, (B, T), device="cuda")
+    ids[1, 3] = -100
+    old = -4 * torch.rand(B, T, device="cuda", dtype=torch.float64)
+    ref = -4 * torch.rand(B, T, device="cuda", dtype=torch.float64)
+    adv = torch.randn(B, device="cuda", dtype=torch.float64)
+    mask = torch.rand(B, T, device="cuda") > 0.2
+    opts = dict(ref_logprobs=ref, beta=0.04, epsilon_high=0.28, importance_sampling_level=level, temperature=0.8)
+    exact_x = logits.double().requires_grad_()
+    exact = gk.fused_grpo_loss(exact_x, ids, old, adv, mask, backend="reference", **opts)
+    exact.loss.backward()
+    x = logits.clone().requires_grad_()
+    out = gk.fused_grpo_loss(x, ids, old, adv, mask, inplace_backward=inplace, backend=impl, **opts)
+    (2 * out.loss).backward()
+    torch.testing.assert_close(out.loss.double(), exact.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), (2 * exact_x.grad).to(torch.bfloat16).double(),
+                               atol=1e-12, rtol=2**-7)

@@ -1,0 +1,69 @@
+"""The environment a run measured: code version, device, software, threads."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import grpo_kernels
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ("triton", "trl", "liger-kernel", "transformers")
+
+
+def git_sha() -> str:
+    """Short sha of HEAD, with ``-dirty`` when tracked files differ from it (``unknown`` outside git)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "grpo_kernels", "csrc", "benchmarks"],
+                               cwd=ROOT).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _version(distribution: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def describe(device: torch.device) -> dict:
+    """Everything recorded with the results of a run on ``device``."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_sha": git_sha(),
+        "device": device.type,
+        "device_name": device_name(device),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "grpo_kernels": grpo_kernels.__version__,
+        "backends": grpo_kernels.available_backends(),
+        "extension": grpo_kernels.extension_available(),
+        **{name: _version(name) for name in PEERS},
+    }

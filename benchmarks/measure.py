@@ -1,0 +1,129 @@
+"""Measuring one case with every implementation: time, bandwidth, roofline share, memory, error."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import costs, limits, memory
+from .accuracy import max_errors
+from .cases import Case, make_inputs
+from .implementations import Implementation, Unsupported, reference_outputs
+from .timing import time_ms
+from .workload import Outputs, step
+
+
+@dataclass(frozen=True)
+class TimingPolicy:
+    """How long to time each implementation (see :func:`benchmarks.timing.time_ms`)."""
+
+    min_repeats: int = 3
+    max_repeats: int = 50
+    min_total_s: float = 1.0
+
+
+@dataclass
+class Record:
+    """One implementation on one case: the row of the CSV and of the tables.
+
+    ``status`` is ``ok``, ``skipped`` (the implementation does not run this
+    case here; ``note`` says why), ``oom`` or ``error`` (``note`` holds it).
+    Bandwidth: ``min_bytes`` (:mod:`benchmarks.costs`) over the median time;
+    ``pct_copy``: that bandwidth over the measured copy bandwidth;
+    ``pct_roofline``: the roofline floor over the median time.
+    ``peak_mem_mb``: MiB above the inputs (:mod:`benchmarks.memory`).
+    ``max_err`` / ``max_err_grad``: max |out - float64 reference|.
+    """
+
+    case: str
+    op: str
+    mode: str
+    B: int
+    T: int
+    N: int
+    V: int
+    H: int
+    dtype: str
+    entropy: bool
+    loss_type: str
+    beta: float
+    impl: str
+    label: str
+    status: str
+    note: str = ""
+    median_ms: Optional[float] = None
+    min_ms: Optional[float] = None
+    repeats: Optional[int] = None
+    min_bytes: int = 0
+    min_flops: int = 0
+    gbps: Optional[float] = None
+    pct_copy: Optional[float] = None
+    floor_ms: Optional[float] = None
+    pct_roofline: Optional[float] = None
+    peak_mem_mb: Optional[float] = None
+    max_err: Optional[float] = None
+    max_err_grad: Optional[float] = None
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def _expected(case: Case, inputs, device: torch.device) -> Optional[Outputs]:
+    """The float64 reference outputs, or None when they do not fit in memory."""
+    try:
+        return tuple(t.detach() for t in reference_outputs(case, inputs))
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+
+
+def measure_case(
+    case: Case, implementations: list[Implementation], device: torch.device, policy: TimingPolicy
+) -> list[Record]:
+    """Every implementation on ``case`` (same inputs, drawn once), one :class:`Record` each."""
+    inputs = make_inputs(case, device)
+    base = dict(
+        case=case.name, op=case.op, mode=case.mode, B=case.B, T=case.T, N=case.N, V=case.V, H=case.H,
+        dtype=case.dtype, entropy=case.entropy, loss_type=case.loss_type, beta=case.beta,
+        min_bytes=costs.min_bytes(case), min_flops=costs.min_flops(case),
+    )
+    flops_rate = limits.matmul_flops_per_s(device, case.torch_dtype) if base["min_flops"] else math.inf
+    floor_s = costs.floor_seconds(case, limits.copy_bytes_per_s(device), flops_rate)
+    expected: Optional[Outputs] = None
+    records = []
+    for impl in implementations:
+        record = Record(**base, impl=impl.key, label=impl.label, status="ok")
+        try:
+            fn = step(case, inputs, impl.build(case, inputs))
+            outputs = fn()  # the first call: compilation and warm-up, then the accuracy check
+            if expected is None:
+                expected = _expected(case, inputs, device)
+            if expected is not None:
+                n_forward = len(outputs) - (len(inputs.wrt) if case.backward else 0)
+                record.max_err, record.max_err_grad = max_errors(outputs, expected, n_forward)
+            del outputs
+            peak = memory.peak_bytes_above(fn, device)
+            timing = time_ms(fn, device, warmup=0, min_repeats=policy.min_repeats,
+                             max_repeats=policy.max_repeats, min_total_s=policy.min_total_s)
+        except Unsupported as reason:
+            record.status, record.note = "skipped", str(reason)
+        except torch.OutOfMemoryError as error:
+            record.status, record.note = "oom", str(error).splitlines()[0]
+        except Exception as error:  # a peer failing on a case is a result, not the end of the run
+            record.status, record.note = "error", f"{type(error).__name__}: {error}".splitlines()[0]
+        else:
+            record.median_ms, record.min_ms, record.repeats = timing.median_ms, timing.min_ms, timing.repeats
+            record.gbps = record.min_bytes / timing.median_ms / 1e6
+            record.pct_copy = 100 * record.gbps * 1e9 / limits.copy_bytes_per_s(device)
+            record.floor_ms = 1e3 * floor_s
+            record.pct_roofline = 100 * record.floor_ms / timing.median_ms
+            record.peak_mem_mb = None if peak is None else peak / 2**20
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        records.append(record)
+    return records

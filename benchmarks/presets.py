@@ -1,0 +1,70 @@
+"""Named lists of cases: the runner's presets and the pytest-benchmark suite's cases.
+
+The first cases of a preset are its most important ones: the runner measures
+them in order and stops at its time budget.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .cases import Case
+
+FUSED = Case(op="fused_grpo_loss")  # forward + backward, dapo, beta 0.04 (with reference log-probs)
+
+
+def _cpu_small() -> list[Case]:
+    """Runs on a 2-core CPU in a few minutes; its first cases are the targets of the CPU backend."""
+    target = FUSED.replace(B=8, T=256, V=32000)  # N = 2048 tokens
+    return [
+        target,
+        target.replace(dtype="bfloat16"),
+        target.replace(entropy=True),
+        *(FUSED.replace(B=2, T=256, V=v) for v in (32000, 128256, 151936)),  # time vs V
+        FUSED.replace(B=4, T=256, V=32000),  # memory vs N (with N = 512, 2048 above)
+        *(Case(op="token_logprobs", B=4, T=256, V=32000, backward=bwd, entropy=ent)
+          for bwd in (False, True) for ent in (False, True)),
+        Case(op="grpo_loss", B=64, T=1024, backward=False),
+        Case(op="grpo_loss", B=64, T=1024),
+        Case(op="group_advantages", B=65536, G=8, backward=False),
+        Case(op="lm_head_grpo_loss", B=4, T=256, V=32000, H=512),
+    ]
+
+
+def _gpu() -> list[Case]:
+    """An H100-class GPU, under about five minutes: vocabularies of Llama 2, 3, Qwen 2.5, Gemma 3."""
+    vocabularies = (32000, 128256, 151936, 262144)
+    sweep = FUSED.replace(B=16, T=512)  # N = 8192 tokens
+    return [
+        *(sweep.replace(V=v, dtype="bfloat16") for v in vocabularies),
+        *(FUSED.replace(B=b, T=512, V=151936, dtype="bfloat16") for b in (4, 8, 32)),  # memory vs N, up to 16384
+        *(Case(op="token_logprobs", B=16, T=512, V=151936, dtype="bfloat16", backward=bwd, entropy=ent)
+          for bwd in (False, True) for ent in (False, True)),
+        sweep.replace(V=151936, dtype="bfloat16", entropy=True),
+        sweep.replace(V=151936, dtype="bfloat16", backward=False),
+        *(sweep.replace(V=v, dtype="float32") for v in vocabularies),
+        Case(op="lm_head_grpo_loss", B=16, T=512, V=151936, H=4096, dtype="bfloat16"),
+        Case(op="grpo_loss", B=32, T=512),
+        Case(op="group_advantages", B=65536, G=8, backward=False),
+    ]
+
+
+def _suite(scale: int, vocabulary: int, dtype: str) -> list[Case]:
+    """The pytest-benchmark suite's cases: every op and mode, at ``scale`` × a small token count."""
+    logits = dict(B=2 * scale, T=128, V=vocabulary, dtype=dtype)
+    return [
+        *(Case(op="token_logprobs", backward=bwd, entropy=ent, **logits)
+          for bwd in (False, True) for ent in (False, True)),
+        Case(op="group_advantages", B=4096 * scale, G=8, backward=False),
+        Case(op="grpo_loss", B=16 * scale, T=512),
+        FUSED.replace(backward=False, **logits),
+        FUSED.replace(**logits),
+        FUSED.replace(entropy=True, **logits),
+    ]
+
+
+PRESETS: dict[str, Callable[[], list[Case]]] = {"cpu-small": _cpu_small, "gpu": _gpu}
+SUITES: dict[str, Callable[[], list[Case]]] = {
+    "cpu": lambda: _suite(1, 32000, "float32"),
+    "cuda": lambda: _suite(16, 151936, "bfloat16"),
+}

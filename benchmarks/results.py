@@ -1,0 +1,126 @@
+"""Result files of a run: the JSON, the long CSV history, the markdown tables.
+
+``<out>/<device>-<date>-<sha>.json``: environment, device limits, preset and
+every :class:`~benchmarks.measure.Record`. ``<out>/all.csv``: one row per
+record of every run (history accumulates; the environment in each row).
+``<out>/<stem>.md``: the tables of one run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .measure import Record
+
+CSV_ENVIRONMENT = ("date", "git_sha", "preset", "device_name", "torch", "triton", "cuda", "cpu_threads")
+BASELINES = {"trl-utils": "TRL", "torch-compile": "torch.compile"}
+
+
+def stem(environment: dict) -> str:
+    """``<device>-<date>-<sha>``, e.g. ``nvidia-h100-80gb-hbm3-2026-11-23-450567b``."""
+    device = environment["device"] if environment["device"] == "cpu" else environment["device_name"]
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    return f"{slug}-{environment['date'][:10]}-{environment['git_sha']}"
+
+
+def write_json(path: Path, run: dict) -> None:
+    """The whole run: ``{"environment", "limits", "preset", "records"}``."""
+    path.write_text(json.dumps(run, indent=1) + "\n")
+
+
+def load(path: Path) -> dict:
+    """A run written by :func:`write_json`, its records as :class:`Record`."""
+    run = json.loads(path.read_text())
+    run["records"] = [Record(**r) for r in run["records"]]
+    return run
+
+
+def append_csv(path: Path, environment: dict, records: Iterable[Record]) -> None:
+    """Append one row per record, with the environment columns first; the header when the file is new."""
+    header = list(CSV_ENVIRONMENT) + Record.fields()
+    new = not path.exists()
+    if not new:
+        with path.open(newline="") as f:
+            existing = next(csv.reader(f), [])
+        if existing != header:
+            raise ValueError(f"{path} has another header; move it aside to start a new history")
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        if new:
+            writer.writeheader()
+        for record in records:
+            writer.writerow({**{k: environment.get(k) for k in CSV_ENVIRONMENT}, **vars(record)})
+
+
+def fmt(value: Optional[float], digits: int = 3) -> str:
+    """``value`` to ``digits`` significant digits, or a dash for None."""
+    return "–" if value is None else f"{value:.{digits}g}"
+
+
+def _ok(records: Iterable[Record]) -> list[Record]:
+    return [r for r in records if r.status == "ok"]
+
+
+def _speedup(record: Record, records: list[Record], baseline: str) -> str:
+    base = next((r for r in _ok(records) if r.case == record.case and r.impl == baseline), None)
+    return "–" if base is None else f"{base.median_ms / record.median_ms:.2f}×"
+
+
+def environment_line(run: dict) -> str:
+    """One line naming the device, code and software of a run, and its measured limits."""
+    env, lim = run["environment"], run["limits"]
+    software = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "trl", "liger-kernel") if env.get(k))
+    return (f"{env['device_name']} ({env['cpu_threads']} CPU threads), {env['date']}, commit {env['git_sha']}, "
+            f"preset `{run['preset']}`; {software}; copy bandwidth {lim['copy_gbps']:.1f} GB/s")
+
+
+def detail_table(records: list[Record]) -> str:
+    """Every measured record: time, bandwidth, shares of copy bandwidth and roofline, memory, error, speed-ups."""
+    head = ("| case | implementation | median ms | GB/s | % copy BW | % roofline | peak MiB above inputs "
+            "| max err (out / grad) | " + " | ".join(f"× vs {v}" for v in BASELINES.values()) + " |")
+    lines = [head, "|" + "---|" * (8 + len(BASELINES))]
+    for r in _ok(records):
+        speedups = " | ".join(_speedup(r, records, b) for b in BASELINES)
+        lines.append(
+            f"| `{r.case}` | {r.label} | {fmt(r.median_ms, 4)} | {fmt(r.gbps)} | {fmt(r.pct_copy)} "
+            f"| {fmt(r.pct_roofline)} | {fmt(r.peak_mem_mb, 4)} | {fmt(r.max_err, 2)} / {fmt(r.max_err_grad, 2)} "
+            f"| {speedups} |"
+        )
+    return "\n".join(lines)
+
+
+def summary_table(records: list[Record]) -> str:
+    """Median ms per case (rows) and implementation (columns), with the fastest grpo_kernels backend's speed-ups."""
+    impls = list(dict.fromkeys(r.impl for r in _ok(records)))
+    labels = {r.impl: r.label for r in records}
+    cases = list(dict.fromkeys(r.case for r in _ok(records)))
+    head = ("| case | " + " | ".join(labels[i] for i in impls) + " | fastest grpo_kernels | "
+            + " | ".join(f"× vs {v}" for v in BASELINES.values()) + " |")
+    lines = [head, "|" + "---|" * (len(impls) + 2 + len(BASELINES))]
+    for case in cases:
+        row = {r.impl: r for r in _ok(records) if r.case == case}
+        ours = min((r for r in row.values() if r.impl.startswith("ours-")), key=lambda r: r.median_ms, default=None)
+        cells = [fmt(row[i].median_ms, 4) if i in row else "–" for i in impls]
+        speedups = [_speedup(ours, records, b) if ours else "–" for b in BASELINES]
+        lines.append(f"| `{case}` | " + " | ".join(cells) + f" | {ours.impl if ours else '–'} | "
+                     + " | ".join(speedups) + " |")
+    return "\n".join(lines)
+
+
+def not_measured(records: list[Record]) -> str:
+    """The implementations that did not run, once per (implementation, reason)."""
+    seen = dict.fromkeys((r.impl, r.status, r.note) for r in records if r.status != "ok")
+    return "\n".join(f"- `{impl}` {status}: {note}" for impl, status, note in seen)
+
+
+def markdown(run: dict) -> str:
+    """The tables of one run (``<stem>.md``)."""
+    records = run["records"]
+    return "\n\n".join([
+        f"# Benchmark run `{run['stem']}`", environment_line(run), "## Median ms", summary_table(records),
+        "## Details", detail_table(records), "## Not measured", not_measured(records) or "(none)",
+    ]) + "\n"

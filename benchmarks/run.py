@@ -1,0 +1,88 @@
+"""The benchmark runner: ``python -m benchmarks.run --preset cpu-small``.
+
+Measures the device's copy bandwidth (and matmul rate where a case needs it),
+then every case of the preset with every implementation (see
+:mod:`benchmarks.implementations`), in the preset's order until the time
+budget is spent, and writes into ``--out`` (default ``benchmarks/results``):
+``<device>-<date>-<sha>.json``, a row per record appended to ``all.csv``,
+``<stem>.md`` and the PNG plots. Prints the summary table last.
+
+Filters for quick runs: ``--cases SUBSTRING`` (a case runs when its name
+contains any of them), ``--impls KEY`` (implementation keys), ``--quick``
+(one timed call each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from . import environment, limits, memory, plots, results
+from .implementations import implementations
+from .measure import TimingPolicy, measure_case
+from .presets import PRESETS
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    parser.add_argument("--cases", nargs="+", default=None, metavar="SUBSTRING",
+                        help="run only the cases whose name contains one of these")
+    parser.add_argument("--impls", nargs="+", default=None, metavar="KEY",
+                        help="run only these implementations (e.g. ours-cpu trl-utils torch-compile)")
+    parser.add_argument("--quick", action="store_true", help="one timed call per implementation (smoke runs)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="start no new case after this many seconds")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of the result files")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run a preset; returns the run (as written to the JSON)."""
+    args = _parse(argv)
+    device = torch.device(args.device)
+    cases = [c for c in PRESETS[args.preset]() if not args.cases or any(s in c.name for s in args.cases)]
+    impls = [i for i in implementations(device) if not args.impls or i.key in args.impls]
+    policy = TimingPolicy(1, 1, 0.0) if args.quick else TimingPolicy()
+    if not cases or not impls:
+        raise SystemExit("no case or no implementation left after the filters")
+
+    env = {**environment.describe(device), "preset": args.preset}
+    copy_gbps = limits.copy_bytes_per_s(device) / 1e9
+    print(f"{env['device_name']}: copy bandwidth {copy_gbps:.1f} GB/s; {len(cases)} cases × {len(impls)} impls",
+          flush=True)
+    start, records = time.monotonic(), []
+    for case in cases:
+        if args.time_budget is not None and time.monotonic() - start > args.time_budget:
+            print(f"time budget spent: {case.name} and later cases not run", flush=True)
+            break
+        for record in measure_case(case, impls, device, policy):
+            records.append(record)
+            if record.status != "skipped":
+                print(f"{record.case:80s} {record.impl:24s} {record.status:5s} "
+                      f"{results.fmt(record.median_ms, 4):>8s} ms {record.note}", flush=True)
+
+    run = {
+        "stem": results.stem(env), "preset": args.preset, "environment": env,
+        "limits": {**limits.measured(device), "memory_method": memory.method(device)},
+        "records": records,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    results.write_json(args.out / f"{run['stem']}.json", {**run, "records": [vars(r) for r in records]})
+    results.append_csv(args.out / "all.csv", env, records)
+    (args.out / f"{run['stem']}.md").write_text(results.markdown(run))
+    written = plots.write_plots(records, args.out, run["stem"])
+    print("\n" + results.summary_table(records))
+    print(f"\nwrote {args.out / run['stem']}.json/.md, all.csv, {', '.join(p.name for p in written) or 'no plots'}")
+    return run
+
+
+if __name__ == "__main__":
+    main()
