@@ -3,8 +3,10 @@
 A backend is a module providing some of the ops ``token_logprobs``,
 ``group_advantages``, ``grpo_loss`` and ``fused_grpo_loss`` with the
 signatures of :mod:`grpo_kernels.reference`; a module lists what it provides
-in ``OPS`` (the reference provides all). Backend modules are imported on first
-use. ``"auto"`` picks, per device type, the first available backend of an
+in ``OPS`` (the reference provides all). A backend without kernels of its own
+for the fused-linear ops (``CHUNKED_OPS``) provides them through a chunked
+driver over its row ops. Backend modules are imported on first use.
+``"auto"`` picks, per device type, the first available backend of an
 ordered preference list; the environment variable ``GRPO_KERNELS_BACKEND``
 overrides that choice.
 """
@@ -20,7 +22,12 @@ from typing import Callable, Optional
 import torch
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
-OPS = ("token_logprobs", "group_advantages", "grpo_loss", "fused_grpo_loss")
+OPS = ("token_logprobs", "group_advantages", "grpo_loss", "fused_grpo_loss", "linear_token_logprobs",
+       "fused_linear_grpo_loss")
+
+# Ops that a backend without a kernel of its own for them still provides through the
+# chunked driver of :mod:`grpo_kernels.linear`, which runs the backend's row ops listed here.
+CHUNKED_OPS = {"linear_token_logprobs": ("token_logprobs",), "fused_linear_grpo_loss": ("token_logprobs", "grpo_loss")}
 
 # What each backend is, for the error messages.
 _DESCRIPTIONS = {
@@ -65,7 +72,12 @@ def available_backends(op: Optional[str] = None) -> list[str]:
     """
     if op is not None and op not in OPS:
         raise ValueError(f"op must be one of {list(OPS)}, got {op!r}")
-    return [name for name in BACKENDS if _installed(name) and (op is None or _provides(name, op))]
+    return [name for name in BACKENDS if _installed(name) and (op is None or _provides(name, op) or chunked(name, op))]
+
+
+def chunked(name: str, op: str) -> bool:
+    """Backend ``name`` provides ``op`` through the chunked driver (no kernel of its own, all its row ops)."""
+    return not _provides(name, op) and op in CHUNKED_OPS and all(_provides(name, r) for r in CHUNKED_OPS[op])
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
