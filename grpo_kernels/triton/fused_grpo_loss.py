@@ -64,7 +64,8 @@ from .token_logprobs import (
 )
 
 
-# Program `row` = token (b, t) = (row // T, row % T). Reads: y, keep, adv, old_logp,
+# Row `row` = token (b, t) = (row // T, row % T); a persistent grid, each program looping over
+# rows pid, pid + P, ... For each row, reads: y, keep, adv, old_logp,
 # ref_logp, iw of the token and dL/dS_b (a few bytes); the V logits of its row in
 # a first sweep (online log-sum-exp, entropy; loads marked evict_last to keep the
 # row in L2), then — with WRITE_GRAD and w = dL/dlogp ≠ 0 — a second sweep from
@@ -78,7 +79,7 @@ from .token_logprobs import (
 def _fused_grpo_loss_kernel(
     x_ptr, y_ptr, keep_ptr, old_ptr, ref_ptr, adv_ptr, iw_ptr, seq_w_ptr,
     logp_ptr, lse_ptr, ent_ptr, dx_ptr,
-    T, n_inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner, V,
+    n_rows, T, n_inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner, V,
     s_keep_b, s_keep_t, s_old_b, s_old_t, s_ref_b, s_ref_t, s_adv_b, s_adv_t, s_iw_b, s_iw_t, s_seq_w,
     inv_t_hi, inv_t_lo, ignore_index,
     lo_arg: tl.float64, hi_arg: tl.float64, eps_high_arg: tl.float64, delta_arg: tl.float64,
@@ -87,49 +88,69 @@ def _fused_grpo_loss_kernel(
     HAS_IW: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr, HAS_OLD: tl.constexpr,
     RETURN_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row % T
-    x_row = x_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
-    dx_row = dx_ptr + (row // n_inner) * dx_stride_outer + (row % n_inner) * dx_stride_inner
-    y = tl.load(y_ptr + row).to(tl.int64)
     inv_t = (tl.zeros([], dtype=ACC) + inv_t_hi) + inv_t_lo
+    lo, hi, eps_high, delta, clip_c, beta, tau_pos, tau_neg = _options(
+        lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg, ACC)
+    # persistent: each program takes rows pid, pid + P, ... (P programs in all, a few per SM, so that the
+    # rows in flight fit in L2 between their two sweeps)
+    for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        row = r + tl.zeros([], dtype=tl.int64)
+        b = row // T
+        t = row % T
+        x_row = x_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+        dx_row = dx_ptr + (row // n_inner) * dx_stride_outer + (row % n_inner) * dx_stride_inner
+        y = tl.load(y_ptr + row).to(tl.int64)
 
-    logp = tl.zeros([], dtype=ACC)
-    lse = tl.zeros([], dtype=ACC)
-    ent = tl.zeros([], dtype=ACC)
-    if y != ignore_index:
-        logp, lse, ent = _row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY, BLOCK_V, ACC, "evict_last")
-    tl.store(logp_ptr + row, logp.to(logp_ptr.dtype.element_ty))
-    tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
-    if RETURN_ENTROPY:
-        tl.store(ent_ptr + row, ent.to(ent_ptr.dtype.element_ty))
+        logp = tl.zeros([], dtype=ACC)
+        lse = tl.zeros([], dtype=ACC)
+        ent = tl.zeros([], dtype=ACC)
+        if y != ignore_index:
+            logp, lse, ent = _row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY, BLOCK_V, ACC,
+                                                    "evict_last")
+        tl.store(logp_ptr + row, logp.to(logp_ptr.dtype.element_ty))
+        tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
+        if RETURN_ENTROPY:
+            tl.store(ent_ptr + row, ent.to(ent_ptr.dtype.element_ty))
 
-    if WRITE_GRAD:
-        # w = dL/dS_b · m · dℓ/dlogp, as the grpo_loss backward kernel forms it for an incoming gradient of 1.
-        lo, hi, eps_high, delta, clip_c, beta, tau_pos, tau_neg = _options(
-            lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg, ACC)
-        m = tl.load(keep_ptr + b * s_keep_b + t * s_keep_t).to(ACC)
-        adv = tl.load(adv_ptr + b * s_adv_b + t * s_adv_t).to(ACC)
-        old_logp = logp  # on-policy: old_logp = logp.detach()
-        if HAS_OLD:
-            old_logp = tl.load(old_ptr + b * s_old_b + t * s_old_t).to(ACC)
-        coef_1 = tl.exp(logp - old_logp)
-        iw = tl.zeros([], dtype=ACC) + 1.0
-        if HAS_IW:
-            iw = tl.load(iw_ptr + b * s_iw_b + t * s_iw_t).to(ACC)
-        ref_logp = logp
-        if ADD_KL:
-            ref_logp = tl.load(ref_ptr + b * s_ref_b + t * s_ref_t).to(ACC)
-        dloss = _dloss_dlogp(coef_1, adv, logp, iw, ref_logp, 0.0, lo, hi, eps_high, delta, clip_c, beta,
-                             tau_pos, tau_neg, FAMILY, False, KL_EST, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C)
-        seq_w = tl.load(seq_w_ptr + b * s_seq_w).to(ACC)
-        w = seq_w * (m * dloss)
-        if w == 0:
-            _row_zero(dx_row, V, BLOCK_V)
-        else:
-            _row_grad(x_row, dx_row, y, lse, ent, w, 0.0, V, inv_t,
-                      True, False, False, BLOCK_V, ACC, True)
+        if WRITE_GRAD:
+            # w = dL/dS_b · m · dℓ/dlogp, as the grpo_loss backward kernel forms it for an incoming gradient of 1.
+            m = tl.load(keep_ptr + b * s_keep_b + t * s_keep_t).to(ACC)
+            adv = tl.load(adv_ptr + b * s_adv_b + t * s_adv_t).to(ACC)
+            old_logp = logp  # on-policy: old_logp = logp.detach()
+            if HAS_OLD:
+                old_logp = tl.load(old_ptr + b * s_old_b + t * s_old_t).to(ACC)
+            coef_1 = tl.exp(logp - old_logp)
+            iw = tl.zeros([], dtype=ACC) + 1.0
+            if HAS_IW:
+                iw = tl.load(iw_ptr + b * s_iw_b + t * s_iw_t).to(ACC)
+            ref_logp = logp
+            if ADD_KL:
+                ref_logp = tl.load(ref_ptr + b * s_ref_b + t * s_ref_t).to(ACC)
+            dloss = _dloss_dlogp(coef_1, adv, logp, iw, ref_logp, 0.0, lo, hi, eps_high, delta, clip_c, beta,
+                                 tau_pos, tau_neg, FAMILY, False, KL_EST, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C)
+            seq_w = tl.load(seq_w_ptr + b * s_seq_w).to(ACC)
+            w = seq_w * (m * dloss)
+            if w == 0:
+                _row_zero(dx_row, V, BLOCK_V)
+            else:
+                _row_grad(x_row, dx_row, y, lse, ent, w, 0.0, V, inv_t,
+                          True, False, False, BLOCK_V, ACC, True)
+
+
+# Persistent grid of the fused kernel: programs per SM. The rows in flight (about SMs × this) must
+# stay in L2 between their two sweeps: 132 SMs × one bf16 row of V = 151936 (297 KiB) is 39 MB of
+# the H100's 50 MB. A starting point, to be tuned on a GPU.
+_PROGRAMS_PER_SM = 1
+# Under the interpreter (CPU tensors): a few programs, so that the tests run the loop over rows.
+_INTERPRETER_PROGRAMS = 3
+
+
+def _num_programs(device: torch.device, n_rows: int) -> int:
+    if device.type == "cuda":
+        programs = torch.cuda.get_device_properties(device).multi_processor_count * _PROGRAMS_PER_SM
+    else:
+        programs = _INTERPRETER_PROGRAMS
+    return max(1, min(n_rows, programs))
 
 
 def _fused_single_pass(rows: Rows, ids: Tensor, keep: Tensor, old: Optional[Tensor], adv: Tensor,
@@ -156,10 +177,10 @@ def _fused_single_pass(rows: Rows, ids: Tensor, keep: Tensor, old: Optional[Tens
     strides.append(seq_w.stride(0) if seq_w.numel() > 1 else 0)
     out = dx if dx is not None else rows
     with device_guard(rows.x):
-        _fused_grpo_loss_kernel[(n_rows,)](
+        _fused_grpo_loss_kernel[(_num_programs(device, n_rows),)](
             rows.x, ids, keep_k, logp if old is None else old, logp if ref is None else ref, adv,
             logp if iw is None else iw, seq_w, logp, lse, lse if ent is None else ent, out.x,
-            T, *rows.strides, out.stride_outer, out.stride_inner, rows.vocab, *strides,
+            n_rows, T, *rows.strides, out.stride_outer, out.stride_inner, rows.vocab, *strides,
             *inverse_temperature(temperature), ignore_index, *cfg.scalars,
             FAMILY=cfg.family, KL_EST=cfg.kl_est, ADD_KL=cfg.add_kl, BIAS_KL=cfg.bias_kl, HAS_IW=cfg.has_iw,
             HAS_DELTA=cfg.has_delta, HAS_C=cfg.has_c, HAS_OLD=old is not None, RETURN_ENTROPY=return_entropy,
