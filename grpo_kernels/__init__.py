@@ -1,16 +1,25 @@
 """grpo_kernels: exact, fused kernels for the GRPO loss.
 
 Ops: :func:`token_logprobs`, :func:`group_advantages`, :func:`grpo_loss`,
-:func:`fused_grpo_loss`; the module :class:`GRPOLoss`; backend selection with
-``backend=`` on every op (:func:`available_backends`). The specification of
-every op is :mod:`grpo_kernels.reference`.
+:func:`fused_grpo_loss`, and from the hidden states and the LM head without
+the logits :func:`linear_token_logprobs`, :func:`fused_linear_grpo_loss`;
+the module :class:`GRPOLoss`; backend selection with ``backend=`` on every
+op (:func:`available_backends`). The specification of every op is
+:mod:`grpo_kernels.reference`.
 """
 
 from ._extension import extension_available, extension_info
 from ._version import __version__
 from .backends import BackendUnavailableError, available_backends
 from .module import GRPOLoss
-from .ops import fused_grpo_loss, group_advantages, grpo_loss, token_logprobs
+from .ops import (
+    fused_grpo_loss,
+    fused_linear_grpo_loss,
+    group_advantages,
+    grpo_loss,
+    linear_token_logprobs,
+    token_logprobs,
+)
 from .reference import GRPOLossOutput
 
 __all__ = [
@@ -22,7 +31,9 @@ __all__ = [
     "extension_available",
     "extension_info",
     "fused_grpo_loss",
+    "fused_linear_grpo_loss",
     "group_advantages",
     "grpo_loss",
+    "linear_token_logprobs",
     "token_logprobs",
 ]

@@ -6,13 +6,14 @@ specification); each backend computes the same numbers.
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Literal, Optional, Sequence, Union, overload
+from typing import Callable, Literal, Optional, Sequence, Union, overload
 
 import torch
 from torch import Tensor
 
-from . import reference, validation
+from . import backends, linear, reference, validation
 from .backends import implementation
 from .reference import GRPOLossOutput
 
@@ -241,4 +242,141 @@ def fused_grpo_loss(
         logits, token_ids, old_logprobs, advantages, mask,
         temperature=float(temperature), ignore_index=ignore_index, return_entropy=return_entropy,
         inplace_backward=inplace_backward, **options,
+    )
+
+
+def _linear_implementation(backend: str, device: torch.device, op: str) -> Callable:
+    """``op`` of a backend with a kernel of its own for it (the reference), else the chunked driver
+    :mod:`grpo_kernels.linear` over the backend's row ops (checked usable on ``device`` before any compute)."""
+    name = backends.resolve_backend(backend, device)
+    if not backends.chunked(name, op):
+        return implementation(name, device, op)
+    for row_op in backends.CHUNKED_OPS[op]:
+        implementation(name, device, row_op)
+    return functools.partial(getattr(linear, op), backend=name)
+
+
+@overload
+def linear_token_logprobs(
+    hidden: Tensor, weight: Tensor, token_ids: Tensor, *, bias: Optional[Tensor] = ..., temperature: float = ...,
+    logit_scale: float = ..., softcap: Optional[float] = ..., ignore_index: int = ...,
+    return_entropy: Literal[False] = ..., chunk_size: Optional[int] = ..., backend: str = ...,
+) -> Tensor: ...
+
+
+@overload
+def linear_token_logprobs(
+    hidden: Tensor, weight: Tensor, token_ids: Tensor, *, bias: Optional[Tensor] = ..., temperature: float = ...,
+    logit_scale: float = ..., softcap: Optional[float] = ..., ignore_index: int = ...,
+    return_entropy: Literal[True], chunk_size: Optional[int] = ..., backend: str = ...,
+) -> tuple[Tensor, Tensor]: ...
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    token_ids: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Log-prob of each sampled token straight from the hidden states and the LM head, without the logits.
+
+    The logits ``x = softcap·tanh(logit_scale·(hidden @ weightᵀ + bias) / softcap)`` (no tanh without
+    ``softcap``) are formed ``chunk_size`` tokens at a time in float32 and never as a whole ``[N, V]`` tensor;
+    the result is :func:`token_logprobs` of them.
+
+    Args:
+        hidden: ``[..., H]`` float16/bfloat16/float32/float64 hidden states (the LM head's input).
+        weight: ``[V, H]`` LM-head weight, the dtype of ``hidden``.
+        token_ids: ``[...]`` int32/int64 in ``[0, V)``, or ``ignore_index``.
+        bias: ``[V]`` LM-head bias, the dtype of ``hidden``, or ``None``.
+        temperature: positive finite sampling temperature.
+        logit_scale: positive finite multiplier of the logits (before the softcap).
+        softcap: ``None`` or a positive cap ``c`` (Gemma's ``final_logit_softcapping``).
+        ignore_index: positions with this id get log-prob 0 (and entropy 0).
+        return_entropy: also return the entropy of each row's distribution.
+        chunk_size: tokens per logits tile (default: ``2**24 // V``); memory only, same numbers.
+        backend: ``"auto"``, ``"reference"`` (the unchunked composition) or a kernel backend, whose
+            ``token_logprobs`` rows the chunked driver runs.
+
+    Returns:
+        ``logp [...]`` float32 (float64 for float64 inputs), or ``(logp, entropy)`` with
+        ``return_entropy=True``. Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``
+        (the backward recomputes the tiles).
+
+    See :func:`grpo_kernels.reference.linear_token_logprobs` for the formula.
+    """
+    options = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                   ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size)
+    validation.check_linear_token_logprobs(hidden, weight, token_ids, **options)
+    return _linear_implementation(backend, hidden.device, "linear_token_logprobs")(
+        hidden, weight, token_ids, **options
+    )
+
+
+def fused_linear_grpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    token_ids: Tensor,
+    old_logprobs: Optional[Tensor],
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: Optional[float] = None,
+    delta: Optional[float] = None,
+    clip_ratio_c: Optional[float] = None,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    kl_estimator: str = "k3",
+    use_bias_correction_kl: bool = False,
+    importance_weights: Optional[Tensor] = None,
+    max_completion_length: Optional[int] = None,
+    num_items_in_batch: Optional[Union[Number, Tensor]] = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    backend: str = "auto",
+) -> GRPOLossOutput:
+    """Hidden states and the LM head straight to the GRPO loss, without the ``[B, T, V]`` logits.
+
+    The gradient w.r.t. ``hidden``, ``weight`` and ``bias`` is formed during the forward, tile by tile
+    (token-level importance sampling: one sweep; sequence level: two); the backward only scales it.
+
+    Args:
+        hidden: ``[B, T, H]`` float16/bfloat16/float32/float64 hidden states of the completion tokens.
+        weight, bias, temperature, logit_scale, softcap, ignore_index, chunk_size: as in
+            :func:`linear_token_logprobs`.
+        token_ids: ``[B, T]`` int sampled completion ids; ``ignore_index`` positions are excluded like masked ones.
+        old_logprobs, advantages, mask: as in :func:`grpo_loss`.
+        return_entropy: also fill ``entropy`` (masked mean entropy, differentiable) in the result.
+        Remaining options: as in :func:`grpo_loss`.
+
+    Returns:
+        :class:`~grpo_kernels.GRPOLossOutput`; ``loss`` and ``entropy`` are differentiable.
+
+    See :func:`grpo_kernels.reference.fused_linear_grpo_loss` for the formulas.
+    """
+    options = _loss_options(locals())
+    head_options = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                        ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size)
+    validation.check_fused_linear_grpo_loss(hidden, weight, token_ids, old_logprobs, advantages, mask,
+                                            **head_options, **options)
+    return _linear_implementation(backend, hidden.device, "fused_linear_grpo_loss")(
+        hidden, weight, token_ids, old_logprobs, advantages, mask, **head_options, **options
     )

@@ -506,3 +506,110 @@ def masked_mean_entropy(entropy: Tensor, keep: Tensor) -> Tensor:
     """The ``entropy`` metric of :func:`fused_grpo_loss`: mean of ``entropy`` over ``keep`` (0 when empty)."""
     k = keep.to(entropy.dtype)
     return (entropy * k).sum() / k.sum().clamp(min=1.0)
+
+
+# --------------------------------------------------------------------------- #
+# fused linear: hidden states and the LM-head weight → log-probs, loss
+# --------------------------------------------------------------------------- #
+def linear_logits(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+) -> Tensor:
+    r"""The LM head's logits as the fused-linear ops see them (before the temperature).
+
+    For a hidden state :math:`h \in \mathbb{R}^H`, weight :math:`W \in \mathbb{R}^{V \times H}`,
+    bias :math:`b`, scale :math:`s` = ``logit_scale`` and cap :math:`c` = ``softcap``:
+
+    .. math::
+        y = s\,(W h + b),\qquad
+        x = \begin{cases} c \tanh(y / c) & \text{with softcap}\\ y & \text{without}\end{cases}
+
+    The product is computed in float32 (float64 for float64 ``hidden``) from the
+    inputs cast to that dtype: never rounded to bfloat16 in between.
+
+    Returns:
+        ``x`` of shape ``[..., V]`` in float32 (float64 for float64 ``hidden``).
+    """
+    dtype = _compute_dtype(hidden)
+    y = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    y = y * logit_scale
+    if softcap is not None:
+        y = softcap * torch.tanh(y / softcap)
+    return y
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    token_ids: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    r"""Log-probs (and entropy) of the sampled tokens straight from the hidden states.
+
+    .. math::
+        \mathrm{logp} = \mathrm{token\_logprobs}(x, y;\ T),\qquad x = \mathrm{linear\_logits}(h, W, b;\ s, c)
+
+    i.e. :math:`\mathrm{logp} = x_y / T - \log\sum_v e^{x_v / T}` (:func:`linear_logits`,
+    :func:`token_logprobs`). ``chunk_size`` is a memory option of the chunked
+    implementation (tokens per logits tile); it changes no number and the
+    reference ignores it.
+
+    Args:
+        hidden: ``[..., H]`` floating point.
+        weight: ``[V, H]``, the dtype of ``hidden``.
+        token_ids: ``[...]`` integer in ``[0, V)`` or ``ignore_index``.
+        bias: ``[V]`` or ``None``.
+        temperature, ignore_index, return_entropy: as in :func:`token_logprobs`.
+        logit_scale, softcap: as in :func:`linear_logits`.
+
+    Returns:
+        ``logp [...]`` float32 (float64 for float64 ``hidden``), or ``(logp, entropy)``.
+    """
+    logits = linear_logits(hidden, weight, bias, logit_scale=logit_scale, softcap=softcap)
+    return token_logprobs(logits, token_ids, temperature=temperature, ignore_index=ignore_index,
+                          return_entropy=return_entropy)
+
+
+def fused_linear_grpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    token_ids: Tensor,
+    old_logprobs: Optional[Tensor],
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+    **loss_options,
+) -> GRPOLossOutput:
+    r"""Hidden states → GRPO loss: :func:`linear_logits` composed with :func:`fused_grpo_loss`.
+
+    .. math::
+        \mathcal{L} = \mathrm{fused\_grpo\_loss}(\mathrm{linear\_logits}(h, W, b;\ s, c), y, \mathrm{old}, A, m;\ T)
+
+    Args:
+        hidden: ``[B, T, H]`` floating point.
+        weight, bias, logit_scale, softcap, chunk_size: as in :func:`linear_token_logprobs`.
+        token_ids: ``[B, T]`` integer.
+        old_logprobs, advantages, mask, temperature, ignore_index, return_entropy, **loss_options:
+            as in :func:`fused_grpo_loss`.
+    """
+    logits = linear_logits(hidden, weight, bias, logit_scale=logit_scale, softcap=softcap)
+    return fused_grpo_loss(logits, token_ids, old_logprobs, advantages, mask, temperature=temperature,
+                           ignore_index=ignore_index, return_entropy=return_entropy, **loss_options)

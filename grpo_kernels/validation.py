@@ -141,10 +141,18 @@ def check_token_logprobs(logits, token_ids, *, temperature, ignore_index, return
     if token_ids.numel() == 0:
         raise ValueError(f"empty batch: logits has shape {list(logits.shape)} with no rows")
     _same_device(logits=logits, token_ids=token_ids)
+    _check_row_options(temperature, ignore_index, return_entropy)
+    _bool("inplace_backward", inplace_backward)
+    _check_ids_in_range(token_ids, vocab, ignore_index)
+
+
+def _check_row_options(temperature, ignore_index, return_entropy) -> None:
     check_temperature(temperature)
     _int("ignore_index", ignore_index, low=-(2**63))
     _bool("return_entropy", return_entropy)
-    _bool("inplace_backward", inplace_backward)
+
+
+def _check_ids_in_range(token_ids: Tensor, vocab: int, ignore_index: int) -> None:
     if _values_checkable(token_ids):
         bad = (token_ids != ignore_index) & ((token_ids < 0) | (token_ids >= vocab))
         if bool(bad.any()):
@@ -297,3 +305,51 @@ def check_fused_grpo_loss(logits, token_ids, old_logprobs, advantages, mask, *, 
     check_token_logprobs(logits, token_ids, temperature=temperature, ignore_index=ignore_index,
                          return_entropy=return_entropy, inplace_backward=inplace_backward)
     _check_loss_inputs(logits, "logits", token_ids.shape, old_logprobs, advantages, mask, options)
+
+
+def check_linear_token_logprobs(hidden, weight, token_ids, *, bias, temperature, logit_scale, softcap, ignore_index,
+                                return_entropy, chunk_size) -> None:
+    _tensor("hidden", hidden)
+    _tensor("weight", weight)
+    _tensor("token_ids", token_ids)
+    _tensor("bias", bias, optional=True)
+    _floating("hidden", hidden)
+    _integer("token_ids", token_ids)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have the dtype of hidden ({hidden.dtype}), got {t.dtype}")
+    if hidden.ndim < 1:
+        raise ValueError("hidden must have shape [..., H] with at least one dimension, got a 0-d tensor")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must have shape [V, H] (vocabulary, hidden size), got {list(weight.shape)}")
+    vocab, size = weight.shape
+    if size != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have H = hidden.shape[-1] = {hidden.shape[-1]} columns, got shape {list(weight.shape)}"
+        )
+    if vocab == 0:
+        raise ValueError("weight must have a non-empty vocabulary dimension (V >= 1), got V = 0")
+    if bias is not None:
+        _shape("bias", bias, (vocab,), "[V]")
+    _shape("token_ids", token_ids, hidden.shape[:-1], "hidden.shape[:-1]")
+    if token_ids.numel() == 0:
+        raise ValueError(f"empty batch: hidden has shape {list(hidden.shape)} with no rows")
+    _same_device(hidden=hidden, weight=weight, token_ids=token_ids, bias=bias)
+    _check_row_options(temperature, ignore_index, return_entropy)
+    _real("logit_scale", logit_scale, low=0.0, low_open=True)
+    if softcap is not None:
+        _real("softcap", softcap, low=0.0, low_open=True)
+    if chunk_size is not None:
+        _int("chunk_size", chunk_size, low=1)
+    _check_ids_in_range(token_ids, vocab, ignore_index)
+
+
+def check_fused_linear_grpo_loss(hidden, weight, token_ids, old_logprobs, advantages, mask, *, bias, temperature,
+                                 logit_scale, softcap, ignore_index, return_entropy, chunk_size, **options) -> None:
+    _tensor("hidden", hidden)
+    if hidden.ndim != 3:
+        raise ValueError(f"hidden must have shape [B, T, H], got {list(hidden.shape)}")
+    check_linear_token_logprobs(hidden, weight, token_ids, bias=bias, temperature=temperature,
+                                logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index,
+                                return_entropy=return_entropy, chunk_size=chunk_size)
+    _check_loss_inputs(hidden, "hidden", token_ids.shape, old_logprobs, advantages, mask, options)

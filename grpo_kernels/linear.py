@@ -1,0 +1,419 @@
+"""The chunked fused-linear ops: hidden states → log-probs, entropy, GRPO loss, never the ``[N, V]`` logits.
+
+Formulas: :func:`grpo_kernels.reference.linear_token_logprobs` and
+:func:`grpo_kernels.reference.fused_linear_grpo_loss`. This module is the
+implementation for every backend except the reference: it forms the logits
+of ``chunk_size`` tokens at a time, a ``[n, V]`` tile, and hands each tile to
+the backend's row kernels through the public :func:`grpo_kernels.ops.token_logprobs`
+(with ``inplace_backward=True``, so the tile's gradient overwrites the tile).
+
+A tile: ``x = s (h Wᵀ + b)`` by ``torch.matmul`` in float32 (float64 for
+float64 inputs) from the inputs cast to that dtype, so the product is never
+rounded to bfloat16; then ``x = c tanh(x / c)`` with a softcap. Its gradient
+``dz`` (from the row kernels' backward, ``w (onehot − p) / T`` for per-token
+weights ``w``) is chained through the softcap and the scale in place and
+reduced into float32 accumulators: ``dh[rows] = dx W``, ``dW += dxᵀ h``,
+``db += Σ_rows dx``. A weight of another dtype is cast in vocabulary blocks
+of at most a tile's size, never as a whole.
+
+``fused_linear_grpo_loss`` forms the gradient in the forward. With token-level
+importance sampling one sweep suffices: the loss is ``Σ_i dL/dS_i Σ_t m ℓ_{i,t}``
+where ``dL/dS_i`` depends on the mask only (:func:`grpo_kernels.aggregation.sequence_weights`)
+and ``ℓ_{i,t}`` on the token's own log-prob only, so a chunk's weights
+``w = dL/dlogp`` are the autograd derivative of the reference per-token loss
+on the chunk, known as soon as the tile's log-sum-exp is. Sequence-level
+importance sampling needs every log-prob of a sequence first: a first sweep
+forms the log-probs, ``w`` comes from the backend's ``grpo_loss`` backward,
+and a second sweep recomputes the tiles for the gradient. The loss and the
+metrics come from the backend's ``grpo_loss`` on the ``[B, T]`` log-probs.
+The autograd backward only scales the accumulators by the incoming gradient
+(and adds an entropy bonus's gradient by a recomputing sweep).
+``linear_token_logprobs`` cannot know its gradient weights in the forward:
+its backward recomputes the tiles, chunk by chunk.
+
+Memory beyond the inputs: one or two ``[chunk_size, V]`` tiles (two with a
+softcap, whose derivative needs the tile after the row kernels wrote its
+gradient), the float32 accumulators of the gradients (``[N, H]``, ``[V, H]``,
+``[V]``, held from the forward to the backward in the fused loss) and
+``O(N)`` per-token vectors; never ``N × V``.
+
+FLOPs of the matmuls (``N`` tokens, vocabulary ``V``, hidden size ``H``):
+the fused loss at token level takes ``6 N V H`` (logits, ``d hidden``,
+``d weight``: each tile spans the whole vocabulary, so its log-sum-exp is
+final before its gradient is formed); at sequence level ``8 N V H`` (the
+logits twice); ``linear_token_logprobs`` forward + backward ``8 N V H``, like
+TRL's chunked LM head. A kernel that tiles the vocabulary as well (a GPU
+kernel keeping tiles on chip) cannot form ``d logits`` of a tile before the
+row's final log-sum-exp, so it needs ``8 N V H`` at token level too, unless
+it keeps whole rows of logits.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Iterator, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import ops, reference
+from .aggregation import sequence_weights
+from .reference import GRPOLossOutput
+
+# Default tokens per tile: this many elements per [chunk_size, V] tile (64 MiB in float32).
+DEFAULT_TILE_ELEMENTS = 2**24
+
+# Per-token weights (g_logp, g_H) of a chunk's log-probs and entropies in Σ g_logp·logp + g_H·H (None: no term),
+# as a function of the chunk's rows and log-probs.
+Weights = tuple[Optional[Tensor], Optional[Tensor]]
+WeightsFn = Callable[[slice, Tensor], Weights]
+
+
+class _Head(NamedTuple):
+    """The LM head, the sampled ids and the options that turn hidden states into tiles of transformed logits."""
+
+    hidden: Tensor  # [N, H]
+    weight: Tensor  # [V, H]
+    bias: Optional[Tensor]  # [V]
+    token_ids: Tensor  # [N]
+    temperature: float
+    logit_scale: float
+    softcap: Optional[float]
+    ignore_index: int
+    chunk_size: int
+    backend: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return reference._compute_dtype(self.hidden)
+
+    def chunks(self) -> Iterator[slice]:
+        n = self.hidden.shape[0]
+        return (slice(start, min(start + self.chunk_size, n)) for start in range(0, n, self.chunk_size))
+
+    def weight_blocks(self, rows: int) -> Iterator[tuple[slice, Tensor]]:
+        """``(vocabulary slice, weight rows in the compute dtype)``: one view, or cast blocks no larger than a tile."""
+        vocab, size = self.weight.shape
+        if self.weight.dtype == self.dtype:
+            yield slice(0, vocab), self.weight
+            return
+        block = max(1, rows * vocab // size)
+        for start in range(0, vocab, block):
+            cols = slice(start, min(start + block, vocab))
+            yield cols, self.weight[cols].to(self.dtype)
+
+
+def _head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], token_ids: Tensor, temperature: float,
+          logit_scale: float, softcap: Optional[float], ignore_index: int, chunk_size: Optional[int],
+          backend: str) -> _Head:
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_TILE_ELEMENTS // weight.shape[0])
+    return _Head(hidden.reshape(-1, hidden.shape[-1]), weight, bias, token_ids.reshape(-1), float(temperature),
+                 float(logit_scale), None if softcap is None else float(softcap), int(ignore_index), int(chunk_size),
+                 backend)
+
+
+def _tile(head: _Head, h: Tensor) -> Tensor:
+    """The transformed logits ``[n, V]`` of the hidden states ``h [n, H]`` (already in the compute dtype)."""
+    if head.weight.dtype == head.dtype:
+        tile = torch.matmul(h, head.weight.t())
+    else:
+        tile = h.new_empty((h.shape[0], head.weight.shape[0]))
+        for cols, w in head.weight_blocks(h.shape[0]):
+            tile[:, cols] = torch.matmul(h, w.t())
+    if head.bias is not None:
+        tile += head.bias.to(head.dtype)
+    if head.logit_scale != 1.0:
+        tile *= head.logit_scale
+    if head.softcap is not None:
+        tile.div_(head.softcap).tanh_().mul_(head.softcap)
+    return tile
+
+
+class _Grads:
+    """Accumulators of the gradients of ``hidden``, ``weight``, ``bias`` (compute dtype; ``None`` where not needed)."""
+
+    def __init__(self, head: _Head, needs: tuple[bool, bool, bool]):
+        inputs = (head.hidden, head.weight, head.bias)
+        self.dtypes = tuple(None if t is None else t.dtype for t in inputs)
+        self.hidden, self.weight, self.bias = (
+            torch.zeros(t.shape, dtype=head.dtype, device=t.device) if needed and t is not None else None
+            for t, needed in zip(inputs, needs)
+        )
+
+    def add(self, head: _Head, rows: slice, h: Tensor, dx: Tensor) -> None:
+        """Add the contribution of the logits gradient ``dx [n, V]`` of the tokens ``rows`` (hidden states ``h``)."""
+        for cols, w in head.weight_blocks(dx.shape[0]) if self.hidden is not None or self.weight is not None else ():
+            if self.hidden is not None:
+                self.hidden[rows].addmm_(dx[:, cols], w)
+            if self.weight is not None:
+                self.weight[cols].addmm_(dx[:, cols].t(), h)
+        if self.bias is not None:
+            self.bias += dx.sum(0)
+
+    def scale_(self, factor: Tensor) -> None:
+        for g in (self.hidden, self.weight, self.bias):
+            if g is not None:
+                g.mul_(factor.to(g.dtype))
+
+    def results(self, shape: torch.Size) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """The gradients in the inputs' dtypes, ``hidden``'s in its original ``shape``."""
+        dh, dw, db = (None if g is None else g.to(dtype) for g, dtype in zip((self.hidden, self.weight, self.bias),
+                                                                              self.dtypes))
+        return None if dh is None else dh.view(shape), dw, db
+
+
+def _sweep(head: _Head, return_entropy: bool, *, logp: Optional[Tensor] = None, entropy: Optional[Tensor] = None,
+           weights: Optional[WeightsFn] = None,
+           grads: Optional[_Grads] = None) -> None:
+    """One pass over the token chunks.
+
+    Each chunk's log-probs (and entropies) are written into ``logp`` /
+    ``entropy`` when given. With ``grads``, ``weights(rows, logp)``
+    gives the chunk's per-token weights ``(g_logp, g_H)`` and the gradient of
+    ``Σ g_logp·logp + g_H·H`` w.r.t. the LM head's inputs is added to ``grads``.
+    """
+    for rows in head.chunks():
+        h = head.hidden[rows].to(head.dtype)
+        tile = _tile(head, h)
+        with torch.enable_grad() if grads is not None else nullcontext():
+            tile.requires_grad_(grads is not None)
+            out = ops.token_logprobs(
+                tile, head.token_ids[rows], temperature=head.temperature, ignore_index=head.ignore_index,
+                return_entropy=return_entropy, inplace_backward=head.softcap is None, backend=head.backend,
+            )
+        chunk_logp, chunk_entropy = out if return_entropy else (out, None)
+        if logp is not None:
+            logp[rows] = chunk_logp.detach()
+        if entropy is not None:
+            entropy[rows] = chunk_entropy.detach()
+        if grads is None:
+            continue
+        g_logp, g_entropy = weights(rows, chunk_logp.detach())
+        pairs = [(o, g.contiguous()) for o, g in ((chunk_logp, g_logp), (chunk_entropy, g_entropy)) if g is not None]
+        (dx,) = torch.autograd.grad([o for o, _ in pairs], tile, [g for _, g in pairs])
+        if head.softcap is not None:  # d/dy c tanh(y/c) = 1 − (x/c)²; the tile still holds x
+            dx.mul_(tile.detach().div_(head.softcap).square_().neg_().add_(1.0))
+        if head.logit_scale != 1.0:
+            dx.mul_(head.logit_scale)
+        grads.add(head, rows, h, dx)
+
+
+# --------------------------------------------------------------------------- #
+# linear_token_logprobs
+# --------------------------------------------------------------------------- #
+class _LinearLogprobsFunction(torch.autograd.Function):
+    """``(hidden, weight, bias, head)`` → ``(logp [N], entropy [N] or 0-d)``; the backward recomputes the tiles."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, head: _Head, return_entropy: bool):
+        n = head.token_ids.numel()
+        logp = torch.empty(n, dtype=head.dtype, device=hidden.device)
+        entropy = torch.empty(n, dtype=head.dtype, device=hidden.device) if return_entropy else None
+        _sweep(head, return_entropy, logp=logp, entropy=entropy)
+        ctx.set_materialize_grads(False)
+        ctx.head = head._replace(hidden=None, weight=None, bias=None)
+        ctx.shape = hidden.shape
+        ctx.save_for_backward(hidden, weight, bias)
+        return (logp, entropy) if return_entropy else logp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_logp, g_entropy=None):
+        if g_logp is None and g_entropy is None:
+            return None, None, None, None, None
+        hidden, weight, bias = ctx.saved_tensors
+        head = _head_with(ctx.head, hidden, weight, bias)
+        grads = _Grads(head, ctx.needs_input_grad[:3])
+
+        def weights(rows: slice, _logp: Tensor) -> Weights:
+            return (None if g_logp is None else g_logp[rows], None if g_entropy is None else g_entropy[rows])
+
+        _sweep(head, g_entropy is not None, weights=weights, grads=grads)
+        return (*grads.results(ctx.shape), None, None)
+
+
+def _head_with(head: _Head, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> _Head:
+    return head._replace(hidden=hidden.reshape(-1, hidden.shape[-1]), weight=weight, bias=bias)
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    token_ids: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+    backend: str,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """:func:`grpo_kernels.reference.linear_token_logprobs`, chunked over ``backend``'s row ops (inputs validated)."""
+    head = _head(hidden, weight, bias, token_ids, temperature, logit_scale, softcap, ignore_index, chunk_size,
+                 backend)
+    out = _LinearLogprobsFunction.apply(hidden, weight, bias, head, bool(return_entropy))
+    shape = token_ids.shape
+    return (out[0].view(shape), out[1].view(shape)) if return_entropy else out.view(shape)
+
+
+# --------------------------------------------------------------------------- #
+# fused_linear_grpo_loss
+# --------------------------------------------------------------------------- #
+def _per_token(t: Optional[Tensor], shape: torch.Size, dtype: torch.dtype) -> Optional[Tensor]:
+    """A ``[B]``, ``[B, 1]`` or ``[B, T]`` tensor as one value per token ``[B·T, 1]`` in ``dtype``."""
+    if t is None:
+        return None
+    return reference._as_column(t.to(dtype)).expand(shape).reshape(-1, 1)
+
+
+def _token_level_weights(head: _Head, keep: Tensor, old_logprobs: Optional[Tensor], advantages: Tensor,
+                         loss_options: dict) -> WeightsFn:
+    """``weights(rows, logp)`` of the loss at token level: ``w = dL/dS_i · m · dℓ/dlogp`` per token."""
+    B, T = keep.shape
+    dtype = head.dtype
+    seq_w = sequence_weights(keep.sum(-1).to(dtype), loss_options["loss_type"], T,
+                             max_completion_length=loss_options["max_completion_length"],
+                             num_items_in_batch=loss_options["num_items_in_batch"])
+    token_w = (seq_w.reshape(-1, 1) * keep.to(dtype)).reshape(-1, 1)
+    old, adv = _per_token(old_logprobs, keep.shape, dtype), _per_token(advantages, keep.shape, dtype)
+    ref = _per_token(loss_options["ref_logprobs"], keep.shape, dtype)
+    iw = _per_token(loss_options["importance_weights"], keep.shape, dtype)
+    flat_keep = keep.reshape(-1, 1)
+    # ℓ of a token does not depend on the aggregation options: the chunk's tokens as sequences of length 1.
+    per_token = ("ref_logprobs", "importance_weights", "max_completion_length", "num_items_in_batch")
+    options = {name: value for name, value in loss_options.items() if name not in per_token}
+
+    def pick(t: Optional[Tensor], rows: slice) -> Optional[Tensor]:
+        return None if t is None else t[rows]
+
+    def weights(rows: slice, logp: Tensor) -> Weights:
+        with torch.enable_grad():
+            lp = logp.reshape(-1, 1).requires_grad_()
+            per_token_loss = reference.grpo_loss(
+                lp, pick(old, rows), adv[rows], flat_keep[rows], ref_logprobs=pick(ref, rows),
+                importance_weights=pick(iw, rows), **options,
+            ).per_token_loss
+            (w,) = torch.autograd.grad(per_token_loss, lp, token_w[rows])
+        return w.reshape(-1), None
+
+    return weights
+
+
+def _entropy_weights(entropy: Tensor, keep: Tensor, grad: Tensor) -> Tensor:
+    """``d entropy_metric / d H`` times ``grad``, per token ``[B·T]``."""
+    with torch.enable_grad():
+        h = entropy.detach().requires_grad_()
+        (g,) = torch.autograd.grad(reference.masked_mean_entropy(h, keep), h, grad)
+    return g.reshape(-1)
+
+
+class _FusedLinearGRPOLossFunction(torch.autograd.Function):
+    """``(hidden, weight, bias, old, adv, mask, head, options)`` → loss, metrics; the gradient formed in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, old_logprobs, advantages, mask, head: _Head, options):
+        return_entropy, loss_options = options
+        B, T = mask.shape
+        keep = reference.fused_loss_mask(mask, head.token_ids.view(B, T), head.ignore_index)
+        logp = torch.empty(B * T, dtype=head.dtype, device=hidden.device)
+        entropy = torch.empty(B * T, dtype=head.dtype, device=hidden.device) if return_entropy else None
+        needs = ctx.needs_input_grad[:3]
+        grads = _Grads(head, needs) if any(needs) else None
+        if grads is not None and loss_options["importance_sampling_level"] == "token":
+            weights = _token_level_weights(head, keep, old_logprobs, advantages, loss_options)
+            _sweep(head, return_entropy, logp=logp, entropy=entropy, weights=weights, grads=grads)
+        else:
+            _sweep(head, return_entropy, logp=logp, entropy=entropy)
+        if grads is not None and loss_options["importance_sampling_level"] == "sequence":
+            with torch.enable_grad():
+                lp = logp.view(B, T).requires_grad_()
+                loss = ops.grpo_loss(lp, old_logprobs, advantages, keep, backend=head.backend, **loss_options).loss
+                (w,) = torch.autograd.grad(loss, lp)
+            w = w.reshape(-1)
+            _sweep(head, False, weights=lambda rows, _logp: (w[rows], None), grads=grads)
+        result = ops.grpo_loss(logp.view(B, T), old_logprobs, advantages, keep, backend=head.backend, **loss_options)
+
+        entropy_out = result.loss.new_zeros(())
+        if return_entropy:
+            entropy = entropy.view(B, T)
+            entropy_out = reference.masked_mean_entropy(entropy, keep)
+        ctx.set_materialize_grads(False)
+        ctx.grads = grads
+        ctx.head = head._replace(hidden=None, weight=None, bias=None)
+        ctx.shape = hidden.shape
+        ctx.entropy = (entropy, keep) if return_entropy else None
+        if return_entropy:
+            ctx.save_for_backward(hidden, weight, bias)
+        kl = result.kl if result.kl is not None else result.loss.new_zeros(())
+        ctx.mark_non_differentiable(result.per_token_loss, kl, result.clip_ratio_low, result.clip_ratio_high,
+                                    result.clip_ratio_region)
+        return (result.loss, result.per_token_loss, kl, result.clip_ratio_low, result.clip_ratio_high,
+                result.clip_ratio_region, entropy_out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_loss, _ptl, _kl, _low, _high, _region, g_entropy):
+        if ctx.entropy is None:
+            g_entropy = None
+        if g_loss is None and g_entropy is None:
+            return (None,) * 8
+        if ctx.grads is None:
+            raise RuntimeError(
+                "fused_linear_grpo_loss: its gradient accumulators were consumed by an earlier backward through this "
+                "graph; a second backward (retain_graph=True) needs a new forward"
+            )
+        grads, ctx.grads = ctx.grads, None
+        if g_loss is not None:
+            grads.scale_(g_loss)
+        if g_entropy is not None:  # an entropy bonus: a recomputing sweep adds its gradient
+            hidden, weight, bias = ctx.saved_tensors
+            head = _head_with(ctx.head, hidden, weight, bias)
+            if g_loss is None:
+                grads = _Grads(head, ctx.needs_input_grad[:3])
+            g_h = _entropy_weights(*ctx.entropy, g_entropy)
+            _sweep(head, True, weights=lambda rows, _logp: (None, g_h[rows]), grads=grads)
+        return (*grads.results(ctx.shape), None, None, None, None, None)
+
+
+def fused_linear_grpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    token_ids: Tensor,
+    old_logprobs: Optional[Tensor],
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+    backend: str,
+    **loss_options,
+) -> GRPOLossOutput:
+    """:func:`grpo_kernels.reference.fused_linear_grpo_loss`, chunked over ``backend``'s row ops (inputs validated).
+
+    ``loss`` (and ``entropy``) are differentiable w.r.t. ``hidden``, ``weight``
+    and ``bias``; ``per_token_loss``, ``kl`` and the clip metrics come without
+    gradient.
+    """
+    head = _head(hidden, weight, bias, token_ids, temperature, logit_scale, softcap, ignore_index, chunk_size,
+                 backend)
+    loss, per_token_loss, kl, low, high, region, entropy = _FusedLinearGRPOLossFunction.apply(
+        hidden, weight, bias, old_logprobs, advantages, mask, head, (bool(return_entropy), loss_options)
+    )
+    return GRPOLossOutput(
+        loss=loss,
+        per_token_loss=per_token_loss,
+        kl=kl if loss_options.get("ref_logprobs") is not None else None,
+        clip_ratio_low=low,
+        clip_ratio_high=high,
+        clip_ratio_region=region,
+        entropy=entropy if return_entropy else None,
+    )
