@@ -2,7 +2,8 @@
 
 A case is one op (``token_logprobs``, ``group_advantages``, ``grpo_loss``,
 ``fused_grpo_loss``, or ``lm_head_grpo_loss``: hidden states × LM-head weight →
-log-probs → loss, the step TRL's fused LM head replaces) in one mode (forward,
+log-probs → loss, grpo_kernels' ``fused_linear_grpo_loss`` and the step TRL's
+fused LM head does) in one mode (forward,
 or forward + backward) at one shape and dtype. Every implementation of a case
 gets the same inputs, drawn by :func:`make_inputs` on the device.
 

@@ -6,9 +6,10 @@ that case here: a backend not built, a peer not importable, an op or option
 the peer lacks, a device it does not run on. The runner records those as
 skipped; the pytest-benchmark suite skips them.
 
-- ``ours-<backend>``: ``grpo_kernels.<op>(..., backend=<backend>)`` for every
-  backend in :func:`grpo_kernels.available_backends` that runs on the device
-  (Triton only on CUDA: the interpreter is no benchmark). ``ours-<backend>-inplace``
+- ``ours-<backend>``: ``grpo_kernels.<op>(..., backend=<backend>)`` (the LM-head
+  case: ``fused_linear_grpo_loss``) for every backend in
+  :func:`grpo_kernels.available_backends` that runs on the device (Triton only
+  on CUDA: the interpreter is no benchmark). ``ours-<backend>-inplace``
   with ``inplace_backward=True`` where the public ops take that keyword (kernel backends).
 - ``torch-compile``: ``torch.compile`` (inductor) of ``grpo_kernels.reference``'s ops.
 - ``trl-utils``: TRL's ``selective_log_softmax`` / ``selective_log_softmax_and_entropy``
@@ -59,21 +60,22 @@ class Implementation:
 
 
 class OpSet(NamedTuple):
-    """The four ops with grpo_kernels' signatures (a backend, or compiled reference functions)."""
+    """The ops with grpo_kernels' signatures (a backend, or compiled reference functions)."""
 
     token_logprobs: Callable[..., Any]
     group_advantages: Callable[..., Any]
     grpo_loss: Callable[..., Any]
     fused_grpo_loss: Callable[..., Any]
+    fused_linear_grpo_loss: Callable[..., Any]
 
 
-def library_op(case: Case) -> str:
-    """The grpo_kernels op a case exercises (the LM-head case: ``fused_grpo_loss`` after the matmul)."""
-    return "fused_grpo_loss" if case.op == "lm_head_grpo_loss" else case.op
+def library_op(case_op: str) -> str:
+    """The grpo_kernels op a case op exercises (the LM-head case: ``fused_linear_grpo_loss``)."""
+    return "fused_linear_grpo_loss" if case_op == "lm_head_grpo_loss" else case_op
 
 
 def _logits(inputs: Inputs) -> Tensor:
-    """The logits of a logits case, or of the LM-head case (hidden @ weightᵀ)."""
+    """The logits of a logits case, or of the LM-head case materialized (hidden @ weightᵀ), as eager code does."""
     return inputs.logits if inputs.logits is not None else inputs.hidden @ inputs.weight.T
 
 
@@ -96,9 +98,14 @@ def _forward(case: Case, inputs: Inputs, ops: OpSet) -> Callable[[], Outputs]:
             )
             return (out.loss,)
     else:
+        fused, head = (
+            (ops.fused_linear_grpo_loss, (inputs.hidden, inputs.weight)) if case.op == "lm_head_grpo_loss"
+            else (ops.fused_grpo_loss, (inputs.logits,))
+        )
+
         def run() -> Outputs:
-            out = ops.fused_grpo_loss(
-                _logits(inputs), inputs.token_ids, inputs.old_logprobs, inputs.advantages, inputs.mask,
+            out = fused(
+                *head, inputs.token_ids, inputs.old_logprobs, inputs.advantages, inputs.mask,
                 temperature=case.temperature, return_entropy=case.entropy, ref_logprobs=inputs.ref_logprobs,
                 **case.loss_options(),
             )
@@ -124,17 +131,19 @@ def _backend_ops(backend: str, inplace: bool) -> OpSet:
         group_advantages=functools.partial(grpo_kernels.group_advantages, backend=backend),
         grpo_loss=functools.partial(grpo_kernels.grpo_loss, backend=backend),
         fused_grpo_loss=functools.partial(grpo_kernels.fused_grpo_loss, **logits_options),
+        fused_linear_grpo_loss=functools.partial(grpo_kernels.fused_linear_grpo_loss, backend=backend),
     )
 
 
 @functools.lru_cache(maxsize=None)
-def _backend_refusal(backend: str, op: str, device: torch.device) -> Optional[str]:
-    """Why ``backend`` does not run ``op`` on ``device`` (None when it does), from a tiny call."""
+def _backend_refusal(backend: str, case_op: str, device: torch.device) -> Optional[str]:
+    """Why ``backend`` does not run the cases of ``case_op`` on ``device`` (None when it does), from a tiny call."""
+    op = library_op(case_op)
     if backend not in grpo_kernels.available_backends(op):
         return f"backend {backend!r} has no {op} in this installation"
     if backend == "triton" and device.type != "cuda":
         return "Triton is benchmarked on CUDA only (the CPU interpreter is no benchmark)"
-    tiny = Case(op=op, B=2, T=4, V=16, G=2, backward=op != "group_advantages")
+    tiny = Case(op=case_op, B=2, T=4, V=16, H=8, G=2, backward=case_op != "group_advantages")
     inputs = make_inputs(tiny, device)
     try:
         step(tiny, inputs, Workload(_forward(tiny, inputs, _backend_ops(backend, False)), inputs.wrt))()
@@ -145,7 +154,7 @@ def _backend_refusal(backend: str, op: str, device: torch.device) -> Optional[st
 
 def _ours(backend: str, inplace: bool, device: torch.device) -> Implementation:
     def build(case: Case, inputs: Inputs) -> Workload:
-        refusal = _backend_refusal(backend, library_op(case), device)
+        refusal = _backend_refusal(backend, case.op, device)
         if refusal:
             raise Unsupported(refusal)
         if inplace:

@@ -5,16 +5,19 @@ minus ``torch.cuda.memory_allocated`` before the call: exact bytes of tensors
 from torch's caching allocator.
 
 CPU: the process's peak resident set above its resident set before the call,
-read from Linux's ``/proc/self/status`` (``VmHWM`` - ``VmRSS``) after resetting
-the peak by writing ``5`` to ``/proc/self/clear_refs``. Large tensors are
-mmap'ed by the C allocator and returned on free, so this counts them exactly;
-small allocations served from memory the allocator already holds are not
-counted (they are small). Includes the outputs and the gradients the call
-returns. Elsewhere (no /proc): not measured (None).
+read from Linux's ``/proc/self/status`` (``VmHWM`` - ``VmRSS``) after
+``malloc_trim(0)`` (glibc returns the freed memory it holds to the system, so
+every page the call touches counts, even when an earlier call freed it) and
+after resetting the peak by writing ``5`` to ``/proc/self/clear_refs``. Counts
+pages, so it can exceed the tensors' bytes by the allocator's slack. Includes
+the outputs and the gradients the call returns. Elsewhere (no /proc, no
+glibc): not measured (None).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,13 +25,16 @@ import torch
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+_MALLOC_TRIM = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)  # glibc only
 
 
 def method(device: torch.device) -> str:
     """How :func:`peak_bytes_above` measures on ``device`` (recorded with the results)."""
     if device.type == "cuda":
         return "torch.cuda.max_memory_allocated - memory_allocated before"
-    return "peak RSS (VmHWM after clear_refs) - RSS before" if _CLEAR_REFS.exists() else "not measured"
+    if _CLEAR_REFS.exists() and _MALLOC_TRIM is not None:
+        return "peak RSS (VmHWM after malloc_trim and clear_refs) - RSS before"
+    return "not measured"
 
 
 def _status_bytes(key: str) -> int:
@@ -47,8 +53,9 @@ def peak_bytes_above(fn: Callable[[], object], device: torch.device) -> Optional
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    if not _CLEAR_REFS.exists():
+    if not _CLEAR_REFS.exists() or _MALLOC_TRIM is None:
         return None
+    _MALLOC_TRIM(0)
     _CLEAR_REFS.write_text("5")
     before = _status_bytes("VmRSS")
     fn()

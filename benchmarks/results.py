@@ -17,7 +17,7 @@ from typing import Iterable, Optional
 from .measure import Record
 
 CSV_ENVIRONMENT = ("date", "git_sha", "preset", "device_name", "torch", "triton", "cuda", "cpu_threads")
-BASELINES = {"trl-utils": "TRL", "torch-compile": "torch.compile"}
+BASELINES = {"trl-utils": "TRL", "trl-lm-head": "TRL fused LM head", "torch-compile": "torch.compile"}
 
 
 def stem(environment: dict) -> str:
@@ -94,11 +94,12 @@ def detail_table(records: list[Record]) -> str:
 
 
 def summary_table(records: list[Record]) -> str:
-    """Median ms per case (rows) and implementation (columns), with the fastest grpo_kernels backend's speed-ups."""
+    """Median ms per case (rows) and implementation (columns, by key, with a legend below),
+    and the speed-ups of the fastest grpo_kernels backend."""
     impls = list(dict.fromkeys(r.impl for r in _ok(records)))
     labels = {r.impl: r.label for r in records}
     cases = list(dict.fromkeys(r.case for r in _ok(records)))
-    head = ("| case | " + " | ".join(labels[i] for i in impls) + " | fastest grpo_kernels | "
+    head = ("| case | " + " | ".join(f"`{i}`" for i in impls) + " | fastest grpo_kernels | "
             + " | ".join(f"× vs {v}" for v in BASELINES.values()) + " |")
     lines = [head, "|" + "---|" * (len(impls) + 2 + len(BASELINES))]
     for case in cases:
@@ -108,7 +109,8 @@ def summary_table(records: list[Record]) -> str:
         speedups = [_speedup(ours, records, b) if ours else "–" for b in BASELINES]
         lines.append(f"| `{case}` | " + " | ".join(cells) + f" | {ours.impl if ours else '–'} | "
                      + " | ".join(speedups) + " |")
-    return "\n".join(lines)
+    legend = "; ".join(f"`{i}`: {labels[i]}" for i in impls)
+    return "\n".join(lines) + f"\n\n{legend}."
 
 
 def not_measured(records: list[Record]) -> str:

@@ -15,6 +15,7 @@ contains any of them), ``--impls KEY`` (implementation keys), ``--quick``
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -59,15 +60,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"{env['device_name']}: copy bandwidth {copy_gbps:.1f} GB/s; {len(cases)} cases × {len(impls)} impls",
           flush=True)
     start, records = time.monotonic(), []
-    for case in cases:
-        if args.time_budget is not None and time.monotonic() - start > args.time_budget:
-            print(f"time budget spent: {case.name} and later cases not run", flush=True)
-            break
-        for record in measure_case(case, impls, device, policy):
-            records.append(record)
-            if record.status != "skipped":
-                print(f"{record.case:80s} {record.impl:24s} {record.status:5s} "
-                      f"{results.fmt(record.median_ms, 4):>8s} ms {record.note}", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # a time limit's SIGTERM still writes what was measured
+    try:
+        for case in cases:
+            if args.time_budget is not None and time.monotonic() - start > args.time_budget:
+                print(f"time budget spent: {case.name} and later cases not run", flush=True)
+                break
+            for record in measure_case(case, impls, device, policy):
+                records.append(record)
+                if record.status != "skipped":
+                    print(f"{record.case:80s} {record.impl:24s} {record.status:5s} "
+                          f"{results.fmt(record.median_ms, 4):>8s} ms {record.note}", flush=True)
+    except KeyboardInterrupt:
+        print(f"interrupted: writing the {len(records)} records measured so far", flush=True)
 
     run = {
         "stem": results.stem(env), "preset": args.preset, "environment": env,
@@ -82,6 +87,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print("\n" + results.summary_table(records))
     print(f"\nwrote {args.out / run['stem']}.json/.md, all.csv, {', '.join(p.name for p in written) or 'no plots'}")
     return run
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM handler: stop measuring as Ctrl-C would."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
