@@ -1,0 +1,190 @@
+"""fused_linear_grpo_loss: equals the reference composition (loss, metrics, gradients of hidden/weight/bias) for
+every loss option, and never forms the [B·T, V] logits."""
+
+import pytest
+import torch
+from test_linear_token_logprobs import TOLERANCES, LargestTensor
+
+import grpo_kernels as gk
+
+OP = "fused_linear_grpo_loss"
+
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
+
+
+def make_inputs(B=3, T=4, H=8, V=29, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / 2).to(dtype)
+    bias = torch.randn(V, generator=g, dtype=torch.float64).to(dtype)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    ids[1, 2] = -100
+    with torch.no_grad():
+        logp = gk.linear_token_logprobs(hidden.double(), weight.double(), ids, bias=bias.double(),
+                                        backend="reference")
+    tensors = dict(
+        old=logp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64),
+        ref=logp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64),
+        adv=torch.randn(B, generator=g, dtype=torch.float64),
+        iw=0.5 + torch.rand(B, T, generator=g, dtype=torch.float64),
+    )
+    mask = torch.rand(B, T, generator=g) > 0.25
+    mask[-1, :] = False  # a fully masked sequence
+    mask[0, 0] = True
+    return hidden, weight, bias, ids, mask, tensors
+
+
+def run(hidden, weight, bias, ids, mask, tensors, *, backend, upcast=False, entropy_coef=0.0, **options):
+    """The result and the gradients ``(d hidden, d weight, d bias)`` of ``loss + entropy_coef·entropy``."""
+    leaves = [None if t is None else t.detach().clone() for t in (hidden, weight, bias)]
+    if upcast:
+        leaves = [None if t is None else t.double() for t in leaves]
+    for t in leaves:
+        if t is not None:
+            t.requires_grad_()
+    out = gk.fused_linear_grpo_loss(leaves[0], leaves[1], ids, tensors["old"], tensors["adv"], mask, bias=leaves[2],
+                                    backend=backend, **options)
+    objective = out.loss if not entropy_coef else out.loss + entropy_coef * out.entropy
+    objective.backward()
+    return out, [None if t is None else t.grad for t in leaves]
+
+
+def assert_matches_spec(backend, inputs, **options):
+    ours, our_grads = run(*inputs, backend=backend, **options)
+    spec, spec_grads = run(*inputs, backend="reference", upcast=True, **options)
+    tol = TOLERANCES[inputs[0].dtype]
+    for name, a, b in zip(ours._fields + ("d hidden", "d weight", "d bias"), (*ours, *our_grads),
+                          (*spec, *spec_grads)):
+        if b is None:
+            assert a is None, name
+            continue
+        torch.testing.assert_close(a.double(), b.to(a.dtype).double(), **tol, msg=lambda m: f"{name}: {m}")
+
+
+OPTIONS = [
+    dict(),
+    dict(beta=0.04, kl_estimator="k1"),
+    dict(beta=0.04, importance_sampling_level="sequence", use_bias_correction_kl=True),
+    dict(epsilon_high=0.28, delta=1.5, clip_ratio_c=3.0),
+    dict(kl_estimator="low_var_kl", beta=0.1, num_items_in_batch=7, importance_weights="iw"),
+    dict(importance_sampling_level="sequence", kl_estimator="k2", beta=0.1, max_completion_length=6),
+]
+# delta / clip_ratio_c apply to the clipped loss types only
+CASES = [(lt, o) for lt in LOSS_TYPES for o in OPTIONS if lt not in ("cispo", "sapo") or "delta" not in o]
+
+
+def with_tensors(options: dict, tensors: dict) -> dict:
+    options = dict(options)
+    if options.get("beta"):
+        options["ref_logprobs"] = tensors["ref"]
+    if "importance_weights" in options:
+        options["importance_weights"] = tensors[options["importance_weights"]]
+    return options
+
+
+@pytest.mark.parametrize("loss_type,opts", CASES, ids=[f"{lt}-{'-'.join(sorted(o)) or 'default'}" for lt, o in CASES])
+def test_loss_options(backend, loss_type, opts):
+    inputs = make_inputs()
+    options = with_tensors(dict(opts, loss_type=loss_type), inputs[-1])
+    assert_matches_spec(backend, inputs, temperature=0.7, chunk_size=5, return_entropy=True, **options)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("temperature", [0.1, 1.0, 10.0])
+def test_temperature(backend, level, temperature):
+    inputs = make_inputs()
+    assert_matches_spec(backend, inputs, temperature=temperature, importance_sampling_level=level, chunk_size=5)
+
+
+@pytest.mark.parametrize("logit_scale,softcap", [(2.5, None), (1.0, 3.0), (0.5, 30.0)])
+def test_scale_and_softcap(backend, logit_scale, softcap):
+    inputs = make_inputs()
+    assert_matches_spec(backend, inputs, logit_scale=logit_scale, softcap=softcap, chunk_size=5,
+                        loss_type="grpo", beta=0.04, ref_logprobs=inputs[-1]["ref"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_dtypes(backend, dtype, level):
+    inputs = make_inputs(dtype=dtype)
+    assert_matches_spec(backend, inputs, importance_sampling_level=level, softcap=5.0, chunk_size=5,
+                        return_entropy=True, entropy_coef=0.1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 100, None])
+def test_chunk_sizes(backend, chunk_size):
+    """Chunks of one token, chunks not dividing B·T = 12, one chunk larger than B·T, the default."""
+    inputs = make_inputs()
+    assert_matches_spec(backend, inputs, chunk_size=chunk_size, return_entropy=True)
+
+
+def test_without_bias_per_token_advantages_on_policy(backend):
+    hidden, weight, _, ids, mask, tensors = make_inputs()
+    tensors = dict(tensors, old=None, adv=torch.randn(mask.shape, generator=torch.Generator().manual_seed(3)))
+    assert_matches_spec(backend, (hidden, weight, None, ids, mask, tensors), loss_type="bnpo", chunk_size=5)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_entropy_gradient(backend, level):
+    """An entropy bonus: loss + c·entropy, and the entropy metric alone."""
+    inputs = make_inputs()
+    assert_matches_spec(backend, inputs, importance_sampling_level=level, chunk_size=5, return_entropy=True,
+                        entropy_coef=-0.3)
+    hidden, weight, bias, ids, mask, tensors = inputs
+    grads = []
+    for b in (backend, "reference"):
+        w = weight.clone().requires_grad_()
+        out = gk.fused_linear_grpo_loss(hidden, w, ids, tensors["old"], tensors["adv"], mask, bias=bias,
+                                        return_entropy=True, chunk_size=5, importance_sampling_level=level, backend=b)
+        out.entropy.backward()
+        grads.append(w.grad)
+    torch.testing.assert_close(*grads, **TOLERANCES[torch.float32])
+
+
+def test_incoming_gradient_scales(backend):
+    hidden, weight, bias, ids, mask, tensors = make_inputs()
+    grads = []
+    for scale in (1.0, -2.5):
+        h = hidden.clone().requires_grad_()
+        out = gk.fused_linear_grpo_loss(h, weight, ids, tensors["old"], tensors["adv"], mask, bias=bias,
+                                        chunk_size=5, backend=backend)
+        (scale * out.loss).backward()
+        grads.append(h.grad / scale)
+    torch.testing.assert_close(*grads)
+
+
+def test_masked_and_ignored_tokens_get_no_gradient(backend):
+    hidden, weight, bias, ids, mask, tensors = make_inputs()
+    h = hidden.clone().requires_grad_()
+    gk.fused_linear_grpo_loss(h, weight, ids, None, tensors["adv"], mask, bias=bias, chunk_size=5,  # none clipped
+                              backend=backend).loss.backward()
+    counted = mask & (ids != -100)
+    assert (h.grad[~counted] == 0).all() and (h.grad[counted].abs().sum(-1) > 0).all()
+
+
+def test_second_backward_needs_a_new_forward():
+    hidden, weight, bias, ids, mask, tensors = make_inputs()
+    h = hidden.clone().requires_grad_()
+    out = gk.fused_linear_grpo_loss(h, weight, ids, tensors["old"], tensors["adv"], mask, chunk_size=5,
+                                    backend="cpu" if "cpu" in gk.available_backends(OP) else "triton")
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        out.loss.backward()
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_never_forms_the_logits(backend, level):
+    """Every tensor created is at most max(chunk·V, V·H, B·T·H) float32 values: never B·T·V."""
+    B, T, H, V, chunk = 4, 16, 16, 300, 8
+    hidden, weight, bias, ids, mask, tensors = make_inputs(B=B, T=T, H=H, V=V)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with LargestTensor() as mode:
+        out = gk.fused_linear_grpo_loss(leaves[0], leaves[1], ids, tensors["old"], tensors["adv"], mask,
+                                        bias=leaves[2], return_entropy=True, chunk_size=chunk,
+                                        importance_sampling_level=level, backend=backend)
+        (out.loss + 0.1 * out.entropy).backward()
+    assert all(t.grad is not None for t in leaves)
+    if backend == "reference":  # the unfused composition: the control that the mode sees the logits
+        assert mode.largest >= 4 * B * T * V
+    else:
+        assert mode.largest <= 4 * max(chunk * V, V * H, B * T * H) < 4 * B * T * V

@@ -1,0 +1,143 @@
+"""linear_token_logprobs: equals the reference composition (values, gradients of hidden/weight/bias) and never
+forms the [N, V] logits."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import grpo_kernels as gk
+from grpo_kernels import reference
+
+OP = "linear_token_logprobs"
+
+# float32 tiles against the float64 spec: H products accumulated in float32.
+TOLERANCES = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=3e-5, rtol=1e-4),
+    torch.bfloat16: dict(atol=3e-5, rtol=1e-4),
+}
+
+
+def make_inputs(shape=(2, 5), H=8, V=37, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, H, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / 2).to(dtype)
+    bias = torch.randn(V, generator=g, dtype=torch.float64).to(dtype)
+    ids = torch.randint(0, V, shape, generator=g)
+    ids.view(-1)[1] = -100
+    return hidden, weight, bias, ids
+
+
+def run(hidden, weight, bias, ids, *, backend, grads=True, upcast=False, **options):
+    """``(logp, entropy, d hidden, d weight, d bias)`` of ``Σ a·logp + c·H`` with fixed random a, c."""
+    leaves = [None if t is None else t.detach().clone() for t in (hidden, weight, bias)]
+    if upcast:
+        leaves = [None if t is None else t.double() for t in leaves]
+    for t in leaves:
+        if t is not None:
+            t.requires_grad_(grads)
+    logp, entropy = gk.linear_token_logprobs(leaves[0], leaves[1], ids, bias=leaves[2], return_entropy=True,
+                                             backend=backend, **options)
+    if grads:
+        g = torch.Generator().manual_seed(1)
+        a, c = torch.randn(ids.shape, generator=g), torch.randn(ids.shape, generator=g)
+        ((logp * a.to(logp)).sum() + (entropy * c.to(logp)).sum()).backward()
+    return [logp, entropy] + [None if t is None else t.grad for t in leaves]
+
+
+def assert_matches_spec(backend, hidden, weight, bias, ids, **options):
+    ours = run(hidden, weight, bias, ids, backend=backend, **options)
+    spec = run(hidden, weight, bias, ids, backend="reference", upcast=True, **options)
+    tol = TOLERANCES[hidden.dtype]
+    for name, a, b in zip(("logp", "entropy", "d hidden", "d weight", "d bias"), ours, spec):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.dtype == (torch.float64 if hidden.dtype == torch.float64 else torch.float32) or name[0] == "d"
+        torch.testing.assert_close(a.double(), b.to(a.dtype).double(), **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_matches_reference(backend, dtype, chunk_size):
+    hidden, weight, bias, ids = make_inputs(dtype=dtype)
+    assert_matches_spec(backend, hidden, weight, bias, ids, temperature=0.7, logit_scale=1.3, softcap=4.0,
+                        chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("temperature", [0.1, 1.0, 10.0])
+@pytest.mark.parametrize("logit_scale,softcap", [(1.0, None), (2.5, None), (1.0, 3.0), (0.5, 30.0)])
+def test_temperature_scale_softcap(backend, temperature, logit_scale, softcap):
+    hidden, weight, bias, ids = make_inputs()
+    assert_matches_spec(backend, hidden, weight, bias, ids, temperature=temperature, logit_scale=logit_scale,
+                        softcap=softcap, chunk_size=4)
+
+
+def test_no_bias_flat_tokens_default_chunk(backend):
+    hidden, weight, _, ids = make_inputs(shape=(7,), V=50)
+    assert_matches_spec(backend, hidden, weight, None, ids)
+
+
+def test_weight_in_vocabulary_blocks(backend):
+    """bfloat16 weight: cast in blocks of chunk·V/H rows, V not a multiple of the block."""
+    hidden, weight, bias, ids = make_inputs(shape=(3, 4), H=24, V=41, dtype=torch.bfloat16)
+    assert_matches_spec(backend, hidden, weight, bias, ids, chunk_size=5)
+
+
+def test_ignored_tokens_and_partial_gradients(backend):
+    hidden, weight, bias, ids = make_inputs()
+    ids[0] = -100
+    h = hidden.clone().requires_grad_()
+    logp, entropy = gk.linear_token_logprobs(h, weight, ids, bias=bias, return_entropy=True, chunk_size=3,
+                                             backend=backend)
+    assert (logp[0] == 0).all() and (entropy[0] == 0).all()
+    (logp.sum() + entropy.sum()).backward()
+    assert (h.grad[0] == 0).all() and h.grad[1].abs().sum() > 0
+    assert weight.grad is None and bias.grad is None
+
+
+def test_logp_only_and_no_grad(backend):
+    hidden, weight, bias, ids = make_inputs()
+    spec = reference.linear_token_logprobs(hidden, weight, ids, bias=bias)
+    with torch.no_grad():
+        logp = gk.linear_token_logprobs(hidden, weight, ids, bias=bias, chunk_size=4, backend=backend)
+    torch.testing.assert_close(logp, spec, **TOLERANCES[torch.float32])
+    w = weight.clone().requires_grad_()
+    gk.linear_token_logprobs(hidden, w, ids, bias=bias, chunk_size=4, backend=backend).sum().backward()
+    w_spec = weight.clone().requires_grad_()
+    reference.linear_token_logprobs(hidden, w_spec, ids, bias=bias).sum().backward()
+    torch.testing.assert_close(w.grad, w_spec.grad, **TOLERANCES[torch.float32])
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest size in bytes of any tensor an op returns (forward and backward).
+
+    Bytes, not elements: the Triton interpreter views buffers as bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def test_never_forms_the_logits(backend):
+    """Every tensor created is at most max(chunk·V, V·H, N·H) float32 values: never N·V."""
+    N, H, V, chunk = 64, 16, 300, 8
+    hidden, weight, bias, ids = make_inputs(shape=(N,), H=H, V=V)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with LargestTensor() as mode:
+        logp, entropy = gk.linear_token_logprobs(leaves[0], leaves[1], ids, bias=leaves[2], return_entropy=True,
+                                                 chunk_size=chunk, backend=backend)
+        (logp.sum() + entropy.sum()).backward()
+    assert all(t.grad is not None for t in leaves)
+    if backend == "reference":  # the unfused composition: the control that the mode sees the logits
+        assert mode.largest >= 4 * N * V
+    else:
+        assert mode.largest <= 4 * max(chunk * V, V * H, N * H) < 4 * N * V
