@@ -224,3 +224,99 @@ def test_value_checks_can_be_disabled(monkeypatch):
     monkeypatch.setenv("GRPO_KERNELS_CHECK_VALUES", "1")
     with pytest.raises(ValueError, match="mask must contain only 0 and 1"):
         call_loss(mask=torch.full((B, T), 0.5))
+
+
+# ----------------------------------------------------------------------------- fused linear
+H = 4
+
+
+def linear_inputs():
+    return dict(hidden=torch.randn(B, T, H), weight=torch.randn(V, H), token_ids=torch.randint(0, V, (B, T)))
+
+
+def call_linear(**over):
+    kw = linear_inputs()
+    kw.update(over)
+    return gk.linear_token_logprobs(kw.pop("hidden"), kw.pop("weight"), kw.pop("token_ids"), **kw)
+
+
+def call_fused_linear(**over):
+    kw = dict(linear_inputs(), old_logprobs=-torch.rand(B, T), advantages=torch.randn(B),
+              mask=torch.ones(B, T, dtype=torch.bool))
+    kw.update(over)
+    return gk.fused_linear_grpo_loss(kw.pop("hidden"), kw.pop("weight"), kw.pop("token_ids"), kw.pop("old_logprobs"),
+                                     kw.pop("advantages"), kw.pop("mask"), **kw)
+
+
+LINEAR_CASES = [
+    (dict(hidden=[[1.0]]), TypeError, "hidden must be a torch.Tensor"),
+    (dict(hidden=torch.ones(B, T, H, dtype=torch.long)), TypeError, "hidden must be a floating-point tensor"),
+    (dict(weight=torch.randn(V, H, dtype=torch.float64)), TypeError, "weight must have the dtype of hidden"),
+    (dict(bias=torch.randn(V, dtype=torch.bfloat16)), TypeError, "bias must have the dtype of hidden"),
+    (dict(token_ids=torch.zeros(B, T)), TypeError, "token_ids must be an integer tensor"),
+    (dict(weight=torch.randn(V * H)), ValueError, r"weight must have shape \[V, H\]"),
+    (dict(weight=torch.randn(V, H + 1)), ValueError, "weight must have H = hidden.shape"),
+    (dict(weight=torch.randn(0, H)), ValueError, "non-empty vocabulary"),
+    (dict(bias=torch.randn(V + 1)), ValueError, r"bias must have shape \[V\]"),
+    (dict(token_ids=torch.zeros(B, T + 1, dtype=torch.long)), ValueError, "token_ids must have shape"),
+    (dict(hidden=torch.randn(0, H), token_ids=torch.zeros(0, dtype=torch.long)), ValueError, "empty batch"),
+    (dict(weight=torch.randn(V, H, device="meta")), ValueError, "weight is on meta but hidden is on cpu"),
+    (dict(bias=torch.randn(V, device="meta")), ValueError, "bias is on meta but hidden is on cpu"),
+    (dict(token_ids=torch.full((B, T), V)), ValueError, "token_ids must be in"),
+    (dict(token_ids=torch.full((B, T), -1)), ValueError, "token_ids must be in"),
+    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(temperature=math.inf), ValueError, "temperature must be finite"),
+    (dict(logit_scale=0.0), ValueError, "logit_scale must be > 0"),
+    (dict(logit_scale=math.nan), ValueError, "logit_scale must be finite"),
+    (dict(logit_scale="2"), TypeError, "logit_scale must be a real number"),
+    (dict(softcap=0.0), ValueError, "softcap must be > 0"),
+    (dict(softcap=-30.0), ValueError, "softcap must be > 0"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be >= 1"),
+    (dict(chunk_size=2.0), TypeError, "chunk_size must be an int"),
+    (dict(ignore_index=None), TypeError, "ignore_index must be an int"),
+    (dict(return_entropy=1), TypeError, "return_entropy must be a bool"),
+]
+
+
+@pytest.mark.parametrize("over,error,match", LINEAR_CASES, ids=[c[2][:40] for c in LINEAR_CASES])
+def test_linear_token_logprobs_errors(over, error, match):
+    with pytest.raises(error, match=match):
+        call_linear(**over)
+
+
+FUSED_LINEAR_CASES = [
+    (dict(hidden=torch.randn(B * T, H), token_ids=torch.zeros(B * T, dtype=torch.long)), ValueError,
+     r"hidden must have shape \[B, T, H\]"),
+    (dict(weight=torch.randn(V, H + 1)), ValueError, "weight must have H = hidden.shape"),
+    (dict(softcap=0), ValueError, "softcap must be > 0"),
+    (dict(chunk_size=-3), ValueError, "chunk_size must be >= 1"),
+    (dict(advantages=torch.randn(B + 1)), ValueError, "advantages must have shape"),
+    (dict(mask=torch.ones(B, T - 1)), ValueError, "mask must have shape"),
+    (dict(old_logprobs=torch.randn(B, T).long()), TypeError, "old_logprobs must be a floating-point tensor"),
+    (dict(beta=0.1), ValueError, "needs ref_logprobs"),
+    (dict(loss_type="ppo"), ValueError, "loss_type must be one of"),
+    (dict(importance_sampling_level="seq"), ValueError, "importance_sampling_level must be one of"),
+    (dict(delta=2.0, loss_type="cispo"), ValueError, "delta applies to the clipped loss types"),
+]
+
+
+@pytest.mark.parametrize("over,error,match", FUSED_LINEAR_CASES, ids=[c[2][:40] for c in FUSED_LINEAR_CASES])
+def test_fused_linear_grpo_loss_errors(over, error, match):
+    with pytest.raises(error, match=match):
+        call_fused_linear(**over)
+
+
+def test_fused_linear_validation_runs_before_any_computation(monkeypatch):
+    from grpo_kernels import linear, reference
+
+    def boom(*args, **kwargs):
+        raise AssertionError("computation reached")
+
+    for module in (linear, reference):
+        monkeypatch.setattr(module, "linear_token_logprobs", boom)
+        monkeypatch.setattr(module, "fused_linear_grpo_loss", boom)
+    for backend in gk.available_backends("fused_linear_grpo_loss"):
+        with pytest.raises(ValueError, match="softcap"):
+            call_linear(softcap=-1.0, backend=backend)
+        with pytest.raises(ValueError, match="token_ids must be in"):
+            call_fused_linear(token_ids=torch.full((B, T), V), backend=backend)
