@@ -10,6 +10,8 @@
 - ``token_logprobs``: TRL's ``selective_log_softmax`` / ``entropy_from_logits``
   and TRL's fused LM head (``ChunkedLogProbFunction``, its torch path, with an
   identity "LM head" so that its logits are ours).
+- ``linear_token_logprobs``: TRL's fused LM head on a real head (weight, bias,
+  ``logit_scale``, ``final_logit_softcapping``), float32, values and gradients.
 - ``group_advantages``: TRL computes advantages inline in
   ``_generate_and_score_completions``; :func:`trl_source_advantages` cuts those
   statements from the installed TRL's source and executes them.
@@ -508,6 +510,32 @@ def test_token_logprobs_matches_trl_fused_lm_head(temperature):
     ((trl_logp * w1).sum() + (trl_ent * w2).sum()).backward()
     ((logp * w1).sum() + (ent * w2).sum()).backward()
     torch.testing.assert_close(our_logits.grad, hidden.grad, **F32)
+
+
+@pytest.mark.parametrize("head_backend", gk.available_backends("linear_token_logprobs"))
+@pytest.mark.parametrize("temperature,logit_scale,softcap", [(1.0, 1.0, None), (0.7, 1.5, 10.0)])
+def test_linear_token_logprobs_matches_trl_fused_lm_head(head_backend, temperature, logit_scale, softcap):
+    """TRL 1.16's fused LM head (``ChunkedLogProbFunction``, torch path) on a real [V, H] head with bias,
+    float32: log-probs, entropies and the gradients of hidden, weight and bias."""
+    g = torch.Generator().manual_seed(11)
+    n, size, vocab = 23, 16, 70
+    inputs = [torch.randn(n, size, generator=g), torch.randn(vocab, size, generator=g) / 3,
+              torch.randn(vocab, generator=g)]
+    ids = torch.randint(0, vocab, (n,), generator=g)
+    w1, w2 = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    trl_leaves = [t.clone().requires_grad_() for t in inputs]
+    trl_logp, trl_ent, *_ = ChunkedLogProbFunction.apply(*trl_leaves, ids, temperature, 32, softcap, logit_scale,
+                                                          ("entropy",))
+    ((trl_logp * w1).sum() + (trl_ent * w2).sum()).backward()
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    logp, ent = gk.linear_token_logprobs(leaves[0], leaves[1], ids, bias=leaves[2], temperature=temperature,
+                                         logit_scale=logit_scale, softcap=softcap, return_entropy=True,
+                                         chunk_size=8, backend=head_backend)
+    ((logp * w1).sum() + (ent * w2).sum()).backward()
+    torch.testing.assert_close(logp, trl_logp, **F32)
+    torch.testing.assert_close(ent, trl_ent, **F32)
+    for ours, theirs in zip(leaves, trl_leaves):
+        torch.testing.assert_close(ours.grad, theirs.grad, **F32)
 
 
 # --------------------------------------------------------------------------- #
