@@ -7,6 +7,10 @@ CUDA and nvcc is found. Environment switches:
 - ``GRPO_KERNELS_NO_EXT=1``: build no extension (the package works without it).
 - ``GRPO_KERNELS_NO_CUDA=1``: leave out the CUDA sources.
 - ``TORCH_CUDA_ARCH_LIST``: CUDA architectures (default "9.0").
+- ``GRPO_KERNELS_CPU_ARCH``: the ``-march`` of the CPU kernels (default ``native``: the
+  vector ISA of the building machine, e.g. AVX-512; a binary built this way may not run
+  on an older CPU, so set e.g. ``x86-64-v3`` to build one for other machines, or an empty
+  value for the compiler's default target).
 """
 
 import glob
@@ -29,6 +33,11 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
+def _cpu_arch_flags():
+    arch = os.environ.get("GRPO_KERNELS_CPU_ARCH", "native").strip()
+    return [f"-march={arch}"] if arch else []
+
+
 def _extensions():
     if os.environ.get("GRPO_KERNELS_NO_EXT", "0") == "1":
         return [], {}
@@ -41,7 +50,9 @@ def _extensions():
 
     sources = _sources("csrc/cpu/*.cpp")
     macros = [("GRPO_KERNELS_VERSION", f'"{_version()}"')]
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # -ffp-contract=off: every product is rounded as written (z = x / T as the reference rounds it);
+    # the kernels ask for fused multiply-adds explicitly where they want them
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"] + _cpu_arch_flags()
     nvcc_found = cpp_extension.CUDA_HOME is not None and shutil.which(
         os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
     )

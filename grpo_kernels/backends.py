@@ -37,13 +37,30 @@ _DESCRIPTIONS = {
     "cuda": "CUDA kernels from the grpo_kernels._C extension",
 }
 
+
+def _package_installed(package: str) -> Callable[[], bool]:
+    """Availability predicate: ``package`` is importable."""
+    return lambda: importlib.util.find_spec(package) is not None
+
+
+def _extension_has_kernels() -> bool:
+    """Availability predicate: ``grpo_kernels._C`` was built and has the kernel entry points."""
+    from ._extension import _C
+
+    return _C is not None and hasattr(_C, "fused_grpo_loss_fwd")
+
+
 # Backends that exist in this version: the module that implements each, and
-# the package it needs installed.
-_MODULES = {"reference": ("grpo_kernels.reference", None), "triton": ("grpo_kernels.triton", "triton")}
+# whether it can be used in this installation.
+_MODULES: dict[str, tuple[str, Callable[[], bool]]] = {
+    "reference": ("grpo_kernels.reference", lambda: True),
+    "triton": ("grpo_kernels.triton", _package_installed("triton")),
+    "cpu": ("grpo_kernels.native", _extension_has_kernels),
+}
 
 # "auto": preference per device type; a backend is listed here only once its
 # tests (and, for GPUs, a committed GPU result file) show it correct.
-_AUTO_PREFERENCE = {"cpu": ("reference",), "cuda": ("reference",)}
+_AUTO_PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("reference",)}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -51,10 +68,7 @@ class BackendUnavailableError(RuntimeError):
 
 
 def _installed(name: str) -> bool:
-    if name not in _MODULES:
-        return False
-    requirement = _MODULES[name][1]
-    return requirement is None or importlib.util.find_spec(requirement) is not None
+    return name in _MODULES and _MODULES[name][1]()
 
 
 def _module(name: str) -> ModuleType:
@@ -105,6 +119,8 @@ def _check_known(name: str, where: str) -> str:
 
 
 def _check_device(name: str, device: torch.device) -> None:
+    if name == "cpu" and device.type != "cpu":
+        raise BackendUnavailableError(f"backend 'cpu' runs CPU tensors only, got {device.type} tensors")
     if name != "triton":
         return
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import grpo_kernels as gk
-from grpo_kernels import reference
 
 
 def test_exports():
@@ -71,14 +70,17 @@ def test_env_overrides_auto(monkeypatch):
 
 
 def test_auto_calls_the_selected_backend(monkeypatch):
+    from grpo_kernels import backends
+
     calls = []
-    original = reference.token_logprobs
+    module = backends._module(backends.resolve_backend("auto", torch.device("cpu")))
+    original = module.token_logprobs
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(reference, "token_logprobs", spy)
+    monkeypatch.setattr(module, "token_logprobs", spy)
     gk.token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]), temperature=2)
     assert calls == [dict(temperature=2.0, ignore_index=-100, return_entropy=False, inplace_backward=False)]
 

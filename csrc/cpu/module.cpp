@@ -1,7 +1,10 @@
-// Python bindings of grpo_kernels._C (pybind11 through torch/extension.h).
-// For now the extension exposes build facts only; the kernels of each op are
-// added next to this file (csrc/cpu/*.cpp) and in csrc/cuda/*.cu.
+// Python bindings of grpo_kernels._C (pybind11 through torch/extension.h):
+// build facts, LossConfig, and the entry points of csrc/grpo_kernels.h, each
+// dispatched on the device of its first tensor argument (grpo_kernels::cpu
+// here, grpo_kernels::cuda when built with CUDA).
 #include <torch/extension.h>
+
+#include "../grpo_kernels.h"
 
 #ifndef GRPO_KERNELS_VERSION
 #error "setup.py defines GRPO_KERNELS_VERSION from grpo_kernels/_version.py"
@@ -32,11 +35,109 @@ int cuda_version() {
 #endif
 }
 
+namespace {
+
+// The implementation of an entry point for tensors on the device of `t`.
+template <typename Fn>
+Fn on_device(const at::Tensor& t, const char* name, Fn cpu_fn, Fn cuda_fn) {
+  if (t.is_cuda() && cuda_fn != nullptr) return cuda_fn;
+  TORCH_CHECK(t.is_cpu(), name, ": this build of grpo_kernels._C has no kernels for ", t.device(), " tensors");
+  return cpu_fn;
+}
+
+#ifdef GRPO_WITH_CUDA
+#define GRPO_DISPATCH(t, name) on_device(t, #name, &cpu::name, &cuda::name)
+#else
+#define GRPO_DISPATCH(t, name) on_device(t, #name, &cpu::name, decltype(&cpu::name){nullptr})
+#endif
+
+template <typename... Args>
+auto token_logprobs_fwd(const at::Tensor& logits, Args... args) {
+  return GRPO_DISPATCH(logits, token_logprobs_fwd)(logits, args...);
+}
+template <typename... Args>
+auto token_logprobs_bwd(const at::Tensor& logits, Args... args) {
+  return GRPO_DISPATCH(logits, token_logprobs_bwd)(logits, args...);
+}
+template <typename... Args>
+auto group_normalize(const at::Tensor& rewards, Args... args) {
+  return GRPO_DISPATCH(rewards, group_normalize)(rewards, args...);
+}
+template <typename... Args>
+auto grpo_loss_fwd(const at::Tensor& logp, Args... args) {
+  return GRPO_DISPATCH(logp, grpo_loss_fwd)(logp, args...);
+}
+template <typename... Args>
+auto grpo_loss_bwd(const at::Tensor& logp, Args... args) {
+  return GRPO_DISPATCH(logp, grpo_loss_bwd)(logp, args...);
+}
+template <typename... Args>
+auto fused_grpo_loss_fwd(const at::Tensor& logits, Args... args) {
+  return GRPO_DISPATCH(logits, fused_grpo_loss_fwd)(logits, args...);
+}
+
+}  // namespace
+
 }  // namespace grpo_kernels
 
+namespace py = pybind11;
+using Tensor = at::Tensor;
+using OptTensor = c10::optional<at::Tensor>;
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "grpo_kernels compiled extension";
-  m.def("version", &grpo_kernels::version, "version of the grpo_kernels sources this extension was built from");
-  m.def("with_cuda", &grpo_kernels::with_cuda, "whether the extension was built with its CUDA kernels");
-  m.def("cuda_version", &grpo_kernels::cuda_version, "CUDART_VERSION of the CUDA kernels (0 without CUDA)");
+  using namespace grpo_kernels;
+  m.doc() = "grpo_kernels compiled extension (entry points: csrc/grpo_kernels.h)";
+  m.def("version", &version, "version of the grpo_kernels sources this extension was built from");
+  m.def("with_cuda", &with_cuda, "whether the extension was built with its CUDA kernels");
+  m.def("cuda_version", &cuda_version, "CUDART_VERSION of the CUDA kernels (0 without CUDA)");
+
+  py::class_<LossConfig>(m, "LossConfig", "options of the GRPO loss kernels (csrc/grpo_kernels.h)")
+      .def(py::init<>())
+      .def_readwrite("family", &LossConfig::family)
+      .def_readwrite("seq_level", &LossConfig::seq_level)
+      .def_readwrite("kl_estimator", &LossConfig::kl_estimator)
+      .def_readwrite("add_kl", &LossConfig::add_kl)
+      .def_readwrite("bias_kl", &LossConfig::bias_kl)
+      .def_readwrite("has_delta", &LossConfig::has_delta)
+      .def_readwrite("has_clip_c", &LossConfig::has_clip_c)
+      .def_readwrite("per_seq_metrics", &LossConfig::per_seq_metrics)
+      .def_readwrite("lo", &LossConfig::lo)
+      .def_readwrite("hi", &LossConfig::hi)
+      .def_readwrite("eps_high", &LossConfig::eps_high)
+      .def_readwrite("delta", &LossConfig::delta)
+      .def_readwrite("clip_c", &LossConfig::clip_c)
+      .def_readwrite("beta", &LossConfig::beta)
+      .def_readwrite("tau_pos", &LossConfig::tau_pos)
+      .def_readwrite("tau_neg", &LossConfig::tau_neg);
+
+  m.def("token_logprobs_fwd", &token_logprobs_fwd<const Tensor&, double, int64_t, bool>, py::arg("logits"),
+        py::arg("token_ids"), py::arg("temperature"), py::arg("ignore_index"), py::arg("return_entropy"),
+        "(logp, lse, entropy) per row", py::call_guard<py::gil_scoped_release>());
+  m.def("token_logprobs_bwd",
+        &token_logprobs_bwd<const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                            double, int64_t, bool>,
+        py::arg("logits"), py::arg("token_ids"), py::arg("lse"), py::arg("grad_logp"), py::arg("entropy"),
+        py::arg("grad_entropy"), py::arg("temperature"), py::arg("ignore_index"), py::arg("inplace"),
+        "d logits in the logits dtype (into logits when inplace)", py::call_guard<py::gil_scoped_release>());
+  m.def("group_normalize",
+        &group_normalize<const OptTensor&, const Tensor&, const OptTensor&, double, int64_t, bool>,
+        py::arg("rewards"), py::arg("order"), py::arg("offsets"), py::arg("batch_std"), py::arg("eps"),
+        py::arg("scale"), py::arg("rloo"), "(adv [B, K], mean [G, K], std [G, K])");
+  m.def("grpo_loss_fwd",
+        &grpo_loss_fwd<const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&,
+                       const LossConfig&>,
+        py::arg("logp"), py::arg("old_logp"), py::arg("ref_logp"), py::arg("adv"), py::arg("mask"), py::arg("iw"),
+        py::arg("cfg"), "(per_token_loss [B, T], partials [7, B])");
+  m.def("grpo_loss_bwd",
+        &grpo_loss_bwd<const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&,
+                       const Tensor&, const Tensor&, const LossConfig&>,
+        py::arg("logp"), py::arg("old_logp"), py::arg("ref_logp"), py::arg("adv"), py::arg("mask"), py::arg("iw"),
+        py::arg("partials"), py::arg("seq_grad"), py::arg("cfg"), "d loss / d logp [B, T]");
+  m.def("fused_grpo_loss_fwd",
+        &fused_grpo_loss_fwd<const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
+                             const OptTensor&, const Tensor&, const LossConfig&, double, int64_t, bool, bool, bool>,
+        py::arg("logits"), py::arg("token_ids"), py::arg("old_logp"), py::arg("ref_logp"), py::arg("adv"),
+        py::arg("keep"), py::arg("iw"), py::arg("seq_weight"), py::arg("cfg"), py::arg("temperature"),
+        py::arg("ignore_index"), py::arg("return_entropy"), py::arg("compute_grad"), py::arg("inplace"),
+        "(logp, lse, entropy, per_token_loss, partials, grad_logits)", py::call_guard<py::gil_scoped_release>());
 }

@@ -1,0 +1,136 @@
+// fused_grpo_loss on CPU (token-level importance sampling): logits → logp →
+// loss, with d loss / d logits formed in the same pass over each row.
+//
+// The loss weights of sequence i, dL/dS_i (seq_weight), depend on the mask
+// only, so a token's weight w = dL/dlogp = dL/dS_i · m · dℓ/dlogp is known as
+// soon as its logp is: each row's exponentials are kept in a thread's buffer
+// (V values, in L2) between the log-sum-exp and the gradient, so the row is
+// read once and exponentiated once.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "../grpo_kernels.h"
+#include "gradient_buffer.h"
+#include "logit_rows.h"
+#include "loss_terms.h"
+#include "loss_tokens.h"
+#include "softmax_row.h"
+
+namespace grpo_kernels::cpu {
+
+namespace {
+
+// Row r = (i, t) reads its id, its V logits once and a few [B, T] values;
+// writes logp, lse (H) and, with kGrad, its V gradient values once (into the
+// logits when in place: x_y is read first, and each chunk of the row is read
+// before any of it is overwritten). Memory traffic: one read of the logits
+// (+ one write with kGrad); the exponentials round-trip through L2.
+template <typename scalar_t, bool kEntropy, bool kGrad>
+void fused_kernel(const at::Tensor& logits, const int64_t* ids, const LossTokens<at::opmath_type<scalar_t>>& in,
+                  const at::opmath_type<scalar_t>* seq_weight, const LossConfig& cfg, double temperature,
+                  int64_t ignore_index, at::opmath_type<scalar_t>* logp_out, at::opmath_type<scalar_t>* lse_out,
+                  at::opmath_type<scalar_t>* ent_out, const at::Tensor& grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const LogitRows rows(logits);
+  const int64_t vocab = rows.vocab(), len = in.T;
+  const int64_t n_chunks = (vocab + kChunk - 1) / kChunk;
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();
+  scalar_t* dx = kGrad ? grad.data_ptr<scalar_t>() : nullptr;
+  const LogitRows grad_rows(kGrad ? grad : logits);
+  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  const LossScalars<acc_t> s(cfg);
+  at::parallel_for(0, rows.rows(), 1, [&](int64_t begin, int64_t end) {
+    acc_t* e = thread_buffer<acc_t>(vocab + n_chunks);  // the row's exponentials, then each chunk's max
+    acc_t* chunk_max = e + vocab;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t i = r / len, t = r % len, y = ids[r];
+      scalar_t* dx_row = kGrad ? dx + grad_rows.offset(r) : nullptr;
+      if (y == ignore_index) {
+        logp_out[r] = lse_out[r] = 0;
+        if (kEntropy) ent_out[r] = 0;
+        if (kGrad) std::fill(dx_row, dx_row + vocab, scalar_t(0));
+        continue;
+      }
+      const scalar_t* x_row = x + rows.offset(r);
+      LseState<acc_t> state;
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const int64_t v0 = c * kChunk;
+        acc_t cs, ca;
+        chunk_exp<kEntropy>(x_row + v0, std::min(kChunk, vocab - v0), inv_t, e + v0, chunk_max[c], cs, ca);
+        state.merge(chunk_max[c], cs, ca);
+      }
+      const acc_t lse = state.lse();
+      const acc_t logp = static_cast<acc_t>(x_row[y]) * inv_t - lse;
+      logp_out[r] = logp;
+      lse_out[r] = lse;
+      if (kEntropy) ent_out[r] = state.entropy();
+      if (!kGrad) continue;
+
+      // w = dL/dS_i · m · (∂ℓ/∂logp + ∂ℓ/∂c1 · c1), as grpo_loss_bwd at token level
+      const acc_t m = in.mask(i, t);
+      acc_t w = 0;
+      if (m != 0) {
+        const acc_t coef_1 = std::exp(logp - in.old_logp(i, t));
+        const TokenTerms<acc_t> terms =
+            token_terms(cfg, s, coef_1, in.adv(i, t), logp, in.has_ref, in.ref_logp(i, t), in.iw(i, t));
+        w = seq_weight[i] * (m * (terms.dloss_dlogp + terms.dloss_dcoef * coef_1));
+      }
+      // dx = w (onehot_y - p) / T with p = e · exp(chunk max - lse)
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const int64_t v0 = c * kChunk, n = std::min(kChunk, vocab - v0);
+        const acc_t scale = exp_nonpositive(chunk_max[c] - lse);
+        const acc_t* ec = e + v0;
+        scalar_t* dxc = dx_row + v0;
+        const int64_t yc = y - v0;
+#pragma omp simd
+        for (int64_t v = 0; v < n; ++v) {
+          const acc_t dz = (v == yc ? w : acc_t(0)) - w * (ec[v] * scale);
+          dxc[v] = static_cast<scalar_t>(dz * inv_t);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_grpo_loss_fwd(
+    const at::Tensor& logits, const at::Tensor& token_ids, const c10::optional<at::Tensor>& old_logp,
+    const c10::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& keep,
+    const c10::optional<at::Tensor>& iw, const at::Tensor& seq_weight, const LossConfig& cfg, double temperature,
+    int64_t ignore_index, bool return_entropy, bool compute_grad, bool inplace) {
+  TORCH_CHECK(!cfg.seq_level, "fused_grpo_loss_fwd: sequence-level importance sampling is composed by the caller");
+  TORCH_CHECK(logits.dim() == 3, "fused_grpo_loss_fwd: logits must be [B, T, V]");
+  const int64_t B = logits.size(0), T = logits.size(1);
+  const at::Tensor ids = flat_ids(token_ids);
+  const auto acc = at::toOpMathType(logits.scalar_type());
+  const auto options = logits.options().dtype(acc);
+  at::Tensor logp = at::empty({B, T}, options);
+  at::Tensor lse = at::empty({B, T}, options);
+  at::Tensor entropy = at::empty({return_entropy ? B : 0, return_entropy ? T : 0}, options);
+  at::Tensor grad = !compute_grad ? at::empty({0}, logits.options())
+                    : inplace     ? logits
+                                  : empty_gradient_like(logits);
+  const at::Tensor weights = seq_weight.to(acc).expand({B}).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fused_grpo_loss_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const LossTokens<acc_t> in(logp, old_logp, ref_logp, adv, keep, iw);
+    auto run = [&](auto entropy_tag, auto grad_tag) {
+      fused_kernel<scalar_t, decltype(entropy_tag)::value, decltype(grad_tag)::value>(
+          logits, ids.const_data_ptr<int64_t>(), in, weights.const_data_ptr<acc_t>(), cfg, temperature,
+          ignore_index, logp.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
+          return_entropy ? entropy.data_ptr<acc_t>() : nullptr, grad);
+    };
+    using Yes = std::true_type;
+    using No = std::false_type;
+    if (return_entropy) {
+      compute_grad ? run(Yes{}, Yes{}) : run(Yes{}, No{});
+    } else {
+      compute_grad ? run(No{}, Yes{}) : run(No{}, No{});
+    }
+  });
+  auto [per_token_loss, partials] = grpo_loss_fwd(logp, old_logp, ref_logp, adv, keep, iw, cfg);
+  return {logp, lse, entropy, per_token_loss, partials, grad};
+}
+
+}  // namespace grpo_kernels::cpu

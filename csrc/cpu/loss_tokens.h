@@ -1,0 +1,62 @@
+// Strided read access to the [B, T] inputs of the loss (logp, old_logp,
+// ref_logp, adv, mask, importance weights), shared by the grpo_loss and
+// fused_grpo_loss kernels. Each may be a broadcast view (stride 0); all are in
+// the compute dtype acc_t. Absent inputs read as: old_logp = logp, ref_logp = 0
+// (has_ref false), iw = 1.
+#pragma once
+
+#include <algorithm>
+
+#include <ATen/ATen.h>
+
+namespace grpo_kernels::cpu {
+
+template <typename acc_t>
+class StridedMatrix {
+ public:
+  StridedMatrix() = default;
+  explicit StridedMatrix(const at::Tensor& t)
+      : data_(t.const_data_ptr<acc_t>()), stride_b_(t.stride(0)), stride_t_(t.stride(1)) {
+    TORCH_CHECK(t.dim() == 2, "loss inputs must be [B, T] views");
+  }
+  acc_t operator()(int64_t i, int64_t t) const { return data_[i * stride_b_ + t * stride_t_]; }
+  bool present() const { return data_ != nullptr; }
+
+ private:
+  const acc_t* data_ = nullptr;
+  int64_t stride_b_ = 0, stride_t_ = 0;
+};
+
+template <typename acc_t>
+struct LossTokens {
+  int64_t B, T;
+  bool has_ref;
+
+  LossTokens(const at::Tensor& logp_, const c10::optional<at::Tensor>& old_, const c10::optional<at::Tensor>& ref_,
+             const at::Tensor& adv_, const at::Tensor& mask_, const c10::optional<at::Tensor>& iw_)
+      : B(logp_.size(0)), T(logp_.size(1)), has_ref(ref_.has_value()), logp_m(logp_),
+        old_m(old_ ? *old_ : logp_), ref_m(ref_ ? StridedMatrix<acc_t>(*ref_) : StridedMatrix<acc_t>()), adv_m(adv_),
+        mask_m(mask_), iw_m(iw_ ? StridedMatrix<acc_t>(*iw_) : StridedMatrix<acc_t>()) {}
+
+  acc_t logp(int64_t i, int64_t t) const { return logp_m(i, t); }
+  acc_t old_logp(int64_t i, int64_t t) const { return old_m(i, t); }
+  acc_t ref_logp(int64_t i, int64_t t) const { return has_ref ? ref_m(i, t) : acc_t(0); }
+  acc_t adv(int64_t i, int64_t t) const { return adv_m(i, t); }
+  acc_t mask(int64_t i, int64_t t) const { return mask_m(i, t); }
+  acc_t iw(int64_t i, int64_t t) const { return iw_m.present() ? iw_m(i, t) : acc_t(1); }
+
+  // GSPO: w_i = Σ_t m (logp - old_logp) / max(1, Σ_t m).
+  acc_t sequence_log_ratio(int64_t i) const {
+    acc_t sum = 0, n = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      sum += (logp(i, t) - old_logp(i, t)) * mask(i, t);
+      n += mask(i, t);
+    }
+    return sum / std::max(n, acc_t(1));
+  }
+
+ private:
+  StridedMatrix<acc_t> logp_m, old_m, ref_m, adv_m, mask_m, iw_m;
+};
+
+}  // namespace grpo_kernels::cpu

@@ -1,0 +1,133 @@
+// The math of one row of logits x [V] at inverse temperature 1/T, shared by
+// the token_logprobs and fused_grpo_loss kernels:
+//
+//   z = x / T,  lse = log Σ_v e^{z_v},  logp_y = z_y - lse,  p = e^{z - lse},
+//   H = -Σ_v p_v log p_v = log s - a / s  with  s = Σ e^{z - m},  a = Σ e^{z - m} (z - m),  m = max z
+//
+// (a relative to m: no cancellation between numbers of the size of |z|).
+// A row is processed in chunks of kChunk values that stay in L1: each chunk's
+// exponentials are taken relative to the chunk's own max and the chunk's
+// (max, s, a) are merged into the row's running state, so the row is read once
+// and every exponential is computed once.
+//
+// The inner loops are `omp simd` loops over the vocab: gcc emits vector code
+// for the target ISA (AVX-512 with -march=native on this machine), reductions
+// included; their order is fixed at compile time, so results do not depend on
+// the thread count.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace grpo_kernels::cpu {
+
+constexpr int64_t kChunk = 2048;  // values per chunk: 8 KiB of float32
+
+// a·b + c, fused (one rounding) where the target has FMA instructions. The
+// extension is built with -ffp-contract=off, so nothing else is fused.
+inline float madd(float a, float b, float c) {
+#ifdef __FMA__
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// e^x for x <= 0 (softmax only exponentiates z - max): Cephes' expf, within
+// ~1 ulp, 0 for x < -87 (below the smallest normal float) and for x = -inf.
+// Branch-free so that it vectorizes inside `omp simd` loops.
+inline float exp_nonpositive(float x) {
+  const bool underflow = x < -87.0f;
+  x = underflow ? -87.0f : x;
+  const float t = madd(x, 1.44269504088896341f, 12582912.0f);  // 1.5·2^23: round(x / ln 2) in the low bits
+  const float n = t - 12582912.0f;
+  const float r = madd(n, 2.12194440e-4f, madd(n, -0.693359375f, x));  // x - n ln 2, ln 2 split hi + lo
+  float p = 1.9875691500e-4f;
+  p = madd(p, r, 1.3981999507e-3f);
+  p = madd(p, r, 8.3334519073e-3f);
+  p = madd(p, r, 4.1665795894e-2f);
+  p = madd(p, r, 1.6666665459e-1f);
+  p = madd(p, r, 5.0000001201e-1f);
+  p = madd(p, r * r, r + 1.0f);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return underflow ? 0.0f : p * scale;
+}
+
+inline double exp_nonpositive(double x) { return std::exp(x); }  // float64: the simple, exact path
+
+// Running state of a row: max m and s, a relative to m.
+template <typename acc_t>
+struct LseState {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  acc_t s = 0;
+  acc_t a = 0;
+
+  // Merge a chunk's (max cm, s relative to cm, a relative to cm).
+  void merge(acc_t cm, acc_t cs, acc_t ca) {
+    const acc_t m_new = std::max(m, cm);
+    if (m_new == -std::numeric_limits<acc_t>::infinity()) return;  // all -inf so far: s = a = 0
+    const acc_t alpha = std::exp(m - m_new), beta = std::exp(cm - m_new);
+    // (m - m_new)·s only where s > 0 (then m is finite), likewise for the chunk
+    const acc_t carried = s > 0 ? (m - m_new) * s : acc_t(0);
+    const acc_t chunk_carried = cs > 0 ? (cm - m_new) * cs : acc_t(0);
+    a = alpha * (a + carried) + beta * (ca + chunk_carried);
+    s = alpha * s + beta * cs;
+    m = m_new;
+  }
+
+  acc_t lse() const { return m + std::log(s); }
+  acc_t entropy() const { return std::log(s) - a / s; }
+};
+
+// One chunk of n logits: writes e_v = exp(z_v - cm) into e [n] and returns
+// cm = max z, cs = Σ e, ca = Σ e (z - cm) (ca only kEntropy). Reads x once.
+template <bool kEntropy, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+inline void chunk_exp(const scalar_t* x, int64_t n, acc_t inv_t, acc_t* e, acc_t& cm, acc_t& cs, acc_t& ca) {
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t v = 0; v < n; ++v) {
+    const acc_t z = static_cast<acc_t>(x[v]) * inv_t;
+    e[v] = z;
+    mx = std::max(mx, z);
+  }
+  const acc_t shift = mx == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : mx;
+  acc_t sum = 0, sum_a = 0;
+#pragma omp simd reduction(+ : sum, sum_a)
+  for (int64_t v = 0; v < n; ++v) {
+    const acc_t d = e[v] - shift;
+    const acc_t ev = exp_nonpositive(d);
+    e[v] = ev;
+    sum += ev;
+    if constexpr (kEntropy) sum_a += ev > 0 ? ev * d : acc_t(0);
+  }
+  cm = mx;
+  cs = sum;
+  ca = sum_a;
+}
+
+// Writes the row dx = (w (onehot_y - p) + g_H (-p (log p + H))) / T with
+// p = exp(z - lse) recomputed from x (one read of x, one write of dx; dx may
+// be x). kEntropyGrad adds the g_H term (0 where p = 0).
+template <bool kEntropyGrad, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+inline void softmax_grad_row(const scalar_t* x, scalar_t* dx, int64_t vocab, int64_t y, acc_t inv_t, acc_t lse,
+                             acc_t w, acc_t g_ent, acc_t ent) {
+#pragma omp simd
+  for (int64_t v = 0; v < vocab; ++v) {
+    const acc_t log_p = static_cast<acc_t>(x[v]) * inv_t - lse;
+    const acc_t p = exp_nonpositive(log_p);
+    acc_t dz = (v == y ? w : acc_t(0)) - w * p;
+    if constexpr (kEntropyGrad) dz -= g_ent * p * (p > 0 ? log_p + ent : acc_t(0));
+    dx[v] = static_cast<scalar_t>(dz * inv_t);
+  }
+}
+
+}  // namespace grpo_kernels::cpu

@@ -1,0 +1,144 @@
+// token_logprobs on CPU: forward (log-sum-exp, gathered logit, entropy) and
+// backward (d logits), parallel over rows, vectorized over the vocabulary.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "../grpo_kernels.h"
+#include "gradient_buffer.h"
+#include "logit_rows.h"
+#include "softmax_row.h"
+
+namespace grpo_kernels::cpu {
+
+namespace {
+
+constexpr int64_t kRowsPerTask = 1;  // a row is V values: enough work per task
+
+// Forward. Row r reads its id y and its V logits once (kChunk at a time into a
+// thread's L1 buffer; x_y again from cache); writes logp, lse (and H) [R].
+// Memory traffic: one read of the logits + 8-12 bytes per row (16-24 in
+// float64). Ignored rows read nothing but y.
+template <typename scalar_t, bool kEntropy>
+void forward_kernel(const at::Tensor& logits, const int64_t* ids, double temperature, int64_t ignore_index,
+                    at::Tensor& logp, at::Tensor& lse, at::Tensor& entropy) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const LogitRows rows(logits);
+  const int64_t vocab = rows.vocab();
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();
+  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  acc_t* logp_out = logp.data_ptr<acc_t>();
+  acc_t* lse_out = lse.data_ptr<acc_t>();
+  acc_t* ent_out = kEntropy ? entropy.data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, rows.rows(), kRowsPerTask, [&](int64_t begin, int64_t end) {
+    acc_t* e = thread_buffer<acc_t>(kChunk);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t y = ids[r];
+      acc_t row_logp = 0, row_lse = 0, row_ent = 0;
+      if (y != ignore_index) {
+        const scalar_t* x_row = x + rows.offset(r);
+        LseState<acc_t> state;
+        for (int64_t v0 = 0; v0 < vocab; v0 += kChunk) {
+          acc_t cm, cs, ca;
+          chunk_exp<kEntropy>(x_row + v0, std::min(kChunk, vocab - v0), inv_t, e, cm, cs, ca);
+          state.merge(cm, cs, ca);
+        }
+        row_lse = state.lse();
+        row_logp = static_cast<acc_t>(x_row[y]) * inv_t - row_lse;
+        if (kEntropy) row_ent = state.entropy();
+      }
+      logp_out[r] = row_logp;
+      lse_out[r] = row_lse;
+      if (kEntropy) ent_out[r] = row_ent;
+    }
+  });
+}
+
+// Backward. Row r reads y, lse, g_logp (and H, g_H): a few bytes, and its V
+// logits once; writes its V gradient values once (into the logits buffer when
+// in place: each value is read before it is overwritten). Memory traffic: one
+// read + one write of the logits. Ignored rows only write zeros.
+template <typename scalar_t, bool kEntropyGrad>
+void backward_kernel(const at::Tensor& logits, at::Tensor& grad, const int64_t* ids, const at::Tensor& lse,
+                     const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& entropy,
+                     const c10::optional<at::Tensor>& grad_entropy, double temperature, int64_t ignore_index) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const LogitRows rows(logits), grad_rows(grad);
+  const int64_t vocab = rows.vocab();
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();
+  scalar_t* dx = grad.data_ptr<scalar_t>();
+  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  const acc_t* lse_in = lse.const_data_ptr<acc_t>();
+  const acc_t* g_logp = grad_logp ? grad_logp->const_data_ptr<acc_t>() : nullptr;
+  const acc_t* ent = kEntropyGrad ? entropy->const_data_ptr<acc_t>() : nullptr;
+  const acc_t* g_ent = kEntropyGrad ? grad_entropy->const_data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, rows.rows(), kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* dx_row = dx + grad_rows.offset(r);
+      const int64_t y = ids[r];
+      if (y == ignore_index) {
+        std::fill(dx_row, dx_row + vocab, scalar_t(0));
+        continue;
+      }
+      const acc_t w = g_logp ? g_logp[r] : acc_t(0);
+      softmax_grad_row<kEntropyGrad>(x + rows.offset(r), dx_row, vocab, y, inv_t, lse_in[r], w,
+                                     kEntropyGrad ? g_ent[r] : acc_t(0), kEntropyGrad ? ent[r] : acc_t(0));
+    }
+  });
+}
+
+// A contiguous [R] tensor of the compute dtype (the saved statistics and incoming gradients).
+at::Tensor per_row(const at::Tensor& t, at::ScalarType dtype) { return t.reshape({-1}).to(dtype).contiguous(); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tensor& logits,
+                                                                  const at::Tensor& token_ids, double temperature,
+                                                                  int64_t ignore_index, bool return_entropy) {
+  const at::Tensor ids = flat_ids(token_ids);
+  const auto acc = at::toOpMathType(logits.scalar_type());
+  const auto options = logits.options().dtype(acc);
+  at::Tensor logp = at::empty({ids.numel()}, options);
+  at::Tensor lse = at::empty({ids.numel()}, options);
+  at::Tensor entropy = at::empty({return_entropy ? ids.numel() : 0}, options);
+  TORCH_CHECK(LogitRows(logits).rows() == ids.numel(), "token_ids must have the leading shape of logits");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "token_logprobs_fwd", [&] {
+    if (return_entropy) {
+      forward_kernel<scalar_t, true>(logits, ids.const_data_ptr<int64_t>(), temperature, ignore_index, logp, lse,
+                                     entropy);
+    } else {
+      forward_kernel<scalar_t, false>(logits, ids.const_data_ptr<int64_t>(), temperature, ignore_index, logp, lse,
+                                      entropy);
+    }
+  });
+  return {logp, lse, entropy};
+}
+
+at::Tensor token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& token_ids, const at::Tensor& lse,
+                              const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& entropy,
+                              const c10::optional<at::Tensor>& grad_entropy, double temperature,
+                              int64_t ignore_index, bool inplace) {
+  const at::Tensor ids = flat_ids(token_ids);
+  const auto acc = at::toOpMathType(logits.scalar_type());
+  TORCH_CHECK(!grad_entropy || entropy, "token_logprobs_bwd: grad_entropy needs entropy");
+  const at::Tensor lse_r = per_row(lse, acc);
+  const c10::optional<at::Tensor> g_logp = grad_logp ? c10::optional<at::Tensor>(per_row(*grad_logp, acc))
+                                                     : c10::nullopt;
+  const bool entropy_grad = grad_entropy.has_value();
+  const c10::optional<at::Tensor> ent = entropy_grad ? c10::optional<at::Tensor>(per_row(*entropy, acc))
+                                                     : c10::nullopt;
+  const c10::optional<at::Tensor> g_ent = entropy_grad ? c10::optional<at::Tensor>(per_row(*grad_entropy, acc))
+                                                       : c10::nullopt;
+  at::Tensor grad = inplace ? logits : empty_gradient_like(logits);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "token_logprobs_bwd", [&] {
+    if (entropy_grad) {
+      backward_kernel<scalar_t, true>(logits, grad, ids.const_data_ptr<int64_t>(), lse_r, g_logp, ent, g_ent,
+                                      temperature, ignore_index);
+    } else {
+      backward_kernel<scalar_t, false>(logits, grad, ids.const_data_ptr<int64_t>(), lse_r, g_logp, ent, g_ent,
+                                       temperature, ignore_index);
+    }
+  });
+  return grad;
+}
+
+}  // namespace grpo_kernels::cpu

@@ -1,0 +1,76 @@
+"""``token_logprobs`` over the extension's kernels: one pass over each row forward, one backward.
+
+Forward (``token_logprobs_fwd``): online log-sum-exp of ``z = logits / T``,
+``logp = z_y - lse`` and optionally ``H = lse - Σ p z``; saves ``lse`` (and ``H``).
+Backward (``token_logprobs_bwd``): ``d logits = (g_logp (onehot_y - p) + g_H
+(-p (log p + H))) / T`` from the saved statistics, in the logits dtype,
+optionally written into the logits buffer (``inplace_backward=True``).
+Formulas: :func:`grpo_kernels.reference.token_logprobs`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .._extension import _C
+
+
+def writable_rows(x: Tensor) -> bool:
+    """No two rows of ``x`` share memory (a stride-0 expanded dim would make in-place writes race)."""
+    return all(st != 0 for n, st in zip(x.shape, x.stride()) if n > 1)
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """``(logits, token_ids, temperature, ignore_index, return_entropy, inplace_backward)``
+    → ``logp`` or ``(logp, entropy)``; differentiable w.r.t. ``logits`` only, once."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, token_ids: Tensor, temperature: float, ignore_index: int,
+                return_entropy: bool, inplace_backward: bool):
+        logp, lse, entropy = _C.token_logprobs_fwd(logits, token_ids, temperature, ignore_index, return_entropy)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logits, token_ids, lse, entropy if return_entropy else None)
+        ctx.options = (temperature, ignore_index, inplace_backward)
+        shape = logits.shape[:-1]
+        return (logp.view(shape), entropy.view(shape)) if return_entropy else logp.view(shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor] = None):
+        logits, token_ids, lse, entropy = ctx.saved_tensors
+        if entropy is None:
+            grad_entropy = None
+        if not ctx.needs_input_grad[0] or (grad_logp is None and grad_entropy is None):
+            return (None,) * 6
+        temperature, ignore_index, inplace_backward = ctx.options
+        inplace = inplace_backward and writable_rows(logits)
+        grad = _C.token_logprobs_bwd(
+            logits, token_ids, lse, grad_logp, entropy if grad_entropy is not None else None, grad_entropy,
+            temperature, ignore_index, inplace,
+        )
+        if inplace:  # the logits now hold their gradient: fail loudly if anything else saved them
+            torch.autograd.graph.increment_version(logits)
+        return grad, None, None, None, None, None
+
+
+def token_logprobs(
+    logits: Tensor,
+    token_ids: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    inplace_backward: bool = False,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """:func:`grpo_kernels.reference.token_logprobs` with the extension's kernels (inputs already validated).
+
+    ``inplace_backward=True`` writes the gradient into ``logits`` and returns
+    that buffer as the gradient: ``logits`` must not be used after ``backward``.
+    """
+    return TokenLogprobsFunction.apply(
+        logits, token_ids, float(temperature), int(ignore_index), bool(return_entropy), bool(inplace_backward)
+    )
