@@ -1,0 +1,150 @@
+"""What is specific to the C++ CPU backend ("cpu"): thread-count independence, in-place gradients,
+auto selection, the row layouts it reads without a copy. Its values and gradients are tested with
+every other backend in the op test modules."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import grpo_kernels as gk
+from grpo_kernels import backends
+
+pytestmark = pytest.mark.skipif("cpu" not in gk.available_backends(), reason="grpo_kernels._C was not built")
+
+# One script per op family; each prints its outputs' bytes so that runs can be compared bitwise.
+THREAD_SCRIPT = r"""
+import hashlib, sys, torch, grpo_kernels as gk
+torch.set_num_threads(int(sys.argv[1]))
+g = torch.Generator().manual_seed(0)
+B, T, V = 5, 7, 5003  # several chunks per row, rows not a multiple of the thread count
+logits = (3 * torch.randn(B, T, V, generator=g)).to(getattr(torch, sys.argv[2])).requires_grad_()
+ids = torch.randint(0, V, (B, T), generator=g)
+ids[1, 2] = -100
+old = -torch.rand(B, T, generator=g)
+ref = old + 0.1 * torch.randn(B, T, generator=g)
+adv = torch.randn(B, generator=g)
+mask = torch.rand(B, T, generator=g) > 0.2
+outs = []
+for level in ("token", "sequence"):
+    out = gk.fused_grpo_loss(logits, ids, old, adv, mask, ref_logprobs=ref, beta=0.04, return_entropy=True,
+                             importance_sampling_level=level, backend="cpu")
+    (grad,) = torch.autograd.grad(out.loss - 0.01 * out.entropy, logits)
+    outs += [t for t in out if t is not None] + [grad]
+logp, ent = gk.token_logprobs(logits, ids, temperature=0.7, return_entropy=True, backend="cpu")
+outs += [logp, ent, *torch.autograd.grad((logp * old).sum() + ent.sum(), logits)]
+outs.append(gk.group_advantages(torch.randn(60, 2, generator=g), group_size=6, backend="cpu"))
+digest = hashlib.sha256()
+for t in outs:
+    digest.update(t.detach().float().contiguous().numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_results_do_not_depend_on_the_thread_count(dtype):
+    digests = set()
+    for threads in (1, 2, 3):
+        run = subprocess.run([sys.executable, "-c", THREAD_SCRIPT, str(threads), dtype], capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        digests.add(run.stdout.strip())
+    assert len(digests) == 1
+
+
+def test_auto_picks_cpu_for_cpu_tensors(monkeypatch):
+    monkeypatch.delenv("GRPO_KERNELS_BACKEND", raising=False)
+    assert backends.resolve_backend("auto", torch.device("cpu")) == "cpu"
+    assert backends.resolve_backend("auto", torch.device("cuda")) == "reference"
+
+
+def test_cpu_backend_rejects_other_devices():
+    with pytest.raises(gk.BackendUnavailableError, match="CPU tensors only"):
+        backends._check_device("cpu", torch.device("cuda"))
+
+
+def test_without_the_kernels_auto_falls_back_to_the_reference():
+    code = (
+        "import sys; sys.modules['grpo_kernels._C'] = None\n"
+        "import torch, grpo_kernels as gk\n"
+        "from grpo_kernels import backends\n"
+        "assert 'cpu' not in gk.available_backends()\n"
+        "assert backends.resolve_backend('auto', torch.device('cpu')) == 'reference'\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "ok"
+
+
+def _logits(dtype, shape=(3, 4, 301)):
+    return (2 * torch.randn(*shape, dtype=torch.float64)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("return_entropy", [False, True])
+def test_token_logprobs_inplace_backward(dtype, return_entropy):
+    logits = _logits(dtype)
+    ids = torch.randint(0, logits.shape[-1], logits.shape[:-1])
+    ids[0, 1] = -100
+    grads = []
+    for inplace in (False, True):
+        x = logits.clone().requires_grad_()
+        out = gk.token_logprobs(x, ids, temperature=0.8, return_entropy=return_entropy, inplace_backward=inplace,
+                                backend="cpu")
+        total = (out[0].sum() + out[1].sum()) if return_entropy else out.sum()
+        total.backward()
+        grads.append(x.grad)
+        if inplace:
+            assert torch.equal(x.detach(), x.grad)  # the logits buffer holds the gradient
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_fused_inplace_gradient_is_bitwise_the_allocated_one(dtype, level):
+    logits = _logits(dtype)
+    ids = torch.randint(0, logits.shape[-1], logits.shape[:-1])
+    old, adv, mask = -torch.rand(3, 4), torch.randn(3), torch.rand(3, 4) > 0.3
+    grads = []
+    for inplace in (False, True):
+        x = logits.clone().requires_grad_()
+        gk.fused_grpo_loss(x, ids, old, adv, mask, importance_sampling_level=level, inplace_backward=inplace,
+                           backend="cpu").loss.backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("make", [
+    lambda x: x.transpose(0, 1),  # leading dims in any order
+    lambda x: x[:, ::2],  # row strides that are not V
+    lambda x: x[..., :-3],  # rows padded in memory
+    lambda x: x[:1, :1],  # one row
+], ids=["transposed", "strided", "padded", "one-row"])
+def test_strided_rows_without_copy(make):
+    base = _logits(torch.float32, (4, 6, 259))
+    x = make(base).requires_grad_()
+    ids = torch.randint(0, x.shape[-1], x.shape[:-1])
+    logp, ent = gk.token_logprobs(x, ids, temperature=1.7, return_entropy=True, backend="cpu")
+    (grad,) = torch.autograd.grad(logp.sum() + ent.sum(), x)
+    y = x.detach().contiguous().requires_grad_()
+    ref_logp, ref_ent = gk.token_logprobs(y, ids, temperature=1.7, return_entropy=True, backend="cpu")
+    (ref_grad,) = torch.autograd.grad(ref_logp.sum() + ref_ent.sum(), y)
+    assert torch.equal(logp, ref_logp) and torch.equal(ent, ref_ent) and torch.equal(grad, ref_grad)
+
+
+@pytest.mark.parametrize("vocab", [1, 2047, 2048, 2049, 6000])  # around the kernels' chunk of 2048 values
+def test_rows_across_chunks_match_the_reference(vocab):
+    logits = _logits(torch.float64, (2, 3, vocab))
+    logits[0, 0, : vocab // 2] = float("-inf")  # a first chunk without any finite value
+    ids = torch.randint(vocab // 2, vocab, (2, 3))
+    x = logits.clone().requires_grad_()
+    logp, ent = gk.token_logprobs(x, ids, temperature=0.3, return_entropy=True, backend="cpu")
+    (grad,) = torch.autograd.grad(logp.sum() + ent.sum(), x)
+    y = logits.clone().requires_grad_()
+    ref_logp, ref_ent = gk.token_logprobs(y, ids, temperature=0.3, return_entropy=True, backend="reference")
+    (ref_grad,) = torch.autograd.grad(ref_logp.sum() + ref_ent.sum(), y)
+    torch.testing.assert_close(logp, ref_logp, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-10, rtol=1e-10)
