@@ -58,6 +58,7 @@ def describe(device: torch.device) -> dict:
         "device_name": device_name(device),
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "load_average_1m": os.getloadavg()[0],  # other processes competing for the CPU at the start
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,

@@ -74,7 +74,8 @@ def environment_line(run: dict) -> str:
     """One line naming the device, code and software of a run, and its measured limits."""
     env, lim = run["environment"], run["limits"]
     software = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "trl", "liger-kernel") if env.get(k))
-    return (f"{env['device_name']} ({env['cpu_threads']} CPU threads), {env['date']}, commit {env['git_sha']}, "
+    return (f"{env['device_name']} ({env['cpu_threads']} CPU threads, load average {env['load_average_1m']:.1f} "
+            f"at the start), {env['date']}, commit {env['git_sha']}, "
             f"preset `{run['preset']}`; {software}; copy bandwidth {lim['copy_gbps']:.1f} GB/s")
 
 
