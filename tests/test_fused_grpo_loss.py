@@ -305,3 +305,13 @@ for xdt, acc, block, warps, family in (("bf16", tl.float32, 8192, 16, 0), ("fp64
 print("compiled")
 '''
     run_compile_script(script)
+
+
+def test_gradient_handed_over_without_copy(backend):
+    """After a backward without retain_graph, the precomputed gradient becomes ``.grad`` itself (no clone)."""
+    logits, ids, old, _, adv, mask = make_inputs()
+    x = logits.clone().requires_grad_()
+    seen = []
+    x.register_hook(lambda g: seen.append(g.data_ptr()))
+    gk.fused_grpo_loss(x, ids, old, adv, mask, backend=backend).loss.backward()
+    assert seen == [x.grad.data_ptr()]

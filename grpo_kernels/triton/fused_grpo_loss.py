@@ -232,11 +232,13 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
             if needs_grad:
                 ctx.entropy_graph = (ent_bt, entropy_metric)
         ctx.set_materialize_grads(False)
-        ctx.dx = dx
         ctx.consumed = False
         ctx.inplace = dx is not None and dx.x is rows.x
-        ctx.rows = rows if ctx.entropy_graph is not None and not ctx.inplace else None  # for an entropy bonus
-        ctx.row_stats = (ids, lse, ent)
+        # Saved tensors, not ctx attributes: after a backward without retain_graph autograd releases them before
+        # the next node runs, so the gradient passed on is taken over without a copy (e.g. by AccumulateGrad).
+        keep_rows = ctx.entropy_graph is not None and not ctx.inplace  # for an entropy bonus
+        ctx.save_for_backward(None if dx is None else dx.x, rows.x if keep_rows else None, ids, lse, ent)
+        ctx.layouts = (None if dx is None else dx._replace(x=None), rows._replace(x=None))
         ctx.options = (temperature, ignore_index)
         kl = result.kl if result.kl is not None else result.loss.new_zeros(())
         ctx.mark_non_differentiable(result.per_token_loss, kl, result.clip_ratio_low, result.clip_ratio_high,
@@ -247,10 +249,9 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _ptl, _kl, _low, _high, _region, grad_entropy):
-        dx: Optional[Rows] = ctx.dx
         if grad_entropy is None or ctx.entropy_graph is None:
             grad_entropy = None
-        if not ctx.needs_input_grad[0] or dx is None or (grad_loss is None and grad_entropy is None):
+        if not ctx.needs_input_grad[0] or (grad_loss is None and grad_entropy is None):
             return (None,) * 6
         if ctx.consumed:
             raise RuntimeError(
@@ -262,8 +263,11 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
                 "fused_grpo_loss(inplace_backward=True) overwrote the logits with the loss gradient, so the "
                 "entropy metric cannot be differentiated (an entropy bonus): use inplace_backward=False"
             )
+        dx_x, x, ids, lse, ent = ctx.saved_tensors
+        dx_layout, rows_layout = ctx.layouts
+        dx, rows = dx_layout._replace(x=dx_x), rows_layout._replace(x=x)
         if grad_loss is None:  # only the entropy metric has a gradient: leave the loss gradient untouched
-            out, accumulate = gradient_rows(ctx.rows, inplace=False), False
+            out, accumulate = gradient_rows(rows, inplace=False), False
         else:
             out, accumulate = dx, True
             if torch.compiler.is_compiling() or not bool(grad_loss == 1):
@@ -272,9 +276,8 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
         if grad_entropy is not None:
             ent_bt, entropy_metric = ctx.entropy_graph
             (g_ent,) = torch.autograd.grad(entropy_metric, ent_bt, grad_entropy, retain_graph=True)
-            ids, lse, ent = ctx.row_stats
             temperature, ignore_index = ctx.options
-            backward_rows(ctx.rows, ids, lse, ent, None, g_ent.reshape(-1).contiguous(), temperature, ignore_index,
+            backward_rows(rows, ids, lse, ent, None, g_ent.reshape(-1).contiguous(), temperature, ignore_index,
                           out, accumulate=accumulate)
             ctx.consumed = ctx.consumed or out is dx
         return out.x, None, None, None, None, None
