@@ -17,7 +17,7 @@ CONSTRAINTS   := $(VENV)/torch-constraint.txt
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py Makefile $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+$(STAMP): pyproject.toml setup.py Makefile $(wildcard csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
 	# Pin whatever torch is now installed, so no later step can replace it.

@@ -50,12 +50,21 @@ def _extension_has_kernels() -> bool:
     return _C is not None and hasattr(_C, "fused_grpo_loss_fwd")
 
 
+def _extension_has_cuda_kernels() -> bool:
+    """Availability predicate: the extension was also built with its CUDA kernels."""
+    from ._extension import _C
+
+    return _extension_has_kernels() and bool(_C.with_cuda())
+
+
 # Backends that exist in this version: the module that implements each, and
 # whether it can be used in this installation.
 _MODULES: dict[str, tuple[str, Callable[[], bool]]] = {
     "reference": ("grpo_kernels.reference", lambda: True),
     "triton": ("grpo_kernels.triton", _package_installed("triton")),
     "cpu": ("grpo_kernels.native", _extension_has_kernels),
+    # the same glue: the extension's entry points dispatch on the tensors' device
+    "cuda": ("grpo_kernels.native", _extension_has_cuda_kernels),
 }
 
 # "auto": preference per device type; a backend is listed here only once its
@@ -121,6 +130,8 @@ def _check_known(name: str, where: str) -> str:
 def _check_device(name: str, device: torch.device) -> None:
     if name == "cpu" and device.type != "cpu":
         raise BackendUnavailableError(f"backend 'cpu' runs CPU tensors only, got {device.type} tensors")
+    if name == "cuda" and device.type != "cuda":
+        raise BackendUnavailableError(f"backend 'cuda' runs CUDA tensors only, got {device.type} tensors")
     if name != "triton":
         return
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
