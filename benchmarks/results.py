@@ -1,6 +1,6 @@
 """Result files of a run: the JSON, the long CSV history, the markdown tables.
 
-``<out>/<device>-<date>-<sha>.json``: environment, device limits, preset and
+``<out>/<device>-<date>-<HHMM>-<sha>.json``: environment, device limits, preset and
 every :class:`~benchmarks.measure.Record`. ``<out>/all.csv``: one row per
 record of every run (history accumulates; the environment in each row).
 ``<out>/<stem>.md``: the tables of one run.
@@ -21,10 +21,11 @@ BASELINES = {"trl-utils": "TRL", "trl-lm-head": "TRL fused LM head", "torch-comp
 
 
 def stem(environment: dict) -> str:
-    """``<device>-<date>-<sha>``, e.g. ``nvidia-h100-80gb-hbm3-2026-11-23-450567b``."""
+    """``<device>-<date>-<HHMM>-<sha>``, e.g. ``nvidia-h100-80gb-hbm3-2026-11-23-1615-450567b`` (UTC)."""
     device = environment["device"] if environment["device"] == "cpu" else environment["device_name"]
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    return f"{slug}-{environment['date'][:10]}-{environment['git_sha']}"
+    date = environment["date"]
+    return f"{slug}-{date[:10]}-{date[11:13]}{date[14:16]}-{environment['git_sha']}"
 
 
 def write_json(path: Path, run: dict) -> None:
