@@ -46,7 +46,7 @@ def _forward_sequence_level(logits: Tensor, token_ids: Tensor, tensors: tuple, s
     per_token_loss, partials = _C.grpo_loss_fwd(logp, old, ref, adv, keep, iw, setup.cfg)
     grad = None
     if compute_grad:
-        seq_weight = setup.sequence_weights(partials[P_COUNT], T)
+        seq_weight = setup.options.sequence_weights(partials[P_COUNT], T)
         grad_logp = _C.grpo_loss_bwd(logp, old, ref, adv, keep, iw, partials, seq_weight, setup.cfg)
         grad = _C.token_logprobs_bwd(logits, token_ids, lse, grad_logp, None, None, temperature, ignore_index,
                                      inplace)
@@ -62,7 +62,7 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
         B, T = token_ids.shape
         compute_grad = ctx.needs_input_grad[0]
         inplace = compute_grad and inplace_backward and writable_rows(logits)
-        setup = loss_setup(advantages, T, **loss_options)
+        setup = loss_setup(advantages, T, loss_options)
         keep = fused_loss_mask(mask, token_ids, ignore_index)
         tensors = loss_tensors(compute_dtype(logits), token_ids.shape, old_logprobs, loss_options.get("ref_logprobs"),
                                advantages, keep, loss_options.get("importance_weights"))
@@ -71,14 +71,14 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
                 logits, token_ids, tensors, setup, temperature, ignore_index, return_entropy, compute_grad, inplace)
         else:
             old, ref, adv, keep_t, iw = tensors
-            seq_weight = setup.sequence_weights(keep_t.sum(-1), T)
+            seq_weight = setup.options.sequence_weights(keep_t.sum(-1), T)
             logp, lse, entropy, per_token_loss, partials, grad = _C.fused_grpo_loss_fwd(
                 logits, token_ids, old, ref, adv, keep_t, iw, seq_weight, setup.cfg, temperature, ignore_index,
                 return_entropy, compute_grad, inplace)
             grad = grad if compute_grad else None
         if inplace:  # the logits now hold their gradient: fail loudly if anything else saved them for its backward
             torch.autograd.graph.increment_version(logits)
-        loss, kl, low, high, region = setup.aggregate(partials, T)
+        loss, kl, low, high, region = setup.options.aggregate(partials, T)
 
         entropy_metric = loss.new_zeros(())
         ctx.entropy_graph = None

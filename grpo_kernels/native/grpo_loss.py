@@ -21,73 +21,30 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._extension import _C
-from ..aggregation import P_COUNT, Aggregate, aggregate, sequence_weights
+from ..aggregation import P_COUNT
+from ..kernel_options import KernelLossOptions, kernel_loss_options
 from ..reference import GRPOLossOutput
-
-_FAMILY = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2}
-_KL_ESTIMATORS = {"k3": 0, "k1": 1, "k2": 2, "low_var_kl": 3}
 
 
 class LossSetup(NamedTuple):
-    """What the kernels and the aggregation need to know of the loss options."""
+    """The loss options for the C++ kernels (``cfg``, a ``_C.LossConfig``) and the aggregation (``options``)."""
 
-    cfg: object  # _C.LossConfig
-    loss_type: str
-    has_ref: bool
-    max_completion_length: Optional[int]
-    num_items_in_batch: Optional[Union[int, float, Tensor]]
-
-    def aggregate(self, partials: Tensor, T: int) -> Aggregate:
-        """Loss and metrics from the per-sequence partials."""
-        return aggregate(partials, self.loss_type, T, has_ref=self.has_ref, per_seq_metrics=self.cfg.per_seq_metrics,
-                         max_completion_length=self.max_completion_length,
-                         num_items_in_batch=self.num_items_in_batch)
-
-    def sequence_weights(self, seq_count: Tensor, T: int) -> Tensor:
-        """``dL/dS_i`` as a contiguous ``[B]`` tensor."""
-        weights = sequence_weights(seq_count, self.loss_type, T, max_completion_length=self.max_completion_length,
-                                   num_items_in_batch=self.num_items_in_batch)
-        return weights.expand(seq_count.shape[0]).contiguous()
+    cfg: object
+    options: KernelLossOptions
 
 
-def loss_setup(
-    advantages: Tensor,
-    T: int,
-    *,
-    ref_logprobs: Optional[Tensor] = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: Optional[float] = None,
-    delta: Optional[float] = None,
-    clip_ratio_c: Optional[float] = None,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    kl_estimator: str = "k3",
-    use_bias_correction_kl: bool = False,
-    importance_weights: Optional[Tensor] = None,
-    max_completion_length: Optional[int] = None,
-    num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-) -> LossSetup:
-    """The kernel configuration of the keyword options of :func:`grpo_kernels.reference.grpo_loss`."""
-    eps_high = epsilon_low if epsilon_high is None else epsilon_high
-    seq_level = importance_sampling_level == "sequence"
+def loss_setup(advantages: Tensor, T: int, loss_options: dict) -> LossSetup:
+    """The kernel configuration of ``loss_options``, the keyword options of the reference ``grpo_loss``."""
+    options = kernel_loss_options(T, advantages, loss_options)
     cfg = _C.LossConfig()
-    cfg.family = _FAMILY[loss_type]
-    cfg.seq_level = seq_level
-    cfg.kl_estimator = _KL_ESTIMATORS[kl_estimator]
-    cfg.add_kl = ref_logprobs is not None and beta != 0.0
-    cfg.bias_kl = bool(use_bias_correction_kl)
-    cfg.has_delta = delta is not None
-    cfg.has_clip_c = clip_ratio_c is not None
-    # the reference's clip flags are [B, 1] then: a mean over sequences (unless T == 1)
-    cfg.per_seq_metrics = seq_level and (advantages.ndim == 1 or advantages.shape[1] == 1) and T != 1
-    cfg.lo, cfg.hi, cfg.eps_high = 1 - epsilon_low, 1 + eps_high, eps_high
-    cfg.delta = 0.0 if delta is None else delta
-    cfg.clip_c = 0.0 if clip_ratio_c is None else clip_ratio_c
-    cfg.beta, cfg.tau_pos, cfg.tau_neg = beta, sapo_temperature_pos, sapo_temperature_neg
-    return LossSetup(cfg, loss_type, ref_logprobs is not None, max_completion_length, num_items_in_batch)
+    for field in _CONFIG_FIELDS:
+        setattr(cfg, field, getattr(options, field))
+    return LossSetup(cfg, options)
+
+
+# The fields of _C.LossConfig (csrc/grpo_kernels.h), named as in KernelLossOptions.
+_CONFIG_FIELDS = ("family", "seq_level", "kl_estimator", "add_kl", "bias_kl", "has_delta", "has_clip_c",
+                  "per_seq_metrics", "lo", "hi", "eps_high", "delta", "clip_c", "beta", "tau_pos", "tau_neg")
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -113,7 +70,7 @@ class _GRPOLossFunction(torch.autograd.Function):
         T = logp.shape[1]
         tensors = loss_tensors(compute_dtype(logp), logp.shape, logp, old, ref, adv, mask, iw)
         per_token_loss, partials = _C.grpo_loss_fwd(*tensors, setup.cfg)
-        loss, kl, low, high, region = setup.aggregate(partials, T)
+        loss, kl, low, high, region = setup.options.aggregate(partials, T)
         ctx.setup = setup
         ctx.logp_dtype = logp.dtype
         ctx.save_for_backward(*tensors, partials)
@@ -127,7 +84,7 @@ class _GRPOLossFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0] and grad_loss is not None:
             *tensors, partials = ctx.saved_tensors
             T = tensors[0].shape[1]
-            seq_grad = grad_loss.to(partials.dtype) * ctx.setup.sequence_weights(partials[P_COUNT], T)
+            seq_grad = grad_loss.to(partials.dtype) * ctx.setup.options.sequence_weights(partials[P_COUNT], T)
             grad_logp = _C.grpo_loss_bwd(*tensors, partials, seq_grad, ctx.setup.cfg).to(ctx.logp_dtype)
         return grad_logp, None, None, None, None, None, None
 
@@ -159,16 +116,10 @@ def grpo_loss(
     Only ``loss`` is differentiable (w.r.t. ``logprobs``); ``per_token_loss``,
     ``kl`` and the clip metrics come without gradient.
     """
-    setup = loss_setup(
-        advantages, logprobs.shape[1], ref_logprobs=ref_logprobs, beta=beta, epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high, delta=delta, clip_ratio_c=clip_ratio_c, loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator,
-        use_bias_correction_kl=use_bias_correction_kl, importance_weights=importance_weights,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-    )
+    options = {k: v for k, v in locals().items() if k not in ("logprobs", "old_logprobs", "advantages", "mask")}
+    setup = loss_setup(advantages, logprobs.shape[1], options)
     loss, per_token_loss, kl, low, high, region = _GRPOLossFunction.apply(
         logprobs, old_logprobs, ref_logprobs, advantages, mask, importance_weights, setup
     )
-    return GRPOLossOutput(loss=loss, per_token_loss=per_token_loss, kl=kl if setup.has_ref else None,
+    return GRPOLossOutput(loss=loss, per_token_loss=per_token_loss, kl=kl if setup.options.has_ref else None,
                           clip_ratio_low=low, clip_ratio_high=high, clip_ratio_region=region)

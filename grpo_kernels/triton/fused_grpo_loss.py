@@ -37,18 +37,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..aggregation import sequence_weights
+from ..kernel_options import KernelLossOptions, kernel_loss_options
 from ..reference import GRPOLossOutput, fused_loss_mask, masked_mean_entropy
-from .grpo_loss import (
-    LossConfig,
-    _dloss_dlogp,
-    _options,
-    compute_dtype,
-    grpo_loss,
-    kernel_mask,
-    loss_config,
-    token_strides,
-)
+from .grpo_loss import _dloss_dlogp, _options, compute_dtype, grpo_loss, kernel_mask, token_strides
 from .token_logprobs import (
     Rows,
     _row_grad,
@@ -154,7 +145,7 @@ def _num_programs(device: torch.device, n_rows: int) -> int:
 
 
 def _fused_single_pass(rows: Rows, ids: Tensor, keep: Tensor, old: Optional[Tensor], adv: Tensor,
-                       cfg: LossConfig, loss_options: dict, temperature: float, ignore_index: int,
+                       cfg: KernelLossOptions, loss_options: dict, temperature: float, ignore_index: int,
                        return_entropy: bool, dx: Optional[Rows]):
     """One launch: ``(logp, lse, entropy or None)`` per row, and the gradient into ``dx`` (unless None)."""
     B, T = keep.shape
@@ -165,16 +156,13 @@ def _fused_single_pass(rows: Rows, ids: Tensor, keep: Tensor, old: Optional[Tens
     lse = torch.empty(n_rows, dtype=out_dtype, device=device)
     ent = torch.empty(n_rows, dtype=out_dtype, device=device) if return_entropy else None
     ref, iw = loss_options["ref_logprobs"], loss_options["importance_weights"]
-    seq_w = sequence_weights(keep.sum(-1).to(out_dtype), cfg.loss_type, T,
-                             max_completion_length=cfg.max_completion_length,
-                             num_items_in_batch=loss_options["num_items_in_batch"])
-    seq_w = seq_w.reshape(-1)  # [B] or [1], broadcast with stride 0
+    seq_w = cfg.sequence_weights(keep.sum(-1).to(out_dtype), T)
     keep_k = kernel_mask(keep)
     block, num_warps = launch_config(rows.vocab, rows.x.dtype)
     strides = []
     for tensor in (keep_k, old, ref, adv, iw):
         strides += token_strides(tensor, B, T)
-    strides.append(seq_w.stride(0) if seq_w.numel() > 1 else 0)
+    strides.append(seq_w.stride(0))
     out = dx if dx is not None else rows
     with device_guard(rows.x):
         _fused_grpo_loss_kernel[(_num_programs(device, n_rows),)](
@@ -182,8 +170,8 @@ def _fused_single_pass(rows: Rows, ids: Tensor, keep: Tensor, old: Optional[Tens
             logp if iw is None else iw, seq_w, logp, lse, lse if ent is None else ent, out.x,
             n_rows, T, *rows.strides, out.stride_outer, out.stride_inner, rows.vocab, *strides,
             *inverse_temperature(temperature), ignore_index, *cfg.scalars,
-            FAMILY=cfg.family, KL_EST=cfg.kl_est, ADD_KL=cfg.add_kl, BIAS_KL=cfg.bias_kl, HAS_IW=cfg.has_iw,
-            HAS_DELTA=cfg.has_delta, HAS_C=cfg.has_c, HAS_OLD=old is not None, RETURN_ENTROPY=return_entropy,
+            FAMILY=cfg.family, KL_EST=cfg.kl_estimator, ADD_KL=cfg.add_kl, BIAS_KL=cfg.bias_kl, HAS_IW=cfg.has_iw,
+            HAS_DELTA=cfg.has_delta, HAS_C=cfg.has_clip_c, HAS_OLD=old is not None, RETURN_ENTROPY=return_entropy,
             WRITE_GRAD=dx is not None, BLOCK_V=block, ACC=compute_dtype(rows.x.dtype), num_warps=num_warps,
         )
     return logp, lse, ent
@@ -208,7 +196,7 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
         rows = row_layout(logits)
         ids = token_ids.reshape(-1)
         keep = fused_loss_mask(mask, token_ids, ignore_index)
-        cfg = loss_config(T, advantages, loss_options)
+        cfg = kernel_loss_options(T, advantages, loss_options)
         dx = gradient_rows(rows, inplace) if needs_grad else None
         if cfg.seq_level:
             logp, lse, ent = forward_rows(rows, ids, temperature, ignore_index, return_entropy)

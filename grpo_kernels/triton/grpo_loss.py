@@ -30,7 +30,7 @@ backend are returned without gradient (the reference's ``per_token_loss`` and
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import Optional, Union
 
 import torch
 import triton
@@ -38,13 +38,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..aggregation import NUM_PARTIALS, P_COUNT, aggregate, sequence_weights
+from ..aggregation import NUM_PARTIALS, P_COUNT
+from ..kernel_options import KernelLossOptions, kernel_loss_options
 from ..reference import GRPOLossOutput
-
-# loss_type -> (kernel family, aggregation)
-_FAMILY = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2}
-_CLIPPED, _CISPO, _SAPO = 0, 1, 2
-_KL_CODES = {"k3": 0, "k1": 1, "k2": 2, "low_var_kl": 3}
 
 # Block of tokens per loop step and warps, by completion length: the smallest
 # block holding T (T > 1024 loops over blocks of 1024).
@@ -375,22 +371,6 @@ def _grpo_loss_bwd_kernel(
 # --------------------------------------------------------------------------- #
 # host side
 # --------------------------------------------------------------------------- #
-class LossConfig(NamedTuple):
-    loss_type: str
-    family: int
-    seq_level: bool
-    kl_est: int
-    has_ref: bool
-    add_kl: bool
-    bias_kl: bool
-    has_iw: bool
-    has_delta: bool
-    has_c: bool
-    per_seq_metrics: bool
-    scalars: tuple  # lo, hi, eps_high, delta, clip_c, beta, tau_pos, tau_neg (Python floats)
-    max_completion_length: Optional[int]
-
-
 def token_strides(t: Optional[Tensor], B: int, T: int) -> tuple[int, int]:
     """(stride over B, stride over T) of a [B], [B, 1] or [B, T] tensor; 0 where broadcast."""
     if t is None:
@@ -418,7 +398,7 @@ def kernel_mask(mask: Tensor) -> Tensor:
 
 class _GRPOLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old, ref, adv, mask, iw, num_items_in_batch, cfg: LossConfig):
+    def forward(ctx, logp, old, ref, adv, mask, iw, cfg: KernelLossOptions):
         B, T = logp.shape
         dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
         old_k = logp if old is None else old  # old = logp.detach(): log-ratio logp - logp = 0
@@ -431,16 +411,14 @@ class _GRPOLossFunction(torch.autograd.Function):
         _grpo_loss_fwd_kernel[(B,)](
             logp, old_k, ref_k, adv, mask_k, iw_k, per_token_loss, partials, B, T,
             *_launch_args(logp, old_k, ref, adv, mask_k, iw), *cfg.scalars,
-            FAMILY=cfg.family, SEQ_LEVEL=cfg.seq_level, KL_EST=cfg.kl_est, HAS_REF=cfg.has_ref,
+            FAMILY=cfg.family, SEQ_LEVEL=cfg.seq_level, KL_EST=cfg.kl_estimator, HAS_REF=cfg.has_ref,
             ADD_KL=cfg.add_kl, BIAS_KL=cfg.bias_kl, HAS_IW=cfg.has_iw, HAS_DELTA=cfg.has_delta,
-            HAS_C=cfg.has_c, PER_SEQ_METRICS=cfg.per_seq_metrics, DTYPE=compute_dtype(dtype), BLOCK_T=block,
+            HAS_C=cfg.has_clip_c, PER_SEQ_METRICS=cfg.per_seq_metrics, DTYPE=compute_dtype(dtype), BLOCK_T=block,
             num_warps=warps,
         )
 
-        lengths = dict(max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items_in_batch)
-        loss, kl, low, high, region = aggregate(
-            partials, cfg.loss_type, T, has_ref=cfg.has_ref, per_seq_metrics=cfg.per_seq_metrics, **lengths)
-        seq_weight = sequence_weights(partials[P_COUNT], cfg.loss_type, T, **lengths)
+        loss, kl, low, high, region = cfg.aggregate(partials, T)
+        seq_weight = cfg.sequence_weights(partials[P_COUNT], T)
 
         ctx.cfg = cfg
         ctx.logp_dtype = logp.dtype
@@ -452,12 +430,12 @@ class _GRPOLossFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, *_unused):
         logp, old, ref, adv, mask, iw, partials, seq_weight = ctx.saved_tensors
-        cfg: LossConfig = ctx.cfg
+        cfg: KernelLossOptions = ctx.cfg
         grad_logp = None
         if ctx.needs_input_grad[0] and grad_loss is not None:
             B, T = logp.shape
             dtype = partials.dtype
-            seq_grad = (grad_loss.to(dtype) * seq_weight).expand(B).contiguous()
+            seq_grad = grad_loss.to(dtype) * seq_weight
             old_k = logp if old is None else old
             ref_k = logp if ref is None else ref
             iw_k = logp if iw is None else iw
@@ -467,39 +445,11 @@ class _GRPOLossFunction(torch.autograd.Function):
             _grpo_loss_bwd_kernel[(B,)](
                 logp, old_k, ref_k, adv, mask_k, iw_k, partials, seq_grad, grad_logp, B, T,
                 *_launch_args(logp, old_k, ref, adv, mask_k, iw), *cfg.scalars,
-                FAMILY=cfg.family, SEQ_LEVEL=cfg.seq_level, KL_EST=cfg.kl_est, ADD_KL=cfg.add_kl,
-                BIAS_KL=cfg.bias_kl, HAS_IW=cfg.has_iw, HAS_DELTA=cfg.has_delta, HAS_C=cfg.has_c,
+                FAMILY=cfg.family, SEQ_LEVEL=cfg.seq_level, KL_EST=cfg.kl_estimator, ADD_KL=cfg.add_kl,
+                BIAS_KL=cfg.bias_kl, HAS_IW=cfg.has_iw, HAS_DELTA=cfg.has_delta, HAS_C=cfg.has_clip_c,
                 DTYPE=compute_dtype(dtype), BLOCK_T=block, num_warps=warps,
             )
-        return grad_logp, None, None, None, None, None, None, None
-
-
-def loss_config(T: int, advantages: Tensor, options: dict) -> LossConfig:
-    """The kernels' view of the loss ``options`` (every keyword option of the reference ``grpo_loss``):
-    code paths as constexprs, numbers as float64 scalars."""
-    o = options
-    eps_high = o["epsilon_low"] if o["epsilon_high"] is None else o["epsilon_high"]
-    seq_level = o["importance_sampling_level"] == "sequence"
-    per_sequence_adv = advantages.ndim == 1 or advantages.shape[1] == 1
-    return LossConfig(
-        loss_type=o["loss_type"],
-        family=_FAMILY[o["loss_type"]],
-        seq_level=seq_level,
-        kl_est=_KL_CODES[o["kl_estimator"]],
-        has_ref=o["ref_logprobs"] is not None,
-        add_kl=o["ref_logprobs"] is not None and o["beta"] != 0.0,
-        bias_kl=bool(o["use_bias_correction_kl"]),
-        has_iw=o["importance_weights"] is not None,
-        has_delta=o["delta"] is not None,
-        has_c=o["clip_ratio_c"] is not None,
-        # the reference's metric flags are [B, 1] then: a mean over sequences (unless T == 1)
-        per_seq_metrics=seq_level and per_sequence_adv and T != 1,
-        scalars=tuple(float(x) for x in (
-            1 - o["epsilon_low"], 1 + eps_high, eps_high, 0.0 if o["delta"] is None else o["delta"],
-            0.0 if o["clip_ratio_c"] is None else o["clip_ratio_c"], o["beta"], o["sapo_temperature_pos"],
-            o["sapo_temperature_neg"])),
-        max_completion_length=o["max_completion_length"],
-    )
+        return grad_logp, None, None, None, None, None, None
 
 
 def grpo_loss(
@@ -530,9 +480,9 @@ def grpo_loss(
     ``kl`` and the clip metrics are returned without gradient.
     """
     options = {k: v for k, v in locals().items() if k not in ("logprobs", "old_logprobs", "advantages", "mask")}
-    cfg = loss_config(logprobs.shape[1], advantages, options)
+    cfg = kernel_loss_options(logprobs.shape[1], advantages, options)
     loss, per_token_loss, kl, low, high, region = _GRPOLossFunction.apply(
-        logprobs, old_logprobs, ref_logprobs, advantages, mask, importance_weights, num_items_in_batch, cfg)
+        logprobs, old_logprobs, ref_logprobs, advantages, mask, importance_weights, cfg)
     return GRPOLossOutput(
         loss=loss,
         per_token_loss=per_token_loss,
