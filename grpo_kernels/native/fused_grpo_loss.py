@@ -31,6 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from .._extension import _C
 from ..aggregation import P_COUNT
+from ..precomputed_gradient import check_backward
 from ..reference import GRPOLossOutput, fused_loss_mask, masked_mean_entropy
 from .grpo_loss import LossSetup, compute_dtype, loss_setup, loss_tensors
 from .token_logprobs import writable_rows
@@ -107,16 +108,7 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
             grad_entropy = None
         if not ctx.needs_input_grad[0] or (grad_loss is None and grad_entropy is None):
             return (None,) * 6
-        if ctx.consumed:
-            raise RuntimeError(
-                "fused_grpo_loss: its logits gradient was already scaled in place by an earlier backward through "
-                "this graph; a second backward (retain_graph=True) needs a new forward"
-            )
-        if grad_entropy is not None and ctx.inplace:
-            raise RuntimeError(
-                "fused_grpo_loss(inplace_backward=True) overwrote the logits with the loss gradient, so the "
-                "entropy metric cannot be differentiated (an entropy bonus): use inplace_backward=False"
-            )
+        check_backward(consumed=ctx.consumed, inplace=ctx.inplace, entropy_gradient=grad_entropy is not None)
         grad, logits, token_ids, lse, entropy = ctx.saved_tensors
         entropy_grad = None
         if grad_entropy is not None:

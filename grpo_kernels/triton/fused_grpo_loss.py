@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..kernel_options import KernelLossOptions, kernel_loss_options
+from ..precomputed_gradient import check_backward
 from ..reference import GRPOLossOutput, fused_loss_mask, masked_mean_entropy
 from .grpo_loss import _dloss_dlogp, _options, compute_dtype, grpo_loss, kernel_mask, token_strides
 from .token_logprobs import (
@@ -241,16 +242,7 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
             grad_entropy = None
         if not ctx.needs_input_grad[0] or (grad_loss is None and grad_entropy is None):
             return (None,) * 6
-        if ctx.consumed:
-            raise RuntimeError(
-                "fused_grpo_loss: its logits gradient was already scaled in place by an earlier backward through "
-                "this graph; a second backward (retain_graph=True) needs a new forward"
-            )
-        if grad_entropy is not None and ctx.inplace:
-            raise RuntimeError(
-                "fused_grpo_loss(inplace_backward=True) overwrote the logits with the loss gradient, so the "
-                "entropy metric cannot be differentiated (an entropy bonus): use inplace_backward=False"
-            )
+        check_backward(consumed=ctx.consumed, inplace=ctx.inplace, entropy_gradient=grad_entropy is not None)
         dx_x, x, ids, lse, ent = ctx.saved_tensors
         dx_layout, rows_layout = ctx.layouts
         dx, rows = dx_layout._replace(x=dx_x), rows_layout._replace(x=x)
