@@ -85,7 +85,7 @@ void fused_kernel(const at::Tensor& logits, const int64_t* ids, const LossTokens
 #pragma omp simd
         for (int64_t v = 0; v < n; ++v) {
           const acc_t dz = (v == yc ? w : acc_t(0)) - w * (ec[v] * scale);
-          dxc[v] = static_cast<scalar_t>(dz * inv_t);
+          dxc[v] = from_acc<scalar_t>(dz * inv_t);
         }
       }
     }

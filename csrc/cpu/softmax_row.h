@@ -65,6 +65,34 @@ inline float exp_nonpositive(float x) {
 inline double exp_nonpositive(double x) { return std::exp(x); }  // float64: the simple, exact path
 
 // Running state of a row: max m and s, a relative to m.
+// Loads and stores between the logits dtype and the compute dtype that gcc vectorizes: bfloat16 by its
+// bits (round to nearest even, NaN kept as the quiet NaN, as c10::BFloat16 rounds), the others by a cast.
+template <typename acc_t, typename scalar_t>
+inline acc_t to_acc(scalar_t x) {
+  return static_cast<acc_t>(x);
+}
+
+template <>
+inline float to_acc<float, c10::BFloat16>(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+template <typename scalar_t, typename acc_t>
+inline scalar_t from_acc(acc_t v) {
+  return static_cast<scalar_t>(v);
+}
+
+template <>
+inline c10::BFloat16 from_acc<c10::BFloat16, float>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
 template <typename acc_t>
 struct LseState {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
@@ -95,7 +123,7 @@ inline void chunk_exp(const scalar_t* x, int64_t n, acc_t inv_t, acc_t* e, acc_t
   acc_t mx = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : mx)
   for (int64_t v = 0; v < n; ++v) {
-    const acc_t z = static_cast<acc_t>(x[v]) * inv_t;
+    const acc_t z = to_acc<acc_t>(x[v]) * inv_t;
     e[v] = z;
     mx = std::max(mx, z);
   }
@@ -122,11 +150,11 @@ inline void softmax_grad_row(const scalar_t* x, scalar_t* dx, int64_t vocab, int
                              acc_t w, acc_t g_ent, acc_t ent) {
 #pragma omp simd
   for (int64_t v = 0; v < vocab; ++v) {
-    const acc_t log_p = static_cast<acc_t>(x[v]) * inv_t - lse;
+    const acc_t log_p = to_acc<acc_t>(x[v]) * inv_t - lse;
     const acc_t p = exp_nonpositive(log_p);
     acc_t dz = (v == y ? w : acc_t(0)) - w * p;
     if constexpr (kEntropyGrad) dz -= g_ent * p * (p > 0 ? log_p + ent : acc_t(0));
-    dx[v] = static_cast<scalar_t>(dz * inv_t);
+    dx[v] = from_acc<scalar_t>(dz * inv_t);
   }
 }
 
