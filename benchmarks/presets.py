@@ -26,7 +26,7 @@ def _cpu_small() -> list[Case]:
         *(Case(op="token_logprobs", B=4, T=256, V=32000, entropy=ent) for ent in (False, True)),
         Case(op="grpo_loss", B=64, T=1024),
         Case(op="group_advantages", B=65536, G=8, backward=False),
-        Case(op="lm_head_grpo_loss", B=4, T=256, V=32000, H=512),
+        Case(op="lm_head_grpo_loss", B=8, T=256, V=32000, H=512),  # the fused-linear target: N = 2048
     ]
 
 
@@ -42,7 +42,7 @@ def _gpu() -> list[Case]:
         sweep.replace(V=151936, dtype="bfloat16", entropy=True),
         sweep.replace(V=151936, dtype="bfloat16", backward=False),
         *(sweep.replace(V=v, dtype="float32") for v in vocabularies),
-        Case(op="lm_head_grpo_loss", B=16, T=512, V=151936, H=4096, dtype="bfloat16"),
+        Case(op="lm_head_grpo_loss", B=32, T=512, V=151936, H=4096, dtype="bfloat16"),  # N = 16384
         Case(op="grpo_loss", B=32, T=512),
         Case(op="group_advantages", B=65536, G=8, backward=False),
     ]
