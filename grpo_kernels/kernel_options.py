@@ -9,11 +9,18 @@ scalar. It also carries what the aggregation needs (:mod:`grpo_kernels.aggregati
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple, Optional, Union
 
 from torch import Tensor
 
+from . import reference
 from .aggregation import Aggregate, aggregate, sequence_weights
+
+# The keyword options of the loss and their defaults, as named by the specification.
+LOSS_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(reference.grpo_loss).parameters.items() if p.kind is p.KEYWORD_ONLY
+}
 
 # loss_type -> kernel family: 0 clipped ratio (grpo, bnpo, dr_grpo, dapo, luspo), 1 cispo, 2 sapo
 FAMILIES = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2}
@@ -62,9 +69,9 @@ class KernelLossOptions(NamedTuple):
 
 
 def kernel_loss_options(T: int, advantages: Tensor, options: dict) -> KernelLossOptions:
-    """The kernels' view of ``options`` (every keyword option of the reference ``grpo_loss``) for a
-    ``[B, T]`` batch with ``advantages`` of shape ``[B]``, ``[B, 1]`` or ``[B, T]``."""
-    o = options
+    """The kernels' view of ``options`` (keyword options of the reference ``grpo_loss``; the absent ones
+    take its defaults) for a ``[B, T]`` batch with ``advantages`` of shape ``[B]``, ``[B, 1]`` or ``[B, T]``."""
+    o = {**LOSS_DEFAULTS, **options}
     eps_high = o["epsilon_low"] if o["epsilon_high"] is None else o["epsilon_high"]
     seq_level = o["importance_sampling_level"] == "sequence"
     per_sequence_adv = advantages.ndim == 1 or advantages.shape[1] == 1

@@ -7,22 +7,18 @@ specification); each backend computes the same numbers.
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Callable, Literal, Optional, Sequence, Union, overload
 
 import torch
 from torch import Tensor
 
-from . import backends, linear, reference, validation
+from . import backends, linear, validation
 from .backends import implementation
+from .kernel_options import LOSS_DEFAULTS
 from .reference import GRPOLossOutput
 
 Number = Union[int, float]
 
-# The keyword options of the loss and their defaults, as named by the specification.
-LOSS_DEFAULTS = {
-    name: p.default for name, p in inspect.signature(reference.grpo_loss).parameters.items() if p.kind is p.KEYWORD_ONLY
-}
 LOSS_OPTIONS = tuple(LOSS_DEFAULTS)
 
 

@@ -14,7 +14,7 @@ are constants (as in the Triton backend).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -94,32 +94,18 @@ def grpo_loss(
     old_logprobs: Optional[Tensor],
     advantages: Tensor,
     mask: Tensor,
-    *,
-    ref_logprobs: Optional[Tensor] = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: Optional[float] = None,
-    delta: Optional[float] = None,
-    clip_ratio_c: Optional[float] = None,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    kl_estimator: str = "k3",
-    use_bias_correction_kl: bool = False,
-    importance_weights: Optional[Tensor] = None,
-    max_completion_length: Optional[int] = None,
-    num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
+    **loss_options,
 ) -> GRPOLossOutput:
-    """:func:`grpo_kernels.reference.grpo_loss` with the extension's kernels (inputs already validated).
+    """:func:`grpo_kernels.reference.grpo_loss` with the extension's kernels (inputs already validated);
+    ``loss_options`` are its keyword options (absent ones take its defaults).
 
     Only ``loss`` is differentiable (w.r.t. ``logprobs``); ``per_token_loss``,
     ``kl`` and the clip metrics come without gradient.
     """
-    options = {k: v for k, v in locals().items() if k not in ("logprobs", "old_logprobs", "advantages", "mask")}
-    setup = loss_setup(advantages, logprobs.shape[1], options)
+    setup = loss_setup(advantages, logprobs.shape[1], loss_options)
     loss, per_token_loss, kl, low, high, region = _GRPOLossFunction.apply(
-        logprobs, old_logprobs, ref_logprobs, advantages, mask, importance_weights, setup
+        logprobs, old_logprobs, loss_options.get("ref_logprobs"), advantages, mask,
+        loss_options.get("importance_weights"), setup
     )
     return GRPOLossOutput(loss=loss, per_token_loss=per_token_loss, kl=kl if setup.options.has_ref else None,
                           clip_ratio_low=low, clip_ratio_high=high, clip_ratio_region=region)

@@ -156,7 +156,7 @@ def _fused_single_pass(rows: Rows, ids: Tensor, keep: Tensor, old: Optional[Tens
     logp = torch.empty(n_rows, dtype=out_dtype, device=device)
     lse = torch.empty(n_rows, dtype=out_dtype, device=device)
     ent = torch.empty(n_rows, dtype=out_dtype, device=device) if return_entropy else None
-    ref, iw = loss_options["ref_logprobs"], loss_options["importance_weights"]
+    ref, iw = loss_options.get("ref_logprobs"), loss_options.get("importance_weights")
     seq_w = cfg.sequence_weights(keep.sum(-1).to(out_dtype), T)
     keep_k = kernel_mask(keep)
     block, num_warps = launch_config(rows.vocab, rows.x.dtype)

@@ -30,7 +30,7 @@ backend are returned without gradient (the reference's ``per_token_loss`` and
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import triton
@@ -457,32 +457,18 @@ def grpo_loss(
     old_logprobs: Optional[Tensor],
     advantages: Tensor,
     mask: Tensor,
-    *,
-    ref_logprobs: Optional[Tensor] = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: Optional[float] = None,
-    delta: Optional[float] = None,
-    clip_ratio_c: Optional[float] = None,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    kl_estimator: str = "k3",
-    use_bias_correction_kl: bool = False,
-    importance_weights: Optional[Tensor] = None,
-    max_completion_length: Optional[int] = None,
-    num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
+    **loss_options,
 ) -> GRPOLossOutput:
-    """:func:`grpo_kernels.reference.grpo_loss` with Triton kernels (inputs already validated).
+    """:func:`grpo_kernels.reference.grpo_loss` with Triton kernels (inputs already validated); ``loss_options``
+    are its keyword options (absent ones take its defaults).
 
     Only ``loss`` is differentiable (w.r.t. ``logprobs``); ``per_token_loss``,
     ``kl`` and the clip metrics are returned without gradient.
     """
-    options = {k: v for k, v in locals().items() if k not in ("logprobs", "old_logprobs", "advantages", "mask")}
-    cfg = kernel_loss_options(logprobs.shape[1], advantages, options)
+    cfg = kernel_loss_options(logprobs.shape[1], advantages, loss_options)
     loss, per_token_loss, kl, low, high, region = _GRPOLossFunction.apply(
-        logprobs, old_logprobs, ref_logprobs, advantages, mask, importance_weights, cfg)
+        logprobs, old_logprobs, loss_options.get("ref_logprobs"), advantages, mask,
+        loss_options.get("importance_weights"), cfg)
     return GRPOLossOutput(
         loss=loss,
         per_token_loss=per_token_loss,
