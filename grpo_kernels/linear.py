@@ -1,11 +1,19 @@
-"""The chunked fused-linear ops: hidden states → log-probs, entropy, GRPO loss, never the ``[N, V]`` logits.
+"""The fused-linear ops' driver: hidden states → log-probs, entropy, GRPO loss, never the ``[N, V]`` logits.
 
 Formulas: :func:`grpo_kernels.reference.linear_token_logprobs` and
-:func:`grpo_kernels.reference.fused_linear_grpo_loss`. This module is the
-implementation for every backend except the reference: it forms the logits
-of ``chunk_size`` tokens at a time, a ``[n, V]`` tile, and hands each tile to
-the backend's row kernels through the public :func:`grpo_kernels.ops.token_logprobs`
-(with ``inplace_backward=True``, so the tile's gradient overwrites the tile).
+:func:`grpo_kernels.reference.fused_linear_grpo_loss`. This module holds the
+autograd and loss glue of every backend except the reference, over a *tile
+provider* (:class:`Tiles`) that turns ``chunk_size`` tokens at a time into
+their log-probs, entropies and, given per-token weights, the gradient of the
+affine logits ``h Wᵀ + b``. The default provider, :class:`RowOpTiles`, forms
+each chunk's logits as a ``[n, V]`` tile and hands it to the backend's row
+kernels (``token_logprobs`` with ``inplace_backward=True``, so the tile's
+gradient overwrites the tile); a backend with kernels of its own for the
+linear ops passes its provider (the Triton one,
+:mod:`grpo_kernels.triton.linear_logprobs`, never forms a logits tile for the
+statistics, keeps the per-token ``lse`` for the gradient sweeps, and only
+writes a ``[chunk_size, V]`` gradient tile). What follows describes
+:class:`RowOpTiles`.
 
 A tile: ``x = s (h Wᵀ + b)`` by ``torch.matmul`` in float32 (float64 for
 float64 inputs) from the inputs cast to that dtype, so the product is never
@@ -51,13 +59,13 @@ it keeps whole rows of logits.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable, Iterator, NamedTuple, Optional, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Protocol, Union
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import ops, reference
+from . import backends, reference
 from .aggregation import sequence_weights
 from .reference import GRPOLossOutput
 
@@ -68,6 +76,38 @@ DEFAULT_TILE_ELEMENTS = 2**24
 # as a function of the chunk's rows and log-probs.
 Weights = tuple[Optional[Tensor], Optional[Tensor]]
 WeightsFn = Callable[[slice, Tensor], Weights]
+
+
+class Stats(NamedTuple):
+    """Per-token statistics ``[n]`` in the compute dtype (``None`` where not formed)."""
+
+    logp: Optional[Tensor]
+    entropy: Optional[Tensor]
+    lse: Optional[Tensor]  # log Σ_v e^{z_v} of z = x / T (kept by providers whose gradient sweeps start from it)
+
+    def rows(self, rows: slice) -> Stats:
+        return Stats(*(None if t is None else t[rows] for t in self))
+
+
+class Tiles(Protocol):
+    """A tile provider: what the driver asks of a backend for ``chunk_size`` tokens at a time.
+
+    ``tileless_stats``: the statistics need no ``[n, V]`` buffer, so a sweep
+    without gradient takes every token at once, and the statistics a gradient
+    sweep needs are passed to it (``known``) rather than formed again.
+    """
+
+    tileless_stats: bool
+
+    def __call__(self, head: _Head, rows: slice, h: Tensor, return_entropy: bool, weights: Optional[WeightsFn],
+                 known: Optional[Stats]) -> tuple[Stats, Optional[Tensor]]:
+        """``(stats of the tokens rows, d (h Wᵀ + b) [n, V] in the compute dtype or None)``.
+
+        ``h`` is ``hidden[rows]`` in the compute dtype. With ``weights``, the
+        gradient of ``Σ g_logp·logp + g_H·H`` for ``(g_logp, g_H) = weights(rows, logp)``
+        is returned as well. ``known``: the rows' statistics from an earlier sweep, or None.
+        """
+        ...
 
 
 class _Head(NamedTuple):
@@ -83,6 +123,7 @@ class _Head(NamedTuple):
     ignore_index: int
     chunk_size: int
     backend: str
+    tiles: Tiles
 
     @property
     def dtype(self) -> torch.dtype:
@@ -103,15 +144,19 @@ class _Head(NamedTuple):
             cols = slice(start, min(start + block, vocab))
             yield cols, self.weight[cols].to(self.dtype)
 
+    def implementation(self, op: str) -> Callable:
+        """The backend's kernel op (inputs already validated by the public op)."""
+        return backends.implementation(self.backend, self.hidden.device, op)
+
 
 def _head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], token_ids: Tensor, temperature: float,
           logit_scale: float, softcap: Optional[float], ignore_index: int, chunk_size: Optional[int],
-          backend: str) -> _Head:
+          backend: str, tiles: Optional[Tiles]) -> _Head:
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_TILE_ELEMENTS // weight.shape[0])
     return _Head(hidden.reshape(-1, hidden.shape[-1]), weight, bias, token_ids.reshape(-1), float(temperature),
                  float(logit_scale), None if softcap is None else float(softcap), int(ignore_index), int(chunk_size),
-                 backend)
+                 backend, RowOpTiles() if tiles is None else tiles)
 
 
 def _tile(head: _Head, h: Tensor) -> Tensor:
@@ -129,6 +174,37 @@ def _tile(head: _Head, h: Tensor) -> Tensor:
     if head.softcap is not None:
         tile.div_(head.softcap).tanh_().mul_(head.softcap)
     return tile
+
+
+class RowOpTiles:
+    """The chunked driver's provider: a ``[n, V]`` logits tile by ``torch.matmul``, the backend's row ops on it.
+
+    Statistics and gradient come from the same tile, so ``known`` is not used.
+    """
+
+    tileless_stats = False
+
+    def __call__(self, head: _Head, rows: slice, h: Tensor, return_entropy: bool, weights: Optional[WeightsFn],
+                 known: Optional[Stats]) -> tuple[Stats, Optional[Tensor]]:
+        tile = _tile(head, h)
+        with torch.enable_grad() if weights is not None else nullcontext():
+            tile.requires_grad_(weights is not None)
+            out = head.implementation("token_logprobs")(
+                tile, head.token_ids[rows], temperature=head.temperature, ignore_index=head.ignore_index,
+                return_entropy=return_entropy, inplace_backward=head.softcap is None,
+            )
+        logp, entropy = out if return_entropy else (out, None)
+        stats = Stats(logp.detach(), None if entropy is None else entropy.detach(), None)
+        if weights is None:
+            return stats, None
+        g_logp, g_entropy = weights(rows, stats.logp)
+        pairs = [(o, g.contiguous()) for o, g in ((logp, g_logp), (entropy, g_entropy)) if g is not None]
+        (dx,) = torch.autograd.grad([o for o, _ in pairs], tile, [g for _, g in pairs])
+        if head.softcap is not None:  # d/dy c tanh(y/c) = 1 − (x/c)²; the tile still holds x
+            dx.mul_(tile.detach().div_(head.softcap).square_().neg_().add_(1.0))
+        if head.logit_scale != 1.0:
+            dx.mul_(head.logit_scale)
+        return stats, dx
 
 
 class _Grads:
@@ -164,40 +240,28 @@ class _Grads:
         return None if dh is None else dh.view(shape), dw, db
 
 
-def _sweep(head: _Head, return_entropy: bool, *, logp: Optional[Tensor] = None, entropy: Optional[Tensor] = None,
-           weights: Optional[WeightsFn] = None,
-           grads: Optional[_Grads] = None) -> None:
-    """One pass over the token chunks.
+def _sweep(head: _Head, return_entropy: bool, *, weights: Optional[WeightsFn] = None,
+           grads: Optional[_Grads] = None, known: Optional[Stats] = None) -> Stats:
+    """One pass over the token chunks; returns the statistics ``[N]`` that the provider formed.
 
-    Each chunk's log-probs (and entropies) are written into ``logp`` /
-    ``entropy`` when given. With ``grads``, ``weights(rows, logp)``
-    gives the chunk's per-token weights ``(g_logp, g_H)`` and the gradient of
-    ``Σ g_logp·logp + g_H·H`` w.r.t. the LM head's inputs is added to ``grads``.
+    With ``grads``, ``weights(rows, logp)`` gives the chunk's per-token weights
+    ``(g_logp, g_H)`` and the gradient of ``Σ g_logp·logp + g_H·H`` w.r.t. the
+    LM head's inputs is added to ``grads``. ``known``: statistics of every
+    token from an earlier sweep, for providers that use them.
     """
-    for rows in head.chunks():
+    n = head.hidden.shape[0]
+    out = Stats(*(torch.empty(n, dtype=head.dtype, device=head.hidden.device) for _ in range(3)))
+    chunks = [slice(0, n)] if grads is None and head.tiles.tileless_stats else head.chunks()
+    for rows in chunks:
         h = head.hidden[rows].to(head.dtype)
-        tile = _tile(head, h)
-        with torch.enable_grad() if grads is not None else nullcontext():
-            tile.requires_grad_(grads is not None)
-            out = ops.token_logprobs(
-                tile, head.token_ids[rows], temperature=head.temperature, ignore_index=head.ignore_index,
-                return_entropy=return_entropy, inplace_backward=head.softcap is None, backend=head.backend,
-            )
-        chunk_logp, chunk_entropy = out if return_entropy else (out, None)
-        if logp is not None:
-            logp[rows] = chunk_logp.detach()
-        if entropy is not None:
-            entropy[rows] = chunk_entropy.detach()
-        if grads is None:
-            continue
-        g_logp, g_entropy = weights(rows, chunk_logp.detach())
-        pairs = [(o, g.contiguous()) for o, g in ((chunk_logp, g_logp), (chunk_entropy, g_entropy)) if g is not None]
-        (dx,) = torch.autograd.grad([o for o, _ in pairs], tile, [g for _, g in pairs])
-        if head.softcap is not None:  # d/dy c tanh(y/c) = 1 − (x/c)²; the tile still holds x
-            dx.mul_(tile.detach().div_(head.softcap).square_().neg_().add_(1.0))
-        if head.logit_scale != 1.0:
-            dx.mul_(head.logit_scale)
-        grads.add(head, rows, h, dx)
+        stats, dx = head.tiles(head, rows, h, return_entropy, weights if grads is not None else None,
+                               None if known is None else known.rows(rows))
+        for buffer, values in zip(out, stats):
+            if values is not None:
+                buffer[rows] = values
+        if dx is not None:
+            grads.add(head, rows, h, dx)
+    return Stats(*(buffer if values is not None else None for buffer, values in zip(out, stats)))
 
 
 # --------------------------------------------------------------------------- #
@@ -208,29 +272,27 @@ class _LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, head: _Head, return_entropy: bool):
-        n = head.token_ids.numel()
-        logp = torch.empty(n, dtype=head.dtype, device=hidden.device)
-        entropy = torch.empty(n, dtype=head.dtype, device=hidden.device) if return_entropy else None
-        _sweep(head, return_entropy, logp=logp, entropy=entropy)
+        stats = _sweep(head, return_entropy)
         ctx.set_materialize_grads(False)
         ctx.head = head._replace(hidden=None, weight=None, bias=None)
         ctx.shape = hidden.shape
-        ctx.save_for_backward(hidden, weight, bias)
-        return (logp, entropy) if return_entropy else logp
+        ctx.save_for_backward(hidden, weight, bias, stats.entropy, stats.lse)
+        return (stats.logp, stats.entropy) if return_entropy else stats.logp
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_logp, g_entropy=None):
         if g_logp is None and g_entropy is None:
             return None, None, None, None, None
-        hidden, weight, bias = ctx.saved_tensors
+        hidden, weight, bias, entropy, lse = ctx.saved_tensors
         head = _head_with(ctx.head, hidden, weight, bias)
         grads = _Grads(head, ctx.needs_input_grad[:3])
 
         def weights(rows: slice, _logp: Tensor) -> Weights:
             return (None if g_logp is None else g_logp[rows], None if g_entropy is None else g_entropy[rows])
 
-        _sweep(head, g_entropy is not None, weights=weights, grads=grads)
+        _sweep(head, g_entropy is not None, weights=weights, grads=grads,
+               known=None if lse is None else Stats(None, entropy, lse))
         return (*grads.results(ctx.shape), None, None)
 
 
@@ -251,14 +313,15 @@ def linear_token_logprobs(
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
     backend: str,
+    tiles: Optional[Tiles] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """:func:`grpo_kernels.reference.linear_token_logprobs`, chunked over ``backend``'s row ops (inputs validated)."""
+    """:func:`grpo_kernels.reference.linear_token_logprobs` over ``backend`` (inputs validated); ``tiles``: the
+    backend's tile provider (default :class:`RowOpTiles`, the chunked driver over its row ops)."""
     head = _head(hidden, weight, bias, token_ids, temperature, logit_scale, softcap, ignore_index, chunk_size,
-                 backend)
+                 backend, tiles)
     out = _LinearLogprobsFunction.apply(hidden, weight, bias, head, bool(return_entropy))
     shape = token_ids.shape
     return (out[0].view(shape), out[1].view(shape)) if return_entropy else out.view(shape)
-
 
 # --------------------------------------------------------------------------- #
 # fused_linear_grpo_loss
@@ -319,23 +382,31 @@ class _FusedLinearGRPOLossFunction(torch.autograd.Function):
         return_entropy, loss_options = options
         B, T = mask.shape
         keep = reference.fused_loss_mask(mask, head.token_ids.view(B, T), head.ignore_index)
-        logp = torch.empty(B * T, dtype=head.dtype, device=hidden.device)
-        entropy = torch.empty(B * T, dtype=head.dtype, device=hidden.device) if return_entropy else None
         needs = ctx.needs_input_grad[:3]
         grads = _Grads(head, needs) if any(needs) else None
-        if grads is not None and loss_options["importance_sampling_level"] == "token":
+        token_level = loss_options["importance_sampling_level"] == "token"
+        grpo_loss = head.implementation("grpo_loss")
+        if grads is not None and token_level and not head.tiles.tileless_stats:
+            # one sweep: each tile's statistics, then at once its gradient
             weights = _token_level_weights(head, keep, old_logprobs, advantages, loss_options)
-            _sweep(head, return_entropy, logp=logp, entropy=entropy, weights=weights, grads=grads)
+            stats = _sweep(head, return_entropy, weights=weights, grads=grads)
         else:
-            _sweep(head, return_entropy, logp=logp, entropy=entropy)
-        if grads is not None and loss_options["importance_sampling_level"] == "sequence":
-            with torch.enable_grad():
-                lp = logp.view(B, T).requires_grad_()
-                loss = ops.grpo_loss(lp, old_logprobs, advantages, keep, backend=head.backend, **loss_options).loss
-                (w,) = torch.autograd.grad(loss, lp)
-            w = w.reshape(-1)
-            _sweep(head, False, weights=lambda rows, _logp: (w[rows], None), grads=grads)
-        result = ops.grpo_loss(logp.view(B, T), old_logprobs, advantages, keep, backend=head.backend, **loss_options)
+            stats = _sweep(head, return_entropy)
+        if grads is not None and (not token_level or head.tiles.tileless_stats):
+            if token_level:
+                weights = _token_level_weights(head, keep, old_logprobs, advantages, loss_options)
+            else:
+                with torch.enable_grad():
+                    lp = stats.logp.view(B, T).requires_grad_()
+                    (w,) = torch.autograd.grad(grpo_loss(lp, old_logprobs, advantages, keep, **loss_options).loss, lp)
+                w = w.reshape(-1)
+
+                def weights(rows: slice, _logp: Tensor) -> Weights:
+                    return w[rows], None
+
+            _sweep(head, False, weights=weights, grads=grads, known=stats)
+        result = grpo_loss(stats.logp.view(B, T), old_logprobs, advantages, keep, **loss_options)
+        entropy = stats.entropy
 
         entropy_out = result.loss.new_zeros(())
         if return_entropy:
@@ -347,7 +418,7 @@ class _FusedLinearGRPOLossFunction(torch.autograd.Function):
         ctx.shape = hidden.shape
         ctx.entropy = (entropy, keep) if return_entropy else None
         if return_entropy:
-            ctx.save_for_backward(hidden, weight, bias)
+            ctx.save_for_backward(hidden, weight, bias, stats.lse)
         kl = result.kl if result.kl is not None else result.loss.new_zeros(())
         ctx.mark_non_differentiable(result.per_token_loss, kl, result.clip_ratio_low, result.clip_ratio_high,
                                     result.clip_ratio_region)
@@ -370,12 +441,14 @@ class _FusedLinearGRPOLossFunction(torch.autograd.Function):
         if g_loss is not None:
             grads.scale_(g_loss)
         if g_entropy is not None:  # an entropy bonus: a recomputing sweep adds its gradient
-            hidden, weight, bias = ctx.saved_tensors
+            hidden, weight, bias, lse = ctx.saved_tensors
             head = _head_with(ctx.head, hidden, weight, bias)
             if g_loss is None:
                 grads = _Grads(head, ctx.needs_input_grad[:3])
-            g_h = _entropy_weights(*ctx.entropy, g_entropy)
-            _sweep(head, True, weights=lambda rows, _logp: (None, g_h[rows]), grads=grads)
+            entropy, keep = ctx.entropy
+            g_h = _entropy_weights(entropy, keep, g_entropy)
+            known = None if lse is None else Stats(None, entropy.reshape(-1), lse)
+            _sweep(head, True, weights=lambda rows, _logp: (None, g_h[rows]), grads=grads, known=known)
         return (*grads.results(ctx.shape), None, None, None, None, None)
 
 
@@ -395,16 +468,18 @@ def fused_linear_grpo_loss(
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
     backend: str,
+    tiles: Optional[Tiles] = None,
     **loss_options,
 ) -> GRPOLossOutput:
-    """:func:`grpo_kernels.reference.fused_linear_grpo_loss`, chunked over ``backend``'s row ops (inputs validated).
+    """:func:`grpo_kernels.reference.fused_linear_grpo_loss` over ``backend`` (inputs validated); ``tiles`` as in
+    :func:`linear_token_logprobs`.
 
     ``loss`` (and ``entropy``) are differentiable w.r.t. ``hidden``, ``weight``
     and ``bias``; ``per_token_loss``, ``kl`` and the clip metrics come without
     gradient.
     """
     head = _head(hidden, weight, bias, token_ids, temperature, logit_scale, softcap, ignore_index, chunk_size,
-                 backend)
+                 backend, tiles)
     loss, per_token_loss, kl, low, high, region, entropy = _FusedLinearGRPOLossFunction.apply(
         hidden, weight, bias, old_logprobs, advantages, mask, head, (bool(return_entropy), loss_options)
     )
