@@ -74,3 +74,23 @@ def token_logprobs(
     return TokenLogprobsFunction.apply(
         logits, token_ids, float(temperature), int(ignore_index), bool(return_entropy), bool(inplace_backward)
     )
+
+
+def row_statistics(
+    logits: Tensor, ids: Tensor, temperature: float, ignore_index: int, return_entropy: bool,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(logp, lse, entropy or None)`` of each row of ``logits [..., V]`` for ``ids [R]``, each ``[R]`` in the
+    compute dtype (lse of ``logits / T``); ignored rows get 0 everywhere."""
+    logp, lse, entropy = _C.token_logprobs_fwd(logits, ids, temperature, ignore_index, return_entropy)
+    return logp, lse, entropy if return_entropy else None
+
+
+def row_gradient(
+    logits: Tensor, ids: Tensor, lse: Tensor, ent: Optional[Tensor], g_logp: Optional[Tensor],
+    g_ent: Optional[Tensor], temperature: float, ignore_index: int, inplace: bool,
+) -> Tensor:
+    """``d logits = (g_logp (onehot_y − p) − g_ent p (log p + ent)) / T`` with ``p = exp(logits / T − lse)``
+    for any given per-row ``lse`` and ``ent`` (an id outside ``[0, V)`` has no one-hot term); into ``logits``
+    itself when ``inplace`` and its rows do not alias. Ignored rows get 0."""
+    return _C.token_logprobs_bwd(logits, ids, lse, g_logp, ent if g_ent is not None else None, g_ent, temperature,
+                                 ignore_index, inplace and writable_rows(logits))

@@ -416,3 +416,28 @@ def token_logprobs(
         logits, token_ids, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
         inplace_backward=inplace_backward,
     )
+
+
+# --------------------------------------------------------------------------- #
+# row statistics and gradients for callers that combine rows themselves
+# (the vocabulary-parallel ops of grpo_kernels.distributed)
+# --------------------------------------------------------------------------- #
+def row_statistics(
+    logits: Tensor, ids: Tensor, temperature: float, ignore_index: int, return_entropy: bool,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(logp, lse, entropy or None)`` of each row of ``logits [..., V]`` for ``ids [R]`` int64, each ``[R]``
+    in the compute dtype (lse of ``logits / T``); ignored rows get 0 everywhere."""
+    return forward_rows(row_layout(logits), ids, temperature, ignore_index, return_entropy)
+
+
+def row_gradient(
+    logits: Tensor, ids: Tensor, lse: Tensor, ent: Optional[Tensor], g_logp: Optional[Tensor],
+    g_ent: Optional[Tensor], temperature: float, ignore_index: int, inplace: bool,
+) -> Tensor:
+    """``d logits = (g_logp (onehot_y − p) − g_ent p (log p + ent)) / T`` with ``p = exp(logits / T − lse)``
+    for any given per-row ``lse`` and ``ent`` (an id outside ``[0, V)`` has no one-hot term); in place when
+    ``inplace`` and the rows do not alias. Ignored rows get 0."""
+    rows = row_layout(logits)
+    out = gradient_rows(rows, inplace)
+    backward_rows(rows, ids, lse, ent, g_logp, g_ent, temperature, ignore_index, out)
+    return out.x
