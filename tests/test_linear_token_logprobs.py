@@ -1,10 +1,13 @@
 """linear_token_logprobs: equals the reference composition (values, gradients of hidden/weight/bias) and never
 forms the [N, V] logits."""
 
+import os
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from triton_compile import run_compile_script
 
 import grpo_kernels as gk
 from grpo_kernels import reference
@@ -16,6 +19,7 @@ TOLERANCES = {
     torch.float64: dict(atol=1e-10, rtol=1e-10),
     torch.float32: dict(atol=3e-5, rtol=1e-4),
     torch.bfloat16: dict(atol=3e-5, rtol=1e-4),
+    torch.float16: dict(atol=3e-5, rtol=1e-4),
 }
 
 
@@ -25,7 +29,7 @@ def make_inputs(shape=(2, 5), H=8, V=37, dtype=torch.float32, seed=0):
     weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / 2).to(dtype)
     bias = torch.randn(V, generator=g, dtype=torch.float64).to(dtype)
     ids = torch.randint(0, V, shape, generator=g)
-    ids.view(-1)[1] = -100
+    ids.view(-1)[min(1, ids.numel() - 1)] = -100 if ids.numel() > 1 else ids.view(-1)[0]
     return hidden, weight, bias, ids
 
 
@@ -58,7 +62,7 @@ def assert_matches_spec(backend, hidden, weight, bias, ids, **options):
         torch.testing.assert_close(a.double(), b.to(a.dtype).double(), **tol, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("chunk_size", [1, 3, 64])
 def test_matches_reference(backend, dtype, chunk_size):
     hidden, weight, bias, ids = make_inputs(dtype=dtype)
@@ -85,6 +89,29 @@ def test_weight_in_vocabulary_blocks(backend):
     assert_matches_spec(backend, hidden, weight, bias, ids, chunk_size=5)
 
 
+@pytest.mark.parametrize("N,H,V", [(1, 5, 17), (1, 40, 3), (37, 40, 50), (70, 16, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sizes(backend, N, H, V, dtype):
+    """One token, V < one vocabulary tile, several token tiles; H and V not multiples of the kernels' blocks."""
+    hidden, weight, bias, ids = make_inputs(shape=(N,), H=H, V=V, dtype=dtype)
+    assert_matches_spec(backend, hidden, weight, bias, ids, temperature=1.7, softcap=2.0, chunk_size=16)
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_minus_infinity_bias(backend, softcap):
+    """Vocabulary entries switched off by a -inf bias (a whole vocabulary tile of them, and the sampled id of a
+    token): p = 0 there, -inf log-probs, no NaN elsewhere; with a softcap they become -c."""
+    hidden, weight, bias, ids = make_inputs(shape=(6,), H=8, V=40)
+    bias[3] = bias[16:32] = float("-inf")
+    ids[0], ids[2] = 3, 20
+    ours = run(hidden, weight, bias, ids, backend=backend, softcap=softcap, chunk_size=4)
+    spec = run(hidden, weight, bias, ids, backend="reference", upcast=True, softcap=softcap, chunk_size=4)
+    for name, a, b in zip(("logp", "entropy", "d hidden", "d weight", "d bias"), ours, spec):
+        torch.testing.assert_close(a.double(), b.double(), **TOLERANCES[torch.float32], equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
+    assert not ours[1].isnan().any()
+
+
 def test_ignored_tokens_and_partial_gradients(backend):
     hidden, weight, bias, ids = make_inputs()
     ids[0] = -100
@@ -108,6 +135,12 @@ def test_logp_only_and_no_grad(backend):
     w_spec = weight.clone().requires_grad_()
     reference.linear_token_logprobs(hidden, w_spec, ids, bias=bias).sum().backward()
     torch.testing.assert_close(w.grad, w_spec.grad, **TOLERANCES[torch.float32])
+
+
+def triton_on_cpu():
+    """Skip unless the triton backend runs the tests' CPU tensors (under the interpreter)."""
+    if "triton" not in gk.available_backends(OP) or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the triton backend on CPU tensors (TRITON_INTERPRET=1)")
 
 
 class LargestTensor(TorchDispatchMode):
@@ -141,3 +174,70 @@ def test_never_forms_the_logits(backend):
         assert mode.largest >= 4 * N * V
     else:
         assert mode.largest <= 4 * max(chunk * V, V * H, N * H) < 4 * N * V
+
+
+def test_triton_forward_allocates_no_tile():
+    """The triton backend's statistics need no logits tile, not even of 8 tokens: the forward's largest tensors
+    are the inputs (which the interpreter views) and the ``[3, splits, N]`` partials."""
+    triton_on_cpu()
+    from grpo_kernels.triton import linear_logprobs
+
+    N, H, V = 64, 4, 300
+    hidden, weight, bias, ids = make_inputs(shape=(N,), H=H, V=V)
+    with LargestTensor() as mode:
+        gk.linear_token_logprobs(hidden, weight, ids, bias=bias, return_entropy=True, chunk_size=8, backend="triton")
+    assert mode.largest <= 4 * max(V * H, 3 * linear_logprobs._INTERPRETER_SPLITS * N) < 4 * 8 * V
+
+
+@pytest.mark.parametrize("config,group_n,splits", [((16, 16, 16), 1, 1), ((16, 32, 16), 2, 3), ((32, 16, 32), 3, 7)])
+def test_triton_tilings(monkeypatch, config, group_n, splits):
+    """Other tile sizes, token-tile groups (a partial last group) and vocabulary splits (empty ones dropped)."""
+    triton_on_cpu()
+    from grpo_kernels.triton import linear_logprobs
+
+    monkeypatch.setattr(linear_logprobs, "CONFIG_OVERRIDE", linear_logprobs.TileConfig(*config, 1, 1))
+    monkeypatch.setattr(linear_logprobs, "GROUP_N", group_n)
+    monkeypatch.setattr(linear_logprobs, "_INTERPRETER_SPLITS", splits)
+    hidden, weight, bias, ids = make_inputs(shape=(83,), H=35, V=70)
+    assert_matches_spec("triton", hidden, weight, bias, ids, temperature=0.4, logit_scale=0.8, softcap=6.0,
+                        chunk_size=40)
+
+
+def test_triton_linear_kernels_compile_for_hopper():
+    """Both kernels compile to sm_90 cubins for bf16, float32 (tf32x3) and float64 inputs, every code path on;
+    bf16 and float32 use the Hopper tensor cores (wgmma)."""
+    if "triton" not in gk.available_backends(OP):
+        pytest.skip("triton is not installed")
+    script = r'''
+import inspect
+import torch
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from grpo_kernels.triton import linear_logprobs as m
+for kernel, paths in ((m._linear_stats_kernel, dict(RETURN_ENTROPY=True)),
+                      (m._linear_grad_kernel, dict(HAS_G_LOGP=True, HAS_G_ENT=True))):
+    for dtype, xdt in ((torch.bfloat16, "bf16"), (torch.float32, "fp32"), (torch.float64, "fp64")):
+        cfg = m._GPU_CONFIGS[dtype]
+        acc = tl.float64 if dtype == torch.float64 else tl.float32
+        cdt = "fp64" if dtype == torch.float64 else "fp32"
+        constexprs = dict(HAS_BIAS=True, SOFTCAP=True, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
+                          GROUP_N=m.GROUP_N, ACC=acc, PRECISION=m._PRECISION.get(dtype, "ieee"), UPCAST=False, **paths)
+        sig = {}
+        for name in inspect.signature(kernel.fn).parameters:
+            if name in constexprs:
+                sig[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                sig[name] = "*" + (xdt if name in ("h_ptr", "w_ptr", "b_ptr") else "i64" if name == "y_ptr" else cdt)
+            elif name.endswith("_arg"):
+                sig[name] = "fp64"
+            elif name.startswith("inv_t"):
+                sig[name] = "fp32"
+            else:
+                sig[name] = "i64" if name.startswith("s_") else "i32"
+        compiled = compile(ASTSource(kernel, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        assert dtype == torch.float64 or "wgmma" in compiled.asm["ptx"], (kernel, dtype)
+print("compiled")
+'''
+    run_compile_script(script)
