@@ -17,6 +17,11 @@ from the formulas, vectorized; not verl's code), each compared against ours:
 - :func:`verl_actor_loss` (the actor loss of ``verl.workers.utils.losses.ppo_loss``) ↔
   ``grpo_loss(beta=kl_loss_coef, kl_estimator=...)``.
 
+Also used by ``test_integration_verl.py`` (our verl policy losses, with verl's global
+batch normalizers): :func:`verl_gspo_pg` (``compute_policy_loss_gspo``),
+:func:`verl_sapo_pg` (``compute_policy_loss_sapo``), :func:`verl_ratio_metrics` (the
+``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower`` metrics).
+
 Deliberate differences (pinned by tests below): a singleton group gets advantage
 0 here, verl gives ``score / (1 + eps)`` (mean 0, std 1); verl's seq-mean modes
 leave fully masked rows out of the mean over sequences, ours (TRL's) count them;
@@ -61,15 +66,18 @@ def verl_grpo_advantage(token_rewards, mask, index, eps=1e-6, std_normalize=True
     A row's score is the sum of its token rewards. Against its group (rows sharing an
     id) it becomes (score - group mean) / (group std + eps), the std unbiased, or just
     score - group mean without std normalization. A group of one counts as mean 0,
-    std 1. The per-row value is then spread over the row's valid tokens (× mask).
+    std 1, verl's std being a tensor of the default dtype (float32): its denominator is
+    1 + eps rounded to float32. The per-row value is then spread over the row's valid
+    tokens (× mask).
     """
     with torch.no_grad():
         score = token_rewards.sum(-1)
         n, mean, std = _row_group_stats(score, index)
         alone = n == 1
         mean = torch.where(alone, torch.zeros_like(mean), mean)
-        std = torch.where(alone, torch.ones_like(std), std)
-        adv = (score - mean) / (std + eps) if std_normalize else score - mean
+        lone_denominator = (torch.tensor(1.0) + eps).to(score.dtype)
+        denominator = torch.where(alone, lone_denominator, std + eps)
+        adv = (score - mean) / denominator if std_normalize else score - mean
         return adv[:, None] * mask
 
 
@@ -88,18 +96,22 @@ def verl_rloo_advantage(token_rewards, mask, index):
         return adv[:, None] * mask
 
 
-def verl_aggregate(per_token, mask, mode, scale=None):
-    """Models verl's ``agg_loss`` for one data-parallel rank, no global token/batch counts.
+def verl_aggregate(per_token, mask, mode, scale=None, dp_size=1, batch_num_tokens=None, global_batch_size=None):
+    """Models verl's ``agg_loss`` on one data-parallel rank of ``dp_size``.
 
-    token-mean: Σ m·ℓ / Σ m over the whole batch. The seq-mean modes first reduce each
-    row, then average over the rows that have at least one valid token:
-    seq-mean-token-sum uses Σ_t m·ℓ, seq-mean-token-mean uses Σ_t m·ℓ / (Σ_t m + 1e-8),
-    and seq-mean-token-sum-norm is seq-mean-token-sum divided by ``scale`` (default: T,
+    token-mean: Σ m·ℓ / N · dp with N = ``batch_num_tokens`` (default: Σ m over this
+    batch); token-sum: Σ m·ℓ · dp. The seq-mean modes first reduce each row, then sum
+    over the rows that have at least one valid token and divide by ``global_batch_size``
+    (default: the number of such rows), times dp: seq-mean-token-sum uses Σ_t m·ℓ,
+    seq-mean-token-mean uses Σ_t m·ℓ / (Σ_t m + 1e-8), and seq-mean-token-sum-norm is
+    seq-mean-token-sum divided by ``scale`` (verl's ``loss_scale_factor``, default: T,
     the padded length).
     """
     weighted = per_token * mask
     if mode == "token-mean":
-        return weighted.sum() / mask.sum()
+        return weighted.sum() / (mask.sum() if batch_num_tokens is None else batch_num_tokens) * dp_size
+    if mode == "token-sum":
+        return weighted.sum() * dp_size
     row_total, row_count = weighted.sum(-1), mask.sum(-1)
     if mode == "seq-mean-token-mean":
         per_row = row_total / (row_count + 1e-8)
@@ -107,20 +119,22 @@ def verl_aggregate(per_token, mask, mode, scale=None):
         per_row = row_total
     else:
         raise ValueError(mode)
-    result = per_row[row_count > 0].mean()
+    rows = (row_count > 0).sum() if global_batch_size is None else global_batch_size
+    result = per_row[row_count > 0].sum() / rows * dp_size
     if mode == "seq-mean-token-sum-norm":
         result = result / (mask.shape[-1] if scale is None else scale)
     return result
 
 
 def verl_vanilla_pg(logp, old_logp, adv, mask, mode="token-mean", eps_low=0.2, eps_high=None, dual_c=3.0,
-                    is_weights=None):
+                    is_weights=None, **batch_info):
     """Models verl's ``compute_policy_loss_vanilla`` (PPO clip with dual clip).
 
     ratio = exp(clamp(logp - old_logp, ±20)). Per token, the clipped surrogate is
     max(-A·ratio, -A·clip(ratio, 1 - eps_low, 1 + eps_high)) (eps_high defaults to
     eps_low); where A < 0 it is further capped at -A·dual_c. Optionally scaled by the
-    rollout importance weights, then reduced with :func:`verl_aggregate`.
+    rollout importance weights, then reduced with :func:`verl_aggregate` (``batch_info``:
+    its ``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``scale``).
     Returns (loss, per-token loss).
     """
     eps_high = eps_low if eps_high is None else eps_high
@@ -129,7 +143,73 @@ def verl_vanilla_pg(logp, old_logp, adv, mask, mode="token-mean", eps_low=0.2, e
     per_token = torch.where(adv < 0, torch.minimum(surrogate, -adv * dual_c), surrogate)
     if is_weights is not None:
         per_token = per_token * is_weights
-    return verl_aggregate(per_token, mask, mode), per_token
+    return verl_aggregate(per_token, mask, mode, **batch_info), per_token
+
+
+def verl_masked_mean(values, mask):
+    """Models ``verl_F.masked_mean``: Σ m·x / (Σ m + 1e-8)."""
+    return (values * mask).sum() / (mask.sum() + 1e-8)
+
+
+def verl_ratio_metrics(logp, old_logp, adv, mask, eps_low=0.2, eps_high=None, dual_c=3.0, level="token"):
+    """Models the metrics of verl's ``vanilla`` (``level="token"``) and ``gspo`` (``"sequence"``, ``dual_c=None``).
+
+    ppo_kl: masked mean of old_logp - logp (clamped to ±20 at token level, as verl
+    clamps there only). The ratio: the token's exp(clamped log-ratio), or the sequence's
+    exp(min(mean log-ratio, 10)). pg_clipfrac: masked mean of the tokens where the clipped
+    surrogate is the larger one (-A·clip(ratio) > -A·ratio); pg_clipfrac_lower: where
+    A < 0 and that surrogate exceeds the dual-clip cap -A·dual_c (0 without ``dual_c``).
+    """
+    eps_high = eps_low if eps_high is None else eps_high
+    with torch.no_grad():
+        log_ratio = logp - old_logp
+        if level == "token":
+            log_ratio = log_ratio.clamp(-20.0, 20.0)
+            ratio = log_ratio.exp()
+        else:
+            mean_log_ratio = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+            ratio = mean_log_ratio.clamp(max=10.0).exp()[:, None].expand_as(log_ratio)
+        plain, clipped = -adv * ratio, -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
+        lower = torch.zeros(()) if dual_c is None else verl_masked_mean(
+            ((torch.maximum(plain, clipped) > -adv * dual_c) & (adv < 0)).to(mask.dtype), mask)
+        return {"actor/pg_clipfrac": verl_masked_mean((clipped > plain).to(mask.dtype), mask).item(),
+                "actor/ppo_kl": verl_masked_mean(-log_ratio, mask).item(),
+                "actor/pg_clipfrac_lower": lower.item()}
+
+
+def verl_gspo_pg(logp, old_logp, adv, mask, mode="seq-mean-token-mean", eps_low=0.2, eps_high=None,
+                 is_weights=None, **batch_info):
+    """Models verl's ``compute_policy_loss_gspo`` (GSPO-token).
+
+    The sequence ratio s_i = exp(Σ_t m·(logp - old_logp) / max(1, Σ_t m)) is the value of
+    every token's ratio, but a token's gradient flows only through its own log-prob:
+    log ratio = sg[log s_i] + logp - sg[logp], capped at 10. Clipped surrogate as in
+    vanilla, without the dual clip; × rollout weights; :func:`verl_aggregate`.
+    Returns (loss, per-token loss).
+    """
+    eps_high = eps_low if eps_high is None else eps_high
+    mean_log_ratio = ((logp - old_logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    token_log_ratio = (mean_log_ratio.detach()[:, None] + logp - logp.detach()).clamp(max=10.0)
+    ratio = token_log_ratio.exp()
+    per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps_low, 1 + eps_high))
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    return verl_aggregate(per_token, mask, mode, **batch_info), per_token
+
+
+def verl_sapo_pg(logp, old_logp, adv, mask, tau_pos=1.0, tau_neg=1.05, is_weights=None, **batch_info):
+    """Models verl's ``compute_policy_loss_sapo``: soft gate instead of the clip.
+
+    ratio = exp(clamp(logp - old_logp, ±20)), τ = tau_pos where A > 0 else tau_neg,
+    per token -σ(τ·(ratio - 1))·4/τ·A, × rollout weights; always reduced with
+    seq-mean-token-mean. Returns (loss, per-token loss).
+    """
+    ratio = (logp - old_logp).clamp(-20.0, 20.0).exp()
+    tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
+    per_token = -torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * adv
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    return verl_aggregate(per_token, mask, "seq-mean-token-mean", **batch_info), per_token
 
 
 def verl_kl_term(logp, ref_logp, name):
