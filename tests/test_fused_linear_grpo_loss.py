@@ -18,7 +18,8 @@ def make_inputs(B=3, T=4, H=8, V=29, dtype=torch.float32, seed=0):
     weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / 2).to(dtype)
     bias = torch.randn(V, generator=g, dtype=torch.float64).to(dtype)
     ids = torch.randint(0, V, (B, T), generator=g)
-    ids[1, 2] = -100
+    if B > 1 and T > 2:
+        ids[1, 2] = -100
     with torch.no_grad():
         logp = gk.linear_token_logprobs(hidden.double(), weight.double(), ids, bias=bias.double(),
                                         backend="reference")
@@ -116,6 +117,15 @@ def test_chunk_sizes(backend, chunk_size):
     """Chunks of one token, chunks not dividing B·T = 12, one chunk larger than B·T, the default."""
     inputs = make_inputs()
     assert_matches_spec(backend, inputs, chunk_size=chunk_size, return_entropy=True)
+
+
+@pytest.mark.parametrize("B,T,H,V", [(1, 1, 5, 17), (3, 7, 20, 45)])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_sizes(backend, B, T, H, V, level):
+    """One token; several token tiles of the kernels; H and V not multiples of their blocks."""
+    inputs = make_inputs(B=B, T=T, H=H, V=V)
+    assert_matches_spec(backend, inputs, importance_sampling_level=level, temperature=2.0, logit_scale=1.5,
+                        softcap=4.0, chunk_size=8, return_entropy=True, entropy_coef=0.2, loss_type="grpo")
 
 
 def test_without_bias_per_token_advantages_on_policy(backend):
