@@ -13,6 +13,7 @@ overrides that choice.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -152,3 +153,17 @@ def implementation(backend: str, device: torch.device, op: str) -> Callable:
         )
     _check_device(name, device)
     return getattr(_module(name), op)
+
+
+def backend_function(backend: str, device: torch.device, op: str) -> Callable:
+    """The function computing ``op`` for ``backend`` on ``device`` (inputs already validated): the backend's own,
+    or, for a fused-linear op of a backend without a kernel of its own for it, the chunked driver
+    :mod:`grpo_kernels.linear` over the backend's row ops (checked usable on ``device`` before any compute)."""
+    name = resolve_backend(backend, device)
+    if op not in CHUNKED_OPS or not chunked(name, op):
+        return implementation(name, device, op)
+    for row_op in CHUNKED_OPS[op]:
+        implementation(name, device, row_op)
+    from . import linear  # the driver runs the public row ops
+
+    return functools.partial(getattr(linear, op), backend=name)
