@@ -9,11 +9,11 @@ or packing, the backend's fused loss kernel runs as it does alone. The inputs we
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import Tensor
 
-from . import distributed, packed, reference
+from . import distributed, linear, packed, reference
 from .backends import implementation
 from .reference import GRPOLossOutput
 
@@ -72,6 +72,34 @@ def fused_grpo_loss(logits: Tensor, token_ids: Tensor, old_logprobs: Optional[Te
     else:
         out = implementation(backend, logits.device, "token_logprobs")(logits, token_ids, **row_options)
     logp, entropy = out if return_entropy else (out, None)
+    result = grpo_loss(logp, old_logprobs, advantages, keep, batch_group=None, cu_seqlens=cu_seqlens,
+                       backend=backend, **loss_options)
+    if entropy is not None:
+        result = result._replace(entropy=reference.masked_mean_entropy(entropy, keep))
+    return _share(result, keep, advantages, batch_group, cu_seqlens, loss_options)
+
+
+def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, token_ids: Tensor, old_logprobs: Optional[Tensor],
+                           advantages: Tensor, mask: Tensor, *, vocab_group, batch_group,
+                           cu_seqlens: Optional[Tensor], head_options: dict, backend: str,
+                           implementation: Callable, **loss_options) -> GRPOLossOutput:
+    """:func:`grpo_kernels.ops.fused_linear_grpo_loss` over a shard of the LM head's rows (``weight [V_r, H]``,
+    ``bias [V_r]``), packed, and/or as a data-parallel share. ``implementation``: the backend's own
+    ``fused_linear_grpo_loss`` (used without a vocabulary group or packing)."""
+    tiles = None if vocab_group is None else distributed.vocab_parallel_tiles(vocab_group, weight, token_ids,
+                                                                              head_options["ignore_index"])
+    keep = reference.fused_loss_mask(mask, token_ids, head_options["ignore_index"])
+    if cu_seqlens is None:
+        if tiles is None:
+            result = implementation(hidden, weight, token_ids, old_logprobs, advantages, mask, **head_options,
+                                    **loss_options)
+        else:
+            result = linear.fused_linear_grpo_loss(hidden, weight, token_ids, old_logprobs, advantages, mask,
+                                                   **head_options, backend=backend, tiles=tiles, **loss_options)
+        return _share(result, keep, advantages, batch_group, None, loss_options)
+    # packed: the log-probs (the backward recomputes the tiles), then the packed loss on them
+    out = linear.linear_token_logprobs(hidden, weight, token_ids, **head_options, backend=backend, tiles=tiles)
+    logp, entropy = out if head_options["return_entropy"] else (out, None)
     result = grpo_loss(logp, old_logprobs, advantages, keep, batch_group=None, cu_seqlens=cu_seqlens,
                        backend=backend, **loss_options)
     if entropy is not None:

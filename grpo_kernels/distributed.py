@@ -56,7 +56,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import backends, reference, validation
+from . import backends, linear, reference, validation
 from .reference import GRPOLossOutput
 
 # Local ids handed to the row kernels: an ignored row, and (backward) a row whose target another shard holds.
@@ -229,6 +229,30 @@ def token_logprobs(
         logits, token_ids, shards, row_ops(backend, logits.device), float(temperature), int(ignore_index),
         bool(return_entropy), bool(inplace_backward),
     )
+
+
+class VocabParallelTiles(linear.RowOpTiles):
+    """The fused-linear driver's provider over a vocabulary shard of the LM head (``weight [V_r, H]``): the
+    shard's logits tiles, their log-probs over the whole vocabulary by :func:`token_logprobs` (one all_gather per
+    chunk of tokens), the shard's gradients; ``d hidden`` summed over the group by one all_reduce."""
+
+    def __init__(self, shards: VocabShards):
+        self.shards = shards
+
+    def token_logprobs(self, head: linear._Head, tile: Tensor, ids: Tensor, return_entropy: bool):
+        return token_logprobs(tile, ids, vocab_group=self.shards.group, temperature=head.temperature,
+                              ignore_index=head.ignore_index, return_entropy=return_entropy,
+                              inplace_backward=head.softcap is None, backend=head.backend, shards=self.shards)
+
+    def reduce_hidden_grad(self, grad: Tensor) -> None:
+        dist.all_reduce(grad, group=self.shards.group)
+
+
+def vocab_parallel_tiles(vocab_group, weight: Tensor, token_ids: Tensor, ignore_index: int) -> VocabParallelTiles:
+    """The provider for this rank's LM-head shard ``weight [V_r, H]`` (the shard sizes exchanged, ids checked)."""
+    shards = vocab_shards(vocab_group, weight.shape[0], weight.device)
+    validation.check_ids_in_range(token_ids, shards.vocab, ignore_index)
+    return VocabParallelTiles(shards)
 
 
 # --------------------------------------------------------------------------- #
