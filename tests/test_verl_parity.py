@@ -19,7 +19,9 @@ from the formulas, vectorized; not verl's code), each compared against ours:
 
 Also used by ``test_integration_verl.py`` (our verl policy losses, with verl's global
 batch normalizers): :func:`verl_gspo_pg` (``compute_policy_loss_gspo``),
-:func:`verl_sapo_pg` (``compute_policy_loss_sapo``), :func:`verl_ratio_metrics` (the
+:func:`verl_sapo_pg` (``compute_policy_loss_sapo``), :func:`verl_geo_mean_pg`
+(``compute_policy_loss_geo_mean``), :func:`verl_gpg_pg` (``compute_policy_loss_gpg``),
+:func:`verl_ratio_metrics` (the
 ``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower`` metrics).
 
 Deliberate differences (pinned by tests below): a singleton group gets advantage
@@ -210,6 +212,43 @@ def verl_sapo_pg(logp, old_logp, adv, mask, tau_pos=1.0, tau_neg=1.05, is_weight
     if is_weights is not None:
         per_token = per_token * is_weights
     return verl_aggregate(per_token, mask, "seq-mean-token-mean", **batch_info), per_token
+
+
+def verl_geo_mean_pg(logp, old_logp, adv, mask, eps_low=0.2, eps_high=None, is_weights=None):
+    """Models verl's ``compute_policy_loss_geo_mean`` (GMPO) and its metrics.
+
+    Log-ratios (not clamped) are clipped to [-eps_low, eps_high] only on the side that
+    the advantage's sign makes pessimistic: sign(A)·min(sign(A)·r, sign(A)·clip(r)).
+    Per sequence (n = Σ_t m): ratio = exp(Σ_t m·r̃ / (n + 1e-8)), advantage
+    Σ_t m·A / (n + 1e-8), loss -advantage·ratio, times the geometric mean of the rollout
+    weights exp(Σ_t m·log(w + 1e-10) / (n + 1e-8)); the loss is the plain mean over the
+    batch (no loss_agg_mode). Metrics: clipped tokens (r ≠ clip(r)) with A > 0
+    (pg_clipfrac) / A < 0 (pg_clipfrac_lower); ppo_kl. Returns (loss, metrics).
+    """
+    eps_high = eps_low if eps_high is None else eps_high
+    log_ratio = logp - old_logp
+    sign = torch.sign(adv)
+    clipped_log_ratio = log_ratio.clamp(-eps_low, eps_high)
+    pessimistic = sign * torch.minimum(sign * log_ratio, sign * clipped_log_ratio)
+    n = mask.sum(-1) + 1e-8
+    seq_loss = -((adv * mask).sum(-1) / n) * ((pessimistic * mask).sum(-1) / n).exp()
+    if is_weights is not None:
+        seq_loss = seq_loss * ((is_weights + 1e-10).log() * mask).sum(-1).div(n).exp()
+    with torch.no_grad():
+        clipped = (log_ratio != clipped_log_ratio).to(mask.dtype)
+        metrics = {"actor/pg_clipfrac": verl_masked_mean(clipped * (adv > 0), mask).item(),
+                   "actor/ppo_kl": verl_masked_mean(-log_ratio, mask).item(),
+                   "actor/pg_clipfrac_lower": verl_masked_mean(clipped * (adv < 0), mask).item()}
+    return seq_loss.mean(), metrics
+
+
+def verl_gpg_pg(logp, adv, mask, mode="token-mean", is_weights=None, **batch_info):
+    """Models verl's ``compute_policy_loss_gpg``: -logp·A per token (× rollout weights), :func:`verl_aggregate`.
+    Returns (loss, per-token loss)."""
+    per_token = -logp * adv
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    return verl_aggregate(per_token, mask, mode, **batch_info), per_token
 
 
 def verl_kl_term(logp, ref_logp, name):
