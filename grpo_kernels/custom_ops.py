@@ -239,9 +239,10 @@ def _result_tensors(out: GRPOLossOutput) -> tuple[Tensor, ...]:
 
 
 def _result(tensors: Sequence[Tensor], has_ref: bool, return_entropy: bool) -> GRPOLossOutput:
-    loss, per_token_loss, kl, low, high, region, entropy = tensors[:7]
+    loss, per_token_loss, kl, low, high, region = tensors[:6]
     return GRPOLossOutput(loss=loss, per_token_loss=per_token_loss, kl=kl if has_ref else None, clip_ratio_low=low,
-                          clip_ratio_high=high, clip_ratio_region=region, entropy=entropy if return_entropy else None)
+                          clip_ratio_high=high, clip_ratio_region=region,
+                          entropy=tensors[6] if return_entropy else None)
 
 
 def _define(name: str, schema: str, impl: Callable, fake: Callable):
