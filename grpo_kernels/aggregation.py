@@ -1,8 +1,8 @@
 """The loss aggregation shared by the kernel backends.
 
 Kernels reduce each sequence ``i`` of a ``[B, T]`` batch to a few partial sums
-(Σ m·ℓ, Σ m, Σ m·KL, Σ m·low, Σ m·high, Σ m·region, the sequence's mean
-log-ratio); these functions turn them into the scalar loss and metrics of
+(Σ m·ℓ, Σ m, Σ m·KL, Σ m·low, Σ m·high, Σ m·region) and keep the statistics of
+the sequence its tokens' losses used (see the P_* rows); these functions turn them into the scalar loss and metrics of
 :func:`grpo_kernels.reference.grpo_loss`, with torch ops on the device (no
 host synchronization), and give ``dL/dS_i``, the weight of sequence ``i``'s
 masked loss sum in the loss, from which the backward kernels start.
@@ -18,9 +18,14 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-# Rows of the per-sequence partials [NUM_PARTIALS, B].
-P_LOSS, P_COUNT, P_KL, P_LOW, P_HIGH, P_REGION, P_SEQ_LOG_RATIO = range(7)
-NUM_PARTIALS = 7
+from .reference import SEQUENCE_MEAN_LOSS_TYPES, TOKEN_SUM_LOSS_TYPES
+
+# Rows of the per-sequence partials [NUM_PARTIALS, B]: the sums, then the sequence statistics (first pass):
+# P_SEQ_LOG_RATIO: log of the sequence's ratio (GSPO: mean log-ratio; GMPO: clipped mean log-ratio; VESPO: log w);
+# P_SEQ_ADV: GMPO's mean advantage; P_SEQ_IS: the sequence's importance weight (GMPO: geometric mean of the token
+# weights; else the sequence-level rollout ratio; 1 without); P_SEQ_KL: mean KL of the off-policy mask.
+P_LOSS, P_COUNT, P_KL, P_LOW, P_HIGH, P_REGION, P_SEQ_LOG_RATIO, P_SEQ_ADV, P_SEQ_IS, P_SEQ_KL = range(10)
+NUM_PARTIALS = 10
 
 
 class Aggregate(NamedTuple):
@@ -46,14 +51,14 @@ def sequence_weights(
     """
     B = seq_count.shape[0]
     dtype, device = seq_count.dtype, seq_count.device
-    if loss_type in ("grpo", "sapo"):
+    if loss_type in SEQUENCE_MEAN_LOSS_TYPES:
         return 1.0 / seq_count.clamp(min=1.0) / B
     if loss_type == "bnpo":
         return 1.0 / seq_count.sum().clamp(min=1.0)
     if loss_type == "dr_grpo":
         length = T if max_completion_length is None else max_completion_length
         return torch.full((), 1.0 / (B * length), dtype=dtype, device=device)
-    if loss_type in ("dapo", "cispo"):
+    if loss_type in TOKEN_SUM_LOSS_TYPES:
         return 1.0 / _token_normalizer(seq_count, num_items_in_batch)
     return torch.full((), 1.0 / B, dtype=dtype, device=device)  # luspo
 
@@ -83,14 +88,14 @@ def aggregate(
     B = partials.shape[1]
     seq_loss, seq_count = partials[P_LOSS], partials[P_COUNT]
     token_denom = seq_count.sum().clamp(min=1.0)
-    if loss_type in ("grpo", "sapo"):
+    if loss_type in SEQUENCE_MEAN_LOSS_TYPES:
         loss = (seq_loss / seq_count.clamp(min=1.0)).mean()
     elif loss_type == "bnpo":
         loss = seq_loss.sum() / token_denom
     elif loss_type == "dr_grpo":
         length = T if max_completion_length is None else max_completion_length
         loss = seq_loss.sum() / (B * length)
-    elif loss_type in ("dapo", "cispo"):
+    elif loss_type in TOKEN_SUM_LOSS_TYPES:
         loss = seq_loss.sum() / _token_normalizer(seq_count, num_items_in_batch)
     else:  # luspo
         loss = seq_loss.mean()

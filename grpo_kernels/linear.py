@@ -24,13 +24,15 @@ reduced into float32 accumulators: ``dh[rows] = dx W``, ``dW += dxᵀ h``,
 ``db += Σ_rows dx``. A weight of another dtype is cast in vocabulary blocks
 of at most a tile's size, never as a whole.
 
-``fused_linear_grpo_loss`` forms the gradient in the forward. With token-level
-importance sampling one sweep suffices: the loss is ``Σ_i dL/dS_i Σ_t m ℓ_{i,t}``
-where ``dL/dS_i`` depends on the mask only (:func:`grpo_kernels.aggregation.sequence_weights`)
-and ``ℓ_{i,t}`` on the token's own log-prob only, so a chunk's weights
-``w = dL/dlogp`` are the autograd derivative of the reference per-token loss
-on the chunk, known as soon as the tile's log-sum-exp is. Sequence-level
-importance sampling needs every log-prob of a sequence first: a first sweep
+``fused_linear_grpo_loss`` forms the gradient in the forward. Without a sequence
+pass (token-level ratios; :func:`grpo_kernels.kernel_options.needs_sequence_pass`)
+one sweep suffices: the loss is ``Σ_i dL/dS_i Σ_t m ℓ_{i,t}`` where ``dL/dS_i``
+depends on the mask only (:func:`grpo_kernels.aggregation.sequence_weights`) and
+``ℓ_{i,t}`` on the token's own log-prob only, so a chunk's weights ``w = dL/dlogp``
+are the autograd derivative of the reference per-token loss on the chunk, known
+as soon as the tile's log-sum-exp is. A sequence pass (GSPO, VESPO, GMPO, the
+sequence-level rollout ratio, the off-policy mask) needs every log-prob of a
+sequence first: a first sweep
 forms the log-probs, ``w`` comes from the backend's ``grpo_loss`` backward,
 and a second sweep recomputes the tiles for the gradient. The loss and the
 metrics come from the backend's ``grpo_loss`` on the ``[B, T]`` log-probs.
@@ -67,6 +69,7 @@ from torch.autograd.function import once_differentiable
 
 from . import backends, reference
 from .aggregation import sequence_weights
+from .kernel_options import needs_sequence_pass
 from .reference import GRPOLossOutput
 
 # Default tokens per tile: this many elements per [chunk_size, V] tile (64 MiB in float32).
@@ -189,10 +192,7 @@ class RowOpTiles:
         tile = _tile(head, h)
         with torch.enable_grad() if weights is not None else nullcontext():
             tile.requires_grad_(weights is not None)
-            out = head.implementation("token_logprobs")(
-                tile, head.token_ids[rows], temperature=head.temperature, ignore_index=head.ignore_index,
-                return_entropy=return_entropy, inplace_backward=head.softcap is None,
-            )
+            out = self.token_logprobs(head, tile, head.token_ids[rows], return_entropy)
         logp, entropy = out if return_entropy else (out, None)
         stats = Stats(logp.detach(), None if entropy is None else entropy.detach(), None)
         if weights is None:
@@ -205,6 +205,16 @@ class RowOpTiles:
         if head.logit_scale != 1.0:
             dx.mul_(head.logit_scale)
         return stats, dx
+
+    def token_logprobs(self, head: _Head, tile: Tensor, ids: Tensor, return_entropy: bool):
+        """The row op on a tile: the backend's ``token_logprobs``, its gradient written over the tile."""
+        return head.implementation("token_logprobs")(
+            tile, ids, temperature=head.temperature, ignore_index=head.ignore_index, return_entropy=return_entropy,
+            inplace_backward=head.softcap is None,
+        )
+
+    def reduce_hidden_grad(self, grad: Tensor) -> None:
+        """Combine ``d hidden`` of the ranks that share the tokens (none: the tile spans the whole vocabulary)."""
 
 
 class _Grads:
@@ -233,8 +243,12 @@ class _Grads:
             if g is not None:
                 g.mul_(factor.to(g.dtype))
 
-    def results(self, shape: torch.Size) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-        """The gradients in the inputs' dtypes, ``hidden``'s in its original ``shape``."""
+    def results(self, shape: torch.Size, tiles: Tiles) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """The gradients in the inputs' dtypes, ``hidden``'s in its original ``shape`` (first combined over the
+        ranks sharing the tokens, for a provider over a vocabulary shard)."""
+        reduce_hidden_grad = getattr(tiles, "reduce_hidden_grad", None)
+        if self.hidden is not None and reduce_hidden_grad is not None:
+            reduce_hidden_grad(self.hidden)
         dh, dw, db = (None if g is None else g.to(dtype) for g, dtype in zip((self.hidden, self.weight, self.bias),
                                                                               self.dtypes))
         return None if dh is None else dh.view(shape), dw, db
@@ -293,7 +307,7 @@ class _LinearLogprobsFunction(torch.autograd.Function):
 
         _sweep(head, g_entropy is not None, weights=weights, grads=grads,
                known=None if lse is None else Stats(None, entropy, lse))
-        return (*grads.results(ctx.shape), None, None)
+        return (*grads.results(ctx.shape, ctx.head.tiles), None, None)
 
 
 def _head_with(head: _Head, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> _Head:
@@ -345,9 +359,11 @@ def _token_level_weights(head: _Head, keep: Tensor, old_logprobs: Optional[Tenso
     old, adv = _per_token(old_logprobs, keep.shape, dtype), _per_token(advantages, keep.shape, dtype)
     ref = _per_token(loss_options["ref_logprobs"], keep.shape, dtype)
     iw = _per_token(loss_options["importance_weights"], keep.shape, dtype)
+    sampling = _per_token(loss_options["sampling_logprobs"], keep.shape, dtype)
     flat_keep = keep.reshape(-1, 1)
     # ℓ of a token does not depend on the aggregation options: the chunk's tokens as sequences of length 1.
-    per_token = ("ref_logprobs", "importance_weights", "max_completion_length", "num_items_in_batch")
+    per_token = ("ref_logprobs", "importance_weights", "sampling_logprobs", "max_completion_length",
+                 "num_items_in_batch")
     options = {name: value for name, value in loss_options.items() if name not in per_token}
 
     def pick(t: Optional[Tensor], rows: slice) -> Optional[Tensor]:
@@ -358,7 +374,7 @@ def _token_level_weights(head: _Head, keep: Tensor, old_logprobs: Optional[Tenso
             lp = logp.reshape(-1, 1).requires_grad_()
             per_token_loss = reference.grpo_loss(
                 lp, pick(old, rows), adv[rows], flat_keep[rows], ref_logprobs=pick(ref, rows),
-                importance_weights=pick(iw, rows), **options,
+                importance_weights=pick(iw, rows), sampling_logprobs=pick(sampling, rows), **options,
             ).per_token_loss
             (w,) = torch.autograd.grad(per_token_loss, lp, token_w[rows])
         return w.reshape(-1), None
@@ -384,7 +400,7 @@ class _FusedLinearGRPOLossFunction(torch.autograd.Function):
         keep = reference.fused_loss_mask(mask, head.token_ids.view(B, T), head.ignore_index)
         needs = ctx.needs_input_grad[:3]
         grads = _Grads(head, needs) if any(needs) else None
-        token_level = loss_options["importance_sampling_level"] == "token"
+        token_level = not needs_sequence_pass(loss_options)  # each token's weight from its own log-prob
         grpo_loss = head.implementation("grpo_loss")
         if grads is not None and token_level and not head.tiles.tileless_stats:
             # one sweep: each tile's statistics, then at once its gradient
@@ -449,7 +465,7 @@ class _FusedLinearGRPOLossFunction(torch.autograd.Function):
             g_h = _entropy_weights(entropy, keep, g_entropy)
             known = None if lse is None else Stats(None, entropy.reshape(-1), lse)
             _sweep(head, True, weights=lambda rows, _logp: (None, g_h[rows]), grads=grads, known=known)
-        return (*grads.results(ctx.shape), None, None, None, None, None)
+        return (*grads.results(ctx.shape, ctx.head.tiles), None, None, None, None, None)
 
 
 def fused_linear_grpo_loss(

@@ -27,7 +27,9 @@ class GRPOLoss(nn.Module):
         **options: the scalar options of :func:`grpo_kernels.grpo_loss` (``beta``,
             ``epsilon_low``, ``epsilon_high``, ``delta``, ``clip_ratio_c``, ``loss_type``,
             ``importance_sampling_level``, ``kl_estimator``, ``use_bias_correction_kl``,
-            ``max_completion_length``, ``sapo_temperature_pos``, ``sapo_temperature_neg``).
+            ``max_completion_length``, ``sapo_temperature_pos``, ``sapo_temperature_neg``, ``rollout_is_mode``,
+            ``rollout_is_min``, ``rollout_is_max``, ``off_policy_mask_threshold``, ``vespo_k_pos``,
+            ``vespo_lambda_pos``, ``vespo_k_neg``, ``vespo_lambda_neg``, ``log_ratio_clamp``).
     """
 
     def __init__(self, *, temperature: float = 1.0, backend: str = "auto", **options: Any) -> None:
@@ -57,6 +59,9 @@ class GRPOLoss(nn.Module):
             max_completion_length=getattr(args, "max_completion_length", None),
             sapo_temperature_pos=getattr(args, "sapo_temperature_pos", 1.0),
             sapo_temperature_neg=getattr(args, "sapo_temperature_neg", 1.05),
+            off_policy_mask_threshold=getattr(args, "off_policy_mask_threshold", None),
+            **{name: getattr(args, name, LOSS_DEFAULTS[name])
+               for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")},
         )
         if loss_type in CLIPPED_LOSS_TYPES:  # TRL ignores delta for the other types
             options["delta"] = getattr(args, "delta", None)
@@ -73,12 +78,13 @@ class GRPOLoss(nn.Module):
         ref_logprobs: Optional[Tensor] = None,
         importance_weights: Optional[Tensor] = None,
         num_items_in_batch: Optional[Union[Number, Tensor]] = None,
+        sampling_logprobs: Optional[Tensor] = None,
     ) -> GRPOLossOutput:
         """:func:`grpo_kernels.grpo_loss` with this module's options."""
         return grpo_loss(
             logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
             importance_weights=importance_weights, num_items_in_batch=num_items_in_batch,
-            backend=self.backend, **self.options,
+            sampling_logprobs=sampling_logprobs, backend=self.backend, **self.options,
         )
 
     def from_logits(
@@ -94,13 +100,14 @@ class GRPOLoss(nn.Module):
         num_items_in_batch: Optional[Union[Number, Tensor]] = None,
         ignore_index: int = -100,
         return_entropy: bool = False,
+        sampling_logprobs: Optional[Tensor] = None,
     ) -> GRPOLossOutput:
         """:func:`grpo_kernels.fused_grpo_loss` with this module's options and temperature."""
         return fused_grpo_loss(
             logits, token_ids, old_logprobs, advantages, mask, temperature=self.temperature,
             ignore_index=ignore_index, return_entropy=return_entropy, ref_logprobs=ref_logprobs,
             importance_weights=importance_weights, num_items_in_batch=num_items_in_batch,
-            backend=self.backend, **self.options,
+            sampling_logprobs=sampling_logprobs, backend=self.backend, **self.options,
         )
 
     def extra_repr(self) -> str:

@@ -6,13 +6,12 @@ specification); each backend computes the same numbers.
 
 from __future__ import annotations
 
-import functools
-from typing import Callable, Literal, Optional, Sequence, Union, overload
+from typing import Literal, Optional, Sequence, Union, overload
 
 import torch
 from torch import Tensor
 
-from . import backends, linear, validation
+from . import backends, composed, custom_ops, distributed, validation
 from .backends import implementation
 from .kernel_options import LOSS_DEFAULTS
 from .reference import GRPOLossOutput
@@ -26,17 +25,26 @@ def _loss_options(arguments: dict) -> dict:
     return {name: arguments[name] for name in LOSS_OPTIONS}
 
 
+@torch.compiler.assume_constant_result
+def _traced_backend(backend: str, device_type: str, op: str) -> str:
+    """The backend that ``backend`` means for ``op`` on ``device_type`` tensors, checked usable there; evaluated
+    once while TorchDynamo traces (a constant of the graph), for the custom ops of :mod:`grpo_kernels.custom_ops`."""
+    device = torch.device(device_type)
+    backends.backend_function(backend, device, op)
+    return backends.resolve_backend(backend, device)
+
+
 @overload
 def token_logprobs(
     logits: Tensor, token_ids: Tensor, *, temperature: float = ..., ignore_index: int = ...,
-    return_entropy: Literal[False] = ..., inplace_backward: bool = ..., backend: str = ...,
+    return_entropy: Literal[False] = ..., inplace_backward: bool = ..., vocab_group=..., backend: str = ...,
 ) -> Tensor: ...
 
 
 @overload
 def token_logprobs(
     logits: Tensor, token_ids: Tensor, *, temperature: float = ..., ignore_index: int = ...,
-    return_entropy: Literal[True], inplace_backward: bool = ..., backend: str = ...,
+    return_entropy: Literal[True], inplace_backward: bool = ..., vocab_group=..., backend: str = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -48,6 +56,7 @@ def token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     inplace_backward: bool = False,
+    vocab_group=None,
     backend: str = "auto",
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Log-prob of each sampled token under ``softmax(logits / temperature)``.
@@ -61,6 +70,10 @@ def token_logprobs(
         inplace_backward: the kernel backends write the logits gradient into the
             logits' own buffer in the backward (no logits-sized allocation); the
             logits must not be used after ``backward``. No effect on the reference.
+        vocab_group: a ``torch.distributed`` process group whose ranks each hold a contiguous vocabulary
+            shard ``logits [..., V_r]`` (in group-rank order) and the same ``token_ids`` (ids of the whole
+            vocabulary); the results are those of the whole vocabulary on every rank and the gradient is the
+            shard's (see :mod:`grpo_kernels.distributed`). Not traced by ``torch.compile``.
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpu"`` or ``"cuda"``.
 
     Returns:
@@ -72,8 +85,20 @@ def token_logprobs(
     """
     validation.check_token_logprobs(
         logits, token_ids, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
-        inplace_backward=inplace_backward,
+        inplace_backward=inplace_backward, sharded=vocab_group is not None,
     )
+    if vocab_group is not None:
+        validation.check_process_group("vocab_group", vocab_group)
+        return distributed.token_logprobs(
+            logits, token_ids, vocab_group=vocab_group, temperature=temperature, ignore_index=ignore_index,
+            return_entropy=return_entropy, inplace_backward=inplace_backward,
+            backend=backends.resolve_backend(backend, logits.device),
+        )
+    if torch.compiler.is_compiling():
+        return custom_ops.token_logprobs(
+            logits, token_ids, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
+            backend=_traced_backend(backend, logits.device.type, "token_logprobs"),
+        )
     return implementation(backend, logits.device, "token_logprobs")(
         logits, token_ids, temperature=float(temperature), ignore_index=ignore_index, return_entropy=return_entropy,
         inplace_backward=inplace_backward,
@@ -120,6 +145,9 @@ def group_advantages(
     validation.check_group_advantages(rewards, **options)
     if isinstance(reward_weights, (list, tuple)):
         options["reward_weights"] = torch.tensor(reward_weights, dtype=torch.float64, device=rewards.device)
+    if torch.compiler.is_compiling():
+        return custom_ops.group_advantages(
+            rewards, **options, backend=_traced_backend(backend, rewards.device.type, "group_advantages"))
     return implementation(backend, rewards.device, "group_advantages")(rewards, **options)
 
 
@@ -144,6 +172,18 @@ def grpo_loss(
     num_items_in_batch: Optional[Union[Number, Tensor]] = None,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    sampling_logprobs: Optional[Tensor] = None,
+    rollout_is_mode: Optional[str] = None,
+    rollout_is_min: Optional[float] = None,
+    rollout_is_max: Optional[float] = 3.0,
+    off_policy_mask_threshold: Optional[float] = None,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    log_ratio_clamp: Optional[float] = None,
+    batch_group=None,
+    cu_seqlens: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> GRPOLossOutput:
     """The GRPO policy loss (TRL ``GRPOTrainer`` semantics) on per-token log-probs.
@@ -159,15 +199,37 @@ def grpo_loss(
             ``epsilon_high`` defaults to ``epsilon_low`` (cispo: absolute cap).
         delta: upper clamp of the unclipped ratio (two-sided GRPO).
         clip_ratio_c: dual-clip bound (> 1) for negative advantages (verl).
-        loss_type: ``"grpo"``, ``"bnpo"``, ``"dr_grpo"``, ``"dapo"``, ``"cispo"``, ``"sapo"``, ``"luspo"``.
-        importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO).
+        loss_type: ``"grpo"``, ``"bnpo"``, ``"dr_grpo"``, ``"dapo"``, ``"cispo"``, ``"sapo"``, ``"luspo"``,
+            ``"vespo"`` (TRL), ``"gmpo"`` (verl's geo_mean), ``"gpg"`` (verl).
+        importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO; not for vespo, gmpo, gpg).
         kl_estimator: ``"k3"``, ``"k1"``, ``"k2"`` or ``"low_var_kl"``.
-        use_bias_correction_kl: multiply the KL by the importance ratio.
-        importance_weights: ``[B, T]``, ``[B, 1]`` or ``[B]`` per-token loss multipliers
-            (e.g. TRL's vLLM importance-sampling ratio).
+        use_bias_correction_kl: multiply the KL by the importance ratio (not for gmpo).
+        importance_weights: ``[B, T]``, ``[B, 1]`` or ``[B]`` precomputed per-token loss multipliers
+            (e.g. TRL's ``importance_sampling_ratio``); vespo folds them (``[B, T]``) into its weight.
         max_completion_length: normalizer length for ``dr_grpo`` (default T).
-        num_items_in_batch: normalizer token count for ``dapo``/``cispo`` (default: masked tokens).
+        num_items_in_batch: normalizer token count for ``dapo``/``cispo``/``vespo``/``gpg`` (default: masked
+            tokens).
         sapo_temperature_pos, sapo_temperature_neg: SAPO temperatures.
+        sampling_logprobs: ``[B, T]`` log-probs under the sampling engine (vLLM), NaN where unknown; needed by
+            ``rollout_is_mode``, used by ``off_policy_mask_threshold`` (else ``old_logprobs``).
+        rollout_is_mode: rollout importance sampling computed in the loss from ``old_logprobs`` and
+            ``sampling_logprobs``: ``None`` (off), ``"token_truncate"``, ``"token_mask"``,
+            ``"sequence_truncate"``, ``"sequence_mask"`` (TRL's ``vllm_importance_sampling_mode``).
+        rollout_is_min, rollout_is_max: bounds of the rollout ratio, ``None`` = unbounded (TRL's
+            ``vllm_importance_sampling_clip_min/max``: None, 3.0).
+        off_policy_mask_threshold: drop negative-advantage sequences whose mean KL(sampling ‖ policy) exceeds it
+            (TRL; ``None`` = off).
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma-weight parameters (TRL's).
+        log_ratio_clamp: clamp the log-ratios to ``±log_ratio_clamp`` before ``exp`` (verl: 20.0; ``None``: TRL).
+        batch_group: a ``torch.distributed`` process group over which the batch is split (data parallel,
+            whole sequences per rank): the loss is this rank's share of the loss of the whole batch times the
+            group size, so that DDP's gradient average is the gradient of the whole batch's loss; the metrics
+            are the whole batch's (see :mod:`grpo_kernels.distributed`). Loss types grpo, bnpo, dr_grpo, dapo,
+            cispo, sapo, luspo.
+        cu_seqlens: ``[num_seqs + 1]`` int32/int64 cumulative sequence lengths (flash-attention's layout):
+            the inputs are packed, per-token tensors ``[total]`` or ``[1, total]``, ``advantages`` and
+            ``importance_weights`` per sequence ``[num_seqs]`` or per token; the result is the loss of the padded
+            batch, without padding (:func:`grpo_kernels.reference.packed_grpo_loss`; :mod:`grpo_kernels.packed`).
         backend: see :func:`token_logprobs`.
 
     Returns:
@@ -177,7 +239,16 @@ def grpo_loss(
     See :func:`grpo_kernels.reference.grpo_loss` for the formulas.
     """
     options = _loss_options(locals())
+    if batch_group is not None or cu_seqlens is not None:
+        validation.check_scale_out_grpo_loss(logprobs, old_logprobs, advantages, mask, batch_group=batch_group,
+                                             cu_seqlens=cu_seqlens, defaults=LOSS_DEFAULTS, **options)
+        return composed.grpo_loss(logprobs, old_logprobs, advantages, mask, batch_group=batch_group,
+                                  cu_seqlens=cu_seqlens, backend=backends.resolve_backend(backend, logprobs.device),
+                                  **options)
     validation.check_grpo_loss(logprobs, old_logprobs, advantages, mask, **options)
+    if torch.compiler.is_compiling():
+        return custom_ops.grpo_loss(logprobs, old_logprobs, advantages, mask, **options,
+                                    backend=_traced_backend(backend, logprobs.device.type, "grpo_loss"))
     return implementation(backend, logprobs.device, "grpo_loss")(logprobs, old_logprobs, advantages, mask, **options)
 
 
@@ -207,6 +278,19 @@ def fused_grpo_loss(
     num_items_in_batch: Optional[Union[Number, Tensor]] = None,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    sampling_logprobs: Optional[Tensor] = None,
+    rollout_is_mode: Optional[str] = None,
+    rollout_is_min: Optional[float] = None,
+    rollout_is_max: Optional[float] = 3.0,
+    off_policy_mask_threshold: Optional[float] = None,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    log_ratio_clamp: Optional[float] = None,
+    vocab_group=None,
+    batch_group=None,
+    cu_seqlens: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> GRPOLossOutput:
     """Logits straight to the GRPO loss: :func:`token_logprobs` then :func:`grpo_loss` in one call.
@@ -221,6 +305,8 @@ def fused_grpo_loss(
             logits' own buffer already in the forward (no logits-sized
             allocation; the logits are overwritten, so an entropy bonus cannot
             be differentiated then). No effect on the reference.
+        vocab_group: the ranks each hold a vocabulary shard ``logits [B, T, V_r]``, as in :func:`token_logprobs`.
+        batch_group, cu_seqlens: as in :func:`grpo_loss` (packed logits ``[total, V]`` or ``[1, total, V]``).
         Remaining options: as in :func:`grpo_loss`.
 
     Returns:
@@ -229,27 +315,30 @@ def fused_grpo_loss(
     See :func:`grpo_kernels.reference.fused_grpo_loss` for the formulas.
     """
     options = _loss_options(locals())
+    if vocab_group is not None or batch_group is not None or cu_seqlens is not None:
+        scale_out = dict(vocab_group=vocab_group, batch_group=batch_group, cu_seqlens=cu_seqlens,
+                         temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
+                         inplace_backward=inplace_backward)
+        validation.check_scale_out_fused_grpo_loss(logits, token_ids, old_logprobs, advantages, mask, **scale_out,
+                                                   defaults=LOSS_DEFAULTS, **options)
+        return composed.fused_grpo_loss(logits, token_ids, old_logprobs, advantages, mask, **scale_out,
+                                        backend=backends.resolve_backend(backend, logits.device), **options)
     validation.check_fused_grpo_loss(
         logits, token_ids, old_logprobs, advantages, mask,
         temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
         inplace_backward=inplace_backward, **options,
     )
+    if torch.compiler.is_compiling():  # inplace_backward does not apply (see grpo_kernels.custom_ops)
+        return custom_ops.fused_grpo_loss(
+            logits, token_ids, old_logprobs, advantages, mask, temperature=temperature, ignore_index=ignore_index,
+            return_entropy=return_entropy, **options,
+            backend=_traced_backend(backend, logits.device.type, "fused_grpo_loss"),
+        )
     return implementation(backend, logits.device, "fused_grpo_loss")(
         logits, token_ids, old_logprobs, advantages, mask,
         temperature=float(temperature), ignore_index=ignore_index, return_entropy=return_entropy,
         inplace_backward=inplace_backward, **options,
     )
-
-
-def _linear_implementation(backend: str, device: torch.device, op: str) -> Callable:
-    """``op`` of a backend with a kernel of its own for it (the reference), else the chunked driver
-    :mod:`grpo_kernels.linear` over the backend's row ops (checked usable on ``device`` before any compute)."""
-    name = backends.resolve_backend(backend, device)
-    if not backends.chunked(name, op):
-        return implementation(name, device, op)
-    for row_op in backends.CHUNKED_OPS[op]:
-        implementation(name, device, row_op)
-    return functools.partial(getattr(linear, op), backend=name)
 
 
 @overload
@@ -312,7 +401,11 @@ def linear_token_logprobs(
     options = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                    ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size)
     validation.check_linear_token_logprobs(hidden, weight, token_ids, **options)
-    return _linear_implementation(backend, hidden.device, "linear_token_logprobs")(
+    if torch.compiler.is_compiling():
+        return custom_ops.linear_token_logprobs(
+            hidden, weight, token_ids, **options,
+            backend=_traced_backend(backend, hidden.device.type, "linear_token_logprobs"))
+    return backends.backend_function(backend, hidden.device, "linear_token_logprobs")(
         hidden, weight, token_ids, **options
     )
 
@@ -347,6 +440,19 @@ def fused_linear_grpo_loss(
     num_items_in_batch: Optional[Union[Number, Tensor]] = None,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    sampling_logprobs: Optional[Tensor] = None,
+    rollout_is_mode: Optional[str] = None,
+    rollout_is_min: Optional[float] = None,
+    rollout_is_max: Optional[float] = 3.0,
+    off_policy_mask_threshold: Optional[float] = None,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    log_ratio_clamp: Optional[float] = None,
+    vocab_group=None,
+    batch_group=None,
+    cu_seqlens: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> GRPOLossOutput:
     """Hidden states and the LM head straight to the GRPO loss, without the ``[B, T, V]`` logits.
@@ -361,6 +467,10 @@ def fused_linear_grpo_loss(
         token_ids: ``[B, T]`` int sampled completion ids; ``ignore_index`` positions are excluded like masked ones.
         old_logprobs, advantages, mask: as in :func:`grpo_loss`.
         return_entropy: also fill ``entropy`` (masked mean entropy, differentiable) in the result.
+        vocab_group: the ranks each hold a contiguous shard of the LM head's rows, ``weight [V_r, H]`` and
+            ``bias [V_r]`` (in group-rank order), and the same ``hidden``; the gradients of ``weight`` and ``bias``
+            are the shard's, that of ``hidden`` is summed over the group (see :mod:`grpo_kernels.distributed`).
+        batch_group, cu_seqlens: as in :func:`grpo_loss` (packed ``hidden [total, H]`` or ``[1, total, H]``).
         Remaining options: as in :func:`grpo_loss`.
 
     Returns:
@@ -371,8 +481,21 @@ def fused_linear_grpo_loss(
     options = _loss_options(locals())
     head_options = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                         ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size)
+    if vocab_group is not None or batch_group is not None or cu_seqlens is not None:
+        scale_out = dict(vocab_group=vocab_group, batch_group=batch_group, cu_seqlens=cu_seqlens)
+        validation.check_scale_out_fused_linear_grpo_loss(hidden, weight, token_ids, old_logprobs, advantages, mask,
+                                                          **scale_out, head_options=head_options,
+                                                          defaults=LOSS_DEFAULTS, **options)
+        return composed.fused_linear_grpo_loss(
+            hidden, weight, token_ids, old_logprobs, advantages, mask, **scale_out, head_options=head_options,
+            backend=backends.resolve_backend(backend, hidden.device),
+            implementation=backends.backend_function(backend, hidden.device, "fused_linear_grpo_loss"), **options)
     validation.check_fused_linear_grpo_loss(hidden, weight, token_ids, old_logprobs, advantages, mask,
                                             **head_options, **options)
-    return _linear_implementation(backend, hidden.device, "fused_linear_grpo_loss")(
+    if torch.compiler.is_compiling():
+        return custom_ops.fused_linear_grpo_loss(
+            hidden, weight, token_ids, old_logprobs, advantages, mask, **head_options, **options,
+            backend=_traced_backend(backend, hidden.device.type, "fused_linear_grpo_loss"))
+    return backends.backend_function(backend, hidden.device, "fused_linear_grpo_loss")(
         hidden, weight, token_ids, old_logprobs, advantages, mask, **head_options, **options
     )

@@ -14,14 +14,25 @@ This module imports only torch.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-LOSS_TYPES = CLIPPED_LOSS_TYPES + ("cispo", "sapo")
+LOSS_TYPES = CLIPPED_LOSS_TYPES + ("cispo", "sapo", "vespo", "gmpo", "gpg")
+# Loss types without a token ratio of their own: the sequence-level ratio (GSPO) does not apply.
+TOKEN_LEVEL_LOSS_TYPES = ("vespo", "gmpo", "gpg")
+# Aggregation: mean over sequences of token means; masked token sum over N (num_items_in_batch).
+SEQUENCE_MEAN_LOSS_TYPES = ("grpo", "sapo", "gmpo")
+TOKEN_SUM_LOSS_TYPES = ("dapo", "cispo", "vespo", "gpg")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+ROLLOUT_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+# VESPO clamps its log-weights to [log(1e-8), 20] (TRL's get_gamma_weights).
+VESPO_LOG_MIN = math.log(1e-8)
+VESPO_LOG_MAX = 20.0
+VESPO_MIN_LAMBDA = 1e-4
 KL_ESTIMATORS = ("k3", "k1", "k2", "low_var_kl")
 SCALES = ("group", "batch", "none")
 ESTIMATORS = ("grpo", "rloo")
@@ -276,6 +287,67 @@ def _as_column(t: Tensor) -> Tensor:
     return t.unsqueeze(1) if t.ndim == 1 else t
 
 
+def clamp_log_ratio(log_ratio: Tensor, log_ratio_clamp: Optional[float]) -> Tensor:
+    """``log_ratio`` clamped to ``[-c, c]`` (verl's and OpenRLHF's ±20 before ``exp``), or as is for ``None``."""
+    return log_ratio if log_ratio_clamp is None else log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
+
+
+def rollout_importance_ratio(
+    old_logprobs: Tensor,
+    sampling_logprobs: Tensor,
+    mask: Tensor,
+    mode: str,
+    rollout_is_min: Optional[float],
+    rollout_is_max: Optional[float],
+    log_ratio_clamp: Optional[float] = None,
+) -> Tensor:
+    r"""The rollout importance-sampling ratio :math:`\rho = \pi_{old} / \pi_{sampling}` (TRL's vLLM correction).
+
+    With :math:`d_t = \mathrm{nan\_to\_num}((\mathrm{old}_t - \mathrm{sampling}_t)\, m_t)` (NaN → 0, ±inf →
+    the largest finite values, as TRL) and the bounds :math:`[C_{min}, C_{max}]` (``None`` = unbounded):
+
+    - ``token_*``: :math:`\rho_t = e^{d_t}`, ``[B, T]``; ``sequence_*``: :math:`\rho_i = e^{\sum_t d_t}`, ``[B, 1]``
+      (the log-ratio clamped to ``±log_ratio_clamp`` first when given: verl's safety bound);
+    - ``*_truncate`` (TIS): :math:`\mathrm{clamp}(\rho, C_{min}, C_{max})`;
+      ``*_mask`` (MIS, IcePop): :math:`\rho` where :math:`C_{min} \le \rho \le C_{max}`, else 0.
+
+    Returns a constant (no gradient) in the dtype of ``old_logprobs``.
+    """
+    d = torch.nan_to_num((old_logprobs.detach() - sampling_logprobs.to(old_logprobs.dtype)) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        d = d.sum(-1, keepdim=True)
+    ratio = torch.exp(clamp_log_ratio(d, log_ratio_clamp))
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=rollout_is_min, max=rollout_is_max)
+    low = -math.inf if rollout_is_min is None else rollout_is_min
+    high = math.inf if rollout_is_max is None else rollout_is_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+
+
+def off_policy_mask(logprobs: Tensor, sampling_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                    threshold: float) -> Tensor:
+    r"""TRL's off-policy sequence mask (DeepSeek-V3.2): keep a token unless its advantage is negative and its
+    sequence drifted: :math:`\mathbb{1}[A \ge 0 \ \vee\ \overline{KL}_i \le \delta]` with
+    :math:`\overline{KL}_i = \sum_t m\, \mathrm{nan\_to\_num}(\mathrm{sampling} - \mathrm{sg}[\mathrm{logp}])
+    / \max(1, \sum_t m)`. ``[B, 1]`` for per-sequence advantages (``[B, 1]``), else ``[B, T]``; no gradient."""
+    kl = torch.nan_to_num(sampling_logprobs.to(logprobs.dtype) - logprobs.detach(), nan=0.0)
+    mean_kl = (kl * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    return ((advantages >= 0) | (mean_kl <= threshold)).to(logprobs.dtype)
+
+
+def vespo_phi(log_w: Tensor, advantages: Tensor, k_pos: float, lambda_pos: float, k_neg: float,
+              lambda_neg: float) -> Tensor:
+    r"""VESPO's gamma weight :math:`\phi(w) = e^{\lambda} w^{k} e^{-\lambda w}` (so :math:`\phi(1) = 1`), in log
+    space from :math:`\log w`; :math:`(k, \lambda) = (k_+, \lambda_+)` where :math:`A \ge 0`, else
+    :math:`(k_-, \lambda_-)`, :math:`\lambda` at least 1e-4; NaN and ±inf → 0 (TRL's ``get_gamma_weights``)."""
+    nonneg = advantages >= 0
+    k = torch.where(nonneg, torch.full_like(advantages, k_pos), torch.full_like(advantages, k_neg))
+    lam = torch.where(nonneg, torch.full_like(advantages, lambda_pos), torch.full_like(advantages, lambda_neg))
+    lam = lam.clamp(min=VESPO_MIN_LAMBDA)
+    log_phi = lam + k * log_w - lam * torch.exp(log_w)
+    return torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def grpo_loss(
     logprobs: Tensor,
     old_logprobs: Optional[Tensor],
@@ -297,19 +369,29 @@ def grpo_loss(
     num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    sampling_logprobs: Optional[Tensor] = None,
+    rollout_is_mode: Optional[str] = None,
+    rollout_is_min: Optional[float] = None,
+    rollout_is_max: Optional[float] = 3.0,
+    off_policy_mask_threshold: Optional[float] = None,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    log_ratio_clamp: Optional[float] = None,
 ) -> GRPOLossOutput:
-    r"""The GRPO policy loss on per-token log-probs (TRL ``_compute_loss``).
+    r"""The GRPO policy loss on per-token log-probs (TRL ``_compute_loss``, verl's ``compute_policy_loss_*``).
 
     For completion i, token t, mask :math:`m`, advantage :math:`A_i` (or
     :math:`A_{i,t}`), :math:`\epsilon_l, \epsilon_h` = ``epsilon_low/high``:
 
     .. math::
-        r_{i,t} = \mathrm{logp}_{i,t} - \mathrm{old}_{i,t},\qquad
+        r_{i,t} = \mathrm{clamp}(\mathrm{logp}_{i,t} - \mathrm{old}_{i,t}, \pm c),\qquad
         w = \begin{cases} r_{i,t} & \text{token level}\\
             \sum_t m_{i,t} r_{i,t} / \max(1, \sum_t m_{i,t}) & \text{sequence level (GSPO)}\end{cases},
         \qquad c_1 = e^{w}
 
-    Per-token loss :math:`\ell`, by ``loss_type``:
+    (:math:`c` = ``log_ratio_clamp``, no clamp when ``None``, as TRL). Per-token loss :math:`\ell`, by ``loss_type``:
 
     - grpo, bnpo, dr_grpo, dapo, luspo: :math:`c_2 = \mathrm{clip}(c_1, 1-\epsilon_l, 1+\epsilon_h)`;
       with ``delta``, :math:`c_1 \leftarrow \min(c_1, \delta)` (after forming
@@ -318,21 +400,37 @@ def grpo_loss(
     - cispo: :math:`\ell = -\mathrm{sg}[\min(c_1, \epsilon_h)]\, A\, \mathrm{logp}`.
     - sapo: :math:`\tau = \tau_+` if :math:`A > 0` else :math:`\tau_-`;
       :math:`\ell = -\sigma(\tau (c_1 - 1))\, \tfrac{4}{\tau}\, A`.
+    - vespo (TRL): :math:`\ell = -\mathrm{sg}[\phi_i]\, A\, \mathrm{logp}` with
+      :math:`\phi_i` = :func:`vespo_phi` of
+      :math:`\log w_i = \mathrm{clamp}(\sum_t m\, \mathrm{clamp}(r, \pm 20) + \sum_t m\,
+      \mathrm{clamp}(\log \rho_t, \log 10^{-8}, 20),\ \log 10^{-8}, 20)`, :math:`\rho_t` the token-level
+      importance weight (rollout ratio times ``importance_weights``; the second sum only when one is given),
+      which VESPO folds in here instead of multiplying :math:`\ell`.
+    - gmpo (verl ``geo_mean``): with :math:`s = \mathrm{sign}(A)`,
+      :math:`\tilde r = s \min(s\, r, s\, \mathrm{clamp}(r, -\epsilon_l, \epsilon_h))` (log-space clipping),
+      one loss per sequence :math:`\ell_i = -\bar A_i\, e^{\sum_t m \tilde r / (n_i + 10^{-8})}\, \psi_i` with
+      :math:`\bar A_i = \sum_t m A / (n_i + 10^{-8})` and
+      :math:`\psi_i = e^{\sum_t m \log(\rho_t + 10^{-10}) / (n_i + 10^{-8})}` (the geometric mean of the
+      token importance weights, 1 without any), broadcast over the sequence's tokens.
+    - gpg (verl): :math:`\ell = -\mathrm{logp}\, A`.
 
-    then :math:`\ell \leftarrow \ell \cdot \mathrm{iw}` (``importance_weights``,
-    e.g. TRL's vLLM importance-sampling ratio), and
-    :math:`\ell \leftarrow \ell + \beta\, \mathrm{KL}` with
-    :math:`\mathrm{KL} = \mathrm{kl\_estimate}(\mathrm{logp}, \mathrm{ref})`
-    (times :math:`c_1` when ``use_bias_correction_kl``).
+    then, in this order (TRL's): :math:`\ell \leftarrow \ell \cdot \mathrm{keep}` with ``off_policy_mask_threshold``
+    (:func:`off_policy_mask` of ``sampling_logprobs``, else of ``old_logprobs``);
+    :math:`\ell \leftarrow \ell \cdot \rho` with ``rollout_is_mode`` (:func:`rollout_importance_ratio` of
+    ``old_logprobs`` — ``logprobs.detach()`` when ``None`` — and ``sampling_logprobs``);
+    :math:`\ell \leftarrow \ell \cdot \mathrm{iw}` (``importance_weights``); the last two not for vespo and
+    gmpo, which fold them in as above; finally :math:`\ell \leftarrow \ell + \beta\, \mathrm{KL}` with
+    :math:`\mathrm{KL} = \mathrm{kl\_estimate}(\mathrm{logp}, \mathrm{ref})` (times :math:`c_1` when
+    ``use_bias_correction_kl``).
 
     Aggregation, with :math:`S_i = \sum_t m_{i,t} \ell_{i,t}`, :math:`n_i = \sum_t m_{i,t}`:
 
-    - grpo, sapo: :math:`\frac{1}{B}\sum_i S_i / \max(1, n_i)`
+    - grpo, sapo, gmpo: :math:`\frac{1}{B}\sum_i S_i / \max(1, n_i)` (for gmpo: verl's mean of :math:`\ell_i`)
     - bnpo: :math:`\sum_i S_i / \max(1, \sum_i n_i)`
     - dr_grpo: :math:`\sum_i S_i / (B \cdot L)`, L = ``max_completion_length`` (default T)
-    - dapo, cispo: :math:`\sum_i S_i / \max(1, N)`, N = ``num_items_in_batch``
+    - dapo, cispo, vespo, gpg: :math:`\sum_i S_i / \max(1, N)`, N = ``num_items_in_batch``
       (default :math:`\sum_i n_i`; TRL passes the generation batch's token
-      count divided by the number of processes)
+      count divided by the number of processes; verl's token-mean for gpg)
     - luspo: :math:`\frac{1}{B}\sum_i S_i`
 
     Metrics: ``kl`` is the masked mean of the per-token KL; clip ratios are
@@ -340,27 +438,41 @@ def grpo_loss(
     advantages) of low: :math:`c_1 < 1-\epsilon_l \wedge A < 0`, high:
     :math:`c_1 > 1+\epsilon_h \wedge A > 0`, region: either (with
     :math:`c_1` after the ``delta`` clamp, as TRL). For cispo, high = region =
-    :math:`c_1 > \epsilon_h \wedge A > 0` and low = 0.
+    :math:`c_1 > \epsilon_h \wedge A > 0` and low = 0. For gmpo (verl's ``pg_clipfrac_lower`` /
+    ``pg_clipfrac``): :math:`r \notin [-\epsilon_l, \epsilon_h]` with :math:`A < 0` / :math:`A > 0`.
+    vespo and gpg clip nothing: 0.
 
     Args:
         logprobs: ``[B, T]`` log-probs of the sampled tokens under the policy.
-        old_logprobs: ``[B, T]`` under the sampling policy, or ``None`` (→ ``logprobs.detach()``).
+        old_logprobs: ``[B, T]`` under the policy that sampled (TRL's ``old_per_token_logps``), or ``None``
+            (→ ``logprobs.detach()``).
         advantages: ``[B]``, ``[B, 1]`` or ``[B, T]``.
         mask: ``[B, T]`` bool or 0/1 of any dtype.
         ref_logprobs: ``[B, T]`` under the reference policy (required if ``beta != 0``).
         beta: KL coefficient.
         epsilon_low, epsilon_high: clip range (``epsilon_high`` defaults to
-            ``epsilon_low``; for cispo it is the absolute cap, e.g. 5.0).
+            ``epsilon_low``; for cispo it is the absolute cap, e.g. 5.0; for gmpo the log-space range).
         delta: upper clamp of :math:`c_1` (INTELLECT-2 two-sided clipping).
         clip_ratio_c: dual-clip bound (> 1) for negative advantages.
-        loss_type: one of grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo.
-        importance_sampling_level: ``"token"`` or ``"sequence"``.
+        loss_type: one of grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo, gmpo, gpg.
+        importance_sampling_level: ``"token"`` or ``"sequence"`` (not for vespo, gmpo, gpg).
         kl_estimator: ``"k3"`` (TRL), ``"k1"``, ``"k2"``, ``"low_var_kl"`` (verl's clamped k3).
-        use_bias_correction_kl: multiply the KL by :math:`c_1`.
-        importance_weights: ``[B, T]``, ``[B, 1]`` or ``[B]`` multipliers of the per-token loss.
+        use_bias_correction_kl: multiply the KL by :math:`c_1` (not for gmpo).
+        importance_weights: ``[B, T]``, ``[B, 1]`` or ``[B]`` multipliers of the per-token loss (``[B, T]`` for
+            vespo).
         max_completion_length: L for dr_grpo.
-        num_items_in_batch: N for dapo/cispo (int, float or 0-d tensor).
+        num_items_in_batch: N for dapo/cispo/vespo/gpg (int, float or 0-d tensor).
         sapo_temperature_pos, sapo_temperature_neg: SAPO temperatures.
+        sampling_logprobs: ``[B, T]`` log-probs under the sampling engine (vLLM; TRL's
+            ``sampling_per_token_logps``), NaN where unknown; used by ``rollout_is_mode`` (required then) and
+            ``off_policy_mask_threshold``.
+        rollout_is_mode: ``None`` or ``"token_truncate"``, ``"token_mask"``, ``"sequence_truncate"``,
+            ``"sequence_mask"`` (TRL's ``vllm_importance_sampling_mode``; not ``sequence_*`` for vespo and gmpo).
+        rollout_is_min, rollout_is_max: the bounds :math:`C_{min}, C_{max}` of the rollout ratio (``None`` =
+            unbounded; TRL's ``vllm_importance_sampling_clip_min/max``).
+        off_policy_mask_threshold: :math:`\delta` of the off-policy sequence mask, ``None`` = off.
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma-weight parameters.
+        log_ratio_clamp: clamp every log-ratio that is exponentiated to ``±log_ratio_clamp`` (verl: 20.0).
 
     Returns:
         :class:`GRPOLossOutput` (float32, float64 for float64 ``logprobs``).
@@ -372,13 +484,21 @@ def grpo_loss(
     m = mask.to(dtype)
     eps_low = epsilon_low
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    n_seq = m.sum(-1, keepdim=True)
 
-    log_ratio = logp - old
+    log_ratio = clamp_log_ratio(logp - old, log_ratio_clamp)
     if importance_sampling_level == "sequence":
-        log_w = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+        log_w = (log_ratio * m).sum(-1, keepdim=True) / n_seq.clamp(min=1.0)
     else:
         log_w = log_ratio
     coef_1 = torch.exp(log_w)
+
+    rollout_ratio = None
+    if rollout_is_mode is not None:
+        rollout_ratio = rollout_importance_ratio(old, sampling_logprobs, m, rollout_is_mode, rollout_is_min,
+                                                 rollout_is_max, log_ratio_clamp)
+    iw = None if importance_weights is None else _as_column(importance_weights.to(dtype))
+    token_is = rollout_ratio if iw is None else (iw if rollout_ratio is None else rollout_ratio * iw)
 
     per_token_kl = None
     if ref_logprobs is not None:
@@ -386,6 +506,7 @@ def grpo_loss(
         if use_bias_correction_kl:
             per_token_kl = per_token_kl * coef_1
 
+    no_clip = torch.zeros_like(coef_1 * adv, dtype=torch.bool)
     if loss_type == "cispo":
         per_token_loss = -torch.clamp(coef_1, max=eps_high).detach() * adv * logp
         is_high = (coef_1 > eps_high) & (adv > 0)
@@ -396,6 +517,33 @@ def grpo_loss(
         per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * adv
         is_low = (coef_1 < 1 - eps_low) & (adv < 0)
         is_high = (coef_1 > 1 + eps_high) & (adv > 0)
+    elif loss_type == "vespo":
+        with torch.no_grad():
+            seq_log_w = (log_ratio.clamp(-VESPO_LOG_MAX, VESPO_LOG_MAX) * m).sum(-1, keepdim=True)
+            if token_is is not None:
+                log_is = torch.log(token_is).clamp(VESPO_LOG_MIN, VESPO_LOG_MAX)
+                seq_log_w = seq_log_w + (log_is * m).sum(-1, keepdim=True)
+            seq_log_w = seq_log_w.clamp(VESPO_LOG_MIN, VESPO_LOG_MAX)
+            phi = vespo_phi(seq_log_w, adv, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+        per_token_loss = -phi * adv * logp
+        is_low = is_high = no_clip
+    elif loss_type == "gmpo":
+        sign = torch.sign(adv)
+        clipped_log_ratio = torch.clamp(log_ratio, -eps_low, eps_high)
+        log_ratio_min = sign * torch.min(sign * log_ratio, sign * clipped_log_ratio)
+        denom = n_seq + 1e-8
+        seq_ratio = torch.exp((log_ratio_min * m).sum(-1, keepdim=True) / denom)
+        seq_adv = (adv * m).sum(-1, keepdim=True) / denom
+        per_token_loss = -seq_adv * seq_ratio
+        if token_is is not None:
+            per_token_loss = per_token_loss * torch.exp((torch.log(token_is + 1e-10) * m).sum(-1, keepdim=True)
+                                                        / denom)
+        clipped = log_ratio != clipped_log_ratio
+        is_low = clipped & (adv < 0)
+        is_high = clipped & (adv > 0)
+    elif loss_type == "gpg":
+        per_token_loss = -logp * adv
+        is_low = is_high = no_clip
     else:
         coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
         if delta is not None:
@@ -406,8 +554,14 @@ def grpo_loss(
         is_low = (coef_1 < 1 - eps_low) & (adv < 0)
         is_high = (coef_1 > 1 + eps_high) & (adv > 0)
 
-    if importance_weights is not None:
-        per_token_loss = per_token_loss * _as_column(importance_weights.to(dtype))
+    if off_policy_mask_threshold is not None:
+        sampled = old if sampling_logprobs is None else sampling_logprobs
+        per_token_loss = per_token_loss * off_policy_mask(logp, sampled, adv, m, off_policy_mask_threshold)
+    if loss_type not in ("vespo", "gmpo"):
+        if rollout_ratio is not None:
+            per_token_loss = per_token_loss * rollout_ratio
+        if iw is not None:
+            per_token_loss = per_token_loss * iw
     if beta != 0.0:
         per_token_loss = per_token_loss + beta * per_token_kl
     per_token_loss = per_token_loss.expand(m.shape)
@@ -416,14 +570,14 @@ def grpo_loss(
     seq_sum = (per_token_loss * m).sum(-1)
     n_tokens = m.sum()
     batch = m.shape[0]
-    if loss_type in ("grpo", "sapo"):
+    if loss_type in SEQUENCE_MEAN_LOSS_TYPES:
         loss = (seq_sum / m.sum(-1).clamp(min=1.0)).mean()
     elif loss_type == "bnpo":
         loss = seq_sum.sum() / n_tokens.clamp(min=1.0)
     elif loss_type == "dr_grpo":
         length = m.shape[1] if max_completion_length is None else max_completion_length
         loss = seq_sum.sum() / (batch * length)
-    elif loss_type in ("dapo", "cispo"):
+    elif loss_type in TOKEN_SUM_LOSS_TYPES:
         if num_items_in_batch is None:
             normalizer = n_tokens
         else:
@@ -613,3 +767,46 @@ def fused_linear_grpo_loss(
     logits = linear_logits(hidden, weight, bias, logit_scale=logit_scale, softcap=softcap)
     return fused_grpo_loss(logits, token_ids, old_logprobs, advantages, mask, temperature=temperature,
                            ignore_index=ignore_index, return_entropy=return_entropy, **loss_options)
+
+
+# --------------------------------------------------------------------------- #
+# packed sequences
+# --------------------------------------------------------------------------- #
+def packed_grpo_loss(
+    logprobs: Tensor,
+    old_logprobs: Optional[Tensor],
+    advantages: Tensor,
+    mask: Tensor,
+    cu_seqlens: Tensor,
+    **loss_options,
+) -> GRPOLossOutput:
+    r""":func:`grpo_loss` of packed sequences (flash-attention's ``cu_seqlens`` layout).
+
+    The ``B = len(cu_seqlens) - 1`` sequences lie one after another: sequence
+    ``i`` is the tokens ``[cu_seqlens[i], cu_seqlens[i + 1])`` of the
+    ``[total]`` (or ``[1, total]``) tensors ``logprobs``, ``old_logprobs``,
+    ``mask``, ``ref_logprobs``; ``advantages`` and ``importance_weights`` are
+    per sequence ``[B]`` or per token. The result is :func:`grpo_loss` of the
+    padded batch ``[B, T]``, ``T`` the longest sequence, padding masked out
+    (so dr_grpo's default length is ``T``), with ``per_token_loss`` read back
+    at the packed positions (shape of ``logprobs``).
+    """
+    lengths = cu_seqlens.diff().to(torch.int64)
+    B, T = lengths.numel(), int(lengths.max())
+    total = logprobs.numel()
+    seq = torch.repeat_interleave(torch.arange(B, device=logprobs.device), lengths)
+    pos = torch.arange(total, device=logprobs.device) - cu_seqlens.to(torch.int64)[seq]
+
+    def pad(t: Optional[Tensor]) -> Optional[Tensor]:
+        if t is None:
+            return None
+        t = t.reshape(-1)
+        if t.numel() == B and total != B:  # one value per sequence
+            return t
+        return t.new_zeros(B, T).index_put((seq, pos), t)
+
+    options = dict(loss_options)
+    for name in ("ref_logprobs", "importance_weights"):
+        options[name] = pad(options.get(name))
+    result = grpo_loss(pad(logprobs), pad(old_logprobs), pad(advantages), pad(mask), **options)
+    return result._replace(per_token_loss=result.per_token_loss[seq, pos].view(logprobs.shape))

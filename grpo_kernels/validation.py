@@ -26,7 +26,9 @@ from .reference import (
     KL_ESTIMATORS,
     LOSS_TYPES,
     MULTI_OBJECTIVES,
+    ROLLOUT_IS_MODES,
     SCALES,
+    TOKEN_LEVEL_LOSS_TYPES,
 )
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -127,7 +129,8 @@ def check_temperature(temperature) -> None:
 
 
 def check_token_logprobs(logits, token_ids, *, temperature, ignore_index, return_entropy,
-                         inplace_backward=False) -> None:
+                         inplace_backward=False, sharded=False) -> None:
+    """``sharded``: ``logits`` hold a vocabulary shard; the ids are checked against the whole vocabulary later."""
     _tensor("logits", logits)
     _tensor("token_ids", token_ids)
     _floating("logits", logits)
@@ -143,7 +146,8 @@ def check_token_logprobs(logits, token_ids, *, temperature, ignore_index, return
     _same_device(logits=logits, token_ids=token_ids)
     _check_row_options(temperature, ignore_index, return_entropy)
     _bool("inplace_backward", inplace_backward)
-    _check_ids_in_range(token_ids, vocab, ignore_index)
+    if not sharded:
+        _check_ids_in_range(token_ids, vocab, ignore_index)
 
 
 def _check_row_options(temperature, ignore_index, return_entropy) -> None:
@@ -224,12 +228,14 @@ def _check_per_sequence_or_token(name: str, t: Optional[Tensor], batch: int, len
 
 
 # Options held per call (tensors or batch-dependent counts), not by GRPOLoss.
-PER_CALL_OPTIONS = ("ref_logprobs", "importance_weights", "num_items_in_batch")
+PER_CALL_OPTIONS = ("ref_logprobs", "importance_weights", "num_items_in_batch", "sampling_logprobs")
 
 
 def check_loss_options(*, beta, epsilon_low, epsilon_high, delta, clip_ratio_c, loss_type,
                        importance_sampling_level, kl_estimator, use_bias_correction_kl, max_completion_length,
-                       sapo_temperature_pos, sapo_temperature_neg) -> None:
+                       sapo_temperature_pos, sapo_temperature_neg, rollout_is_mode, rollout_is_min, rollout_is_max,
+                       off_policy_mask_threshold, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
+                       log_ratio_clamp) -> None:
     """Checks of the scalar options of grpo_loss / fused_grpo_loss / GRPOLoss."""
     _choice("loss_type", loss_type, LOSS_TYPES)
     _choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
@@ -250,6 +256,36 @@ def check_loss_options(*, beta, epsilon_low, epsilon_high, delta, clip_ratio_c, 
         _int("max_completion_length", max_completion_length, low=1)
     _real("sapo_temperature_pos", sapo_temperature_pos, low=0.0, low_open=True)
     _real("sapo_temperature_neg", sapo_temperature_neg, low=0.0, low_open=True)
+    if loss_type in TOKEN_LEVEL_LOSS_TYPES and importance_sampling_level != "token":
+        raise ValueError(f"loss_type={loss_type!r} forms its own sequence weights: importance_sampling_level must be "
+                         f"'token', got {importance_sampling_level!r}")
+    if loss_type == "gmpo" and use_bias_correction_kl:
+        raise ValueError("use_bias_correction_kl is not defined for loss_type='gmpo' (no per-token ratio)")
+    _check_rollout_is(loss_type, rollout_is_mode, rollout_is_min, rollout_is_max)
+    if off_policy_mask_threshold is not None:
+        _real("off_policy_mask_threshold", off_policy_mask_threshold, low=0.0)
+    for name, value in (("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
+                        ("vespo_k_neg", vespo_k_neg), ("vespo_lambda_neg", vespo_lambda_neg)):
+        _real(name, value, low=0.0)
+    if log_ratio_clamp is not None:
+        _real("log_ratio_clamp", log_ratio_clamp, low=0.0, low_open=True)
+
+
+def _check_rollout_is(loss_type, mode, low, high) -> None:
+    if mode is None:
+        return
+    _choice("rollout_is_mode", mode, ROLLOUT_IS_MODES)
+    if low is not None:
+        _real("rollout_is_min", low, low=0.0)
+    if high is not None:
+        _real("rollout_is_max", high, low=0.0, low_open=True)
+    if low is not None and high is not None and low >= high:
+        raise ValueError(f"rollout_is_min ({low}) must be less than rollout_is_max ({high})")
+    if mode.endswith("truncate") and low is None and high is None:
+        raise ValueError(f"rollout_is_mode={mode!r} truncates: set rollout_is_min or rollout_is_max (or both)")
+    if loss_type in ("vespo", "gmpo") and mode.startswith("sequence"):
+        raise ValueError(f"loss_type={loss_type!r} folds token-level importance weights into its sequence weight: "
+                         f"rollout_is_mode must be 'token_truncate' or 'token_mask', got {mode!r}")
 
 
 def _check_num_items(num_items_in_batch) -> None:
@@ -283,14 +319,24 @@ def _check_loss_inputs(main: Tensor, main_name: str, shape, old_logprobs, advant
     """The [B, T] tensors and the options of the loss; ``main`` is logprobs or logits."""
     batch, length = shape
     ref_logprobs, importance_weights = options["ref_logprobs"], options["importance_weights"]
+    sampling_logprobs = options["sampling_logprobs"]
     _check_per_token("old_logprobs", old_logprobs, shape)
     _tensor("advantages", advantages)
     _check_per_sequence_or_token("advantages", advantages, batch, length)
     _mask("mask", mask, shape, "[B, T]")
     _check_per_token("ref_logprobs", ref_logprobs, shape)
     _check_per_sequence_or_token("importance_weights", importance_weights, batch, length)
+    _check_per_token("sampling_logprobs", sampling_logprobs, shape)
     _same_device(**{main_name: main}, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
-                 ref_logprobs=ref_logprobs, importance_weights=importance_weights)
+                 ref_logprobs=ref_logprobs, importance_weights=importance_weights,
+                 sampling_logprobs=sampling_logprobs)
+    if options["rollout_is_mode"] is not None and sampling_logprobs is None:
+        raise ValueError(f"rollout_is_mode={options['rollout_is_mode']!r} needs sampling_logprobs (the sampling "
+                         "engine's per-token log-probs)")
+    if options["loss_type"] == "vespo" and importance_weights is not None and tuple(importance_weights.shape) != (
+            batch, length):
+        raise ValueError(f"loss_type='vespo' folds token-level importance_weights into its sequence weight: they "
+                         f"must have shape [B, T] = [{batch}, {length}], got {list(importance_weights.shape)}")
     _check_num_items(options["num_items_in_batch"])
     check_loss_options(**{k: v for k, v in options.items() if k not in PER_CALL_OPTIONS})
     if options["beta"] != 0.0 and ref_logprobs is None:
@@ -308,7 +354,8 @@ def check_fused_grpo_loss(logits, token_ids, old_logprobs, advantages, mask, *, 
 
 
 def check_linear_token_logprobs(hidden, weight, token_ids, *, bias, temperature, logit_scale, softcap, ignore_index,
-                                return_entropy, chunk_size) -> None:
+                                return_entropy, chunk_size, sharded=False) -> None:
+    """``sharded``: ``weight`` holds a vocabulary shard; the ids are checked against the whole vocabulary later."""
     _tensor("hidden", hidden)
     _tensor("weight", weight)
     _tensor("token_ids", token_ids)
@@ -341,7 +388,8 @@ def check_linear_token_logprobs(hidden, weight, token_ids, *, bias, temperature,
         _real("softcap", softcap, low=0.0, low_open=True)
     if chunk_size is not None:
         _int("chunk_size", chunk_size, low=1)
-    _check_ids_in_range(token_ids, vocab, ignore_index)
+    if not sharded:
+        _check_ids_in_range(token_ids, vocab, ignore_index)
 
 
 def check_fused_linear_grpo_loss(hidden, weight, token_ids, old_logprobs, advantages, mask, *, bias, temperature,
@@ -353,3 +401,159 @@ def check_fused_linear_grpo_loss(hidden, weight, token_ids, old_logprobs, advant
                                 logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index,
                                 return_entropy=return_entropy, chunk_size=chunk_size)
     _check_loss_inputs(hidden, "hidden", token_ids.shape, old_logprobs, advantages, mask, options)
+
+
+# --------------------------------------------------------------------------- #
+# scale-out: process groups (grpo_kernels.distributed), packed sequences (grpo_kernels.packed)
+# --------------------------------------------------------------------------- #
+# The loss types and options whose loss of a data-parallel batch or of packed sequences is defined
+# (grpo_kernels.distributed.batch_normalized, grpo_kernels.packed); the other options must keep their defaults.
+SCALE_OUT_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+SCALE_OUT_OPTIONS = ("ref_logprobs", "beta", "epsilon_low", "epsilon_high", "delta", "clip_ratio_c", "loss_type",
+                     "importance_sampling_level", "kl_estimator", "use_bias_correction_kl", "importance_weights",
+                     "max_completion_length", "num_items_in_batch", "sapo_temperature_pos", "sapo_temperature_neg")
+
+
+def check_process_group(name: str, group) -> None:
+    """``group`` is ``None`` or a ``torch.distributed`` process group of an initialized default group."""
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"{name} needs torch.distributed to be initialized (torch.distributed.init_process_group)")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{name} must be a torch.distributed ProcessGroup (e.g. torch.distributed.group.WORLD or "
+                        f"torch.distributed.new_group(...)), got {type(group).__name__}")
+
+
+def check_ids_in_range(token_ids: Tensor, vocab: int, ignore_index: int) -> None:
+    """Token ids in ``[0, vocab)`` or ``ignore_index`` (``vocab``: the whole vocabulary of a sharded op)."""
+    _check_ids_in_range(token_ids, vocab, ignore_index)
+
+
+def check_scale_out_options(options: dict, what: str, defaults: dict) -> None:
+    """The loss options usable with ``what`` (``batch_group`` or ``cu_seqlens``): ``defaults`` for the others."""
+    _choice(f"loss_type with {what}", options["loss_type"], SCALE_OUT_LOSS_TYPES)
+    for name, default in defaults.items():
+        value = options.get(name, default)
+        if name in SCALE_OUT_OPTIONS or (value is None and default is None):
+            continue
+        if isinstance(value, Tensor) or value != default:
+            raise ValueError(f"{name} is not supported with {what} (only {list(SCALE_OUT_OPTIONS)}); got {name}="
+                             f"{value if not isinstance(value, Tensor) else 'a tensor'}")
+
+
+def check_cu_seqlens(cu_seqlens, total: int, device: torch.device) -> int:
+    """``cu_seqlens [B + 1]`` int32/int64: 0, strictly increasing, ``total`` last; returns B."""
+    _tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must have shape [num_seqs + 1] with num_seqs >= 1, got {list(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the packed tensors are on {device}")
+    if _values_checkable(cu_seqlens):
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
+            raise ValueError(f"cu_seqlens must start at 0 and end at the number of packed tokens {total}, got "
+                             f"{int(cu_seqlens[0])} ... {int(cu_seqlens[-1])}")
+        if not bool((cu_seqlens.diff() > 0).all()):
+            raise ValueError("cu_seqlens must be strictly increasing (every sequence has at least one token)")
+    return cu_seqlens.numel() - 1
+
+
+def _check_packed_tokens(name: str, t: Optional[Tensor], shape, num_seqs: int, *, per_sequence: bool,
+                         floating: bool = True) -> None:
+    _tensor(name, t, optional=True)
+    if t is None:
+        return
+    if floating:
+        _floating(name, t)
+    shapes = [tuple(shape)] + ([(num_seqs,)] if per_sequence else [])
+    if tuple(t.shape) not in shapes:
+        what = " or [num_seqs] = " + str([num_seqs]) if per_sequence else ""
+        raise ValueError(f"{name} must have the packed token shape {list(shape)}{what}, got {list(t.shape)}")
+
+
+def check_packed_loss(main: Tensor, main_name: str, shape, old_logprobs, advantages, mask, cu_seqlens,
+                      options: dict, defaults: dict) -> None:
+    """The packed inputs of the loss: per-token tensors of ``shape`` (``[total]`` or ``[1, total]``), per-sequence
+    ones ``[num_seqs]`` or per token; ``main`` is logprobs or logits."""
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[0] != 1):
+        raise ValueError(f"packed {main_name} must have token shape [total] or [1, total], got {list(shape)}")
+    total = shape[-1]
+    if total == 0:
+        raise ValueError("empty batch: no packed tokens")
+    num_seqs = check_cu_seqlens(cu_seqlens, total, main.device)
+    _check_packed_tokens("old_logprobs", old_logprobs, shape, num_seqs, per_sequence=False)
+    _tensor("advantages", advantages)
+    _check_packed_tokens("advantages", advantages, shape, num_seqs, per_sequence=True)
+    _mask("mask", mask, shape, "the packed token shape")
+    _check_packed_tokens("ref_logprobs", options["ref_logprobs"], shape, num_seqs, per_sequence=False)
+    _check_packed_tokens("importance_weights", options["importance_weights"], shape, num_seqs, per_sequence=True)
+    _same_device(**{main_name: main}, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
+                 ref_logprobs=options["ref_logprobs"], importance_weights=options["importance_weights"])
+    _check_num_items(options["num_items_in_batch"])
+    check_scale_out_options(options, "cu_seqlens", defaults)
+    check_loss_options(**{k: v for k, v in options.items() if k not in PER_CALL_OPTIONS})
+    if options["beta"] != 0.0 and options["ref_logprobs"] is None:
+        raise ValueError(f"beta={options['beta']} needs ref_logprobs (the reference policy's per-token log-probs)")
+
+
+def check_scale_out_grpo_loss(logprobs, old_logprobs, advantages, mask, *, batch_group, cu_seqlens, defaults: dict,
+                              **options) -> None:
+    """:func:`grpo_kernels.ops.grpo_loss` with ``batch_group`` and/or ``cu_seqlens``."""
+    check_process_group("batch_group", batch_group)
+    if cu_seqlens is None:
+        check_grpo_loss(logprobs, old_logprobs, advantages, mask, **options)
+    else:
+        _tensor("logprobs", logprobs)
+        _floating("logprobs", logprobs)
+        check_packed_loss(logprobs, "logprobs", logprobs.shape, old_logprobs, advantages, mask, cu_seqlens, options,
+                          defaults)
+    if batch_group is not None:
+        check_scale_out_options(options, "batch_group", defaults)
+
+
+def check_scale_out_fused_grpo_loss(logits, token_ids, old_logprobs, advantages, mask, *, vocab_group, batch_group,
+                                    cu_seqlens, temperature, ignore_index, return_entropy, inplace_backward,
+                                    defaults: dict, **options) -> None:
+    """:func:`grpo_kernels.ops.fused_grpo_loss` with ``vocab_group``, ``batch_group`` and/or ``cu_seqlens``."""
+    check_process_group("vocab_group", vocab_group)
+    check_process_group("batch_group", batch_group)
+    _tensor("logits", logits)
+    if cu_seqlens is None and logits.ndim != 3:
+        raise ValueError(f"logits must have shape [B, T, V], got {list(logits.shape)}")
+    if cu_seqlens is not None and logits.ndim not in (2, 3):
+        raise ValueError(f"packed logits must have shape [total, V] or [1, total, V], got {list(logits.shape)}")
+    check_token_logprobs(logits, token_ids, temperature=temperature, ignore_index=ignore_index,
+                         return_entropy=return_entropy, inplace_backward=inplace_backward,
+                         sharded=vocab_group is not None)
+    if cu_seqlens is None:
+        _check_loss_inputs(logits, "logits", token_ids.shape, old_logprobs, advantages, mask, options)
+    else:
+        check_packed_loss(logits, "logits", token_ids.shape, old_logprobs, advantages, mask, cu_seqlens, options,
+                          defaults)
+    if batch_group is not None:
+        check_scale_out_options(options, "batch_group", defaults)
+
+
+def check_scale_out_fused_linear_grpo_loss(hidden, weight, token_ids, old_logprobs, advantages, mask, *, vocab_group,
+                                           batch_group, cu_seqlens, head_options: dict, defaults: dict,
+                                           **options) -> None:
+    """:func:`grpo_kernels.ops.fused_linear_grpo_loss` with ``vocab_group``, ``batch_group`` and/or ``cu_seqlens``."""
+    check_process_group("vocab_group", vocab_group)
+    check_process_group("batch_group", batch_group)
+    _tensor("hidden", hidden)
+    if cu_seqlens is None and hidden.ndim != 3:
+        raise ValueError(f"hidden must have shape [B, T, H], got {list(hidden.shape)}")
+    if cu_seqlens is not None and hidden.ndim not in (2, 3):
+        raise ValueError(f"packed hidden must have shape [total, H] or [1, total, H], got {list(hidden.shape)}")
+    check_linear_token_logprobs(hidden, weight, token_ids, **head_options, sharded=vocab_group is not None)
+    if cu_seqlens is None:
+        _check_loss_inputs(hidden, "hidden", token_ids.shape, old_logprobs, advantages, mask, options)
+    else:
+        check_packed_loss(hidden, "hidden", token_ids.shape, old_logprobs, advantages, mask, cu_seqlens, options,
+                          defaults)
+    if batch_group is not None:
+        check_scale_out_options(options, "batch_group", defaults)

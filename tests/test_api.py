@@ -137,14 +137,15 @@ def test_module_from_trl_config():
     config = types.SimpleNamespace(
         beta=0.04, epsilon=0.1, epsilon_high=0.28, loss_type="dr_grpo", importance_sampling_level="sequence",
         use_bias_correction_kl=True, max_completion_length=16, sapo_temperature_pos=1.0,
-        sapo_temperature_neg=1.05, delta=2.0, temperature=0.9,
+        sapo_temperature_neg=1.05, delta=2.0, temperature=0.9, off_policy_mask_threshold=0.5, vespo_k_pos=1.5,
     )
     fn = gk.GRPOLoss.from_trl_config(config)
     assert fn.temperature == 0.9
     assert fn.options == dict(
         beta=0.04, epsilon_low=0.1, epsilon_high=0.28, loss_type="dr_grpo", importance_sampling_level="sequence",
         use_bias_correction_kl=True, max_completion_length=16, sapo_temperature_pos=1.0,
-        sapo_temperature_neg=1.05, delta=2.0,
+        sapo_temperature_neg=1.05, delta=2.0, off_policy_mask_threshold=0.5, vespo_k_pos=1.5, vespo_lambda_pos=3.0,
+        vespo_k_neg=3.0, vespo_lambda_neg=2.0,
     )
     # TRL ignores delta for cispo; so does the conversion
     config.loss_type = "cispo"

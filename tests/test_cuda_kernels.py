@@ -102,19 +102,32 @@ def test_group_normalize(dtype, scale, rloo):
             torch.testing.assert_close(a.cpu(), b, equal_nan=True, **TOL.get(dtype, LOW))
 
 
-def loss_config(family, seq_level, kl, bias_kl, delta, clip_c, per_seq_metrics=False):
+def loss_config(family, seq_level, kl, bias_kl, delta, clip_c, rollout=0, off_policy=False, log_clamp=False,
+                per_seq_metrics=False, has_iw=True):
+    """A LossConfig as kernel_options.kernel_loss_options fills it (families: 0 clipped, 1 cispo, 2 sapo, 3 vespo,
+    4 gmpo, 5 gpg; rollout: 0 none, 1 token, 2 sequence level, masked with off_policy)."""
     cfg = _C.LossConfig()
     cfg.family, cfg.seq_level, cfg.kl_estimator = family, seq_level, kl
+    cfg.seq_pass = seq_level or family in (3, 4) or rollout == 2 or off_policy
+    cfg.shared_ratio = seq_level or family == 4
     cfg.add_kl, cfg.bias_kl, cfg.beta = True, bias_kl, 0.04
     cfg.has_delta, cfg.delta = delta, 1.5
     cfg.has_clip_c, cfg.clip_c = clip_c, 3.0
-    cfg.lo, cfg.hi, cfg.eps_high = 0.8, 1.28, 0.28
+    cfg.lo, cfg.hi, cfg.eps_high, cfg.eps_low = 0.8, 1.28, 0.28, 0.2
+    cfg.has_iw, cfg.rollout_is, cfg.rollout_is_mask = has_iw, rollout, off_policy
+    cfg.is_min, cfg.is_max = 0.5, 2.0
+    cfg.has_off_policy_mask, cfg.off_policy_threshold = off_policy, 0.05
+    cfg.has_log_clamp, cfg.log_clamp = log_clamp, 1.0
     cfg.per_seq_metrics = per_seq_metrics
     return cfg
 
 
 CONFIGS = [(f, s, kl, b, d, c) for f in (0, 1, 2) for s in (False, True) for kl in (0, 3)
            for b, d, c in ((False, False, False), (True, True, True))]
+# the loss variants: vespo, gmpo, gpg, rollout importance sampling, off-policy mask, log-ratio clamp
+CONFIGS += [(3, False, 0, True, False, False, 1, True, True), (4, False, 3, False, False, False, 1, False, True),
+            (5, False, 0, False, False, False, 2, True, False), (0, True, 0, True, True, True, 2, True, True),
+            (2, False, 3, True, False, False, 1, True, False)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -130,7 +143,9 @@ def test_grpo_loss(dtype, T, config):
     adv = torch.randn(B, dtype=dtype)[:, None].expand(B, T)  # a broadcast view
     mask = (torch.rand(B, T) > 0.3).to(dtype)
     iw = torch.rand(B, T, dtype=dtype)
-    args = (logp, old, refl, adv, mask, iw)
+    sampling = (old + 0.3 * torch.randn(B, T, dtype=dtype)).clamp(max=0)
+    sampling[1, 0] = float("nan")
+    args = (logp, old, refl, adv, mask, iw, sampling)
     cuda_args = tuple(a.cuda() for a in args)
     cpu = _C.grpo_loss_fwd(*args, cfg)
     gpu = _C.grpo_loss_fwd(*cuda_args, cfg)
@@ -139,9 +154,10 @@ def test_grpo_loss(dtype, T, config):
     seq_grad = torch.randn(B, dtype=dtype)
     close(_C.grpo_loss_bwd(*cuda_args, gpu[1], seq_grad.cuda(), cfg), _C.grpo_loss_bwd(*args, cpu[1], seq_grad, cfg),
           dtype)
-    on_policy = (logp, None, None, adv, mask, None)
-    close(_C.grpo_loss_fwd(*(None if a is None else a.cuda() for a in on_policy), cfg)[0],
-          _C.grpo_loss_fwd(*on_policy, cfg)[0], dtype)
+    on_policy = (logp, None, None, adv, mask, None, None)
+    on_policy_cfg = loss_config(*config[:6], per_seq_metrics=config[1] and T != 1, has_iw=False)
+    close(_C.grpo_loss_fwd(*(None if a is None else a.cuda() for a in on_policy), on_policy_cfg)[0],
+          _C.grpo_loss_fwd(*on_policy, on_policy_cfg)[0], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -158,8 +174,9 @@ def test_fused_grpo_loss(dtype, V, entropy):
     refl = -4 * torch.rand(B, T, dtype=acc)
     adv = torch.randn(B, dtype=acc)[:, None].expand(B, T)
     seq_weight = torch.rand(B, dtype=acc)
-    cfg = loss_config(0, False, 0, False, False, True)
-    args = (ids, old, refl, adv, keep, None, seq_weight, cfg, 0.8, -100, entropy, True)
+    cfg = loss_config(0, False, 0, False, False, True, rollout=1, log_clamp=True, has_iw=False)
+    sampling = -4 * torch.rand(B, T, dtype=acc)
+    args = (ids, old, refl, adv, keep, None, sampling, seq_weight, cfg, 0.8, -100, entropy, True)
     cuda_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
     for view in (lambda b: b[..., :V], lambda b: b[..., 1:]):  # rows 16-byte aligned or not (V + 1 apart)
         expected = _C.fused_grpo_loss_fwd(view(base).contiguous(), *args, False)

@@ -283,9 +283,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 m = importlib.import_module("grpo_kernels.triton.fused_grpo_loss")
 kernel = m._fused_grpo_loss_kernel
-for xdt, acc, block, warps, family in (("bf16", tl.float32, 8192, 16, 0), ("fp64", tl.float64, 2048, 8, 2)):
+for xdt, acc, block, warps, family in (("bf16", tl.float32, 8192, 16, 0), ("fp64", tl.float64, 2048, 8, 2),
+                                       ("bf16", tl.float32, 8192, 16, 5)):
     cdt = "fp64" if acc == tl.float64 else "fp32"
-    constexprs = dict(FAMILY=family, KL_EST=3, ADD_KL=True, BIAS_KL=True, HAS_IW=True, HAS_DELTA=True, HAS_C=True,
+    constexprs = dict(FAMILY=family, SHARED=False, KL_EST=3, ADD_KL=True, BIAS_KL=True, HAS_IW=True, HAS_DELTA=True,
+                      HAS_C=True, ROLLOUT=1, IS_MASK=family == 5, HAS_OPM=False, LOG_CLAMP=True, HAS_SAMP=True,
                       HAS_OLD=True, RETURN_ENTROPY=True, WRITE_GRAD=True, BLOCK_V=block, ACC=acc)
     ptr = dict(x_ptr=xdt, dx_ptr=xdt, y_ptr="i64", keep_ptr="u8", adv_ptr="fp32")
     sig = {}
@@ -315,3 +317,48 @@ def test_gradient_handed_over_without_copy(backend):
     x.register_hook(lambda g: seen.append(g.data_ptr()))
     gk.fused_grpo_loss(x, ids, old, adv, mask, backend=backend).loss.backward()
     assert seen == [x.grad.data_ptr()]
+
+
+# ----------------------------------------------------------------------------- loss variants
+# VESPO, GMPO, GPG, rollout importance sampling, the off-policy mask and the log-ratio clamp: the token-level
+# ones take the single-pass kernels, the others (a sequence pass) the two-read path; both against the float64
+# reference, values and logits gradients.
+VARIANTS = [
+    ("vespo", dict()),
+    ("vespo", dict(rollout_is_mode="token_mask", rollout_is_min=0.7, rollout_is_max=1.4, importance_weights=True)),
+    ("gmpo", dict(rollout_is_mode="token_truncate", beta=0.04)),
+    ("gmpo", dict(log_ratio_clamp=0.2, epsilon_low=0.1, epsilon_high=0.3)),
+    ("gpg", dict(rollout_is_mode="token_truncate", rollout_is_max=1.2)),
+    ("gpg", dict(off_policy_mask_threshold=0.01)),
+    ("dapo", dict(rollout_is_mode="token_mask", rollout_is_min=0.8, rollout_is_max=1.25, log_ratio_clamp=0.25,
+                  beta=0.04, use_bias_correction_kl=True)),
+    ("grpo", dict(rollout_is_mode="sequence_truncate", rollout_is_min=0.5, rollout_is_max=1.5)),
+    ("sapo", dict(off_policy_mask_threshold=0.0, importance_weights=True)),
+    ("cispo", dict(rollout_is_mode="sequence_mask", rollout_is_max=2.0, importance_sampling_level="sequence")),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss_type,opts", VARIANTS, ids=[f"{lt}-{'-'.join(sorted(o)) or 'default'}"
+                                                          for lt, o in VARIANTS])
+def test_loss_variants_match_reference(backend, loss_type, opts, dtype):
+    logits, ids, old, ref, adv, mask = make_inputs()
+    g = torch.Generator().manual_seed(7)
+    sampling = old + 0.3 * torch.randn(old.shape, generator=g, dtype=torch.float64)
+    sampling[0, 1] = float("nan")
+    old[1, 0] -= 25.0  # a log-ratio past every clamp
+    opts = dict(opts, loss_type=loss_type, sampling_logprobs=sampling, ref_logprobs=ref)
+    if opts.pop("importance_weights", False):
+        opts["importance_weights"] = 0.5 + torch.rand(old.shape, generator=g, dtype=torch.float64)
+    x = logits.to(dtype).requires_grad_()
+    out = gk.fused_grpo_loss(x, ids, old, adv, mask, temperature=0.8, backend=backend, **opts)
+    out.loss.backward()
+    y = logits.to(dtype).double().requires_grad_()
+    exact = gk.fused_grpo_loss(y, ids, old, adv, mask, temperature=0.8, backend="reference", **opts)
+    exact.loss.backward()
+    tol = TOLERANCES[dtype]
+    for name, a, b in zip(out._fields, out, exact):
+        if b is not None:
+            torch.testing.assert_close(a.double(), b.detach(), **tol, msg=lambda m: f"{name}: {m}")
+    grad_tol = dict(atol=1e-6, rtol=2**-7) if dtype == torch.bfloat16 else tol
+    torch.testing.assert_close(x.grad.double(), y.grad.to(dtype).double(), **grad_tol)

@@ -198,3 +198,27 @@ def test_never_forms_the_logits(backend, level):
         assert mode.largest >= 4 * B * T * V
     else:
         assert mode.largest <= 4 * max(chunk * V, V * H, B * T * H) < 4 * B * T * V
+
+
+# the loss variants: token-level ones (one sweep, the per-token weights from the reference) and ones with a
+# sequence pass (two sweeps)
+VARIANTS = [
+    ("gpg", dict(rollout_is_mode="token_truncate", rollout_is_max=1.2, sampling=True)),
+    ("dapo", dict(rollout_is_mode="token_mask", rollout_is_min=0.8, rollout_is_max=1.25, log_ratio_clamp=0.25,
+                  sampling=True)),
+    ("vespo", dict(rollout_is_mode="token_truncate", sampling=True)),
+    ("gmpo", dict(beta=0.04)),
+    ("grpo", dict(off_policy_mask_threshold=0.01, sampling=True)),
+]
+
+
+@pytest.mark.parametrize("loss_type,opts", VARIANTS, ids=[f"{lt}-{'-'.join(sorted(o))}" for lt, o in VARIANTS])
+def test_loss_variants(backend, loss_type, opts):
+    inputs = make_inputs()
+    tensors = inputs[-1]
+    options = with_tensors(dict(opts, loss_type=loss_type), tensors)
+    if options.pop("sampling", False):
+        g = torch.Generator().manual_seed(3)
+        options["sampling_logprobs"] = tensors["old"] + 0.3 * torch.randn(tensors["old"].shape, generator=g,
+                                                                          dtype=torch.float64)
+    assert_matches_spec(backend, inputs, temperature=0.7, chunk_size=5, **options)

@@ -505,19 +505,26 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 m = importlib.import_module("grpo_kernels.triton.grpo_loss")
 target = GPUTarget("cuda", 90, 32)
-VARIANTS = [  # input dtype, compute dtype, family, sequence level, kl estimator, delta, dual clip, bias, iw
-    ("bf16", tl.float32, 0, False, 0, True, True, True, True),
-    ("fp32", tl.float32, 2, True, 3, False, False, False, True),
-    ("fp64", tl.float64, 1, True, 2, False, False, True, False),
-    ("fp64", tl.float64, 0, True, 1, True, False, False, True),
+VARIANTS = [  # input dtype, compute dtype, family, sequence level, kl estimator, delta, dual clip, bias, iw,
+    # rollout IS level, IS mask, off-policy mask, log-ratio clamp
+    ("bf16", tl.float32, 0, False, 0, True, True, True, True, 1, False, False, True),
+    ("fp32", tl.float32, 2, True, 3, False, False, False, True, 2, True, True, False),
+    ("fp64", tl.float64, 1, True, 2, False, False, True, False, 0, False, False, True),
+    ("fp64", tl.float64, 0, True, 1, True, False, False, True, 2, False, True, True),
+    ("fp32", tl.float32, 3, False, 0, False, False, True, True, 1, True, True, True),  # vespo
+    ("fp64", tl.float64, 4, False, 3, False, False, False, True, 1, False, True, True),  # gmpo
+    ("bf16", tl.float32, 5, False, 0, False, False, True, False, 2, True, True, False),  # gpg
 ]
-for xdt, dtype, family, seq, kl, has_delta, has_c, bias, iw in VARIANTS:
+for xdt, dtype, family, seq, kl, has_delta, has_c, bias, iw, rollout, is_mask, opm, log_clamp in VARIANTS:
     cdt = "fp64" if dtype == tl.float64 else "fp32"
     ptr = dict(logp_ptr=xdt, old_logp_ptr=xdt, ref_logp_ptr=xdt, adv_ptr="fp32", mask_ptr="u8", iw_ptr="fp32",
-               grad_logp_ptr=xdt)
-    flags = dict(FAMILY=family, SEQ_LEVEL=seq, KL_EST=kl, ADD_KL=True, BIAS_KL=bias, HAS_IW=iw,
-                 HAS_DELTA=has_delta, HAS_C=has_c, DTYPE=dtype, BLOCK_T=1024)
-    for kernel, extra in ((m._grpo_loss_fwd_kernel, dict(HAS_REF=True, PER_SEQ_METRICS=seq)),
+               samp_ptr=xdt, grad_logp_ptr=xdt)
+    flags = dict(FAMILY=family, SHARED=seq or family == 4, KL_EST=kl, ADD_KL=True, BIAS_KL=bias, HAS_IW=iw,
+                 HAS_DELTA=has_delta, HAS_C=has_c, ROLLOUT=rollout, IS_MASK=is_mask, HAS_OPM=opm,
+                 LOG_CLAMP=log_clamp, HAS_SAMP=rollout > 0, DTYPE=dtype, BLOCK_T=1024)
+    seq_pass = seq or family in (3, 4) or rollout == 2 or opm
+    for kernel, extra in ((m._grpo_loss_fwd_kernel, dict(SEQ_LEVEL=seq, SEQ_PASS=seq_pass, HAS_REF=True,
+                                                         PER_SEQ_METRICS=seq)),
                           (m._grpo_loss_bwd_kernel, {})):
         constexprs = dict(flags, **extra)
         sig = {}
@@ -540,3 +547,148 @@ def test_loss_is_0d_with_one_element_num_items(backend):
     assert out.loss.shape == ()
     expected = gk.grpo_loss(logp, old, adv, mask, num_items_in_batch=11, backend=backend).loss
     torch.testing.assert_close(out.loss, expected)
+
+
+# ----------------------------------------------------------------------------- loss variants
+# VESPO, GMPO, GPG, rollout importance sampling from sampling log-probs, the off-policy sequence mask and the
+# log-ratio clamp, against the float64 reference (its formulas are checked against TRL's and verl's code in
+# tests/test_trl_parity.py and tests/test_verl_parity.py).
+VARIANT_OPTIONS = [
+    dict(),
+    dict(rollout_is_mode="token_truncate"),
+    dict(rollout_is_mode="token_truncate", rollout_is_min=0.9, rollout_is_max=None),
+    dict(rollout_is_mode="token_mask", rollout_is_min=0.8, rollout_is_max=1.25),
+    dict(rollout_is_mode="sequence_truncate", rollout_is_min=0.5, rollout_is_max=2.0),
+    dict(rollout_is_mode="sequence_mask", rollout_is_min=0.3, rollout_is_max=None),
+    dict(off_policy_mask_threshold=0.02),
+    dict(off_policy_mask_threshold=0.0, sampling=False),  # the mask's KL from old_logprobs
+    dict(log_ratio_clamp=0.3),
+    dict(log_ratio_clamp=0.3, rollout_is_mode="token_mask", rollout_is_min=0.9, rollout_is_max=1.1),
+    dict(vespo_k_pos=1.0, vespo_lambda_pos=0.5, vespo_k_neg=4.0, vespo_lambda_neg=0.0, epsilon_low=0.1,
+         epsilon_high=0.3),
+    dict(beta=0.05, kl_estimator="low_var_kl", use_bias_correction_kl=True, off_policy_mask_threshold=0.05,
+         rollout_is_mode="token_truncate"),
+]
+ALL_LOSS_TYPES = LOSS_TYPES + ["vespo", "gmpo", "gpg"]
+
+
+def variant_applicable(loss_type, level, opts):
+    """The combinations the options allow (the others are refused by validation: tests/test_validation.py)."""
+    if loss_type in ("vespo", "gmpo", "gpg") and level == "sequence":
+        return False
+    if loss_type == "gmpo" and opts.get("use_bias_correction_kl"):
+        return False
+    return loss_type not in ("vespo", "gmpo") or not opts.get("rollout_is_mode", "").startswith("sequence")
+
+
+def variant_inputs(B=4, T=7, *, adv_shape="B", dtype=torch.float64, seed=0, extreme=True):
+    """make_inputs plus sampling log-probs (a NaN, as vLLM leaves unscored tokens) and, with ``extreme``,
+    log-ratios of ±30 and a huge rollout ratio, past every clamp."""
+    logp, old, ref, adv, iw, mask = make_inputs(B, T, spread=0.4, adv_shape=adv_shape, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    sampling = old + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    sampling[1, 2] = float("nan")
+    if extreme:
+        old[0, 0], old[1, 1] = logp[0, 0] - 30.0, logp[1, 1] + 30.0
+        sampling[3, 0] = old[3, 0] - 60.0
+        mask[1, 1] = mask[3, 0] = True
+    return [x.to(dtype) for x in (logp, old, ref, adv, iw, sampling)] + [mask]
+
+
+def variant_kwargs(opts, ref, iw, sampling):
+    kwargs = {k: v for k, v in opts.items() if k != "sampling"}
+    if opts.get("sampling", True):
+        kwargs["sampling_logprobs"] = sampling
+    if kwargs.get("beta"):
+        kwargs["ref_logprobs"] = ref
+    kwargs["importance_weights"] = iw
+    return kwargs
+
+
+@pytest.mark.parametrize("loss_type", ALL_LOSS_TYPES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_variants_match_reference(backend, loss_type, level):
+    for adv_shape, iw_shape, opts in itertools.product(["B", "BT"], ["none", "BT", "B1"], VARIANT_OPTIONS):
+        if not variant_applicable(loss_type, level, opts) or (loss_type == "vespo" and iw_shape == "B1"):
+            continue
+        logp, old, ref, adv, iw, sampling, mask = variant_inputs(adv_shape=adv_shape)
+        iw = {"none": None, "BT": iw, "B1": iw[:, :1]}[iw_shape]
+        assert_matches_reference(backend, logp, old, adv, mask, loss_type=loss_type, importance_sampling_level=level,
+                                 **variant_kwargs(opts, ref, iw, sampling))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss_type", ["vespo", "gmpo", "gpg", "dapo"])
+def test_variants_low_precision(backend, dtype, loss_type):
+    """float32 / bfloat16 inputs: values and gradients as the float64 reference on the same (rounded) inputs."""
+    for opts in VARIANT_OPTIONS:
+        if not variant_applicable(loss_type, "token", opts):
+            continue
+        logp, old, ref, adv, iw, sampling, mask = variant_inputs(dtype=dtype, adv_shape="BT", seed=2)
+        kwargs = variant_kwargs(opts, ref, iw, sampling)
+        x = logp.detach().clone().requires_grad_()
+        out = gk.grpo_loss(x, old, adv, mask, loss_type=loss_type, backend=backend, **kwargs)
+        out.loss.backward()
+        exact_kwargs = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        y = logp.detach().double().requires_grad_()
+        exact = gk.grpo_loss(y, old.double(), adv.double(), mask, loss_type=loss_type, backend="reference",
+                             **exact_kwargs)
+        exact.loss.backward()
+        assert out.loss.dtype == torch.float32
+        for name in ("loss", "clip_ratio_low", "clip_ratio_high", "per_token_loss"):
+            torch.testing.assert_close(getattr(out, name).double(), getattr(exact, name).detach(), atol=2e-5,
+                                       rtol=2e-5, msg=lambda m: f"{opts} {name}: {m}")
+        grad_tol = dict(atol=1e-6, rtol=2**-7) if dtype == torch.bfloat16 else dict(atol=2e-6, rtol=2e-5)
+        torch.testing.assert_close(x.grad.double(), y.grad.to(dtype).double(), **grad_tol)
+
+
+def test_variants_fully_masked(backend):
+    logp, old, ref, adv, iw, sampling, mask = variant_inputs()
+    mask = torch.zeros_like(mask)
+    for loss_type in ("vespo", "gmpo", "gpg"):
+        for opts in VARIANT_OPTIONS:
+            if variant_applicable(loss_type, "token", opts):
+                out = gk.grpo_loss(logp, old, adv, mask, loss_type=loss_type, backend=backend,
+                                   **variant_kwargs(opts, ref, iw, sampling))
+                assert out.loss.item() == 0.0 and out.clip_ratio_region.item() == 0.0
+
+
+def test_log_ratio_clamp_stops_the_gradient_outside(backend):
+    """With log_ratio_clamp = c, a token whose |log-ratio| > c has a constant ratio e^{±c}: no gradient."""
+    logp = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[-30.0, 0.1, 30.0]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float64)
+    out = gk.grpo_loss(logp, old, adv, torch.ones(1, 3), log_ratio_clamp=20.0, epsilon_high=1e30, backend=backend)
+    expected = torch.tensor([[-math.exp(20.0), -math.exp(-0.1), -math.exp(-20.0)]], dtype=torch.float64)
+    torch.testing.assert_close(out.per_token_loss, expected)
+    out.loss.backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 2] == 0 and logp.grad[0, 1] != 0
+
+
+def test_off_policy_mask_drops_drifted_negative_sequences(backend):
+    """TRL's off-policy mask keeps A >= 0 and sequences whose mean KL(sampling ‖ policy) is at most the threshold."""
+    logp = torch.full((4, 2), -1.0, dtype=torch.float64)
+    drift = torch.tensor([[0.5, 0.5], [0.5, float("nan")], [0.01, 0.01], [0.5, 0.5]], dtype=torch.float64)
+    adv = torch.tensor([-1.0, -1.0, -1.0, 1.0], dtype=torch.float64)
+    out = gk.grpo_loss(logp, None, adv, torch.ones(4, 2), loss_type="gpg", sampling_logprobs=logp + drift,
+                       off_policy_mask_threshold=0.1, backend=backend)
+    # gpg: ℓ = -logp · A = A; row 1's NaN counts as 0 (mean KL 0.25): dropped like row 0; row 2 kept (0.01)
+    expected = torch.tensor([[0.0], [0.0], [-1.0], [1.0]], dtype=torch.float64).expand(4, 2)
+    torch.testing.assert_close(out.per_token_loss, expected)
+
+
+@pytest.mark.parametrize("mode,expected", [
+    ("token_truncate", [2.0, 1.0, 0.5, 0.5]),
+    ("token_mask", [0.0, 1.0, 0.0, 0.0]),
+    ("sequence_truncate", [0.5] * 4),  # e^{ln 3 + 0 - ln 3 - ln 5} = 0.2, truncated to 0.5
+    ("sequence_mask", [0.0] * 4),
+])
+def test_rollout_ratio_modes(backend, mode, expected):
+    """gpg with logp = -1, A = -1: the per-token loss is -ρ, ρ the rollout ratio old / sampling in [0.5, 2]."""
+    logp = torch.full((1, 4), -1.0, dtype=torch.float64)
+    old = torch.zeros(1, 4, dtype=torch.float64)
+    sampling = -torch.log(torch.tensor([[3.0, 1.0, 1 / 3.0, 0.2]], dtype=torch.float64))
+    out = gk.grpo_loss(logp, old, torch.tensor([-1.0], dtype=torch.float64), torch.ones(1, 4), loss_type="gpg",
+                       sampling_logprobs=sampling, rollout_is_mode=mode, rollout_is_min=0.5, rollout_is_max=2.0,
+                       backend=backend)
+    torch.testing.assert_close(out.per_token_loss, -torch.tensor([expected], dtype=torch.float64))

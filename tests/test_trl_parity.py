@@ -110,7 +110,7 @@ def trl_loss(per_token_logps, entropies, inputs, *, loss_type, importance_sampli
              use_bias_correction_kl=False, delta=None, epsilon=0.2, epsilon_high=None, use_vllm=False,
              max_completion_length=None, off_policy_mask_threshold=None, top_entropy_quantile=1.0,
              num_processes=1, gradient_accumulation_steps=1, steps_per_generation=1, sapo_temperature_pos=1.0,
-             sapo_temperature_neg=1.05, scalar_dtype=None):
+             sapo_temperature_neg=1.05, vespo=(2.0, 3.0, 3.0, 2.0), scalar_dtype=None):
     """Run TRL's ``GRPOTrainer._compute_loss`` on a stub trainer; returns (loss, train metrics).
 
     ``scalar_dtype``: torch's default dtype during the call (default: the log-probs' dtype).
@@ -124,6 +124,7 @@ def trl_loss(per_token_logps, entropies, inputs, *, loss_type, importance_sampli
     args = types.SimpleNamespace(
         delta=delta, use_bias_correction_kl=use_bias_correction_kl, sapo_temperature_pos=sapo_temperature_pos,
         sapo_temperature_neg=sapo_temperature_neg, steps_per_generation=steps_per_generation,
+        **dict(zip(("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"), vespo)),
     )
     fake = types.SimpleNamespace(
         args=args,
@@ -145,6 +146,7 @@ def trl_loss(per_token_logps, entropies, inputs, *, loss_type, importance_sampli
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _get_per_token_logps_and_entropies=get_logps,
         get_off_policy_mask=GRPOTrainer.get_off_policy_mask,
+        get_gamma_weights=GRPOTrainer.get_gamma_weights,
     )
     fake.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, fake)
     with default_dtype(per_token_logps.dtype if scalar_dtype is None else scalar_dtype):
@@ -633,3 +635,116 @@ def test_trl_nanstd_is_our_std():
     assert (factor32 != factor).any()
     torch.testing.assert_close(trl_std, std * torch.sqrt(factor32 / factor), equal_nan=True, **F64)
     assert not torch.allclose(trl_std[:3], std[:3], **F64)
+
+
+# --------------------------------------------------------------------------- #
+# VESPO, the off-policy mask and the vLLM importance-sampling ratio, computed in the loss
+# --------------------------------------------------------------------------- #
+VESPO_PARAMS = [(2.0, 3.0, 3.0, 2.0), (1.0, 0.5, 4.0, 0.0)]
+
+
+@pytest.mark.parametrize("vespo", VESPO_PARAMS, ids=["defaults", "custom"])
+@pytest.mark.parametrize("vllm", [None, "token"])
+@pytest.mark.parametrize("adv_shape", ["B", "BT"])
+@pytest.mark.parametrize("with_old,beta,bias_kl", [(True, 0.0, False), (False, 0.04, False), (True, 0.04, True)])
+def test_vespo_matches_trl(vespo, vllm, adv_shape, with_old, beta, bias_kl):
+    """loss_type="vespo" ↔ TRL's (``get_gamma_weights``), the vLLM ratio folded into the weight."""
+    b = make_batch(51 + VESPO_PARAMS.index(vespo), adv_shape=adv_shape, vllm=vllm)
+    if b["iw"] is not None:  # TRL's ratio is exactly 1 at masked tokens ((old - sampling) · mask = 0)
+        b["iw"] = torch.where(b["mask"].bool(), b["iw"], torch.ones_like(b["iw"]))
+        b["iw"][0, 1] = 0.0  # a token masked out by "token_mask": log 0 → log 1e-8
+    b["old"][0, 0] = b["logp"][0, 0] - 25.0  # a log-ratio past VESPO's ±20 clamp
+    trl_logp = b["logp"].clone().requires_grad_(True)
+    loss, _ = trl_loss(trl_logp, b["entropies"], trl_inputs(b, with_old=with_old), loss_type="vespo", beta=beta,
+                       use_bias_correction_kl=bias_kl, use_vllm=vllm is not None, vespo=vespo)
+    loss.backward()
+    our_logp = b["logp"].clone().requires_grad_(True)
+    out = gk.grpo_loss(our_logp, b["old"] if with_old else None, b["adv"], b["mask"], ref_logprobs=b["ref"], beta=beta,
+                       use_bias_correction_kl=bias_kl, loss_type="vespo", importance_weights=b["iw"],
+                       **dict(zip(("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"), vespo)),
+                       backend="reference")
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, loss.detach(), **F64)
+    torch.testing.assert_close(our_logp.grad, trl_logp.grad, **F64)
+    assert our_logp.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("sampling", [True, False], ids=["sampling_logps", "old_logps"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo", "vespo"])
+def test_off_policy_mask_matches_trl(loss_type, level, sampling):
+    """off_policy_mask_threshold (+ sampling_logprobs, NaN where vLLM could not score) ↔ TRL's own mask."""
+    if loss_type == "vespo" and level == "sequence":
+        pytest.skip("vespo is token level (TRL only warns)")
+    b = make_batch(11, vllm="token")
+    g = torch.Generator().manual_seed(6)
+    sampling_logps = b["old"] + 0.2 * torch.randn(b["old"].shape, generator=g, dtype=torch.float64)
+    sampling_logps[0, 2] = NAN
+    if loss_type == "vespo":  # TRL's ratio is exactly 1 at masked tokens; vespo folds it into its weight
+        b["iw"] = torch.where(b["mask"].bool(), b["iw"], torch.ones_like(b["iw"]))
+    inputs = trl_inputs(b, with_old=True)
+    if sampling:
+        inputs["sampling_per_token_logps"] = sampling_logps
+    trl_logp = b["logp"].clone().requires_grad_(True)
+    loss, _ = trl_loss(trl_logp, b["entropies"], inputs, loss_type=loss_type, importance_sampling_level=level,
+                       beta=0.04, use_vllm=True, off_policy_mask_threshold=0.05)
+    loss.backward()
+    our_logp = b["logp"].clone().requires_grad_(True)
+    out = gk.grpo_loss(our_logp, b["old"], b["adv"], b["mask"], ref_logprobs=b["ref"], beta=0.04, loss_type=loss_type,
+                       importance_sampling_level=level, importance_weights=b["iw"], off_policy_mask_threshold=0.05,
+                       sampling_logprobs=sampling_logps if sampling else None, backend="reference")
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, loss.detach(), **F64)
+    torch.testing.assert_close(our_logp.grad, trl_logp.grad, **F64)
+    unmasked = gk.grpo_loss(b["logp"], b["old"], b["adv"], b["mask"], ref_logprobs=b["ref"], beta=0.04,
+                            loss_type=loss_type, importance_sampling_level=level, importance_weights=b["iw"])
+    assert not torch.isclose(out.loss, unmasked.loss)  # the mask drops something
+
+
+def trl_source_is_ratio(old, sampling, mask, mode, clip_min, clip_max):
+    """TRL's vLLM importance-sampling ratio: its statements cut from the installed
+    ``_generate_and_score_completions`` and executed."""
+    src = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    start = src.rindex("\n", 0, src.index("per_token_logps_diff = (old_per_token_logps - sampling_per_token_logps)"))
+    end = src.index("\n", src.index("invalid_mis_mask, value=0.0"))
+    end = src.index("\n", end + 1)  # the closing parenthesis
+    body = textwrap.dedent(src[start + 1:end])
+    stub = types.SimpleNamespace(vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=clip_min,
+                                 vllm_importance_sampling_clip_max=clip_max)
+    scope = dict(self=stub, old_per_token_logps=old, sampling_per_token_logps=sampling, mask=mask)
+    exec(body, {"torch": torch, "math": __import__("math")}, scope)
+    return scope["vllm_importance_sampling_ratio"]
+
+
+ROLLOUT_CASES = [(mode, low, high) for mode in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+                 for low, high in ((None, 3.0), (0.5, 2.0), (0.8, None))]
+
+
+@pytest.mark.parametrize("mode,low,high", ROLLOUT_CASES)
+def test_rollout_is_matches_trl(mode, low, high):
+    """rollout_is_mode / rollout_is_min / rollout_is_max ↔ TRL's vllm_importance_sampling_* (the ratio TRL
+    computes at generation, then multiplies into _compute_loss's per-token loss)."""
+    b = make_batch(71)
+    g = torch.Generator().manual_seed(8)
+    sampling = b["old"] + 0.5 * torch.randn(b["old"].shape, generator=g, dtype=torch.float64)
+    sampling[0, 1] = NAN  # unscored by vLLM: ratio 1
+    sampling[5, 0] = b["old"][5, 0] + 40.0  # a huge ratio
+    ratio = trl_source_is_ratio(b["old"], sampling, b["mask"], mode, low, high)
+    ours = gk.reference.rollout_importance_ratio(b["old"], sampling, b["mask"].to(torch.float64), mode, low, high)
+    torch.testing.assert_close(ours, ratio, **F64)
+    assert ((ratio > 0) & (ratio != 1)).any()
+    for loss_type in ("dapo", "grpo", "vespo"):
+        if loss_type == "vespo" and mode.startswith("sequence"):
+            continue
+        b["iw"] = ratio
+        trl_logp = b["logp"].clone().requires_grad_(True)
+        loss, _ = trl_loss(trl_logp, b["entropies"], trl_inputs(b, with_old=True), loss_type=loss_type, beta=0.04,
+                           use_vllm=True)
+        loss.backward()
+        our_logp = b["logp"].clone().requires_grad_(True)
+        out = gk.grpo_loss(our_logp, b["old"], b["adv"], b["mask"], ref_logprobs=b["ref"], beta=0.04,
+                           loss_type=loss_type, sampling_logprobs=sampling, rollout_is_mode=mode, rollout_is_min=low,
+                           rollout_is_max=high, backend="reference")
+        out.loss.backward()
+        torch.testing.assert_close(out.loss, loss.detach(), **F64)
+        torch.testing.assert_close(our_logp.grad, trl_logp.grad, **F64)

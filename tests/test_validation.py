@@ -171,6 +171,38 @@ LOSS_CASES = [
     (dict(num_items_in_batch="7"), TypeError, "num_items_in_batch must be a real number"),
     (dict(sapo_temperature_pos=0.0), ValueError, "sapo_temperature_pos must be > 0"),
     (dict(sapo_temperature_neg=math.inf), ValueError, "sapo_temperature_neg must be finite"),
+    # loss variants: VESPO, GMPO, GPG, rollout importance sampling, off-policy mask, log-ratio clamp
+    (dict(loss_type="vespo", importance_sampling_level="sequence"), ValueError, "importance_sampling_level must be"),
+    (dict(loss_type="gmpo", importance_sampling_level="sequence"), ValueError, "importance_sampling_level must be"),
+    (dict(loss_type="gpg", importance_sampling_level="sequence"), ValueError, "importance_sampling_level must be"),
+    (dict(loss_type="gmpo", use_bias_correction_kl=True), ValueError, "use_bias_correction_kl is not defined"),
+    (dict(loss_type="vespo", importance_weights=torch.ones(B)), ValueError, r"must have shape \[B, T\]"),
+    (dict(loss_type="gpg", delta=2.0), ValueError, "delta applies to the clipped loss types"),
+    (dict(vespo_k_pos=-1.0), ValueError, "vespo_k_pos must be >= 0"),
+    (dict(vespo_lambda_neg=math.nan), ValueError, "vespo_lambda_neg must be finite"),
+    (dict(vespo_lambda_pos="3"), TypeError, "vespo_lambda_pos must be a real number"),
+    (dict(rollout_is_mode="token", sampling_logprobs=-torch.rand(B, T)), ValueError, "rollout_is_mode must be one of"),
+    (dict(rollout_is_mode="token_truncate"), ValueError, "needs sampling_logprobs"),
+    (dict(rollout_is_mode="token_mask", sampling_logprobs=-torch.rand(B, T), rollout_is_min=-0.5), ValueError,
+     "rollout_is_min must be >= 0"),
+    (dict(rollout_is_mode="token_mask", sampling_logprobs=-torch.rand(B, T), rollout_is_max=0.0), ValueError,
+     "rollout_is_max must be > 0"),
+    (dict(rollout_is_mode="token_mask", sampling_logprobs=-torch.rand(B, T), rollout_is_max=math.inf), ValueError,
+     "rollout_is_max must be finite"),
+    (dict(rollout_is_mode="sequence_mask", sampling_logprobs=-torch.rand(B, T), rollout_is_min=2.0,
+          rollout_is_max=1.5), ValueError, r"rollout_is_min \(2.0\) must be less than rollout_is_max"),
+    (dict(rollout_is_mode="sequence_truncate", sampling_logprobs=-torch.rand(B, T), rollout_is_max=None), ValueError,
+     "set rollout_is_min or rollout_is_max"),
+    (dict(rollout_is_mode="sequence_truncate", sampling_logprobs=-torch.rand(B, T), loss_type="vespo"), ValueError,
+     "rollout_is_mode must be 'token_truncate' or 'token_mask'"),
+    (dict(rollout_is_mode="sequence_mask", sampling_logprobs=-torch.rand(B, T), loss_type="gmpo"), ValueError,
+     "rollout_is_mode must be 'token_truncate' or 'token_mask'"),
+    (dict(sampling_logprobs=-torch.rand(B, T + 1)), ValueError, r"sampling_logprobs must have shape \[B, T\]"),
+    (dict(sampling_logprobs=torch.zeros(B, T, dtype=torch.long)), TypeError, "sampling_logprobs must be a floating"),
+    (dict(off_policy_mask_threshold=-0.1), ValueError, "off_policy_mask_threshold must be >= 0"),
+    (dict(off_policy_mask_threshold=math.inf), ValueError, "off_policy_mask_threshold must be finite"),
+    (dict(log_ratio_clamp=0.0), ValueError, "log_ratio_clamp must be > 0"),
+    (dict(log_ratio_clamp=math.nan), ValueError, "log_ratio_clamp must be finite"),
 ]
 
 
@@ -190,6 +222,8 @@ FUSED_CASES = [
     (dict(beta=0.1), ValueError, "needs ref_logprobs"),
     (dict(loss_type="grpo ", ), ValueError, "loss_type must be one of"),
     (dict(inplace_backward=None), TypeError, "inplace_backward must be a bool"),
+    (dict(rollout_is_mode="sequence_mask"), ValueError, "needs sampling_logprobs"),
+    (dict(loss_type="gpg", importance_sampling_level="sequence"), ValueError, "importance_sampling_level must be"),
 ]
 
 

@@ -496,3 +496,89 @@ def test_grid_is_not_trivial():
     for sizes in SIZES:
         _, _, index = make_groups(0, sizes)
         assert len(set(index.tolist())) == len(sizes) and min(np.unique(index, return_counts=True)[1]) >= 2
+
+
+# --------------------------------------------------------------------------- #
+# loss variants: GMPO (geo_mean), GPG, the ±20 log-ratio clamp, rollout importance sampling
+# --------------------------------------------------------------------------- #
+def verl_rollout_is_weights(old_logp, rollout_logp, mask, level, upper, lower=None):
+    """Models verl's ``compute_rollout_correction_weights``: log-ratio old - rollout clamped to ±20 (summed over
+    the sequence's valid tokens first at sequence level), exp, × mask; truncated at ``upper`` (TIS), or zero
+    outside [lower, upper] (IcePop) when ``lower`` is given."""
+    log_ratio = old_logp - rollout_logp
+    if level == "sequence":
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True)
+    weights = log_ratio.clamp(-20.0, 20.0).exp().expand_as(mask) * mask
+    if lower is None:
+        return weights.clamp(max=upper)
+    return torch.where((weights >= lower) & (weights <= upper), weights, torch.zeros_like(weights))
+
+
+@pytest.mark.parametrize("weights", [False, True], ids=["no_is", "rollout_is"])
+@pytest.mark.parametrize("clip", [(0.2, None), (0.4, 0.3)], ids=["sym", "asym"])
+@pytest.mark.parametrize("empty_rows", [False, True])
+def test_policy_loss_geo_mean(weights, clip, empty_rows):
+    """loss_type="gmpo" ↔ ``compute_policy_loss_geo_mean``: loss, gradient, pg_clipfrac(_lower)."""
+    log_prob, old, _, adv, mask = make_policy_batch(21 + empty_rows, empty_rows=empty_rows)
+    iw = torch.rand(mask.shape, dtype=mask.dtype, generator=torch.Generator().manual_seed(2)) * 2 if weights else None
+    low, high = clip
+    verl_lp = log_prob.clone().requires_grad_(True)
+    loss, metrics = verl_geo_mean_pg(verl_lp, old, adv, mask, low, high, is_weights=iw)
+    loss.backward()
+    our_lp = log_prob.clone().requires_grad_(True)
+    out = gk.grpo_loss(our_lp, old, adv, mask, epsilon_low=low, epsilon_high=high, loss_type="gmpo",
+                       importance_weights=iw, backend="reference")
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, loss.detach(), **F64)
+    torch.testing.assert_close(our_lp.grad, verl_lp.grad, **F64)
+    # verl's masked mean divides by Σ m + 1e-8
+    assert out.clip_ratio_high.item() == pytest.approx(metrics["actor/pg_clipfrac"], rel=1e-8, abs=0)
+    assert out.clip_ratio_low.item() == pytest.approx(metrics["actor/pg_clipfrac_lower"], rel=1e-8, abs=0)
+    assert 0 < out.clip_ratio_low.item() and 0 < out.clip_ratio_high.item()
+
+
+@pytest.mark.parametrize("weights", [False, True], ids=["no_is", "rollout_is"])
+@pytest.mark.parametrize("adv_shape", ["BT", "B"])
+def test_policy_loss_gpg(weights, adv_shape):
+    """loss_type="gpg" ↔ ``compute_policy_loss_gpg`` with token-mean aggregation."""
+    log_prob, _, _, adv, mask = make_policy_batch(31, empty_rows=True)
+    if adv_shape == "B":
+        adv = adv[:, 0]
+    iw = torch.rand(mask.shape, dtype=mask.dtype, generator=torch.Generator().manual_seed(3)) * 2 if weights else None
+    verl_adv = adv if adv.ndim == 2 else adv[:, None].expand_as(mask)
+    verl_lp = log_prob.clone().requires_grad_(True)
+    loss, per_token = verl_gpg_pg(verl_lp, verl_adv, mask, "token-mean", is_weights=iw)
+    loss.backward()
+    our_lp = log_prob.clone().requires_grad_(True)
+    out = gk.grpo_loss(our_lp, None, adv, mask, loss_type="gpg", importance_weights=iw, backend="reference")
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, loss.detach(), **F64)
+    torch.testing.assert_close(our_lp.grad, verl_lp.grad, **F64)
+    torch.testing.assert_close(out.per_token_loss[mask.bool()], per_token.detach()[mask.bool()], **F64)
+
+
+@pytest.mark.parametrize("level,lower", [("token", None), ("token", 0.5), ("sequence", None), ("sequence", 0.2)])
+def test_vanilla_with_log_ratio_clamp_and_rollout_is(level, lower):
+    """verl's vanilla loss as it is: log-ratio clamped to ±20 (``log_ratio_clamp=20``), dual clip, rollout
+    weights from old/rollout log-probs (``rollout_is_mode``: truncate without a lower bound, IcePop's mask with
+    one; verl's ±20 safety bound on the rollout log-ratio is ``log_ratio_clamp`` too)."""
+    log_prob, old, _, adv, mask = make_policy_batch(41)
+    g = torch.Generator().manual_seed(4)
+    rollout = old + 0.4 * torch.randn(old.shape, generator=g, dtype=old.dtype)
+    old = old.clone()
+    old[1, 0], mask[1, 0] = log_prob[1, 0] + 25.0, 1.0  # |log-ratio| > 20: the clamp acts
+    rollout[2, 0], mask[2, 0] = old[2, 0] + 30.0, 1.0  # a rollout log-ratio past the safety bound
+    upper = 2.0 if level == "token" else 5.0
+    iw = verl_rollout_is_weights(old, rollout, mask, level, upper, lower)
+    verl_lp = log_prob.clone().requires_grad_(True)
+    pg_loss, _ = verl_vanilla_pg(verl_lp, old, adv, mask, "token-mean", dual_c=3.0, is_weights=iw)
+    pg_loss.backward()
+    mode = f"{level}_{'truncate' if lower is None else 'mask'}"
+    our_lp = log_prob.clone().requires_grad_(True)
+    out = gk.grpo_loss(our_lp, old, adv, mask, clip_ratio_c=3.0, loss_type="bnpo", log_ratio_clamp=20.0,
+                       sampling_logprobs=rollout, rollout_is_mode=mode, rollout_is_min=lower, rollout_is_max=upper,
+                       backend="reference")
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, pg_loss.detach(), **F64)
+    torch.testing.assert_close(our_lp.grad, verl_lp.grad, **F64)
+    assert our_lp.grad[1, 0] == 0  # clamped log-ratio: no gradient

@@ -1,4 +1,4 @@
-// fused_grpo_loss on CPU (token-level importance sampling): logits → logp →
+// fused_grpo_loss on CPU (no sequence pass: token-level ratios): logits → logp →
 // loss, with d loss / d logits formed in the same pass over each row.
 //
 // The loss weights of sequence i, dL/dS_i (seq_weight), depend on the mask
@@ -66,14 +66,12 @@ void fused_kernel(const at::Tensor& logits, const int64_t* ids, const LossTokens
       if (kEntropy) ent_out[r] = state.entropy();
       if (!kGrad) continue;
 
-      // w = dL/dS_i · m · (∂ℓ/∂logp + ∂ℓ/∂c1 · c1), as grpo_loss_bwd at token level
+      // w = dL/dS_i · m · (∂ℓ/∂logp + ∂ℓ/∂c1 · d c1/d logp), as grpo_loss_bwd at token level
       const acc_t m = in.mask(i, t);
       acc_t w = 0;
       if (m != 0) {
-        const acc_t coef_1 = std::exp(logp - in.old_logp(i, t));
-        const TokenTerms<acc_t> terms =
-            token_terms(cfg, s, coef_1, in.adv(i, t), logp, in.has_ref, in.ref_logp(i, t), in.iw(i, t));
-        w = seq_weight[i] * (m * (terms.dloss_dlogp + terms.dloss_dcoef * coef_1));
+        const TokenTerms<acc_t> terms = token_terms(cfg, s, SeqStats<acc_t>{}, in.token(i, t, logp), in.has_ref);
+        w = seq_weight[i] * (m * dloss_dlogp(cfg, terms, acc_t(0)));
       }
       // dx = w (onehot_y - p) / T with p = e · exp(chunk max - lse)
       for (int64_t c = 0; c < n_chunks; ++c) {
@@ -97,9 +95,10 @@ void fused_kernel(const at::Tensor& logits, const int64_t* ids, const LossTokens
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_grpo_loss_fwd(
     const at::Tensor& logits, const at::Tensor& token_ids, const c10::optional<at::Tensor>& old_logp,
     const c10::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& keep,
-    const c10::optional<at::Tensor>& iw, const at::Tensor& seq_weight, const LossConfig& cfg, double temperature,
-    int64_t ignore_index, bool return_entropy, bool compute_grad, bool inplace) {
-  TORCH_CHECK(!cfg.seq_level, "fused_grpo_loss_fwd: sequence-level importance sampling is composed by the caller");
+    const c10::optional<at::Tensor>& iw, const c10::optional<at::Tensor>& sampling_logp, const at::Tensor& seq_weight,
+    const LossConfig& cfg, double temperature, int64_t ignore_index, bool return_entropy, bool compute_grad,
+    bool inplace) {
+  TORCH_CHECK(!cfg.seq_pass, "fused_grpo_loss_fwd: a loss with a sequence pass is composed by the caller");
   TORCH_CHECK(logits.dim() == 3, "fused_grpo_loss_fwd: logits must be [B, T, V]");
   const int64_t B = logits.size(0), T = logits.size(1);
   const at::Tensor ids = flat_ids(token_ids);
@@ -114,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor weights = seq_weight.to(acc).expand({B}).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fused_grpo_loss_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const LossTokens<acc_t> in(logp, old_logp, ref_logp, adv, keep, iw);
+    const LossTokens<acc_t> in(logp, old_logp, ref_logp, adv, keep, iw, sampling_logp);
     auto run = [&](auto entropy_tag, auto grad_tag) {
       fused_kernel<scalar_t, decltype(entropy_tag)::value, decltype(grad_tag)::value>(
           logits, ids.const_data_ptr<int64_t>(), in, weights.const_data_ptr<acc_t>(), cfg, temperature,
@@ -129,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       compute_grad ? run(No{}, Yes{}) : run(No{}, No{});
     }
   });
-  auto [per_token_loss, partials] = grpo_loss_fwd(logp, old_logp, ref_logp, adv, keep, iw, cfg);
+  auto [per_token_loss, partials] = grpo_loss_fwd(logp, old_logp, ref_logp, adv, keep, iw, sampling_logp, cfg);
   return {logp, lse, entropy, per_token_loss, partials, grad};
 }
 

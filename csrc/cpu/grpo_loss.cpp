@@ -12,24 +12,21 @@ namespace grpo_kernels::cpu {
 
 namespace {
 
-// Forward. Sequence i reads logp, old_logp, adv, mask (ref_logp, iw) over T
-// (logp, old_logp and mask twice at sequence level: the mean log-ratio
-// first); writes per_token_loss [i, :] and partials [:, i].
-// Memory traffic ≈ B·T·(3..6 loads + 1 store), + 3 loads at sequence level.
+// Forward. Sequence i reads logp, old_logp, adv, mask (ref_logp, iw,
+// sampling_logp) over T (twice with a sequence pass: its statistics first);
+// writes per_token_loss [i, :] and partials [:, i].
+// Memory traffic ≈ B·T·(3..7 loads + 1 store), ×~2 loads with a sequence pass.
 template <typename acc_t>
 void forward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, acc_t* per_token_loss, acc_t* partials) {
   const LossScalars<acc_t> s(cfg);
   const int64_t B = in.B, len = in.T;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const acc_t seq_log_ratio = cfg.seq_level ? in.sequence_log_ratio(i) : acc_t(0);
-      const acc_t seq_coef_1 = std::exp(seq_log_ratio);
+      const SeqStats<acc_t> seq = cfg.seq_pass ? in.sequence(cfg, s, i) : SeqStats<acc_t>{};
       acc_t sum_loss = 0, n = 0, sum_kl = 0, low = 0, high = 0, region = 0;
       for (int64_t t = 0; t < len; ++t) {
-        const acc_t m = in.mask(i, t), logp = in.logp(i, t);
-        const acc_t coef_1 = cfg.seq_level ? seq_coef_1 : std::exp(logp - in.old_logp(i, t));
-        const TokenTerms<acc_t> r = token_terms(cfg, s, coef_1, in.adv(i, t), logp, in.has_ref, in.ref_logp(i, t),
-                                            in.iw(i, t));
+        const acc_t m = in.mask(i, t);
+        const TokenTerms<acc_t> r = token_terms(cfg, s, seq, in.token(i, t), in.has_ref);
         per_token_loss[i * len + t] = r.loss;
         sum_loss += r.loss * m;
         n += m;
@@ -39,22 +36,23 @@ void forward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, acc_t* p
         region += acc_t(r.is_low || r.is_high) * m;
       }
       if (cfg.per_seq_metrics) {  // one ratio and one advantage per sequence: a 0/1 flag per sequence
-        const TokenTerms<acc_t> r = policy_terms(cfg, s, seq_coef_1, in.adv(i, 0), seq_coef_1);
+        const acc_t seq_coef_1 = std::exp(seq.log_ratio);
+        const TokenTerms<acc_t> r = policy_terms(cfg, s, seq_coef_1, in.adv(i, 0), seq_coef_1, acc_t(0), seq);
         low = acc_t(r.is_low);
         high = acc_t(r.is_high);
         region = acc_t(r.is_low || r.is_high);
       }
-      const acc_t values[kNumPartials] = {sum_loss, n, sum_kl, low, high, region, seq_log_ratio};
+      const acc_t values[kNumPartials] = {sum_loss, n, sum_kl, low, high, region, seq.log_ratio, seq.adv,
+                                          seq.is_weight, seq.kl};
       for (int64_t k = 0; k < kNumPartials; ++k) partials[k * B + i] = values[k];
     }
   });
 }
 
-// Backward. d loss / d logp_{i,t} = seq_grad_i · m · dℓ_t/dlogp_t. Token level:
-// dℓ/dlogp = ∂ℓ/∂logp + ∂ℓ/∂c1 · c1. Sequence level (shared c1, d c1 / d logp_s
-// = c1 m_s / max(1, n_i)): a first loop sums G_i = Σ_t m ∂ℓ_t/∂c1, then
-// dℓ/dlogp_s = ∂ℓ_s/∂logp_s + G_i c1 / max(1, n_i). Sequence i reads its
-// inputs over T (twice at sequence level) and 3 partials; writes d logp [i, :].
+// Backward. d loss / d logp_{i,t} = seq_grad_i · m · dℓ_t/dlogp_t (loss_terms.h dloss_dlogp). Token level:
+// dℓ/dlogp = ∂ℓ/∂logp + ∂ℓ/∂c1 · d c1/d logp. Shared ratio (GSPO, GMPO): a first loop sums
+// G_i = Σ_t m ∂ℓ_t/∂c1, then dℓ/dlogp_s = ∂ℓ_s/∂logp_s + G_i c1 / denominator · ratio_grad_s. Sequence i
+// reads its inputs over T (twice with a shared ratio) and its partials; writes d logp [i, :].
 template <typename acc_t>
 void backward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, const acc_t* partials, const acc_t* seq_grad,
                      acc_t* grad_logp) {
@@ -62,25 +60,18 @@ void backward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, const a
   const int64_t B = in.B, len = in.T;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const acc_t seq_coef_1 = std::exp(partials[6 * B + i]);
+      const SeqStats<acc_t> seq = stored_stats(partials, B, i);
       acc_t seq_term = 0;
-      if (cfg.seq_level) {
+      if (cfg.shared_ratio) {
         acc_t sum_g = 0;
         for (int64_t t = 0; t < len; ++t) {
-          const acc_t logp = in.logp(i, t);
-          sum_g += token_terms(cfg, s, seq_coef_1, in.adv(i, t), logp, in.has_ref, in.ref_logp(i, t), in.iw(i, t))
-                       .dloss_dcoef *
-                   in.mask(i, t);
+          sum_g += token_terms(cfg, s, seq, in.token(i, t), in.has_ref).dloss_dcoef * in.mask(i, t);
         }
-        seq_term = sum_g * seq_coef_1 / std::max(partials[B + i], acc_t(1));
+        seq_term = shared_ratio_term(cfg, sum_g, seq.log_ratio, partials[B + i]);
       }
       for (int64_t t = 0; t < len; ++t) {
-        const acc_t logp = in.logp(i, t);
-        const acc_t coef_1 = cfg.seq_level ? seq_coef_1 : std::exp(logp - in.old_logp(i, t));
-        const TokenTerms<acc_t> r = token_terms(cfg, s, coef_1, in.adv(i, t), logp, in.has_ref, in.ref_logp(i, t),
-                                            in.iw(i, t));
-        const acc_t dloss = cfg.seq_level ? r.dloss_dlogp + seq_term : r.dloss_dlogp + r.dloss_dcoef * coef_1;
-        grad_logp[i * len + t] = seq_grad[i] * (in.mask(i, t) * dloss);
+        const TokenTerms<acc_t> r = token_terms(cfg, s, seq, in.token(i, t), in.has_ref);
+        grad_logp[i * len + t] = seq_grad[i] * (in.mask(i, t) * dloss_dlogp(cfg, r, seq_term));
       }
     }
   });
@@ -91,12 +82,13 @@ void backward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, const a
 std::tuple<at::Tensor, at::Tensor> grpo_loss_fwd(const at::Tensor& logp, const c10::optional<at::Tensor>& old_logp,
                                                  const c10::optional<at::Tensor>& ref_logp, const at::Tensor& adv,
                                                  const at::Tensor& mask, const c10::optional<at::Tensor>& iw,
+                                                 const c10::optional<at::Tensor>& sampling_logp,
                                                  const LossConfig& cfg) {
   const int64_t B = logp.size(0), T = logp.size(1);
   at::Tensor per_token_loss = at::empty({B, T}, logp.options());
   at::Tensor partials = at::empty({kNumPartials, B}, logp.options());
   AT_DISPATCH_FLOATING_TYPES(logp.scalar_type(), "grpo_loss_fwd", [&] {
-    forward_kernel(LossTokens<scalar_t>(logp, old_logp, ref_logp, adv, mask, iw), cfg,
+    forward_kernel(LossTokens<scalar_t>(logp, old_logp, ref_logp, adv, mask, iw, sampling_logp), cfg,
                    per_token_loss.data_ptr<scalar_t>(), partials.data_ptr<scalar_t>());
   });
   return {per_token_loss, partials};
@@ -104,13 +96,13 @@ std::tuple<at::Tensor, at::Tensor> grpo_loss_fwd(const at::Tensor& logp, const c
 
 at::Tensor grpo_loss_bwd(const at::Tensor& logp, const c10::optional<at::Tensor>& old_logp,
                          const c10::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& mask,
-                         const c10::optional<at::Tensor>& iw, const at::Tensor& partials, const at::Tensor& seq_grad,
-                         const LossConfig& cfg) {
+                         const c10::optional<at::Tensor>& iw, const c10::optional<at::Tensor>& sampling_logp,
+                         const at::Tensor& partials, const at::Tensor& seq_grad, const LossConfig& cfg) {
   at::Tensor grad_logp = at::empty({logp.size(0), logp.size(1)}, logp.options());
   const at::Tensor partials_c = partials.contiguous();
   const at::Tensor seq_grad_c = seq_grad.to(logp.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES(logp.scalar_type(), "grpo_loss_bwd", [&] {
-    backward_kernel(LossTokens<scalar_t>(logp, old_logp, ref_logp, adv, mask, iw), cfg,
+    backward_kernel(LossTokens<scalar_t>(logp, old_logp, ref_logp, adv, mask, iw, sampling_logp), cfg,
                     partials_c.const_data_ptr<scalar_t>(), seq_grad_c.const_data_ptr<scalar_t>(),
                     grad_logp.data_ptr<scalar_t>());
   });

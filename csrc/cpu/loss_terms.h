@@ -1,5 +1,11 @@
 // The per-token GRPO loss and its derivatives (formulas: reference.grpo_loss),
-// shared by the grpo_loss and fused_grpo_loss kernels.
+// shared by the grpo_loss and fused_grpo_loss kernels, CPU and CUDA.
+//
+// A token's loss may depend on statistics of its whole sequence (GSPO's ratio,
+// VESPO's and GMPO's sequence weights, the sequence-level rollout ratio, the
+// off-policy mask): a first pass adds each token's terms into the sums of
+// add_sequence_terms, and sequence_stats turns them into the SeqStats the
+// tokens then read.
 //
 // Derivatives follow PyTorch's autograd on the reference at ties: clamp passes
 // the gradient at its bounds, torch.min splits a tie 0.5 / 0.5.
@@ -7,27 +13,62 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "../common/host_device.h"
 #include "../grpo_kernels.h"
 
 namespace grpo_kernels::cpu {
 
+// VESPO's clamp of its log-weights: [log(1e-8), 20] (reference.VESPO_LOG_MIN / VESPO_LOG_MAX).
+constexpr double kVespoLogMin = -18.420680743952367;
+constexpr double kVespoLogMax = 20.0;
+
 // The numeric options of a LossConfig rounded to the compute dtype T, as
 // PyTorch rounds a Python scalar to a tensor's dtype.
 template <typename T>
 struct LossScalars {
-  T lo, hi, eps_high, delta, clip_c, beta, tau_pos, tau_neg;
+  T lo, hi, eps_high, delta, clip_c, beta, tau_pos, tau_neg, eps_low, is_min, is_max, off_policy_threshold, k_pos,
+      lambda_pos, k_neg, lambda_neg, log_clamp;
 
   explicit LossScalars(const LossConfig& cfg)
       : lo(static_cast<T>(cfg.lo)), hi(static_cast<T>(cfg.hi)), eps_high(static_cast<T>(cfg.eps_high)),
         delta(static_cast<T>(cfg.delta)), clip_c(static_cast<T>(cfg.clip_c)), beta(static_cast<T>(cfg.beta)),
-        tau_pos(static_cast<T>(cfg.tau_pos)), tau_neg(static_cast<T>(cfg.tau_neg)) {}
+        tau_pos(static_cast<T>(cfg.tau_pos)), tau_neg(static_cast<T>(cfg.tau_neg)),
+        eps_low(static_cast<T>(cfg.eps_low)), is_min(static_cast<T>(cfg.is_min)), is_max(static_cast<T>(cfg.is_max)),
+        off_policy_threshold(static_cast<T>(cfg.off_policy_threshold)), k_pos(static_cast<T>(cfg.k_pos)),
+        lambda_pos(static_cast<T>(cfg.lambda_pos)), k_neg(static_cast<T>(cfg.k_neg)),
+        lambda_neg(static_cast<T>(cfg.lambda_neg)), log_clamp(static_cast<T>(cfg.log_clamp)) {}
 };
 
-// One token's loss ℓ (importance weight and beta·KL included), its KL estimate
-// (times c1 with bias correction), clip flags, and the partial derivatives
-// ∂ℓ/∂c1 and ∂ℓ/∂logp (logp at fixed c1).
+// The [B, T] inputs at one token (absent ones as documented in grpo_kernels.h: old_logp = logp, iw = 1,
+// sampling_logp = old_logp; ref_logp is read only with has_ref).
+template <typename T>
+struct TokenInputs {
+  T logp, old_logp, adv, mask, ref_logp, iw, sampling_logp;
+};
+
+// The statistics of a sequence (rows P_SEQ_* of the partials): the log of its shared ratio (GSPO: mean
+// log-ratio; GMPO: clipped mean log-ratio) or VESPO's log w; GMPO's mean advantage; its importance weight
+// (GMPO: geometric mean of the token weights; else the sequence-level rollout ratio); the mean KL of the
+// off-policy mask.
+template <typename T>
+struct SeqStats {
+  T log_ratio = T(0);
+  T adv = T(0);
+  T is_weight = T(1);
+  T kl = T(0);
+};
+
+// Sums of the sequence pass: Σ m, Σ m·(log-ratio term), Σ m·A, Σ m·(log importance weight term),
+// Σ rollout log-ratio, Σ m·KL.
+constexpr int kSequenceSums = 6;
+
+// One token's loss ℓ (importance weights and beta·KL included), its KL estimate
+// (times c1 with bias correction), clip flags, the partial derivatives
+// ∂ℓ/∂c1 and ∂ℓ/∂logp (logp at fixed c1), and ratio_grad: at token level
+// d c1 / d logp; with a shared ratio, d (the token's term of the sequence
+// log-ratio) / d logp.
 template <typename T>
 struct TokenTerms {
   T loss;
@@ -36,7 +77,20 @@ struct TokenTerms {
   bool is_high;
   T dloss_dcoef;
   T dloss_dlogp;
+  T ratio_grad;
 };
+
+// torch.nan_to_num(x, nan=0): NaN → 0, ±inf → the largest finite values.
+template <typename T>
+GRPO_HOST_DEVICE inline T nan_to_num(T x) {
+  if (x != x) return T(0);
+  return std::min(std::max(x, std::numeric_limits<T>::lowest()), std::numeric_limits<T>::max());
+}
+
+template <typename T>
+GRPO_HOST_DEVICE inline T clamp(T x, T low, T high) {
+  return std::min(std::max(x, low), high);
+}
 
 // KL estimate of d = ref_logp - logp and d KL / d logp.
 template <typename T>
@@ -68,23 +122,142 @@ GRPO_HOST_DEVICE inline T min_share(T a, T b) {
   return a < b ? T(1) : (a == b ? T(0.5) : T(0));
 }
 
-// Policy term of ℓ for ratio c1 = coef_1 and advantage adv (reference.grpo_loss, by loss family).
+// r = logp - old_logp, clamped to ±log_clamp with has_log_clamp; dr = d r / d logp.
+template <typename T>
+GRPO_HOST_DEVICE inline T log_ratio(const LossConfig& cfg, const LossScalars<T>& s, T logp, T old_logp, T& dr) {
+  T r = logp - old_logp;
+  dr = T(1);
+  if (cfg.has_log_clamp) {
+    dr = r >= -s.log_clamp && r <= s.log_clamp ? T(1) : T(0);
+    r = clamp(r, -s.log_clamp, s.log_clamp);
+  }
+  return r;
+}
+
+// The rollout ratio of a (token or summed sequence) log-ratio d: e^d (d clamped with has_log_clamp), then
+// truncated to or masked outside [is_min, is_max].
+template <typename T>
+GRPO_HOST_DEVICE inline T rollout_ratio(const LossConfig& cfg, const LossScalars<T>& s, T d) {
+  if (cfg.has_log_clamp) d = clamp(d, -s.log_clamp, s.log_clamp);
+  const T rho = std::exp(d);
+  if (cfg.rollout_is_mask) return rho < s.is_min || rho > s.is_max ? T(0) : rho;
+  return clamp(rho, s.is_min, s.is_max);
+}
+
+// A token's rollout log-ratio, TRL's nan_to_num((old - sampling) · m).
+template <typename T>
+GRPO_HOST_DEVICE inline T rollout_log_ratio(const TokenInputs<T>& in) {
+  return nan_to_num((in.old_logp - in.sampling_logp) * in.mask);
+}
+
+// VESPO and GMPO take a token importance weight into their sequence weight: the token-level rollout ratio
+// times importance_weights.
+GRPO_HOST_DEVICE inline bool has_token_is(const LossConfig& cfg) { return cfg.rollout_is == 1 || cfg.has_iw; }
+
+template <typename T>
+GRPO_HOST_DEVICE inline T token_is(const LossConfig& cfg, const LossScalars<T>& s, const TokenInputs<T>& in) {
+  if (cfg.rollout_is != 1) return in.iw;
+  const T rho = rollout_ratio(cfg, s, rollout_log_ratio(in));
+  return cfg.has_iw ? rho * in.iw : rho;
+}
+
+// GMPO's log-space clipping s·min(s·r, s·clamp(r, -eps_low, eps_high)), s = sign(A); dr = its d / d r.
+template <typename T>
+GRPO_HOST_DEVICE inline T gmpo_log_ratio(const LossScalars<T>& s, T r, T adv, T& dr) {
+  const T sign = adv > T(0) ? T(1) : (adv < T(0) ? T(-1) : T(0));
+  const T clipped = clamp(r, -s.eps_low, s.eps_high);
+  const T dclipped = r >= -s.eps_low && r <= s.eps_high ? T(1) : T(0);
+  const T a = sign * r, b = sign * clipped;
+  const T share = min_share(a, b);
+  dr = sign * (share * sign + (T(1) - share) * sign * dclipped);
+  return sign * std::min(a, b);
+}
+
+// VESPO's gamma weight φ = exp(λ + k log w - λ w), (k, λ) by the sign of A; NaN and inf → 0.
+template <typename T>
+GRPO_HOST_DEVICE inline T vespo_phi(const LossScalars<T>& s, T log_w, T adv) {
+  const bool nonneg = adv >= T(0);
+  const T k = nonneg ? s.k_pos : s.k_neg, lambda = nonneg ? s.lambda_pos : s.lambda_neg;
+  const T phi = std::exp(lambda + k * log_w - lambda * std::exp(log_w));
+  return phi <= std::numeric_limits<T>::max() ? phi : T(0);
+}
+
+// Adds token `in`'s terms to the sequence pass's sums[kSequenceSums] (all zero at the start).
+template <typename T>
+GRPO_HOST_DEVICE inline void add_sequence_terms(const LossConfig& cfg, const LossScalars<T>& s,
+                                                const TokenInputs<T>& in, T* sums) {
+  const T m = in.mask;
+  T dr;
+  const T r = log_ratio(cfg, s, in.logp, in.old_logp, dr);
+  sums[0] += m;
+  if (cfg.family == 4) {  // gmpo
+    T dg;
+    sums[1] += gmpo_log_ratio(s, r, in.adv, dg) * m;
+    sums[2] += in.adv * m;
+    if (has_token_is(cfg)) sums[3] += std::log(token_is(cfg, s, in) + T(1e-10)) * m;
+  } else if (cfg.family == 3) {  // vespo
+    sums[1] += clamp(r, T(-kVespoLogMax), T(kVespoLogMax)) * m;
+    if (has_token_is(cfg)) sums[3] += clamp(std::log(token_is(cfg, s, in)), T(kVespoLogMin), T(kVespoLogMax)) * m;
+  } else if (cfg.seq_level) {
+    sums[1] += r * m;
+  }
+  if (cfg.rollout_is == 2) sums[4] += rollout_log_ratio(in);
+  if (cfg.has_off_policy_mask) sums[5] += nan_to_num(in.sampling_logp - in.logp) * m;
+}
+
+// The statistics of a sequence from the sums of its pass.
+template <typename T>
+GRPO_HOST_DEVICE inline SeqStats<T> sequence_stats(const LossConfig& cfg, const LossScalars<T>& s, const T* sums) {
+  SeqStats<T> st;
+  const T n = sums[0];
+  if (cfg.family == 4) {  // gmpo: means over n + 1e-8 (verl)
+    const T denom = n + T(1e-8);
+    st.log_ratio = sums[1] / denom;
+    st.adv = sums[2] / denom;
+    if (has_token_is(cfg)) st.is_weight = std::exp(sums[3] / denom);
+  } else if (cfg.family == 3) {  // vespo
+    const T log_w = has_token_is(cfg) ? sums[1] + sums[3] : sums[1];
+    st.log_ratio = clamp(log_w, T(kVespoLogMin), T(kVespoLogMax));
+  } else if (cfg.seq_level) {
+    st.log_ratio = sums[1] / std::max(n, T(1));
+  }
+  if (cfg.rollout_is == 2) st.is_weight = rollout_ratio(cfg, s, sums[4]);
+  if (cfg.has_off_policy_mask) st.kl = sums[5] / std::max(n, T(1));
+  return st;
+}
+
+// Policy term of ℓ for ratio coef_1 (the sequence's shared ratio for GSPO and GMPO), advantage adv, log-ratio r
+// (reference.grpo_loss, by loss family).
 template <typename T>
 GRPO_HOST_DEVICE inline TokenTerms<T> policy_terms(const LossConfig& cfg, const LossScalars<T>& s, T coef_1, T adv,
-                                                     T logp) {
-  TokenTerms<T> r{};
+                                                     T logp, T r, const SeqStats<T>& seq) {
+  TokenTerms<T> t{};
   if (cfg.family == 1) {  // cispo: -sg[min(c1, eps_high)] · A · logp
     const T capped = std::min(coef_1, s.eps_high);
-    r.loss = -capped * adv * logp;
-    r.dloss_dlogp = -capped * adv;
-    r.is_high = coef_1 > s.eps_high && adv > T(0);
+    t.loss = -capped * adv * logp;
+    t.dloss_dlogp = -capped * adv;
+    t.is_high = coef_1 > s.eps_high && adv > T(0);
   } else if (cfg.family == 2) {  // sapo: -σ(τ(c1 - 1)) · 4/τ · A
     const T tau = adv > T(0) ? s.tau_pos : s.tau_neg;
     const T sig = T(1) / (T(1) + std::exp(-(tau * (coef_1 - T(1)))));
-    r.loss = -sig * T(4) / tau * adv;
-    r.dloss_dcoef = -(sig * (T(1) - sig)) * T(4) * adv;  // σ'·τ · 4/τ · A
-    r.is_low = coef_1 < s.lo && adv < T(0);
-    r.is_high = coef_1 > s.hi && adv > T(0);
+    t.loss = -sig * T(4) / tau * adv;
+    t.dloss_dcoef = -(sig * (T(1) - sig)) * T(4) * adv;  // σ'·τ · 4/τ · A
+    t.is_low = coef_1 < s.lo && adv < T(0);
+    t.is_high = coef_1 > s.hi && adv > T(0);
+  } else if (cfg.family == 3) {  // vespo: -sg[φ] · A · logp
+    const T phi = vespo_phi(s, seq.log_ratio, adv);
+    t.loss = -phi * adv * logp;
+    t.dloss_dlogp = -phi * adv;
+  } else if (cfg.family == 4) {  // gmpo: -Ā · R · ψ, R = coef_1 the sequence's ratio
+    const T psi = has_token_is(cfg) ? seq.is_weight : T(1);
+    t.loss = -seq.adv * coef_1 * psi;
+    t.dloss_dcoef = -seq.adv * psi;
+    const bool clipped = r < -s.eps_low || r > s.eps_high;
+    t.is_low = clipped && adv < T(0);
+    t.is_high = clipped && adv > T(0);
+  } else if (cfg.family == 5) {  // gpg: -logp · A
+    t.loss = -logp * adv;
+    t.dloss_dlogp = -adv;
   } else {  // clipped: -min(c1·A, clip(c1, lo, hi)·A) with the delta clamp of c1 and the dual clip
     const T coef_2 = std::min(std::max(coef_1, s.lo), s.hi);
     const T dcoef_2 = coef_1 >= s.lo && coef_1 <= s.hi ? T(1) : T(0);
@@ -95,41 +268,91 @@ GRPO_HOST_DEVICE inline TokenTerms<T> policy_terms(const LossConfig& cfg, const 
     }
     const T x1 = coef_1d * adv, x2 = coef_2 * adv;
     const T g1 = min_share(x1, x2);
-    r.loss = -std::min(x1, x2);
-    r.dloss_dcoef = -(adv * (g1 * dcoef_1d + (T(1) - g1) * dcoef_2));
+    t.loss = -std::min(x1, x2);
+    t.dloss_dcoef = -(adv * (g1 * dcoef_1d + (T(1) - g1) * dcoef_2));
     if (cfg.has_clip_c && adv < T(0)) {
       const T cap = -adv * s.clip_c;
-      r.dloss_dcoef *= min_share(r.loss, cap);
-      r.loss = std::min(r.loss, cap);
+      t.dloss_dcoef *= min_share(t.loss, cap);
+      t.loss = std::min(t.loss, cap);
     }
-    r.is_low = coef_1d < s.lo && adv < T(0);
-    r.is_high = coef_1d > s.hi && adv > T(0);
+    t.is_low = coef_1d < s.lo && adv < T(0);
+    t.is_high = coef_1d > s.hi && adv > T(0);
   }
-  return r;
+  return t;
 }
 
-// The whole per-token loss: policy term, times iw, plus beta · KL (KL computed when has_ref).
 template <typename T>
-GRPO_HOST_DEVICE inline TokenTerms<T> token_terms(const LossConfig& cfg, const LossScalars<T>& s, T coef_1, T adv,
-                                                    T logp, bool has_ref, T ref_logp, T iw) {
-  TokenTerms<T> r = policy_terms(cfg, s, coef_1, adv, logp);
-  r.loss *= iw;
-  r.dloss_dcoef *= iw;
-  r.dloss_dlogp *= iw;
+GRPO_HOST_DEVICE inline void scale_policy(TokenTerms<T>& t, T factor) {
+  t.loss *= factor;
+  t.dloss_dcoef *= factor;
+  t.dloss_dlogp *= factor;
+}
+
+// The whole per-token loss: policy term; times the off-policy mask, the rollout ratio and iw (the last two
+// folded into the sequence weight instead for vespo and gmpo); plus beta · KL (KL computed when has_ref).
+template <typename T>
+GRPO_HOST_DEVICE inline TokenTerms<T> token_terms(const LossConfig& cfg, const LossScalars<T>& s,
+                                                    const SeqStats<T>& seq, const TokenInputs<T>& in, bool has_ref) {
+  T dr;
+  const T r = log_ratio(cfg, s, in.logp, in.old_logp, dr);
+  const T coef_1 = std::exp(cfg.shared_ratio ? seq.log_ratio : r);
+  TokenTerms<T> t = policy_terms(cfg, s, coef_1, in.adv, in.logp, r, seq);
+  if (cfg.shared_ratio) {
+    T dg = T(1);
+    if (cfg.family == 4) gmpo_log_ratio(s, r, in.adv, dg);
+    t.ratio_grad = dr * dg;
+  } else {
+    t.ratio_grad = coef_1 * dr;
+  }
+  if (cfg.has_off_policy_mask) {
+    scale_policy(t, in.adv >= T(0) || seq.kl <= s.off_policy_threshold ? T(1) : T(0));
+  }
+  if (cfg.family != 3 && cfg.family != 4) {
+    if (cfg.rollout_is == 1) scale_policy(t, rollout_ratio(cfg, s, rollout_log_ratio(in)));
+    if (cfg.rollout_is == 2) scale_policy(t, seq.is_weight);
+    scale_policy(t, in.iw);
+  }
   if (has_ref) {
     T dkl_dlogp;
-    kl_terms(cfg.kl_estimator, logp, ref_logp, r.kl, dkl_dlogp);
+    kl_terms(cfg.kl_estimator, in.logp, in.ref_logp, t.kl, dkl_dlogp);
     if (cfg.bias_kl) {  // KL · c1
-      if (cfg.add_kl) r.dloss_dcoef += s.beta * r.kl;
-      r.kl *= coef_1;
+      if (cfg.add_kl) t.dloss_dcoef += s.beta * t.kl;
+      t.kl *= coef_1;
       dkl_dlogp *= coef_1;
     }
     if (cfg.add_kl) {
-      r.loss += s.beta * r.kl;
-      r.dloss_dlogp += s.beta * dkl_dlogp;
+      t.loss += s.beta * t.kl;
+      t.dloss_dlogp += s.beta * dkl_dlogp;
     }
   }
-  return r;
+  return t;
+}
+
+// d ℓ / d logp of a token, before the mask and the sequence weight: ∂ℓ/∂logp plus, at token level,
+// ∂ℓ/∂c1 · d c1/d logp; with a shared ratio, seq_term · ratio_grad (seq_term = G_i c1 / denominator, G_i the
+// sequence's Σ_t m ∂ℓ_t/∂c1: see shared_ratio_term).
+template <typename T>
+GRPO_HOST_DEVICE inline T dloss_dlogp(const LossConfig& cfg, const TokenTerms<T>& t, T seq_term) {
+  return t.dloss_dlogp + (cfg.shared_ratio ? seq_term : t.dloss_dcoef) * t.ratio_grad;
+}
+
+// G_i · c1 / denominator: the shared ratio's part of d ℓ / d logp (GSPO: c1 = e^w, w = Σ m r / max(1, n);
+// GMPO: R = e^w, w = Σ m r̃ / (n + 1e-8)).
+template <typename T>
+GRPO_HOST_DEVICE inline T shared_ratio_term(const LossConfig& cfg, T sum_g, T log_ratio, T n) {
+  const T denom = cfg.family == 4 ? n + T(1e-8) : std::max(n, T(1));
+  return sum_g * std::exp(log_ratio) / denom;
+}
+
+// The sequence statistics kept in the partials [kNumPartials, B] (rows 6..9) for the backward.
+template <typename T>
+GRPO_HOST_DEVICE inline SeqStats<T> stored_stats(const T* partials, int64_t B, int64_t i) {
+  SeqStats<T> st;
+  st.log_ratio = partials[6 * B + i];
+  st.adv = partials[7 * B + i];
+  st.is_weight = partials[8 * B + i];
+  st.kl = partials[9 * B + i];
+  return st;
 }
 
 }  // namespace grpo_kernels::cpu

@@ -1,13 +1,15 @@
 // Strided read access to the [B, T] inputs of the loss (logp, old_logp,
-// ref_logp, adv, mask, importance weights), shared by the grpo_loss and
-// fused_grpo_loss kernels. Each may be a broadcast view (stride 0); all are in
-// the compute dtype acc_t. Absent inputs read as: old_logp = logp, ref_logp = 0
-// (has_ref false), iw = 1.
+// ref_logp, adv, mask, importance weights, sampling log-probs), shared by the
+// grpo_loss and fused_grpo_loss kernels. Each may be a broadcast view (stride
+// 0); all are in the compute dtype acc_t. Absent inputs read as: old_logp =
+// logp, ref_logp = 0 (has_ref false), iw = 1, sampling_logp = old_logp.
 #pragma once
 
 #include <algorithm>
 
 #include <ATen/ATen.h>
+
+#include "loss_terms.h"
 
 namespace grpo_kernels::cpu {
 
@@ -30,13 +32,15 @@ class StridedMatrix {
 template <typename acc_t>
 struct LossTokens {
   int64_t B, T;
-  bool has_ref;
+  bool has_ref, has_old;
 
   LossTokens(const at::Tensor& logp_, const c10::optional<at::Tensor>& old_, const c10::optional<at::Tensor>& ref_,
-             const at::Tensor& adv_, const at::Tensor& mask_, const c10::optional<at::Tensor>& iw_)
-      : B(logp_.size(0)), T(logp_.size(1)), has_ref(ref_.has_value()), logp_m(logp_),
+             const at::Tensor& adv_, const at::Tensor& mask_, const c10::optional<at::Tensor>& iw_,
+             const c10::optional<at::Tensor>& sampling_)
+      : B(logp_.size(0)), T(logp_.size(1)), has_ref(ref_.has_value()), has_old(old_.has_value()), logp_m(logp_),
         old_m(old_ ? *old_ : logp_), ref_m(ref_ ? StridedMatrix<acc_t>(*ref_) : StridedMatrix<acc_t>()), adv_m(adv_),
-        mask_m(mask_), iw_m(iw_ ? StridedMatrix<acc_t>(*iw_) : StridedMatrix<acc_t>()) {}
+        mask_m(mask_), iw_m(iw_ ? StridedMatrix<acc_t>(*iw_) : StridedMatrix<acc_t>()),
+        sampling_m(sampling_ ? StridedMatrix<acc_t>(*sampling_) : StridedMatrix<acc_t>()) {}
 
   acc_t logp(int64_t i, int64_t t) const { return logp_m(i, t); }
   acc_t old_logp(int64_t i, int64_t t) const { return old_m(i, t); }
@@ -45,18 +49,23 @@ struct LossTokens {
   acc_t mask(int64_t i, int64_t t) const { return mask_m(i, t); }
   acc_t iw(int64_t i, int64_t t) const { return iw_m.present() ? iw_m(i, t) : acc_t(1); }
 
-  // GSPO: w_i = Σ_t m (logp - old_logp) / max(1, Σ_t m).
-  acc_t sequence_log_ratio(int64_t i) const {
-    acc_t sum = 0, n = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      sum += (logp(i, t) - old_logp(i, t)) * mask(i, t);
-      n += mask(i, t);
-    }
-    return sum / std::max(n, acc_t(1));
+  // The inputs at (i, t), logp given (the fused kernel computes it).
+  TokenInputs<acc_t> token(int64_t i, int64_t t, acc_t logp_it) const {
+    const acc_t old = has_old ? old_m(i, t) : logp_it;
+    const acc_t sampling = sampling_m.present() ? sampling_m(i, t) : old;
+    return {logp_it, old, adv(i, t), mask(i, t), ref_logp(i, t), iw(i, t), sampling};
+  }
+  TokenInputs<acc_t> token(int64_t i, int64_t t) const { return token(i, t, logp(i, t)); }
+
+  // The statistics of sequence i (a pass over its tokens; cfg.seq_pass).
+  SeqStats<acc_t> sequence(const LossConfig& cfg, const LossScalars<acc_t>& s, int64_t i) const {
+    acc_t sums[kSequenceSums] = {};
+    for (int64_t t = 0; t < T; ++t) add_sequence_terms(cfg, s, token(i, t), sums);
+    return sequence_stats(cfg, s, sums);
   }
 
  private:
-  StridedMatrix<acc_t> logp_m, old_m, ref_m, adv_m, mask_m, iw_m;
+  StridedMatrix<acc_t> logp_m, old_m, ref_m, adv_m, mask_m, iw_m, sampling_m;
 };
 
 }  // namespace grpo_kernels::cpu

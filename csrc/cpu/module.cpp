@@ -108,7 +108,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("clip_c", &LossConfig::clip_c)
       .def_readwrite("beta", &LossConfig::beta)
       .def_readwrite("tau_pos", &LossConfig::tau_pos)
-      .def_readwrite("tau_neg", &LossConfig::tau_neg);
+      .def_readwrite("tau_neg", &LossConfig::tau_neg)
+      .def_readwrite("seq_pass", &LossConfig::seq_pass)
+      .def_readwrite("shared_ratio", &LossConfig::shared_ratio)
+      .def_readwrite("has_iw", &LossConfig::has_iw)
+      .def_readwrite("rollout_is", &LossConfig::rollout_is)
+      .def_readwrite("rollout_is_mask", &LossConfig::rollout_is_mask)
+      .def_readwrite("has_off_policy_mask", &LossConfig::has_off_policy_mask)
+      .def_readwrite("has_log_clamp", &LossConfig::has_log_clamp)
+      .def_readwrite("eps_low", &LossConfig::eps_low)
+      .def_readwrite("is_min", &LossConfig::is_min)
+      .def_readwrite("is_max", &LossConfig::is_max)
+      .def_readwrite("off_policy_threshold", &LossConfig::off_policy_threshold)
+      .def_readwrite("k_pos", &LossConfig::k_pos)
+      .def_readwrite("lambda_pos", &LossConfig::lambda_pos)
+      .def_readwrite("k_neg", &LossConfig::k_neg)
+      .def_readwrite("lambda_neg", &LossConfig::lambda_neg)
+      .def_readwrite("log_clamp", &LossConfig::log_clamp);
 
   m.def("token_logprobs_fwd", &token_logprobs_fwd<const Tensor&, double, int64_t, bool>, py::arg("logits"),
         py::arg("token_ids"), py::arg("temperature"), py::arg("ignore_index"), py::arg("return_entropy"),
@@ -125,19 +141,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"), py::arg("rloo"), "(adv [B, K], mean [G, K], std [G, K])");
   m.def("grpo_loss_fwd",
         &grpo_loss_fwd<const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&,
-                       const LossConfig&>,
+                       const OptTensor&, const LossConfig&>,
         py::arg("logp"), py::arg("old_logp"), py::arg("ref_logp"), py::arg("adv"), py::arg("mask"), py::arg("iw"),
-        py::arg("cfg"), "(per_token_loss [B, T], partials [7, B])");
+        py::arg("sampling_logp"), py::arg("cfg"), "(per_token_loss [B, T], partials [kNumPartials, B])");
   m.def("grpo_loss_bwd",
         &grpo_loss_bwd<const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&,
-                       const Tensor&, const Tensor&, const LossConfig&>,
+                       const OptTensor&, const Tensor&, const Tensor&, const LossConfig&>,
         py::arg("logp"), py::arg("old_logp"), py::arg("ref_logp"), py::arg("adv"), py::arg("mask"), py::arg("iw"),
-        py::arg("partials"), py::arg("seq_grad"), py::arg("cfg"), "d loss / d logp [B, T]");
+        py::arg("sampling_logp"), py::arg("partials"), py::arg("seq_grad"), py::arg("cfg"), "d loss / d logp [B, T]");
   m.def("fused_grpo_loss_fwd",
         &fused_grpo_loss_fwd<const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
-                             const OptTensor&, const Tensor&, const LossConfig&, double, int64_t, bool, bool, bool>,
+                             const OptTensor&, const OptTensor&, const Tensor&, const LossConfig&, double, int64_t,
+                             bool, bool, bool>,
         py::arg("logits"), py::arg("token_ids"), py::arg("old_logp"), py::arg("ref_logp"), py::arg("adv"),
-        py::arg("keep"), py::arg("iw"), py::arg("seq_weight"), py::arg("cfg"), py::arg("temperature"),
-        py::arg("ignore_index"), py::arg("return_entropy"), py::arg("compute_grad"), py::arg("inplace"),
+        py::arg("keep"), py::arg("iw"), py::arg("sampling_logp"), py::arg("seq_weight"), py::arg("cfg"),
+        py::arg("temperature"), py::arg("ignore_index"), py::arg("return_entropy"), py::arg("compute_grad"),
+        py::arg("inplace"),
         "(logp, lse, entropy, per_token_loss, partials, grad_logits)", py::call_guard<py::gil_scoped_release>());
 }

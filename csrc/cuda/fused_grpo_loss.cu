@@ -1,4 +1,4 @@
-// fused_grpo_loss on CUDA (token-level importance sampling): logits → logp →
+// fused_grpo_loss on CUDA (no sequence pass: token-level ratios): logits → logp →
 // loss, with d loss / d logits formed in the same kernel, one block per row.
 //
 // The loss weights of sequence i, dL/dS_i (seq_weight), depend on the mask
@@ -27,7 +27,7 @@ namespace grpo_kernels::cuda {
 namespace {
 
 // Row r = token (i, t) = (r / T, r % T) reads its id, its V logits, and a few
-// [B, T] values (keep, adv, old_logp, ref_logp, iw) and seq_weight[i]; writes
+// [B, T] values (keep, adv, old_logp, ref_logp, iw, sampling_logp) and seq_weight[i]; writes
 // logp, lse (H) and, with kGrad, its V gradient values (into the logits when in
 // place: x_y is read before the block's barrier, and each value of the row is
 // read by the thread that overwrites it). A row with w = 0 (masked, ignored,
@@ -66,14 +66,14 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowBlocksPerSm<scalar_t>)
       logp_out[r] = logp;
       lse_out[r] = st.lse;
       if (kEntropy) ent_out[r] = st.entropy;
-      if (kGrad) {  // w = dL/dS_i · m · (∂ℓ/∂logp + ∂ℓ/∂c1 · c1), as grpo_loss_bwd at token level
+      if (kGrad) {  // w = dL/dS_i · m · (∂ℓ/∂logp + ∂ℓ/∂c1 · d c1/d logp), as grpo_loss_bwd at token level
         const int64_t i = r / T, t = r % T;
         const acc_t m = in.mask(i, t);
         acc_t w = 0;
         if (m != acc_t(0)) {
-          const acc_t coef_1 = std::exp(logp - in.old_or(i, t, logp));
-          const cpu::TokenTerms<acc_t> terms = token_terms_at(in, cfg, s, i, t, coef_1, logp);
-          w = seq_weight[i] * (m * (terms.dloss_dlogp + terms.dloss_dcoef * coef_1));
+          const cpu::TokenTerms<acc_t> terms =
+              cpu::token_terms(cfg, s, cpu::SeqStats<acc_t>{}, in.token(i, t, logp), in.has_ref);
+          w = seq_weight[i] * (m * cpu::dloss_dlogp(cfg, terms, acc_t(0)));
         }
         w_shared = w;
       }
@@ -109,10 +109,11 @@ int64_t fused_grid(const at::Tensor& logits, int64_t n_rows, int threads, bool g
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_grpo_loss_fwd(
     const at::Tensor& logits, const at::Tensor& token_ids, const c10::optional<at::Tensor>& old_logp,
     const c10::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& keep,
-    const c10::optional<at::Tensor>& iw, const at::Tensor& seq_weight, const LossConfig& cfg, double temperature,
-    int64_t ignore_index, bool return_entropy, bool compute_grad, bool inplace) {
+    const c10::optional<at::Tensor>& iw, const c10::optional<at::Tensor>& sampling_logp, const at::Tensor& seq_weight,
+    const LossConfig& cfg, double temperature, int64_t ignore_index, bool return_entropy, bool compute_grad,
+    bool inplace) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  TORCH_CHECK(!cfg.seq_level, "fused_grpo_loss_fwd: sequence-level importance sampling is composed by the caller");
+  TORCH_CHECK(!cfg.seq_pass, "fused_grpo_loss_fwd: a loss with a sequence pass is composed by the caller");
   TORCH_CHECK(logits.dim() == 3, "fused_grpo_loss_fwd: logits must be [B, T, V]");
   TORCH_CHECK(!(compute_grad && inplace) || at::has_internal_overlap(logits) != at::MemOverlap::Yes,
               "fused_grpo_loss_fwd: in place needs logits whose rows do not overlap");
@@ -138,7 +139,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fused_grpo_loss_fwd", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const LossInputs<acc_t> in = loss_inputs<acc_t>(logits, B, T, c10::nullopt, old_logp, ref_logp, adv, keep, iw);
+      const LossInputs<acc_t> in =
+          loss_inputs<acc_t>(logits, B, T, c10::nullopt, old_logp, ref_logp, adv, keep, iw, sampling_logp);
       auto launch = [&](auto kernel) {
         kernel<<<grid, threads, 0, stream>>>(
             logits.const_data_ptr<scalar_t>(), rows, compute_grad ? grad.data_ptr<scalar_t>() : nullptr, grad_rows,
@@ -156,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
     });
   }
-  auto [per_token_loss, partials] = grpo_loss_fwd(logp, old_logp, ref_logp, adv, keep, iw, cfg);
+  auto [per_token_loss, partials] = grpo_loss_fwd(logp, old_logp, ref_logp, adv, keep, iw, sampling_logp, cfg);
   return {logp, lse, entropy, per_token_loss, partials, grad};
 }
 

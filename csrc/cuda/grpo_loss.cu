@@ -17,41 +17,39 @@ namespace grpo_kernels::cuda {
 namespace {
 
 constexpr int kMaxThreads = 256;
-
+// Blocks per SM the backward is compiled for: its float64 math needs more than the 80 registers ptxas
+// otherwise settles on (it spilled), 2 blocks of 256 threads allow 128.
 template <typename acc_t>
-__device__ __forceinline__ acc_t at_least_one(acc_t n) {
-  return n > acc_t(1) ? n : acc_t(1);
+constexpr int kBackwardBlocksPerSm = sizeof(acc_t) == 8 ? 2 : 4;
+
+// The statistics of sequence i (cfg.seq_pass): the block sums its tokens' terms of the sequence pass.
+template <typename acc_t>
+__device__ __forceinline__ cpu::SeqStats<acc_t> sequence_stats(const LossInputs<acc_t>& in, int64_t i, int64_t T,
+                                                               const LossConfig& cfg,
+                                                               const cpu::LossScalars<acc_t>& s,
+                                                               Sums<cpu::kSequenceSums, acc_t>* smem) {
+  Sums<cpu::kSequenceSums, acc_t> sums = Sums<cpu::kSequenceSums, acc_t>::identity();
+  for (int64_t t = threadIdx.x; t < T; t += blockDim.x) cpu::add_sequence_terms(cfg, s, in.token(i, t), sums.v);
+  sums = block_reduce(sums, smem);
+  return cpu::sequence_stats(cfg, s, sums.v);
 }
 
-// Forward. Sequence i reads logp, old_logp, adv, mask (ref_logp, iw) over T
-// (logp, old_logp and mask twice at sequence level: the mean log-ratio
-// first); writes per_token_loss [i, :] and partials [:, i].
-// Memory traffic ≈ B·T·(3..6 loads + 1 store), + 3 loads at sequence level.
+// Forward. Sequence i reads logp, old_logp, adv, mask (ref_logp, iw,
+// sampling_logp) over T (twice with a sequence pass: its statistics first);
+// writes per_token_loss [i, :] and partials [:, i].
+// Memory traffic ≈ B·T·(3..7 loads + 1 store), ×~2 loads with a sequence pass.
 template <typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
     grpo_loss_fwd_kernel(LossInputs<acc_t> in, int64_t B, int64_t T, LossConfig cfg, cpu::LossScalars<acc_t> s,
                          acc_t* __restrict__ per_token_loss, acc_t* __restrict__ partials) {
-  __shared__ Sums<2, acc_t> smem_ratio[kWarpSize];
+  __shared__ Sums<cpu::kSequenceSums, acc_t> smem_seq[kWarpSize];
   __shared__ Sums<6, acc_t> smem_sums[kWarpSize];
   for (int64_t i = blockIdx.x; i < B; i += gridDim.x) {
-    acc_t seq_log_ratio = 0;
-    if (cfg.seq_level) {  // GSPO: w_i = Σ_t m (logp - old_logp) / max(1, Σ_t m)
-      Sums<2, acc_t> ratio = Sums<2, acc_t>::identity();
-      for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
-        const acc_t m = in.mask(i, t), logp = in.logp(i, t);
-        ratio.v[0] += (logp - in.old_or(i, t, logp)) * m;
-        ratio.v[1] += m;
-      }
-      ratio = block_reduce(ratio, smem_ratio);
-      seq_log_ratio = ratio.v[0] / at_least_one(ratio.v[1]);
-    }
-    const acc_t seq_coef_1 = std::exp(seq_log_ratio);
-
+    const cpu::SeqStats<acc_t> seq = cfg.seq_pass ? sequence_stats(in, i, T, cfg, s, smem_seq) : cpu::SeqStats<acc_t>{};
     Sums<6, acc_t> sums = Sums<6, acc_t>::identity();  // Σ m·ℓ, Σ m, Σ m·KL, Σ m·low, Σ m·high, Σ m·region
     for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
-      const acc_t m = in.mask(i, t), logp = in.logp(i, t);
-      const acc_t coef_1 = cfg.seq_level ? seq_coef_1 : std::exp(logp - in.old_or(i, t, logp));
-      const cpu::TokenTerms<acc_t> r = token_terms_at(in, cfg, s, i, t, coef_1, logp);
+      const acc_t m = in.mask(i, t);
+      const cpu::TokenTerms<acc_t> r = cpu::token_terms(cfg, s, seq, in.token(i, t), in.has_ref);
       per_token_loss[i * T + t] = r.loss;
       sums.v[0] += r.loss * m;
       sums.v[1] += m;
@@ -63,47 +61,52 @@ __global__ void __launch_bounds__(kMaxThreads)
     sums = block_reduce(sums, smem_sums);
     if (threadIdx.x == 0) {
       if (cfg.per_seq_metrics && T > 0) {  // one ratio and one advantage per sequence: a 0/1 flag per sequence
-        const cpu::TokenTerms<acc_t> r = cpu::policy_terms(cfg, s, seq_coef_1, in.adv(i, 0), seq_coef_1);
+        const acc_t seq_coef_1 = std::exp(seq.log_ratio);
+        const cpu::TokenTerms<acc_t> r = cpu::policy_terms(cfg, s, seq_coef_1, in.adv(i, 0), seq_coef_1, acc_t(0), seq);
         sums.v[3] = acc_t(r.is_low);
         sums.v[4] = acc_t(r.is_high);
         sums.v[5] = acc_t(r.is_low || r.is_high);
       }
 #pragma unroll
       for (int k = 0; k < 6; ++k) partials[k * B + i] = sums.v[k];
-      partials[6 * B + i] = seq_log_ratio;
+      partials[6 * B + i] = seq.log_ratio;
+      partials[7 * B + i] = seq.adv;
+      partials[8 * B + i] = seq.is_weight;
+      partials[9 * B + i] = seq.kl;
     }
   }
 }
 
-// Backward. d loss / d logp_{i,t} = seq_grad_i · m · dℓ_t/dlogp_t. Token level:
-// dℓ/dlogp = ∂ℓ/∂logp + ∂ℓ/∂c1 · c1. Sequence level (shared c1, d c1 / d logp_s
-// = c1 m_s / max(1, n_i)): a first loop sums G_i = Σ_t m ∂ℓ_t/∂c1, then
-// dℓ/dlogp_s = ∂ℓ_s/∂logp_s + G_i c1 / max(1, n_i). Sequence i reads its
-// inputs over T (twice at sequence level) and 2 partials (sequence level) and
-// seq_grad_i; writes d logp [i, :]. Memory traffic ≈ B·T·(3..6 loads + 1 store).
+// Backward. d loss / d logp_{i,t} = seq_grad_i · m · dℓ_t/dlogp_t (loss_terms.h dloss_dlogp). Token level:
+// dℓ/dlogp = ∂ℓ/∂logp + ∂ℓ/∂c1 · d c1/d logp. Shared ratio (GSPO, GMPO): a first loop sums
+// G_i = Σ_t m ∂ℓ_t/∂c1, then dℓ/dlogp_s = ∂ℓ_s/∂logp_s + G_i c1 / denominator · ratio_grad_s. Sequence i
+// reads its inputs over T (twice with a shared ratio), its partials and seq_grad_i; writes d logp [i, :].
+// Memory traffic ≈ B·T·(3..7 loads + 1 store).
 template <typename acc_t>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, kBackwardBlocksPerSm<acc_t>)
     grpo_loss_bwd_kernel(LossInputs<acc_t> in, int64_t B, int64_t T, LossConfig cfg, cpu::LossScalars<acc_t> s,
                          const acc_t* __restrict__ partials, const acc_t* __restrict__ seq_grad,
                          acc_t* __restrict__ grad_logp) {
   __shared__ Sums<1, acc_t> smem[kWarpSize];
   for (int64_t i = blockIdx.x; i < B; i += gridDim.x) {
-    const acc_t seq_coef_1 = cfg.seq_level ? std::exp(partials[6 * B + i]) : acc_t(1);
+    const cpu::SeqStats<acc_t> seq = cpu::stored_stats(partials, B, i);
     acc_t seq_term = 0;
-    if (cfg.seq_level) {
+    // Pass 0 (shared ratio only) sums G_i, pass 1 writes the gradient: one copy of the token math.
+#pragma unroll 1
+    for (int pass = cfg.shared_ratio ? 0 : 1; pass < 2; ++pass) {
       Sums<1, acc_t> g = Sums<1, acc_t>::identity();
       for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
-        g.v[0] += token_terms_at(in, cfg, s, i, t, seq_coef_1, in.logp(i, t)).dloss_dcoef * in.mask(i, t);
+        const cpu::TokenTerms<acc_t> r = cpu::token_terms(cfg, s, seq, in.token(i, t), in.has_ref);
+        if (pass == 0) {
+          g.v[0] += r.dloss_dcoef * in.mask(i, t);
+        } else {
+          grad_logp[i * T + t] = seq_grad[i] * (in.mask(i, t) * cpu::dloss_dlogp(cfg, r, seq_term));
+        }
       }
-      g = block_reduce(g, smem);
-      seq_term = g.v[0] * seq_coef_1 / at_least_one(partials[B + i]);
-    }
-    for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
-      const acc_t logp = in.logp(i, t);
-      const acc_t coef_1 = cfg.seq_level ? seq_coef_1 : std::exp(logp - in.old_or(i, t, logp));
-      const cpu::TokenTerms<acc_t> r = token_terms_at(in, cfg, s, i, t, coef_1, logp);
-      const acc_t dloss = cfg.seq_level ? r.dloss_dlogp + seq_term : r.dloss_dlogp + r.dloss_dcoef * coef_1;
-      grad_logp[i * T + t] = seq_grad[i] * (in.mask(i, t) * dloss);
+      if (pass == 0) {
+        g = block_reduce(g, smem);
+        seq_term = cpu::shared_ratio_term(cfg, g.v[0], seq.log_ratio, partials[B + i]);
+      }
     }
   }
 }
@@ -119,6 +122,7 @@ void check_logp(const at::Tensor& logp) {
 std::tuple<at::Tensor, at::Tensor> grpo_loss_fwd(const at::Tensor& logp, const c10::optional<at::Tensor>& old_logp,
                                                  const c10::optional<at::Tensor>& ref_logp, const at::Tensor& adv,
                                                  const at::Tensor& mask, const c10::optional<at::Tensor>& iw,
+                                                 const c10::optional<at::Tensor>& sampling_logp,
                                                  const LossConfig& cfg) {
   const c10::cuda::CUDAGuard guard(logp.device());
   check_logp(logp);
@@ -128,7 +132,8 @@ std::tuple<at::Tensor, at::Tensor> grpo_loss_fwd(const at::Tensor& logp, const c
   if (B == 0) return {per_token_loss, partials};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(logp.scalar_type(), "grpo_loss_fwd", [&] {
-    const LossInputs<scalar_t> in = loss_inputs<scalar_t>(logp, B, T, logp, old_logp, ref_logp, adv, mask, iw);
+    const LossInputs<scalar_t> in =
+        loss_inputs<scalar_t>(logp, B, T, logp, old_logp, ref_logp, adv, mask, iw, sampling_logp);
     grpo_loss_fwd_kernel<scalar_t><<<grid_size(B), pow2_threads(T, kMaxThreads), 0, stream>>>(
         in, B, T, cfg, cpu::LossScalars<scalar_t>(cfg), per_token_loss.data_ptr<scalar_t>(),
         partials.data_ptr<scalar_t>());
@@ -139,8 +144,8 @@ std::tuple<at::Tensor, at::Tensor> grpo_loss_fwd(const at::Tensor& logp, const c
 
 at::Tensor grpo_loss_bwd(const at::Tensor& logp, const c10::optional<at::Tensor>& old_logp,
                          const c10::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& mask,
-                         const c10::optional<at::Tensor>& iw, const at::Tensor& partials, const at::Tensor& seq_grad,
-                         const LossConfig& cfg) {
+                         const c10::optional<at::Tensor>& iw, const c10::optional<at::Tensor>& sampling_logp,
+                         const at::Tensor& partials, const at::Tensor& seq_grad, const LossConfig& cfg) {
   const c10::cuda::CUDAGuard guard(logp.device());
   check_logp(logp);
   const int64_t B = logp.size(0), T = logp.size(1);
@@ -152,7 +157,8 @@ at::Tensor grpo_loss_bwd(const at::Tensor& logp, const c10::optional<at::Tensor>
   if (B == 0) return grad_logp;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(logp.scalar_type(), "grpo_loss_bwd", [&] {
-    const LossInputs<scalar_t> in = loss_inputs<scalar_t>(logp, B, T, logp, old_logp, ref_logp, adv, mask, iw);
+    const LossInputs<scalar_t> in =
+        loss_inputs<scalar_t>(logp, B, T, logp, old_logp, ref_logp, adv, mask, iw, sampling_logp);
     grpo_loss_bwd_kernel<scalar_t><<<grid_size(B), pow2_threads(T, kMaxThreads), 0, stream>>>(
         in, B, T, cfg, cpu::LossScalars<scalar_t>(cfg), partials_c.const_data_ptr<scalar_t>(),
         seq_grad_c.const_data_ptr<scalar_t>(), grad_logp.data_ptr<scalar_t>());

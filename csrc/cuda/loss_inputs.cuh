@@ -1,9 +1,9 @@
 // Device read access to the [B, T] inputs of the loss (logp, old_logp,
-// ref_logp, adv, mask, importance weights), shared by the grpo_loss and
-// fused_grpo_loss kernels. Each may be a broadcast view (stride 0); all are in
-// the compute dtype acc_t. Absent inputs read as: old_logp = logp, ref_logp = 0,
-// iw = 1. token_terms_at evaluates the per-token loss math of
-// csrc/cpu/loss_terms.h (host-device functions) on the inputs at (i, t).
+// ref_logp, adv, mask, importance weights, sampling log-probs), shared by the
+// grpo_loss and fused_grpo_loss kernels. Each may be a broadcast view (stride
+// 0); all are in the compute dtype acc_t. Absent inputs read as: old_logp =
+// logp, ref_logp = 0, iw = 1, sampling_logp = old_logp. token(i, t, logp) gathers
+// them for the per-token loss math of csrc/cpu/loss_terms.h (host-device functions).
 #pragma once
 
 #include <cstdint>
@@ -26,27 +26,24 @@ struct StridedBT {
 
 template <typename acc_t>
 struct LossInputs {
-  StridedBT<acc_t> logp, old_logp, ref_logp, adv, mask, iw;
+  StridedBT<acc_t> logp, old_logp, ref_logp, adv, mask, iw, sampling_logp;
   bool has_ref;
 
-  __device__ __forceinline__ acc_t old_or(int64_t i, int64_t t, acc_t logp_it) const {
-    return old_logp.data != nullptr ? old_logp(i, t) : logp_it;
+  // The inputs at (i, t) with log-prob logp_it (the fused kernel computes it).
+  __device__ __forceinline__ cpu::TokenInputs<acc_t> token(int64_t i, int64_t t, acc_t logp_it) const {
+    const acc_t old = old_logp.data != nullptr ? old_logp(i, t) : logp_it;
+    return {logp_it,
+            old,
+            adv(i, t),
+            mask(i, t),
+            has_ref ? ref_logp(i, t) : acc_t(0),
+            iw.data != nullptr ? iw(i, t) : acc_t(1),
+            sampling_logp.data != nullptr ? sampling_logp(i, t) : old};
   }
-  __device__ __forceinline__ acc_t ref_or_zero(int64_t i, int64_t t) const {
-    return has_ref ? ref_logp(i, t) : acc_t(0);
-  }
-  __device__ __forceinline__ acc_t iw_or_one(int64_t i, int64_t t) const {
-    return iw.data != nullptr ? iw(i, t) : acc_t(1);
+  __device__ __forceinline__ cpu::TokenInputs<acc_t> token(int64_t i, int64_t t) const {
+    return token(i, t, logp(i, t));
   }
 };
-
-// The terms of token (i, t) for ratio coef_1 and log-prob logp.
-template <typename acc_t>
-__device__ __forceinline__ cpu::TokenTerms<acc_t> token_terms_at(const LossInputs<acc_t>& in, const LossConfig& cfg,
-                                                                 const cpu::LossScalars<acc_t>& s, int64_t i,
-                                                                 int64_t t, acc_t coef_1, acc_t logp) {
-  return cpu::token_terms(cfg, s, coef_1, in.adv(i, t), logp, in.has_ref, in.ref_or_zero(i, t), in.iw_or_one(i, t));
-}
 
 // A [B, T] view of t (checked: shape, compute dtype, device), or an absent one.
 template <typename acc_t>
@@ -65,13 +62,15 @@ StridedBT<acc_t> strided_bt(const c10::optional<at::Tensor>& t, int64_t B, int64
 template <typename acc_t>
 LossInputs<acc_t> loss_inputs(const at::Tensor& main, int64_t B, int64_t T, const c10::optional<at::Tensor>& logp,
                               const c10::optional<at::Tensor>& old_logp, const c10::optional<at::Tensor>& ref_logp,
-                              const at::Tensor& adv, const at::Tensor& mask, const c10::optional<at::Tensor>& iw) {
+                              const at::Tensor& adv, const at::Tensor& mask, const c10::optional<at::Tensor>& iw,
+                              const c10::optional<at::Tensor>& sampling_logp) {
   return {strided_bt<acc_t>(logp, B, T, main, "logp"),
           strided_bt<acc_t>(old_logp, B, T, main, "old_logp"),
           strided_bt<acc_t>(ref_logp, B, T, main, "ref_logp"),
           strided_bt<acc_t>(adv, B, T, main, "adv"),
           strided_bt<acc_t>(mask, B, T, main, "mask"),
           strided_bt<acc_t>(iw, B, T, main, "iw"),
+          strided_bt<acc_t>(sampling_logp, B, T, main, "sampling_logp"),
           ref_logp.has_value()};
 }
 

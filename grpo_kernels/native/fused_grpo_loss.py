@@ -1,12 +1,13 @@
 """``fused_grpo_loss`` over the extension's kernels: logits → log-probs → loss,
 with ``d loss / d logits`` formed in the forward.
 
-The loss is a scalar and, at token-level importance sampling, each token's
+The loss is a scalar and, without a sequence pass (token-level ratios), each token's
 weight ``w = d loss / d logp`` is known as soon as its ``logp`` is (the
 sequence weights ``dL/dS_i`` of :func:`grpo_kernels.aggregation.sequence_weights`
 depend on the mask only): ``fused_grpo_loss_fwd`` reads each row of logits
 once, exponentiates it once, and writes the row of ``w (onehot_y - p) / T``.
-At sequence-level importance sampling a token's weight depends on the whole
+With a sequence pass (GSPO, VESPO, GMPO, the sequence-level rollout ratio, the off-policy mask:
+:func:`grpo_kernels.kernel_options.needs_sequence_pass`) a token's weight depends on the whole
 sequence's log-probs: the forward then runs the ``token_logprobs`` forward,
 the loss forward and backward on ``[B, T]``, and the ``token_logprobs``
 backward. The autograd backward only scales the gradient by the incoming
@@ -43,12 +44,12 @@ def _forward_sequence_level(logits: Tensor, token_ids: Tensor, tensors: tuple, s
     B, T = token_ids.shape
     logp, lse, entropy = _C.token_logprobs_fwd(logits, token_ids, temperature, ignore_index, return_entropy)
     logp = logp.view(B, T)
-    old, ref, adv, keep, iw = tensors
-    per_token_loss, partials = _C.grpo_loss_fwd(logp, old, ref, adv, keep, iw, setup.cfg)
+    old, ref, adv, keep, iw, sampling = tensors
+    per_token_loss, partials = _C.grpo_loss_fwd(logp, old, ref, adv, keep, iw, sampling, setup.cfg)
     grad = None
     if compute_grad:
         seq_weight = setup.options.sequence_weights(partials[P_COUNT], T)
-        grad_logp = _C.grpo_loss_bwd(logp, old, ref, adv, keep, iw, partials, seq_weight, setup.cfg)
+        grad_logp = _C.grpo_loss_bwd(logp, old, ref, adv, keep, iw, sampling, partials, seq_weight, setup.cfg)
         grad = _C.token_logprobs_bwd(logits, token_ids, lse, grad_logp, None, None, temperature, ignore_index,
                                      inplace)
     return logp, lse, entropy, per_token_loss, partials, grad
@@ -66,16 +67,17 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
         setup = loss_setup(advantages, T, loss_options)
         keep = fused_loss_mask(mask, token_ids, ignore_index)
         tensors = loss_tensors(compute_dtype(logits), token_ids.shape, old_logprobs, loss_options.get("ref_logprobs"),
-                               advantages, keep, loss_options.get("importance_weights"))
-        if setup.cfg.seq_level:
+                               advantages, keep, loss_options.get("importance_weights"),
+                               loss_options.get("sampling_logprobs"))
+        if setup.cfg.seq_pass:
             logp, lse, entropy, per_token_loss, partials, grad = _forward_sequence_level(
                 logits, token_ids, tensors, setup, temperature, ignore_index, return_entropy, compute_grad, inplace)
         else:
-            old, ref, adv, keep_t, iw = tensors
+            old, ref, adv, keep_t, iw, sampling = tensors
             seq_weight = setup.options.sequence_weights(keep_t.sum(-1), T)
             logp, lse, entropy, per_token_loss, partials, grad = _C.fused_grpo_loss_fwd(
-                logits, token_ids, old, ref, adv, keep_t, iw, seq_weight, setup.cfg, temperature, ignore_index,
-                return_entropy, compute_grad, inplace)
+                logits, token_ids, old, ref, adv, keep_t, iw, sampling, seq_weight, setup.cfg, temperature,
+                ignore_index, return_entropy, compute_grad, inplace)
             grad = grad if compute_grad else None
         if inplace:  # the logits now hold their gradient: fail loudly if anything else saved them for its backward
             torch.autograd.graph.increment_version(logits)

@@ -2,14 +2,14 @@
 :func:`grpo_kernels.reference.grpo_loss` (formulas in its docstring).
 
 ``grpo_loss_fwd`` writes the per-token loss ``[B, T]`` and per-sequence
-partials ``[7, B]``; the scalar loss and metrics come from them through
+partials ``[NUM_PARTIALS, B]``; the scalar loss and metrics come from them through
 :mod:`grpo_kernels.aggregation` (torch ops on the device, no host sync).
 ``grpo_loss_bwd`` writes ``d loss / d logprobs``.
 
 Gradients: only ``loss`` is differentiable, and only w.r.t. ``logprobs``;
 ``per_token_loss``, ``kl`` and the clip metrics come without gradient, and
-``old_logprobs``, ``ref_logprobs``, ``advantages`` and ``importance_weights``
-are constants (as in the Triton backend).
+``old_logprobs``, ``ref_logprobs``, ``advantages``, ``importance_weights`` and
+``sampling_logprobs`` are constants (as in the Triton backend).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from .._extension import _C
 from ..aggregation import P_COUNT
-from ..kernel_options import KernelLossOptions, kernel_loss_options
+from ..kernel_options import SCALAR_NAMES, KernelLossOptions, kernel_loss_options
 from ..reference import GRPOLossOutput
 
 
@@ -43,8 +43,9 @@ def loss_setup(advantages: Tensor, T: int, loss_options: dict) -> LossSetup:
 
 
 # The fields of _C.LossConfig (csrc/grpo_kernels.h), named as in KernelLossOptions.
-_CONFIG_FIELDS = ("family", "seq_level", "kl_estimator", "add_kl", "bias_kl", "has_delta", "has_clip_c",
-                  "per_seq_metrics", "lo", "hi", "eps_high", "delta", "clip_c", "beta", "tau_pos", "tau_neg")
+_CONFIG_FIELDS = ("family", "seq_level", "seq_pass", "shared_ratio", "kl_estimator", "add_kl", "bias_kl", "has_delta",
+                  "has_clip_c", "per_seq_metrics", "has_iw", "rollout_is", "rollout_is_mask", "has_off_policy_mask",
+                  "has_log_clamp", *SCALAR_NAMES)
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -66,9 +67,9 @@ def loss_tensors(dtype: torch.dtype, shape: torch.Size, *tensors: Optional[Tenso
 
 class _GRPOLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old, ref, adv, mask, iw, setup: LossSetup):
+    def forward(ctx, logp, old, ref, adv, mask, iw, sampling, setup: LossSetup):
         T = logp.shape[1]
-        tensors = loss_tensors(compute_dtype(logp), logp.shape, logp, old, ref, adv, mask, iw)
+        tensors = loss_tensors(compute_dtype(logp), logp.shape, logp, old, ref, adv, mask, iw, sampling)
         per_token_loss, partials = _C.grpo_loss_fwd(*tensors, setup.cfg)
         loss, kl, low, high, region = setup.options.aggregate(partials, T)
         ctx.setup = setup
@@ -86,7 +87,7 @@ class _GRPOLossFunction(torch.autograd.Function):
             T = tensors[0].shape[1]
             seq_grad = grad_loss.to(partials.dtype) * ctx.setup.options.sequence_weights(partials[P_COUNT], T)
             grad_logp = _C.grpo_loss_bwd(*tensors, partials, seq_grad, ctx.setup.cfg).to(ctx.logp_dtype)
-        return grad_logp, None, None, None, None, None, None
+        return grad_logp, None, None, None, None, None, None, None
 
 
 def grpo_loss(
@@ -105,7 +106,7 @@ def grpo_loss(
     setup = loss_setup(advantages, logprobs.shape[1], loss_options)
     loss, per_token_loss, kl, low, high, region = _GRPOLossFunction.apply(
         logprobs, old_logprobs, loss_options.get("ref_logprobs"), advantages, mask,
-        loss_options.get("importance_weights"), setup
+        loss_options.get("importance_weights"), loss_options.get("sampling_logprobs"), setup
     )
     return GRPOLossOutput(loss=loss, per_token_loss=per_token_loss, kl=kl if setup.options.has_ref else None,
                           clip_ratio_low=low, clip_ratio_high=high, clip_ratio_region=region)

@@ -2,9 +2,9 @@
 
 The loss is a scalar, so its gradient w.r.t. the logits is known as soon as the
 forward has run: ``d loss / d logits = w ⊙ (onehot_y − softmax(z)) / T`` with
-the per-token weights ``w = d loss / d logp``. For token-level importance
-sampling ``w`` of a token depends only on that token's log-prob and inputs and
-on its sequence's weight ``dL/dS_b``, which depends on the mask alone
+the per-token weights ``w = d loss / d logp``. Without a sequence pass (token-level
+ratios, :func:`grpo_kernels.kernel_options.needs_sequence_pass`) ``w`` of a token depends only on that
+token's log-prob and inputs and on its sequence's weight ``dL/dS_b``, which depends on the mask alone
 (:func:`grpo_kernels.aggregation.sequence_weights`). So one kernel does it all,
 row by row (:func:`_fused_grpo_loss_kernel`): the log-sum-exp sweep, then
 ``logp`` and ``w``, then the gradient sweep over the same row while it is still
@@ -12,8 +12,9 @@ in L2. Logits traffic from DRAM: one read + one write, the floor. The scalar
 loss and the metrics then come from the ``[B, T]`` log-probs through the
 Triton ``grpo_loss`` forward (a few bytes per token).
 
-Sequence-level importance sampling shares one ratio per sequence, so ``w``
-needs the whole sequence's log-probs first: the ``token_logprobs`` forward
+A sequence pass (GSPO's shared ratio, VESPO's and GMPO's sequence weights, the
+sequence-level rollout ratio, the off-policy mask) needs the whole sequence's
+log-probs first: the ``token_logprobs`` forward
 kernel, then ``grpo_loss`` forward and backward on ``[B, T]``, then the
 ``token_logprobs`` gradient kernel (two reads + one write of the logits).
 
@@ -40,7 +41,7 @@ from torch.autograd.function import once_differentiable
 from ..kernel_options import KernelLossOptions, kernel_loss_options
 from ..precomputed_gradient import check_backward
 from ..reference import GRPOLossOutput, fused_loss_mask, masked_mean_entropy
-from .grpo_loss import _dloss_dlogp, _options, compute_dtype, grpo_loss, kernel_mask, token_strides
+from .grpo_loss import _dloss_dlogp, _options, compute_dtype, grpo_loss, kernel_mask, loss_flags, token_strides
 from .token_logprobs import (
     Rows,
     _row_grad,
@@ -58,7 +59,7 @@ from .token_logprobs import (
 
 # Row `row` = token (b, t) = (row // T, row % T); a persistent grid, each program looping over
 # rows pid, pid + P, ... For each row, reads: y, keep, adv, old_logp,
-# ref_logp, iw of the token and dL/dS_b (a few bytes); the V logits of its row in
+# ref_logp, iw, sampling logp of the token and dL/dS_b (a few bytes); the V logits of its row in
 # a first sweep (online log-sum-exp, entropy; loads marked evict_last to keep the
 # row in L2), then — with WRITE_GRAD and w = dL/dlogp ≠ 0 — a second sweep from
 # the row's end backwards (the chunks read last come first, while still in L2)
@@ -69,20 +70,27 @@ from .token_logprobs import (
 # costs another read of the rows where it misses.
 @triton.jit
 def _fused_grpo_loss_kernel(
-    x_ptr, y_ptr, keep_ptr, old_ptr, ref_ptr, adv_ptr, iw_ptr, seq_w_ptr,
+    x_ptr, y_ptr, keep_ptr, old_ptr, ref_ptr, adv_ptr, iw_ptr, samp_ptr, seq_w_ptr,
     logp_ptr, lse_ptr, ent_ptr, dx_ptr,
     n_rows, T, n_inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner, V,
-    s_keep_b, s_keep_t, s_old_b, s_old_t, s_ref_b, s_ref_t, s_adv_b, s_adv_t, s_iw_b, s_iw_t, s_seq_w,
-    inv_t_hi, inv_t_lo, ignore_index,
+    s_keep_b, s_keep_t, s_old_b, s_old_t, s_ref_b, s_ref_t, s_adv_b, s_adv_t, s_iw_b, s_iw_t, s_samp_b, s_samp_t,
+    s_seq_w, inv_t_hi, inv_t_lo, ignore_index,
     lo_arg: tl.float64, hi_arg: tl.float64, eps_high_arg: tl.float64, delta_arg: tl.float64,
     clip_c_arg: tl.float64, beta_arg: tl.float64, tau_pos_arg: tl.float64, tau_neg_arg: tl.float64,
-    FAMILY: tl.constexpr, KL_EST: tl.constexpr, ADD_KL: tl.constexpr, BIAS_KL: tl.constexpr,
-    HAS_IW: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr, HAS_OLD: tl.constexpr,
-    RETURN_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    eps_low_arg: tl.float64, is_min_arg: tl.float64, is_max_arg: tl.float64, opm_threshold_arg: tl.float64,
+    k_pos_arg: tl.float64, lambda_pos_arg: tl.float64, k_neg_arg: tl.float64, lambda_neg_arg: tl.float64,
+    log_clamp_arg: tl.float64,
+    FAMILY: tl.constexpr, SHARED: tl.constexpr, KL_EST: tl.constexpr, ADD_KL: tl.constexpr, BIAS_KL: tl.constexpr,
+    HAS_IW: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr, ROLLOUT: tl.constexpr,
+    IS_MASK: tl.constexpr, HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr, HAS_SAMP: tl.constexpr,
+    HAS_OLD: tl.constexpr, RETURN_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     inv_t = (tl.zeros([], dtype=ACC) + inv_t_hi) + inv_t_lo
-    lo, hi, eps_high, delta, clip_c, beta, tau_pos, tau_neg = _options(
-        lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg, ACC)
+    sc = _options(lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg,
+                  eps_low_arg, is_min_arg, is_max_arg, opm_threshold_arg, k_pos_arg, lambda_pos_arg, k_neg_arg,
+                  lambda_neg_arg, log_clamp_arg, ACC)
+    zero = tl.zeros([], dtype=ACC)
     # persistent: each program takes rows pid, pid + P, ... (P programs in all, a few per SM, so that the
     # rows in flight fit in L2 between their two sweeps)
     for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
@@ -111,15 +119,19 @@ def _fused_grpo_loss_kernel(
             old_logp = logp  # on-policy: old_logp = logp.detach()
             if HAS_OLD:
                 old_logp = tl.load(old_ptr + b * s_old_b + t * s_old_t).to(ACC)
-            coef_1 = tl.exp(logp - old_logp)
-            iw = tl.zeros([], dtype=ACC) + 1.0
+            iw = zero + 1.0
             if HAS_IW:
                 iw = tl.load(iw_ptr + b * s_iw_b + t * s_iw_t).to(ACC)
             ref_logp = logp
             if ADD_KL:
                 ref_logp = tl.load(ref_ptr + b * s_ref_b + t * s_ref_t).to(ACC)
-            dloss = _dloss_dlogp(coef_1, adv, logp, iw, ref_logp, 0.0, lo, hi, eps_high, delta, clip_c, beta,
-                                 tau_pos, tau_neg, FAMILY, False, KL_EST, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C)
+            samp_logp = old_logp
+            if HAS_SAMP:
+                samp_logp = tl.load(samp_ptr + b * s_samp_b + t * s_samp_t).to(ACC)
+            # no sequence pass here: the sequence statistics keep their neutral values
+            dloss = _dloss_dlogp(logp, old_logp, adv, m, ref_logp, iw, samp_logp, zero, zero, zero + 1.0, zero, zero,
+                                 sc, ACC, FAMILY, SHARED, KL_EST, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C, ROLLOUT,
+                                 IS_MASK, HAS_OPM, LOG_CLAMP)
             seq_w = tl.load(seq_w_ptr + b * s_seq_w).to(ACC)
             w = seq_w * (m * dloss)
             if w == 0:
@@ -157,29 +169,29 @@ def _fused_single_pass(rows: Rows, ids: Tensor, keep: Tensor, old: Optional[Tens
     lse = torch.empty(n_rows, dtype=out_dtype, device=device)
     ent = torch.empty(n_rows, dtype=out_dtype, device=device) if return_entropy else None
     ref, iw = loss_options.get("ref_logprobs"), loss_options.get("importance_weights")
+    samp = loss_options.get("sampling_logprobs")
     seq_w = cfg.sequence_weights(keep.sum(-1).to(out_dtype), T)
     keep_k = kernel_mask(keep)
     block, num_warps = launch_config(rows.vocab, rows.x.dtype)
     strides = []
-    for tensor in (keep_k, old, ref, adv, iw):
+    for tensor in (keep_k, old, ref, adv, iw, samp):
         strides += token_strides(tensor, B, T)
     strides.append(seq_w.stride(0))
     out = dx if dx is not None else rows
     with device_guard(rows.x):
         _fused_grpo_loss_kernel[(_num_programs(device, n_rows),)](
             rows.x, ids, keep_k, logp if old is None else old, logp if ref is None else ref, adv,
-            logp if iw is None else iw, seq_w, logp, lse, lse if ent is None else ent, out.x,
-            n_rows, T, *rows.strides, out.stride_outer, out.stride_inner, rows.vocab, *strides,
-            *inverse_temperature(temperature), ignore_index, *cfg.scalars,
-            FAMILY=cfg.family, KL_EST=cfg.kl_estimator, ADD_KL=cfg.add_kl, BIAS_KL=cfg.bias_kl, HAS_IW=cfg.has_iw,
-            HAS_DELTA=cfg.has_delta, HAS_C=cfg.has_clip_c, HAS_OLD=old is not None, RETURN_ENTROPY=return_entropy,
-            WRITE_GRAD=dx is not None, BLOCK_V=block, ACC=compute_dtype(rows.x.dtype), num_warps=num_warps,
+            logp if iw is None else iw, logp if samp is None else samp, seq_w, logp, lse, lse if ent is None else ent,
+            out.x, n_rows, T, *rows.strides, out.stride_outer, out.stride_inner, rows.vocab, *strides,
+            *inverse_temperature(temperature), ignore_index, *cfg.scalars, **loss_flags(cfg),
+            HAS_OLD=old is not None, RETURN_ENTROPY=return_entropy, WRITE_GRAD=dx is not None, BLOCK_V=block,
+            ACC=compute_dtype(rows.x.dtype), num_warps=num_warps,
         )
     return logp, lse, ent
 
 
 def _logprob_weights(logp: Tensor, old: Optional[Tensor], adv: Tensor, keep: Tensor, loss_options: dict) -> Tensor:
-    """``w = d loss / d logp [B, T]`` from the ``grpo_loss`` kernels (the sequence-level path)."""
+    """``w = d loss / d logp [B, T]`` from the ``grpo_loss`` kernels (the path with a sequence pass)."""
     with torch.enable_grad():
         lp = logp.detach().requires_grad_()
         (w,) = torch.autograd.grad(grpo_loss(lp, old, adv, keep, **loss_options).loss, lp)
@@ -199,7 +211,7 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
         keep = fused_loss_mask(mask, token_ids, ignore_index)
         cfg = kernel_loss_options(T, advantages, loss_options)
         dx = gradient_rows(rows, inplace) if needs_grad else None
-        if cfg.seq_level:
+        if cfg.seq_pass:
             logp, lse, ent = forward_rows(rows, ids, temperature, ignore_index, return_entropy)
             if dx is not None:
                 w = _logprob_weights(logp.view(B, T), old_logprobs, advantages, keep, loss_options)

@@ -40,7 +40,9 @@ from torch.autograd.function import once_differentiable
 
 from ..aggregation import NUM_PARTIALS, P_COUNT
 from ..kernel_options import KernelLossOptions, kernel_loss_options
-from ..reference import GRPOLossOutput
+from ..reference import VESPO_LOG_MIN, GRPOLossOutput
+
+_VESPO_LOG_MIN = tl.constexpr(VESPO_LOG_MIN)
 
 # Block of tokens per loop step and warps, by completion length: the smallest
 # block holding T (T > 1024 loops over blocks of 1024).
@@ -59,30 +61,174 @@ def _block_config(T: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- #
-# per-token math shared by both kernels
+# per-token math shared by the kernels (as csrc/cpu/loss_terms.h)
 # --------------------------------------------------------------------------- #
 @triton.jit
-def _options(lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg,
-             DTYPE: tl.constexpr):
-    """The numeric options (float64 kernel arguments) rounded to the compute dtype, as PyTorch rounds a scalar."""
+def _options(lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg, eps_low_arg,
+             is_min_arg, is_max_arg, opm_threshold_arg, k_pos_arg, lambda_pos_arg, k_neg_arg, lambda_neg_arg,
+             log_clamp_arg, DTYPE: tl.constexpr):
+    """The numeric options (float64 kernel arguments, in kernel_options.SCALAR_NAMES order) rounded to the
+    compute dtype, as PyTorch rounds a scalar: one tuple, unpacked where used."""
     return (tl.full((), lo_arg, DTYPE), tl.full((), hi_arg, DTYPE), tl.full((), eps_high_arg, DTYPE),
             tl.full((), delta_arg, DTYPE), tl.full((), clip_c_arg, DTYPE), tl.full((), beta_arg, DTYPE),
-            tl.full((), tau_pos_arg, DTYPE), tl.full((), tau_neg_arg, DTYPE))
+            tl.full((), tau_pos_arg, DTYPE), tl.full((), tau_neg_arg, DTYPE), tl.full((), eps_low_arg, DTYPE),
+            tl.full((), is_min_arg, DTYPE), tl.full((), is_max_arg, DTYPE), tl.full((), opm_threshold_arg, DTYPE),
+            tl.full((), k_pos_arg, DTYPE), tl.full((), lambda_pos_arg, DTYPE), tl.full((), k_neg_arg, DTYPE),
+            tl.full((), lambda_neg_arg, DTYPE), tl.full((), log_clamp_arg, DTYPE))
 
 
 @triton.jit
-def _load_tokens(mask_row, logp_row, adv_row, old_row, s_mask_t, s_logp_t, s_adv_t, s_old_t, cols, inb,
-                 seq_coef_1, SEQ_LEVEL: tl.constexpr, DTYPE: tl.constexpr, BLOCK_T: tl.constexpr):
-    """One block of a sequence: mask m, logp, adv and the ratio c1 (the sequence's c1 at sequence level)."""
-    m = tl.load(mask_row + cols * s_mask_t, mask=inb, other=0).to(DTYPE)
-    logp = tl.load(logp_row + cols * s_logp_t, mask=inb, other=0).to(DTYPE)
-    adv = tl.load(adv_row + cols * s_adv_t, mask=inb, other=0).to(DTYPE)
-    if SEQ_LEVEL:
-        coef_1 = tl.zeros((BLOCK_T,), DTYPE) + seq_coef_1
+def _load_tokens(row, cols, inb, s_t, DTYPE: tl.constexpr, LOAD: tl.constexpr, default):
+    """One block of a [B, T] input of the loss (strides s_t over T), or ``default`` when not LOAD."""
+    if LOAD:
+        return tl.load(row + cols * s_t, mask=inb, other=0).to(DTYPE)
     else:
-        old_logp = tl.load(old_row + cols * s_old_t, mask=inb, other=0).to(DTYPE)
-        coef_1 = tl.exp(logp - old_logp)
-    return m, logp, adv, coef_1
+        return default
+
+
+@triton.jit
+def _nan_to_num(x, DTYPE: tl.constexpr):
+    """torch.nan_to_num(x, nan=0): NaN → 0, ±inf → the largest finite values."""
+    big = tl.full((), 3.4028234663852886e38, DTYPE)
+    if DTYPE == tl.float64:
+        big = tl.full((), 1.7976931348623157e308, DTYPE)
+    return tl.where(x != x, 0.0, tl.minimum(tl.maximum(x, -big), big))
+
+
+@triton.jit
+def _log_ratio(logp, old_logp, log_clamp, LOG_CLAMP: tl.constexpr):
+    """r = logp - old_logp, clamped to ±log_clamp with LOG_CLAMP, and dr/dlogp (clamp passes at its bounds)."""
+    r = logp - old_logp
+    dr = tl.zeros_like(r) + 1.0
+    if LOG_CLAMP:
+        dr = tl.where((r >= -log_clamp) & (r <= log_clamp), 1.0, 0.0)
+        r = tl.minimum(tl.maximum(r, -log_clamp), log_clamp)
+    return r, dr
+
+
+@triton.jit
+def _rollout_ratio(d, is_min, is_max, log_clamp, IS_MASK: tl.constexpr, LOG_CLAMP: tl.constexpr):
+    """The rollout ratio e^d of a (token or summed sequence) log-ratio, truncated to or masked outside
+    [is_min, is_max]."""
+    if LOG_CLAMP:
+        d = tl.minimum(tl.maximum(d, -log_clamp), log_clamp)
+    rho = tl.exp(d)
+    if IS_MASK:
+        rho = tl.where((rho < is_min) | (rho > is_max), 0.0, rho)
+    else:
+        rho = tl.minimum(tl.maximum(rho, is_min), is_max)
+    return rho
+
+
+@triton.jit
+def _token_is(old_logp, samp_logp, m, iw, is_min, is_max, log_clamp, DTYPE: tl.constexpr, ROLLOUT: tl.constexpr,
+              IS_MASK: tl.constexpr, HAS_IW: tl.constexpr, LOG_CLAMP: tl.constexpr):
+    """The token importance weight VESPO and GMPO fold in: token-level rollout ratio times iw."""
+    if ROLLOUT == 1:
+        rho = _rollout_ratio(_nan_to_num((old_logp - samp_logp) * m, DTYPE), is_min, is_max, log_clamp, IS_MASK,
+                             LOG_CLAMP)
+        if HAS_IW:
+            rho = rho * iw
+        return rho
+    else:
+        return iw
+
+
+@triton.jit
+def _gmpo_log_ratio(r, adv, eps_low, eps_high):
+    """GMPO's s·min(s·r, s·clamp(r, -eps_low, eps_high)), s = sign(A), and its derivative w.r.t. r."""
+    sign = tl.where(adv > 0, 1.0, tl.where(adv < 0, -1.0, 0.0))
+    clipped = tl.minimum(tl.maximum(r, -eps_low), eps_high)
+    dclipped = tl.where((r >= -eps_low) & (r <= eps_high), 1.0, 0.0)
+    a = sign * r
+    b = sign * clipped
+    share = tl.where(a < b, 1.0, tl.where(a == b, 0.5, 0.0))  # torch.min splits ties
+    dr = sign * (share * sign + (1.0 - share) * sign * dclipped)
+    return sign * tl.minimum(a, b), dr
+
+
+@triton.jit
+def _vespo_phi(log_w, adv, k_pos, lambda_pos, k_neg, lambda_neg, DTYPE: tl.constexpr):
+    """VESPO's φ = exp(λ + k log w - λ w), (k, λ) by the sign of A; NaN and inf → 0."""
+    nonneg = adv >= 0
+    k = tl.where(nonneg, k_pos, k_neg)
+    lam = tl.where(nonneg, lambda_pos, lambda_neg)
+    phi = tl.exp(lam + k * log_w - lam * tl.exp(log_w))
+    big = tl.full((), 3.4028234663852886e38, DTYPE)
+    if DTYPE == tl.float64:
+        big = tl.full((), 1.7976931348623157e308, DTYPE)
+    return tl.where(phi <= big, phi, 0.0)
+
+
+@triton.jit
+def _sequence_terms(logp, old_logp, adv, m, iw, samp_logp, sc, DTYPE: tl.constexpr, FAMILY: tl.constexpr,
+                    SEQ_LEVEL: tl.constexpr, ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr, HAS_IW: tl.constexpr,
+                    HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr):
+    """A block's terms of the sequence pass: m, m·(log-ratio term), m·A, m·(log importance weight term),
+    rollout log-ratio, m·KL (summed by the caller, turned into statistics by _sequence_stats)."""
+    (_lo, _hi, eps_high, _delta, _clip_c, _beta, _tau_pos, _tau_neg, eps_low, is_min, is_max, _thr, _kp, _lp, _kn, _ln,
+     log_clamp) = sc
+    r, _dr = _log_ratio(logp, old_logp, log_clamp, LOG_CLAMP)
+    zero = tl.zeros_like(r)
+    t_ratio = zero
+    t_adv = zero
+    t_is = zero
+    t_rollout = zero
+    t_kl = zero
+    HAS_TOKEN_IS: tl.constexpr = ROLLOUT == 1 or HAS_IW
+    if FAMILY == 4:  # gmpo
+        r_min, _dg = _gmpo_log_ratio(r, adv, eps_low, eps_high)
+        t_ratio = r_min * m
+        t_adv = adv * m
+        if HAS_TOKEN_IS:
+            tau = _token_is(old_logp, samp_logp, m, iw, is_min, is_max, log_clamp, DTYPE, ROLLOUT, IS_MASK, HAS_IW,
+                            LOG_CLAMP)
+            t_is = tl.log(tau + tl.full((), 1e-10, DTYPE)) * m
+    elif FAMILY == 3:  # vespo
+        t_ratio = tl.minimum(tl.maximum(r, -20.0), 20.0) * m
+        if HAS_TOKEN_IS:
+            tau = _token_is(old_logp, samp_logp, m, iw, is_min, is_max, log_clamp, DTYPE, ROLLOUT, IS_MASK, HAS_IW,
+                            LOG_CLAMP)
+            t_is = tl.minimum(tl.maximum(tl.log(tau), tl.full((), _VESPO_LOG_MIN, DTYPE)), 20.0) * m
+    elif SEQ_LEVEL:
+        t_ratio = r * m
+    if ROLLOUT == 2:
+        t_rollout = _nan_to_num((old_logp - samp_logp) * m, DTYPE)
+    if HAS_OPM:
+        t_kl = _nan_to_num(samp_logp - logp, DTYPE) * m
+    return m, t_ratio, t_adv, t_is, t_rollout, t_kl
+
+
+@triton.jit
+def _sequence_stats(n, s_ratio, s_adv, s_is, s_rollout, s_kl, sc, DTYPE: tl.constexpr, FAMILY: tl.constexpr,
+                    SEQ_LEVEL: tl.constexpr, ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr, HAS_IW: tl.constexpr,
+                    HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr):
+    """A sequence's statistics from its sums: (log-ratio, GMPO's mean advantage, importance weight, mean KL)."""
+    (_lo, _hi, _eh, _delta, _clip_c, _beta, _tau_pos, _tau_neg, _el, is_min, is_max, _thr, _kp, _lp, _kn, _ln,
+     log_clamp) = sc
+    HAS_TOKEN_IS: tl.constexpr = ROLLOUT == 1 or HAS_IW
+    log_ratio = tl.zeros((), DTYPE)
+    seq_adv = tl.zeros((), DTYPE)
+    is_weight = tl.zeros((), DTYPE) + 1.0
+    kl = tl.zeros((), DTYPE)
+    if FAMILY == 4:  # gmpo: means over n + 1e-8 (verl)
+        denom = n + tl.full((), 1e-8, DTYPE)
+        log_ratio = s_ratio / denom
+        seq_adv = s_adv / denom
+        if HAS_TOKEN_IS:
+            is_weight = tl.exp(s_is / denom)
+    elif FAMILY == 3:  # vespo
+        log_w = s_ratio
+        if HAS_TOKEN_IS:
+            log_w = s_ratio + s_is
+        log_ratio = tl.minimum(tl.maximum(log_w, tl.full((), _VESPO_LOG_MIN, DTYPE)), 20.0)
+    elif SEQ_LEVEL:
+        log_ratio = s_ratio / tl.maximum(n, 1.0)
+    if ROLLOUT == 2:
+        is_weight = _rollout_ratio(s_rollout, is_min, is_max, log_clamp, IS_MASK, LOG_CLAMP)
+    if HAS_OPM:
+        kl = s_kl / tl.maximum(n, 1.0)
+    return log_ratio, seq_adv, is_weight, kl
 
 
 @triton.jit
@@ -110,18 +256,21 @@ def _kl_terms(logp, ref_logp, KL_EST: tl.constexpr):
 
 
 @triton.jit
-def _policy_terms(coef_1, adv, logp, lo, hi, eps_high, delta, clip_c, tau_pos, tau_neg,
-                  FAMILY: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr):
-    """Policy part of the per-token loss (before importance weights and KL).
+def _policy_terms(coef_1, adv, logp, r, seq_log_ratio, seq_adv, seq_is, sc, DTYPE: tl.constexpr,
+                  FAMILY: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr, HAS_TOKEN_IS: tl.constexpr):
+    """Policy part of the per-token loss (before the masks, importance weights and KL).
 
+    coef_1: the ratio (the sequence's shared ratio for GSPO and GMPO); r: the token's log-ratio.
     Returns (loss, is_low, is_high, d loss / d coef_1, d loss / d logp at fixed coef_1).
-    lo = 1 - eps_low and hi = 1 + eps_high in the compute dtype.
     """
+    (lo, hi, eps_high, delta, clip_c, _beta, tau_pos, tau_neg, eps_low, _is_min, _is_max, _thr, k_pos, lambda_pos,
+     k_neg, lambda_neg, _log_clamp) = sc
+    zero = tl.zeros_like(coef_1 * adv)
     if FAMILY == 1:  # cispo: -sg[min(c1, eps_high)] · A · logp
         capped = tl.minimum(coef_1, eps_high)
         loss = -capped * adv * logp
         dloss_dlogp = -capped * adv
-        dloss_dcoef = tl.zeros_like(loss)
+        dloss_dcoef = zero
         is_high = (coef_1 > eps_high) & (adv > 0)
         is_low = is_high & (adv < 0)  # all False
     elif FAMILY == 2:  # sapo: -σ(τ(c1 - 1)) · 4/τ · A
@@ -129,9 +278,32 @@ def _policy_terms(coef_1, adv, logp, lo, hi, eps_high, delta, clip_c, tau_pos, t
         sig = 1.0 / (1.0 + tl.exp(-(tau * (coef_1 - 1.0))))
         loss = -sig * 4.0 / tau * adv
         dloss_dcoef = -(sig * (1.0 - sig)) * 4.0 * adv  # σ' · τ · 4/τ · A
-        dloss_dlogp = tl.zeros_like(loss)
+        dloss_dlogp = zero
         is_low = (coef_1 < lo) & (adv < 0)
         is_high = (coef_1 > hi) & (adv > 0)
+    elif FAMILY == 3:  # vespo: -sg[φ] · A · logp
+        phi = _vespo_phi(seq_log_ratio, adv, k_pos, lambda_pos, k_neg, lambda_neg, DTYPE)
+        loss = -phi * adv * logp
+        dloss_dlogp = -phi * adv
+        dloss_dcoef = zero
+        is_low = zero != zero
+        is_high = is_low
+    elif FAMILY == 4:  # gmpo: -Ā · R · ψ, R = coef_1 the sequence's ratio
+        psi = seq_is
+        if not HAS_TOKEN_IS:
+            psi = tl.zeros_like(seq_is) + 1.0
+        loss = -seq_adv * coef_1 * psi + zero
+        dloss_dcoef = -seq_adv * psi + zero
+        dloss_dlogp = zero
+        clipped = (r < -eps_low) | (r > eps_high)
+        is_low = clipped & (adv < 0)
+        is_high = clipped & (adv > 0)
+    elif FAMILY == 5:  # gpg: -logp · A
+        loss = -logp * adv
+        dloss_dlogp = -adv + zero
+        dloss_dcoef = zero
+        is_low = zero != zero
+        is_high = is_low
     else:  # clipped: -min(c1·A, clip(c1, lo, hi)·A), delta clamp of c1, dual clip
         coef_2 = tl.minimum(tl.maximum(coef_1, lo), hi)
         dcoef_2 = tl.where((coef_1 >= lo) & (coef_1 <= hi), 1.0, 0.0)
@@ -152,66 +324,120 @@ def _policy_terms(coef_1, adv, logp, lo, hi, eps_high, delta, clip_c, tau_pos, t
             negative = adv < 0
             loss = tl.where(negative, tl.minimum(loss, cap), loss)
             dloss_dcoef = tl.where(negative, g_dual * dloss_dcoef, dloss_dcoef)
-        dloss_dlogp = tl.zeros_like(loss)
+        dloss_dlogp = zero
         is_low = (coef_1d < lo) & (adv < 0)
         is_high = (coef_1d > hi) & (adv > 0)
     return loss, is_low, is_high, dloss_dcoef, dloss_dlogp
 
 
 @triton.jit
-def _dloss_dlogp(coef_1, adv, logp, iw, ref_logp, seq_term, lo, hi, eps_high, delta, clip_c, beta, tau_pos, tau_neg,
-                 FAMILY: tl.constexpr, SEQ_LEVEL: tl.constexpr, KL_EST: tl.constexpr, ADD_KL: tl.constexpr,
-                 BIAS_KL: tl.constexpr, HAS_IW: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr):
-    """dℓ_t/dlogp_t of a token (or a block of tokens), before the mask and the sequence weight.
+def _token_terms(logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl, sc,
+                 DTYPE: tl.constexpr, FAMILY: tl.constexpr, SHARED: tl.constexpr, KL_EST: tl.constexpr,
+                 HAS_REF: tl.constexpr, ADD_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_IW: tl.constexpr,
+                 HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr, ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr,
+                 HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr):
+    """The whole per-token loss (policy term; times the off-policy mask, the rollout ratio and iw — the last two
+    folded into the sequence weight instead for vespo and gmpo; plus beta · KL).
 
-    Token level: ∂ℓ/∂logp + ∂ℓ/∂c1 · c1. Sequence level: ∂ℓ/∂logp + ``seq_term``
-    (the shared ratio's part, G_i · c1 / max(1, n_i), summed over the sequence first).
-    ``iw`` and ``ref_logp`` are read only with HAS_IW and ADD_KL.
+    Returns (loss, kl, is_low, is_high, ∂ℓ/∂c1, ∂ℓ/∂logp, ratio_grad): ratio_grad is d c1 / d logp at token
+    level; with a shared ratio, d (the token's term of the sequence log-ratio) / d logp.
     """
-    _l, _lo, _hi, dloss_dcoef, dloss_dlogp = _policy_terms(
-        coef_1, adv, logp, lo, hi, eps_high, delta, clip_c, tau_pos, tau_neg, FAMILY, HAS_DELTA, HAS_C)
-    if HAS_IW:
-        dloss_dcoef = dloss_dcoef * iw
-        dloss_dlogp = dloss_dlogp * iw
-    if ADD_KL:
-        kl, dkl_dlogp = _kl_terms(logp, ref_logp, KL_EST)
-        if BIAS_KL:
-            dloss_dlogp = dloss_dlogp + beta * (dkl_dlogp * coef_1)
-            dloss_dcoef = dloss_dcoef + beta * kl
-        else:
-            dloss_dlogp = dloss_dlogp + beta * dkl_dlogp
-    if SEQ_LEVEL:
-        dloss = dloss_dlogp + seq_term
+    (_lo, _hi, eps_high, _delta, _clip_c, beta, _tau_pos, _tau_neg, eps_low, is_min, is_max, opm_threshold, _kp, _lp,
+     _kn, _ln, log_clamp) = sc
+    HAS_TOKEN_IS: tl.constexpr = ROLLOUT == 1 or HAS_IW
+    r, dr = _log_ratio(logp, old_logp, log_clamp, LOG_CLAMP)
+    if SHARED:
+        coef_1 = tl.exp(seq_log_ratio + tl.zeros_like(r))
     else:
-        dloss = dloss_dlogp + dloss_dcoef * coef_1
-    return dloss
+        coef_1 = tl.exp(r)
+    loss, is_low, is_high, dloss_dcoef, dloss_dlogp = _policy_terms(
+        coef_1, adv, logp, r, seq_log_ratio, seq_adv, seq_is, sc, DTYPE, FAMILY, HAS_DELTA, HAS_C, HAS_TOKEN_IS)
+    if SHARED:
+        ratio_grad = dr
+        if FAMILY == 4:
+            _r_min, dg = _gmpo_log_ratio(r, adv, eps_low, eps_high)
+            ratio_grad = dr * dg
+    else:
+        ratio_grad = coef_1 * dr
+    if HAS_OPM:  # keep unless A < 0 and the sequence's mean KL exceeds the threshold
+        factor = tl.where(adv >= 0, 1.0, tl.where(seq_kl <= opm_threshold, 1.0, 0.0)) + tl.zeros_like(loss)
+        loss = loss * factor
+        dloss_dcoef = dloss_dcoef * factor
+        dloss_dlogp = dloss_dlogp * factor
+    if FAMILY != 3 and FAMILY != 4:
+        if ROLLOUT == 1:
+            rho = _rollout_ratio(_nan_to_num((old_logp - samp_logp) * m, DTYPE), is_min, is_max, log_clamp, IS_MASK,
+                                 LOG_CLAMP)
+            loss = loss * rho
+            dloss_dcoef = dloss_dcoef * rho
+            dloss_dlogp = dloss_dlogp * rho
+        if ROLLOUT == 2:
+            loss = loss * seq_is
+            dloss_dcoef = dloss_dcoef * seq_is
+            dloss_dlogp = dloss_dlogp * seq_is
+        if HAS_IW:
+            loss = loss * iw
+            dloss_dcoef = dloss_dcoef * iw
+            dloss_dlogp = dloss_dlogp * iw
+    kl = tl.zeros_like(loss)
+    if HAS_REF:
+        kl, dkl_dlogp = _kl_terms(logp, ref_logp, KL_EST)
+        if BIAS_KL:  # KL · c1
+            if ADD_KL:
+                dloss_dcoef = dloss_dcoef + beta * kl
+            kl = kl * coef_1
+            dkl_dlogp = dkl_dlogp * coef_1
+        if ADD_KL:
+            loss = loss + beta * kl
+            dloss_dlogp = dloss_dlogp + beta * dkl_dlogp
+    return loss, kl, is_low, is_high, dloss_dcoef, dloss_dlogp, ratio_grad
+
+
+@triton.jit
+def _load_block(mask_row, logp_row, old_row, ref_row, adv_row, iw_row, samp_row, s_mask_t, s_logp_t, s_old_t,
+                s_ref_t, s_adv_t, s_iw_t, s_samp_t, cols, inb, DTYPE: tl.constexpr, HAS_REF: tl.constexpr,
+                HAS_IW: tl.constexpr, HAS_SAMP: tl.constexpr):
+    """One block of a sequence's inputs: m, logp, old_logp, adv, ref_logp (= logp without), iw (1 without),
+    sampling log-probs (= old_logp without)."""
+    m = tl.load(mask_row + cols * s_mask_t, mask=inb, other=0).to(DTYPE)
+    logp = tl.load(logp_row + cols * s_logp_t, mask=inb, other=0).to(DTYPE)
+    old_logp = tl.load(old_row + cols * s_old_t, mask=inb, other=0).to(DTYPE)
+    adv = tl.load(adv_row + cols * s_adv_t, mask=inb, other=0).to(DTYPE)
+    ref_logp = _load_tokens(ref_row, cols, inb, s_ref_t, DTYPE, HAS_REF, logp)
+    iw = _load_tokens(iw_row, cols, inb, s_iw_t, DTYPE, HAS_IW, tl.zeros_like(logp) + 1.0)
+    samp_logp = _load_tokens(samp_row, cols, inb, s_samp_t, DTYPE, HAS_SAMP, old_logp)
+    return m, logp, old_logp, adv, ref_logp, iw, samp_logp
 
 
 # --------------------------------------------------------------------------- #
 # forward
 # --------------------------------------------------------------------------- #
-# Reads per sequence i: logp, old_logp, mask (and ref_logp, adv, iw when
-# per-token) over T; sequence level reads logp, old_logp, mask twice (first
-# loop: the masked mean log-ratio). Writes per_token_loss [B, T] in the compute
-# dtype and NUM_PARTIALS values per sequence. Traffic ≈ B·T·(3..6 loads +
-# 1 store) elements, + B·T·3 more loads at sequence level.
+# Reads per sequence i: logp, old_logp, mask, adv (and ref_logp, iw, sampling log-probs when given) over T;
+# with a sequence pass (SEQ_PASS) twice: its statistics first. Writes per_token_loss [B, T] in the compute
+# dtype and NUM_PARTIALS values per sequence. Traffic ≈ B·T·(4..7 loads + 1 store), ×~2 loads with a
+# sequence pass.
 @triton.jit
 def _grpo_loss_fwd_kernel(
-    logp_ptr, old_logp_ptr, ref_logp_ptr, adv_ptr, mask_ptr, iw_ptr,
+    logp_ptr, old_logp_ptr, ref_logp_ptr, adv_ptr, mask_ptr, iw_ptr, samp_ptr,
     per_token_loss_ptr, partials_ptr,
     B, T,
     s_logp_b, s_logp_t, s_old_b, s_old_t, s_ref_b, s_ref_t,
-    s_adv_b, s_adv_t, s_mask_b, s_mask_t, s_iw_b, s_iw_t,
+    s_adv_b, s_adv_t, s_mask_b, s_mask_t, s_iw_b, s_iw_t, s_samp_b, s_samp_t,
     lo_arg: tl.float64, hi_arg: tl.float64, eps_high_arg: tl.float64, delta_arg: tl.float64,
     clip_c_arg: tl.float64, beta_arg: tl.float64, tau_pos_arg: tl.float64, tau_neg_arg: tl.float64,
-    FAMILY: tl.constexpr, SEQ_LEVEL: tl.constexpr, KL_EST: tl.constexpr,
-    HAS_REF: tl.constexpr, ADD_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_IW: tl.constexpr,
-    HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr, PER_SEQ_METRICS: tl.constexpr,
+    eps_low_arg: tl.float64, is_min_arg: tl.float64, is_max_arg: tl.float64, opm_threshold_arg: tl.float64,
+    k_pos_arg: tl.float64, lambda_pos_arg: tl.float64, k_neg_arg: tl.float64, lambda_neg_arg: tl.float64,
+    log_clamp_arg: tl.float64,
+    FAMILY: tl.constexpr, SEQ_LEVEL: tl.constexpr, SEQ_PASS: tl.constexpr, SHARED: tl.constexpr,
+    KL_EST: tl.constexpr, HAS_REF: tl.constexpr, ADD_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_IW: tl.constexpr,
+    HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr, PER_SEQ_METRICS: tl.constexpr, ROLLOUT: tl.constexpr,
+    IS_MASK: tl.constexpr, HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr, HAS_SAMP: tl.constexpr,
     DTYPE: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
-    lo, hi, eps_high, delta, clip_c, beta, tau_pos, tau_neg = _options(
-        lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg, DTYPE)
+    sc = _options(lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg,
+                  eps_low_arg, is_min_arg, is_max_arg, opm_threshold_arg, k_pos_arg, lambda_pos_arg, k_neg_arg,
+                  lambda_neg_arg, log_clamp_arg, DTYPE)
 
     offs = tl.arange(0, BLOCK_T)
     logp_row = logp_ptr + i * s_logp_b
@@ -220,25 +446,42 @@ def _grpo_loss_fwd_kernel(
     adv_row = adv_ptr + i * s_adv_b
     mask_row = mask_ptr + i * s_mask_b
     iw_row = iw_ptr + i * s_iw_b
+    samp_row = samp_ptr + i * s_samp_b
     out_row = per_token_loss_ptr + i * T
 
     seq_log_ratio = tl.zeros((), DTYPE)
-    if SEQ_LEVEL:  # w_i = Σ m·(logp - old) / max(1, Σ m)
-        acc_lr = tl.zeros((BLOCK_T,), DTYPE)
-        acc_m = tl.zeros((BLOCK_T,), DTYPE)
+    seq_adv = tl.zeros((), DTYPE)
+    seq_is = tl.zeros((), DTYPE) + 1.0
+    seq_kl = tl.zeros((), DTYPE)
+    if SEQ_PASS:  # the sequence's statistics (loss_terms.h add_sequence_terms / sequence_stats)
+        acc_n = tl.zeros((BLOCK_T,), DTYPE)
+        acc_ratio = tl.zeros((BLOCK_T,), DTYPE)
+        acc_adv = tl.zeros((BLOCK_T,), DTYPE)
+        acc_is = tl.zeros((BLOCK_T,), DTYPE)
+        acc_rollout = tl.zeros((BLOCK_T,), DTYPE)
+        acc_kl = tl.zeros((BLOCK_T,), DTYPE)
         for t0 in range(0, T, BLOCK_T):
             cols = (t0 + offs).to(tl.int64)
             inb = cols < T
-            m = tl.load(mask_row + cols * s_mask_t, mask=inb, other=0).to(DTYPE)
-            logp = tl.load(logp_row + cols * s_logp_t, mask=inb, other=0).to(DTYPE)
-            old_logp = tl.load(old_row + cols * s_old_t, mask=inb, other=0).to(DTYPE)
-            acc_lr += (logp - old_logp) * m
-            acc_m += m
-        seq_log_ratio = tl.sum(acc_lr, axis=0) / tl.maximum(tl.sum(acc_m, axis=0), 1.0)
-    seq_coef_1 = tl.exp(seq_log_ratio)
+            m, logp, old_logp, adv, _ref, iw, samp_logp = _load_block(
+                mask_row, logp_row, old_row, ref_row, adv_row, iw_row, samp_row, s_mask_t, s_logp_t, s_old_t,
+                s_ref_t, s_adv_t, s_iw_t, s_samp_t, cols, inb, DTYPE, False, HAS_IW, HAS_SAMP)
+            t_n, t_ratio, t_adv, t_is, t_rollout, t_kl = _sequence_terms(
+                logp, old_logp, adv, m, iw, samp_logp, sc, DTYPE, FAMILY, SEQ_LEVEL, ROLLOUT, IS_MASK, HAS_IW,
+                HAS_OPM, LOG_CLAMP)
+            acc_n += t_n
+            acc_ratio += t_ratio
+            acc_adv += t_adv
+            acc_is += t_is
+            acc_rollout += t_rollout
+            acc_kl += t_kl
+        seq_log_ratio, seq_adv, seq_is, seq_kl = _sequence_stats(
+            tl.sum(acc_n, axis=0), tl.sum(acc_ratio, axis=0), tl.sum(acc_adv, axis=0), tl.sum(acc_is, axis=0),
+            tl.sum(acc_rollout, axis=0), tl.sum(acc_kl, axis=0), sc, DTYPE, FAMILY, SEQ_LEVEL, ROLLOUT, IS_MASK,
+            HAS_IW, HAS_OPM, LOG_CLAMP)
 
     acc_loss = tl.zeros((BLOCK_T,), DTYPE)
-    acc_n = tl.zeros((BLOCK_T,), DTYPE)
+    acc_m = tl.zeros((BLOCK_T,), DTYPE)
     acc_kl = tl.zeros((BLOCK_T,), DTYPE)
     acc_low = tl.zeros((BLOCK_T,), DTYPE)
     acc_high = tl.zeros((BLOCK_T,), DTYPE)
@@ -246,37 +489,30 @@ def _grpo_loss_fwd_kernel(
     for t0 in range(0, T, BLOCK_T):
         cols = (t0 + offs).to(tl.int64)
         inb = cols < T
-        m, logp, adv, coef_1 = _load_tokens(
-            mask_row, logp_row, adv_row, old_row, s_mask_t, s_logp_t, s_adv_t, s_old_t, cols, inb, seq_coef_1,
-            SEQ_LEVEL, DTYPE, BLOCK_T)
-        loss, is_low, is_high, _dc, _dl = _policy_terms(
-            coef_1, adv, logp, lo, hi, eps_high, delta, clip_c, tau_pos, tau_neg, FAMILY, HAS_DELTA, HAS_C)
-        if HAS_IW:
-            iw = tl.load(iw_row + cols * s_iw_t, mask=inb, other=0).to(DTYPE)
-            loss = loss * iw
-        if HAS_REF:
-            ref_logp = tl.load(ref_row + cols * s_ref_t, mask=inb, other=0).to(DTYPE)
-            kl, _dkl = _kl_terms(logp, ref_logp, KL_EST)
-            if BIAS_KL:
-                kl = kl * coef_1
-            if ADD_KL:
-                loss = loss + beta * kl
-            acc_kl += kl * m
+        m, logp, old_logp, adv, ref_logp, iw, samp_logp = _load_block(
+            mask_row, logp_row, old_row, ref_row, adv_row, iw_row, samp_row, s_mask_t, s_logp_t, s_old_t, s_ref_t,
+            s_adv_t, s_iw_t, s_samp_t, cols, inb, DTYPE, HAS_REF, HAS_IW, HAS_SAMP)
+        loss, kl, is_low, is_high, _dc, _dl, _rg = _token_terms(
+            logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl, sc, DTYPE,
+            FAMILY, SHARED, KL_EST, HAS_REF, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C, ROLLOUT, IS_MASK, HAS_OPM,
+            LOG_CLAMP)
         tl.store(out_row + cols, loss, mask=inb)
         acc_loss += loss * m
-        acc_n += m
+        acc_m += m
+        acc_kl += kl * m
         acc_low += is_low.to(DTYPE) * m
         acc_high += is_high.to(DTYPE) * m
         acc_region += (is_low | is_high).to(DTYPE) * m
 
     tl.store(partials_ptr + 0 * B + i, tl.sum(acc_loss, axis=0))
-    tl.store(partials_ptr + 1 * B + i, tl.sum(acc_n, axis=0))
+    tl.store(partials_ptr + 1 * B + i, tl.sum(acc_m, axis=0))
     tl.store(partials_ptr + 2 * B + i, tl.sum(acc_kl, axis=0))
     if PER_SEQ_METRICS:  # one ratio and one advantage per sequence: a 0/1 flag per sequence
         adv_i = tl.load(adv_row).to(DTYPE)
+        seq_coef_1 = tl.exp(seq_log_ratio)
         _l, low_i, high_i, _dc, _dl = _policy_terms(
-            seq_coef_1, adv_i, seq_coef_1, lo, hi, eps_high, delta, clip_c, tau_pos, tau_neg,
-            FAMILY, HAS_DELTA, HAS_C)
+            seq_coef_1, adv_i, seq_coef_1, tl.zeros((), DTYPE), seq_log_ratio, seq_adv, seq_is, sc, DTYPE, FAMILY,
+            HAS_DELTA, HAS_C, False)
         tl.store(partials_ptr + 3 * B + i, low_i.to(DTYPE))
         tl.store(partials_ptr + 4 * B + i, high_i.to(DTYPE))
         tl.store(partials_ptr + 5 * B + i, (low_i | high_i).to(DTYPE))
@@ -285,37 +521,42 @@ def _grpo_loss_fwd_kernel(
         tl.store(partials_ptr + 4 * B + i, tl.sum(acc_high, axis=0))
         tl.store(partials_ptr + 5 * B + i, tl.sum(acc_region, axis=0))
     tl.store(partials_ptr + 6 * B + i, seq_log_ratio)
+    tl.store(partials_ptr + 7 * B + i, seq_adv)
+    tl.store(partials_ptr + 8 * B + i, seq_is)
+    tl.store(partials_ptr + 9 * B + i, seq_kl)
 
 
 # --------------------------------------------------------------------------- #
 # backward
 # --------------------------------------------------------------------------- #
-# d loss / d logp_{i,t} = dL/dS_i · m_t · dℓ_t/dlogp_t, with dL/dS_i (seq_grad
-# [B]) formed by torch from grad_output and the normalizer. Token level:
-# dℓ_t/dlogp_t = ∂ℓ_t/∂logp_t + ∂ℓ_t/∂c1_t · c1_t. Sequence level, c1 is shared
-# and d c1 / d logp_s = c1 · m_s / max(1, n_i): a first loop sums
-# G_i = Σ_t m_t ∂ℓ_t/∂c1, then dℓ/dlogp_s = ∂ℓ_s/∂logp_s + G_i · c1 / max(1, n_i).
-# Reads per sequence i: logp, old_logp (token level), mask, adv, ref_logp, iw
-# over T (twice at sequence level) and 3 partials; writes d logp [B, T] in the
-# dtype of logprobs. Traffic ≈ B·T·(3..6 loads + 1 store), ×~2 loads at
-# sequence level.
+# d loss / d logp_{i,t} = dL/dS_i · m_t · dℓ_t/dlogp_t, with dL/dS_i (seq_grad [B]) formed by torch from
+# grad_output and the normalizer. Token level: dℓ_t/dlogp_t = ∂ℓ_t/∂logp_t + ∂ℓ_t/∂c1_t · d c1_t/d logp_t.
+# Shared ratio (GSPO's c1, GMPO's R = e^w): d c1 / d logp_s = c1 · m_s · ratio_grad_s / denominator (max(1, n_i);
+# GMPO n_i + 1e-8): a first loop sums G_i = Σ_t m_t ∂ℓ_t/∂c1, then dℓ/dlogp_s = ∂ℓ_s/∂logp_s + G_i · c1 ·
+# ratio_grad_s / denominator. The sequence statistics come from the forward's partials. Reads per sequence i
+# its inputs over T (twice with a shared ratio) and its partials; writes d logp [B, T] in the dtype of logprobs.
+# Traffic ≈ B·T·(4..7 loads + 1 store), ×~2 loads with a shared ratio.
 @triton.jit
 def _grpo_loss_bwd_kernel(
-    logp_ptr, old_logp_ptr, ref_logp_ptr, adv_ptr, mask_ptr, iw_ptr,
+    logp_ptr, old_logp_ptr, ref_logp_ptr, adv_ptr, mask_ptr, iw_ptr, samp_ptr,
     partials_ptr, seq_grad_ptr, grad_logp_ptr,
     B, T,
     s_logp_b, s_logp_t, s_old_b, s_old_t, s_ref_b, s_ref_t,
-    s_adv_b, s_adv_t, s_mask_b, s_mask_t, s_iw_b, s_iw_t,
+    s_adv_b, s_adv_t, s_mask_b, s_mask_t, s_iw_b, s_iw_t, s_samp_b, s_samp_t,
     lo_arg: tl.float64, hi_arg: tl.float64, eps_high_arg: tl.float64, delta_arg: tl.float64,
     clip_c_arg: tl.float64, beta_arg: tl.float64, tau_pos_arg: tl.float64, tau_neg_arg: tl.float64,
-    FAMILY: tl.constexpr, SEQ_LEVEL: tl.constexpr, KL_EST: tl.constexpr,
-    ADD_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_IW: tl.constexpr,
-    HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr,
-    DTYPE: tl.constexpr, BLOCK_T: tl.constexpr,
+    eps_low_arg: tl.float64, is_min_arg: tl.float64, is_max_arg: tl.float64, opm_threshold_arg: tl.float64,
+    k_pos_arg: tl.float64, lambda_pos_arg: tl.float64, k_neg_arg: tl.float64, lambda_neg_arg: tl.float64,
+    log_clamp_arg: tl.float64,
+    FAMILY: tl.constexpr, SHARED: tl.constexpr, KL_EST: tl.constexpr, ADD_KL: tl.constexpr,
+    BIAS_KL: tl.constexpr, HAS_IW: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr,
+    ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr, HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr,
+    HAS_SAMP: tl.constexpr, DTYPE: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
-    lo, hi, eps_high, delta, clip_c, beta, tau_pos, tau_neg = _options(
-        lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg, DTYPE)
+    sc = _options(lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg,
+                  eps_low_arg, is_min_arg, is_max_arg, opm_threshold_arg, k_pos_arg, lambda_pos_arg, k_neg_arg,
+                  lambda_neg_arg, log_clamp_arg, DTYPE)
 
     offs = tl.arange(0, BLOCK_T)
     logp_row = logp_ptr + i * s_logp_b
@@ -324,48 +565,63 @@ def _grpo_loss_bwd_kernel(
     adv_row = adv_ptr + i * s_adv_b
     mask_row = mask_ptr + i * s_mask_b
     iw_row = iw_ptr + i * s_iw_b
+    samp_row = samp_ptr + i * s_samp_b
     grad_row = grad_logp_ptr + i * T
     seq_grad = tl.load(seq_grad_ptr + i).to(DTYPE)
+    seq_log_ratio = tl.load(partials_ptr + 6 * B + i).to(DTYPE)
+    seq_adv = tl.load(partials_ptr + 7 * B + i).to(DTYPE)
+    seq_is = tl.load(partials_ptr + 8 * B + i).to(DTYPE)
+    seq_kl = tl.load(partials_ptr + 9 * B + i).to(DTYPE)
 
-    seq_coef_1 = tl.zeros((), DTYPE) + 1.0
     seq_term = tl.zeros((), DTYPE)
-    if SEQ_LEVEL:
-        seq_coef_1 = tl.exp(tl.load(partials_ptr + 6 * B + i))
-        n_i = tl.load(partials_ptr + 1 * B + i)
+    if SHARED:
+        n_i = tl.load(partials_ptr + 1 * B + i).to(DTYPE)
         acc_g = tl.zeros((BLOCK_T,), DTYPE)
         for t0 in range(0, T, BLOCK_T):
             cols = (t0 + offs).to(tl.int64)
             inb = cols < T
-            m, logp, adv, coef_1 = _load_tokens(
-                mask_row, logp_row, adv_row, old_row, s_mask_t, s_logp_t, s_adv_t, s_old_t, cols, inb, seq_coef_1,
-                True, DTYPE, BLOCK_T)
-            _l, _lo, _hi, dloss_dcoef, _dl = _policy_terms(
-                coef_1, adv, logp, lo, hi, eps_high, delta, clip_c, tau_pos, tau_neg, FAMILY, HAS_DELTA, HAS_C)
-            if HAS_IW:
-                iw = tl.load(iw_row + cols * s_iw_t, mask=inb, other=0).to(DTYPE)
-                dloss_dcoef = dloss_dcoef * iw
-            if ADD_KL and BIAS_KL:
-                ref_logp = tl.load(ref_row + cols * s_ref_t, mask=inb, other=0).to(DTYPE)
-                kl, _dkl = _kl_terms(logp, ref_logp, KL_EST)
-                dloss_dcoef = dloss_dcoef + beta * kl
+            m, logp, old_logp, adv, ref_logp, iw, samp_logp = _load_block(
+                mask_row, logp_row, old_row, ref_row, adv_row, iw_row, samp_row, s_mask_t, s_logp_t, s_old_t,
+                s_ref_t, s_adv_t, s_iw_t, s_samp_t, cols, inb, DTYPE, ADD_KL, HAS_IW, HAS_SAMP)
+            _l, _kl, _lo, _hi, dloss_dcoef, _dl, _rg = _token_terms(
+                logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl, sc, DTYPE,
+                FAMILY, SHARED, KL_EST, ADD_KL, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C, ROLLOUT, IS_MASK,
+                HAS_OPM, LOG_CLAMP)
             acc_g += dloss_dcoef * m
-        seq_term = tl.sum(acc_g, axis=0) * seq_coef_1 / tl.maximum(n_i, 1.0)
+        if FAMILY == 4:
+            denom = n_i + tl.full((), 1e-8, DTYPE)
+        else:
+            denom = tl.maximum(n_i, 1.0)
+        seq_term = tl.sum(acc_g, axis=0) * tl.exp(seq_log_ratio) / denom
 
     for t0 in range(0, T, BLOCK_T):
         cols = (t0 + offs).to(tl.int64)
         inb = cols < T
-        m, logp, adv, coef_1 = _load_tokens(
-            mask_row, logp_row, adv_row, old_row, s_mask_t, s_logp_t, s_adv_t, s_old_t, cols, inb, seq_coef_1,
-            SEQ_LEVEL, DTYPE, BLOCK_T)
-        iw = 1.0
-        if HAS_IW:
-            iw = tl.load(iw_row + cols * s_iw_t, mask=inb, other=0).to(DTYPE)
-        ref_logp = logp
-        if ADD_KL:
-            ref_logp = tl.load(ref_row + cols * s_ref_t, mask=inb, other=0).to(DTYPE)
-        dloss = _dloss_dlogp(coef_1, adv, logp, iw, ref_logp, seq_term, lo, hi, eps_high, delta, clip_c, beta,
-                             tau_pos, tau_neg, FAMILY, SEQ_LEVEL, KL_EST, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C)
+        m, logp, old_logp, adv, ref_logp, iw, samp_logp = _load_block(
+            mask_row, logp_row, old_row, ref_row, adv_row, iw_row, samp_row, s_mask_t, s_logp_t, s_old_t, s_ref_t,
+            s_adv_t, s_iw_t, s_samp_t, cols, inb, DTYPE, ADD_KL, HAS_IW, HAS_SAMP)
+        dloss = _dloss_dlogp(logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl,
+                             seq_term, sc, DTYPE, FAMILY, SHARED, KL_EST, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C,
+                             ROLLOUT, IS_MASK, HAS_OPM, LOG_CLAMP)
         tl.store(grad_row + cols, seq_grad * (m * dloss), mask=inb)
+
+
+@triton.jit
+def _dloss_dlogp(logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl, seq_term,
+                 sc, DTYPE: tl.constexpr, FAMILY: tl.constexpr, SHARED: tl.constexpr, KL_EST: tl.constexpr,
+                 ADD_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_IW: tl.constexpr, HAS_DELTA: tl.constexpr,
+                 HAS_C: tl.constexpr, ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr, HAS_OPM: tl.constexpr,
+                 LOG_CLAMP: tl.constexpr):
+    """dℓ_t/dlogp_t of a token (or a block of tokens), before the mask and the sequence weight: ∂ℓ/∂logp plus,
+    at token level, ∂ℓ/∂c1 · d c1/d logp; with a shared ratio, ``seq_term`` (G_i · c1 / denominator) times the
+    token's ratio_grad."""
+    _l, _kl, _lo, _hi, dloss_dcoef, dloss_dlogp, ratio_grad = _token_terms(
+        logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl, sc, DTYPE, FAMILY,
+        SHARED, KL_EST, ADD_KL, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C, ROLLOUT, IS_MASK, HAS_OPM, LOG_CLAMP)
+    if SHARED:
+        return dloss_dlogp + seq_term * ratio_grad
+    else:
+        return dloss_dlogp + dloss_dcoef * ratio_grad
 
 
 # --------------------------------------------------------------------------- #
@@ -384,37 +640,42 @@ def compute_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _launch_args(logp, old, ref, adv, mask, iw):
-    B, T = logp.shape
-    args = []
-    for t in (logp, old, ref, adv, mask, iw):
-        args += token_strides(t, B, T)
-    return args
+def loss_flags(cfg: KernelLossOptions) -> dict:
+    """The constexprs of the per-token math (:func:`_token_terms`) for ``cfg``."""
+    return dict(FAMILY=cfg.family, SHARED=cfg.shared_ratio, KL_EST=cfg.kl_estimator, ADD_KL=cfg.add_kl,
+                BIAS_KL=cfg.bias_kl, HAS_IW=cfg.has_iw, HAS_DELTA=cfg.has_delta, HAS_C=cfg.has_clip_c,
+                ROLLOUT=cfg.rollout_is, IS_MASK=cfg.rollout_is_mask, HAS_OPM=cfg.has_off_policy_mask,
+                LOG_CLAMP=cfg.has_log_clamp, HAS_SAMP=cfg.has_sampling)
 
 
 def kernel_mask(mask: Tensor) -> Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
+def _kernel_inputs(logp, old, ref, adv, mask, iw, samp) -> tuple[list, list]:
+    """The kernels' pointers (an absent old_logp reads logp: ratio 1; other absent inputs are never read) and
+    their strides."""
+    B, T = logp.shape
+    tensors = (logp, logp if old is None else old, ref, adv, kernel_mask(mask), iw, samp)
+    strides = []
+    for t in tensors:
+        strides += token_strides(t, B, T)
+    return [logp if t is None else t for t in tensors], strides
+
+
 class _GRPOLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old, ref, adv, mask, iw, cfg: KernelLossOptions):
+    def forward(ctx, logp, old, ref, adv, mask, iw, samp, cfg: KernelLossOptions):
         B, T = logp.shape
         dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
-        old_k = logp if old is None else old  # old = logp.detach(): log-ratio logp - logp = 0
-        ref_k = logp if ref is None else ref
-        iw_k = logp if iw is None else iw
-        mask_k = kernel_mask(mask)
         per_token_loss = torch.empty((B, T), dtype=dtype, device=logp.device)
         partials = torch.empty((NUM_PARTIALS, B), dtype=dtype, device=logp.device)
         block, warps = _block_config(T)
+        pointers, strides = _kernel_inputs(logp, old, ref, adv, mask, iw, samp)
         _grpo_loss_fwd_kernel[(B,)](
-            logp, old_k, ref_k, adv, mask_k, iw_k, per_token_loss, partials, B, T,
-            *_launch_args(logp, old_k, ref, adv, mask_k, iw), *cfg.scalars,
-            FAMILY=cfg.family, SEQ_LEVEL=cfg.seq_level, KL_EST=cfg.kl_estimator, HAS_REF=cfg.has_ref,
-            ADD_KL=cfg.add_kl, BIAS_KL=cfg.bias_kl, HAS_IW=cfg.has_iw, HAS_DELTA=cfg.has_delta,
-            HAS_C=cfg.has_clip_c, PER_SEQ_METRICS=cfg.per_seq_metrics, DTYPE=compute_dtype(dtype), BLOCK_T=block,
-            num_warps=warps,
+            *pointers, per_token_loss, partials, B, T, *strides, *cfg.scalars, **loss_flags(cfg),
+            SEQ_LEVEL=cfg.seq_level, SEQ_PASS=cfg.seq_pass, HAS_REF=cfg.has_ref, PER_SEQ_METRICS=cfg.per_seq_metrics,
+            DTYPE=compute_dtype(dtype), BLOCK_T=block, num_warps=warps,
         )
 
         loss, kl, low, high, region = cfg.aggregate(partials, T)
@@ -422,34 +683,28 @@ class _GRPOLossFunction(torch.autograd.Function):
 
         ctx.cfg = cfg
         ctx.logp_dtype = logp.dtype
-        ctx.save_for_backward(logp, old, ref, adv, mask, iw, partials, seq_weight)
+        ctx.save_for_backward(logp, old, ref, adv, mask, iw, samp, partials, seq_weight)
         ctx.mark_non_differentiable(per_token_loss, kl, low, high, region)
         return loss, per_token_loss, kl, low, high, region
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, *_unused):
-        logp, old, ref, adv, mask, iw, partials, seq_weight = ctx.saved_tensors
+        logp, old, ref, adv, mask, iw, samp, partials, seq_weight = ctx.saved_tensors
         cfg: KernelLossOptions = ctx.cfg
         grad_logp = None
         if ctx.needs_input_grad[0] and grad_loss is not None:
             B, T = logp.shape
             dtype = partials.dtype
             seq_grad = grad_loss.to(dtype) * seq_weight
-            old_k = logp if old is None else old
-            ref_k = logp if ref is None else ref
-            iw_k = logp if iw is None else iw
-            mask_k = kernel_mask(mask)
             grad_logp = torch.empty((B, T), dtype=ctx.logp_dtype, device=logp.device)
             block, warps = _block_config(T)
+            pointers, strides = _kernel_inputs(logp, old, ref, adv, mask, iw, samp)
             _grpo_loss_bwd_kernel[(B,)](
-                logp, old_k, ref_k, adv, mask_k, iw_k, partials, seq_grad, grad_logp, B, T,
-                *_launch_args(logp, old_k, ref, adv, mask_k, iw), *cfg.scalars,
-                FAMILY=cfg.family, SEQ_LEVEL=cfg.seq_level, KL_EST=cfg.kl_estimator, ADD_KL=cfg.add_kl,
-                BIAS_KL=cfg.bias_kl, HAS_IW=cfg.has_iw, HAS_DELTA=cfg.has_delta, HAS_C=cfg.has_clip_c,
+                *pointers, partials, seq_grad, grad_logp, B, T, *strides, *cfg.scalars, **loss_flags(cfg),
                 DTYPE=compute_dtype(dtype), BLOCK_T=block, num_warps=warps,
             )
-        return grad_logp, None, None, None, None, None, None
+        return grad_logp, None, None, None, None, None, None, None
 
 
 def grpo_loss(
@@ -468,7 +723,7 @@ def grpo_loss(
     cfg = kernel_loss_options(logprobs.shape[1], advantages, loss_options)
     loss, per_token_loss, kl, low, high, region = _GRPOLossFunction.apply(
         logprobs, old_logprobs, loss_options.get("ref_logprobs"), advantages, mask,
-        loss_options.get("importance_weights"), cfg)
+        loss_options.get("importance_weights"), loss_options.get("sampling_logprobs"), cfg)
     return GRPOLossOutput(
         loss=loss,
         per_token_loss=per_token_loss,
