@@ -20,6 +20,8 @@ from test_verl_parity import (
     F64,
     make_groups,
     make_policy_batch,
+    verl_geo_mean_pg,
+    verl_gpg_pg,
     verl_grpo_advantage,
     verl_gspo_pg,
     verl_ratio_metrics,
@@ -33,6 +35,8 @@ from grpo_kernels.integrations import verl as gk_verl
 OP = "grpo_loss"  # the backend fixture: every backend implementing grpo_loss
 MODES = gk_verl.LOSS_AGG_MODES
 POLICIES = list(gk_verl.POLICY_LOSSES)
+TOKEN_MODES = ("token-mean", "token-sum")  # gpg's: our gpg aggregates a token sum over a token count
+SUPPORTED = [(policy, mode) for policy in POLICIES for mode in MODES if policy != "gpg" or mode in TOKEN_MODES]
 # verl's config.global_batch_info: none (one rank, local counts), or a rank of a 2-way data-parallel step
 BATCH_INFOS = {
     "local": {},
@@ -73,6 +77,10 @@ def expected(policy, log_prob, old, adv, mask, mode, info, is_weights=None):
         loss, _ = verl_gspo_pg(log_prob, old, adv, mask, mode, eps_low=low, eps_high=high, is_weights=is_weights,
                                **agg)
         return loss, verl_ratio_metrics(log_prob, old, adv, mask, low, high, dual_c=None, level="sequence")
+    if policy == "geo_mean":
+        return verl_geo_mean_pg(log_prob, old, adv, mask, low, high, is_weights=is_weights)
+    if policy == "gpg":
+        return verl_gpg_pg(log_prob, adv, mask, mode, is_weights=is_weights, **agg)[0], {}
     assert policy == "sapo"
     agg.pop("batch_num_tokens")
     loss, _ = verl_sapo_pg(log_prob, old, adv, mask, CLIP["tau_pos"], CLIP["tau_neg"], is_weights=is_weights, **agg)
@@ -83,8 +91,11 @@ def expected(policy, log_prob, old, adv, mask, mode, info, is_weights=None):
 def _tolerance(dtype, policy, mode):
     if dtype == torch.float32:
         return F32
-    # verl's seq-mean-token-mean divides by (count + 1e-8): a relative 1e-8 (sapo always uses that mode)
-    # (more after cancellation in the sum; O(1) inputs, so an absolute 1e-8 bounds it)
+    # verl's seq-mean-token-mean (always used by sapo) divides by (count + 1e-8), which is count itself for a
+    # bool mask (the sum is int64, + 1e-8 is float32): a relative 1e-8 (more after cancellation in the sum;
+    # O(1) inputs, so an absolute 1e-8 bounds it). geo_mean does so twice, once inside exp(mean log-ratio).
+    if policy == "geo_mean":
+        return dict(rtol=1e-7, atol=1e-8)
     return dict(rtol=1e-8, atol=1e-8) if mode == "seq-mean-token-mean" or policy == "sapo" else F64
 
 
@@ -119,8 +130,7 @@ def _run_both(policy, fn_ours, fn_theirs, log_prob, dtype, mode):
 @pytest.mark.parametrize("weights", [False, True], ids=["no_is", "rollout_is"])
 @pytest.mark.parametrize("empty_rows", [False, True], ids=["full", "empty_rows"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy,mode", SUPPORTED)
 def test_policy_loss(policy, mode, dtype, empty_rows, weights, info):
     seed = 100 * POLICIES.index(policy) + 10 * MODES.index(mode) + 2 * empty_rows + weights
     log_prob, old, adv, mask = _batch(seed, dtype, empty_rows)
@@ -136,13 +146,28 @@ def test_policy_loss(policy, mode, dtype, empty_rows, weights, info):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_policy_loss_backends(policy, backend):
     """Every backend through the integration (one aggregation mode each, bool mask, empty rows)."""
-    mode = {"vanilla": "token-mean", "gspo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean"}[policy]
+    mode = "seq-mean-token-mean" if policy in ("gspo", "sapo") else "token-mean"
     log_prob, old, adv, mask = _batch(7, torch.float32, empty_rows=True)
     fn = gk_verl.POLICY_LOSSES[policy]
     _run_both(policy,
               lambda lp: fn(old, lp, adv, mask.bool(), mode, _config({}), backend=backend),
               lambda lp: expected(policy, lp, old, adv, mask, mode, {}),
               log_prob, torch.float32, mode)
+
+
+@pytest.mark.parametrize("policy", ["vanilla", "sapo"])
+def test_log_ratio_clamp(policy):
+    """verl clamps the log-ratio to ±20 before exp (vanilla, sapo): no gradient through clamped tokens."""
+    log_prob, old, adv, mask = _batch(8)
+    old = old.clone()
+    old[0, 0], old[2, 0] = log_prob[0, 0] - 30.0, log_prob[2, 0] + 25.0  # log-ratios +30 and -25
+    adv = adv.clone()
+    adv[2] = adv[2].abs()  # A > 0 at ratio e^-25: the unclipped term, e^-20 with the clamp (a 2e-9 difference)
+    fn = gk_verl.POLICY_LOSSES[policy]
+    _run_both(policy,
+              lambda lp: fn(old, lp, adv, mask, "token-mean", _config({}), backend="reference"),
+              lambda lp: expected(policy, lp, old, adv, mask, "token-mean", {}),
+              log_prob, torch.float64, "token-mean")
 
 
 def test_vanilla_with_token_advantages_and_verl_default_config():
@@ -171,9 +196,12 @@ def test_gspo_gradient_differs_only_for_token_factors(factor):
     assert not torch.allclose(a.grad, b.grad)
 
 
-def test_sapo_ignores_loss_agg_mode():
+@pytest.mark.parametrize("policy", ["sapo", "geo_mean"])
+def test_loss_agg_mode_not_used(policy):
+    """As in verl: sapo always reduces with seq-mean-token-mean, geo_mean takes the mean over sequences."""
     log_prob, old, adv, mask = _batch(5, empty_rows=True)
-    losses = [gk_verl.sapo_policy_loss(old, log_prob, adv, mask, mode, backend="reference")[0] for mode in MODES]
+    fn = gk_verl.POLICY_LOSSES[policy]
+    losses = [fn(old, log_prob, adv, mask, mode, backend="reference")[0] for mode in MODES]
     for loss in losses[1:]:
         torch.testing.assert_close(loss, losses[0], rtol=0, atol=0)
 
@@ -182,10 +210,10 @@ def test_fully_masked_batch_gives_zero_loss():
     log_prob, old, adv, mask = _batch(6)
     mask = torch.zeros_like(mask)
     for policy, fn in gk_verl.POLICY_LOSSES.items():
-        for mode in MODES:
+        for mode in TOKEN_MODES if policy == "gpg" else MODES:
             loss, metrics = fn(old, log_prob, adv, mask, mode, backend="reference")
             assert loss.item() == 0.0, (policy, mode)
-            assert metrics["actor/ppo_kl"] == 0.0
+            assert metrics.get("actor/ppo_kl", 0.0) == 0.0
 
 
 def test_bad_options():
@@ -195,6 +223,8 @@ def test_bad_options():
     for mode, needed in (("token-mean", "batch_num_tokens"), ("seq-mean-token-sum", "global_batch_size")):
         with pytest.raises(ValueError, match=needed):
             gk_verl.vanilla_policy_loss(old, log_prob, adv, mask, mode, {"global_batch_info": {"dp_size": 2}})
+    with pytest.raises(ValueError, match="not available for this policy loss"):
+        gk_verl.gpg_policy_loss(old, log_prob, adv, mask, "seq-mean-token-mean")
     with pytest.raises(ValueError, match="clip_ratio_c"):
         gk_verl.vanilla_policy_loss(old, log_prob, adv, mask, config={"clip_ratio_c": 1.0})
 
@@ -288,8 +318,7 @@ def test_registered_names(verl_core):
 @pytest.mark.parametrize("info", list(BATCH_INFOS))
 @pytest.mark.parametrize("weights", [False, True], ids=["no_is", "rollout_is"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy,mode", SUPPORTED)
 def test_policy_loss_against_verl(verl_core, policy, mode, dtype, weights, info):
     log_prob, old, adv, mask = _batch(50 + MODES.index(mode), dtype, empty_rows=True)
     mask = mask.bool()

@@ -33,8 +33,15 @@ Differences from verl, all outside ordinary inputs:
 - GSPO: our sequence-level ratio carries the gradient of the mean log-ratio to
   every token of the sequence (the GSPO paper's sequence ratio), verl's carries
   each token's own (``sg[s_i] · π / sg[π]``); the gradients agree when the
-  advantage is constant over each sequence's tokens, as with GRPO / RLOO
-  outcome advantages. verl also caps the sequence log-ratio at 10.
+  advantage and the rollout weight are constant over each sequence's tokens,
+  as with GRPO / RLOO outcome advantages (the loss always agrees). verl also
+  caps the sequence log-ratio at 10.
+- gpg supports the token-mean and token-sum modes only.
+
+Not provided: verl's ``cispo`` (it clips the ratio to ``[1 - low, 1 + high]``;
+our cispo, TRL's, caps it at ``epsilon_high`` only), ``clip_cov`` and
+``kl_cov`` (random / top-k token selection), ``dro``, ``dppo_tv``,
+``dppo_kl``, ``bypass_mode``.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ CLIP_RATIO_C = 3.0
 TAU_POS = 1.0
 TAU_NEG = 1.05
 ADVANTAGE_EPS = 1e-6
+LOG_RATIO_CLAMP = 20.0  # verl clamps the log-ratio to ±20 before exp (vanilla, sapo, cispo)
 
 Config = Optional[Union[Mapping, Any]]
 
@@ -146,9 +154,9 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def _log_ratio(old_log_prob: Tensor, log_prob: Tensor, clamp: bool) -> Tensor:
-    """verl's ``negative_approx_kl = log_prob - old_log_prob`` (clamped to ±20 where verl clamps), no gradient."""
+    """verl's ``negative_approx_kl = log_prob - old_log_prob`` (clamped where verl clamps), no gradient."""
     log_ratio = log_prob.detach().to(torch.float64) - old_log_prob.to(torch.float64)
-    return log_ratio.clamp(-20.0, 20.0) if clamp else log_ratio
+    return log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) if clamp else log_ratio
 
 
 def _metrics(clipfrac: Union[float, Tensor], ppo_kl: Tensor, clipfrac_lower: Union[float, Tensor]) -> dict[str, float]:
@@ -199,7 +207,8 @@ def vanilla_policy_loss(
     low, high = _clip_range(config)
     clip_c = _get(config, "clip_ratio_c", CLIP_RATIO_C)
     loss, out = _run(CLIPPED, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                     rollout_is_weights, backend, epsilon_low=low, epsilon_high=high, clip_ratio_c=clip_c)
+                     rollout_is_weights, backend, epsilon_low=low, epsilon_high=high, clip_ratio_c=clip_c,
+                     log_ratio_clamp=LOG_RATIO_CLAMP)
     log_ratio = _log_ratio(old_log_prob, log_prob, clamp=True)
     dual_clipped = (advantages < 0) & (log_ratio.exp() > clip_c)
     return loss, _metrics(out.clip_ratio_region, _masked_mean(-log_ratio, response_mask),
@@ -252,17 +261,68 @@ def sapo_policy_loss(
     """
     del loss_agg_mode  # verl's sapo always aggregates with seq-mean-token-mean
     loss, _ = _run({"seq-mean-token-mean": "sapo"}, old_log_prob, log_prob, advantages, response_mask,
-                   "seq-mean-token-mean", config, rollout_is_weights, backend,
+                   "seq-mean-token-mean", config, rollout_is_weights, backend, log_ratio_clamp=LOG_RATIO_CLAMP,
                    sapo_temperature_pos=_get(config, "tau_pos", TAU_POS),
                    sapo_temperature_neg=_get(config, "tau_neg", TAU_NEG))
     log_ratio = _log_ratio(old_log_prob, log_prob, clamp=True)
     return loss, _metrics(0.0, _masked_mean(-log_ratio, response_mask), 0.0)
 
 
+def geo_mean_policy_loss(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Config = None,
+    rollout_is_weights: Optional[Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> tuple[Tensor, dict[str, float]]:
+    r"""verl's ``geo_mean`` (GMPO, ``compute_policy_loss_geo_mean``): one loss per sequence, the geometric mean.
+
+    Log-ratios clipped in log space to :math:`[-\epsilon_l, \epsilon_h]` on the side of the
+    advantage's sign, the sequence ratio their masked mean's exp, times minus the mean
+    advantage and the geometric mean of the rollout weights; the mean over the batch.
+    As verl, ``loss_agg_mode`` and ``global_batch_info`` are not used.
+    ``grpo_loss(loss_type="gmpo")``. Result as :func:`vanilla_policy_loss`
+    (``pg_clipfrac`` / ``pg_clipfrac_lower``: clipped tokens with A > 0 / A < 0).
+    """
+    del loss_agg_mode  # verl's geo_mean takes the mean over sequences
+    low, high = _clip_range(config)
+    out = ops.grpo_loss(log_prob, old_log_prob, advantages, response_mask, loss_type="gmpo", epsilon_low=low,
+                        epsilon_high=high, importance_weights=rollout_is_weights, backend=backend)
+    log_ratio = _log_ratio(old_log_prob, log_prob, clamp=False)
+    return out.loss, _metrics(out.clip_ratio_high, _masked_mean(-log_ratio, response_mask), out.clip_ratio_low)
+
+
+def gpg_policy_loss(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Config = None,
+    rollout_is_weights: Optional[Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> tuple[Tensor, dict[str, float]]:
+    r"""verl's ``gpg`` (``compute_policy_loss_gpg``): :math:`\ell = -\mathrm{logp}\, A` (× rollout weights).
+
+    ``grpo_loss(loss_type="gpg")``, whose aggregation is a masked token sum over a
+    token count: token-mean and token-sum only. Returns ``(pg_loss, {})`` as verl.
+    """
+    loss, _ = _run({"token-mean": "gpg", "token-sum": "gpg"}, old_log_prob, log_prob, advantages, response_mask,
+                   loss_agg_mode, config, rollout_is_weights, backend)
+    return loss, {}
+
+
 POLICY_LOSSES: dict[str, Callable] = {
     "vanilla": vanilla_policy_loss,
     "gspo": gspo_policy_loss,
     "sapo": sapo_policy_loss,
+    "geo_mean": geo_mean_policy_loss,
+    "gpg": gpg_policy_loss,
 }
 
 
