@@ -100,9 +100,10 @@ def make_trainer(model, tokenizer, tmp_path, *, patch=None, **config):
 # --------------------------------------------------------------------------- #
 # compute_loss on one prepared batch
 # --------------------------------------------------------------------------- #
-def prepared_batch(trainer, *, tool_mask: bool, per_token_advantages: bool) -> dict:
+def prepared_batch(trainer, *, tool_mask: bool = False, per_token_advantages: bool = False, vllm: bool = False) -> dict:
     """A batch as TRL's _prepare_inputs hands it to compute_loss, with log-probs of the other policies near the
-    model's own (from TRL's unpatched scoring), so that ratios clip on both sides and the masks act."""
+    model's own (from TRL's unpatched scoring), so that ratios clip on both sides and the masks act; ``vllm``: with
+    the sampling engine's log-probs and TRL's importance-sampling ratio."""
     g = torch.Generator().manual_seed(1)
     prompt_ids = torch.randint(2, VOCAB, (BATCH, PROMPT_LEN), generator=g)
     prompt_mask = torch.ones(BATCH, PROMPT_LEN, dtype=torch.long)
@@ -125,9 +126,12 @@ def prepared_batch(trainer, *, tool_mask: bool, per_token_advantages: bool) -> d
     batch = dict(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids, completion_mask=completion_mask,
         advantages=advantages, old_per_token_logps=near(0.5), ref_per_token_logps=near(0.3),
-        sampling_per_token_logps=near(0.3), importance_sampling_ratio=0.5 + torch.rand(logps.shape, generator=g),
         num_items_in_batch=completion_mask.sum() * 3,  # the generation batch spans several micro-batches
     )
+    if vllm:
+        batch["sampling_per_token_logps"] = near(0.3)
+        ratio = 0.5 + torch.rand(logps.shape, generator=g)
+        batch["importance_sampling_ratio"] = ratio.masked_fill(completion_mask == 0, 1.0)  # TRL's: exp(0) off the mask
     if tool_mask:
         batch["tool_mask"] = torch.ones_like(completion_mask)
         batch["tool_mask"][1, 1:3] = 0
@@ -143,6 +147,11 @@ LOSS_CASES = {
     "cispo": (dict(loss_type="cispo", epsilon_high=1.1), {}),
     "sapo": (dict(loss_type="sapo", sapo_temperature_pos=0.8, sapo_temperature_neg=1.3), {}),
     "luspo": (dict(loss_type="luspo", importance_sampling_level="sequence"), {}),
+    "vespo": (dict(loss_type="vespo"), {}),
+    "vespo_vllm_off_policy_beta": (dict(loss_type="vespo", beta=0.05, off_policy_mask_threshold=0.02, vespo_k_pos=1.5,
+                                        vespo_lambda_neg=2.5), dict(vllm=True)),
+    "vespo_per_token_advantages": (dict(loss_type="vespo", importance_sampling_level="sequence"),
+                                   dict(per_token_advantages=True)),
     "asymmetric_clip_delta": (dict(loss_type="dapo", epsilon=0.1, epsilon_high=0.28, delta=1.2), {}),
     "beta": (dict(loss_type="grpo", beta=0.05), {}),
     "beta_bias_corrected_dapo": (dict(loss_type="dapo", beta=0.05, use_bias_correction_kl=True), {}),
@@ -191,7 +200,8 @@ def test_compute_loss_matches_trl(case, model_dir, tokenizer, tmp_path):
     trl_trainer = make_trainer(model_dir, tokenizer, tmp_path, **config)
     our_trainer = make_trainer(model_dir, tokenizer, tmp_path, patch=settings.get("backend", "auto"), **config)
     inputs = prepared_batch(trl_trainer, tool_mask=settings.get("tool_mask", False),
-                            per_token_advantages=settings.get("per_token_advantages", False))
+                            per_token_advantages=settings.get("per_token_advantages", False),
+                            vllm=settings.get("vllm", False))
     trl_loss, trl_grads, trl_metrics = loss_and_gradients(trl_trainer, inputs, settings)
     loss, grads, metrics = loss_and_gradients(our_trainer, inputs, settings)
 
@@ -206,7 +216,7 @@ def test_compute_loss_matches_trl(case, model_dir, tokenizer, tmp_path):
 def test_clip_metrics_nonzero(model_dir, tokenizer, tmp_path):
     """The batch of the loss tests clips low and high (so the clip metrics compared there are not all zeros)."""
     trainer = make_trainer(model_dir, tokenizer, tmp_path, patch="auto", loss_type="dapo")
-    inputs = prepared_batch(trainer, tool_mask=False, per_token_advantages=False)
+    inputs = prepared_batch(trainer)
     _, _, metrics = loss_and_gradients(trainer, inputs, {})
     assert metrics["clip_ratio/low_mean"][0] > 0 and metrics["clip_ratio/high_mean"][0] > 0
 
@@ -217,7 +227,7 @@ def test_adaptive_entropy_matches_trl(model_dir, tokenizer, tmp_path):
     config = dict(loss_type="grpo", entropy_coef=0.05, use_adaptive_entropy=True, entropy_target=100.0,
                   entropy_coef_delta=0.02, gradient_accumulation_steps=2)
     trainers = [make_trainer(model_dir, tokenizer, tmp_path, patch=patch, **config) for patch in (None, "auto")]
-    inputs = prepared_batch(trainers[0], tool_mask=False, per_token_advantages=False)
+    inputs = prepared_batch(trainers[0])
     for sync in (False, True, False, True):
         results = []
         for trainer in trainers:
@@ -239,7 +249,7 @@ def test_bf16_autocast_close_to_trl(model_dir, tokenizer, tmp_path):
     config = dict(loss_type="dapo", beta=0.05, top_entropy_quantile=0.5, bf16=True)
     trl_trainer = make_trainer(model_dir, tokenizer, tmp_path, **config)
     our_trainer = make_trainer(model_dir, tokenizer, tmp_path, patch="auto", **config)
-    inputs = prepared_batch(trl_trainer, tool_mask=False, per_token_advantages=False)
+    inputs = prepared_batch(trl_trainer)
     trl_loss, trl_grads, _ = loss_and_gradients(trl_trainer, inputs, {})
     loss, grads, _ = loss_and_gradients(our_trainer, inputs, {})
     torch.testing.assert_close(loss, trl_loss, atol=0, rtol=2e-2)
@@ -258,6 +268,7 @@ TRAIN_CASES = {
                                          per_device_train_batch_size=2), "subclass"),
     "luspo_sequence_entropy": (dict(loss_type="luspo", importance_sampling_level="sequence", top_entropy_quantile=0.5,
                                     entropy_coef=0.01, num_iterations=2), "auto"),
+    "vespo_two_iterations": (dict(loss_type="vespo", num_iterations=2), "auto"),
 }
 
 
@@ -350,8 +361,12 @@ def test_refuses_what_is_not_a_grpo_trainer():
         integration.patch_grpo_trainer(object())
 
 
-def test_refuses_vespo(model_dir, tokenizer, tmp_path):
-    trainer = make_trainer(model_dir, tokenizer, tmp_path, loss_type="vespo")
+@pytest.mark.parametrize("config", [
+    dict(top_entropy_quantile=0.5),
+    dict(importance_sampling_level="sequence", beta=0.05, use_bias_correction_kl=True),
+])
+def test_refuses_vespo_with_what_the_op_cannot_multiply(config, model_dir, tokenizer, tmp_path):
+    trainer = make_trainer(model_dir, tokenizer, tmp_path, loss_type="vespo", **config)
     with pytest.raises(NotImplementedError, match="vespo"):
         integration.patch_grpo_trainer(trainer)
 

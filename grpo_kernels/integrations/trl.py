@@ -48,9 +48,11 @@ def check_trainer(trainer) -> None:
 
     Raises:
         TypeError: not a ``trl.GRPOTrainer``.
-        NotImplementedError: another trl version; a subclass with its own ``_compute_loss``; ``loss_type="vespo"``;
-            the MoE router auxiliary loss; DeepSpeed ZeRO-3 (the LM head is gathered per call); a model without an
-            output embedding with a ``weight``.
+        NotImplementedError: another trl version; a subclass with its own ``_compute_loss``; vespo with
+            ``top_entropy_quantile < 1`` (the op has no multiplier of VESPO's per-token loss besides the off-policy
+            mask) or with a bias-corrected KL at ``importance_sampling_level="sequence"``; the MoE router auxiliary
+            loss; DeepSpeed ZeRO-3 (the LM head is gathered per call); a model without an output embedding with a
+            ``weight``.
     """
     if not isinstance(trainer, trl.GRPOTrainer):
         raise TypeError(f"patch_grpo_trainer needs a trl.GRPOTrainer, got {type(trainer).__name__}")
@@ -64,7 +66,13 @@ def check_trainer(trainer) -> None:
             f"{type(trainer).__name__} overrides _compute_loss; patching would drop that override"
         )
     if trainer.loss_type == "vespo":
-        raise NotImplementedError("loss_type='vespo' is not supported by grpo_kernels.grpo_loss yet")
+        if trainer.top_entropy_quantile < 1.0:
+            raise NotImplementedError("loss_type='vespo' with top_entropy_quantile < 1 is not supported")
+        bias_corrected_kl = trainer.beta != 0.0 and trainer.args.use_bias_correction_kl
+        if trainer.importance_sampling_level == "sequence" and bias_corrected_kl:
+            raise NotImplementedError(
+                "loss_type='vespo' with a bias-corrected KL at importance_sampling_level='sequence' is not supported"
+            )
     if trainer.aux_loss_enabled:
         raise NotImplementedError(
             "the MoE router auxiliary loss (router_aux_loss_coef != 0) is not supported by the grpo_kernels LM head; "

@@ -4,9 +4,10 @@
 same inputs, the same returned loss (the gradient-accumulation and
 multi-process scaling included), the same updates of the adaptive entropy
 controller and the same metrics in ``trainer._metrics``. The trainer's config
-maps to the op's options as :func:`loss_options` states; the per-token
-multipliers (off-policy sequence mask, top-entropy mask, vLLM
-importance-sampling ratio) become ``importance_weights``.
+maps to the op's options as :func:`loss_options` states; the off-policy
+sequence mask is the op's (``off_policy_mask_threshold``, ``sampling_logprobs``),
+the top-entropy mask and the vLLM importance-sampling ratio become
+``importance_weights`` (VESPO folds the ratio into its sequence weight, as TRL).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor
 from trl.trainer.utils import nanmax, nanmin
 
 from ..ops import grpo_loss
+from ..reference import VESPO_LOG_MAX, VESPO_LOG_MIN, vespo_phi
 
 # Loss types whose loss TRL divides by the accumulation steps (the others by a token count, see _loss_scale).
 _MEAN_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "sapo", "luspo")
@@ -32,21 +34,29 @@ def loss_options(trainer) -> dict:
     """The scalar options of :func:`grpo_kernels.grpo_loss` that reproduce ``trainer``'s config.
 
     ``epsilon`` → ``epsilon_low``; ``epsilon_high`` (``epsilon`` when unset) → ``epsilon_high``;
-    ``delta`` (clipped loss types only: TRL ignores it for cispo and sapo); ``max_completion_length`` (dr_grpo's
-    normalizer); the rest by name.
+    ``delta`` (clipped loss types only: TRL ignores it for cispo, sapo and vespo); ``max_completion_length``
+    (dr_grpo's normalizer); vespo: ``importance_sampling_level="token"`` (VESPO forms its own sequence weight; TRL
+    only warns about "sequence", which then changes nothing but a bias-corrected KL, refused at patch time);
+    the rest by name.
     """
     args = trainer.args
+    vespo = trainer.loss_type == "vespo"
     return dict(
         beta=float(trainer.beta),
         epsilon_low=trainer.epsilon_low,
         epsilon_high=trainer.epsilon_high,
         delta=args.delta if trainer.loss_type in _CLIPPED_LOSS_TYPES else None,
         loss_type=trainer.loss_type,
-        importance_sampling_level=trainer.importance_sampling_level,
+        importance_sampling_level="token" if vespo else trainer.importance_sampling_level,
         use_bias_correction_kl=bool(args.use_bias_correction_kl),
         max_completion_length=trainer.max_completion_length if trainer.loss_type == "dr_grpo" else None,
         sapo_temperature_pos=args.sapo_temperature_pos,
         sapo_temperature_neg=args.sapo_temperature_neg,
+        off_policy_mask_threshold=trainer.off_policy_mask_threshold,
+        vespo_k_pos=args.vespo_k_pos,
+        vespo_lambda_pos=args.vespo_lambda_pos,
+        vespo_k_neg=args.vespo_k_neg,
+        vespo_lambda_neg=args.vespo_lambda_neg,
     )
 
 
@@ -66,10 +76,12 @@ def compute_loss(trainer, model, inputs: dict, *, backend: str = "auto") -> Tens
     old_logps = inputs.get("old_per_token_logps")
 
     options = loss_options(trainer)
+    off_policy = trainer.off_policy_mask_threshold is not None
     out = grpo_loss(
         logps, old_logps, advantages, mask,
         ref_logprobs=inputs["ref_per_token_logps"] if options["beta"] != 0.0 else None,
-        importance_weights=_loss_multipliers(trainer, inputs, logps, old_logps, advantages, mask, entropy_mask),
+        sampling_logprobs=inputs.get("sampling_per_token_logps") if off_policy else None,
+        importance_weights=_loss_multipliers(trainer, inputs, logps, entropy_mask),
         num_items_in_batch=None if trainer.loss_type in _MEAN_LOSS_TYPES else inputs["num_items_in_batch"],
         backend=backend, **options,
     )
@@ -82,7 +94,7 @@ def compute_loss(trainer, model, inputs: dict, *, backend: str = "auto") -> Tens
         active = mask if entropy_mask is None else mask * entropy_mask
         loss = loss - _entropy_bonus(trainer, entropies, active, mode)
         trainer._metrics[mode]["policy_loss"].append(trainer.accelerator.gather(policy_loss).nanmean().item())
-    _log_metrics(trainer, mode, out, logps, old_logps, entropies, advantages, mask)
+    _log_metrics(trainer, mode, out, inputs, logps, entropies, advantages, mask)
     return loss
 
 
@@ -102,19 +114,18 @@ def _score_completions(trainer, model, inputs: dict) -> tuple[Tensor, Tensor]:
     return logps, entropies
 
 
-def _loss_multipliers(trainer, inputs, logps, old_logps, advantages, mask, entropy_mask) -> Optional[Tensor]:
-    """The product of TRL's per-token loss multipliers (``[B, 1]`` or ``[B, T]``), or ``None`` without any:
-    the off-policy sequence mask, the top-entropy mask and the vLLM importance-sampling ratio."""
+def _loss_multipliers(trainer, inputs, logps, entropy_mask) -> Optional[Tensor]:
+    """The product of TRL's per-token loss multipliers besides the off-policy mask (``[B, 1]`` or ``[B, T]``),
+    or ``None`` without any: the top-entropy mask and the vLLM importance-sampling ratio. For vespo the ratio of
+    the batch, when there is one, alone: the op folds it into the sequence weight, as TRL (without an entropy
+    mask: see check_trainer)."""
     factors = []
-    if trainer.off_policy_mask_threshold is not None:
-        old = logps.detach() if old_logps is None else old_logps
-        factors.append(trainer.get_off_policy_mask(
-            advantages=advantages, per_token_logps=logps, sampling_per_token_logps=inputs.get(
-                "sampling_per_token_logps", old), mask=mask, off_policy_threshold=trainer.off_policy_mask_threshold,
-        ))
     if entropy_mask is not None:
         factors.append(entropy_mask)
-    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
+    if trainer.loss_type == "vespo":
+        if inputs.get("importance_sampling_ratio") is not None:
+            factors.append(inputs["importance_sampling_ratio"])
+    elif trainer.use_vllm and trainer.vllm_importance_sampling_correction:
         factors.append(inputs["importance_sampling_ratio"])
     product = None
     for factor in factors:
@@ -184,16 +195,24 @@ def _op_metric(trainer, value: Tensor, per_sequence: bool, mask: Tensor) -> floa
     return _global_mean(trainer, value * count.clamp(min=1.0), count)
 
 
-def _log_metrics(trainer, mode, out, logps, old_logps, entropies, advantages, mask) -> None:
-    """TRL's metrics of the loss: ``kl``, ``entropy``, ``clip_ratio/*`` or ``cispo_clip_ratio``, all processes."""
+def _trl_mean(trainer, x: Tensor, mask: Tensor) -> float:
+    """TRL's all-process mean of a ``[B, T]`` metric over the mask, or of a ``[B, 1]`` one over the sequences."""
+    if x.shape[1] == 1:
+        return _global_mean(trainer, x.sum(), x.new_tensor(float(x.shape[0])))
+    return _global_mean(trainer, (x * mask).sum(), mask.sum())
+
+
+def _log_metrics(trainer, mode, out, inputs, logps, entropies, advantages, mask) -> None:
+    """TRL's metrics of the loss: ``kl``, ``entropy``, then ``clip_ratio/*``, ``cispo_clip_ratio`` or
+    ``vespo/phi_seq_mean``, over all processes."""
     metrics = trainer._metrics[mode]
     if trainer.beta != 0.0:
         metrics["kl"].append(_op_metric(trainer, out.kl, False, mask))
-    if entropies.shape[1] == 1:  # TRL reads a [B, 1] tensor as one value per sequence
-        entropy_sum, entropy_count = entropies.sum(), entropies.new_tensor(float(entropies.shape[0]))
-    else:
-        entropy_sum, entropy_count = (entropies * mask).sum(), mask.sum()
-    metrics["entropy"].append(_global_mean(trainer, entropy_sum, entropy_count))
+    metrics["entropy"].append(_trl_mean(trainer, entropies, mask))
+    old_logps = inputs.get("old_per_token_logps")
+    if trainer.loss_type == "vespo":
+        phi = _vespo_weights(trainer, logps, old_logps, inputs.get("importance_sampling_ratio"), advantages, mask)
+        metrics["vespo/phi_seq_mean"].append(_trl_mean(trainer, phi, mask))
     # the op's clip ratios are means over sequences when the ratio and the advantage are per sequence
     per_sequence = trainer.importance_sampling_level == "sequence" and advantages.shape[1] == 1 < mask.shape[1]
     if trainer.loss_type == "cispo":
@@ -205,6 +224,21 @@ def _log_metrics(trainer, mode, out, logps, old_logps, entropies, advantages, ma
     low, high = _sequence_clip_fractions(trainer, logps, old_logps, advantages, mask)
     metrics["clip_ratio/low_min"].append(nanmin(trainer.accelerator.gather(low)).item())
     metrics["clip_ratio/high_max"].append(nanmax(trainer.accelerator.gather(high)).item())
+
+
+@torch.no_grad()
+def _vespo_weights(trainer, logps, old_logps, is_ratio, advantages, mask) -> Tensor:
+    """VESPO's gamma weights φ (``[B, 1]``, or ``[B, T]`` for per-token advantages) for TRL's
+    ``vespo/phi_seq_mean``, which the op does not report: :func:`grpo_kernels.reference.vespo_phi` of the clamped
+    sequence log-weight (the summed log-ratios and log vLLM importance-sampling ratios), as the op forms it."""
+    logps = logps.detach()
+    log_ratio = logps - (logps if old_logps is None else old_logps)
+    log_w = (log_ratio.clamp(-VESPO_LOG_MAX, VESPO_LOG_MAX) * mask).sum(-1, keepdim=True)
+    if is_ratio is not None:
+        log_w = log_w + (torch.log(is_ratio).clamp(VESPO_LOG_MIN, VESPO_LOG_MAX) * mask).sum(-1, keepdim=True)
+    args = trainer.args
+    return vespo_phi(log_w.clamp(VESPO_LOG_MIN, VESPO_LOG_MAX), advantages, args.vespo_k_pos, args.vespo_lambda_pos,
+                     args.vespo_k_neg, args.vespo_lambda_neg)
 
 
 def _sequence_clip_fractions(trainer, logps, old_logps, advantages, mask) -> tuple[Tensor, Tensor]:
