@@ -138,6 +138,14 @@ def test_opcheck_fused_linear_grpo_loss(bk, case, return_entropy):
 # --------------------------------------------------------------------------- #
 # traced == eager, values and gradients (aot_eager: Dynamo + AOTAutograd, no code generation)
 # --------------------------------------------------------------------------- #
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every test compiles closures of the same few functions: without a reset, Dynamo's cache of their code
+    objects fills up across tests (recompile limit) and later tests fail for that alone."""
+    torch._dynamo.reset()
+    yield
+
+
 def run(fn, x, names, compile_backend=None):
     """``fn(x) = (differentiable outputs, metrics)`` (eager or compiled) → all outputs and the gradients of
     ``Σ differentiable outputs`` w.r.t. ``x[names]``."""
@@ -260,7 +268,6 @@ def _model_losses(backend):
 def test_inductor_tiny_model(bk, which):
     if bk not in BACKENDS:
         pytest.skip(f"bk {bk} not available")
-    torch._dynamo.reset()
     model = TinyLM()
     x = inputs()
     args = (x["ids"].clamp(min=0), x["old"], x["ref"], x["adv"], x["mask"])
