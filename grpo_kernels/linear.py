@@ -10,10 +10,10 @@ each chunk's logits as a ``[n, V]`` tile and hands it to the backend's row
 kernels (``token_logprobs`` with ``inplace_backward=True``, so the tile's
 gradient overwrites the tile); a backend with kernels of its own for the
 linear ops passes its provider (the Triton one,
-:mod:`grpo_kernels.triton.linear_logprobs`, never forms a logits tile for the
-statistics, keeps the per-token ``lse`` for the gradient sweeps, and only
-writes a ``[chunk_size, V]`` gradient tile). What follows describes
-:class:`RowOpTiles`.
+:mod:`grpo_kernels.triton.linear_logprobs`, forms no logits tile for
+statistics alone, keeps the per-token ``lse`` for the gradient sweeps that
+start from known statistics, and writes a ``[chunk_size, V]`` tile only where
+a gradient is formed). What follows describes :class:`RowOpTiles`.
 
 A tile: ``x = s (h Wᵀ + b)`` by ``torch.matmul`` in float32 (float64 for
 float64 inputs) from the inputs cast to that dtype, so the product is never
@@ -49,13 +49,13 @@ gradient), the float32 accumulators of the gradients (``[N, H]``, ``[V, H]``,
 
 FLOPs of the matmuls (``N`` tokens, vocabulary ``V``, hidden size ``H``):
 the fused loss at token level takes ``6 N V H`` (logits, ``d hidden``,
-``d weight``: each tile spans the whole vocabulary, so its log-sum-exp is
-final before its gradient is formed); at sequence level ``8 N V H`` (the
-logits twice); ``linear_token_logprobs`` forward + backward ``8 N V H``, like
-TRL's chunked LM head. A kernel that tiles the vocabulary as well (a GPU
-kernel keeping tiles on chip) cannot form ``d logits`` of a tile before the
-row's final log-sum-exp, so it needs ``8 N V H`` at token level too, unless
-it keeps whole rows of logits.
+``d weight``: the chunk's tile spans the whole vocabulary, so its
+log-sum-exp is final before its gradient is formed); at sequence level
+``8 N V H`` (the logits twice); ``linear_token_logprobs`` forward + backward
+``8 N V H``, like TRL's chunked LM head. The same holds for a provider whose
+kernels tile the vocabulary on chip (the Triton one): it writes the chunk's
+logits tile from its statistics kernel and forms the gradient over it once
+the rows' log-sum-exp is final.
 """
 
 from __future__ import annotations
@@ -402,25 +402,18 @@ class _FusedLinearGRPOLossFunction(torch.autograd.Function):
         grads = _Grads(head, needs) if any(needs) else None
         token_level = not needs_sequence_pass(loss_options)  # each token's weight from its own log-prob
         grpo_loss = head.implementation("grpo_loss")
-        if grads is not None and token_level and not head.tiles.tileless_stats:
+        if grads is not None and token_level:
             # one sweep: each tile's statistics, then at once its gradient
             weights = _token_level_weights(head, keep, old_logprobs, advantages, loss_options)
             stats = _sweep(head, return_entropy, weights=weights, grads=grads)
         else:
             stats = _sweep(head, return_entropy)
-        if grads is not None and (not token_level or head.tiles.tileless_stats):
-            if token_level:
-                weights = _token_level_weights(head, keep, old_logprobs, advantages, loss_options)
-            else:
-                with torch.enable_grad():
-                    lp = stats.logp.view(B, T).requires_grad_()
-                    (w,) = torch.autograd.grad(grpo_loss(lp, old_logprobs, advantages, keep, **loss_options).loss, lp)
-                w = w.reshape(-1)
-
-                def weights(rows: slice, _logp: Tensor) -> Weights:
-                    return w[rows], None
-
-            _sweep(head, False, weights=weights, grads=grads, known=stats)
+        if grads is not None and not token_level:
+            with torch.enable_grad():
+                lp = stats.logp.view(B, T).requires_grad_()
+                (w,) = torch.autograd.grad(grpo_loss(lp, old_logprobs, advantages, keep, **loss_options).loss, lp)
+            w = w.reshape(-1)
+            _sweep(head, False, weights=lambda rows, _logp: (w[rows], None), grads=grads, known=stats)
         result = grpo_loss(stats.logp.view(B, T), old_logprobs, advantages, keep, **loss_options)
         entropy = stats.entropy
 

@@ -1,9 +1,11 @@
 """fused_linear_grpo_loss: equals the reference composition (loss, metrics, gradients of hidden/weight/bias) for
 every loss option, and never forms the [B·T, V] logits."""
 
+import importlib
+
 import pytest
 import torch
-from test_linear_token_logprobs import TOLERANCES, LargestTensor
+from test_linear_token_logprobs import TOLERANCES, LargestTensor, triton_on_cpu
 
 import grpo_kernels as gk
 
@@ -222,3 +224,60 @@ def test_loss_variants(backend, loss_type, opts):
         options["sampling_logprobs"] = tensors["old"] + 0.3 * torch.randn(tensors["old"].shape, generator=g,
                                                                           dtype=torch.float64)
     assert_matches_spec(backend, inputs, temperature=0.7, chunk_size=5, **options)
+
+
+class CountedKernel:
+    """A Triton kernel whose launches are counted (with the constexpr keywords of each launch)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def counted(*args, **kwargs):
+            self.launches.append(kwargs)
+            return launch(*args, **kwargs)
+
+        return counted
+
+
+# (level, entropy bonus, launches of the recomputing gradient kernel) for 12 tokens in chunks of 5
+RECOMPUTE = [("token", 0.0, 0), ("token", 0.2, 3), ("sequence", 0.0, 3)]
+
+
+@pytest.mark.parametrize("level,entropy_coef,recomputed", RECOMPUTE, ids=[f"{lv}-{c}" for lv, c, _ in RECOMPUTE])
+def test_triton_token_level_forward_does_not_recompute_the_logits(monkeypatch, level, entropy_coef, recomputed):
+    """At token level the forward's stats kernel also writes each chunk's logits tile, which the row gradient
+    kernel turns into d logits in place: the tl.dot gradient kernel, which forms the tiles again, never runs
+    (6·N·V·H matmul FLOPs). It runs once per chunk where the weights are not known in the forward: the
+    sequence level's second sweep and an entropy bonus's backward (the control that the count sees it)."""
+    triton_on_cpu()
+    linear_logprobs = importlib.import_module("grpo_kernels.triton.linear_logprobs")
+    token_logprobs = importlib.import_module("grpo_kernels.triton.token_logprobs")  # the package exports a function
+    kernels = {}
+    for module, name in ((linear_logprobs, "_linear_stats_kernel"), (linear_logprobs, "_linear_grad_kernel"),
+                         (token_logprobs, "_token_logprobs_bwd_kernel")):
+        kernels[name] = CountedKernel(getattr(module, name))
+        monkeypatch.setattr(module, name, kernels[name])
+    inputs = make_inputs()  # 12 tokens: 3 chunks of at most 5
+    assert_matches_spec("triton", inputs, importance_sampling_level=level, temperature=0.7, logit_scale=1.5,
+                        softcap=4.0, chunk_size=5, return_entropy=True, entropy_coef=entropy_coef)
+    token_level = level == "token"
+    assert len(kernels["_linear_grad_kernel"].launches) == recomputed
+    # token level: a stats launch per chunk, writing its tile; sequence level: one for every token, no tile
+    writes_tile = [k["WRITE_TILE"] for k in kernels["_linear_stats_kernel"].launches]
+    assert writes_tile == ([True] * 3 if token_level else [False])
+    assert [k["SOFTCAP"] for k in kernels["_token_logprobs_bwd_kernel"].launches] == [True] * 3 * token_level
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_minus_infinity_bias(backend, level, softcap):
+    """Vocabulary entries switched off by a -inf bias (a whole vocabulary tile of them; no sampled id among them):
+    p = 0 there, no NaN in the loss or the gradients; with a softcap they become -c."""
+    hidden, weight, bias, ids, mask, tensors = make_inputs(V=40)
+    bias[3] = bias[16:32] = float("-inf")
+    ids[(ids == 3) | ((ids >= 16) & (ids < 32))] = 5
+    assert_matches_spec(backend, (hidden, weight, bias, ids, mask, tensors), importance_sampling_level=level,
+                        softcap=softcap, chunk_size=5, return_entropy=True, entropy_coef=0.1)

@@ -204,7 +204,8 @@ def test_triton_tilings(monkeypatch, config, group_n, splits):
 
 
 def test_triton_linear_kernels_compile_for_hopper():
-    """Both kernels compile to sm_90 cubins for bf16, float32 (tf32x3) and float64 inputs, every code path on;
+    """Both kernels compile to sm_90 cubins for bf16, float32 (tf32x3) and float64 inputs, every code path on
+    (the stats kernel writing the logits tile of the fused loss's forward too);
     bf16 and float32 use the Hopper tensor cores (wgmma)."""
     if "triton" not in gk.available_backends(OP):
         pytest.skip("triton is not installed")
@@ -215,7 +216,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 from grpo_kernels.triton import linear_logprobs as m
-for kernel, paths in ((m._linear_stats_kernel, dict(RETURN_ENTROPY=True)),
+for kernel, paths in ((m._linear_stats_kernel, dict(RETURN_ENTROPY=True, WRITE_TILE=True)),
                       (m._linear_grad_kernel, dict(HAS_G_LOGP=True, HAS_G_ENT=True))):
     for dtype, xdt in ((torch.bfloat16, "bf16"), (torch.float32, "fp32"), (torch.float64, "fp64")):
         cfg = m._GPU_CONFIGS[dtype]

@@ -436,11 +436,12 @@ for xdt, acc, block, warps in [("bf16", tl.float32, 8192, 16), ("fp64", tl.float
     sig = dict(x_ptr="*" + xdt, dx_ptr="*" + xdt, y_ptr="*i32", lse_ptr="*" + odt, ent_ptr="*" + odt,
                g_logp_ptr="*" + odt, g_ent_ptr="*" + odt, n_inner="i32", stride_outer="i64", stride_inner="i32",
                dx_stride_outer="i64", dx_stride_inner="i32", V="i32", inv_t_hi="fp32", inv_t_lo="fp32",
-               ignore_index="i32", HAS_G_LOGP="constexpr", HAS_G_ENT="constexpr", ACCUMULATE="constexpr",
-               BLOCK_V="constexpr", ACC="constexpr")
+               scale_arg="fp64", softcap_arg="fp64", ignore_index="i32", HAS_G_LOGP="constexpr",
+               HAS_G_ENT="constexpr", ACCUMULATE="constexpr", SOFTCAP="constexpr", BLOCK_V="constexpr",
+               ACC="constexpr")
     compile(ASTSource(m._token_logprobs_bwd_kernel, sig,
-                      constexprs={"HAS_G_LOGP": True, "HAS_G_ENT": True, "ACCUMULATE": True, "BLOCK_V": block,
-                                  "ACC": acc}),
+                      constexprs={"HAS_G_LOGP": True, "HAS_G_ENT": True, "ACCUMULATE": True, "SOFTCAP": True,
+                                  "BLOCK_V": block, "ACC": acc}),
             target=target, options=dict(num_warps=warps))
 print("compiled")
 '''

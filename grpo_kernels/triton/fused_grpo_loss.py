@@ -137,8 +137,8 @@ def _fused_grpo_loss_kernel(
             if w == 0:
                 _row_zero(dx_row, V, BLOCK_V)
             else:
-                _row_grad(x_row, dx_row, y, lse, ent, w, 0.0, V, inv_t,
-                          True, False, False, BLOCK_V, ACC, True)
+                _row_grad(x_row, dx_row, y, lse, ent, w, 0.0, V, inv_t, 1.0, 1.0,
+                          True, False, False, False, BLOCK_V, ACC, True)
 
 
 # Persistent grid of the fused kernel: programs per SM. The rows in flight (about SMs × this) must

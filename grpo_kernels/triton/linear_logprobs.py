@@ -1,4 +1,4 @@
-"""Triton fused-linear kernels: hidden states × LM head → log-probs, entropy, logits gradient; logits only on chip.
+"""Triton fused-linear kernels: hidden states × LM head → log-probs, entropy, logits gradient; no N × V logits.
 
 The math is :func:`grpo_kernels.reference.linear_token_logprobs` (and the
 loss on top of it, :func:`grpo_kernels.reference.fused_linear_grpo_loss`).
@@ -7,7 +7,7 @@ For a token ``n`` (hidden state ``h``, id ``y``), vocabulary entry ``v``:
     x = s (h W_vᵀ + b_v)          (then x = c tanh(x / c) with a softcap c)
     z = x / T,   lse = log Σ_v e^{z_v},   logp = z_y − lse,   H = lse − Σ_v p_v z_v
 
-Two kernels, both over tiles of ``BLOCK_N`` tokens × ``BLOCK_V`` vocabulary
+Two kernels over tiles of ``BLOCK_N`` tokens × ``BLOCK_V`` vocabulary
 entries whose logits are formed on chip by ``tl.dot`` over the hidden size in
 ``BLOCK_K`` steps, with float32 accumulation (float64 for float64 inputs),
 then the epilogue of :func:`grpo_kernels.reference.linear_logits` and ``/ T``:
@@ -18,31 +18,40 @@ then the epilogue of :func:`grpo_kernels.reference.linear_logits` and ``/ T``:
   ``Σ e^{z−m}``, ``Σ e^{z−m}(z−m)``), written as ``[3, splits, N]`` partials;
   the program whose tile holds ``y`` writes ``z_y``. A few torch ops merge
   the splits into ``lse``, ``logp`` and ``H`` (:func:`_merge`). Nothing of
-  size ``N × V`` exists in memory, not even a chunk of it.
+  size ``N × V`` exists in memory. With WRITE_TILE it also writes the logits
+  ``x`` (after the epilogue, before ``/ T``) of ``chunk_size`` tokens into a
+  ``[chunk_size, V]`` buffer of the compute dtype.
 - ``_linear_grad_kernel`` forms the same tiles again and, from the final
   ``lse`` (and ``H``) and per-token weights ``g_logp``, ``g_H``, writes the
   gradient of the affine logits ``a = h Wᵀ + b``:
   ``d a = s (1 − (x/c)²) / T · (g_logp (onehot_y − p) − g_H p (log p + H))``
-  into a ``[chunk_size, V]`` buffer of the compute dtype. The driver then adds
-  ``d hidden = d a · W``, ``d weight += d aᵀ · h``, ``d bias += Σ d a``
-  (``torch.matmul`` in the compute dtype, :class:`grpo_kernels.linear._Grads`).
+  into a ``[chunk_size, V]`` buffer of the compute dtype.
 
-The autograd and the loss glue are those of the chunked driver
-(:mod:`grpo_kernels.linear`), with :class:`TritonTiles` as its tile provider.
-The statistics of every token come from one launch of the stats kernel; the
-gradient sweeps take them as known, ``chunk_size`` tokens at a time.
+Either way the driver then adds ``d hidden = d a · W``, ``d weight += d aᵀ · h``,
+``d bias += Σ d a`` (``torch.matmul`` in the compute dtype,
+:class:`grpo_kernels.linear._Grads`). The autograd and the loss glue are those
+of the chunked driver (:mod:`grpo_kernels.linear`), with :class:`TritonTiles`
+as its tile provider:
+
+- ``fused_linear_grpo_loss`` at token level (the weights ``dL/dlogp`` of a
+  token known from its own log-prob) forms the gradient in the forward, in one
+  sweep: per chunk, the stats kernel writes the logits tile, the merge gives
+  the final ``lse``, and the row gradient kernel of :mod:`.token_logprobs`
+  (``_token_logprobs_bwd_kernel``, with the chain through the scale and the
+  softcap, ``1 − (x/c)²`` from ``x`` itself) turns the tile into ``d a`` in
+  place (:func:`tile_gradient`): no logits formed twice.
+- Wherever the weights are not known while a chunk's statistics are formed
+  (the sequence level's second sweep, ``linear_token_logprobs``' backward, an
+  entropy bonus's backward), the statistics of every token come from one
+  launch of the stats kernel, without a tile, and the gradient kernel forms
+  the tiles again from the known ``lse``, ``chunk_size`` tokens at a time.
 
 Matmul FLOPs (one ``[N, H] × [H, V]`` product is ``2·N·V·H``):
-``linear_token_logprobs`` forward 2·N·V·H, forward + backward 8·N·V·H (the
-backward forms the tiles again from the saved ``lse``: 2, plus d hidden and
-d weight: 4). ``fused_linear_grpo_loss`` 8·N·V·H at either importance-sampling
-level (statistics, then the gradient tiles once the ``lse`` of each row is
-final and ``dL/dlogp`` known, then the two gradient products), and 6 more
-for an entropy bonus's backward. The chunked driver's token level takes
-6·N·V·H because its tiles span the whole vocabulary; a vocabulary-tiled
-kernel cannot form ``d a`` before the row's last tile, and keeping the
-unnormalized ``e^{z−m}`` of a chunk to rescale it afterwards would trade the
-recomputation for another ``[chunk, V]`` write and read.
+``fused_linear_grpo_loss`` at token level 6·N·V·H (logits once: 2, d hidden
+and d weight: 4); at sequence level 8·N·V·H (the logits again in the second
+sweep, once every log-prob of a sequence is known); 6 more for an entropy
+bonus's backward. ``linear_token_logprobs`` forward 2·N·V·H, forward +
+backward 8·N·V·H (its tiles are not kept from the forward to the backward).
 
 Precision: bf16/fp16 inputs go to the tensor cores as they are (exact
 products, float32 sums); float32 inputs use ``tf32x3`` (three TF32 products
@@ -51,8 +60,9 @@ float64 uses float64 ``tl.dot``. The gradient products run in the compute
 dtype, so no gradient is rounded to bfloat16 before the result.
 
 Memory beyond the inputs: the ``[3, splits, N]`` partials and ``O(N)``
-per-token vectors, one ``[chunk_size, V]`` gradient buffer per gradient
-sweep, and the driver's float32 accumulators; never ``N × V``.
+per-token vectors, one ``[chunk_size, V]`` buffer per gradient sweep (the
+logits tile, then its gradient over it), and the driver's float32
+accumulators; never ``N × V``.
 
 Launch configuration: tile sizes per input dtype and the number of splits
 (enough programs for the GPU, and at least a few vocabulary ranges so that
@@ -73,10 +83,10 @@ from .. import linear
 from ..linear import Stats, WeightsFn
 from ..reference import GRPOLossOutput
 from .grpo_loss import compute_dtype
-from .token_logprobs import device_guard, inverse_temperature
+from .token_logprobs import backward_rows, device_guard, inverse_temperature, row_layout
 
 __all__ = ["TILES", "TileConfig", "TritonTiles", "fused_linear_grpo_loss", "linear_gradient", "linear_stats",
-           "linear_token_logprobs"]
+           "linear_token_logprobs", "tile_gradient"]
 
 
 # --------------------------------------------------------------------------- #
@@ -111,10 +121,11 @@ def _program_tile(token_tiles, splits, GROUP_N: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, s_hn, s_hk, s_wv, s_wk, inv_t, scale, softcap,
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, s_hn, s_hk, s_wv, s_wk, scale, softcap,
                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_K: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``(z, t)`` of a ``[BLOCK_N, BLOCK_V]`` tile: ``z = x / T`` and, with SOFTCAP, ``t = x / c = tanh(a s / c)``.
+    """``(x, t)`` of a ``[BLOCK_N, BLOCK_V]`` tile: the logits ``x`` (before ``/ T``) and, with SOFTCAP,
+    ``t = x / c = tanh(a s / c)``.
 
     Reads ``BLOCK_N × H`` hidden values and ``BLOCK_V × H`` weights (``BLOCK_K``
     columns at a time; out-of-range rows, columns and k give 0) and ``BLOCK_V`` biases.
@@ -139,7 +150,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, s_hn, s_hk,
     if SOFTCAP:
         t = _tanh(x / softcap)
         x = softcap * t
-    return x * inv_t, t
+    return x, t
 
 
 # --------------------------------------------------------------------------- #
@@ -149,12 +160,14 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, s_hn, s_hk,
 # biases) of its split's vocabulary tiles, tiles_per_split × (BLOCK_N + BLOCK_V) × H values in all (the hidden
 # states again for each vocabulary tile, from L2), and the ids; writes 3 partials per token (m, Σ e^{z−m},
 # Σ e^{z−m}(z−m)) and z_y where y is in its range. Compute: 2·BLOCK_N·BLOCK_V·H FLOPs per vocabulary tile.
+# WRITE_TILE: also writes the logits x (compute dtype) of its tokens × its split's vocabulary to the [n, V] tile,
+# which the row gradient kernel then turns into d a in place (the fused loss's forward, no recomputation).
 @triton.jit
 def _linear_stats_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, zy_ptr,
-    N, V, H, s_hn, s_hk, s_wv, s_wk, token_tiles, splits, tiles_per_split,
+    h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, zy_ptr, x_ptr,
+    N, V, H, s_hn, s_hk, s_wv, s_wk, s_xn, token_tiles, splits, tiles_per_split,
     inv_t_hi, inv_t_lo, scale_arg: tl.float64, softcap_arg: tl.float64, ignore_index,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, RETURN_ENTROPY: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, RETURN_ENTROPY: tl.constexpr, WRITE_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -173,9 +186,12 @@ def _linear_stats_kernel(
     for t in range(first, tl.minimum(first + tiles_per_split, tl.cdiv(V, BLOCK_V))):
         cols = (t * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = cols < V
-        z, _t = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, s_hn, s_hk, s_wv, s_wk, inv_t,
-                             scale, softcap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, ACC, PRECISION, UPCAST)
-        z = tl.where(col_ok[None, :], z, float("-inf"))
+        x, _t = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, s_hn, s_hk, s_wv, s_wk, scale,
+                             softcap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, ACC, PRECISION, UPCAST)
+        if WRITE_TILE:
+            tl.store(x_ptr + rows[:, None] * s_xn + cols[None, :], x.to(x_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
+        z = tl.where(col_ok[None, :], x * inv_t, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # while every z so far is -inf (a -inf bias), shift by 0 instead: s = a = 0 stay 0
         shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
@@ -228,9 +244,9 @@ def _linear_grad_kernel(
     for t in range(first, tl.minimum(first + tiles_per_split, tl.cdiv(V, BLOCK_V))):
         cols = (t * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = cols < V
-        z, tc = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, s_hn, s_hk, s_wv, s_wk, inv_t,
-                             scale, softcap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, ACC, PRECISION, UPCAST)
-        log_p = z - lse[:, None]
+        x, tc = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, s_hn, s_hk, s_wv, s_wk, scale,
+                             softcap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, ACC, PRECISION, UPCAST)
+        log_p = x * inv_t - lse[:, None]
         p = tl.exp(log_p)
         dz = tl.zeros([BLOCK_N, BLOCK_V], dtype=ACC)
         if HAS_G_LOGP:
@@ -364,8 +380,9 @@ def _merge(part: Tensor, z_y: Tensor, ids: Tensor, ignore_index: int, return_ent
 # --------------------------------------------------------------------------- #
 # launches
 # --------------------------------------------------------------------------- #
-def linear_stats(head: linear._Head, rows: slice, return_entropy: bool) -> Stats:
-    """``(logp, entropy or None, lse)`` ``[n]`` in the compute dtype of the tokens ``rows`` (one launch)."""
+def linear_stats(head: linear._Head, rows: slice, return_entropy: bool, tile: Optional[Tensor] = None) -> Stats:
+    """``(logp, entropy or None, lse)`` ``[n]`` in the compute dtype of the tokens ``rows`` (one launch); with
+    ``tile`` (``[n, V]`` contiguous, compute dtype), the logits ``x`` (before ``/ T``) written into it as well."""
     run = _launch(head, rows)
     n = run.hidden.shape[0]
     part = torch.empty((3, run.grid.splits, n), dtype=head.dtype, device=run.hidden.device)
@@ -373,7 +390,8 @@ def linear_stats(head: linear._Head, rows: slice, return_entropy: bool) -> Stats
     with device_guard(run.hidden):
         _linear_stats_kernel[(run.grid.programs,)](
             run.hidden, head.weight, run.hidden if head.bias is None else head.bias, run.ids, part, z_y,
-            *run.args, *run.grid, *run.options, RETURN_ENTROPY=return_entropy, **run.constexprs, **run.meta,
+            part if tile is None else tile, *run.args, 0 if tile is None else tile.stride(0), *run.grid,
+            *run.options, RETURN_ENTROPY=return_entropy, WRITE_TILE=tile is not None, **run.constexprs, **run.meta,
         )
     return _merge(part, z_y, run.ids, head.ignore_index, return_entropy)
 
@@ -397,19 +415,39 @@ def linear_gradient(head: linear._Head, rows: slice, stats: Stats, g_logp: Optio
     return da
 
 
+def tile_gradient(head: linear._Head, rows: slice, tile: Tensor, stats: Stats, g_logp: Optional[Tensor],
+                  g_entropy: Optional[Tensor]) -> Tensor:
+    """``d (h Wᵀ + b)`` of ``Σ g_logp·logp + g_H·H`` over the tokens ``rows``, written over their logits ``tile``
+    ``[n, V]`` (from :func:`linear_stats`) by the row gradient kernel of :mod:`.token_logprobs`: ``d x`` from
+    the final ``lse`` (and entropy, needed with ``g_entropy``), chained through the softcap and the scale.
+    One read and one write of the tile, no matmul; ignored tokens get zeros."""
+    x = row_layout(tile)
+    ids = head.token_ids[rows].contiguous()
+    g_l, g_e = (None if t is None else t.reshape(-1).contiguous() for t in (g_logp, g_entropy))
+    backward_rows(x, ids, stats.lse.contiguous(), None if g_e is None else stats.entropy.contiguous(), g_l, g_e,
+                  head.temperature, head.ignore_index, x, scale=head.logit_scale, softcap=head.softcap)
+    return tile
+
+
 class TritonTiles:
     """The tile provider of the Triton fused-linear ops (:class:`grpo_kernels.linear.Tiles`): statistics by the
-    stats kernel, without any tile in memory; the gradient by the gradient kernel from known statistics."""
+    stats kernel, without any tile in memory. A gradient in the same sweep (the fused loss at token level): the
+    stats kernel writes the chunk's logits too, which :func:`tile_gradient` turns into their gradient in place.
+    A gradient from known statistics (a later sweep, a backward): the gradient kernel forms the tiles again."""
 
     tileless_stats = True
 
     def __call__(self, head: linear._Head, rows: slice, h: Tensor, return_entropy: bool,
                  weights: Optional[WeightsFn], known: Optional[Stats]) -> tuple[Stats, Optional[Tensor]]:
-        stats = linear_stats(head, rows, return_entropy) if known is None else known
         if weights is None:
-            return stats, None
+            return linear_stats(head, rows, return_entropy) if known is None else known, None
+        if known is not None:
+            g_logp, g_entropy = weights(rows, known.logp)
+            return known, linear_gradient(head, rows, known, g_logp, g_entropy)
+        tile = torch.empty((h.shape[0], head.weight.shape[0]), dtype=head.dtype, device=h.device)
+        stats = linear_stats(head, rows, return_entropy, tile)
         g_logp, g_entropy = weights(rows, stats.logp)
-        return stats, linear_gradient(head, rows, stats, g_logp, g_entropy)
+        return stats, tile_gradient(head, rows, tile, stats, g_logp, g_entropy)
 
 
 TILES = TritonTiles()

@@ -82,11 +82,14 @@ def _row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY: tl.constexpr, BLO
 
 
 @triton.jit
-def _row_grad(x_row, dx_row, y, lse, ent, g_logp, g_ent, V, inv_t,
-              HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, ACCUMULATE: tl.constexpr,
+def _row_grad(x_row, dx_row, y, lse, ent, g_logp, g_ent, V, inv_t, scale, softcap,
+              HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, ACCUMULATE: tl.constexpr, SOFTCAP: tl.constexpr,
               BLOCK_V: tl.constexpr, ACC: tl.constexpr, REVERSE: tl.constexpr):
     """Write ``dx = g_logp (onehot_y − p)/T − g_H p (log p + H)/T`` for one row (added to dx with ACCUMULATE).
 
+    Times ``scale`` (1 for logits; ``s`` for the logits ``x = s a`` of a
+    fused-linear tile) and, with SOFTCAP, ``1 − (x/c)²``: the chain through
+    ``x = c tanh(s a / c)`` to the affine logits ``a``, from the value ``x`` itself.
     One read of the row (from the end backwards with REVERSE, so that the chunks
     read last by a preceding sweep, the likeliest still in L2, come first) and
     one write; each chunk is read before it is written, so ``dx_row`` may be ``x_row``.
@@ -99,7 +102,8 @@ def _row_grad(x_row, dx_row, y, lse, ent, g_logp, g_ent, V, inv_t,
             start = i * BLOCK_V
         offs = start + tl.arange(0, BLOCK_V)
         mask = offs < V
-        z = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC) * inv_t
+        x = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+        z = x * inv_t
         log_p = z - lse
         p = tl.exp(log_p)
         dz = tl.zeros([BLOCK_V], dtype=ACC)
@@ -108,7 +112,10 @@ def _row_grad(x_row, dx_row, y, lse, ent, g_logp, g_ent, V, inv_t,
         if HAS_G_ENT:
             # -p (log p + H), with 0 where p = 0 (z = -inf: log p = -inf).
             dz = dz - g_ent * p * tl.where(p > 0, log_p + ent, 0.0).to(ACC)
-        dx = dz * inv_t
+        dx = dz * (inv_t * scale)
+        if SOFTCAP:  # d/du c tanh(u/c) = 1 − tanh² = 1 − (x/c)²
+            t = x / softcap
+            dx = dx * (1.0 - t * t)
         if ACCUMULATE:
             dx += tl.load(dx_row + offs, mask=mask, other=0.0).to(ACC)
         tl.store(dx_row + offs, dx.to(dx_row.dtype.element_ty), mask=mask)
@@ -162,12 +169,13 @@ def _token_logprobs_fwd_kernel(
 # read before it is overwritten, and nothing reads it afterwards). Memory traffic:
 # one read + one write of the logits (+ one read of dx with ACCUMULATE), no second
 # reduction (lse and H are saved). Ignored rows only write zeros (or nothing with ACCUMULATE).
+# scale_arg and SOFTCAP / softcap_arg chain dx to a fused-linear tile's affine logits (see _row_grad).
 @triton.jit
 def _token_logprobs_bwd_kernel(
     x_ptr, dx_ptr, y_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
     n_inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner, V,
-    inv_t_hi, inv_t_lo, ignore_index,
-    HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, ACCUMULATE: tl.constexpr,
+    inv_t_hi, inv_t_lo, scale_arg: tl.float64, softcap_arg: tl.float64, ignore_index,
+    HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, ACCUMULATE: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -190,8 +198,8 @@ def _token_logprobs_bwd_kernel(
         if HAS_G_ENT:
             g_ent = tl.load(g_ent_ptr + row).to(ACC)
             ent = tl.load(ent_ptr + row).to(ACC)
-        _row_grad(x_row, dx_row, y, lse, ent, g_logp, g_ent, V, inv_t,
-                  HAS_G_LOGP, HAS_G_ENT, ACCUMULATE, BLOCK_V, ACC, False)
+        _row_grad(x_row, dx_row, y, lse, ent, g_logp, g_ent, V, inv_t, tl.full((), scale_arg, ACC),
+                  tl.full((), softcap_arg, ACC), HAS_G_LOGP, HAS_G_ENT, ACCUMULATE, SOFTCAP, BLOCK_V, ACC, False)
 
 
 # --------------------------------------------------------------------------- #
@@ -314,10 +322,13 @@ def forward_rows(
 def backward_rows(
     rows: Rows, ids: Tensor, lse: Tensor, ent: Optional[Tensor], g_logp: Optional[Tensor],
     g_ent: Optional[Tensor], temperature: float, ignore_index: int, out: Rows, *, accumulate: bool = False,
-    block_v: Optional[int] = None,
+    block_v: Optional[int] = None, scale: float = 1.0, softcap: Optional[float] = None,
 ) -> None:
     """Write (or add, with ``accumulate``) the logits gradient for the per-row gradients
-    ``g_logp`` and ``g_ent`` (``[n_rows]`` or None) into ``out`` (which may be ``rows``)."""
+    ``g_logp`` and ``g_ent`` (``[n_rows]`` or None) into ``out`` (which may be ``rows``).
+
+    ``scale`` and ``softcap``: rows of a fused-linear tile ``x = c tanh(s a / c)``
+    (or ``s a``) get the gradient of the affine logits ``a``, from ``x`` alone."""
     block, num_warps = launch_config(rows.vocab, rows.x.dtype, block_v)
     has_g_ent = g_ent is not None
     with device_guard(rows.x):
@@ -325,8 +336,8 @@ def backward_rows(
             rows.x, out.x, ids, lse, ent if has_g_ent else lse,
             lse if g_logp is None else g_logp, lse if g_ent is None else g_ent,
             *rows.strides, out.stride_outer, out.stride_inner, rows.vocab,
-            *inverse_temperature(temperature), ignore_index,
-            HAS_G_LOGP=g_logp is not None, HAS_G_ENT=has_g_ent, ACCUMULATE=accumulate,
+            *inverse_temperature(temperature), float(scale), 1.0 if softcap is None else float(softcap), ignore_index,
+            HAS_G_LOGP=g_logp is not None, HAS_G_ENT=has_g_ent, ACCUMULATE=accumulate, SOFTCAP=softcap is not None,
             BLOCK_V=block, ACC=_acc_dtype(rows.x.dtype), num_warps=num_warps,
         )
 
