@@ -14,7 +14,6 @@ This module imports only torch.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -30,7 +29,7 @@ TOKEN_SUM_LOSS_TYPES = ("dapo", "cispo", "vespo", "gpg")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 ROLLOUT_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 # VESPO clamps its log-weights to [log(1e-8), 20] (TRL's get_gamma_weights).
-VESPO_LOG_MIN = math.log(1e-8)
+VESPO_LOG_MIN = -18.420680743952367  # log(1e-8) in float64
 VESPO_LOG_MAX = 20.0
 VESPO_MIN_LAMBDA = 1e-4
 KL_ESTIMATORS = ("k3", "k1", "k2", "low_var_kl")
@@ -319,8 +318,8 @@ def rollout_importance_ratio(
     ratio = torch.exp(clamp_log_ratio(d, log_ratio_clamp))
     if mode.endswith("truncate"):
         return torch.clamp(ratio, min=rollout_is_min, max=rollout_is_max)
-    low = -math.inf if rollout_is_min is None else rollout_is_min
-    high = math.inf if rollout_is_max is None else rollout_is_max
+    low = -float("inf") if rollout_is_min is None else rollout_is_min
+    high = float("inf") if rollout_is_max is None else rollout_is_max
     return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
 
 
