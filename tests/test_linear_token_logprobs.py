@@ -124,6 +124,18 @@ def test_ignored_tokens_and_partial_gradients(backend):
     assert weight.grad is None and bias.grad is None
 
 
+def test_ignored_tokens_with_huge_logits(backend):
+    """Logits / T far beyond float32's e^88 (a cold temperature): an ignored token still gets a zero gradient, not
+    0·inf = NaN, and the others match the spec."""
+    hidden, weight, bias, ids = make_inputs(shape=(6,), H=8, V=37)
+    ours = run(hidden, 20 * weight, bias, ids, backend=backend, temperature=0.1, chunk_size=4)
+    spec = run(hidden, 20 * weight, bias, ids, backend="reference", upcast=True, temperature=0.1, chunk_size=4)
+    assert ids[1] == -100 and (ours[2][1] == 0).all()
+    for name, a, b in zip(("logp", "entropy", "d hidden", "d weight", "d bias"), ours, spec):
+        assert a.isfinite().all(), name
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-3, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 def test_logp_only_and_no_grad(backend):
     hidden, weight, bias, ids = make_inputs()
     spec = reference.linear_token_logprobs(hidden, weight, ids, bias=bias)

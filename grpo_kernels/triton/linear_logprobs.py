@@ -230,7 +230,8 @@ def _linear_grad_kernel(
     inv_t = (tl.zeros([], dtype=ACC) + inv_t_hi) + inv_t_lo
     scale = tl.full((), scale_arg, ACC)
     softcap = tl.full((), softcap_arg, ACC)
-    lse = tl.load(lse_ptr + rows, mask=counted, other=0.0).to(ACC)
+    # ignored tokens: lse = +inf, so p = 0 and d a = 0 however large their logits (e^z would overflow to inf)
+    lse = tl.load(lse_ptr + rows, mask=counted, other=float("inf")).to(ACC)
     g_logp = tl.zeros([BLOCK_N], dtype=ACC)
     if HAS_G_LOGP:
         g_logp = tl.load(g_logp_ptr + rows, mask=counted, other=0.0).to(ACC)
