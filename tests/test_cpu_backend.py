@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import TOLERANCES
 
 import grpo_kernels as gk
 from grpo_kernels import backends
@@ -18,7 +19,7 @@ THREAD_SCRIPT = r"""
 import hashlib, sys, torch, grpo_kernels as gk
 torch.set_num_threads(int(sys.argv[1]))
 g = torch.Generator().manual_seed(0)
-B, T, V = 5, 7, 5003  # several chunks per row, rows not a multiple of the thread count
+B, T, V = 5, 7, 70003  # several chunks per row (32768 bfloat16 or 16384 float32 values), odd row count
 logits = (3 * torch.randn(B, T, V, generator=g)).to(getattr(torch, sys.argv[2])).requires_grad_()
 ids = torch.randint(0, V, (B, T), generator=g)
 ids[1, 2] = -100
@@ -134,17 +135,27 @@ def test_strided_rows_without_copy(make):
     assert torch.equal(logp, ref_logp) and torch.equal(ent, ref_ent) and torch.equal(grad, ref_grad)
 
 
-@pytest.mark.parametrize("vocab", [1, 2047, 2048, 2049, 6000])  # around the kernels' chunk of 2048 values
-def test_rows_across_chunks_match_the_reference(vocab):
-    logits = _logits(torch.float64, (2, 3, vocab))
+def _chunk(dtype):
+    """The kernels' chunk of a row: 64 KiB of logits (csrc/cpu/softmax_row.h)."""
+    return 65536 // torch.empty((), dtype=dtype).element_size()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("offset", [None, -1, 0, 1, "2.5x"])  # vocab: 1, around the chunk, several chunks
+def test_rows_across_chunks_match_the_reference(dtype, offset):
+    chunk = _chunk(dtype)
+    vocab = 1 if offset is None else 5 * chunk // 2 if offset == "2.5x" else chunk + offset
+    logits = _logits(torch.float64, (2, 3, vocab)).to(dtype)
     logits[0, 0, : vocab // 2] = float("-inf")  # a first chunk without any finite value
     ids = torch.randint(vocab // 2, vocab, (2, 3))
     x = logits.clone().requires_grad_()
     logp, ent = gk.token_logprobs(x, ids, temperature=0.3, return_entropy=True, backend="cpu")
     (grad,) = torch.autograd.grad(logp.sum() + ent.sum(), x)
-    y = logits.clone().requires_grad_()
+    y = logits.double().requires_grad_()
     ref_logp, ref_ent = gk.token_logprobs(y, ids, temperature=0.3, return_entropy=True, backend="reference")
     (ref_grad,) = torch.autograd.grad(ref_logp.sum() + ref_ent.sum(), y)
-    torch.testing.assert_close(logp, ref_logp, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(ent, ref_ent, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(grad, ref_grad, atol=1e-10, rtol=1e-10)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(logp.double(), ref_logp, **tol)
+    torch.testing.assert_close(ent.double(), ref_ent, **tol)
+    grad_tol = dict(rtol=1.6e-2, atol=1e-5) if dtype == torch.bfloat16 else tol  # one bfloat16 rounding apart
+    torch.testing.assert_close(grad.double(), ref_grad.to(dtype).double(), **grad_tol)

@@ -14,6 +14,7 @@
 #include "logit_rows.h"
 #include "loss_terms.h"
 #include "loss_tokens.h"
+#include "scaled_store.h"
 #include "softmax_row.h"
 
 namespace grpo_kernels::cpu {
@@ -33,11 +34,13 @@ void fused_kernel(const at::Tensor& logits, const int64_t* ids, const LossTokens
   using acc_t = at::opmath_type<scalar_t>;
   const LogitRows rows(logits);
   const int64_t vocab = rows.vocab(), len = in.T;
-  const int64_t n_chunks = (vocab + kChunk - 1) / kChunk;
+  constexpr int64_t chunk = kChunk<scalar_t>;
+  const int64_t n_chunks = (vocab + chunk - 1) / chunk;
   const scalar_t* x = logits.const_data_ptr<scalar_t>();
   scalar_t* dx = kGrad ? grad.data_ptr<scalar_t>() : nullptr;
   const LogitRows grad_rows(kGrad ? grad : logits);
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  const bool streaming = kGrad && dx != x;  // a new gradient buffer: not read again by this kernel
   const LossScalars<acc_t> s(cfg);
   at::parallel_for(0, rows.rows(), 1, [&](int64_t begin, int64_t end) {
     acc_t* e = thread_buffer<acc_t>(vocab + n_chunks);  // the row's exponentials, then each chunk's max
@@ -54,9 +57,9 @@ void fused_kernel(const at::Tensor& logits, const int64_t* ids, const LossTokens
       const scalar_t* x_row = x + rows.offset(r);
       LseState<acc_t> state;
       for (int64_t c = 0; c < n_chunks; ++c) {
-        const int64_t v0 = c * kChunk;
+        const int64_t v0 = c * chunk;
         acc_t cs, ca;
-        chunk_exp<kEntropy>(x_row + v0, std::min(kChunk, vocab - v0), inv_t, e + v0, chunk_max[c], cs, ca);
+        chunk_exp<kEntropy>(x_row + v0, std::min(chunk, vocab - v0), inv_t, e + v0, chunk_max[c], cs, ca);
         state.merge(chunk_max[c], cs, ca);
       }
       const acc_t lse = state.lse();
@@ -73,20 +76,16 @@ void fused_kernel(const at::Tensor& logits, const int64_t* ids, const LossTokens
         const TokenTerms<acc_t> terms = token_terms(cfg, s, SeqStats<acc_t>{}, in.token(i, t, logp), in.has_ref);
         w = seq_weight[i] * (m * dloss_dlogp(cfg, terms, acc_t(0)));
       }
-      // dx = w (onehot_y - p) / T with p = e · exp(chunk max - lse)
+      // dx = w (onehot_y - p) / T with p = e · exp(chunk max - lse): -w p / T over the row, then dx_y
       for (int64_t c = 0; c < n_chunks; ++c) {
-        const int64_t v0 = c * kChunk, n = std::min(kChunk, vocab - v0);
-        const acc_t scale = exp_nonpositive(chunk_max[c] - lse);
-        const acc_t* ec = e + v0;
-        scalar_t* dxc = dx_row + v0;
-        const int64_t yc = y - v0;
-#pragma omp simd
-        for (int64_t v = 0; v < n; ++v) {
-          const acc_t dz = (v == yc ? w : acc_t(0)) - w * (ec[v] * scale);
-          dxc[v] = from_acc<scalar_t>(dz * inv_t);
-        }
+        const int64_t v0 = c * chunk;
+        const acc_t k = -(w * exp_nonpositive(chunk_max[c] - lse)) * inv_t;
+        scaled_store(e + v0, k, dx_row + v0, std::min(chunk, vocab - v0), streaming);
       }
+      const acc_t p_y = e[y] * exp_nonpositive(chunk_max[y / chunk] - lse);
+      dx_row[y] = from_acc<scalar_t>((w - w * p_y) * inv_t);
     }
+    if (streaming) stream_fence();
   });
 }
 

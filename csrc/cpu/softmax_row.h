@@ -5,10 +5,10 @@
 //   H = -Σ_v p_v log p_v = log s - a / s  with  s = Σ e^{z - m},  a = Σ e^{z - m} (z - m),  m = max z
 //
 // (a relative to m: no cancellation between numbers of the size of |z|).
-// A row is processed in chunks of kChunk values that stay in L1: each chunk's
-// exponentials are taken relative to the chunk's own max and the chunk's
-// (max, s, a) are merged into the row's running state, so the row is read once
-// and every exponential is computed once.
+// A row is processed in chunks of kChunk values that stay in L2: a chunk's max
+// is taken first (no exponentials), then its exponentials relative to it, and
+// the chunk's (max, s, a) are merged into the row's running state, so the row
+// is read once from memory and every exponential is computed once.
 //
 // The inner loops are `omp simd` loops over the vocab: gcc emits vector code
 // for the target ISA (AVX-512 with -march=native on this machine), reductions
@@ -28,7 +28,10 @@
 
 namespace grpo_kernels::cpu {
 
-constexpr int64_t kChunk = 2048;  // values per chunk: 8 KiB of float32
+// Values per chunk: 64 KiB of logits, whole rows of a 32k vocabulary in bfloat16 (the
+// chunk stays in L2 between its two reads, its exponentials in L2 until the gradient pass).
+template <typename scalar_t>
+constexpr int64_t kChunk = 65536 / sizeof(scalar_t);
 
 // a·b + c, fused (one rounding) where the target has FMA instructions. The
 // extension is built with -ffp-contract=off, so nothing else is fused.
@@ -40,26 +43,39 @@ inline float madd(float a, float b, float c) {
 #endif
 }
 
-// e^x for x <= 0 (softmax only exponentiates z - max): Cephes' expf, within
-// ~1 ulp, 0 for x < -87 (below the smallest normal float) and for x = -inf.
-// Branch-free so that it vectorizes inside `omp simd` loops.
+inline double madd(double a, double b, double c) {
+#ifdef __FMA__
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// e^x for x <= 0 (softmax only exponentiates z - max; a rounding's worth above 0
+// is fine too), within 0.9 ulp, 0 for x < -87 (below the smallest normal float)
+// and for x = -inf. Branch-free so that it vectorizes inside `omp simd` loops:
+// x = n ln 2 + r with |r| <= ln 2 / 2, e^r by a degree-6 polynomial (minimax for
+// the relative error, constant and linear terms exactly 1), and 2^n by adding n
+// to the exponent bits of e^r (x >= -87: e^r 2^n stays a normal float).
 inline float exp_nonpositive(float x) {
   const bool underflow = x < -87.0f;
   x = underflow ? -87.0f : x;
   const float t = madd(x, 1.44269504088896341f, 12582912.0f);  // 1.5·2^23: round(x / ln 2) in the low bits
   const float n = t - 12582912.0f;
   const float r = madd(n, 2.12194440e-4f, madd(n, -0.693359375f, x));  // x - n ln 2, ln 2 split hi + lo
-  float p = 1.9875691500e-4f;
-  p = madd(p, r, 1.3981999507e-3f);
-  p = madd(p, r, 8.3334519073e-3f);
-  p = madd(p, r, 4.1665795894e-2f);
-  p = madd(p, r, 1.6666665459e-1f);
-  p = madd(p, r, 5.0000001201e-1f);
-  p = madd(p, r * r, r + 1.0f);
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return underflow ? 0.0f : p * scale;
+  float p = 1.3818303123e-3f;
+  p = madd(p, r, 8.3685321733e-3f);
+  p = madd(p, r, 4.1668292135e-2f);
+  p = madd(p, r, 1.6666522622e-1f);
+  p = madd(p, r, 4.9999994040e-1f);
+  p = madd(p, r, 1.0f);
+  p = madd(p, r, 1.0f);
+  uint32_t t_bits, p_bits;
+  std::memcpy(&t_bits, &t, sizeof(t));
+  std::memcpy(&p_bits, &p, sizeof(p));
+  p_bits += t_bits << 23;  // the low bits of t hold n (two's complement): n << 23 adds n to the exponent
+  std::memcpy(&p, &p_bits, sizeof(p));
+  return underflow ? 0.0f : p;
 }
 
 inline double exp_nonpositive(double x) { return std::exp(x); }  // float64: the simple, exact path
@@ -117,27 +133,25 @@ struct LseState {
 };
 
 // One chunk of n logits: writes e_v = exp(z_v - cm) into e [n] and returns
-// cm = max z, cs = Σ e, ca = Σ e (z - cm) (ca only kEntropy). Reads x once.
+// cm = max z, cs = Σ e, ca = Σ e (z - cm) (ca only kEntropy). Reads x twice
+// (the max, then the exponentials; the second time from L1), writes e once.
+// max z = (max x) / T as 1/T > 0; z - cm is one fused multiply-add.
 template <bool kEntropy, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 inline void chunk_exp(const scalar_t* x, int64_t n, acc_t inv_t, acc_t* e, acc_t& cm, acc_t& cs, acc_t& ca) {
   acc_t mx = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : mx)
-  for (int64_t v = 0; v < n; ++v) {
-    const acc_t z = to_acc<acc_t>(x[v]) * inv_t;
-    e[v] = z;
-    mx = std::max(mx, z);
-  }
-  const acc_t shift = mx == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : mx;
+  for (int64_t v = 0; v < n; ++v) mx = std::max(mx, to_acc<acc_t>(x[v]));
+  cm = mx * inv_t;
+  const acc_t shift = cm == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : cm;
   acc_t sum = 0, sum_a = 0;
 #pragma omp simd reduction(+ : sum, sum_a)
   for (int64_t v = 0; v < n; ++v) {
-    const acc_t d = e[v] - shift;
+    const acc_t d = madd(to_acc<acc_t>(x[v]), inv_t, -shift);
     const acc_t ev = exp_nonpositive(d);
     e[v] = ev;
     sum += ev;
     if constexpr (kEntropy) sum_a += ev > 0 ? ev * d : acc_t(0);
   }
-  cm = mx;
   cs = sum;
   ca = sum_a;
 }

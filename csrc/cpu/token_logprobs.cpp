@@ -14,10 +14,11 @@ namespace {
 
 constexpr int64_t kRowsPerTask = 1;  // a row is V values: enough work per task
 
-// Forward. Row r reads its id y and its V logits once (kChunk at a time into a
-// thread's L1 buffer; x_y again from cache); writes logp, lse (and H) [R].
-// Memory traffic: one read of the logits + 8-12 bytes per row (16-24 in
-// float64). Ignored rows read nothing but y.
+// Forward. Row r reads its id y and its V logits once from memory (kChunk at a
+// time, each chunk twice from L2, its exponentials into a thread's buffer; x_y
+// again from cache); writes logp, lse (and H) [R]. Memory traffic: one read of
+// the logits + 8-12 bytes per row (16-24 in float64). Ignored rows read nothing
+// but y.
 template <typename scalar_t, bool kEntropy>
 void forward_kernel(const at::Tensor& logits, const int64_t* ids, double temperature, int64_t ignore_index,
                     at::Tensor& logp, at::Tensor& lse, at::Tensor& entropy) {
@@ -30,16 +31,16 @@ void forward_kernel(const at::Tensor& logits, const int64_t* ids, double tempera
   acc_t* lse_out = lse.data_ptr<acc_t>();
   acc_t* ent_out = kEntropy ? entropy.data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, rows.rows(), kRowsPerTask, [&](int64_t begin, int64_t end) {
-    acc_t* e = thread_buffer<acc_t>(kChunk);
+    acc_t* e = thread_buffer<acc_t>(kChunk<scalar_t>);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t y = ids[r];
       acc_t row_logp = 0, row_lse = 0, row_ent = 0;
       if (y != ignore_index) {
         const scalar_t* x_row = x + rows.offset(r);
         LseState<acc_t> state;
-        for (int64_t v0 = 0; v0 < vocab; v0 += kChunk) {
+        for (int64_t v0 = 0; v0 < vocab; v0 += kChunk<scalar_t>) {
           acc_t cm, cs, ca;
-          chunk_exp<kEntropy>(x_row + v0, std::min(kChunk, vocab - v0), inv_t, e, cm, cs, ca);
+          chunk_exp<kEntropy>(x_row + v0, std::min(kChunk<scalar_t>, vocab - v0), inv_t, e, cm, cs, ca);
           state.merge(cm, cs, ca);
         }
         row_lse = state.lse();
