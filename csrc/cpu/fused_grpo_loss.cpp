@@ -25,7 +25,8 @@ namespace {
 // writes logp, lse (H) and, with kGrad, its V gradient values once (into the
 // logits when in place: x_y is read first, and each chunk of the row is read
 // before any of it is overwritten). Memory traffic: one read of the logits
-// (+ one write with kGrad); the exponentials round-trip through L2.
+// (+ one write with kGrad, non-temporal into a new gradient buffer); the
+// exponentials round-trip through L2.
 template <typename scalar_t, bool kEntropy, bool kGrad>
 void fused_kernel(const at::Tensor& logits, const int64_t* ids, const LossTokens<at::opmath_type<scalar_t>>& in,
                   const at::opmath_type<scalar_t>* seq_weight, const LossConfig& cfg, double temperature,

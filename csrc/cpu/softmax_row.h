@@ -133,7 +133,7 @@ struct LseState {
 
 // One chunk of n logits: writes e_v = exp(z_v - cm) into e [n] and returns
 // cm = max z, cs = Σ e, ca = Σ e (z - cm) (ca only kEntropy). Reads x twice
-// (the max, then the exponentials; the second time from L1), writes e once.
+// (the max, then the exponentials; the second time from L2), writes e once.
 // max z = (max x) / T as 1/T > 0; z - cm is one fused multiply-add.
 template <bool kEntropy, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 inline void chunk_exp(const scalar_t* x, int64_t n, acc_t inv_t, acc_t* e, acc_t& cm, acc_t& cs, acc_t& ca) {
