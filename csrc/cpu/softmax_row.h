@@ -43,14 +43,6 @@ inline float madd(float a, float b, float c) {
 #endif
 }
 
-inline double madd(double a, double b, double c) {
-#ifdef __FMA__
-  return std::fma(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
-
 // e^x for x <= 0 (softmax only exponentiates z - max; a rounding's worth above 0
 // is fine too), within 2 ulp, 0 for x < -87 (below the smallest normal float)
 // and for x = -inf. Branch-free so that it vectorizes inside `omp simd` loops:
@@ -134,7 +126,9 @@ struct LseState {
 // One chunk of n logits: writes e_v = exp(z_v - cm) into e [n] and returns
 // cm = max z, cs = Σ e, ca = Σ e (z - cm) (ca only kEntropy). Reads x twice
 // (the max, then the exponentials; the second time from L2), writes e once.
-// max z = (max x) / T as 1/T > 0; z - cm is one fused multiply-add.
+// max z = (max x) / T as 1/T > 0. z = x / T is rounded on its own everywhere
+// (here, in logp = z_y - lse and in log p of the gradient), so they agree with
+// lse = cm + log s: a dominant logit gets p = 1, not 1 + z's rounding error.
 template <bool kEntropy, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 inline void chunk_exp(const scalar_t* x, int64_t n, acc_t inv_t, acc_t* e, acc_t& cm, acc_t& cs, acc_t& ca) {
   acc_t mx = -std::numeric_limits<acc_t>::infinity();
@@ -145,7 +139,7 @@ inline void chunk_exp(const scalar_t* x, int64_t n, acc_t inv_t, acc_t* e, acc_t
   acc_t sum = 0, sum_a = 0;
 #pragma omp simd reduction(+ : sum, sum_a)
   for (int64_t v = 0; v < n; ++v) {
-    const acc_t d = madd(to_acc<acc_t>(x[v]), inv_t, -shift);
+    const acc_t d = to_acc<acc_t>(x[v]) * inv_t - shift;
     const acc_t ev = exp_nonpositive(d);
     e[v] = ev;
     sum += ev;
