@@ -37,6 +37,11 @@ def takes_cpu_tensors(backend: str) -> bool:
     return backend != "triton" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreted(backend: str) -> bool:
+    """``backend`` runs under the (slow) Triton interpreter: tests may thin out their inner loops there."""
+    return backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def pytest_generate_tests(metafunc):
     """``backend``: every backend here that implements the module's ``OP`` (all backends if none)
     and takes CPU tensors."""
