@@ -8,6 +8,7 @@ replaced, so no number in that section is typed by hand.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -20,10 +21,11 @@ END = "<!-- performance:end -->"
 
 
 def committed_results() -> list[Path]:
-    """The result JSON files git tracks."""
+    """The runner's result JSON files git tracks (other benchmarks' files, e.g. ``*-distributed.json``, have
+    no per-case records and are left out)."""
     listed = subprocess.run(["git", "ls-files", "benchmarks/results/*.json"], cwd=ROOT, capture_output=True,
                             text=True, check=True).stdout.split()
-    return [ROOT / name for name in listed]
+    return [ROOT / name for name in listed if "records" in json.loads((ROOT / name).read_text())]
 
 
 def newest_per_device(paths: list[Path]) -> list[dict]:
