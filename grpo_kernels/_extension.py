@@ -6,6 +6,8 @@ it); backends that need it report themselves unavailable.
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
@@ -15,7 +17,12 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 def _load() -> Optional[ModuleType]:
     try:
         from . import _C  # type: ignore[attr-defined]
-    except ImportError:
+    except ImportError as error:
+        built = list(Path(__file__).parent.glob("_C*.so")) + list(Path(__file__).parent.glob("_C*.pyd"))
+        if built:  # built but broken (e.g. against another torch): say why instead of silently going without
+            warnings.warn(f"grpo_kernels: the compiled extension {built[0].name} exists but failed to import "
+                          f"({type(error).__name__}: {error}); the 'cpu' and 'cuda' backends are unavailable. "
+                          f"Rebuild it with `pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=2)
         return None
     return _C
 

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .reference import SEQUENCE_MEAN_LOSS_TYPES, TOKEN_SUM_LOSS_TYPES
+from .reference import LOSS_TYPES, SEQUENCE_MEAN_LOSS_TYPES, TOKEN_SUM_LOSS_TYPES
 
 # Rows of the per-sequence partials [NUM_PARTIALS, B]: the sums, then the sequence statistics (first pass):
 # P_SEQ_LOG_RATIO: log of the sequence's ratio (GSPO: mean log-ratio; GMPO: clipped mean log-ratio; VESPO: log w);
@@ -60,7 +60,13 @@ def sequence_weights(
         return torch.full((), 1.0 / (B * length), dtype=dtype, device=device)
     if loss_type in TOKEN_SUM_LOSS_TYPES:
         return 1.0 / _token_normalizer(seq_count, num_items_in_batch)
-    return torch.full((), 1.0 / B, dtype=dtype, device=device)  # luspo
+    if loss_type == "luspo":
+        return torch.full((), 1.0 / B, dtype=dtype, device=device)
+    raise _unknown(loss_type)
+
+
+def _unknown(loss_type: str) -> ValueError:
+    return ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
 
 
 def _token_normalizer(seq_count: Tensor, num_items_in_batch) -> Tensor:
@@ -97,8 +103,10 @@ def aggregate(
         loss = seq_loss.sum() / (B * length)
     elif loss_type in TOKEN_SUM_LOSS_TYPES:
         loss = seq_loss.sum() / _token_normalizer(seq_count, num_items_in_batch)
-    else:  # luspo
+    elif loss_type == "luspo":
         loss = seq_loss.mean()
+    else:
+        raise _unknown(loss_type)
     kl = partials[P_KL].sum() / token_denom if has_ref else loss.new_zeros(())
     metric_denom = B if per_seq_metrics else token_denom
     return Aggregate(

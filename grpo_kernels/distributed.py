@@ -297,8 +297,11 @@ def batch_normalized(result: GRPOLossOutput, keep: Tensor, num_seqs: int, length
         factor = (num_seqs * local_length) / (all_seqs * longest)
     elif loss_type in ("dapo", "cispo") and num_items_in_batch is not None:
         factor = torch.ones((), dtype=dtype, device=tokens.device) / group_size  # the caller's normalizer
-    else:  # bnpo, dapo, cispo
+    elif loss_type in ("bnpo", "dapo", "cispo"):
         factor = local_tokens / all_tokens
+    else:
+        raise ValueError(f"loss_type with batch_group must be one of grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo; "
+                         f"got {loss_type!r}")
     all_metric = all_seqs if per_seq_metrics else all_tokens
     return result._replace(
         loss=result.loss * (group_size * factor),

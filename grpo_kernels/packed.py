@@ -80,10 +80,13 @@ def grpo_loss(
     ``per_token_loss`` has the shape of ``logprobs``."""
     o = {**LOSS_DEFAULTS, **loss_options}
     dtype = reference._compute_dtype(logprobs)
-    logp = logprobs.reshape(-1).to(dtype)
-    seg = segments(cu_seqlens, logp.numel())
-    m = mask.reshape(-1).to(dtype)
-    old = logp.detach() if old_logprobs is None else old_logprobs.reshape(-1).to(dtype)
+    seg = segments(cu_seqlens, logprobs.numel())
+    keep = mask.reshape(-1).to(torch.bool)
+    m = keep.to(dtype)
+    # masked tokens are selected away before any arithmetic (reference.grpo_loss does the same for the rest)
+    logp = reference.mask_select(keep, logprobs.reshape(-1).to(dtype), 0.0)
+    old = logp.detach() if old_logprobs is None else reference.mask_select(keep, old_logprobs.reshape(-1).to(dtype),
+                                                                           0.0)
     adv = per_token(advantages, seg, dtype)
     sequence_level = o["importance_sampling_level"] == "sequence"
     if sequence_level:
@@ -109,8 +112,9 @@ def grpo_loss(
         # one flag per sequence: its ratio exp(w_i) against its advantage, averaged over the B sequences
         ones = torch.ones(seg.num_seqs, 1, dtype=dtype, device=logp.device)
         options.update(ref_logprobs=None, importance_weights=None, beta=0.0)
-        flags = reference.grpo_loss(log_w.detach()[:, None], torch.zeros_like(ones),
-                                    advantages.reshape(-1, 1).to(dtype), ones, **options)
+        seq_adv = advantages.reshape(-1, 1).to(dtype)
+        seq_adv = torch.where(segment_sum(m, seg)[:, None] > 0, seq_adv, torch.zeros_like(seq_adv))
+        flags = reference.grpo_loss(log_w.detach()[:, None], torch.zeros_like(ones), seq_adv, ones, **options)
         low, high, region = flags.clip_ratio_low, flags.clip_ratio_high, flags.clip_ratio_region
     return GRPOLossOutput(loss=loss, per_token_loss=per_token_loss.view(logprobs.shape), kl=tokens.kl,
                           clip_ratio_low=low, clip_ratio_high=high, clip_ratio_region=region)

@@ -90,7 +90,10 @@ def token_logprobs(
         H = -\textstyle\sum_v p_v \log p_v,\ p = \mathrm{softmax}(z)
 
     (terms with :math:`p_v = 0`, e.g. from ``-inf`` logits, contribute 0 to H).
-    Rows whose id equals ``ignore_index`` get ``logp = 0`` and ``H = 0``.
+    Rows whose id equals ``ignore_index`` get ``logp = 0``, ``H = 0`` and a zero
+    gradient, whatever their logits hold (NaN, ±inf: selected away, never
+    multiplied by 0). Non-finite logits in any other row propagate: ``+inf`` or
+    NaN gives a NaN ``logp`` there.
 
     Args:
         logits: ``[..., V]`` floating point.
@@ -107,13 +110,16 @@ def token_logprobs(
         ``logp`` of shape ``[...]`` in float32 (float64 for float64 logits), or
         ``(logp, entropy)`` when ``return_entropy``.
     """
+    ignored = token_ids == ignore_index
     z = logits.to(_compute_dtype(logits)) / temperature
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    # Ignored rows are selected away before any arithmetic: whatever they hold (NaN, ±inf) reaches no value
+    # and no gradient (their gradient is exactly 0).
+    z = torch.where(ignored.unsqueeze(-1), zero, z)
     logp_all = torch.log_softmax(z, dim=-1)
 
-    ignored = token_ids == ignore_index
     safe_ids = torch.where(ignored, torch.zeros_like(token_ids), token_ids)
     logp = logp_all.gather(-1, safe_ids.unsqueeze(-1)).squeeze(-1)
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     logp = torch.where(ignored, zero, logp)
     if not return_entropy:
         return logp
@@ -278,12 +284,21 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
     if estimator == "low_var_kl":
         d = d.clamp(-20.0, 20.0)
         return (torch.exp(d) - d - 1).clamp(-10.0, 10.0)
-    return torch.exp(d) - d - 1
+    if estimator == "k3":
+        return torch.exp(d) - d - 1
+    raise ValueError(f"kl_estimator must be one of {list(KL_ESTIMATORS)}, got {estimator!r}")
 
 
 def _as_column(t: Tensor) -> Tensor:
     """``[B]`` → ``[B, 1]``; ``[B, 1]`` / ``[B, T]`` unchanged."""
     return t.unsqueeze(1) if t.ndim == 1 else t
+
+
+def mask_select(keep: Tensor, t: Tensor, neutral: float) -> Tensor:
+    """``t`` (``[B, T]``, or one value per sequence ``[B, 1]``) with ``neutral`` where ``keep [B, T]`` is False
+    (for ``[B, 1]``: where the sequence keeps no token), by selection: NaN or ±inf there never propagate."""
+    k = keep.any(-1, keepdim=True) if t.shape[-1] == 1 and keep.shape[-1] != 1 else keep
+    return torch.where(k, t, torch.full((), neutral, dtype=t.dtype, device=t.device))
 
 
 def clamp_log_ratio(log_ratio: Tensor, log_ratio_clamp: Optional[float]) -> Tensor:
@@ -312,11 +327,13 @@ def rollout_importance_ratio(
 
     Returns a constant (no gradient) in the dtype of ``old_logprobs``.
     """
+    if mode not in ROLLOUT_IS_MODES:
+        raise ValueError(f"rollout_is_mode must be one of {list(ROLLOUT_IS_MODES)}, got {mode!r}")
     d = torch.nan_to_num((old_logprobs.detach() - sampling_logprobs.to(old_logprobs.dtype)) * mask, nan=0.0)
-    if mode.startswith("sequence"):
+    if mode in ("sequence_truncate", "sequence_mask"):
         d = d.sum(-1, keepdim=True)
     ratio = torch.exp(clamp_log_ratio(d, log_ratio_clamp))
-    if mode.endswith("truncate"):
+    if mode in ("token_truncate", "sequence_truncate"):
         return torch.clamp(ratio, min=rollout_is_min, max=rollout_is_max)
     low = -float("inf") if rollout_is_min is None else rollout_is_min
     high = float("inf") if rollout_is_max is None else rollout_is_max
@@ -476,20 +493,38 @@ def grpo_loss(
     Returns:
         :class:`GRPOLossOutput` (float32, float64 for float64 ``logprobs``).
     """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {list(IMPORTANCE_SAMPLING_LEVELS)}, got "
+                         f"{importance_sampling_level!r}")
     dtype = _compute_dtype(logprobs)
-    logp = logprobs.to(dtype)
-    old = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
-    adv = _as_column(advantages.to(dtype))
-    m = mask.to(dtype)
+    keep = mask.to(torch.bool)
+    m = keep.to(dtype)
+    n_seq = m.sum(-1, keepdim=True)
+    # Masked positions are replaced by neutral values before any arithmetic (selection, not multiplication by
+    # the mask): whatever they hold (NaN, ±inf, huge) changes no value, metric or gradient, and their
+    # gradient is exactly 0. A per-sequence value ([B], [B, 1]) is masked where its sequence has no token.
+    logp = mask_select(keep, logprobs.to(dtype), 0.0)
+    old = logp.detach() if old_logprobs is None else mask_select(keep, old_logprobs.to(dtype), 0.0)
+    adv = mask_select(keep, _as_column(advantages.to(dtype)), 0.0)
+    if ref_logprobs is not None:
+        ref_logprobs = mask_select(keep, ref_logprobs.to(dtype), 0.0)
+    if sampling_logprobs is not None:
+        sampling_logprobs = mask_select(keep, sampling_logprobs.to(dtype), 0.0)
+    if importance_weights is not None:
+        importance_weights = mask_select(keep, _as_column(importance_weights.to(dtype)), 1.0)
     eps_low = epsilon_low
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
-    n_seq = m.sum(-1, keepdim=True)
 
     log_ratio = clamp_log_ratio(logp - old, log_ratio_clamp)
     if importance_sampling_level == "sequence":
         log_w = (log_ratio * m).sum(-1, keepdim=True) / n_seq.clamp(min=1.0)
-    else:
+    elif importance_sampling_level == "token":
         log_w = log_ratio
+    else:
+        raise ValueError(f"importance_sampling_level must be one of {list(IMPORTANCE_SAMPLING_LEVELS)}, got "
+                         f"{importance_sampling_level!r}")
     coef_1 = torch.exp(log_w)
 
     rollout_ratio = None
@@ -543,7 +578,7 @@ def grpo_loss(
     elif loss_type == "gpg":
         per_token_loss = -logp * adv
         is_low = is_high = no_clip
-    else:
+    elif loss_type in CLIPPED_LOSS_TYPES:
         coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
         if delta is not None:
             coef_1 = torch.clamp(coef_1, max=delta)
@@ -552,6 +587,8 @@ def grpo_loss(
             per_token_loss = torch.where(adv < 0, torch.min(per_token_loss, -adv * clip_ratio_c), per_token_loss)
         is_low = (coef_1 < 1 - eps_low) & (adv < 0)
         is_high = (coef_1 > 1 + eps_high) & (adv > 0)
+    else:
+        raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
 
     if off_policy_mask_threshold is not None:
         sampled = old if sampling_logprobs is None else sampling_logprobs
@@ -563,10 +600,11 @@ def grpo_loss(
             per_token_loss = per_token_loss * iw
     if beta != 0.0:
         per_token_loss = per_token_loss + beta * per_token_kl
-    per_token_loss = per_token_loss.expand(m.shape)
+    per_token_loss = torch.where(keep, per_token_loss.expand(m.shape), torch.zeros((), dtype=dtype,
+                                                                                    device=m.device))
 
-    # aggregation
-    seq_sum = (per_token_loss * m).sum(-1)
+    # aggregation (per_token_loss is 0 at masked positions)
+    seq_sum = per_token_loss.sum(-1)
     n_tokens = m.sum()
     batch = m.shape[0]
     if loss_type in SEQUENCE_MEAN_LOSS_TYPES:
@@ -582,14 +620,16 @@ def grpo_loss(
         else:
             normalizer = torch.as_tensor(num_items_in_batch, dtype=dtype).reshape(()).to(m.device)
         loss = seq_sum.sum() / normalizer.clamp(min=1.0)
-    else:  # luspo
+    elif loss_type == "luspo":
         loss = seq_sum.mean()
+    else:
+        raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
 
     def masked_mean(x: Tensor) -> Tensor:
         x = x.to(dtype)
         if x.shape[-1] == 1 and m.shape[-1] != 1:  # one value per sequence: mean over sequences
             return x.sum() / batch
-        return (x * m).sum() / n_tokens.clamp(min=1.0)
+        return torch.where(keep, x, torch.zeros((), dtype=dtype, device=x.device)).sum() / n_tokens.clamp(min=1.0)
 
     return GRPOLossOutput(
         loss=loss,
@@ -639,11 +679,12 @@ def fused_grpo_loss(
             unspecified); see :func:`token_logprobs`.
         **loss_options: keyword options of :func:`grpo_loss`.
     """
+    keep = fused_loss_mask(mask, token_ids, ignore_index)
     out = token_logprobs(
-        logits, token_ids, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+        logits, kept_ids(token_ids, keep, ignore_index), temperature=temperature, ignore_index=ignore_index,
+        return_entropy=return_entropy,
     )
     logp, entropy = out if return_entropy else (out, None)
-    keep = fused_loss_mask(mask, token_ids, ignore_index)
     result = grpo_loss(logp, old_logprobs, advantages, keep, **loss_options)
     if entropy is not None:
         result = result._replace(entropy=masked_mean_entropy(entropy, keep))
@@ -655,10 +696,17 @@ def fused_loss_mask(mask: Tensor, token_ids: Tensor, ignore_index: int) -> Tenso
     return mask.to(torch.bool) & (token_ids != ignore_index)
 
 
+def kept_ids(token_ids: Tensor, keep: Tensor, ignore_index: int) -> Tensor:
+    """``token_ids`` (int64) with ``ignore_index`` where ``keep`` is False: the rows the fused losses never read."""
+    ids = token_ids.to(torch.int64)
+    return torch.where(keep, ids, torch.full((), ignore_index, dtype=torch.int64, device=ids.device))
+
+
 def masked_mean_entropy(entropy: Tensor, keep: Tensor) -> Tensor:
     """The ``entropy`` metric of :func:`fused_grpo_loss`: mean of ``entropy`` over ``keep`` (0 when empty)."""
     k = keep.to(entropy.dtype)
-    return (entropy * k).sum() / k.sum().clamp(min=1.0)
+    zero = torch.zeros((), dtype=entropy.dtype, device=entropy.device)
+    return torch.where(keep.to(torch.bool), entropy, zero).sum() / k.sum().clamp(min=1.0)
 
 
 # --------------------------------------------------------------------------- #

@@ -4,7 +4,8 @@ Each public op calls one ``check_*`` function here before any computation.
 Errors are ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape,
 range or option) and name the offending argument and what was expected.
 
-Checks that read tensor *values* (ids in range, mask in {0, 1}) need a device
+Checks that read tensor *values* (ids in range, mask in {0, 1}, advantages
+finite where the mask is 1) need a device
 synchronization; they are skipped while ``torch.compile`` traces, for fake or
 meta tensors, and when the environment sets ``GRPO_KERNELS_CHECK_VALUES=0``.
 """
@@ -146,6 +147,13 @@ def check_token_logprobs(logits, token_ids, *, temperature, ignore_index, return
     _same_device(logits=logits, token_ids=token_ids)
     _check_row_options(temperature, ignore_index, return_entropy)
     _bool("inplace_backward", inplace_backward)
+    # (traced calls do not write in place: grpo_kernels.custom_ops)
+    if inplace_backward and logits.requires_grad and logits.is_leaf and not torch.compiler.is_compiling():
+        raise ValueError(
+            "inplace_backward=True would overwrite logits with their gradient, but logits is a leaf tensor that "
+            "requires grad (its .grad would alias its values, as PyTorch refuses for in-place ops on such leaves); "
+            "pass the output of the LM head (a non-leaf tensor) or use inplace_backward=False"
+        )
     if not sharded:
         _check_ids_in_range(token_ids, vocab, ignore_index)
 
@@ -299,9 +307,24 @@ def _check_num_items(num_items_in_batch) -> None:
                 f"dtype {t.dtype}"
             )
         if _values_checkable(t):
-            _real("num_items_in_batch", float(t), low=0.0)
+            _real("num_items_in_batch", float(t), low=1.0)
     else:
-        _real("num_items_in_batch", num_items_in_batch, low=0.0)
+        _real("num_items_in_batch", num_items_in_batch, low=1.0)
+
+
+def _check_advantages_finite(advantages: Tensor, keep: Tensor) -> None:
+    """Advantages are finite wherever they count: at kept tokens (``keep [..., T]`` bool), or for per-sequence
+    advantages ``[B]`` / ``[B, 1]``, in sequences with a kept token. Masked positions may hold anything."""
+    if not _values_checkable(advantages, keep):
+        return
+    adv = advantages
+    if adv.shape != keep.shape:  # one value per sequence
+        keep = keep.reshape(keep.shape[0], -1).any(-1).reshape(adv.shape)
+    bad = keep & ~torch.isfinite(adv)
+    if bool(bad.any()):
+        value = float(adv[bad].flatten()[0])
+        raise ValueError(f"advantages must be finite where the mask is 1 (masked positions may hold anything), "
+                         f"found {value}")
 
 
 def check_grpo_loss(logprobs, old_logprobs, advantages, mask, **options) -> None:
@@ -315,8 +338,10 @@ def check_grpo_loss(logprobs, old_logprobs, advantages, mask, **options) -> None
     _check_loss_inputs(logprobs, "logprobs", logprobs.shape, old_logprobs, advantages, mask, options)
 
 
-def _check_loss_inputs(main: Tensor, main_name: str, shape, old_logprobs, advantages, mask, options: dict) -> None:
-    """The [B, T] tensors and the options of the loss; ``main`` is logprobs or logits."""
+def _check_loss_inputs(main: Tensor, main_name: str, shape, old_logprobs, advantages, mask, options: dict,
+                       token_ids: Optional[Tensor] = None, ignore_index: int = -100) -> None:
+    """The [B, T] tensors and the options of the loss; ``main`` is logprobs or logits (then ``token_ids``: the
+    tokens whose id is ``ignore_index`` count as masked)."""
     batch, length = shape
     ref_logprobs, importance_weights = options["ref_logprobs"], options["importance_weights"]
     sampling_logprobs = options["sampling_logprobs"]
@@ -341,6 +366,13 @@ def _check_loss_inputs(main: Tensor, main_name: str, shape, old_logprobs, advant
     check_loss_options(**{k: v for k, v in options.items() if k not in PER_CALL_OPTIONS})
     if options["beta"] != 0.0 and ref_logprobs is None:
         raise ValueError(f"beta={options['beta']} needs ref_logprobs (the reference policy's per-token log-probs)")
+    _check_advantages_finite(advantages, _kept(mask, token_ids, ignore_index))
+
+
+def _kept(mask: Tensor, token_ids: Optional[Tensor], ignore_index: int) -> Tensor:
+    """The positions that count: ``mask`` and, for the fused losses, ``token_ids != ignore_index`` (bool)."""
+    keep = mask.to(torch.bool)
+    return keep if token_ids is None else keep & (token_ids != ignore_index)
 
 
 def check_fused_grpo_loss(logits, token_ids, old_logprobs, advantages, mask, *, temperature, ignore_index,
@@ -350,7 +382,8 @@ def check_fused_grpo_loss(logits, token_ids, old_logprobs, advantages, mask, *, 
         raise ValueError(f"logits must have shape [B, T, V], got {list(logits.shape)}")
     check_token_logprobs(logits, token_ids, temperature=temperature, ignore_index=ignore_index,
                          return_entropy=return_entropy, inplace_backward=inplace_backward)
-    _check_loss_inputs(logits, "logits", token_ids.shape, old_logprobs, advantages, mask, options)
+    _check_loss_inputs(logits, "logits", token_ids.shape, old_logprobs, advantages, mask, options, token_ids,
+                       ignore_index)
 
 
 def check_linear_token_logprobs(hidden, weight, token_ids, *, bias, temperature, logit_scale, softcap, ignore_index,
@@ -400,7 +433,8 @@ def check_fused_linear_grpo_loss(hidden, weight, token_ids, old_logprobs, advant
     check_linear_token_logprobs(hidden, weight, token_ids, bias=bias, temperature=temperature,
                                 logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index,
                                 return_entropy=return_entropy, chunk_size=chunk_size)
-    _check_loss_inputs(hidden, "hidden", token_ids.shape, old_logprobs, advantages, mask, options)
+    _check_loss_inputs(hidden, "hidden", token_ids.shape, old_logprobs, advantages, mask, options, token_ids,
+                       ignore_index)
 
 
 # --------------------------------------------------------------------------- #
@@ -476,7 +510,8 @@ def _check_packed_tokens(name: str, t: Optional[Tensor], shape, num_seqs: int, *
 
 
 def check_packed_loss(main: Tensor, main_name: str, shape, old_logprobs, advantages, mask, cu_seqlens,
-                      options: dict, defaults: dict) -> None:
+                      options: dict, defaults: dict, token_ids: Optional[Tensor] = None,
+                      ignore_index: int = -100) -> None:
     """The packed inputs of the loss: per-token tensors of ``shape`` (``[total]`` or ``[1, total]``), per-sequence
     ones ``[num_seqs]`` or per token; ``main`` is logprobs or logits."""
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[0] != 1):
@@ -498,6 +533,11 @@ def check_packed_loss(main: Tensor, main_name: str, shape, old_logprobs, advanta
     check_loss_options(**{k: v for k, v in options.items() if k not in PER_CALL_OPTIONS})
     if options["beta"] != 0.0 and options["ref_logprobs"] is None:
         raise ValueError(f"beta={options['beta']} needs ref_logprobs (the reference policy's per-token log-probs)")
+    keep = _kept(mask, token_ids, ignore_index).reshape(-1)
+    if tuple(advantages.shape) == (num_seqs,) and keep.numel() != num_seqs and _values_checkable(cu_seqlens, keep):
+        seq = torch.repeat_interleave(torch.arange(num_seqs, device=keep.device), cu_seqlens.diff().to(torch.int64))
+        keep = torch.zeros(num_seqs, dtype=torch.bool, device=keep.device).index_put_((seq,), keep, accumulate=True)
+    _check_advantages_finite(advantages.reshape(keep.shape), keep)
 
 
 def check_scale_out_grpo_loss(logprobs, old_logprobs, advantages, mask, *, batch_group, cu_seqlens, defaults: dict,
@@ -530,10 +570,11 @@ def check_scale_out_fused_grpo_loss(logits, token_ids, old_logprobs, advantages,
                          return_entropy=return_entropy, inplace_backward=inplace_backward,
                          sharded=vocab_group is not None)
     if cu_seqlens is None:
-        _check_loss_inputs(logits, "logits", token_ids.shape, old_logprobs, advantages, mask, options)
+        _check_loss_inputs(logits, "logits", token_ids.shape, old_logprobs, advantages, mask, options, token_ids,
+                           ignore_index)
     else:
         check_packed_loss(logits, "logits", token_ids.shape, old_logprobs, advantages, mask, cu_seqlens, options,
-                          defaults)
+                          defaults, token_ids, ignore_index)
     if batch_group is not None:
         check_scale_out_options(options, "batch_group", defaults)
 
@@ -550,10 +591,12 @@ def check_scale_out_fused_linear_grpo_loss(hidden, weight, token_ids, old_logpro
     if cu_seqlens is not None and hidden.ndim not in (2, 3):
         raise ValueError(f"packed hidden must have shape [total, H] or [1, total, H], got {list(hidden.shape)}")
     check_linear_token_logprobs(hidden, weight, token_ids, **head_options, sharded=vocab_group is not None)
+    ignore_index = head_options["ignore_index"]
     if cu_seqlens is None:
-        _check_loss_inputs(hidden, "hidden", token_ids.shape, old_logprobs, advantages, mask, options)
+        _check_loss_inputs(hidden, "hidden", token_ids.shape, old_logprobs, advantages, mask, options, token_ids,
+                           ignore_index)
     else:
         check_packed_loss(hidden, "hidden", token_ids.shape, old_logprobs, advantages, mask, cu_seqlens, options,
-                          defaults)
+                          defaults, token_ids, ignore_index)
     if batch_group is not None:
         check_scale_out_options(options, "batch_group", defaults)

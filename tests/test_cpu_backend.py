@@ -91,14 +91,15 @@ def test_token_logprobs_inplace_backward(dtype, return_entropy):
     ids[0, 1] = -100
     grads = []
     for inplace in (False, True):
-        x = logits.clone().requires_grad_()
+        leaf = logits.clone().requires_grad_()
+        x = leaf.clone()  # in place needs a non-leaf (as the LM head's output)
         out = gk.token_logprobs(x, ids, temperature=0.8, return_entropy=return_entropy, inplace_backward=inplace,
                                 backend="cpu")
         total = (out[0].sum() + out[1].sum()) if return_entropy else out.sum()
         total.backward()
-        grads.append(x.grad)
+        grads.append(leaf.grad)
         if inplace:
-            assert torch.equal(x.detach(), x.grad)  # the logits buffer holds the gradient
+            assert torch.equal(x.detach(), leaf.grad)  # the logits buffer holds the gradient
     assert torch.equal(grads[0], grads[1])
 
 
@@ -110,10 +111,10 @@ def test_fused_inplace_gradient_is_bitwise_the_allocated_one(dtype, level):
     old, adv, mask = -torch.rand(3, 4), torch.randn(3), torch.rand(3, 4) > 0.3
     grads = []
     for inplace in (False, True):
-        x = logits.clone().requires_grad_()
-        gk.fused_grpo_loss(x, ids, old, adv, mask, importance_sampling_level=level, inplace_backward=inplace,
-                           backend="cpu").loss.backward()
-        grads.append(x.grad)
+        leaf = logits.clone().requires_grad_()
+        gk.fused_grpo_loss(leaf.clone(), ids, old, adv, mask, importance_sampling_level=level,
+                           inplace_backward=inplace, backend="cpu").loss.backward()
+        grads.append(leaf.grad)
     assert torch.equal(grads[0], grads[1])
 
 

@@ -111,7 +111,7 @@ def test_fused_loss_large_vocab_bf16_on_cuda(impl, inplace, level):
     exact = gk.fused_grpo_loss(exact_x, ids, old, adv, mask, backend="reference", **opts)
     exact.loss.backward()
     x = logits.clone().requires_grad_()
-    out = gk.fused_grpo_loss(x, ids, old, adv, mask, inplace_backward=inplace, backend=impl, **opts)
+    out = gk.fused_grpo_loss(x.clone(), ids, old, adv, mask, inplace_backward=inplace, backend=impl, **opts)
     (2 * out.loss).backward()
     torch.testing.assert_close(out.loss.double(), exact.loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x.grad.double(), (2 * exact_x.grad).to(torch.bfloat16).double(),

@@ -86,8 +86,8 @@ def scenario_token_logprobs(rank: int, world: int, group) -> None:
             for inplace in (False, True):
                 shard = x[..., _vocab_slice(rank, world)].clone().requires_grad_()
                 what = f"{backend} {dtype} inplace={inplace}"
-                logp, ent = gk.token_logprobs(shard, ids, temperature=0.7, return_entropy=True, vocab_group=group,
-                                              backend=backend, inplace_backward=inplace)
+                logp, ent = gk.token_logprobs(shard.clone(), ids, temperature=0.7, return_entropy=True,
+                                              vocab_group=group, backend=backend, inplace_backward=inplace)
                 close(logp, logp_ref, TOL[dtype], f"logp {what}")
                 close(ent, ent_ref, TOL[dtype], f"entropy {what}")
                 (grad,) = torch.autograd.grad((logp * g_logp.to(logp.dtype) + ent * g_ent.to(ent.dtype)).sum(), shard)

@@ -182,10 +182,11 @@ def test_inplace_backward(backend, level):
     ids[0, 2] = -100
     opts = dict(ref_logprobs=ref, beta=0.04, importance_sampling_level=level, temperature=0.8)
     expected = _reference_grad(logits, ids, old, adv, mask, **opts)
-    x = logits.clone().requires_grad_()
+    leaf = logits.clone().requires_grad_()
+    x = leaf.clone()  # not a leaf, as the LM head's output: in place is allowed
     out = gk.fused_grpo_loss(x, ids, old, adv, mask, inplace_backward=True, backend=backend, **opts)
     out.loss.backward()
-    torch.testing.assert_close(x.grad, expected)
+    torch.testing.assert_close(leaf.grad, expected)
     if backend != "reference":
         torch.testing.assert_close(x.detach(), expected)  # the logits now hold their gradient
 
@@ -194,10 +195,11 @@ def test_inplace_backward(backend, level):
 def test_incoming_gradient_scales(backend, inplace):
     logits, ids, old, _, adv, mask = make_inputs()
     expected = _reference_grad(logits, ids, old, adv, mask, loss_type="grpo")
-    x = logits.clone().requires_grad_()
-    out = gk.fused_grpo_loss(x, ids, old, adv, mask, loss_type="grpo", inplace_backward=inplace, backend=backend)
+    leaf = logits.clone().requires_grad_()
+    out = gk.fused_grpo_loss(leaf.clone(), ids, old, adv, mask, loss_type="grpo", inplace_backward=inplace,
+                             backend=backend)
     (out.loss * -0.25).backward()
-    torch.testing.assert_close(x.grad, -0.25 * expected)
+    torch.testing.assert_close(leaf.grad, -0.25 * expected)
 
 
 def test_repeated_backward(backend):
@@ -240,11 +242,11 @@ def test_inplace_refuses_entropy_gradient(backend):
     if backend == "reference":
         pytest.skip("the reference never overwrites the logits")
     logits, ids, old, _, adv, mask = make_inputs()
-    x = logits.clone().requires_grad_()
-    out = gk.fused_grpo_loss(x, ids, old, adv, mask, return_entropy=True, inplace_backward=True, backend=backend)
+    leaf = logits.clone().requires_grad_()
+    out = gk.fused_grpo_loss(leaf.clone(), ids, old, adv, mask, return_entropy=True, inplace_backward=True,
+                             backend=backend)
     out.loss.backward(retain_graph=True)  # the entropy as a metric only: fine
-    x.grad = None
-    out = gk.fused_grpo_loss(logits.clone().requires_grad_(), ids, old, adv, mask, return_entropy=True,
+    out = gk.fused_grpo_loss(leaf.clone(), ids, old, adv, mask, return_entropy=True,
                              inplace_backward=True, backend=backend)
     with pytest.raises(RuntimeError, match="entropy"):
         (out.loss + out.entropy).backward()
@@ -260,6 +262,17 @@ def test_inplace_write_is_seen_by_autograd(backend):
     out = gk.fused_grpo_loss(x, ids, old, adv, mask, inplace_backward=True, backend=backend)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.loss.backward()
+
+
+def test_inplace_on_a_leaf_is_refused(backend):
+    """A leaf that requires grad would end up holding its own gradient (PyTorch refuses in-place ops on one)."""
+    logits, ids, old, _, adv, mask = make_inputs()
+    x = logits.clone().requires_grad_()
+    with pytest.raises(ValueError, match="inplace_backward=True.*leaf"):
+        gk.fused_grpo_loss(x, ids, old, adv, mask, inplace_backward=True, backend=backend)
+    with pytest.raises(ValueError, match="inplace_backward=True.*leaf"):
+        gk.token_logprobs(x, ids, inplace_backward=True, backend=backend)
+    assert torch.equal(x.detach(), logits)
 
 
 @pytest.mark.parametrize("inplace", [False, True])

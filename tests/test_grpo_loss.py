@@ -138,7 +138,8 @@ def check_against_python(out, logp, old, adv, mask, ref=None, iw=None, **opts):
     tol = dict(atol=1e-12, rtol=1e-10) if logp.dtype == torch.float64 else dict(atol=2e-6, rtol=2e-6)
     dt = torch.float64
     torch.testing.assert_close(out.loss.double(), torch.tensor(expected["loss"], dtype=dt), **tol)
-    torch.testing.assert_close(out.per_token_loss.double(), torch.tensor(expected["per_token_loss"], dtype=dt), **tol)
+    expected_ptl = torch.tensor(expected["per_token_loss"], dtype=dt).where(mask.bool(), 0.0)  # 0 where masked
+    torch.testing.assert_close(out.per_token_loss.double(), expected_ptl, **tol)
     assert out.per_token_loss.shape == (B, T)
     if ref is None:
         assert out.kl is None
@@ -317,9 +318,9 @@ def test_num_items_in_batch_forms_agree(backend):
     c = gk.grpo_loss(logp, old, adv, mask, num_items_in_batch=11.0, backend=backend).loss
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, c)
-    # N = 0 is clamped to 1
-    d = gk.grpo_loss(logp, old, adv, mask, num_items_in_batch=0, backend=backend).loss
-    torch.testing.assert_close(d, a * 11)
+    # N < 1 is refused (a normalizer counts tokens)
+    with pytest.raises(ValueError, match="num_items_in_batch must be >= 1"):
+        gk.grpo_loss(logp, old, adv, mask, num_items_in_batch=0, backend=backend)
 
 
 def test_float_mask_equals_bool_mask(backend):
@@ -418,8 +419,8 @@ def test_many_sequences(backend):
                                  tol=dict(atol=1e-6, rtol=1e-5))
 
 
-@pytest.mark.parametrize("n_items", [torch.tensor(7.0), torch.tensor(7), torch.tensor(0.0)],
-                         ids=["float0d", "int0d", "zero"])
+@pytest.mark.parametrize("n_items", [torch.tensor(7.0), torch.tensor(7), torch.tensor(1.0)],
+                         ids=["float0d", "int0d", "one"])
 def test_num_items_in_batch_tensor(backend, n_items):
     """A 0-d CPU tensor N (no CUDA involved): loss and gradient as the reference's."""
     logp, old, ref, adv, _, mask = make_inputs()

@@ -165,7 +165,7 @@ LOSS_CASES = [
     (dict(importance_weights=torch.ones(B, T + 2)), ValueError, "importance_weights must have shape"),
     (dict(max_completion_length=0), ValueError, "max_completion_length must be >= 1"),
     (dict(max_completion_length=2.5), TypeError, "max_completion_length must be an int"),
-    (dict(num_items_in_batch=-1), ValueError, "num_items_in_batch must be >= 0"),
+    (dict(num_items_in_batch=-1), ValueError, "num_items_in_batch must be >= 1"),
     (dict(num_items_in_batch=math.nan), ValueError, "num_items_in_batch must be finite"),
     (dict(num_items_in_batch=torch.ones(2)), ValueError, "num_items_in_batch must be a number or a one-element"),
     (dict(num_items_in_batch="7"), TypeError, "num_items_in_batch must be a real number"),

@@ -7,6 +7,7 @@
 // (V values, in L2) between the log-sum-exp and the gradient, so the row is
 // read once and exponentiated once.
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include "../grpo_kernels.h"
@@ -49,12 +50,14 @@ void fused_kernel(const at::Tensor& logits, const int64_t* ids, const LossTokens
     for (int64_t r = begin; r < end; ++r) {
       const int64_t i = r / len, t = r % len, y = ids[r];
       scalar_t* dx_row = kGrad ? dx + grad_rows.offset(r) : nullptr;
-      if (y == ignore_index) {
+      // An ignored or masked row is never read: whatever its logits hold changes nothing.
+      if (y == ignore_index || in.mask(i, t) == acc_t(0)) {
         logp_out[r] = lse_out[r] = 0;
         if (kEntropy) ent_out[r] = 0;
         if (kGrad) std::fill(dx_row, dx_row + vocab, scalar_t(0));
         continue;
       }
+      check_token_id(y, vocab, ignore_index, r);
       const scalar_t* x_row = x + rows.offset(r);
       LseState<acc_t> state;
       for (int64_t c = 0; c < n_chunks; ++c) {
@@ -72,11 +75,8 @@ void fused_kernel(const at::Tensor& logits, const int64_t* ids, const LossTokens
 
       // w = dL/dS_i · m · (∂ℓ/∂logp + ∂ℓ/∂c1 · d c1/d logp), as grpo_loss_bwd at token level
       const acc_t m = in.mask(i, t);
-      acc_t w = 0;
-      if (m != 0) {
-        const TokenTerms<acc_t> terms = token_terms(cfg, s, SeqStats<acc_t>{}, in.token(i, t, logp), in.has_ref);
-        w = seq_weight[i] * (m * dloss_dlogp(cfg, terms, acc_t(0)));
-      }
+      const TokenTerms<acc_t> terms = token_terms(cfg, s, SeqStats<acc_t>{}, in.token(i, t, logp), in.has_ref);
+      const acc_t w = seq_weight[i] * (m * dloss_dlogp(cfg, terms, acc_t(0)));
       // dx = w (onehot_y - p) / T with p = e · exp(chunk max - lse): -w p / T over the row, then dx_y
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t v0 = c * chunk;
@@ -98,11 +98,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& iw, const c10::optional<at::Tensor>& sampling_logp, const at::Tensor& seq_weight,
     const LossConfig& cfg, double temperature, int64_t ignore_index, bool return_entropy, bool compute_grad,
     bool inplace) {
-  TORCH_CHECK(!cfg.seq_pass, "fused_grpo_loss_fwd: a loss with a sequence pass is composed by the caller");
-  TORCH_CHECK(logits.dim() == 3, "fused_grpo_loss_fwd: logits must be [B, T, V]");
+  const char* name = "fused_grpo_loss_fwd";
+  check_config(cfg, name);
+  TORCH_CHECK(!cfg.seq_pass, name, ": a loss with a sequence pass is composed by the caller");
+  TORCH_CHECK(logits.is_cpu(), name, ": logits must be a CPU tensor, got ", logits.device());
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), name, ": logits must be floating point, got ",
+              logits.scalar_type());
+  TORCH_CHECK(logits.dim() == 3, name, ": logits must be [B, T, V], got ", logits.sizes());
+  TORCH_CHECK(!(compute_grad && inplace) || at::has_internal_overlap(logits) != at::MemOverlap::Yes, name,
+              ": in place needs logits whose rows do not overlap");
   const int64_t B = logits.size(0), T = logits.size(1);
-  const at::Tensor ids = flat_ids(token_ids);
+  const at::Tensor ids = flat_ids(token_ids, logits, B * T, name);
   const auto acc = at::toOpMathType(logits.scalar_type());
+  check_loss_inputs(name, logits, B, T, acc, c10::nullopt, old_logp, ref_logp, adv, keep, iw, sampling_logp);
+  TORCH_CHECK(seq_weight.numel() == B || seq_weight.numel() == 1, name, ": seq_weight must have ", B,
+              " values, got ", seq_weight.numel());
+  TORCH_CHECK(seq_weight.device() == logits.device(), name, ": seq_weight must be on ", logits.device());
   const auto options = logits.options().dtype(acc);
   at::Tensor logp = at::empty({B, T}, options);
   at::Tensor lse = at::empty({B, T}, options);
@@ -110,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad = !compute_grad ? at::empty({0}, logits.options())
                     : inplace     ? logits
                                   : empty_gradient_like(logits);
-  const at::Tensor weights = seq_weight.to(acc).expand({B}).contiguous();
+  const at::Tensor weights = seq_weight.reshape({-1}).to(acc).expand({B}).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fused_grpo_loss_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const LossTokens<acc_t> in(logp, old_logp, ref_logp, adv, keep, iw, sampling_logp);

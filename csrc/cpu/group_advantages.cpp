@@ -12,7 +12,7 @@ namespace grpo_kernels::cpu {
 
 namespace {
 
-constexpr int64_t kScaleGroup = 0, kScaleBatch = 1;
+constexpr int64_t kScaleGroup = 0, kScaleBatch = 1, kScaleNone = 2;
 
 // Group g, column k: reads the group's rewards three times (count and sum,
 // squared deviations, advantages); writes mean, std [g, k] and the group's
@@ -45,6 +45,7 @@ void normalize_kernel(const at::Tensor& rewards, const int64_t* order, const int
       const acc_t std = count > 1 ? std::sqrt(ss / (count - 1)) : nan;
       mean_out[g * K + k] = mean;
       std_out[g * K + k] = std;
+      // scale is kScaleGroup, kScaleBatch or kScaleNone (checked by group_normalize)
       const acc_t den = scale == kScaleGroup ? std + eps : (scale == kScaleBatch ? batch_std[k] + eps : acc_t(1));
       for (int64_t j = offsets[g]; j < offsets[g + 1]; ++j) {
         const int64_t b = row(j);
@@ -63,16 +64,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_normalize(const at::Tensor&
                                                                const at::Tensor& offsets,
                                                                const c10::optional<at::Tensor>& batch_std,
                                                                double eps, int64_t scale, bool rloo) {
-  TORCH_CHECK(rewards.dim() == 2, "group_normalize: rewards must be [B, K]");
-  TORCH_CHECK(scale != kScaleBatch || batch_std, "group_normalize: scale=batch needs batch_std");
+  const char* name = "group_normalize";
+  TORCH_CHECK(rewards.is_cpu(), name, ": rewards must be a CPU tensor, got ", rewards.device());
+  TORCH_CHECK(rewards.dim() == 2, name, ": rewards must be [B, K], got ", rewards.sizes());
+  TORCH_CHECK(rewards.scalar_type() == at::kFloat || rewards.scalar_type() == at::kDouble, name,
+              ": rewards must be float32 or float64, got ", rewards.scalar_type());
+  TORCH_CHECK(scale == kScaleGroup || scale == kScaleBatch || scale == kScaleNone, name, ": unknown scale ", scale);
+  TORCH_CHECK(scale != kScaleBatch || batch_std, name, ": scale=batch needs batch_std");
+  TORCH_CHECK(offsets.numel() >= 1 && offsets.device() == rewards.device(), name,
+              ": offsets must be G + 1 values on ", rewards.device());
   const int64_t B = rewards.size(0), K = rewards.size(1), groups = offsets.numel() - 1;
-  const at::Tensor offsets_c = offsets.to(at::kLong).contiguous();
-  const at::Tensor order_c = order ? order->to(at::kLong).contiguous() : at::Tensor();
+  const at::Tensor offsets_c = offsets.reshape({-1}).to(at::kLong).contiguous();
+  const int64_t* off = offsets_c.const_data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[groups] == B, name, ": offsets must run from 0 to B = ", B);
+  for (int64_t g = 0; g < groups; ++g) {
+    TORCH_CHECK(off[g] <= off[g + 1], name, ": offsets must be non-decreasing");
+  }
+  at::Tensor order_c;
+  if (order) {
+    TORCH_CHECK(order->numel() == B && order->device() == rewards.device(), name, ": order must be ", B,
+                " row indices on ", rewards.device());
+    order_c = order->reshape({-1}).to(at::kLong).contiguous();
+    const int64_t* o = order_c.const_data_ptr<int64_t>();
+    for (int64_t j = 0; j < B; ++j) TORCH_CHECK(o[j] >= 0 && o[j] < B, name, ": order values must be in [0, ", B, ")");
+  }
+  if (batch_std) {
+    TORCH_CHECK(batch_std->numel() == K && batch_std->device() == rewards.device(), name, ": batch_std must be ", K,
+                " values on ", rewards.device());
+  }
   at::Tensor adv = at::empty({B, K}, rewards.options());
   at::Tensor mean = at::empty({groups, K}, rewards.options());
   at::Tensor std = at::empty({groups, K}, rewards.options());
   AT_DISPATCH_FLOATING_TYPES(rewards.scalar_type(), "group_normalize", [&] {
-    const at::Tensor batch_std_c = batch_std ? batch_std->to(rewards.scalar_type()).contiguous() : at::Tensor();
+    const at::Tensor batch_std_c = batch_std ? batch_std->reshape({-1}).to(rewards.scalar_type()).contiguous() : at::Tensor();
     normalize_kernel<scalar_t>(rewards, order ? order_c.const_data_ptr<int64_t>() : nullptr,
                                offsets_c.const_data_ptr<int64_t>(), groups,
                                batch_std ? batch_std_c.const_data_ptr<scalar_t>() : nullptr,

@@ -27,7 +27,7 @@ void forward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, acc_t* p
       for (int64_t t = 0; t < len; ++t) {
         const acc_t m = in.mask(i, t);
         const TokenTerms<acc_t> r = token_terms(cfg, s, seq, in.token(i, t), in.has_ref);
-        per_token_loss[i * len + t] = r.loss;
+        per_token_loss[i * len + t] = m != acc_t(0) ? r.loss : acc_t(0);  // 0 at masked tokens, by selection
         sum_loss += r.loss * m;
         n += m;
         sum_kl += r.kl * m;
@@ -37,7 +37,8 @@ void forward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, acc_t* p
       }
       if (cfg.per_seq_metrics) {  // one ratio and one advantage per sequence: a 0/1 flag per sequence
         const acc_t seq_coef_1 = std::exp(seq.log_ratio);
-        const TokenTerms<acc_t> r = policy_terms(cfg, s, seq_coef_1, in.adv(i, 0), seq_coef_1, acc_t(0), seq);
+        const acc_t adv = n != acc_t(0) ? in.adv(i, 0) : acc_t(0);  // a fully masked sequence: neutral
+        const TokenTerms<acc_t> r = policy_terms(cfg, s, seq_coef_1, adv, seq_coef_1, acc_t(0), seq);
         low = acc_t(r.is_low);
         high = acc_t(r.is_high);
         region = acc_t(r.is_low || r.is_high);
@@ -71,7 +72,8 @@ void backward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, const a
       }
       for (int64_t t = 0; t < len; ++t) {
         const TokenTerms<acc_t> r = token_terms(cfg, s, seq, in.token(i, t), in.has_ref);
-        grad_logp[i * len + t] = seq_grad[i] * (in.mask(i, t) * dloss_dlogp(cfg, r, seq_term));
+        const acc_t m = in.mask(i, t);
+        grad_logp[i * len + t] = m != acc_t(0) ? seq_grad[i] * (m * dloss_dlogp(cfg, r, seq_term)) : acc_t(0);
       }
     }
   });
@@ -84,7 +86,11 @@ std::tuple<at::Tensor, at::Tensor> grpo_loss_fwd(const at::Tensor& logp, const c
                                                  const at::Tensor& mask, const c10::optional<at::Tensor>& iw,
                                                  const c10::optional<at::Tensor>& sampling_logp,
                                                  const LossConfig& cfg) {
+  check_logp(logp, "grpo_loss_fwd");
+  check_config(cfg, "grpo_loss_fwd");
   const int64_t B = logp.size(0), T = logp.size(1);
+  check_loss_inputs("grpo_loss_fwd", logp, B, T, logp.scalar_type(), logp, old_logp, ref_logp, adv, mask, iw,
+                    sampling_logp);
   at::Tensor per_token_loss = at::empty({B, T}, logp.options());
   at::Tensor partials = at::empty({kNumPartials, B}, logp.options());
   AT_DISPATCH_FLOATING_TYPES(logp.scalar_type(), "grpo_loss_fwd", [&] {
@@ -98,9 +104,17 @@ at::Tensor grpo_loss_bwd(const at::Tensor& logp, const c10::optional<at::Tensor>
                          const c10::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& mask,
                          const c10::optional<at::Tensor>& iw, const c10::optional<at::Tensor>& sampling_logp,
                          const at::Tensor& partials, const at::Tensor& seq_grad, const LossConfig& cfg) {
-  at::Tensor grad_logp = at::empty({logp.size(0), logp.size(1)}, logp.options());
-  const at::Tensor partials_c = partials.contiguous();
-  const at::Tensor seq_grad_c = seq_grad.to(logp.scalar_type()).contiguous();
+  check_logp(logp, "grpo_loss_bwd");
+  check_config(cfg, "grpo_loss_bwd");
+  const int64_t B = logp.size(0), T = logp.size(1);
+  check_loss_inputs("grpo_loss_bwd", logp, B, T, logp.scalar_type(), logp, old_logp, ref_logp, adv, mask, iw,
+                    sampling_logp);
+  TORCH_CHECK(partials.dim() == 2 && partials.size(0) == kNumPartials && partials.size(1) == B,
+              "grpo_loss_bwd: partials must be [", kNumPartials, ", ", B, "], got ", partials.sizes());
+  at::Tensor grad_logp = at::empty({B, T}, logp.options());
+  const at::Tensor partials_c =
+      per_row_values(partials, logp.scalar_type(), kNumPartials * B, logp, "grpo_loss_bwd", "partials");
+  const at::Tensor seq_grad_c = per_row_values(seq_grad, logp.scalar_type(), B, logp, "grpo_loss_bwd", "seq_grad");
   AT_DISPATCH_FLOATING_TYPES(logp.scalar_type(), "grpo_loss_bwd", [&] {
     backward_kernel(LossTokens<scalar_t>(logp, old_logp, ref_logp, adv, mask, iw, sampling_logp), cfg,
                     partials_c.const_data_ptr<scalar_t>(), seq_grad_c.const_data_ptr<scalar_t>(),

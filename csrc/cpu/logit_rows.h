@@ -43,9 +43,24 @@ class LogitRows {
   std::vector<int64_t> strides_;
 };
 
-// The token ids as a contiguous int64 [R] tensor.
-inline at::Tensor flat_ids(const at::Tensor& token_ids) {
+// The token ids of the rows of `logits` as a contiguous int64 [R] tensor (checked: an integer tensor of R
+// values on the logits' device).
+inline at::Tensor flat_ids(const at::Tensor& token_ids, const at::Tensor& logits, int64_t rows, const char* name) {
+  TORCH_CHECK(!at::isFloatingType(token_ids.scalar_type()) && !at::isComplexType(token_ids.scalar_type()) &&
+                  token_ids.scalar_type() != at::kBool,
+              name, ": token_ids must be an integer tensor, got ", token_ids.scalar_type());
+  TORCH_CHECK(token_ids.device() == logits.device(), name, ": token_ids must be on ", logits.device(), ", got ",
+              token_ids.device());
+  TORCH_CHECK(token_ids.numel() == rows, name, ": token_ids must have one id per row of logits (", rows,
+              "), got ", token_ids.numel());
   return token_ids.reshape({-1}).to(at::kLong).contiguous();
+}
+
+// A row's id y is ignore_index or in [0, vocab): checked inside the kernels before any row is read or written
+// (value checks of the Python layer may be off, or skipped under torch.compile).
+inline void check_token_id(int64_t y, int64_t vocab, int64_t ignore_index, int64_t row) {
+  TORCH_CHECK(y >= 0 && y < vocab, "token_ids must be in [0, V) = [0, ", vocab, ") or equal ignore_index=",
+              ignore_index, ", found ", y, " (row ", row, ")");
 }
 
 // A buffer of at least n values of T owned by the calling thread, reused across calls.

@@ -138,17 +138,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_normalize",
         &group_normalize<const OptTensor&, const Tensor&, const OptTensor&, double, int64_t, bool>,
         py::arg("rewards"), py::arg("order"), py::arg("offsets"), py::arg("batch_std"), py::arg("eps"),
-        py::arg("scale"), py::arg("rloo"), "(adv [B, K], mean [G, K], std [G, K])");
+        py::arg("scale"), py::arg("rloo"), "(adv [B, K], mean [G, K], std [G, K])",
+        py::call_guard<py::gil_scoped_release>());
   m.def("grpo_loss_fwd",
         &grpo_loss_fwd<const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&,
                        const OptTensor&, const LossConfig&>,
         py::arg("logp"), py::arg("old_logp"), py::arg("ref_logp"), py::arg("adv"), py::arg("mask"), py::arg("iw"),
-        py::arg("sampling_logp"), py::arg("cfg"), "(per_token_loss [B, T], partials [kNumPartials, B])");
+        py::arg("sampling_logp"), py::arg("cfg"), "(per_token_loss [B, T], partials [kNumPartials, B])",
+        py::call_guard<py::gil_scoped_release>());
   m.def("grpo_loss_bwd",
         &grpo_loss_bwd<const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&,
                        const OptTensor&, const Tensor&, const Tensor&, const LossConfig&>,
         py::arg("logp"), py::arg("old_logp"), py::arg("ref_logp"), py::arg("adv"), py::arg("mask"), py::arg("iw"),
-        py::arg("sampling_logp"), py::arg("partials"), py::arg("seq_grad"), py::arg("cfg"), "d loss / d logp [B, T]");
+        py::arg("sampling_logp"), py::arg("partials"), py::arg("seq_grad"), py::arg("cfg"), "d loss / d logp [B, T]",
+        py::call_guard<py::gil_scoped_release>());
   m.def("fused_grpo_loss_fwd",
         &fused_grpo_loss_fwd<const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
                              const OptTensor&, const OptTensor&, const Tensor&, const LossConfig&, double, int64_t,

@@ -1,11 +1,13 @@
 // token_logprobs on CPU: forward (log-sum-exp, gathered logit, entropy) and
 // backward (d logits), parallel over rows, vectorized over the vocabulary.
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include "../grpo_kernels.h"
 #include "gradient_buffer.h"
 #include "logit_rows.h"
+#include "loss_tokens.h"
 #include "softmax_row.h"
 
 namespace grpo_kernels::cpu {
@@ -36,6 +38,7 @@ void forward_kernel(const at::Tensor& logits, const int64_t* ids, double tempera
       const int64_t y = ids[r];
       acc_t row_logp = 0, row_lse = 0, row_ent = 0;
       if (y != ignore_index) {
+        check_token_id(y, vocab, ignore_index, r);
         const scalar_t* x_row = x + rows.offset(r);
         LseState<acc_t> state;
         for (int64_t v0 = 0; v0 < vocab; v0 += kChunk<scalar_t>) {
@@ -80,6 +83,7 @@ void backward_kernel(const at::Tensor& logits, at::Tensor& grad, const int64_t* 
         std::fill(dx_row, dx_row + vocab, scalar_t(0));
         continue;
       }
+      check_token_id(y, vocab, ignore_index, r);
       const acc_t w = g_logp ? g_logp[r] : acc_t(0);
       softmax_grad_row<kEntropyGrad>(x + rows.offset(r), dx_row, vocab, y, inv_t, lse_in[r], w,
                                      kEntropyGrad ? g_ent[r] : acc_t(0), kEntropyGrad ? ent[r] : acc_t(0));
@@ -87,21 +91,31 @@ void backward_kernel(const at::Tensor& logits, at::Tensor& grad, const int64_t* 
   });
 }
 
-// A contiguous [R] tensor of the compute dtype (the saved statistics and incoming gradients).
-at::Tensor per_row(const at::Tensor& t, at::ScalarType dtype) { return t.reshape({-1}).to(dtype).contiguous(); }
+// A contiguous [R] tensor of the compute dtype (the saved statistics and incoming gradients), checked: R values
+// on the logits' device.
+at::Tensor per_row(const at::Tensor& t, at::ScalarType dtype, int64_t rows, const at::Tensor& logits,
+                   const char* what) {
+  return per_row_values(t, dtype, rows, logits, "token_logprobs_bwd", what);
+}
+
+void check_logits(const at::Tensor& logits, const char* name) {
+  TORCH_CHECK(logits.is_cpu(), name, ": logits must be a CPU tensor, got ", logits.device());
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), name, ": logits must be floating point, got ",
+              logits.scalar_type());
+}
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tensor& logits,
                                                                   const at::Tensor& token_ids, double temperature,
                                                                   int64_t ignore_index, bool return_entropy) {
-  const at::Tensor ids = flat_ids(token_ids);
+  check_logits(logits, "token_logprobs_fwd");
+  const at::Tensor ids = flat_ids(token_ids, logits, LogitRows(logits).rows(), "token_logprobs_fwd");
   const auto acc = at::toOpMathType(logits.scalar_type());
   const auto options = logits.options().dtype(acc);
   at::Tensor logp = at::empty({ids.numel()}, options);
   at::Tensor lse = at::empty({ids.numel()}, options);
   at::Tensor entropy = at::empty({return_entropy ? ids.numel() : 0}, options);
-  TORCH_CHECK(LogitRows(logits).rows() == ids.numel(), "token_ids must have the leading shape of logits");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "token_logprobs_fwd", [&] {
     if (return_entropy) {
       forward_kernel<scalar_t, true>(logits, ids.const_data_ptr<int64_t>(), temperature, ignore_index, logp, lse,
@@ -118,17 +132,22 @@ at::Tensor token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& token_
                               const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& entropy,
                               const c10::optional<at::Tensor>& grad_entropy, double temperature,
                               int64_t ignore_index, bool inplace) {
-  const at::Tensor ids = flat_ids(token_ids);
+  check_logits(logits, "token_logprobs_bwd");
+  const int64_t rows = LogitRows(logits).rows();
+  const at::Tensor ids = flat_ids(token_ids, logits, rows, "token_logprobs_bwd");
   const auto acc = at::toOpMathType(logits.scalar_type());
   TORCH_CHECK(!grad_entropy || entropy, "token_logprobs_bwd: grad_entropy needs entropy");
-  const at::Tensor lse_r = per_row(lse, acc);
-  const c10::optional<at::Tensor> g_logp = grad_logp ? c10::optional<at::Tensor>(per_row(*grad_logp, acc))
-                                                     : c10::nullopt;
+  TORCH_CHECK(!inplace || at::has_internal_overlap(logits) != at::MemOverlap::Yes,
+              "token_logprobs_bwd: in place needs logits whose rows do not overlap");
+  const at::Tensor lse_r = per_row(lse, acc, rows, logits, "lse");
+  const c10::optional<at::Tensor> g_logp =
+      grad_logp ? c10::optional<at::Tensor>(per_row(*grad_logp, acc, rows, logits, "grad_logp")) : c10::nullopt;
   const bool entropy_grad = grad_entropy.has_value();
-  const c10::optional<at::Tensor> ent = entropy_grad ? c10::optional<at::Tensor>(per_row(*entropy, acc))
-                                                     : c10::nullopt;
-  const c10::optional<at::Tensor> g_ent = entropy_grad ? c10::optional<at::Tensor>(per_row(*grad_entropy, acc))
-                                                       : c10::nullopt;
+  const c10::optional<at::Tensor> ent =
+      entropy_grad ? c10::optional<at::Tensor>(per_row(*entropy, acc, rows, logits, "entropy")) : c10::nullopt;
+  const c10::optional<at::Tensor> g_ent =
+      entropy_grad ? c10::optional<at::Tensor>(per_row(*grad_entropy, acc, rows, logits, "grad_entropy"))
+                   : c10::nullopt;
   at::Tensor grad = inplace ? logits : empty_gradient_like(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "token_logprobs_bwd", [&] {
     if (entropy_grad) {

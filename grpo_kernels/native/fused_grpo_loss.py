@@ -33,9 +33,9 @@ from torch.autograd.function import once_differentiable
 from .._extension import _C
 from ..aggregation import P_COUNT
 from ..precomputed_gradient import check_backward
-from ..reference import GRPOLossOutput, fused_loss_mask, masked_mean_entropy
+from ..reference import GRPOLossOutput, fused_loss_mask, kept_ids, masked_mean_entropy
 from .grpo_loss import LossSetup, compute_dtype, loss_setup, loss_tensors
-from .token_logprobs import writable_rows
+from .token_logprobs import kernel_logits, writable_rows
 
 
 def _forward_sequence_level(logits: Tensor, token_ids: Tensor, tensors: tuple, setup: LossSetup, temperature: float,
@@ -66,6 +66,8 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
         inplace = compute_grad and inplace_backward and writable_rows(logits)
         setup = loss_setup(advantages, T, loss_options)
         keep = fused_loss_mask(mask, token_ids, ignore_index)
+        # masked rows read as ignored: the kernels never read their logits and write zeros as their gradient
+        token_ids = kept_ids(token_ids, keep, ignore_index)
         tensors = loss_tensors(compute_dtype(logits), token_ids.shape, old_logprobs, loss_options.get("ref_logprobs"),
                                advantages, keep, loss_options.get("importance_weights"),
                                loss_options.get("sampling_logprobs"))
@@ -152,7 +154,7 @@ def fused_grpo_loss(
     """
     options = (float(temperature), int(ignore_index), bool(return_entropy), bool(inplace_backward), loss_options)
     loss, per_token_loss, kl, low, high, region, entropy = _FusedGRPOLossFunction.apply(
-        logits, token_ids, old_logprobs, advantages, mask, options
+        kernel_logits(logits), token_ids, old_logprobs, advantages, mask, options
     )
     return GRPOLossOutput(
         loss=loss,

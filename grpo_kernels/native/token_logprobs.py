@@ -19,6 +19,11 @@ from torch.autograd.function import once_differentiable
 from .._extension import _C
 
 
+def kernel_logits(logits: Tensor) -> Tensor:
+    """``logits`` as the kernels read them: stride 1 over the vocabulary (a copy when it is not)."""
+    return logits if logits.shape[-1] <= 1 or logits.stride(-1) == 1 else logits.contiguous()
+
+
 def writable_rows(x: Tensor) -> bool:
     """No two rows of ``x`` share memory (a stride-0 expanded dim would make in-place writes race)."""
     return all(st != 0 for n, st in zip(x.shape, x.stride()) if n > 1)
@@ -72,7 +77,8 @@ def token_logprobs(
     that buffer as the gradient: ``logits`` must not be used after ``backward``.
     """
     return TokenLogprobsFunction.apply(
-        logits, token_ids, float(temperature), int(ignore_index), bool(return_entropy), bool(inplace_backward)
+        kernel_logits(logits), token_ids, float(temperature), int(ignore_index), bool(return_entropy),
+        bool(inplace_backward)
     )
 
 
@@ -81,7 +87,7 @@ def row_statistics(
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(logp, lse, entropy or None)`` of each row of ``logits [..., V]`` for ``ids [R]``, each ``[R]`` in the
     compute dtype (lse of ``logits / T``); ignored rows get 0 everywhere."""
-    logp, lse, entropy = _C.token_logprobs_fwd(logits, ids, temperature, ignore_index, return_entropy)
+    logp, lse, entropy = _C.token_logprobs_fwd(kernel_logits(logits), ids, temperature, ignore_index, return_entropy)
     return logp, lse, entropy if return_entropy else None
 
 
@@ -92,5 +98,6 @@ def row_gradient(
     """``d logits = (g_logp (onehot_y − p) − g_ent p (log p + ent)) / T`` with ``p = exp(logits / T − lse)``
     for any given per-row ``lse`` and ``ent`` (an id outside ``[0, V)`` has no one-hot term); into ``logits``
     itself when ``inplace`` and its rows do not alias. Ignored rows get 0."""
+    logits = kernel_logits(logits)
     return _C.token_logprobs_bwd(logits, ids, lse, g_logp, ent if g_ent is not None else None, g_ent, temperature,
                                  ignore_index, inplace and writable_rows(logits))
