@@ -84,6 +84,7 @@ from ..linear import Stats, WeightsFn
 from ..reference import GRPOLossOutput
 from .grpo_loss import compute_dtype
 from .token_logprobs import backward_rows, device_guard, inverse_temperature, row_layout
+from .tuning import knob
 
 __all__ = ["TILES", "TileConfig", "TritonTiles", "fused_linear_grpo_loss", "linear_gradient", "linear_stats",
            "linear_token_logprobs", "tile_gradient"]
@@ -305,7 +306,8 @@ def _upcast(dtype: torch.dtype, device: torch.device) -> bool:
 def tile_config(dtype: torch.dtype, device: torch.device) -> TileConfig:
     if CONFIG_OVERRIDE is not None:
         return CONFIG_OVERRIDE
-    return _GPU_CONFIGS[dtype] if device.type == "cuda" else _INTERPRETER_CONFIG
+    cfg = _GPU_CONFIGS[dtype] if device.type == "cuda" else _INTERPRETER_CONFIG
+    return TileConfig(*(knob(f"linear.{name}", value) for name, value in zip(TileConfig._fields, cfg)))
 
 
 class _Grid(NamedTuple):
@@ -323,7 +325,8 @@ def _grid(n: int, vocab: int, cfg: TileConfig, device: torch.device) -> _Grid:
     vocab_tiles = triton.cdiv(vocab, cfg.block_v)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        splits = max(_MIN_SPLITS, triton.cdiv(_PROGRAMS_PER_SM * sms, token_tiles))
+        per_sm = knob("linear.programs_per_sm", _PROGRAMS_PER_SM)
+        splits = max(knob("linear.min_splits", _MIN_SPLITS), triton.cdiv(per_sm * sms, token_tiles))
     else:
         splits = _INTERPRETER_SPLITS
     per_split = triton.cdiv(vocab_tiles, min(splits, vocab_tiles))

@@ -44,6 +44,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .tuning import knob
+
 __all__ = ["token_logprobs", "token_logprobs_triton", "TokenLogprobsFunction", "launch_config", "row_layout",
            "forward_rows", "backward_rows"]
 
@@ -212,18 +214,21 @@ _MAX_BLOCK_V = {torch.float16: 8192, torch.bfloat16: 8192, torch.float32: 4096, 
 _NUM_WARPS = ((256, 1), (1024, 4), (4096, 8), (8192, 16))
 
 
-def launch_config(vocab: int, dtype: torch.dtype, block_v: Optional[int] = None) -> tuple[int, int]:
+def launch_config(vocab: int, dtype: torch.dtype, block_v: Optional[int] = None,
+                  kernel: str = "token_logprobs.fwd") -> tuple[int, int]:
     """``(BLOCK_V, num_warps)`` for rows of ``vocab`` logits of ``dtype``.
 
     ``BLOCK_V = min(next_pow2(V), max for the dtype)``; the row is looped over in
     ``BLOCK_V`` chunks. ``block_v`` (a power of two) forces the chunk size, for tests.
+    ``kernel`` names the knobs of :mod:`.tuning` (``<kernel>.max_block_v``, ``<kernel>.num_warps``)
+    that override the defaults.
     """
     if block_v is None:
-        block_v = min(triton.next_power_of_2(vocab), _MAX_BLOCK_V[dtype])
+        block_v = min(triton.next_power_of_2(vocab), knob(f"{kernel}.max_block_v", _MAX_BLOCK_V[dtype]))
     elif block_v < 1 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     num_warps = next(w for bound, w in _NUM_WARPS if block_v <= bound) if block_v <= _NUM_WARPS[-1][0] else 16
-    return block_v, num_warps
+    return block_v, knob(f"{kernel}.num_warps", num_warps)
 
 
 class Rows(NamedTuple):
@@ -329,7 +334,7 @@ def backward_rows(
 
     ``scale`` and ``softcap``: rows of a fused-linear tile ``x = c tanh(s a / c)``
     (or ``s a``) get the gradient of the affine logits ``a``, from ``x`` alone."""
-    block, num_warps = launch_config(rows.vocab, rows.x.dtype, block_v)
+    block, num_warps = launch_config(rows.vocab, rows.x.dtype, block_v, "token_logprobs.bwd")
     has_g_ent = g_ent is not None
     with device_guard(rows.x):
         _token_logprobs_bwd_kernel[(ids.numel(),)](
