@@ -6,9 +6,12 @@ signatures of :mod:`grpo_kernels.reference`; a module lists what it provides
 in ``OPS`` (the reference provides all). A backend without kernels of its own
 for the fused-linear ops (``CHUNKED_OPS``) provides them through a chunked
 driver over its row ops. Backend modules are imported on first use.
-``"auto"`` picks, per device type, the first available backend of an
-ordered preference list; the environment variable ``GRPO_KERNELS_BACKEND``
-overrides that choice.
+``"auto"`` picks, per device type and op, the first available backend of an
+ordered preference list that is trusted there: tested by this project's CI
+(CPU), or validated on the user's device at first use
+(:mod:`grpo_kernels.self_check`; CUDA, which CI does not have). The
+environment variable ``GRPO_KERNELS_BACKEND`` overrides that choice, and an
+explicit ``backend=`` is never replaced.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import enum
 import os
 from types import ModuleType
 from typing import Callable, Optional
@@ -68,9 +72,20 @@ _MODULES: dict[str, tuple[str, Callable[[], bool]]] = {
     "cuda": ("grpo_kernels.native", _extension_has_cuda_kernels),
 }
 
-# "auto": preference per device type; a backend is listed here only once its
-# tests (and, for GPUs, a committed GPU result file) show it correct.
-_AUTO_PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("reference",)}
+class Trust(enum.Enum):
+    """Why ``"auto"`` may use a backend on a kind of device."""
+
+    TESTED = "tested"  # CI runs its tests on this kind of device
+    VALIDATE_ON_DEVICE = "validate on device"  # only once grpo_kernels.self_check passed it there
+
+
+# "auto": preference per device type, best first. CI has no GPU, so on CUDA the kernel backends are used only
+# after the on-device check (triton first: no committed GPU result shows cuda faster yet).
+_AUTO_PREFERENCE: dict[str, tuple[tuple[str, Trust], ...]] = {
+    "cpu": (("cpu", Trust.TESTED), ("reference", Trust.TESTED)),
+    "cuda": (("triton", Trust.VALIDATE_ON_DEVICE), ("cuda", Trust.VALIDATE_ON_DEVICE), ("reference", Trust.TESTED)),
+}
+_AUTO_OTHER_DEVICES = (("reference", Trust.TESTED),)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -104,17 +119,40 @@ def chunked(name: str, op: str) -> bool:
     return not _provides(name, op) and op in CHUNKED_OPS and all(_provides(name, r) for r in CHUNKED_OPS[op])
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend name that ``backend`` means for tensors on ``device``."""
+def resolve_backend(backend: str, device: torch.device, op: Optional[str] = None) -> str:
+    """The concrete backend name that ``backend`` means for ``op`` on tensors on ``device``.
+
+    ``"auto"`` without ``op`` considers only backends that need no on-device check.
+    """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend == "auto":
-        override = os.environ.get("GRPO_KERNELS_BACKEND", "").strip()
-        if override and override != "auto":
-            return _check_known(override, "GRPO_KERNELS_BACKEND")
-        preference = _AUTO_PREFERENCE.get(device.type, ("reference",))
-        return next(name for name in preference if _installed(name))
+        override = _override()
+        return _auto(device, op) if override is None else _check_known(override, "GRPO_KERNELS_BACKEND")
     return _check_known(backend, "backend")
+
+
+def _override() -> Optional[str]:
+    """The backend named by ``GRPO_KERNELS_BACKEND`` for ``"auto"`` (None: unset or ``auto``)."""
+    override = os.environ.get("GRPO_KERNELS_BACKEND", "").strip()
+    return override if override and override != "auto" else None
+
+
+def _auto(device: torch.device, op: Optional[str]) -> str:
+    for name, trust in _AUTO_PREFERENCE.get(device.type, _AUTO_OTHER_DEVICES):
+        if not _installed(name) or (op is not None and not (_provides(name, op) or chunked(name, op))):
+            continue
+        if trust is Trust.TESTED:
+            return name
+        if trust is not Trust.VALIDATE_ON_DEVICE:
+            raise ValueError(f"unknown trust {trust!r} of backend {name!r}")
+        if op is None:
+            continue
+        from . import self_check  # it runs the backends: imported on first use
+
+        if self_check.backend_usable(name, op, device):
+            return name
+    return "reference"
 
 
 def _check_known(name: str, where: str) -> str:
@@ -146,7 +184,7 @@ def _check_device(name: str, device: torch.device) -> None:
 
 def implementation(backend: str, device: torch.device, op: str) -> Callable:
     """The function computing ``op`` for ``backend`` on ``device``."""
-    name = resolve_backend(backend, device)
+    name = resolve_backend(backend, device, op)
     if not _provides(name, op):
         raise BackendUnavailableError(
             f"backend {name!r} does not implement {op} yet; backends with {op}: {available_backends(op)}"
@@ -159,11 +197,24 @@ def backend_function(backend: str, device: torch.device, op: str) -> Callable:
     """The function computing ``op`` for ``backend`` on ``device`` (inputs already validated): the backend's own,
     or, for a fused-linear op of a backend without a kernel of its own for it, the chunked driver
     :mod:`grpo_kernels.linear` over the backend's row ops (checked usable on ``device`` before any compute)."""
-    name = resolve_backend(backend, device)
+    name = resolve_backend(backend, device, op)
+    auto_fallback = backend == "auto" and _override() is None and name == "reference"
+    if op in CHUNKED_OPS and auto_fallback and device.type in _BOUNDED_FALLBACK:
+        # the fallback on a GPU: the chunked driver over the reference's row ops, O(chunk_size × V) memory
+        return functools.partial(getattr(_linear(), op), backend=name)
     if op not in CHUNKED_OPS or not chunked(name, op):
         return implementation(name, device, op)
     for row_op in CHUNKED_OPS[op]:
         implementation(name, device, row_op)
+    return functools.partial(getattr(_linear(), op), backend=name)
+
+
+# Device types on which "auto"'s reference fallback for the fused-linear ops is the chunked driver over the
+# reference's row ops rather than the unchunked specification (whose [tokens × V] logits do not fit a GPU).
+_BOUNDED_FALLBACK = ("cuda",)
+
+
+def _linear() -> ModuleType:
     from . import linear  # the driver runs the public row ops
 
-    return functools.partial(getattr(linear, op), backend=name)
+    return linear

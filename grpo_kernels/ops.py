@@ -31,7 +31,7 @@ def _traced_backend(backend: str, device_type: str, op: str) -> str:
     once while TorchDynamo traces (a constant of the graph), for the custom ops of :mod:`grpo_kernels.custom_ops`."""
     device = torch.device(device_type)
     backends.backend_function(backend, device, op)
-    return backends.resolve_backend(backend, device)
+    return backends.resolve_backend(backend, device, op)
 
 
 @overload
@@ -92,7 +92,7 @@ def token_logprobs(
         return distributed.token_logprobs(
             logits, token_ids, vocab_group=vocab_group, temperature=temperature, ignore_index=ignore_index,
             return_entropy=return_entropy, inplace_backward=inplace_backward,
-            backend=backends.resolve_backend(backend, logits.device),
+            backend=backends.resolve_backend(backend, logits.device, "token_logprobs"),
         )
     if torch.compiler.is_compiling():
         return custom_ops.token_logprobs(
@@ -243,7 +243,8 @@ def grpo_loss(
         validation.check_scale_out_grpo_loss(logprobs, old_logprobs, advantages, mask, batch_group=batch_group,
                                              cu_seqlens=cu_seqlens, defaults=LOSS_DEFAULTS, **options)
         return composed.grpo_loss(logprobs, old_logprobs, advantages, mask, batch_group=batch_group,
-                                  cu_seqlens=cu_seqlens, backend=backends.resolve_backend(backend, logprobs.device),
+                                  cu_seqlens=cu_seqlens,
+                                  backend=backends.resolve_backend(backend, logprobs.device, "grpo_loss"),
                                   **options)
     validation.check_grpo_loss(logprobs, old_logprobs, advantages, mask, **options)
     if torch.compiler.is_compiling():
@@ -322,7 +323,8 @@ def fused_grpo_loss(
         validation.check_scale_out_fused_grpo_loss(logits, token_ids, old_logprobs, advantages, mask, **scale_out,
                                                    defaults=LOSS_DEFAULTS, **options)
         return composed.fused_grpo_loss(logits, token_ids, old_logprobs, advantages, mask, **scale_out,
-                                        backend=backends.resolve_backend(backend, logits.device), **options)
+                                        backend=backends.resolve_backend(backend, logits.device, "fused_grpo_loss"),
+                                        **options)
     validation.check_fused_grpo_loss(
         logits, token_ids, old_logprobs, advantages, mask,
         temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
@@ -488,7 +490,7 @@ def fused_linear_grpo_loss(
                                                           defaults=LOSS_DEFAULTS, **options)
         return composed.fused_linear_grpo_loss(
             hidden, weight, token_ids, old_logprobs, advantages, mask, **scale_out, head_options=head_options,
-            backend=backends.resolve_backend(backend, hidden.device),
+            backend=backends.resolve_backend(backend, hidden.device, "fused_linear_grpo_loss"),
             implementation=backends.backend_function(backend, hidden.device, "fused_linear_grpo_loss"), **options)
     validation.check_fused_linear_grpo_loss(hidden, weight, token_ids, old_logprobs, advantages, mask,
                                             **head_options, **options)
