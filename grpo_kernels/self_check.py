@@ -62,14 +62,23 @@ REPORT_URL = "https://github.com/grpo-kernels/grpo_kernels/issues"
 
 LARGE_VOCAB = 151936  # Qwen2/3's vocabulary
 
-# Largest error allowed, relative to the largest magnitude of the reference tensor, per input dtype:
-# (forward values, gradients). Values are computed in float32 from the rounded inputs; a bfloat16 gradient
-# is rounded once (2^-8 relative) and a rounding can flip (one more ulp).
+# Error allowed per input dtype, as ``|actual − expected| <= atol + rtol·|expected|`` per entry: for forward values
+# (computed in float32 from the rounded inputs) ``atol`` is scaled by max(1, the tensor's largest magnitude); for
+# gradients by the tensor's largest magnitude (their entries are ~1/V). A bfloat16 gradient is rounded once
+# (2^-8 relative), and the rounding of a value next to a tie can go either way (2^-7).
+@dataclass(frozen=True)
+class Tolerance:
+    value_atol: float
+    value_rtol: float
+    grad_atol: float
+    grad_rtol: float
+
+
 TOLERANCES = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-4, 1e-4),
-    torch.bfloat16: (1e-4, 2.0**-6),
-    torch.float16: (1e-4, 2.0**-9),
+    torch.float64: Tolerance(1e-10, 1e-10, 1e-10, 1e-10),
+    torch.float32: Tolerance(2e-5, 2e-5, 1e-6, 1e-4),
+    torch.bfloat16: Tolerance(2e-5, 2e-5, 1e-5, 2.0**-7),
+    torch.float16: Tolerance(2e-5, 2e-5, 1e-5, 2.0**-10),
 }
 
 DTYPES = (torch.bfloat16, torch.float32)
@@ -88,6 +97,13 @@ def _package_version(name: str) -> Optional[str]:
     except ImportError:
         return None
     return getattr(module, "__version__", None)
+
+
+def _extension_facts() -> dict:
+    try:
+        return extension_info()
+    except Exception as exc:  # a stale build lacking an entry point: part of the key, not a crash
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def environment(device: torch.device) -> dict:
@@ -109,7 +125,7 @@ def environment(device: torch.device) -> dict:
         "triton": _package_version("triton"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "grpo_kernels": __version__,
-        "extension": extension_info(),
+        "extension": _extension_facts(),
     }
 
 
@@ -173,14 +189,14 @@ def write_verdict(verdict: Verdict) -> Optional[Path]:
 # --------------------------------------------------------------------------- #
 @dataclass
 class CaseResult:
-    """One case of one op: the largest error (relative to the reference's largest magnitude) of any output or
-    gradient, where it was, and the exception if the backend raised."""
+    """One case of one op: its worst output or gradient (largest error in units of the error allowed there, which
+    passes up to 1), that tensor's largest absolute error, and the exception if the backend raised."""
 
     case: str
     dtype: str
-    max_error: float
-    tolerance: float
-    worst: str  # the output or gradient with the largest error relative to its tolerance
+    max_error: float  # max |actual − expected| of the worst tensor
+    ratio: float  # max |actual − expected| / (atol + rtol·|expected|) of the worst tensor: passes <= 1
+    worst: str
     passed: bool
     error: Optional[str] = None
     seconds: float = 0.0
@@ -206,7 +222,8 @@ class Verdict:
         if not failures:
             return ""
         c = failures[0]
-        what = c.error if c.error else f"{c.worst}: max relative error {c.max_error:.3g} > tolerance {c.tolerance:.3g}"
+        what = c.error if c.error else (f"{c.worst}: max error {c.max_error:.3g}, {c.ratio:.3g} times the error "
+                                        f"allowed")
         more = f" (and {len(failures) - 1} more failing case(s))" if len(failures) > 1 else ""
         return f"{c.dtype}, case '{c.case}': {what}{more}"
 
@@ -478,49 +495,56 @@ def run_case(case: Case, fn: Callable, exact: bool) -> dict:
     return results
 
 
-def relative_error(actual: Tensor, expected: Tensor) -> float:
-    """``max |actual − expected| / max |expected|`` over the finite reference entries (0 scale: absolute); inf when
-    the shapes differ or the non-finite entries (±inf, NaN) are not the same."""
+def compare(actual: Tensor, expected: Tensor, atol: float, rtol: float, scale_floor: float) -> tuple[float, float]:
+    """``(max |actual − expected|, max |actual − expected| / (atol·s + rtol·|expected|))`` over the finite reference
+    entries, ``s = max(scale_floor, max |expected|)``; ``(inf, inf)`` when the shapes differ or the non-finite entries
+    (±inf, NaN) are not exactly the same."""
     if actual.shape != expected.shape:
-        return math.inf
+        return math.inf, math.inf
     a, e = actual.detach().to(torch.float64), expected.detach().to(torch.float64)
     finite = torch.isfinite(e)
     if not torch.equal(torch.isfinite(a), finite):
-        return math.inf
+        return math.inf, math.inf
     if not finite.all():
-        same_nan = torch.isnan(a[~finite]) == torch.isnan(e[~finite])
-        same_inf = torch.where(torch.isnan(e[~finite]), True, a[~finite] == e[~finite])
-        if not (same_nan & same_inf).all():
-            return math.inf
+        a_bad, e_bad = a[~finite], e[~finite]
+        same = torch.where(torch.isnan(e_bad), torch.isnan(a_bad), a_bad == e_bad)
+        if not same.all():
+            return math.inf, math.inf
     if not finite.any():
-        return 0.0
-    diff = (a[finite] - e[finite]).abs().max().item()
-    scale = e[finite].abs().max().item()
-    return diff / scale if scale > 0 else diff
+        return 0.0, 0.0
+    a, e = a[finite], e[finite]
+    diff = (a - e).abs()
+    scale = max(scale_floor, e.abs().max().item())
+    allowed = atol * scale + rtol * e.abs()
+    ratio = torch.where(allowed > 0, diff / allowed, torch.where(diff > 0, math.inf, 0.0)).max().item()
+    return diff.max().item(), ratio
 
 
 def check_case(case: Case, fn: Callable, reference_fn: Callable) -> CaseResult:
     """``fn`` against ``reference_fn`` in float64 on the case."""
     start = time.perf_counter()
-    value_tol, grad_tol = TOLERANCES[case.dtype]
+    tol = TOLERANCES[case.dtype]
     dtype = str(case.dtype).replace("torch.", "")
     try:
         got = run_case(case, fn, exact=False)
     except Exception as exc:  # a kernel that raises is a failed check, not a crash of the caller
-        return CaseResult(case.name, dtype, math.inf, value_tol, "", False, f"{type(exc).__name__}: {exc}"[:500],
+        return CaseResult(case.name, dtype, math.inf, math.inf, "", False, f"{type(exc).__name__}: {exc}"[:500],
                           time.perf_counter() - start)
     expected = run_case(case, reference_fn, exact=True)
-    worst, worst_ratio, worst_err, worst_tol = "", -1.0, 0.0, value_tol
+    worst, worst_err, worst_ratio = "", 0.0, -1.0
     for name, e in expected.items():
-        tol = grad_tol if name.startswith("grad") else value_tol
-        err = relative_error(got[name], e) if name in got else math.inf
-        ratio = err / tol
+        if name not in got:
+            err, ratio = math.inf, math.inf
+        elif name.startswith("grad"):
+            err, ratio = compare(got[name], e, tol.grad_atol, tol.grad_rtol, 0.0)
+        else:
+            err, ratio = compare(got[name], e, tol.value_atol, tol.value_rtol, 1.0)
         if ratio > worst_ratio:
-            worst, worst_ratio, worst_err, worst_tol = name, ratio, err, tol
+            worst, worst_err, worst_ratio = name, err, ratio
     extra = sorted(set(got) - set(expected))
     if extra:
         worst, worst_err, worst_ratio = f"unexpected {extra}", math.inf, math.inf
-    return CaseResult(case.name, dtype, worst_err, worst_tol, worst, worst_ratio <= 1.0, None,
+    return CaseResult(case.name, dtype, worst_err, worst_ratio, worst, worst_ratio <= 1.0, None,
                       time.perf_counter() - start)
 
 
@@ -549,7 +573,8 @@ def validate(backend: str, op: str, device: torch.device, size: Optional[Sizes] 
         try:
             fn = backends.backend_function(backend, device, op)
         except Exception as exc:
-            results.append(CaseResult("setup", "-", math.inf, 0.0, "", False, f"{type(exc).__name__}: {exc}"[:500]))
+            results.append(CaseResult("setup", "-", math.inf, math.inf, "", False,
+                                      f"{type(exc).__name__}: {exc}"[:500]))
         else:
             reference_fn = backends.backend_function("reference", device, op)
             for case in cases(op, device, size, dtypes):
