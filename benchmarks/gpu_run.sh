@@ -178,14 +178,16 @@ use_tuning() {
 stage_a() {
     begin a "$limit_a"
     prepare
+    use_tuning
     step environment 30 "$python" -m benchmarks.gpu_report facts "$logs/environment-$stamp.json"
     if [ -f grpo_kernels/check.py ]; then
-        step check 50 "$python" -m grpo_kernels.check --json "$results/check-$stamp.json"
+        local compile=()  # the headline step times torch.compile itself: the check need not compile it too
+        grep -q '"--compile"' grpo_kernels/check.py && compile=(--compile none)
+        step check 50 "$python" -m grpo_kernels.check "${compile[@]}" --json "$results/check-$stamp.json"
     else
         step gpu-tests 50 "$python" -m pytest -q -m gpu tests -p no:cacheprovider \
             --junitxml "$logs/gpu-tests-$stamp.xml"
     fi
-    use_tuning
     # the runner starts no case in its last 20 s; the goal table keeps 12 s of the stage
     step headline $((stage_end - SECONDS - 12)) "$python" -m benchmarks.run --preset gpu-headline \
         --impls "${headline_impls[@]}" --out "$results" --time-budget "$(budget 32)"
@@ -195,10 +197,17 @@ stage_a() {
 stage_b() {
     begin b "$limit_b"
     prepare
-    local options=(-q -p no:cacheprovider --durations=25 --junitxml "$logs/tests-$stamp.xml")
-    # 8 workers of 2 threads on the 16 cores; no test may hold the stage for longer than 150 s
+    # -v: each test's outcome is in the log as it ends, also when the stage's limit cuts the run
+    local options=(-v -rfE -p no:cacheprovider --durations=25 --junitxml "$logs/tests-$stamp.xml")
+    # 8 workers of 2 threads on the 16 cores
     if "$python" -c "import xdist" 2> /dev/null; then options+=(-n 8); fi
+    # no test may hold the stage for longer than 150 s; pytest-timeout ≥ 2.3 also ends the session (between
+    # tests) 30 s before the stage's limit, so that the failures' summary and the JUnit XML are written
     if "$python" -c "import pytest_timeout" 2> /dev/null; then options+=(--timeout 150); fi
+    local session="import pytest_timeout as t, sys; sys.exit('session_timeout' not in open(t.__file__).read())"
+    if "$python" -c "$session" 2> /dev/null; then
+        options+=(--session-timeout $((stage_end - SECONDS - 30)))
+    fi
     step tests rest env OMP_NUM_THREADS=2 "$python" -m pytest "${options[@]}" tests
 }
 
