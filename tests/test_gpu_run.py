@@ -14,7 +14,9 @@ import torch
 
 from benchmarks import gpu_report, tune
 from benchmarks.cases import Case
+from benchmarks.implementations import Implementation
 from benchmarks.presets import HEADLINE, PRESETS
+from benchmarks.workload import Workload
 from grpo_kernels.triton import tuning
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,29 +170,40 @@ def test_tune_verdict_needs_a_win_beyond_the_noise():
     sweep = tune.SWEEPS[0]
     fast = {"fused_grpo_loss.programs_per_sm": 2}
     wrong = {"fused_grpo_loss.num_warps": 4}
-    win = tune._verdict(sweep, [_row(10.0), _row(8.0, config=fast), _row(5.0, "mismatch", wrong), _row(10.2)], 2e-2)
+    win = tune._verdict(sweep, [_row(10.0), _row(8.0, config=fast), _row(5.0, "mismatch", wrong), _row(10.2)])
     assert win["best"]["config"] == fast and win["speedup"] == pytest.approx(1.25)
     assert win["noise"] == pytest.approx(0.02)
-    noisy = tune._verdict(sweep, [_row(10.0), _row(8.0, config=fast), _row(13.0)], 2e-2)
+    noisy = tune._verdict(sweep, [_row(10.0), _row(8.0, config=fast), _row(13.0)])
     assert noisy["best"] is None  # the defaults' two runs differ by 30%: an 8 ms run proves nothing
-    close = tune._verdict(sweep, [_row(10.0), _row(9.9, config=fast), _row(10.0)], 2e-2)
+    close = tune._verdict(sweep, [_row(10.0), _row(9.9, config=fast), _row(10.0)])
     assert close["best"] is None  # 1% is under the 2% floor
     assert tune.winners([win, noisy]) == fast
     table = tune.best_table([win, close])
     assert "1.250×" in table and "programs_per_sm=2" in table and "the defaults" in table
 
 
-def test_tune_sweep_runs_and_respects_its_budget(monkeypatch):
-    """The sweep's plumbing on CPU (the reference stands in for the Triton backend, which is not timed on CPU)."""
-    monkeypatch.setattr(tune, "IMPL", "ours-reference")
+def test_tune_sweep_marks_failures_and_changed_numbers(monkeypatch):
+    """The sweep's plumbing on CPU, a fake implementation standing in for the Triton backend: one knob value
+    fails to launch, another changes the numbers; neither can win, and a spent budget runs nothing."""
+    def build(case, inputs):
+        def forward():
+            warps = tuning.active().get("token_logprobs.fwd.num_warps")
+            if warps == 2:
+                raise RuntimeError("out of resources: shared memory")
+            return (inputs.logits.detach().float().logsumexp(-1) * (1.5 if warps == 4 else 1.0),)
+        return Workload(forward, ())
+
+    monkeypatch.setattr(tune, "implementations", lambda device: [Implementation(tune.IMPL, "fake", build)])
     monkeypatch.setattr(tune, "REPEATS", dict(min_repeats=1, max_repeats=1, min_total_s=0.0))
-    case = Case(op="token_logprobs", B=2, T=4, V=64, backward=True)
-    configs = ({"token_logprobs.bwd.num_warps": 4}, {"token_logprobs.bwd.num_warps": 8})
-    sweep = tune.Sweep("token_logprobs.bwd", case, configs, "test")
+    configs = tuple({"token_logprobs.fwd.num_warps": w} for w in (2, 4, 8))
+    sweep = tune.Sweep("token_logprobs.fwd", Case(op="token_logprobs", B=2, T=4, V=64, backward=False), configs, "")
     result = tune.run_sweep(sweep, torch.device("cpu"), deadline=time.monotonic() + 60)
-    assert [r["status"] for r in result["rows"]] == ["ok"] * 4
-    assert [r["config"] for r in result["rows"]] == [{}, *configs, {}]
-    assert all(r["rel_diff"] == 0.0 for r in result["rows"][1:3]) and result["default_ms"] > 0
+    rows = result["rows"]
+    assert [r["config"] for r in rows] == [{}, *configs, {}]
+    assert rows[1]["status"] == "error: RuntimeError: out of resources: shared memory"
+    assert rows[2]["status"] == "mismatch" and rows[2]["rel_diff"] == pytest.approx(0.5)
+    assert rows[3]["status"] == "ok" and rows[3]["rel_diff"] == 0.0 and result["default_ms"] > 0
+    assert result["best"] in (None, rows[3])
     spent = tune.run_sweep(sweep, torch.device("cpu"), deadline=time.monotonic() - 1)
     assert {r["status"] for r in spent["rows"]} == {"not run (budget spent)"} and spent["best"] is None
 
