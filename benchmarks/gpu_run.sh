@@ -141,12 +141,11 @@ step() {
 # The peers' wheels (once per machine) and the extension (once per machine and source state).
 prepare() {
     if compgen -G "$wheels/*.whl" > /dev/null || [ "$dry_run" = 1 ]; then
-        export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
         local marker
         marker=$site/.installed-$(ls "$wheels"/*.whl 2>/dev/null | sha1sum | cut -c1-12)
         if [ "$dry_run" = 1 ] || [ ! -f "$marker" ]; then
             step wheels 30 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-                --target "$site" "$wheels"/*.whl && [ "$dry_run" = 0 ] && touch "$marker"
+                --target "$site" "$wheels"/*.whl && [ "$dry_run" = 0 ] && mkdir -p "$site" && touch "$marker"
         fi
     else
         say "[$stage] no wheels in $wheels (benchmarks/fetch_wheels.sh): Liger and TRL will be skipped"
@@ -206,15 +205,16 @@ stage_b() {
     if "$python" -c "import pytest_timeout" 2> /dev/null; then options+=(--timeout 150); fi
     local session="import pytest_timeout as t, sys; sys.exit('session_timeout' not in open(t.__file__).read())"
     if "$python" -c "$session" 2> /dev/null; then
-        options+=(--session-timeout $((stage_end - SECONDS - 30)))
+        options+=(--session-timeout "$(budget 30)")
     fi
-    step tests rest env OMP_NUM_THREADS=2 "$python" -m pytest "${options[@]}" tests
+    # the committed defaults, whatever a tune exported
+    step tests rest env -u GRPO_KERNELS_TRITON_TUNING OMP_NUM_THREADS=2 "$python" -m pytest "${options[@]}" tests
 }
 
 stage_tune() {
     begin tune "$limit_tune"
     prepare
-    step tune rest env -u GRPO_KERNELS_TRITON_TUNING "$python" -m benchmarks.tune --budget $((limit_tune - 45)) \
+    step tune rest env -u GRPO_KERNELS_TRITON_TUNING "$python" -m benchmarks.tune --budget "$(budget 45)" \
         --json "$results/tune-$stamp.json" --env "$work/tuned.env"
 }
 
@@ -235,7 +235,8 @@ else
     say "=== gpu_run.sh $(date -u +%FT%TZ): stages ${stages[*]}; DEADLINE ${deadline}s; MAX_JOBS $jobs; arch $arch"
 fi
 export PYTHONUNBUFFERED=1
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# the repository (grpo_kernels, benchmarks) and the wheels' install folder
+export PYTHONPATH=$PWD:$site${PYTHONPATH:+:$PYTHONPATH}
 # torch builds with ninja when it finds it: in a venv it sits beside the interpreter
 PATH=$(dirname "$(command -v "$python" || echo "$python")"):$PATH
 for s in "${stages[@]}"; do
