@@ -178,8 +178,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     for d in env["devices"]:
         print(f"device {d['device_type']}: {d['device_name']} (capability {d['compute_capability']}, "
               f"{d['parallel_units']} parallel units)")
-    verdicts, timing_rows = [], []
+    verdicts, timing_rows, checked = [], [], []
     for device in devices():
+        env_here = self_check.environment(device)
+        if env_here in checked:  # another GPU of the same model: the same verdicts
+            print(f"{device}: the same model as a device already checked, skipped")
+            continue
+        checked.append(env_here)
         names = kernel_backends(device)
         for backend in names:
             for op in ops:
@@ -193,10 +198,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             timing_rows += timings(device, ops, names, compile_ops)
     passed = all(v.passed for v in verdicts)
     print(table(verdicts, timing_rows))
+    for device, backend in dict.fromkeys((v.device, v.backend) for v in verdicts):
+        mine = [v for v in verdicts if (v.device, v.backend) == (device, backend)]
+        slowest = max(mine, key=lambda v: v.seconds)
+        print(f"check cost on {device}, {backend}: {sum(v.seconds for v in mine):.1f} s for {len(mine)} ops "
+              f"(the first use of an op with backend='auto' pays its own; slowest {slowest.op} "
+              f"{slowest.seconds:.1f} s)")
     seconds = time.perf_counter() - start
     print(f"{'all checks passed' if passed else 'SOME CHECKS FAILED'} "
-          f"({len(verdicts)} backend x op checks, {seconds:.1f} s). max err: the largest absolute error "
-          f"of the worst output or gradient; err/tol: the worst error in units of the error allowed (passes up to 1); timings are forward + backward of one {str(TIMING_DTYPE).replace('torch.', '')} case.")
+          f"({len(verdicts)} backend x op checks, {seconds:.1f} s). max err: the largest absolute error of the "
+          f"worst output or gradient; err/tol: that error in units of the error allowed (passes up to 1); ms: "
+          f"forward + backward of one {str(TIMING_DTYPE).replace('torch.', '')} case; speed-up over the reference.")
     if not verdicts:
         print("no kernel backend to check here (the reference needs none)")
     if not passed:

@@ -212,6 +212,9 @@ class Verdict:
     cases: list = field(default_factory=list)
     seconds: float = 0.0
     created: float = 0.0
+    # False when the check could not be run to its end for a reason that is not the backend's (the device out of
+    # memory, the reference failing): such a verdict is not cached
+    conclusive: bool = True
 
     def failures(self) -> list:
         return [c for c in self.cases if not c.passed]
@@ -496,9 +499,9 @@ def run_case(case: Case, fn: Callable, exact: bool) -> dict:
 
 
 def compare(actual: Tensor, expected: Tensor, atol: float, rtol: float, scale_floor: float) -> tuple[float, float]:
-    """``(max |actual − expected|, max |actual − expected| / (atol·s + rtol·|expected|))`` over the finite reference
-    entries, ``s = max(scale_floor, max |expected|)``; ``(inf, inf)`` when the shapes differ or the non-finite entries
-    (±inf, NaN) are not exactly the same."""
+    """``(max |a − e|, max |a − e| / (atol·s + rtol·|e|))`` over the finite reference entries ``e``, with
+    ``s = max(scale_floor, max |e|)``; ``(inf, inf)`` when the shapes differ or the non-finite entries (±inf, NaN)
+    are not exactly the same."""
     if actual.shape != expected.shape:
         return math.inf, math.inf
     a, e = actual.detach().to(torch.float64), expected.detach().to(torch.float64)
@@ -520,6 +523,14 @@ def compare(actual: Tensor, expected: Tensor, atol: float, rtol: float, scale_fl
     return diff.max().item(), ratio
 
 
+INCONCLUSIVE = "(not the backend's fault: the check could not run)"
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"[:500]
+    return f"{INCONCLUSIVE} {text}" if isinstance(exc, torch.OutOfMemoryError) else text
+
+
 def check_case(case: Case, fn: Callable, reference_fn: Callable) -> CaseResult:
     """``fn`` against ``reference_fn`` in float64 on the case."""
     start = time.perf_counter()
@@ -528,9 +539,13 @@ def check_case(case: Case, fn: Callable, reference_fn: Callable) -> CaseResult:
     try:
         got = run_case(case, fn, exact=False)
     except Exception as exc:  # a kernel that raises is a failed check, not a crash of the caller
-        return CaseResult(case.name, dtype, math.inf, math.inf, "", False, f"{type(exc).__name__}: {exc}"[:500],
+        return CaseResult(case.name, dtype, math.inf, math.inf, "", False, _describe(exc),
                           time.perf_counter() - start)
-    expected = run_case(case, reference_fn, exact=True)
+    try:
+        expected = run_case(case, reference_fn, exact=True)
+    except Exception as exc:
+        return CaseResult(case.name, dtype, math.inf, math.inf, "", False, f"{INCONCLUSIVE} {_describe(exc)}",
+                          time.perf_counter() - start)
     worst, worst_err, worst_ratio = "", 0.0, -1.0
     for name, e in expected.items():
         if name not in got:
@@ -581,15 +596,18 @@ def validate(backend: str, op: str, device: torch.device, size: Optional[Sizes] 
                 results.append(check_case(case, fn, reference_fn))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()  # hand the check's memory back (it ran once, in the user's process)
+    conclusive = not any(r.error and r.error.startswith(INCONCLUSIVE) for r in results)
     return Verdict(backend, op, str(device), all(r.passed for r in results), environment(device), results,
-                   time.perf_counter() - start, time.time())
+                   time.perf_counter() - start, time.time(), conclusive)
 
 
 # --------------------------------------------------------------------------- #
 # what "auto" asks
 # --------------------------------------------------------------------------- #
 _lock = threading.RLock()
-_verdicts: dict = {}  # (backend, op, environment digest) -> bool, this process
+_verdicts: dict = {}  # (backend, op, environment) -> bool, this process
+_by_device: dict = {}  # (backend, op, device) -> bool, the same verdicts by device
 _warned: set = set()
 
 
@@ -603,6 +621,8 @@ def _warn_failed(verdict: Verdict, cached: Optional[Path]) -> None:
         return
     _warned.add(key)
     where = f" (verdict cached in {cached}; delete it to check again)" if cached else ""
+    if not verdict.conclusive:
+        where = " in this process (not cached: the check could not run; `python -m grpo_kernels.check` runs it alone)"
     warnings.warn(
         f"grpo_kernels: backend {verdict.backend!r} failed its on-device check of {verdict.op} on "
         f"{verdict.environment['device_name']} ({verdict.summary()}); backend='auto' uses another backend for "
@@ -619,10 +639,16 @@ def backend_usable(backend: str, op: str, device: torch.device) -> bool:
     During a CUDA graph capture nothing can run: without a known verdict the answer is no, for this call only.
     """
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    known = _by_device.get((backend, op, device))
+    if known is not None:  # the per-call path: one dictionary lookup
+        return known
     env = environment(device)
     key = (backend, op, json.dumps(env, sort_keys=True))
     with _lock:
         if key in _verdicts:
+            _by_device[(backend, op, device)] = _verdicts[key]
             return _verdicts[key]
         verdict = read_verdict(backend, op, env)
         path = cache_path(backend, op, env) if verdict is not None else None
@@ -636,8 +662,8 @@ def backend_usable(backend: str, op: str, device: torch.device) -> bool:
                         f"grpo_kernels.self_check.prepare() before capturing.", ValidationWarning, stacklevel=4)
                 return False
             verdict = validate(backend, op, device)
-            path = write_verdict(verdict)
-        _verdicts[key] = verdict.passed
+            path = write_verdict(verdict) if verdict.conclusive else None
+        _verdicts[key] = _by_device[(backend, op, device)] = verdict.passed
         if not verdict.passed:
             _warn_failed(verdict, path)
         return verdict.passed
@@ -655,4 +681,5 @@ def forget() -> None:
     """Drop this process's verdicts and warnings (the disk cache stays): the next use asks the cache again."""
     with _lock:
         _verdicts.clear()
+        _by_device.clear()
         _warned.clear()

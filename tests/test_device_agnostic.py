@@ -1,13 +1,16 @@
-"""On CUDA, every backend gives the CPU reference's numbers (float64). Needs a GPU.
+"""On CUDA, every backend gives the CPU reference's numbers (float64); the on-device check passes and "auto"
+uses the checked kernels. Needs a GPU.
 
 The reference must be device-agnostic; the kernel backends run their GPU code
-here (on CPU they are tested under the Triton interpreter).
+here (on CPU they are tested under the Triton interpreter). The op tests run the
+GPU backends on CUDA tensors too (the device axis of tests/conftest.py).
 """
 
 import pytest
 import torch
 
 import grpo_kernels as gk
+from grpo_kernels import backends, self_check
 
 pytestmark = [
     pytest.mark.gpu,
@@ -116,3 +119,67 @@ def test_fused_loss_large_vocab_bf16_on_cuda(impl, inplace, level):
     torch.testing.assert_close(out.loss.double(), exact.loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x.grad.double(), (2 * exact_x.grad).to(torch.bfloat16).double(),
                                atol=1e-12, rtol=2**-7)
+
+
+KERNELS = [b for b in gk.available_backends() if b in ("triton", "cuda")]
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(self_check.CACHE_DIR_VARIABLE, str(tmp_path))
+    monkeypatch.delenv("GRPO_KERNELS_BACKEND", raising=False)
+    self_check.forget()
+    yield tmp_path
+    self_check.forget()
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("op", backends.OPS)
+def test_on_device_check_passes(impl, op):
+    """The check "auto" runs at first use: every op, bf16 and fp32, edge rows and V = 151936 with more rows
+    than twice the SM count, against the float64 reference on this GPU."""
+    if impl not in gk.available_backends(op):
+        pytest.skip(f"{impl} has no {op}")
+    verdict = self_check.validate(impl, op, torch.device("cuda"))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert any("V=151936" in c.case for c in verdict.cases)
+    assert self_check.sizes(impl, torch.device("cuda")).large_rows > 2 * sms
+    assert verdict.passed, verdict.summary()
+
+
+def test_auto_uses_the_checked_triton_kernels_and_caches_the_verdicts(fresh_cache):
+    picked = self_check.prepare(torch.device("cuda"))
+    assert picked == {op: "triton" for op in backends.OPS}
+    assert len(list(fresh_cache.glob("triton-*.json"))) == len(backends.OPS)
+    logits = torch.randn(4, 1000, device="cuda", requires_grad=True)
+    ids = torch.randint(0, 1000, (4,), device="cuda")
+    exact = gk.token_logprobs(logits.detach().double(), ids, backend="reference")
+    torch.testing.assert_close(gk.token_logprobs(logits, ids).double(), exact, atol=1e-5, rtol=1e-5)
+
+
+def test_first_use_inside_a_cuda_graph_capture(fresh_cache, monkeypatch):
+    """Without a verdict a capture gets the reference (a warning says to call prepare()); after prepare() the
+    captured graph runs the checked kernel."""
+    monkeypatch.setenv("GRPO_KERNELS_CHECK_VALUES", "0")  # no host synchronization inside the capture
+    logits = torch.randn(8, 1000, device="cuda")
+    ids = torch.randint(0, 1000, (8,), device="cuda")
+    expected = gk.token_logprobs(logits.double(), ids, backend="reference")
+    torch.cuda.synchronize()
+    with pytest.warns(self_check.ValidationWarning, match="capture"):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            picked = backends.resolve_backend("auto", torch.device("cuda"), "token_logprobs")
+    assert picked == "reference" and not list(fresh_cache.glob("*.json"))
+    self_check.prepare(torch.device("cuda"), ops=("token_logprobs",))
+    out = torch.empty(8, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the capture (Triton compiles here)
+        out.copy_(gk.token_logprobs(logits, ids))
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(gk.token_logprobs(logits, ids))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)

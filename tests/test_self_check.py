@@ -202,6 +202,18 @@ def test_a_broken_kernel_warns_once_falls_back_and_the_verdict_is_cached(standin
 
 
 @needs_triton
+def test_a_check_that_runs_out_of_memory_is_not_cached(standin, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(triton_backend, "token_logprobs", oom)
+    with pytest.warns(self_check.ValidationWarning, match="not cached"):
+        assert backends.resolve_backend("auto", CPU, OP) == "reference"
+    assert not list(self_check.cache_dir().glob("*.json"))
+    assert backends.resolve_backend("auto", CPU, OP) == "reference" and len(standin) == 1  # for this process
+
+
+@needs_triton
 def test_a_version_change_validates_again(standin, monkeypatch):
     assert backends.resolve_backend("auto", CPU, OP) == "triton"
     env = self_check.environment(CPU)
@@ -233,7 +245,8 @@ def test_cache_location_and_off(monkeypatch, tmp_path):
     monkeypatch.setenv(self_check.CACHE_DIR_VARIABLE, "off")
     assert self_check.cache_dir() is None
     verdict = self_check.Verdict("triton", OP, "cpu", True, self_check.environment(CPU))
-    assert self_check.write_verdict(verdict) is None and self_check.read_verdict("triton", OP, verdict.environment) is None
+    assert self_check.write_verdict(verdict) is None
+    assert self_check.read_verdict("triton", OP, verdict.environment) is None
 
 
 def _write_many(folder, n):
