@@ -8,6 +8,11 @@ the extension's build facts, the Triton tuning overrides in force) as JSON.
 headline cases (:data:`GOALS`) against a run of the runner (a folder: its newest
 run holding a headline case), as a markdown table with the measured figure next
 to each goal. Exit status 0 whether or not goals are met: this is evidence, not a test.
+
+``python -m benchmarks.gpu_report unpack results.tar.gz [FOLDER]``: the run's
+result files into ``FOLDER`` (default ``benchmarks/results``); its ``all.csv``
+rows that the folder's ``all.csv`` lacks are appended (rows written here since
+the run started stay).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -125,6 +131,33 @@ def headline_run(path: Path) -> Optional[dict]:
     return None
 
 
+def unpack(archive: Path, folder: Path) -> list[str]:
+    """Extract ``archive`` (``results/...``) into ``folder``, merging ``all.csv`` row by row; the names written."""
+    written = []
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            name = Path(member.name)
+            if not member.isfile() or len(name.parts) != 2 or name.parts[0] != "results" or name.name.startswith("."):
+                continue  # only the files directly in results/
+            data = tar.extractfile(member).read()
+            target = folder / name.name
+            if name.name == "all.csv" and target.exists():
+                have = target.read_text().splitlines()
+                theirs = data.decode().splitlines()
+                if theirs[:1] != have[:1]:
+                    raise ValueError(f"{archive}: all.csv has another header than {target}")
+                known = set(have)
+                new = [row for row in theirs[1:] if row not in known]
+                with target.open("a") as f:
+                    f.writelines(row + "\n" for row in new)
+                written.append(f"all.csv (+{len(new)} rows)")
+            else:
+                target.write_bytes(data)
+                written.append(name.name)
+    return written
+
+
 def facts() -> dict:
     """The environment of the CUDA device, for the log of the GPU run."""
     import torch
@@ -153,7 +186,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("facts", help="environment facts of the CUDA device as JSON").add_argument("path", type=Path)
     sub.add_parser("goals", help="the headline goals against a run").add_argument("path", type=Path)
+    unpacking = sub.add_parser("unpack", help="a run's results.tar.gz into the results folder")
+    unpacking.add_argument("archive", type=Path)
+    unpacking.add_argument("folder", type=Path, nargs="?", default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
+    if args.command == "unpack":
+        print("\n".join(unpack(args.archive, args.folder)))
+        return 0
     if args.command == "facts":
         found = facts()
         args.path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@
 # After every step the results so far are packed into OUTDIR, so a run cut off anywhere still returns what
 # it measured. OUTDIR gets three files (the device tool returns at most 8, 16 MiB each):
 #   gpu_run.log      the whole log (the summary last)
-#   results.tar.gz   unpacks into benchmarks/results/ (tar -xzf results.tar.gz --strip-components=1 -C
-#                    benchmarks/results): all.csv with this run's rows appended, the runs' JSON/MD/PNG,
+#   results.tar.gz   for benchmarks/results/ (python -m benchmarks.gpu_report unpack results.tar.gz: all.csv
+#                    merged row by row): all.csv with this run's rows appended, the runs' JSON/MD/PNG,
 #                    check-*.json, tune-*.json
 #   logs.tar.gz      each step's log, environment facts, JUnit XML of the tests
 #

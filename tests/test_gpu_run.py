@@ -234,3 +234,27 @@ def test_goal_table_reads_each_goal_off_the_records():
     assert "1.10×" in rows[gpu_report.GOALS[5].text] and rows[gpu_report.GOALS[5].text].endswith("| NO |")
     empty = gpu_report.goals_table({**run, "records": []})
     assert empty.count("not measured") == len(gpu_report.GOALS)
+
+
+def test_unpack_merges_the_csv_history(tmp_path):
+    run, local = tmp_path / "run" / "results", tmp_path / "local"
+    run.mkdir(parents=True)
+    local.mkdir()
+    header = "date,case,median_ms"
+    (local / "all.csv").write_text(f"{header}\nold,a,1\nhere-meanwhile,b,2\n")
+    (run / "all.csv").write_text(f"{header}\nold,a,1\ngpu,c,3\ngpu,d,4\n")
+    (run / "h100-run.json").write_text("{}")
+    (run / "h100-run-time-vs-V.png").write_bytes(bytes(range(256)))
+    archive = tmp_path / "results.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(run, arcname="results")
+    written = gpu_report.unpack(archive, local)
+    assert sorted(written) == ["all.csv (+2 rows)", "h100-run-time-vs-V.png", "h100-run.json"]
+    assert (local / "all.csv").read_text().splitlines() == [header, "old,a,1", "here-meanwhile,b,2", "gpu,c,3",
+                                                           "gpu,d,4"]
+    assert (local / "h100-run-time-vs-V.png").read_bytes() == bytes(range(256))
+    (run / "all.csv").write_text("other,header\n")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(run, arcname="results")
+    with pytest.raises(ValueError, match="another header"):
+        gpu_report.unpack(archive, local)
