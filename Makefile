@@ -19,7 +19,16 @@ VERL_PACKAGES := verl==0.9.1 ray==2.60.0 tensordict==0.10.0 omegaconf==2.4.0 ant
 STAMP         := $(VENV)/.grpo-kernels-installed
 CONSTRAINTS   := $(VENV)/torch-constraint.txt
 
-.PHONY: setup demo test bench clean
+# The cpu backend's kernels are built for the building machine's CPU (-march=native). The
+# baseline build repeats its tests on code built for BASELINE_ARCH (x86-64-v3: AVX2 + FMA, no
+# AVX-512), so both vector code paths are tested whichever CPU runs CI.
+BASELINE_ARCH ?= x86-64-v3
+BASELINE_DIR  := build/cpu-$(BASELINE_ARCH)
+BASELINE_TESTS := tests/test_cpu_backend.py tests/test_token_logprobs.py tests/test_fused_grpo_loss.py \
+	tests/test_grpo_loss.py tests/test_group_advantages.py tests/test_linear_token_logprobs.py \
+	tests/test_fused_linear_grpo_loss.py tests/test_packed.py
+
+.PHONY: setup demo test test-baseline-cpu bench clean
 
 setup: $(STAMP)
 
@@ -39,6 +48,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest tests
+	$(MAKE) test-baseline-cpu
+
+# A copy of the sources with the extension built for BASELINE_ARCH; its cpu-backend tests
+# (GRPO_KERNELS_EXPECT_CPU_ARCH makes test_cpu_backend.py check which build it imported).
+test-baseline-cpu: $(STAMP)
+	rm -rf $(BASELINE_DIR) && mkdir -p $(BASELINE_DIR)
+	cp -r grpo_kernels csrc tests benchmarks setup.py pyproject.toml README.md $(BASELINE_DIR)/
+	find $(BASELINE_DIR) \( -name '_C*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
+	cd $(BASELINE_DIR) && GRPO_KERNELS_CPU_ARCH=$(BASELINE_ARCH) GRPO_KERNELS_NO_CUDA=1 \
+		$(CURDIR)/$(VPY) setup.py build_ext --inplace -j 2 > build.log 2>&1 || (tail -n 40 build.log; exit 1)
+	cd $(BASELINE_DIR) && GRPO_KERNELS_EXPECT_CPU_ARCH=$(BASELINE_ARCH) \
+		$(CURDIR)/$(VPY) -m pytest -p no:cacheprovider -q $(BASELINE_TESTS) -k "cpu"
 
 # The pytest-benchmark suite (benchmarks/test_suite.py); not part of `make test`.
 bench: $(STAMP)

@@ -33,8 +33,12 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
+def _cpu_arch():
+    return os.environ.get("GRPO_KERNELS_CPU_ARCH", "native").strip()
+
+
 def _cpu_arch_flags():
-    arch = os.environ.get("GRPO_KERNELS_CPU_ARCH", "native").strip()
+    arch = _cpu_arch()
     return [f"-march={arch}"] if arch else []
 
 
@@ -49,7 +53,7 @@ def _extensions():
         return [], {}
 
     sources = _sources("csrc/cpu/*.cpp")
-    macros = [("GRPO_KERNELS_VERSION", f'"{_version()}"')]
+    macros = [("GRPO_KERNELS_VERSION", f'"{_version()}"'), ("GRPO_KERNELS_CPU_ARCH", f'"{_cpu_arch()}"')]
     # -ffp-contract=off: every product is rounded as written (z = x / T as the reference rounds it);
     # the kernels ask for fused multiply-adds explicitly where they want them
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"] + _cpu_arch_flags()

@@ -42,6 +42,22 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+# x86 vector extensions that decide which code path the CPU kernels can take, widest first.
+_VECTOR_FLAGS = ("avx512_bf16", "avx512bw", "avx512f", "avx2", "fma", "avx", "sse4_2")
+
+
+def cpu_vector_flags() -> list[str]:
+    """The vector extensions of _VECTOR_FLAGS this machine's CPU has (from /proc/cpuinfo; empty elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return []
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return [flag for flag in _VECTOR_FLAGS if flag in flags]
+    return []
+
+
 def _version(distribution: str) -> Optional[str]:
     try:
         return importlib.metadata.version(distribution)
@@ -66,5 +82,9 @@ def describe(device: torch.device) -> dict:
         "grpo_kernels": grpo_kernels.__version__,
         "backends": grpo_kernels.available_backends(),
         "extension": grpo_kernels.extension_available(),
+        "cpu_vector_flags": cpu_vector_flags(),  # what the machine has
+        # what the cpu backend's kernels were built for and use (-march, widest vector ISA)
+        "extension_cpu_arch": grpo_kernels.extension_info().get("cpu_arch"),
+        "extension_cpu_isa": grpo_kernels.extension_info().get("cpu_isa"),
         **{name: _version(name) for name in PEERS},
     }

@@ -39,4 +39,5 @@ def extension_info() -> dict:
     """Version and build facts of the extension (empty when it is absent)."""
     if _C is None:
         return {}
-    return {"version": _C.version(), "cuda": bool(_C.with_cuda()), "cuda_version": int(_C.cuda_version())}
+    return {"version": _C.version(), "cpu_arch": _C.cpu_arch(), "cpu_isa": _C.cpu_isa(), "cuda": bool(_C.with_cuda()),
+            "cuda_version": int(_C.cuda_version())}

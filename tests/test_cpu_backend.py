@@ -2,6 +2,7 @@
 auto selection, the row layouts it reads without a copy. Its values and gradients are tested with
 every other backend in the op test modules."""
 
+import os
 import subprocess
 import sys
 
@@ -160,3 +161,13 @@ def test_rows_across_chunks_match_the_reference(dtype, offset):
     torch.testing.assert_close(ent.double(), ref_ent, **tol)
     grad_tol = dict(rtol=1.6e-2, atol=1e-5) if dtype == torch.bfloat16 else tol  # one bfloat16 rounding apart
     torch.testing.assert_close(grad.double(), ref_grad.to(dtype).double(), **grad_tol)
+
+
+def test_the_build_under_test_is_the_expected_one():
+    """`make test-baseline-cpu` sets GRPO_KERNELS_EXPECT_CPU_ARCH: these tests must then run the
+    extension built for that target, not another copy of the package."""
+    expected = os.environ.get("GRPO_KERNELS_EXPECT_CPU_ARCH")
+    info = gk.extension_info()
+    assert info["cpu_isa"] in ("avx512+bf16", "avx512", "avx2+fma", "avx2", "avx", "sse4.2", "sse2", "generic")
+    if expected is not None:
+        assert info["cpu_arch"] == expected

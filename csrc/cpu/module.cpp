@@ -14,6 +14,34 @@ namespace grpo_kernels {
 
 std::string version() { return GRPO_KERNELS_VERSION; }
 
+#ifndef GRPO_KERNELS_CPU_ARCH
+#define GRPO_KERNELS_CPU_ARCH ""
+#endif
+
+// The -march the CPU kernels were compiled for ("" for the compiler's default).
+std::string cpu_arch() { return GRPO_KERNELS_CPU_ARCH; }
+
+// The widest vector instruction set the CPU kernels were compiled to use.
+std::string cpu_isa() {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  return "avx512+bf16";
+#elif defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2+fma";
+#elif defined(__AVX2__)
+  return "avx2";
+#elif defined(__AVX__)
+  return "avx";
+#elif defined(__SSE4_2__)
+  return "sse4.2";
+#elif defined(__x86_64__)
+  return "sse2";
+#else
+  return "generic";
+#endif
+}
+
 #ifdef GRPO_WITH_CUDA
 int cuda_runtime_version();  // csrc/cuda/build_info.cu
 #endif
@@ -88,6 +116,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace grpo_kernels;
   m.doc() = "grpo_kernels compiled extension (entry points: csrc/grpo_kernels.h)";
   m.def("version", &version, "version of the grpo_kernels sources this extension was built from");
+  m.def("cpu_arch", &cpu_arch, "the -march of the CPU kernels (empty: the compiler's default target)");
+  m.def("cpu_isa", &cpu_isa, "the widest vector instruction set the CPU kernels use");
   m.def("with_cuda", &with_cuda, "whether the extension was built with its CUDA kernels");
   m.def("cuda_version", &cuda_version, "CUDART_VERSION of the CUDA kernels (0 without CUDA)");
 
