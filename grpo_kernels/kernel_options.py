@@ -33,13 +33,21 @@ ROLLOUT_IS_CODES = {None: (0, False), "token_truncate": (1, False), "token_mask"
                     "sequence_truncate": (2, False), "sequence_mask": (2, True)}
 
 
+def code(table: dict, name: str, value):
+    """``table[value]``, or a ValueError naming ``name`` and the values ``table`` knows."""
+    try:
+        return table[value]
+    except (KeyError, TypeError):
+        raise ValueError(f"{name} must be one of {list(table)}, got {value!r}") from None
+
+
 def needs_sequence_pass(options: dict) -> bool:
     """Whether a token's loss depends on a statistic of its whole sequence (a first pass over the sequence):
     the sequence-level ratio (GSPO), VESPO's and GMPO's sequence weights, the sequence-level rollout ratio,
     the off-policy mask. ``options``: keyword options of the reference ``grpo_loss`` (absent ones: defaults)."""
     o = {**LOSS_DEFAULTS, **options}
     return (o["importance_sampling_level"] == "sequence" or o["loss_type"] in ("vespo", "gmpo")
-            or ROLLOUT_IS_CODES[o["rollout_is_mode"]][0] == 2 or o["off_policy_mask_threshold"] is not None)
+            or code(ROLLOUT_IS_CODES, "rollout_is_mode", o["rollout_is_mode"])[0] == 2 or o["off_policy_mask_threshold"] is not None)
 
 
 class KernelLossOptions(NamedTuple):
@@ -109,16 +117,16 @@ def kernel_loss_options(T: int, advantages: Tensor, options: dict) -> KernelLoss
     take its defaults) for a ``[B, T]`` batch with ``advantages`` of shape ``[B]``, ``[B, 1]`` or ``[B, T]``."""
     o = {**LOSS_DEFAULTS, **options}
     eps_high = o["epsilon_low"] if o["epsilon_high"] is None else o["epsilon_high"]
-    seq_level = o["importance_sampling_level"] == "sequence"
+    seq_level = code({"token": False, "sequence": True}, "importance_sampling_level", o["importance_sampling_level"])
     per_sequence_adv = advantages.ndim == 1 or advantages.shape[1] == 1
-    rollout_is, rollout_is_mask = ROLLOUT_IS_CODES[o["rollout_is_mode"]]
+    rollout_is, rollout_is_mask = code(ROLLOUT_IS_CODES, "rollout_is_mode", o["rollout_is_mode"])
     return KernelLossOptions(
         loss_type=o["loss_type"],
-        family=FAMILIES[o["loss_type"]],
+        family=code(FAMILIES, "loss_type", o["loss_type"]),
         seq_level=seq_level,
         seq_pass=needs_sequence_pass(o),
         shared_ratio=seq_level or o["loss_type"] == "gmpo",
-        kl_estimator=KL_ESTIMATOR_CODES[o["kl_estimator"]],
+        kl_estimator=code(KL_ESTIMATOR_CODES, "kl_estimator", o["kl_estimator"]),
         has_ref=o["ref_logprobs"] is not None,
         add_kl=o["ref_logprobs"] is not None and o["beta"] != 0.0,
         bias_kl=bool(o["use_bias_correction_kl"]),

@@ -9,6 +9,23 @@ Semantics follow TRL's ``GRPOTrainer._compute_loss`` (TRL 1.16) and, for the
 extras (dual clip, k1/k2/low_var_kl estimators, RLOO, arbitrary group ids),
 verl's ``core_algos``. ``docs/semantics.md`` maps every option name.
 
+Two rules hold for every op and every backend:
+
+- **Masked and ignored positions never influence anything.** Positions with
+  mask 0, or whose token id equals ``ignore_index`` (in the fused losses a
+  token id equal to ``ignore_index`` counts as masked even where the mask is
+  1: its log-prob is undefined), may hold anything (NaN, ±inf, huge values)
+  in logits, log-probs, old/ref/sampling log-probs, advantages and importance
+  weights: they are *selected* away (``torch.where``) before any arithmetic,
+  never multiplied by 0, so the loss, metrics and gradients equal those of the
+  same batch with finite padding, their gradient is exactly 0 and their
+  ``per_token_loss`` is 0. A per-sequence value (advantages ``[B]``) of a
+  sequence without a counted token is padding too.
+- **Non-finite values at unmasked positions propagate**: a NaN or ``+inf``
+  logit or log-prob where it counts gives a NaN (or infinite) loss, on every
+  backend alike. Advantages must be finite where they count (a ``ValueError``
+  when value checks are on).
+
 This module imports only torch.
 """
 
@@ -44,8 +61,8 @@ class GRPOLossOutput(NamedTuple):
     All fields are tensors on the inputs' device (no host synchronization).
 
     - ``loss``: 0-d, the aggregated loss to call ``backward()`` on.
-    - ``per_token_loss``: ``[B, T]``, the per-token loss before masking and
-      aggregation (TRL's ``per_token_loss``, including ``beta * KL``).
+    - ``per_token_loss``: ``[B, T]``, the per-token loss before aggregation
+      (TRL's ``per_token_loss``, including ``beta * KL``), 0 at masked positions.
     - ``kl``: 0-d masked mean of the per-token KL estimate, or ``None`` when no
       ``ref_logprobs`` were given.
     - ``clip_ratio_low`` / ``clip_ratio_high`` / ``clip_ratio_region``: 0-d
@@ -449,6 +466,11 @@ def grpo_loss(
       count divided by the number of processes; verl's token-mean for gpg)
     - luspo: :math:`\frac{1}{B}\sum_i S_i`
 
+    Masked positions (mask 0) are replaced by neutral values (log-probs 0, advantage 0, importance weight 1)
+    before anything is computed (selection, see the module docstring): whatever they hold changes no output
+    and gets a zero gradient, and their ``per_token_loss`` is 0. Non-finite values at unmasked positions
+    propagate into the loss.
+
     Metrics: ``kl`` is the masked mean of the per-token KL; clip ratios are
     masked means (per-sequence means at sequence level with per-sequence
     advantages) of low: :math:`c_1 < 1-\epsilon_l \wedge A < 0`, high:
@@ -664,7 +686,9 @@ def fused_grpo_loss(
         \mathcal{L} = \mathrm{grpo\_loss}(\mathrm{logp}, \mathrm{old}, A, m')
 
     with :math:`m' = m \wedge (y \ne \text{ignore\_index})`: positions whose id
-    is ``ignore_index`` are excluded as if masked. With ``return_entropy``,
+    is ``ignore_index`` are excluded as if masked, even where the mask is 1.
+    The logits of rows outside :math:`m'` are never read (they are computed as
+    ignored rows of :func:`token_logprobs`), so they may hold anything. With ``return_entropy``,
     the result's ``entropy`` is the masked mean entropy of
     :math:`\mathrm{softmax}(x/T)` over :math:`m'`.
 

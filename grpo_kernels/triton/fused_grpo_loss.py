@@ -40,8 +40,9 @@ from torch.autograd.function import once_differentiable
 
 from ..kernel_options import KernelLossOptions, kernel_loss_options
 from ..precomputed_gradient import check_backward
-from ..reference import GRPOLossOutput, fused_loss_mask, masked_mean_entropy
-from .grpo_loss import _dloss_dlogp, _options, compute_dtype, grpo_loss, kernel_mask, loss_flags, token_strides
+from ..reference import GRPOLossOutput, fused_loss_mask, kept_ids, masked_mean_entropy
+from .grpo_loss import (_dloss_dlogp, _options, check_codes, compute_dtype, grpo_loss, kernel_mask, loss_flags,
+                        select_unmasked, token_strides)
 from .token_logprobs import (
     Rows,
     _row_grad,
@@ -87,6 +88,7 @@ def _fused_grpo_loss_kernel(
     HAS_OLD: tl.constexpr, RETURN_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    check_codes(FAMILY, KL_EST, ROLLOUT)
     inv_t = (tl.zeros([], dtype=ACC) + inv_t_hi) + inv_t_lo
     sc = _options(lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg,
                   eps_low_arg, is_min_arg, is_max_arg, opm_threshold_arg, k_pos_arg, lambda_pos_arg, k_neg_arg,
@@ -129,12 +131,14 @@ def _fused_grpo_loss_kernel(
             samp_logp = old_logp
             if HAS_SAMP:
                 samp_logp = tl.load(samp_ptr + b * s_samp_b + t * s_samp_t).to(ACC)
+            m, logp_k, old_logp, adv, ref_logp, iw, samp_logp = select_unmasked(m, logp, old_logp, adv, ref_logp,
+                                                                                iw, samp_logp)
             # no sequence pass here: the sequence statistics keep their neutral values
-            dloss = _dloss_dlogp(logp, old_logp, adv, m, ref_logp, iw, samp_logp, zero, zero, zero + 1.0, zero, zero,
-                                 sc, ACC, FAMILY, SHARED, KL_EST, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C, ROLLOUT,
-                                 IS_MASK, HAS_OPM, LOG_CLAMP)
+            dloss = _dloss_dlogp(logp_k, old_logp, adv, m, ref_logp, iw, samp_logp, zero, zero, zero + 1.0, zero,
+                                 zero, sc, ACC, FAMILY, SHARED, KL_EST, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C,
+                                 ROLLOUT, IS_MASK, HAS_OPM, LOG_CLAMP)
             seq_w = tl.load(seq_w_ptr + b * s_seq_w).to(ACC)
-            w = seq_w * (m * dloss)
+            w = tl.where(m != 0, seq_w * (m * dloss), 0.0)
             if w == 0:
                 _row_zero(dx_row, V, BLOCK_V)
             else:
@@ -209,8 +213,9 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
         B, T = token_ids.shape
         needs_grad = ctx.needs_input_grad[0]
         rows = row_layout(logits)
-        ids = token_ids.reshape(-1)
         keep = fused_loss_mask(mask, token_ids, ignore_index)
+        # masked rows read as ignored: the kernels never read their logits and write zeros as their gradient
+        ids = kept_ids(token_ids, keep, ignore_index).reshape(-1)
         cfg = kernel_loss_options(T, advantages, loss_options)
         dx = gradient_rows(rows, inplace) if needs_grad else None
         if cfg.seq_pass:

@@ -78,6 +78,17 @@ def _options(lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_
 
 
 @triton.jit
+def _min(a, b):
+    """torch.min / clamp semantics: NaN propagates (tl.minimum alone would drop it)."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _load_tokens(row, cols, inb, s_t, DTYPE: tl.constexpr, LOAD: tl.constexpr, default):
     """One block of a [B, T] input of the loss (strides s_t over T), or ``default`` when not LOAD."""
     if LOAD:
@@ -102,7 +113,7 @@ def _log_ratio(logp, old_logp, log_clamp, LOG_CLAMP: tl.constexpr):
     dr = tl.zeros_like(r) + 1.0
     if LOG_CLAMP:
         dr = tl.where((r >= -log_clamp) & (r <= log_clamp), 1.0, 0.0)
-        r = tl.minimum(tl.maximum(r, -log_clamp), log_clamp)
+        r = _min(_max(r, -log_clamp), log_clamp)
     return r, dr
 
 
@@ -111,12 +122,12 @@ def _rollout_ratio(d, is_min, is_max, log_clamp, IS_MASK: tl.constexpr, LOG_CLAM
     """The rollout ratio e^d of a (token or summed sequence) log-ratio, truncated to or masked outside
     [is_min, is_max]."""
     if LOG_CLAMP:
-        d = tl.minimum(tl.maximum(d, -log_clamp), log_clamp)
+        d = _min(_max(d, -log_clamp), log_clamp)
     rho = tl.exp(d)
     if IS_MASK:
         rho = tl.where((rho < is_min) | (rho > is_max), 0.0, rho)
     else:
-        rho = tl.minimum(tl.maximum(rho, is_min), is_max)
+        rho = _min(_max(rho, is_min), is_max)
     return rho
 
 
@@ -138,13 +149,13 @@ def _token_is(old_logp, samp_logp, m, iw, is_min, is_max, log_clamp, DTYPE: tl.c
 def _gmpo_log_ratio(r, adv, eps_low, eps_high):
     """GMPO's s·min(s·r, s·clamp(r, -eps_low, eps_high)), s = sign(A), and its derivative w.r.t. r."""
     sign = tl.where(adv > 0, 1.0, tl.where(adv < 0, -1.0, 0.0))
-    clipped = tl.minimum(tl.maximum(r, -eps_low), eps_high)
+    clipped = _min(_max(r, -eps_low), eps_high)
     dclipped = tl.where((r >= -eps_low) & (r <= eps_high), 1.0, 0.0)
     a = sign * r
     b = sign * clipped
     share = tl.where(a < b, 1.0, tl.where(a == b, 0.5, 0.0))  # torch.min splits ties
     dr = sign * (share * sign + (1.0 - share) * sign * dclipped)
-    return sign * tl.minimum(a, b), dr
+    return sign * _min(a, b), dr
 
 
 @triton.jit
@@ -185,11 +196,11 @@ def _sequence_terms(logp, old_logp, adv, m, iw, samp_logp, sc, DTYPE: tl.constex
                             LOG_CLAMP)
             t_is = tl.log(tau + tl.full((), 1e-10, DTYPE)) * m
     elif FAMILY == 3:  # vespo
-        t_ratio = tl.minimum(tl.maximum(r, -20.0), 20.0) * m
+        t_ratio = _min(_max(r, -20.0), 20.0) * m
         if HAS_TOKEN_IS:
             tau = _token_is(old_logp, samp_logp, m, iw, is_min, is_max, log_clamp, DTYPE, ROLLOUT, IS_MASK, HAS_IW,
                             LOG_CLAMP)
-            t_is = tl.minimum(tl.maximum(tl.log(tau), tl.full((), _VESPO_LOG_MIN, DTYPE)), 20.0) * m
+            t_is = _min(_max(tl.log(tau), tl.full((), _VESPO_LOG_MIN, DTYPE)), 20.0) * m
     elif SEQ_LEVEL:
         t_ratio = r * m
     if ROLLOUT == 2:
@@ -221,13 +232,13 @@ def _sequence_stats(n, s_ratio, s_adv, s_is, s_rollout, s_kl, sc, DTYPE: tl.cons
         log_w = s_ratio
         if HAS_TOKEN_IS:
             log_w = s_ratio + s_is
-        log_ratio = tl.minimum(tl.maximum(log_w, tl.full((), _VESPO_LOG_MIN, DTYPE)), 20.0)
+        log_ratio = _min(_max(log_w, tl.full((), _VESPO_LOG_MIN, DTYPE)), 20.0)
     elif SEQ_LEVEL:
-        log_ratio = s_ratio / tl.maximum(n, 1.0)
+        log_ratio = s_ratio / _max(n, 1.0)
     if ROLLOUT == 2:
         is_weight = _rollout_ratio(s_rollout, is_min, is_max, log_clamp, IS_MASK, LOG_CLAMP)
     if HAS_OPM:
-        kl = s_kl / tl.maximum(n, 1.0)
+        kl = s_kl / _max(n, 1.0)
     return log_ratio, seq_adv, is_weight, kl
 
 
@@ -242,16 +253,18 @@ def _kl_terms(logp, ref_logp, KL_EST: tl.constexpr):
         kl = 0.5 * d * d
         dkl_dlogp = -d
     elif KL_EST == 3:  # low_var_kl: k3 of clamp(d, ±20), clamped to ±10
-        dc = tl.minimum(tl.maximum(d, -20.0), 20.0)
+        dc = _min(_max(d, -20.0), 20.0)
         e = tl.exp(dc)
         v = e - dc - 1.0
-        kl = tl.minimum(tl.maximum(v, -10.0), 10.0)
+        kl = _min(_max(v, -10.0), 10.0)
         inside = (d >= -20.0) & (d <= 20.0) & (v >= -10.0) & (v <= 10.0)
         dkl_dlogp = tl.where(inside, 1.0 - e, 0.0)
-    else:  # k3 = e^d - d - 1
+    elif KL_EST == 0:  # k3 = e^d - d - 1
         e = tl.exp(d)
         kl = e - d - 1.0
         dkl_dlogp = 1.0 - e
+    else:
+        tl.static_assert(False, "unknown KL estimator code (kernel_options.KL_ESTIMATOR_CODES)")
     return kl, dkl_dlogp
 
 
@@ -267,7 +280,7 @@ def _policy_terms(coef_1, adv, logp, r, seq_log_ratio, seq_adv, seq_is, sc, DTYP
      k_neg, lambda_neg, _log_clamp) = sc
     zero = tl.zeros_like(coef_1 * adv)
     if FAMILY == 1:  # cispo: -sg[min(c1, eps_high)] · A · logp
-        capped = tl.minimum(coef_1, eps_high)
+        capped = _min(coef_1, eps_high)
         loss = -capped * adv * logp
         dloss_dlogp = -capped * adv
         dloss_dcoef = zero
@@ -304,29 +317,31 @@ def _policy_terms(coef_1, adv, logp, r, seq_log_ratio, seq_adv, seq_is, sc, DTYP
         dloss_dcoef = zero
         is_low = zero != zero
         is_high = is_low
-    else:  # clipped: -min(c1·A, clip(c1, lo, hi)·A), delta clamp of c1, dual clip
-        coef_2 = tl.minimum(tl.maximum(coef_1, lo), hi)
+    elif FAMILY == 0:  # clipped: -min(c1·A, clip(c1, lo, hi)·A), delta clamp of c1, dual clip
+        coef_2 = _min(_max(coef_1, lo), hi)
         dcoef_2 = tl.where((coef_1 >= lo) & (coef_1 <= hi), 1.0, 0.0)
         if HAS_DELTA:
-            coef_1d = tl.minimum(coef_1, delta)
+            coef_1d = _min(coef_1, delta)
             dcoef_1d = tl.where(coef_1 <= delta, 1.0, 0.0)
         else:
             coef_1d = coef_1
             dcoef_1d = 1.0
         x1 = coef_1d * adv
         x2 = coef_2 * adv
-        loss = -tl.minimum(x1, x2)
+        loss = -_min(x1, x2)
         g1 = tl.where(x1 < x2, 1.0, tl.where(x1 == x2, 0.5, 0.0))  # torch.min splits ties
         dloss_dcoef = -(adv * (g1 * dcoef_1d + (1.0 - g1) * dcoef_2))
         if HAS_C:
             cap = -adv * clip_c
             g_dual = tl.where(loss < cap, 1.0, tl.where(loss == cap, 0.5, 0.0))
             negative = adv < 0
-            loss = tl.where(negative, tl.minimum(loss, cap), loss)
+            loss = tl.where(negative, _min(loss, cap), loss)
             dloss_dcoef = tl.where(negative, g_dual * dloss_dcoef, dloss_dcoef)
         dloss_dlogp = zero
         is_low = (coef_1d < lo) & (adv < 0)
         is_high = (coef_1d > hi) & (adv > 0)
+    else:
+        tl.static_assert(False, "unknown loss family code (kernel_options.FAMILIES)")
     return loss, is_low, is_high, dloss_dcoef, dloss_dlogp
 
 
@@ -406,7 +421,25 @@ def _load_block(mask_row, logp_row, old_row, ref_row, adv_row, iw_row, samp_row,
     ref_logp = _load_tokens(ref_row, cols, inb, s_ref_t, DTYPE, HAS_REF, logp)
     iw = _load_tokens(iw_row, cols, inb, s_iw_t, DTYPE, HAS_IW, tl.zeros_like(logp) + 1.0)
     samp_logp = _load_tokens(samp_row, cols, inb, s_samp_t, DTYPE, HAS_SAMP, old_logp)
-    return m, logp, old_logp, adv, ref_logp, iw, samp_logp
+    return select_unmasked(m, logp, old_logp, adv, ref_logp, iw, samp_logp)
+
+
+@triton.jit
+def select_unmasked(m, logp, old_logp, adv, ref_logp, iw, samp_logp):
+    """The inputs with neutral values (log-probs 0, advantage 0, importance weight 1) where ``m == 0``:
+    selection, not multiplication by the mask, so that NaN or ±inf at masked positions reach no sum and no
+    gradient (loss_terms.h select_unmasked)."""
+    keep = m != 0
+    return (m, tl.where(keep, logp, 0.0), tl.where(keep, old_logp, 0.0), tl.where(keep, adv, 0.0),
+            tl.where(keep, ref_logp, 0.0), tl.where(keep, iw, 1.0), tl.where(keep, samp_logp, 0.0))
+
+
+@triton.jit
+def check_codes(FAMILY: tl.constexpr, KL_EST: tl.constexpr, ROLLOUT: tl.constexpr):
+    """The option codes are among those kernel_options names (a compile-time error otherwise)."""
+    tl.static_assert(FAMILY >= 0 and FAMILY <= 5, "unknown loss family code (kernel_options.FAMILIES)")
+    tl.static_assert(KL_EST >= 0 and KL_EST <= 3, "unknown KL estimator code (kernel_options.KL_ESTIMATOR_CODES)")
+    tl.static_assert(ROLLOUT >= 0 and ROLLOUT <= 2, "unknown rollout level code (kernel_options.ROLLOUT_IS_CODES)")
 
 
 # --------------------------------------------------------------------------- #
@@ -434,6 +467,7 @@ def _grpo_loss_fwd_kernel(
     IS_MASK: tl.constexpr, HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr, HAS_SAMP: tl.constexpr,
     DTYPE: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    check_codes(FAMILY, KL_EST, ROLLOUT)
     i = tl.program_id(0).to(tl.int64)
     sc = _options(lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg,
                   eps_low_arg, is_min_arg, is_max_arg, opm_threshold_arg, k_pos_arg, lambda_pos_arg, k_neg_arg,
@@ -496,8 +530,9 @@ def _grpo_loss_fwd_kernel(
             logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl, sc, DTYPE,
             FAMILY, SHARED, KL_EST, HAS_REF, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C, ROLLOUT, IS_MASK, HAS_OPM,
             LOG_CLAMP)
+        loss = tl.where(m != 0, loss, 0.0)  # 0 at masked tokens, by selection
         tl.store(out_row + cols, loss, mask=inb)
-        acc_loss += loss * m
+        acc_loss += loss
         acc_m += m
         acc_kl += kl * m
         acc_low += is_low.to(DTYPE) * m
@@ -508,7 +543,7 @@ def _grpo_loss_fwd_kernel(
     tl.store(partials_ptr + 1 * B + i, tl.sum(acc_m, axis=0))
     tl.store(partials_ptr + 2 * B + i, tl.sum(acc_kl, axis=0))
     if PER_SEQ_METRICS:  # one ratio and one advantage per sequence: a 0/1 flag per sequence
-        adv_i = tl.load(adv_row).to(DTYPE)
+        adv_i = tl.where(tl.sum(acc_m, axis=0) != 0, tl.load(adv_row).to(DTYPE), 0.0)  # fully masked: neutral
         seq_coef_1 = tl.exp(seq_log_ratio)
         _l, low_i, high_i, _dc, _dl = _policy_terms(
             seq_coef_1, adv_i, seq_coef_1, tl.zeros((), DTYPE), seq_log_ratio, seq_adv, seq_is, sc, DTYPE, FAMILY,
@@ -553,6 +588,7 @@ def _grpo_loss_bwd_kernel(
     ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr, HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr,
     HAS_SAMP: tl.constexpr, DTYPE: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    check_codes(FAMILY, KL_EST, ROLLOUT)
     i = tl.program_id(0).to(tl.int64)
     sc = _options(lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg,
                   eps_low_arg, is_min_arg, is_max_arg, opm_threshold_arg, k_pos_arg, lambda_pos_arg, k_neg_arg,
@@ -591,7 +627,7 @@ def _grpo_loss_bwd_kernel(
         if FAMILY == 4:
             denom = n_i + tl.full((), 1e-8, DTYPE)
         else:
-            denom = tl.maximum(n_i, 1.0)
+            denom = _max(n_i, 1.0)
         seq_term = tl.sum(acc_g, axis=0) * tl.exp(seq_log_ratio) / denom
 
     for t0 in range(0, T, BLOCK_T):
@@ -603,7 +639,7 @@ def _grpo_loss_bwd_kernel(
         dloss = _dloss_dlogp(logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl,
                              seq_term, sc, DTYPE, FAMILY, SHARED, KL_EST, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C,
                              ROLLOUT, IS_MASK, HAS_OPM, LOG_CLAMP)
-        tl.store(grad_row + cols, seq_grad * (m * dloss), mask=inb)
+        tl.store(grad_row + cols, tl.where(m != 0, seq_grad * (m * dloss), 0.0), mask=inb)
 
 
 @triton.jit
