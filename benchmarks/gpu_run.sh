@@ -129,9 +129,11 @@ step() {
     local t0=$SECONDS rc
     timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$log" "$logs/$stage-$name.log"
     rc=${PIPESTATUS[0]}
-    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    if [ "$rc" = 124 ] || { [ "$rc" = 137 ] && [ $((SECONDS - t0)) -ge "$limit" ]; }; then
         say "=== [$stage/$name] stopped at its ${limit}s limit"
         rc="timeout"
+    elif [ "$rc" = 137 ]; then
+        say "=== [$stage/$name] killed (SIGKILL before its limit: out of memory?)"
     fi
     record "$name" "$rc" $((SECONDS - t0))
     pack
