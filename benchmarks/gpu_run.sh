@@ -24,10 +24,13 @@
 #   --dry-run  print the plan (stages, steps, time limits, commands) and write nothing
 #   OUTDIR     default: $OUT when set (the device tool's folder), else build/gpu_run/out
 # Environment: WHEELS (.whl, filled here by benchmarks/fetch_wheels.sh), PYTHON (python3), DEADLINE (570:
-#   seconds for the whole run), MAX_JOBS (every core), TORCH_CUDA_ARCH_LIST (9.0a), GPU_RUN_WORK (build/gpu_run:
-#   results/ and logs/, kept between calls on a warm machine), LIMIT_A / LIMIT_B / LIMIT_TUNE (stage limits),
-#   MIN_STEP (10: a step with fewer seconds left is skipped).
-# Device tool, e.g.: run(command="benchmarks/gpu_run.sh --stage a", carry=[".whl"], timeout_s=240).
+#   seconds for the whole run), MAX_JOBS (every core), GPU_RUN_ARCH (9.0a: the build's TORCH_CUDA_ARCH_LIST,
+#   one architecture whatever the image exports), GPU_RUN_WORK (build/gpu_run: results/ and logs/, kept
+#   between calls on a warm machine), LIMIT_A / LIMIT_B / LIMIT_TUNE (stage limits), MIN_STEP (10: a step
+#   with fewer seconds left is skipped).
+# Device tool, 15 minutes in all: run(command="benchmarks/gpu_run.sh --stage a,b,tune", carry=[".whl"],
+#   timeout_s=600), then at once, while the machine is warm (30 s), run(command="LIMIT_A=150
+#   benchmarks/gpu_run.sh --stage a --tuned", carry=[".whl"], timeout_s=170), then give_back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -66,7 +69,7 @@ limit_b=${LIMIT_B:-240}
 limit_tune=${LIMIT_TUNE:-150}
 min_step=${MIN_STEP:-10}  # a step with less time than this left is skipped
 jobs=${MAX_JOBS:-$(nproc)}
-arch=${TORCH_CUDA_ARCH_LIST:-9.0a}
+arch=${GPU_RUN_ARCH:-9.0a}  # the build's TORCH_CUDA_ARCH_LIST, whatever the image exports
 site=${SITE:-/tmp/site}
 results=$work/results
 logs=$work/logs
@@ -157,7 +160,7 @@ prepare() {
     if [ "$dry_run" = 0 ] && [ -f "$work/built-$key" ] && compgen -G "grpo_kernels/_C*.so" > /dev/null; then
         return 0  # built on this machine from these sources
     fi
-    # ninja runs MAX_JOBS compiles at once; TORCH_CUDA_ARCH_LIST: one architecture, whatever the image sets
+    # ninja runs MAX_JOBS compiles at once; one architecture (each more is another device compile per .cu)
     step build 100 env MAX_JOBS="$jobs" TORCH_CUDA_ARCH_LIST="$arch" "$python" setup.py build_ext --inplace \
         && [ "$dry_run" = 0 ] && touch "$work/built-$key"
 }
