@@ -6,8 +6,9 @@ and ``triton`` under the interpreter at small sizes when ``TRITON_INTERPRET=1``;
 each GPU: ``triton`` and ``cuda``), stores the verdicts in the cache that
 ``backend="auto"`` reads, times each op against the reference (and
 ``torch.compile`` of it), and prints one table plus the environment.
-``--json PATH`` writes the same as a file to attach to a bug report. The exit
-status is 1 when any check failed, else 0.
+``--json PATH`` writes the same as a file to attach to a bug report (rewritten
+after each step, so a run cut short leaves what it did). The exit status is 1
+when any check failed or ``--budget`` left some undone, else 0.
 """
 
 from __future__ import annotations
@@ -80,33 +81,32 @@ def time_call(fn: Callable[[], object], device: torch.device, min_seconds: float
     return 1e3 * times[len(times) // 2]
 
 
-def timings(device: torch.device, ops, names: list[str], compile_ops) -> list[dict]:
-    """Forward + backward milliseconds of each op on one large-ish case, per implementation, and the speed-up
-    over the eager reference."""
+def timings(device: torch.device, op: str, names: list[str], compile_reference: bool) -> list[dict]:
+    """Forward + backward milliseconds of ``op`` on one large-ish case, per implementation, and the speed-up over
+    the eager reference."""
     size = TIMING_SIZES[device.type]
     rows = []
-    for op in ops:
-        case = self_check.timing_case(op, device, size, TIMING_DTYPE)
-        reference_fn = backends.backend_function("reference", device, op)
-        impls: list[tuple[str, Optional[Callable]]] = [("reference", reference_fn)]
-        if op in compile_ops:
-            impls.append(("torch.compile(reference)", torch.compile(reference_fn)))
-        impls += [(b, backends.backend_function(b, device, op)) for b in names if not _interpreted(b, device)]
-        base = None
-        for label, fn in impls:
-            row = dict(device=str(device), op=op, dtype=str(TIMING_DTYPE).replace("torch.", ""), backend=label,
-                       case=case.name, ms=None, speedup=None, error=None)
-            try:
-                with self_check._eager(device):
-                    row["ms"] = time_call(lambda: self_check.run_case(case, fn, exact=False), device,
-                                          warmup=2 if label.startswith("torch.compile") else 1)
-            except Exception as exc:  # a failing implementation is reported, the others still timed
-                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-            if label == "reference":
-                base = row["ms"]
-            if base and row["ms"]:
-                row["speedup"] = base / row["ms"]
-            rows.append(row)
+    case = self_check.timing_case(op, device, size, TIMING_DTYPE)
+    reference_fn = backends.backend_function("reference", device, op)
+    impls: list[tuple[str, Callable]] = [("reference", reference_fn)]
+    if compile_reference:
+        impls.append(("torch.compile(reference)", torch.compile(reference_fn)))
+    impls += [(b, backends.backend_function(b, device, op)) for b in names if not _interpreted(b, device)]
+    base = None
+    for label, fn in impls:
+        row = dict(device=str(device), op=op, dtype=str(TIMING_DTYPE).replace("torch.", ""), backend=label,
+                   case=case.name, ms=None, speedup=None, error=None)
+        try:
+            with self_check._eager(device):
+                row["ms"] = time_call(lambda: self_check.run_case(case, fn, exact=False), device,
+                                      warmup=2 if label.startswith("torch.compile") else 1)
+        except Exception as exc:  # a failing implementation is reported, the others still timed
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        if label == "reference":
+            base = row["ms"]
+        if base and row["ms"]:
+            row["speedup"] = base / row["ms"]
+        rows.append(row)
     return rows
 
 
@@ -165,6 +165,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--compile", choices=("default", "all", "none"), default="default",
                         help="which ops' torch.compile'd reference to time (default: the two logits ops on a GPU, "
                              "none on a CPU, where compiling takes ~20 s per op)")
+    parser.add_argument("--budget", type=float, metavar="SECONDS",
+                        help="start no check or timing after this many seconds (what is left is listed as not run, "
+                             "and the exit status is 1)")
     args = parser.parse_args(argv)
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     unknown = [op for op in ops if op not in backends.OPS]
@@ -178,7 +181,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     for d in env["devices"]:
         print(f"device {d['device_type']}: {d['device_name']} (capability {d['compute_capability']}, "
               f"{d['parallel_units']} parallel units)")
-    verdicts, timing_rows, checked = [], [], []
+    verdicts: list[self_check.Verdict] = []
+    timing_rows: list[dict] = []
+    skipped: list[str] = []
+    report = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": ["python", "-m", "grpo_kernels.check", *(sys.argv[1:] if argv is None else argv)],
+        "environment": env,
+    }
+
+    def save(done: bool) -> None:
+        """The report so far (a timeout still leaves what was checked), replaced atomically."""
+        if not args.json:
+            return
+        report.update(passed=all(v.passed for v in verdicts) and not skipped, complete=done and not skipped,
+                      skipped=skipped, seconds=time.perf_counter() - start,
+                      validation=[v.to_dict() for v in verdicts], timing=timing_rows)
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        os.replace(tmp, args.json)
+
+    def within_budget(what: str) -> bool:
+        if args.budget is None or time.perf_counter() - start < args.budget:
+            return True
+        skipped.append(what)
+        return False
+
+    checked = []
     for device in devices():
         env_here = self_check.environment(device)
         if env_here in checked:  # another GPU of the same model: the same verdicts
@@ -188,15 +218,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         names = kernel_backends(device)
         for backend in names:
             for op in ops:
-                if backend not in backends.available_backends(op):
-                    continue
-                verdict = self_check.validate(backend, op, device)
-                self_check.write_verdict(verdict)
-                verdicts.append(verdict)
-        if not args.no_timing:
-            compile_ops = {"default": COMPILE_DEFAULT[device.type], "all": ops, "none": ()}[args.compile]
-            timing_rows += timings(device, ops, names, compile_ops)
-    passed = all(v.passed for v in verdicts)
+                if backend in backends.available_backends(op) and within_budget(f"check {device} {backend} {op}"):
+                    verdict = self_check.validate(backend, op, device)
+                    self_check.write_verdict(verdict)
+                    verdicts.append(verdict)
+                    save(False)
+        for op in [] if args.no_timing else ops:
+            if within_budget(f"timing {device} {op}"):
+                compile_ops = {"default": COMPILE_DEFAULT[device.type], "all": ops, "none": ()}[args.compile]
+                timing_rows += timings(device, op, names, op in compile_ops)
+                save(False)
+    passed = all(v.passed for v in verdicts) and not skipped
     print(table(verdicts, timing_rows))
     for device, backend in dict.fromkeys((v.device, v.backend) for v in verdicts):
         mine = [v for v in verdicts if (v.device, v.backend) == (device, backend)]
@@ -205,26 +237,19 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"(the first use of an op with backend='auto' pays its own; slowest {slowest.op} "
               f"{slowest.seconds:.1f} s)")
     seconds = time.perf_counter() - start
-    print(f"{'all checks passed' if passed else 'SOME CHECKS FAILED'} "
+    if skipped:
+        print(f"INCOMPLETE: --budget {args.budget} s ran out; not run: {', '.join(skipped)}")
+    failed = not all(v.passed for v in verdicts)
+    print(f"{'SOME CHECKS FAILED' if failed else 'all checks passed' if not skipped else 'the checks run passed'} "
           f"({len(verdicts)} backend x op checks, {seconds:.1f} s). max err: the largest absolute error of the "
           f"worst output or gradient; err/tol: that error in units of the error allowed (passes up to 1); ms: "
           f"forward + backward of one {str(TIMING_DTYPE).replace('torch.', '')} case; speed-up over the reference.")
-    if not verdicts:
+    if not verdicts and not skipped:
         print("no kernel backend to check here (the reference needs none)")
-    if not passed:
+    if failed:
         print(f"Please report failures at {self_check.REPORT_URL} with the file written by --json.")
+    save(True)
     if args.json:
-        report = {
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": ["python", "-m", "grpo_kernels.check", *(sys.argv[1:] if argv is None else argv)],
-            "passed": passed,
-            "seconds": seconds,
-            "environment": env,
-            "validation": [v.to_dict() for v in verdicts],
-            "timing": timing_rows,
-        }
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
         print(f"report written to {args.json}")
     return 0 if passed else 1
 

@@ -416,6 +416,15 @@ def test_check_module_runs_as_a_command(cache, tmp_path):
     assert "all checks passed" in run.stdout and json.loads((tmp_path / "r.json").read_text())["passed"]
 
 
+def test_check_command_budget_leaves_a_partial_report(cache, tmp_path, capsys):
+    path = tmp_path / "report.json"
+    assert check.main(["--ops", "group_advantages,grpo_loss", "--budget", "0", "--json", str(path)]) == 1
+    assert "INCOMPLETE" in capsys.readouterr().out
+    report = json.loads(path.read_text())
+    assert report["complete"] is False and report["passed"] is False and not report["validation"]
+    assert len(report["skipped"]) == 2 * (len(check.kernel_backends(CPU)) + 1)
+
+
 def test_check_command_refuses_an_unknown_op(capsys):
     with pytest.raises(SystemExit) as exit_:
         check.main(["--ops", "nope"])
