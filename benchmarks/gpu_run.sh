@@ -249,6 +249,14 @@ for s in "${stages[@]}"; do
 done
 
 [ "$dry_run" = 1 ] && exit 0
+# the last lines are what the device tool's reply shows: the goal table, the tuner's verdict, the steps
+for part in a-goals tune-tune; do
+    if [ -s "$logs/$part.log" ]; then
+        say ""
+        say "=== $part (from $logs/$part.log)"
+        tail -n 14 "$logs/$part.log" | tee -a "$log"
+    fi
+done
 say ""
 say "=== summary ($(date -u +%T), ${SECONDS}s): stage step status seconds"
 for line in "${summary[@]}"; do say "$line"; done
