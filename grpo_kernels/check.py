@@ -38,11 +38,12 @@ TIMING_DTYPE = torch.bfloat16
 COMPILE_DEFAULT = {"cuda": ("token_logprobs", "fused_grpo_loss"), "cpu": ()}
 
 
-def devices() -> list[torch.device]:
-    found = [torch.device("cpu")]
-    if torch.cuda.is_available():
+def devices(types=("cuda", "cpu")) -> list[torch.device]:
+    """The visible devices of ``types``, GPUs first (what ``auto`` checks at first use)."""
+    found = []
+    if "cuda" in types and torch.cuda.is_available():
         found += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    return found
+    return found + ([torch.device("cpu")] if "cpu" in types else [])
 
 
 def kernel_backends(device: torch.device) -> list[str]:
@@ -165,6 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--compile", choices=("default", "all", "none"), default="default",
                         help="which ops' torch.compile'd reference to time (default: the two logits ops on a GPU, "
                              "none on a CPU, where compiling takes ~20 s per op)")
+    parser.add_argument("--devices", default="cuda,cpu", help="device types to check (default: cuda,cpu)")
     parser.add_argument("--budget", type=float, metavar="SECONDS",
                         help="start no check or timing after this many seconds (what is left is listed as not run, "
                              "and the exit status is 1)")
@@ -173,6 +175,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     unknown = [op for op in ops if op not in backends.OPS]
     if unknown:
         parser.error(f"unknown op(s) {unknown}; ops: {list(backends.OPS)}")
+    device_types = tuple(t.strip() for t in args.devices.split(",") if t.strip())
+    if not device_types or set(device_types) - {"cuda", "cpu"}:
+        parser.error(f"--devices takes cuda and/or cpu, got {args.devices!r}")
 
     start = time.perf_counter()
     env = report_environment()
@@ -209,7 +214,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return False
 
     checked = []
-    for device in devices():
+    for device in devices(device_types):
         env_here = self_check.environment(device)
         if env_here in checked:  # another GPU of the same model: the same verdicts
             print(f"{device}: the same model as a device already checked, skipped")
@@ -240,12 +245,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if skipped:
         print(f"INCOMPLETE: --budget {args.budget} s ran out; not run: {', '.join(skipped)}")
     failed = not all(v.passed for v in verdicts)
-    print(f"{'SOME CHECKS FAILED' if failed else 'all checks passed' if not skipped else 'the checks run passed'} "
+    outcome = ("SOME CHECKS FAILED" if failed else "nothing checked" if not verdicts
+               else "all checks passed" if not skipped else "the checks run passed")
+    print(f"{outcome} "
           f"({len(verdicts)} backend x op checks, {seconds:.1f} s). max err: the largest absolute error of the "
           f"worst output or gradient; err/tol: that error in units of the error allowed (passes up to 1); ms: "
           f"forward + backward of one {str(TIMING_DTYPE).replace('torch.', '')} case; speed-up over the reference.")
     if not verdicts and not skipped:
-        print("no kernel backend to check here (the reference needs none)")
+        print(f"no kernel backend to check on {', '.join(device_types)} devices here (the reference needs none)")
     if failed:
         print(f"Please report failures at {self_check.REPORT_URL} with the file written by --json.")
     save(True)
