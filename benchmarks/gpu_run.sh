@@ -75,9 +75,10 @@ results=$work/results
 logs=$work/logs
 log=$outdir/gpu_run.log
 stamp=$(date -u +%Y%m%d-%H%M%S)
-# Stage a's implementations: ours (kernel backends, in place or not) and the peers of the goals.
-headline_impls=(ours-triton ours-triton-inplace ours-cuda ours-cuda-inplace torch-compile trl-utils trl-lm-head
-                liger liger-inplace)
+# Stage a's implementations, measured in this order: ours (kernel backends, in place or not), the peers of the
+# goals, torch.compile last (its compile is the longest wait, and a stage cut at its limit drops what is last).
+headline_impls=(ours-triton ours-triton-inplace ours-cuda ours-cuda-inplace liger liger-inplace trl-lm-head trl-utils
+                torch-compile)
 summary=()
 failed=()
 stage=

@@ -36,7 +36,7 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--cases", nargs="+", default=None, metavar="SUBSTRING",
                         help="run only the cases whose name contains one of these")
     parser.add_argument("--impls", nargs="+", default=None, metavar="KEY",
-                        help="run only these implementations (e.g. ours-cpu trl-utils torch-compile)")
+                        help="run only these implementations, in this order (e.g. ours-cpu trl-utils torch-compile)")
     parser.add_argument("--quick", action="store_true", help="one timed call per implementation (smoke runs)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                         help="start no new case after this many seconds")
@@ -51,6 +51,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     device = torch.device(args.device)
     cases = [c for c in PRESETS[args.preset]() if not args.cases or any(s in c.name for s in args.cases)]
     impls = [i for i in implementations(device) if not args.impls or i.key in args.impls]
+    if args.impls:  # measured in the order given: a time budget cuts the last ones
+        impls.sort(key=lambda i: args.impls.index(i.key))
     policy = TimingPolicy(1, 1, 0.0) if args.quick else TimingPolicy()
     if not cases or not impls:
         raise SystemExit("no case or no implementation left after the filters")

@@ -25,14 +25,15 @@ def _env() -> dict:
 
 def test_runner_smoke_run_writes_results(tmp_path):
     command = [sys.executable, "-m", "benchmarks.run", "--preset", "cpu-small", "--cases", "group_advantages",
-               "--impls", "ours-reference", "--quick", "--out", str(tmp_path)]
+               "--impls", "liger", "ours-reference", "--quick", "--out", str(tmp_path)]
     subprocess.run(command, cwd=ROOT, env=_env(), check=True, timeout=120, capture_output=True)
     (result,) = tmp_path.glob("*.json")
     run = json.loads(result.read_text())
-    (record,) = run["records"]
+    skipped, record = run["records"]  # in the order of --impls (Liger takes no group_advantages)
+    assert (skipped["impl"], skipped["status"], record["impl"]) == ("liger", "skipped", "ours-reference")
     assert record["status"] == "ok" and record["median_ms"] > 0 and record["max_err"] < 1e-5
     assert run["limits"]["copy_gbps"] > 0 and run["environment"]["torch"]
-    assert len((tmp_path / "all.csv").read_text().splitlines()) == 2
+    assert len((tmp_path / "all.csv").read_text().splitlines()) == 3
     assert "ours-reference" in result.with_suffix(".md").read_text()
     section = render_readme.section(render_readme.newest_per_device([result]))
     assert "group_advantages" in section and run["stem"] in section
