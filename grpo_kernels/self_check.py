@@ -102,6 +102,9 @@ def _package_version(name: str) -> Optional[str]:
     return getattr(module, "__version__", None)
 
 
+_NOT_KERNEL_SETTINGS = ("GRPO_KERNELS_CACHE_DIR", "GRPO_KERNELS_BACKEND", "GRPO_KERNELS_CHECK_VALUES")
+
+
 def _extension_facts() -> dict:
     try:
         return extension_info()
@@ -129,6 +132,9 @@ def environment(device: torch.device) -> dict:
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "grpo_kernels": __version__,
         "extension": _extension_facts(),
+        # settings that change what the kernels run (e.g. the Triton tuning), not where verdicts go or who is used
+        "settings": {k: v for k, v in sorted(os.environ.items())
+                     if k.startswith("GRPO_KERNELS_") and k not in _NOT_KERNEL_SETTINGS},
     }
 
 
