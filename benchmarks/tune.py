@@ -45,6 +45,8 @@ NOISE_FLOOR = 0.02  # a winner must beat the defaults by more than this fraction
 ROUNDING = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4, torch.float64: 1e-10}
 REPEATS = dict(min_repeats=3, max_repeats=20, min_total_s=0.2)  # per configuration, after one untimed call
 IMPL = "ours-triton"
+SPENT = "not run (budget spent)"
+_now = time.monotonic  # the budget's clock
 
 
 @dataclass(frozen=True)
@@ -158,17 +160,22 @@ def _measure(fn, device: torch.device, expected: Optional[Outputs]) -> dict:
 
 
 def run_sweep(sweep: Sweep, device: torch.device, deadline: float) -> dict:
-    """Every configuration of ``sweep`` that starts before ``deadline`` (``time.monotonic``)."""
+    """Every configuration of ``sweep`` that starts before ``deadline`` (``time.monotonic``); the defaults'
+    second run also after it, when a configuration ran (it is the noise estimate a winner needs)."""
+    configs = ({},) + sweep.configs + ({},)
+    if _now() > deadline:
+        return _verdict(sweep, [dict(config=c, label=_label(c), status=SPENT) for c in configs])
     case = sweep.case
     inputs = make_inputs(case, device)
     impl = next(i for i in implementations(device) if i.key == IMPL)
     fn = step(case, inputs, impl.build(case, inputs))
     expected = tuple(t.detach() for t in fn())  # the defaults' outputs
-    rows = []
-    for position, config in enumerate(({},) + sweep.configs + ({},)):
+    rows: list[dict] = []
+    for position, config in enumerate(configs):
         row = dict(config=config, label=_label(config), status="ok")
-        if time.monotonic() > deadline:
-            row["status"] = "not run (budget spent)"
+        last_defaults = position == len(configs) - 1 and any(r["status"] != SPENT for r in rows[1:])
+        if _now() > deadline and not last_defaults:
+            row["status"] = SPENT
         else:
             try:
                 with tuning.overrides(config):
@@ -243,7 +250,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     results = []
     for sweep in sweeps:
         print(f"{sweep.family}: {sweep.case.name}", flush=True)
-        results.append(run_sweep(sweep, device, deadline))
+        try:
+            results.append(run_sweep(sweep, device, deadline))
+        except Exception as error:  # the defaults themselves failed: the other families still run
+            print(f"  failed: {type(error).__name__}: {error}", flush=True)
+            failed = dict(config={}, label="(defaults)", status=f"error: {type(error).__name__}: {error}"[:300])
+            results.append(_verdict(sweep, [failed, failed]))
+            torch.cuda.empty_cache()
     chosen = winners(results)
     print("\n" + best_table(results))
     print(f"\n{tuning.ENV}={tuning.format_overrides(chosen)}  ({time.monotonic() - start:.0f} s)")
