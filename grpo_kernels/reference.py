@@ -185,6 +185,10 @@ def _nan_std(r: Tensor) -> Tensor:
 
 def _normalize(r: Tensor, index: Tensor, num_groups: int, scale: str, estimator: str, eps: float):
     """Advantages of scalar rewards ``r [B]`` (NaN = missing); NaN results stay NaN."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {list(SCALES)}, got {scale!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
     count, mean, std = _nan_group_stats(r, index, num_groups)
     adv = r - mean[index]
     if estimator == "rloo":
@@ -268,7 +272,7 @@ def group_advantages(
         nan = torch.full_like(r[:, 0], float("nan"))
         if multi_objective == "sum_then_normalize":
             r = torch.where(unscorable, nan, torch.nansum(r * w, dim=1))
-        else:
+        elif multi_objective == "normalize_then_sum":
             per_reward = [_normalize(r[:, k], index, num_groups, scale, estimator, eps)[0] for k in range(r.shape[1])]
             s = torch.where(unscorable, nan, torch.nansum(torch.stack(per_reward, dim=1) * w, dim=1))
             adv = (s - torch.nanmean(s)) / (_nan_std(s) + eps)
@@ -277,6 +281,8 @@ def group_advantages(
                 return adv
             _, mean, std = _nan_group_stats(s, index, num_groups)
             return adv, mean, std
+        else:
+            raise ValueError(f"multi_objective must be one of {list(MULTI_OBJECTIVES)}, got {multi_objective!r}")
 
     adv, mean, std = _normalize(r, index, num_groups, scale, estimator, eps)
     adv = torch.nan_to_num(adv, nan=0.0)

@@ -50,6 +50,7 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowBlocksPerSm<scalar_t>)
   for (int64_t r = blockIdx.x; r < n_rows; r += gridDim.x) {
     const int64_t y = ids[r];
     scalar_t* dx_row = kGrad ? dx + dx_rows.offset(r) : nullptr;
+    // An ignored row is never read (the caller passes masked rows as ignored: native/fused_grpo_loss.py).
     if (y == ignore_index) {
       if (threadIdx.x == 0) {
         logp_out[r] = lse_out[r] = acc_t(0);
@@ -113,6 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const LossConfig& cfg, double temperature, int64_t ignore_index, bool return_entropy, bool compute_grad,
     bool inplace) {
   const c10::cuda::CUDAGuard guard(logits.device());
+  cpu::check_config(cfg, "fused_grpo_loss_fwd");
   TORCH_CHECK(!cfg.seq_pass, "fused_grpo_loss_fwd: a loss with a sequence pass is composed by the caller");
   TORCH_CHECK(logits.dim() == 3, "fused_grpo_loss_fwd: logits must be [B, T, V]");
   TORCH_CHECK(!(compute_grad && inplace) || at::has_internal_overlap(logits) != at::MemOverlap::Yes,

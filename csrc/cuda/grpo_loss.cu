@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
       const acc_t m = in.mask(i, t);
       const cpu::TokenTerms<acc_t> r = cpu::token_terms(cfg, s, seq, in.token(i, t), in.has_ref);
-      per_token_loss[i * T + t] = r.loss;
+      per_token_loss[i * T + t] = m != acc_t(0) ? r.loss : acc_t(0);  // 0 at masked tokens, by selection
       sums.v[0] += r.loss * m;
       sums.v[1] += m;
       sums.v[2] += r.kl * m;
@@ -62,7 +62,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (threadIdx.x == 0) {
       if (cfg.per_seq_metrics && T > 0) {  // one ratio and one advantage per sequence: a 0/1 flag per sequence
         const acc_t seq_coef_1 = std::exp(seq.log_ratio);
-        const cpu::TokenTerms<acc_t> r = cpu::policy_terms(cfg, s, seq_coef_1, in.adv(i, 0), seq_coef_1, acc_t(0), seq);
+        const acc_t adv = sums.v[1] != acc_t(0) ? in.adv(i, 0) : acc_t(0);  // a fully masked sequence: neutral
+        const cpu::TokenTerms<acc_t> r = cpu::policy_terms(cfg, s, seq_coef_1, adv, seq_coef_1, acc_t(0), seq);
         sums.v[3] = acc_t(r.is_low);
         sums.v[4] = acc_t(r.is_high);
         sums.v[5] = acc_t(r.is_low || r.is_high);
@@ -100,7 +101,8 @@ __global__ void __launch_bounds__(kMaxThreads, kBackwardBlocksPerSm<acc_t>)
         if (pass == 0) {
           g.v[0] += r.dloss_dcoef * in.mask(i, t);
         } else {
-          grad_logp[i * T + t] = seq_grad[i] * (in.mask(i, t) * cpu::dloss_dlogp(cfg, r, seq_term));
+          const acc_t m = in.mask(i, t);
+          grad_logp[i * T + t] = m != acc_t(0) ? seq_grad[i] * (m * cpu::dloss_dlogp(cfg, r, seq_term)) : acc_t(0);
         }
       }
       if (pass == 0) {
@@ -126,6 +128,7 @@ std::tuple<at::Tensor, at::Tensor> grpo_loss_fwd(const at::Tensor& logp, const c
                                                  const LossConfig& cfg) {
   const c10::cuda::CUDAGuard guard(logp.device());
   check_logp(logp);
+  cpu::check_config(cfg, "grpo_loss_fwd");
   const int64_t B = logp.size(0), T = logp.size(1);
   at::Tensor per_token_loss = at::empty({B, T}, logp.options());
   at::Tensor partials = at::empty({kNumPartials, B}, logp.options());
@@ -148,6 +151,7 @@ at::Tensor grpo_loss_bwd(const at::Tensor& logp, const c10::optional<at::Tensor>
                          const at::Tensor& partials, const at::Tensor& seq_grad, const LossConfig& cfg) {
   const c10::cuda::CUDAGuard guard(logp.device());
   check_logp(logp);
+  cpu::check_config(cfg, "grpo_loss_bwd");
   const int64_t B = logp.size(0), T = logp.size(1);
   TORCH_CHECK(partials.dim() == 2 && partials.size(0) == kNumPartials && partials.size(1) == B,
               "grpo_loss_bwd: partials must be [", kNumPartials, ", ", B, "]");

@@ -29,16 +29,17 @@ struct LossInputs {
   StridedBT<acc_t> logp, old_logp, ref_logp, adv, mask, iw, sampling_logp;
   bool has_ref;
 
-  // The inputs at (i, t) with log-prob logp_it (the fused kernel computes it).
+  // The inputs at (i, t) with log-prob logp_it (the fused kernel computes it); neutral ones at a masked token
+  // (cpu::select_unmasked: selection, so NaN or ±inf there reach nothing).
   __device__ __forceinline__ cpu::TokenInputs<acc_t> token(int64_t i, int64_t t, acc_t logp_it) const {
     const acc_t old = old_logp.data != nullptr ? old_logp(i, t) : logp_it;
-    return {logp_it,
-            old,
-            adv(i, t),
-            mask(i, t),
-            has_ref ? ref_logp(i, t) : acc_t(0),
-            iw.data != nullptr ? iw(i, t) : acc_t(1),
-            sampling_logp.data != nullptr ? sampling_logp(i, t) : old};
+    return cpu::select_unmasked(cpu::TokenInputs<acc_t>{logp_it,
+                                                        old,
+                                                        adv(i, t),
+                                                        mask(i, t),
+                                                        has_ref ? ref_logp(i, t) : acc_t(0),
+                                                        iw.data != nullptr ? iw(i, t) : acc_t(1),
+                                                        sampling_logp.data != nullptr ? sampling_logp(i, t) : old});
   }
   __device__ __forceinline__ cpu::TokenInputs<acc_t> token(int64_t i, int64_t t) const {
     return token(i, t, logp(i, t));

@@ -40,6 +40,9 @@ def _batch_std(r: Tensor) -> Tensor:
 def _normalize(r: Tensor, segments: tuple, scale: str, estimator: str, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Advantages ``[B, K]`` (NaN where undefined), per-group mean and std ``[G, K]`` of ``r [B, K]``."""
     order, offsets = segments
+    if scale not in _SCALES or estimator not in ("grpo", "rloo"):
+        raise ValueError(f"scale must be one of {list(_SCALES)} and estimator 'grpo' or 'rloo', got {scale!r}, "
+                         f"{estimator!r}")
     batch_std = _batch_std(r) if scale == "batch" else None
     return _C.group_normalize(r, order, offsets, batch_std, float(eps), _SCALES[scale], estimator == "rloo")
 
@@ -70,7 +73,7 @@ def group_advantages(
         nan = torch.full_like(r[:, 0], float("nan"))
         if multi_objective == "sum_then_normalize":
             r = torch.where(unscorable, nan, torch.nansum(r * w, dim=1))
-        else:
+        elif multi_objective == "normalize_then_sum":
             columns = _normalize(r, segments, scale, estimator, eps)[0]
             s = torch.where(unscorable, nan, torch.nansum(columns * w, dim=1))
             adv = torch.nan_to_num((s - torch.nanmean(s)) / (_batch_std(s[:, None])[0] + eps), nan=0.0)
@@ -78,6 +81,9 @@ def group_advantages(
                 return adv
             _, mean, std = _normalize(s[:, None], segments, "none", "grpo", eps)
             return adv, mean[:, 0], std[:, 0]
+        else:
+            raise ValueError(f"multi_objective must be 'sum_then_normalize' or 'normalize_then_sum', got "
+                             f"{multi_objective!r}")
 
     adv, mean, std = _normalize(r[:, None], segments, scale, estimator, eps)
     adv = torch.nan_to_num(adv[:, 0], nan=0.0)

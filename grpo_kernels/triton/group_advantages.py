@@ -139,7 +139,8 @@ def _segment_kernel(
         tl.store(mean_ptr + g, mean, mask=g_mask)
         tl.store(std_ptr + g, std, mask=g_mask)
 
-    # Pass 3: advantages.
+    # Pass 3: advantages (SCALE: 0 group std, 1 batch std, 2 none).
+    tl.static_assert(SCALE == 0 or SCALE == 1 or SCALE == 2, "unknown scale code")
     if WRITE_ADV:
         eps = tl.load(eps_ptr)
         if SCALE == 0:
@@ -305,7 +306,7 @@ def group_advantages(
         nan = torch.full_like(r[:, 0], float("nan"))
         if multi_objective == "sum_then_normalize":
             r = torch.where(unscorable, nan, torch.nansum(r * w, dim=1))
-        else:
+        elif multi_objective == "normalize_then_sum":
             columns = torch.empty_like(r)
             _run_segments(r, dtype, columns, segments, group_size, eps_t, scale, estimator,
                           finalize=False, stats=False)
@@ -316,6 +317,9 @@ def group_advantages(
             mean, std = _run_segments(s, dtype, None, segments, group_size, eps_t, "none", estimator,
                                       finalize=False, stats=True)
             return adv, mean, std
+        else:
+            raise ValueError(f"multi_objective must be 'sum_then_normalize' or 'normalize_then_sum', got "
+                             f"{multi_objective!r}")
 
     adv = torch.empty(rewards.shape[0], dtype=dtype, device=device)
     stats = _run_segments(r, dtype, adv, segments, group_size, eps_t, scale, estimator,
