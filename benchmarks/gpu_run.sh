@@ -186,9 +186,12 @@ stage_a() {
     use_tuning
     step environment 30 "$python" -m benchmarks.gpu_report facts "$logs/environment-$stamp.json"
     if [ -f grpo_kernels/check.py ]; then
-        local compile=()  # the headline step times torch.compile itself: the check need not compile it too
-        grep -q '"--compile"' grpo_kernels/check.py && compile=(--compile none)
-        step check 50 "$python" -m grpo_kernels.check "${compile[@]}" --json "$results/check-$stamp.json"
+        # the headline step times torch.compile itself: the check need not compile it too; its own budget ends
+        # it (the report written) before the step's limit. Each option only where this check takes it.
+        local options=()
+        grep -q '"--compile"' grpo_kernels/check.py && options+=(--compile none)
+        grep -q '"--budget"' grpo_kernels/check.py && options+=(--budget 40)
+        step check 50 "$python" -m grpo_kernels.check "${options[@]}" --json "$results/check-$stamp.json"
     else
         step gpu-tests 50 "$python" -m pytest -q -m gpu tests -p no:cacheprovider \
             --junitxml "$logs/gpu-tests-$stamp.xml"
