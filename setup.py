@@ -56,7 +56,8 @@ def _extensions():
     macros = [("GRPO_KERNELS_VERSION", f'"{_version()}"'), ("GRPO_KERNELS_CPU_ARCH", f'"{_cpu_arch()}"')]
     # -ffp-contract=off: every product is rounded as written (z = x / T as the reference rounds it);
     # the kernels ask for fused multiply-adds explicitly where they want them
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"] + _cpu_arch_flags()
+    # -g0: Python's CFLAGS carry -g, ~20 MB of debug info in module.o and a quarter of its compile time
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-g0"] + _cpu_arch_flags()
     nvcc_found = cpp_extension.CUDA_HOME is not None and shutil.which(
         os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
     )
@@ -72,8 +73,7 @@ def _extensions():
             "grpo_kernels._C",
             sources + _sources("csrc/cuda/*.cu"),
             define_macros=macros + [("GRPO_WITH_CUDA", "1")],
-            # -g0: Python's CFLAGS carry -g, ~20 MB of debug info in module.o and a quarter of its compile time
-            extra_compile_args={"cxx": cxx + ["-g0"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
             extra_link_args=["-fopenmp"],
         )
     else:

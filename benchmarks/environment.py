@@ -86,5 +86,6 @@ def describe(device: torch.device) -> dict:
         # what the cpu backend's kernels were built for and use (-march, widest vector ISA)
         "extension_cpu_arch": grpo_kernels.extension_info().get("cpu_arch"),
         "extension_cpu_isa": grpo_kernels.extension_info().get("cpu_isa"),
+        "triton_tuning": os.environ.get("GRPO_KERNELS_TRITON_TUNING"),  # knob overrides of a tuned run
         **{name: _version(name) for name in PEERS},
     }
