@@ -5,9 +5,10 @@ Each test module names the op it tests in ``OP``; its tests that take the
 Triton kernels run on CPU tensors under the Triton interpreter. On a machine
 with CUDA, the GPU backends (``triton``, ``cuda``) run the same tests on CUDA
 tensors: the test builds its inputs on the CPU as everywhere, and the public
-ops it calls copy their tensor arguments to the GPU (differentiably) and their
-results back (test ids ``triton-on-cuda``, ``cuda-on-cuda``), so every
-comparison of the test (numpy, the float64 reference, gradients) holds as is.
+ops it calls with that backend copy their tensor arguments to the GPU
+(differentiably) and their results back (test ids ``triton-on-cuda``,
+``cuda-on-cuda``), so every comparison of the test (numpy, the float64
+reference on the CPU, gradients) holds as is.
 """
 
 import os
@@ -83,7 +84,11 @@ def _to_cpu(x):
 
 
 def _computing_on_cuda(fn):
+    """``fn`` computing on CUDA copies when called with a GPU backend (the reference it is compared with stays on
+    the CPU)."""
     def op(*args, **kwargs):
+        if kwargs.get("backend") not in GPU_BACKENDS:
+            return fn(*args, **kwargs)
         return tree_map(_to_cpu, fn(*tree_map(_to_cuda, args), **tree_map(_to_cuda, kwargs)))
 
     return op
