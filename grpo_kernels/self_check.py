@@ -294,20 +294,22 @@ def sizes(backend: str, device: torch.device, large: Optional[bool] = None) -> S
 
 
 class _Maker:
-    """Random inputs from a generator of its own (the caller's random state is untouched), on ``device``."""
+    """Random inputs from a generator of its own (the caller's random state is untouched), drawn on ``device``
+    (a GPU draws the large cases itself)."""
 
     def __init__(self, device: torch.device, seed: int):
         self.device = device
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(self, *shape, dtype=torch.float32, scale=1.0) -> Tensor:
-        return (scale * torch.randn(*shape, generator=self.gen, dtype=torch.float64)).to(self.device, dtype)
+        x = torch.randn(*shape, generator=self.gen, dtype=torch.float64, device=self.device)
+        return (scale * x).to(dtype)
 
     def rand(self, *shape) -> Tensor:
-        return torch.rand(*shape, generator=self.gen, dtype=torch.float64).to(self.device, torch.float32)
+        return torch.rand(*shape, generator=self.gen, dtype=torch.float64, device=self.device).to(torch.float32)
 
     def ids(self, high: int, *shape) -> Tensor:
-        return torch.randint(0, high, shape, generator=self.gen).to(self.device)
+        return torch.randint(0, high, shape, generator=self.gen, device=self.device)
 
 
 def _edge_logits(m: _Maker, rows: int, vocab: int, dtype: torch.dtype, ids: Tensor) -> Tensor:
