@@ -138,8 +138,13 @@ def _override() -> Optional[str]:
     return override if override and override != "auto" else None
 
 
+def auto_preference(device_type: str) -> tuple[tuple[str, Trust], ...]:
+    """``"auto"``'s candidates for ``device_type`` tensors, best first, with what makes each usable."""
+    return _AUTO_PREFERENCE.get(device_type, _AUTO_OTHER_DEVICES)
+
+
 def _auto(device: torch.device, op: Optional[str]) -> str:
-    for name, trust in _AUTO_PREFERENCE.get(device.type, _AUTO_OTHER_DEVICES):
+    for name, trust in auto_preference(device.type):
         if not _installed(name) or (op is not None and not (_provides(name, op) or chunked(name, op))):
             continue
         if trust is Trust.TESTED:

@@ -111,6 +111,18 @@ def timings(device: torch.device, op: str, names: list[str], compile_reference: 
     return rows
 
 
+def auto_choice(device: torch.device, op: str, verdicts: list[self_check.Verdict]) -> str:
+    """What ``backend="auto"`` uses for ``op`` on ``device`` given these verdicts (the first candidate installed,
+    providing the op, and tested or passed here)."""
+    passed = {(v.backend, v.op) for v in verdicts if v.device == str(device) and v.passed}
+    for name, trust in backends.auto_preference(device.type):
+        if name not in backends.available_backends(op):
+            continue
+        if trust is backends.Trust.TESTED or (name, op) in passed:
+            return name
+    return "reference"
+
+
 def report_environment() -> dict:
     return {
         "grpo_kernels": __version__,
@@ -228,6 +240,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     self_check.write_verdict(verdict)
                     verdicts.append(verdict)
                     save(False)
+        report.setdefault("auto", {})[str(device)] = {op: auto_choice(device, op, verdicts) for op in ops}
         for op in [] if args.no_timing else ops:
             if within_budget(f"timing {device} {op}"):
                 compile_ops = {"default": COMPILE_DEFAULT[device.type], "all": ops, "none": ()}[args.compile]
@@ -241,6 +254,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"check cost on {device}, {backend}: {sum(v.seconds for v in mine):.1f} s for {len(mine)} ops "
               f"(the first use of an op with backend='auto' pays its own; slowest {slowest.op} "
               f"{slowest.seconds:.1f} s)")
+    for device, choice in report.get("auto", {}).items():
+        print(f"backend='auto' on {device}: " + ", ".join(f"{op} -> {b}" for op, b in choice.items())
+              + (f" (GRPO_KERNELS_BACKEND={os.environ['GRPO_KERNELS_BACKEND']} overrides it)"
+                 if os.environ.get("GRPO_KERNELS_BACKEND", "auto").strip() not in ("", "auto") else ""))
     seconds = time.perf_counter() - start
     if skipped:
         print(f"INCOMPLETE: --budget {args.budget} s ran out; not run: {', '.join(skipped)}")

@@ -397,6 +397,8 @@ def test_check_command_table_json_and_exit_status(cache, tmp_path, capsys, monke
     assert checked == {(b, "group_advantages") for b in check.kernel_backends(CPU)}
     assert {r["backend"] for r in report["timing"]} >= {"reference"}
     assert all(r["ms"] > 0 for r in report["timing"] if r["backend"] in ("reference", "cpu"))
+    assert report["auto"]["cpu"] == {"group_advantages": backends.resolve_backend("auto", CPU, "group_advantages")}
+    assert "backend='auto' on cpu: group_advantages -> " in text
     # the verdicts went to the cache that "auto" reads
     assert len(list(cache.glob("*group_advantages*.json"))) == len(checked)
 
@@ -418,6 +420,20 @@ def test_check_module_runs_as_a_command(cache, tmp_path):
                           "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "all checks passed" in run.stdout and json.loads((tmp_path / "r.json").read_text())["passed"]
+
+
+@needs_triton
+def test_check_command_says_what_auto_picks_on_a_gpu_from_the_verdicts():
+    cuda = torch.device("cuda", 0)
+
+    def verdict(op, passed):
+        return self_check.Verdict("triton", op, str(cuda), passed, {})
+
+    verdicts = [verdict("token_logprobs", True), verdict("fused_grpo_loss", False)]
+    assert check.auto_choice(cuda, "token_logprobs", verdicts) == "triton"
+    assert check.auto_choice(cuda, "fused_grpo_loss", verdicts) == "reference"  # no cuda verdict either
+    assert check.auto_choice(cuda, "grpo_loss", verdicts) == "reference"  # not checked
+    assert check.auto_choice(CPU, "grpo_loss", []) == backends.resolve_backend("auto", CPU, "grpo_loss")
 
 
 def test_check_command_budget_leaves_a_partial_report(cache, tmp_path, capsys):
