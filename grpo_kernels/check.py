@@ -252,7 +252,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         mine = [v for v in verdicts if (v.device, v.backend) == (device, backend)]
         slowest = max(mine, key=lambda v: v.seconds)
         print(f"check cost on {device}, {backend}: {sum(v.seconds for v in mine):.1f} s for {len(mine)} ops "
-              f"(the first use of an op with backend='auto' pays its own; slowest {slowest.op} "
+              f"(on a GPU the first use of an op with backend='auto' pays that op's share; slowest {slowest.op} "
               f"{slowest.seconds:.1f} s)")
     for device, choice in report.get("auto", {}).items():
         print(f"backend='auto' on {device}: " + ", ".join(f"{op} -> {b}" for op, b in choice.items())
