@@ -483,7 +483,8 @@ def _named_outputs(out) -> dict:
 
 
 def _prepare(case: Case, exact: bool) -> tuple[list, dict, list]:
-    """Fresh inputs (float64 copies for the reference); the leaves that get gradients."""
+    """Fresh inputs (float64 copies for the reference); the leaves that get gradients. In place, the op gets a
+    copy made by autograd (as the logits of an LM head are), whose buffer it may overwrite."""
     def cast(t):
         if not isinstance(t, Tensor):
             return t
@@ -495,8 +496,10 @@ def _prepare(case: Case, exact: bool) -> tuple[list, dict, list]:
     for key in case.grad_args:
         holder, index = (options, key) if isinstance(key, str) else (args, key)
         if holder[index] is not None:
-            holder[index].requires_grad_(True)
-            leaves.append((key, holder[index]))
+            leaf = holder[index].requires_grad_(True)
+            leaves.append((key, leaf))
+            if case.options.get("inplace_backward"):
+                holder[index] = leaf.clone()
     return args, options, leaves
 
 
