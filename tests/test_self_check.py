@@ -388,7 +388,7 @@ def test_auto_on_cuda_without_kernels_is_the_bounded_fallback(monkeypatch):
 # --------------------------------------------------------------------------- #
 def test_check_command_table_json_and_exit_status(cache, tmp_path, capsys, monkeypatch):
     path = tmp_path / "report.json"
-    assert check.main(["--ops", "group_advantages", "--json", str(path)]) == 0
+    assert check.main(["--ops", "group_advantages", "--devices", "cpu", "--json", str(path)]) == 0
     text = capsys.readouterr().out
     assert "all checks passed" in text and "group_advantages" in text and "torch" in text
     report = json.loads(path.read_text())
@@ -408,7 +408,7 @@ def test_check_command_table_json_and_exit_status(cache, tmp_path, capsys, monke
         good = native.group_advantages
         monkeypatch.setattr(native, "group_advantages",
                             lambda rewards, **kw: tuple(t * 1.01 for t in good(rewards, **kw)))
-        assert check.main(["--ops", "group_advantages", "--no-timing", "--json", str(path)]) == 1
+        assert check.main(["--ops", "group_advantages", "--devices", "cpu", "--no-timing", "--json", str(path)]) == 1
         text = capsys.readouterr().out
         assert "FAIL" in text and "SOME CHECKS FAILED" in text and self_check.REPORT_URL in text
         assert json.loads(path.read_text())["passed"] is False
@@ -416,8 +416,9 @@ def test_check_command_table_json_and_exit_status(cache, tmp_path, capsys, monke
 
 def test_check_module_runs_as_a_command(cache, tmp_path):
     env = dict(os.environ, **{self_check.CACHE_DIR_VARIABLE: str(cache)})
-    run = subprocess.run([sys.executable, "-m", "grpo_kernels.check", "--ops", "group_advantages", "--no-timing",
-                          "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300, env=env)
+    command = [sys.executable, "-m", "grpo_kernels.check", "--ops", "group_advantages", "--devices", "cpu",
+               "--no-timing", "--json", str(tmp_path / "r.json")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "all checks passed" in run.stdout and json.loads((tmp_path / "r.json").read_text())["passed"]
 
@@ -438,7 +439,8 @@ def test_check_command_says_what_auto_picks_on_a_gpu_from_the_verdicts():
 
 def test_check_command_budget_leaves_a_partial_report(cache, tmp_path, capsys):
     path = tmp_path / "report.json"
-    assert check.main(["--ops", "group_advantages,grpo_loss", "--budget", "0", "--json", str(path)]) == 1
+    argv = ["--ops", "group_advantages,grpo_loss", "--devices", "cpu", "--budget", "0", "--json", str(path)]
+    assert check.main(argv) == 1
     assert "INCOMPLETE" in capsys.readouterr().out
     report = json.loads(path.read_text())
     assert report["complete"] is False and report["passed"] is False and not report["validation"]
