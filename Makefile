@@ -9,7 +9,7 @@ PIP           := $(VPY) -m pip --quiet
 TORCH_VERSION ?= 2.13.0
 DEV_PACKAGES  := triton numpy pybind11 ninja pytest pytest-benchmark hypothesis matplotlib
 # Peers, for parity tests only (never imported by the library).
-PEER_PACKAGES := trl==1.16.0
+PEER_PACKAGES := trl==1.16.0 liger-kernel==0.8.5
 # verl's loss module and what it imports, installed without dependencies (verl's own list would pull a
 # CUDA torch and more); tests/test_integration_verl.py compares with verl itself when it imports.
 VERL_PACKAGES := verl==0.9.1 ray==2.60.0 tensordict==0.10.0 omegaconf==2.4.0 antlr4-python3-runtime==4.9.3 \

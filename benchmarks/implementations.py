@@ -20,6 +20,15 @@ skipped; the pytest-benchmark suite skips them.
   what ``GRPOTrainer`` runs) + the eager loss; ``lm_head_grpo_loss`` only.
 - ``liger`` / ``liger-inplace``: Liger-Kernel's logits-level GRPO loss
   (``liger_kernel.transformers.grpo_loss.triton_grpo_loss``), CUDA only.
+- ``liger-chunked``: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (hidden states ×
+  LM-head weight → loss, chunked PyTorch, its loss math under ``torch.compile``;
+  CPU and CUDA), ``lm_head_grpo_loss`` only. Its ``chunk_size`` counts sequences
+  (default 1); here each chunk holds :data:`LIGER_CHUNK_TOKENS` tokens (the record's
+  note states the chunk size). Where its semantics differ from TRL 1.16 (and
+  ours) it refuses the case: ``luspo`` (Liger scales every token's loss by the
+  sequence length, padded tokens included: older TRL; TRL 1.16 masks them) and
+  entropy (it computes none). The other loss types agree with ours
+  (tests/test_benchmarks.py checks the benchmarked case).
 """
 
 from __future__ import annotations
@@ -52,11 +61,13 @@ class Implementation:
         key: short stable id (CSV column, ``--impls`` filter, pytest ids).
         label: what it really is, for tables and plots.
         build: binds it to a case's inputs; raises :class:`Unsupported`.
+        detail: what it chooses for a case (e.g. a chunk size), for the results; None: nothing to say.
     """
 
     key: str
     label: str
     build: Callable[[Case, Inputs], Workload]
+    detail: Optional[Callable[[Case], str]] = None
 
 
 class OpSet(NamedTuple):
@@ -160,7 +171,10 @@ def _ours(backend: str, inplace: bool, device: torch.device) -> Implementation:
         if inplace:
             if case.op not in ("token_logprobs", "fused_grpo_loss") or not case.backward:
                 raise Unsupported("in-place backward: forward + backward from logits only")
-            inputs = Inputs(**{**vars(inputs), "logits": inputs.logits.detach().clone().requires_grad_()})
+            # A private copy, a non-leaf as the LM head's output is in training (the ops refuse to overwrite a
+            # leaf's values with its gradient; a view would change identity when overwritten). Every call
+            # overwrites the copy, not the shared inputs; the first call's outputs are checked for accuracy.
+            inputs = Inputs(**{**vars(inputs), "logits": inputs.logits.clone()})
         return Workload(_forward(case, inputs, _backend_ops(backend, inplace)), inputs.wrt)
 
     suffix = " inplace_backward=True" if inplace else ""
@@ -283,6 +297,59 @@ def _liger(inplace: bool, device: torch.device) -> Implementation:
                           f"Liger-Kernel triton_grpo_loss (Triton){suffix}", build)
 
 
+LIGER_CHUNK_TOKENS = 2048  # Liger's own row tile in its chunked log-prob (a chunk of fewer tokens fills it less)
+LIGER_DIFFERENT_LOSSES = {
+    "luspo": "Liger's luspo scales every token's loss by the sequence length with padded tokens included "
+             "(older TRL); TRL 1.16 and grpo_kernels mask them",
+}
+
+
+def liger_chunk_size(case: Case) -> int:
+    """The sequences per chunk given to ``LigerFusedLinearGRPOLoss``: :data:`LIGER_CHUNK_TOKENS` tokens' worth."""
+    return max(1, LIGER_CHUNK_TOKENS // case.T)
+
+
+def liger_chunked(compiled: bool = True) -> Implementation:
+    """Liger's ``LigerFusedLinearGRPOLoss`` on the LM-head cases (``compiled``: its loss math under torch.compile,
+    Liger's default)."""
+
+    def build(case: Case, inputs: Inputs) -> Workload:
+        if case.op != "lm_head_grpo_loss":
+            raise Unsupported("LigerFusedLinearGRPOLoss takes hidden states and the LM-head weight")
+        if case.entropy:
+            raise Unsupported("LigerFusedLinearGRPOLoss computes no entropy")
+        if case.loss_type in LIGER_DIFFERENT_LOSSES:
+            raise Unsupported(LIGER_DIFFERENT_LOSSES[case.loss_type])
+        chunked = _import("liger_kernel.chunked_loss", "liger_kernel")
+        options = case.loss_options()
+        loss_fn = chunked.LigerFusedLinearGRPOLoss(
+            beta=options["beta"], compiled=compiled, use_ref_model=inputs.ref_logprobs is not None,
+            chunk_size=liger_chunk_size(case), epsilon_low=options["epsilon_low"],
+            epsilon_high=options["epsilon_high"], loss_type=options["loss_type"], max_completion_length=case.T,
+            temperature=case.temperature,
+        )
+
+        def forward() -> Outputs:
+            loss, _ = loss_fn(
+                inputs.hidden, inputs.weight, inputs.token_ids, inputs.mask, inputs.advantages,
+                ref_per_token_logps=inputs.ref_logprobs, old_per_token_logps=inputs.old_logprobs,
+            )
+            return (loss,)
+
+        return Workload(forward, inputs.wrt)
+
+    def detail(case: Case) -> str:
+        size = liger_chunk_size(case)
+        return f"chunk_size={size} sequences ({size * case.T} tokens)"
+
+    compile_note = ", loss math under torch.compile" if compiled else ""
+    return Implementation(
+        "liger-chunked",
+        f"Liger-Kernel LigerFusedLinearGRPOLoss (chunked PyTorch{compile_note}; "
+        f"chunks of {LIGER_CHUNK_TOKENS} tokens)", build, detail,
+    )
+
+
 def reference_outputs(case: Case, inputs: Inputs) -> Outputs:
     """The canonical outputs (and gradients) of ``case`` by the reference in float64: what accuracy is judged by."""
     exact = inputs.upcast()
@@ -297,4 +364,5 @@ def implementations(device: torch.device) -> list[Implementation]:
         ours += [_ours(b, True, device) for b in backends if b != "reference"]
     return ours + [
         _torch_compile(), _trl_utils(device), _trl_lm_head(device), _liger(False, device), _liger(True, device),
+        liger_chunked(),
     ]

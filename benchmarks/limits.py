@@ -1,7 +1,10 @@
 """The device's two ceilings, measured in the run: copy bandwidth and matmul rate.
 
-Each is measured once per process and device (and dtype) and remembered;
-:func:`measured` returns what was measured, for the result files.
+The matmul rate is measured on a large square matmul, and, for the fused-linear
+cases, at the case's own shapes (``torch.mm`` of [N, H] × [H, V]: the LM head's
+matmul, whose rate can differ much from the square one's). Each is measured once
+per process, device, dtype (and shape) and remembered; :func:`measured` returns
+what was measured, for the result files.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ MATMUL_SIZE = {"cuda": 8192, "cpu": 2048}  # square matmul edge
 
 _copy: dict[torch.device, float] = {}
 _matmul: dict[tuple[torch.device, torch.dtype], float] = {}
+_mm_at: dict[tuple[torch.device, torch.dtype, int, int, int], float] = {}
 
 
 def copy_bytes_per_s(device: torch.device) -> float:
@@ -37,9 +41,28 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype) -> float:
     return _matmul[device, dtype]
 
 
+def mm_flops_per_s(device: torch.device, dtype: torch.dtype, n: int, h: int, v: int) -> float:
+    """Rate of ``torch.mm`` of [n, h] × [h, v] in ``dtype`` (the LM head's matmul at a case's shapes)."""
+    key = (device, dtype, n, h, v)
+    if key not in _mm_at:
+        a = torch.randn(n, h, device=device).to(dtype)
+        b = torch.randn(h, v, device=device).to(dtype)
+        out = torch.empty(n, v, device=device, dtype=dtype)
+        timing = time_ms(lambda: torch.mm(a, b, out=out), device, min_repeats=3, min_total_s=0.5)
+        _mm_at[key] = 2 * n * h * v / (timing.median_ms / 1e3)
+    return _mm_at[key]
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def measured(device: torch.device) -> dict:
-    """``{"copy_gbps", "matmul_tflops": {dtype: rate}}`` as measured so far on ``device``."""
+    """``{"copy_gbps", "matmul_tflops": {dtype: rate}, "mm_at_shapes": [{dtype, N, H, V, gflops}]}`` as
+    measured so far on ``device``."""
     return {
         "copy_gbps": _copy[device] / 1e9 if device in _copy else None,
-        "matmul_tflops": {str(dt).removeprefix("torch."): r / 1e12 for (d, dt), r in _matmul.items() if d == device},
+        "matmul_tflops": {_name(dt): r / 1e12 for (d, dt), r in _matmul.items() if d == device},
+        "mm_at_shapes": [dict(dtype=_name(dt), N=n, H=h, V=v, gflops=r / 1e9)
+                         for (d, dt, n, h, v), r in _mm_at.items() if d == device],
     }

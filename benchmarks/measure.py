@@ -11,7 +11,7 @@ import torch
 
 from . import costs, limits, memory
 from .accuracy import max_errors
-from .cases import Case, make_inputs
+from .cases import LOGITS_OPS, Case, make_inputs
 from .implementations import Implementation, Unsupported, reference_outputs
 from .timing import time_ms
 from .workload import Outputs, step
@@ -36,7 +36,13 @@ class Record:
     ``pct_copy``: that bandwidth over the measured copy bandwidth;
     ``pct_roofline``: the roofline floor over the median time.
     ``peak_mem_mb``: MiB above the inputs (:mod:`benchmarks.memory`).
-    ``max_err`` / ``max_err_grad``: max |out - float64 reference|.
+    ``max_err`` / ``max_err_grad``: max |out - float64 reference| (None where the
+    float64 reference is too large to run, see :data:`REFERENCE_MAX_ELEMENTS`).
+    The fused-linear (LM-head) cases: ``matmul_gflops``, the rate of ``torch.mm`` of
+    [N, H] × [H, V] in the case's dtype measured in the same run;
+    ``matmul_floor_ms``, their matmul FLOPs (6·N·V·H fwd+bwd) at that rate;
+    ``pct_matmul_floor``, that floor over the median time. ``note`` of a
+    measured record: what the implementation chose for the case (e.g. a chunk size).
     """
 
     case: str
@@ -67,14 +73,24 @@ class Record:
     peak_mem_mb: Optional[float] = None
     max_err: Optional[float] = None
     max_err_grad: Optional[float] = None
+    matmul_gflops: Optional[float] = None
+    matmul_floor_ms: Optional[float] = None
+    pct_matmul_floor: Optional[float] = None
 
     @classmethod
     def fields(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
 
+# The float64 reference of a logits case on CPU holds several [N, V] float64 tensors: past this many logits
+# (1 GiB of them in float64) it is not run (it would take most of a small machine's memory), and max_err is None.
+REFERENCE_MAX_ELEMENTS = 1 << 27
+
+
 def _expected(case: Case, inputs, device: torch.device) -> Optional[Outputs]:
     """The float64 reference outputs, or None when they do not fit in memory."""
+    if device.type == "cpu" and case.op in LOGITS_OPS and case.N * case.V > REFERENCE_MAX_ELEMENTS:
+        return None
     try:
         return tuple(t.detach() for t in reference_outputs(case, inputs))
     except torch.OutOfMemoryError:
@@ -92,7 +108,13 @@ def measure_case(
         dtype=case.dtype, entropy=case.entropy, loss_type=case.loss_type, beta=case.beta,
         min_bytes=costs.min_bytes(case), min_flops=costs.min_flops(case),
     )
-    flops_rate = limits.matmul_flops_per_s(device, case.torch_dtype) if base["min_flops"] else math.inf
+    flops_rate = math.inf
+    if case.op == "lm_head_grpo_loss":  # the LM head's matmul, at the case's shapes
+        flops_rate = limits.mm_flops_per_s(device, case.torch_dtype, case.N, case.H, case.V)
+        base["matmul_gflops"] = flops_rate / 1e9
+        base["matmul_floor_ms"] = 1e3 * base["min_flops"] / flops_rate
+    elif base["min_flops"]:
+        flops_rate = limits.matmul_flops_per_s(device, case.torch_dtype)
     floor_s = costs.floor_seconds(case, limits.copy_bytes_per_s(device), flops_rate)
     expected: Optional[Outputs] = None
     reference_tried = False
@@ -124,6 +146,9 @@ def measure_case(
             record.floor_ms = 1e3 * floor_s
             record.pct_roofline = 100 * record.floor_ms / timing.median_ms
             record.peak_mem_mb = None if peak is None else peak / 2**20
+            if record.matmul_floor_ms is not None:
+                record.pct_matmul_floor = 100 * record.matmul_floor_ms / timing.median_ms
+            record.note = impl.detail(case) if impl.detail else ""
         if device.type == "cuda":
             torch.cuda.empty_cache()
         records.append(record)

@@ -26,7 +26,31 @@ def _cpu_small() -> list[Case]:
         *(Case(op="token_logprobs", B=4, T=256, V=32000, entropy=ent) for ent in (False, True)),
         Case(op="grpo_loss", B=64, T=1024),
         Case(op="group_advantages", B=65536, G=8, backward=False),
-        Case(op="lm_head_grpo_loss", B=8, T=256, V=32000, H=512),  # the fused-linear target: N = 2048
+        *LINEAR[:3],  # the fused-linear targets: N = 2048, fp32 at H = 512 and 1024, bf16 at H = 512
+    ]
+
+
+# The fused-linear targets (hidden [2048, H] × weight [32000, H] → loss, fwd+bwd): fp32 first, bf16 after (its
+# matmul is the slowest on CPUs without AVX-512 BF16).
+LINEAR: tuple[Case, ...] = tuple(
+    Case(op="lm_head_grpo_loss", B=8, T=256, V=32000, H=h, dtype=dtype)
+    for dtype, hs in (("float32", (512, 1024)), ("bfloat16", (512, 1024))) for h in hs
+)
+
+GROWTH_TOKENS = (512, 1024, 2048, 4096, 8192)  # swept at the middle vocabulary (32000)
+GROWTH_VOCABULARIES = (8192, 16384, 32000, 128256, 262144)  # swept at the middle token count (2048)
+GROWTH_HIDDEN = 512
+
+
+def growth(tokens: tuple[int, ...] = GROWTH_TOKENS, vocabularies: tuple[int, ...] = GROWTH_VOCABULARIES,
+           hidden: int = GROWTH_HIDDEN, sequence: int = 256) -> list[Case]:
+    """Cost growth of the fused loss and the fused linear op (fwd+bwd, fp32): N swept at the middle V, then V
+    swept at the middle N (sequences of ``sequence`` tokens), fused loss first."""
+    middle_n, middle_v = tokens[len(tokens) // 2], vocabularies[len(vocabularies) // 2]
+    shapes = list(dict.fromkeys([(n, middle_v) for n in tokens] + [(middle_n, v) for v in vocabularies]))
+    return [
+        Case(op=op, B=n // sequence, T=sequence, V=v, H=hidden if op == "lm_head_grpo_loss" else 0)
+        for op in ("fused_grpo_loss", "lm_head_grpo_loss") for n, v in shapes
     ]
 
 
@@ -46,6 +70,7 @@ def _gpu() -> list[Case]:
     sweep = FUSED.replace(B=16, T=512)  # N = 8192 tokens
     cases = [
         *HEADLINE,
+        HEADLINE[2].replace(B=16),  # fused linear at N = 8192: the first case of gpu-rest (liger-chunked's)
         *(sweep.replace(V=v, dtype="bfloat16") for v in vocabularies),
         *(FUSED.replace(B=b, T=512, V=151936, dtype="bfloat16") for b in (4, 8, 32)),  # memory vs N, up to 16384
         *(Case(op="token_logprobs", B=16, T=512, V=151936, dtype="bfloat16", backward=bwd, entropy=ent)
@@ -81,9 +106,15 @@ def _suite(scale: int, vocabulary: int, dtype: str) -> list[Case]:
 
 PRESETS: dict[str, Callable[[], list[Case]]] = {
     "cpu-small": _cpu_small,
+    "cpu-linear": lambda: list(LINEAR),
+    "cpu-growth": growth,
     "gpu": _gpu,
     "gpu-headline": lambda: list(HEADLINE),
     "gpu-rest": _gpu_rest,
+}
+# The implementations a preset measures when ``--impls`` is not given (the others: all of them).
+DEFAULT_IMPLS: dict[str, tuple[str, ...]] = {
+    "cpu-growth": ("ours-cpu", "ours-cpu-inplace", "torch-compile"),
 }
 SUITES: dict[str, Callable[[], list[Case]]] = {
     "cpu": lambda: _suite(1, 32000, "float32"),

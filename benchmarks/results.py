@@ -40,15 +40,32 @@ def load(path: Path) -> dict:
     return run
 
 
+def _migrate_csv(path: Path, header: list[str]) -> None:
+    """Rewrite ``path`` with ``header`` when its own header names some of those columns only (an older record
+    layout: the new columns stay empty in its rows); ValueError when it has a column ``header`` lacks."""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+        f.seek(0)
+        existing = next(csv.reader(f), [])
+    if existing == header:
+        return
+    if not set(existing) <= set(header):
+        raise ValueError(f"{path} has another header; move it aside to start a new history")
+    partial = path.with_name(path.name + ".tmp")
+    with partial.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    partial.replace(path)
+
+
 def append_csv(path: Path, environment: dict, records: Iterable[Record]) -> None:
-    """Append one row per record, with the environment columns first; the header when the file is new."""
+    """Append one row per record, with the environment columns first; the header when the file is new (a file
+    of an older record layout gets the new columns first, empty in its rows)."""
     header = list(CSV_ENVIRONMENT) + Record.fields()
     new = not path.exists()
     if not new:
-        with path.open(newline="") as f:
-            existing = next(csv.reader(f), [])
-        if existing != header:
-            raise ValueError(f"{path} has another header; move it aside to start a new history")
+        _migrate_csv(path, header)
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header)
         if new:
@@ -81,17 +98,38 @@ def environment_line(run: dict) -> str:
 
 
 def detail_table(records: list[Record]) -> str:
-    """Every measured record: time, bandwidth, shares of copy bandwidth and roofline, memory, error, speed-ups."""
-    head = ("| case | implementation | median ms | GB/s | % copy BW | % roofline | peak MiB above inputs "
-            "| max err (out / grad) | " + " | ".join(f"× vs {v}" for v in BASELINES.values()) + " |")
-    lines = [head, "|" + "---|" * (8 + len(BASELINES))]
+    """Every measured record: time, bandwidth, shares of copy bandwidth, roofline and matmul floor, memory,
+    error, speed-ups, and what the implementation chose (note)."""
+    head = ("| case | implementation | median ms | GB/s | % copy BW | % roofline | % matmul floor "
+            "| peak MiB above inputs | max err (out / grad) | "
+            + " | ".join(f"× vs {v}" for v in BASELINES.values()) + " | note |")
+    lines = [head, "|" + "---|" * (10 + len(BASELINES))]
     for r in _ok(records):
         speedups = " | ".join(_speedup(r, records, b) for b in BASELINES)
         lines.append(
             f"| `{r.case}` | {r.label} | {fmt(r.median_ms, 4)} | {fmt(r.gbps)} | {fmt(r.pct_copy)} "
-            f"| {fmt(r.pct_roofline)} | {fmt(r.peak_mem_mb, 4)} | {fmt(r.max_err, 2)} / {fmt(r.max_err_grad, 2)} "
-            f"| {speedups} |"
+            f"| {fmt(r.pct_roofline)} | {fmt(r.pct_matmul_floor)} | {fmt(r.peak_mem_mb, 4)} "
+            f"| {fmt(r.max_err, 2)} / {fmt(r.max_err_grad, 2)} | {speedups} | {r.note} |"
         )
+    return "\n".join(lines)
+
+
+def matmul_floor_table(records: list[Record]) -> str:
+    """The fused-linear (LM-head) cases against the matmul floor: per case, the rate of ``torch.mm`` of
+    [N, H] × [H, V] measured in the run, the 6·N·V·H floor at that rate, and each implementation's median as a
+    percentage of that floor (100% = at the floor); empty when the run has no such case."""
+    linear = [r for r in _ok(records) if r.matmul_floor_ms is not None]
+    if not linear:
+        return ""
+    impls = list(dict.fromkeys(r.impl for r in linear))
+    head = ("| case | torch.mm GFLOP/s | matmul floor ms | " + " | ".join(f"`{i}`" for i in impls) + " |")
+    lines = [head, "|" + "---|" * (3 + len(impls))]
+    for case in dict.fromkeys(r.case for r in linear):
+        row = {r.impl: r for r in linear if r.case == case}
+        first = next(iter(row.values()))
+        cells = [f"{fmt(row[i].pct_matmul_floor)}%" if i in row else "–" for i in impls]
+        lines.append(f"| `{case}` | {fmt(first.matmul_gflops)} | {fmt(first.matmul_floor_ms, 4)} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -124,7 +162,10 @@ def not_measured(records: list[Record]) -> str:
 def markdown(run: dict) -> str:
     """The tables of one run (``<stem>.md``)."""
     records = run["records"]
+    linear = matmul_floor_table(records)
     return "\n\n".join([
         f"# Benchmark run `{run['stem']}`", environment_line(run), "## Median ms", summary_table(records),
+        *(["## Fused linear: % of the matmul floor (6·N·V·H at the torch.mm rate of the same shapes)", linear]
+          if linear else []),
         "## Details", detail_table(records), "## Not measured", not_measured(records) or "(none)",
     ]) + "\n"

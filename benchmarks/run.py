@@ -8,8 +8,10 @@ budget is spent, and writes into ``--out`` (default ``benchmarks/results``):
 ``<stem>.md`` and the PNG plots. Prints the summary table last.
 
 Filters for quick runs: ``--cases SUBSTRING`` (a case runs when its name
-contains any of them), ``--impls KEY`` (implementation keys), ``--quick``
-(one timed call each).
+contains any of them), ``--impls KEY`` (implementation keys; a preset may name
+its own default, :data:`benchmarks.presets.DEFAULT_IMPLS`), ``--quick`` (one
+timed call each). ``--dry-run`` lists the cases (with their byte and FLOP
+floors) and the implementations, measures and writes nothing.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import environment, limits, memory, plots, results
+from . import costs, environment, limits, memory, plots, results
 from .implementations import implementations
 from .measure import TimingPolicy, measure_case
-from .presets import PRESETS
+from .presets import DEFAULT_IMPLS, PRESETS
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -38,6 +40,8 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--impls", nargs="+", default=None, metavar="KEY",
                         help="run only these implementations, in this order (e.g. ours-cpu trl-utils torch-compile)")
     parser.add_argument("--quick", action="store_true", help="one timed call per implementation (smoke runs)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the cases and implementations; measure and write nothing")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                         help="start no new case after this many seconds")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of the result files")
@@ -50,12 +54,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = _parse(argv)
     device = torch.device(args.device)
     cases = [c for c in PRESETS[args.preset]() if not args.cases or any(s in c.name for s in args.cases)]
-    impls = [i for i in implementations(device) if not args.impls or i.key in args.impls]
-    if args.impls:  # measured in the order given: a time budget cuts the last ones
-        impls.sort(key=lambda i: args.impls.index(i.key))
+    keys = args.impls or DEFAULT_IMPLS.get(args.preset)
+    impls = [i for i in implementations(device) if not keys or i.key in keys]
+    if keys:  # measured in the order given: a time budget cuts the last ones
+        impls.sort(key=lambda i: list(keys).index(i.key))
     policy = TimingPolicy(1, 1, 0.0) if args.quick else TimingPolicy()
     if not cases or not impls:
         raise SystemExit("no case or no implementation left after the filters")
+    if args.dry_run:
+        print(_plan(cases, impls))
+        return {"preset": args.preset, "cases": [c.name for c in cases], "impls": [i.key for i in impls]}
 
     env = {**environment.describe(device), "preset": args.preset}
     copy_gbps = limits.copy_bytes_per_s(device) / 1e9
@@ -89,6 +97,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print("\n" + results.summary_table(records))
     print(f"\nwrote {args.out / run['stem']}.json/.md, all.csv, {', '.join(p.name for p in written) or 'no plots'}")
     return run
+
+
+def _plan(cases: list, impls: list) -> str:
+    """What a run would measure: each case with its byte and FLOP floors, then the implementations."""
+    lines = [f"{len(cases)} cases:"]
+    for case in cases:
+        flops = costs.min_flops(case)
+        lines.append(f"  {case.name:80s} {costs.min_bytes(case) / 1e6:10.1f} MB"
+                     + (f" {flops / 1e9:10.1f} GFLOP" if flops else ""))
+    lines.append(f"{len(impls)} implementations: " + ", ".join(i.key for i in impls))
+    return "\n".join(lines)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -1,9 +1,11 @@
-"""The benchmark tooling works: a tiny runner run, the README renderer, the byte model (the GPU script:
+"""The benchmark tooling works: a tiny runner run, the README renderer, the byte model, the result files'
+fused-linear columns, the cost-growth sweep and its plot, Liger's chunked loss as a peer (the GPU script:
 tests/test_gpu_run.py).
 
 The benchmarks themselves (``pytest benchmarks/``) are not part of this suite.
 """
 
+import csv
 import json
 import os
 import subprocess
@@ -11,9 +13,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks import costs, render_readme
-from benchmarks.cases import Case
+from benchmarks import costs, plots, render_readme, results, run
+from benchmarks.cases import Case, make_inputs
+from benchmarks.implementations import (LIGER_DIFFERENT_LOSSES, Unsupported, implementations, liger_chunk_size,
+                                        liger_chunked)
+from benchmarks.measure import Record, TimingPolicy, measure_case
+from benchmarks.presets import DEFAULT_IMPLS, GROWTH_TOKENS, GROWTH_VOCABULARIES, PRESETS, growth
+from benchmarks.workload import step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,3 +65,99 @@ def test_fused_loss_moves_one_read_and_one_write_of_the_logits():
     logits = case.N * case.V * 2
     assert 2 * logits < costs.min_bytes(case) < 2 * logits * 1.001
     assert logits < costs.min_bytes(case.replace(backward=False)) < logits * 1.001
+
+
+def _write_run(path: Path, device: str, preset: str, date: str) -> Path:
+    environment = {"device": device, "date": date}
+    path.write_text(json.dumps({"stem": path.stem, "preset": preset, "environment": environment, "records": []}))
+    return path
+
+
+def test_readme_keeps_the_newest_run_of_each_device_and_preset(tmp_path):
+    main_run = _write_run(tmp_path / "a.json", "cpu", "cpu-small", "2026-12-01T10:00:00Z")
+    older = _write_run(tmp_path / "b.json", "cpu", "cpu-small", "2026-11-01T10:00:00Z")
+    partial = _write_run(tmp_path / "c.json", "cpu", "cpu-growth", "2026-12-02T10:00:00Z")
+    gpu = _write_run(tmp_path / "d.json", "cuda", "gpu-headline", "2026-11-02T10:00:00Z")
+    runs = render_readme.newest_per_device([older, partial, main_run, gpu])
+    assert [(r["environment"]["device"], r["preset"], r["stem"]) for r in runs] == [
+        ("cpu", "cpu-growth", "c"), ("cpu", "cpu-small", "a"), ("cuda", "gpu-headline", "d")]
+
+
+def test_csv_of_an_older_record_layout_gets_the_new_columns(tmp_path):
+    path = tmp_path / "all.csv"
+    old = list(results.CSV_ENVIRONMENT) + [f for f in Record.fields() if f != "pct_matmul_floor"]
+    path.write_text(",".join(old) + "\n" + ",".join("x" for _ in old) + "\n")
+    record = Record(case="c", op="lm_head_grpo_loss", mode="fwd+bwd", B=1, T=2, N=2, V=3, H=4, dtype="float32",
+                    entropy=False, loss_type="dapo", beta=0.0, impl="i", label="l", status="ok", pct_matmul_floor=97.5)
+    results.append_csv(path, {"date": "d"}, [record])
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(results.CSV_ENVIRONMENT) + Record.fields()
+    assert (rows[0]["pct_matmul_floor"], rows[0]["case"], rows[1]["pct_matmul_floor"]) == ("", "x", "97.5")
+    path.write_text("unknown,columns\n")
+    with pytest.raises(ValueError, match="another header"):
+        results.append_csv(path, {}, [record])
+
+
+def test_growth_preset_sweeps_tokens_and_vocabulary_on_the_cpu_backend(capsys):
+    plan = run.main(["--preset", "cpu-growth", "--dry-run", "--device", "cpu"])
+    cases = PRESETS["cpu-growth"]()
+    assert plan["cases"] == [c.name for c in cases] and plan["impls"] == list(DEFAULT_IMPLS["cpu-growth"])
+    for op in ("fused_grpo_loss", "lm_head_grpo_loss"):
+        shapes = {(c.N, c.V) for c in cases if c.op == op}
+        assert {n for n, _ in shapes} == set(GROWTH_TOKENS) and {v for _, v in shapes} == set(GROWTH_VOCABULARIES)
+        assert min(GROWTH_TOKENS) == 512 and max(GROWTH_TOKENS) == 8192
+        assert min(GROWTH_VOCABULARIES) == 8192 and max(GROWTH_VOCABULARIES) == 262144
+    assert "GFLOP" in capsys.readouterr().out
+
+
+def test_tiny_growth_run_reports_the_matmul_floor_and_plots_against_n_times_v(tmp_path):
+    cpu = torch.device("cpu")
+    cases = growth(tokens=(8, 16, 32), vocabularies=(32, 64, 128), hidden=16, sequence=8)
+    assert len(cases) == 10  # 5 shapes (the middle one shared) × 2 ops
+    impls = [i for i in implementations(cpu) if i.key in ("ours-reference", "ours-cpu", "ours-cpu-inplace")]
+    records = [r for case in cases for r in measure_case(case, impls, cpu, TimingPolicy(1, 1, 0.0))]
+    assert not [r for r in records if r.status == "error"]  # in place: on fused_grpo_loss, skips the LM head
+    measured = [r for r in records if r.status == "ok"]
+    assert {r.impl for r in measured} >= {"ours-reference"} and all(r.max_err < 1e-4 for r in measured)
+    linear = [r for r in measured if r.op == "lm_head_grpo_loss"]
+    assert linear and all(r.matmul_gflops > 0 and r.pct_matmul_floor > 0 for r in linear)
+    assert all(r.matmul_floor_ms == pytest.approx(6 * r.N * r.V * r.H / r.matmul_gflops / 1e6) for r in linear)
+    assert all(r.pct_matmul_floor is None for r in measured if r.op != "lm_head_grpo_loss")
+    written = plots.write_plots(records, tmp_path, "tiny")
+    assert tmp_path / "tiny-growth.png" in written and (tmp_path / "tiny-growth.png").stat().st_size > 0
+    table = results.matmul_floor_table(records)
+    assert table.count("lm_head_grpo_loss") == 5 and "%" in table
+
+
+LIGER_AGREES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+
+
+@pytest.mark.parametrize("loss_type", LIGER_AGREES)
+def test_liger_chunked_peer_computes_our_loss(loss_type):
+    """The peer's loss and gradients equal ours on the benchmarked LM-head case (tiny shapes, Liger's loss math
+    eager: compiling it changes no value)."""
+    pytest.importorskip("liger_kernel.chunked_loss")
+    cpu = torch.device("cpu")
+    case = Case(op="lm_head_grpo_loss", B=3, T=8, V=64, H=16, loss_type=loss_type,
+                **({"epsilon_high": 5.0} if loss_type == "cispo" else {}))
+    inputs = make_inputs(case, cpu)
+    ours = next(i for i in implementations(cpu) if i.key == "ours-reference")
+    peer = liger_chunked(compiled=False)
+    expected = step(case, inputs, ours.build(case, inputs))()
+    got = step(case, inputs, peer.build(case, inputs))()
+    assert len(got) == len(expected) == 3  # loss, d hidden, d weight
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert peer.detail(case) == f"chunk_size={liger_chunk_size(case)} sequences ({liger_chunk_size(case) * 8} tokens)"
+
+
+def test_liger_chunked_peer_refuses_where_its_semantics_differ():
+    cpu = torch.device("cpu")
+    peer = liger_chunked(compiled=False)
+    case = Case(op="lm_head_grpo_loss", B=2, T=4, V=16, H=8)
+    for other in (case.replace(loss_type="luspo"), case.replace(entropy=True), Case(op="fused_grpo_loss", B=2, T=4,
+                                                                                      V=16)):
+        with pytest.raises(Unsupported):
+            peer.build(other, make_inputs(other, cpu))
+    assert set(LIGER_DIFFERENT_LOSSES) == {"luspo"}
