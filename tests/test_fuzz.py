@@ -300,56 +300,69 @@ def _check_against_reference(c: dict, backend: str) -> None:
         a = torch.zeros_like(b) if a is None else a
         b = torch.zeros_like(a, dtype=torch.float64) if b is None else b
         _, grad_tol = _tolerance(c, a.dtype)
+        if a.dtype == torch.bfloat16:  # a loss and an entropy gradient, each rounded to bfloat16, then summed
+            grad_tol["atol"] = max(grad_tol["atol"], 2**-8 * float(b.abs().max()))
         torch.testing.assert_close(a.double(), b.to(a.dtype).double(), **grad_tol,
                                    msg=lambda m: f"{backend} gradient {k}: {m}")
 
 
-FUZZ = settings(max_examples=int(os.environ.get("GRPO_FUZZ_EXAMPLES", "60")), deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# Examples per op and property (GRPO_FUZZ_SCALE multiplies them): the fused-linear op is the slowest under the
+# Triton interpreter. About a minute in all on 2 cores.
+EXAMPLES = {"token_logprobs": 40, "grpo_loss": 40, "fused_grpo_loss": 30, "fused_linear_grpo_loss": 12}
+
+
+def _fuzz(op: str):
+    scale = float(os.environ.get("GRPO_FUZZ_SCALE", "1"))
+    return settings(max_examples=max(1, int(EXAMPLES[op] * scale)), deadline=None, derandomize=True,
+                    database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @pytest.mark.parametrize("op", OPS)
-@FUZZ
-@given(data=st.data())
-def test_backends_match_the_reference(op, data):
-    c = data.draw(cases(op))
-    COUNTS[f"cases {op}"] += 1
-    rows = c["B"] * c["T"]
-    for backend in _backends(op):
-        if backend == "reference" or not _runs(backend, rows, c["V"]):
-            continue
-        COUNTS[f"comparisons {backend}"] += 1
-        _check_against_reference(c, backend)
-
-
-@pytest.mark.parametrize("op", OPS)
-@FUZZ
-@given(data=st.data())
-def test_poisoned_padding_changes_nothing(op, data):
-    c = data.draw(cases(op))
-    c["unmasked_nonfinite"] = None
-    rows = c["B"] * c["T"]
-    clean, poisoned = make_inputs(c, poisoned=False), make_inputs(c, poisoned=True)
-    for backend in _backends(op):
-        if not _runs(backend, rows, c["V"]):
-            continue
-        a, error_a = _outcome(c, clean, backend)
-        b, error_b = _outcome(c, poisoned, backend)
-        assert type(error_a) is type(error_b), (backend, error_a, error_b)
-        if a is None:
-            continue
-        COUNTS[f"poison {backend}"] += 1
-        for k, (u, v) in enumerate(zip(a[0] + a[1], b[0] + b[1])):
-            if u is None or v is None:
-                assert u is None and v is None
+def test_backends_match_the_reference(op):
+    @_fuzz(op)
+    @given(data=st.data())
+    def check(data):
+        c = data.draw(cases(op))
+        COUNTS[f"cases {op}"] += 1
+        rows = c["B"] * c["T"]
+        for backend in _backends(op):
+            if backend == "reference" or not _runs(backend, rows, c["V"]):
                 continue
-            assert torch.equal(u, v) or torch.testing.assert_close(u, v, atol=0, rtol=0, equal_nan=True) is None, \
-                (backend, k, u, v)
-        if op in ("grpo_loss", "fused_grpo_loss", "token_logprobs"):
+            COUNTS[f"comparisons {backend}"] += 1
+            _check_against_reference(c, backend)
+
+    check()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_poisoned_padding_changes_nothing(op):
+    @_fuzz(op)
+    @given(data=st.data())
+    def check(data):
+        c = data.draw(cases(op))
+        c["unmasked_nonfinite"] = None
+        COUNTS[f"poison cases {op}"] += 1
+        rows = c["B"] * c["T"]
+        clean, poisoned = make_inputs(c, poisoned=False), make_inputs(c, poisoned=True)
+        for backend in _backends(op):
+            if not _runs(backend, rows, c["V"]):
+                continue
+            a, error_a = _outcome(c, clean, backend)
+            b, error_b = _outcome(c, poisoned, backend)
+            assert type(error_a) is type(error_b), (backend, error_a, error_b)
+            if a is None:
+                continue
+            COUNTS[f"poison {backend}"] += 1
+            for k, (u, v) in enumerate(zip(a[0] + a[1], b[0] + b[1])):
+                assert (u is None) == (v is None), (backend, k)
+                if u is not None:
+                    torch.testing.assert_close(v, u, atol=0, rtol=0, equal_nan=True,
+                                               msg=lambda m: f"{backend} output/gradient {k}: {m}")
             grad = b[1][0]
-            if grad is not None:
-                masked = ~poisoned["keep"]
-                assert bool((grad[masked] == 0).all()), (backend, "gradient at masked positions")
+            if op != "fused_linear_grpo_loss" and grad is not None:  # exactly 0 where nothing counts
+                assert bool((grad[~poisoned["keep"]] == 0).all()), (backend, "gradient at masked positions")
+
+    check()
 
 
 def teardown_module(module):
