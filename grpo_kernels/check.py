@@ -271,7 +271,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not verdicts and not skipped:
         print(f"no kernel backend to check on {', '.join(device_types)} devices here (the reference needs none)")
     if failed:
-        print(f"Please report failures at {self_check.REPORT_URL} with the file written by --json.")
+        print(f"Please report failures to {self_check.REPORT_TO} with the file written by --json.")
     save(True)
     if args.json:
         print(f"report written to {args.json}")

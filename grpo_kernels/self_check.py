@@ -58,7 +58,7 @@ from .kernel_options import LOSS_DEFAULTS
 CACHE_DIR_VARIABLE = "GRPO_KERNELS_CACHE_DIR"
 CACHE_OFF = ("off", "0", "none", "false")
 CACHE_FORMAT = 1  # bump when the file layout or the cases change: older verdicts are then ignored
-REPORT_URL = "https://github.com/grpo-kernels/grpo_kernels/issues"
+REPORT_TO = "the grpo_kernels maintainers (an issue on the project's tracker)"
 
 LARGE_VOCAB = 151936  # Qwen2/3's vocabulary
 
@@ -650,7 +650,7 @@ def _warn_failed(verdict: Verdict, cached: Optional[Path]) -> None:
     warnings.warn(
         f"grpo_kernels: backend {verdict.backend!r} failed its on-device check of {verdict.op} on "
         f"{verdict.environment['device_name']} ({verdict.summary()}); backend='auto' uses another backend for "
-        f"{verdict.op}{where}. Please report it at {REPORT_URL} with the file written by "
+        f"{verdict.op}{where}. Please report it to {REPORT_TO} with the file written by "
         f"`python -m grpo_kernels.check --json report.json`.",
         ValidationWarning, stacklevel=4,
     )

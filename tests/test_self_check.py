@@ -182,7 +182,7 @@ def test_a_broken_kernel_warns_once_falls_back_and_the_verdict_is_cached(standin
     torch.testing.assert_close(out, expected)  # the fallback: the reference
     assert len(record) == 1
     message = str(record[0].message)
-    for part in ("'triton'", OP, "bfloat16", "python -m grpo_kernels.check --json", self_check.REPORT_URL):
+    for part in ("'triton'", OP, "bfloat16", "python -m grpo_kernels.check --json", self_check.REPORT_TO):
         assert part in message
     assert ("boom" in message) if mode == "raise" else ("times the error allowed" in message)
     with warnings.catch_warnings():
@@ -410,7 +410,7 @@ def test_check_command_table_json_and_exit_status(cache, tmp_path, capsys, monke
                             lambda rewards, **kw: tuple(t * 1.01 for t in good(rewards, **kw)))
         assert check.main(["--ops", "group_advantages", "--devices", "cpu", "--no-timing", "--json", str(path)]) == 1
         text = capsys.readouterr().out
-        assert "FAIL" in text and "SOME CHECKS FAILED" in text and self_check.REPORT_URL in text
+        assert "FAIL" in text and "SOME CHECKS FAILED" in text and self_check.REPORT_TO in text
         assert json.loads(path.read_text())["passed"] is False
 
 
