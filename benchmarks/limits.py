@@ -2,7 +2,8 @@
 
 The matmul rate is measured on a large square matmul, and, for the fused-linear
 cases, at the case's own shapes (``torch.mm`` of [N, H] × [H, V]: the LM head's
-matmul, whose rate can differ much from the square one's). Each is measured once
+matmul, whose rate can differ much from the square one's; in float32 too for
+bfloat16 cases). Each is measured once
 per process, device, dtype (and shape) and remembered; :func:`measured` returns
 what was measured, for the result files.
 """

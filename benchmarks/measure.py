@@ -11,7 +11,7 @@ import torch
 
 from . import costs, limits, memory
 from .accuracy import max_errors
-from .cases import LOGITS_OPS, Case, make_inputs
+from .cases import DTYPES, LOGITS_OPS, Case, make_inputs
 from .implementations import Implementation, Unsupported, reference_outputs
 from .timing import time_ms
 from .workload import Outputs, step
@@ -39,7 +39,9 @@ class Record:
     ``max_err`` / ``max_err_grad``: max |out - float64 reference| (None where the
     float64 reference is too large to run, see :data:`REFERENCE_MAX_ELEMENTS`).
     The fused-linear (LM-head) cases: ``matmul_gflops``, the rate of ``torch.mm`` of
-    [N, H] × [H, V] in the case's dtype measured in the same run;
+    [N, H] × [H, V] measured in the same run in ``matmul_dtype``: the faster of the
+    case's dtype and float32 (bfloat16/float16 operands convert to float32 exactly,
+    and float32 matmuls are the faster ones on CPUs without bfloat16 instructions);
     ``matmul_floor_ms``, their matmul FLOPs (6·N·V·H fwd+bwd) at that rate;
     ``pct_matmul_floor``, that floor over the median time. ``note`` of a
     measured record: what the implementation chose for the case (e.g. a chunk size).
@@ -73,6 +75,7 @@ class Record:
     peak_mem_mb: Optional[float] = None
     max_err: Optional[float] = None
     max_err_grad: Optional[float] = None
+    matmul_dtype: Optional[str] = None
     matmul_gflops: Optional[float] = None
     matmul_floor_ms: Optional[float] = None
     pct_matmul_floor: Optional[float] = None
@@ -109,8 +112,11 @@ def measure_case(
         min_bytes=costs.min_bytes(case), min_flops=costs.min_flops(case),
     )
     flops_rate = math.inf
-    if case.op == "lm_head_grpo_loss":  # the LM head's matmul, at the case's shapes
-        flops_rate = limits.mm_flops_per_s(device, case.torch_dtype, case.N, case.H, case.V)
+    if case.op == "lm_head_grpo_loss":  # the LM head's matmul at the case's shapes, in the fastest exact dtype
+        rates = {name: limits.mm_flops_per_s(device, DTYPES[name], case.N, case.H, case.V)
+                 for name in dict.fromkeys((case.dtype, "float32"))}
+        base["matmul_dtype"] = max(rates, key=rates.get)
+        flops_rate = rates[base["matmul_dtype"]]
         base["matmul_gflops"] = flops_rate / 1e9
         base["matmul_floor_ms"] = 1e3 * base["min_flops"] / flops_rate
     elif base["min_flops"]:

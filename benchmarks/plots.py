@@ -38,11 +38,20 @@ def _groups(records: list[Record], x: Value, y: Value, fixed: Callable[[Record],
 
 
 def _draw(ax, title: str, series: Series, labels: dict[str, str], xlabel: str, ylabel: str, yscale: str) -> None:
-    for impl, points in series.items():
+    """One line per series (those named after :data:`FLOOR` / :data:`LOGITS` dashed; a V sweep's dotted, in
+    the colour of the same implementation's N sweep)."""
+    colours: dict[str, str] = {}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for name, points in series.items():
         xs, ys = zip(*sorted(set(points)))
-        style = dict(linestyle="--", color="black" if impl == FLOOR else "grey") if impl in (FLOOR, LOGITS) \
-            else dict(marker="o")
-        ax.plot(xs, ys, label=labels[impl], **style)
+        if name.startswith((FLOOR, LOGITS)):
+            style = dict(linestyle=":" if "V swept" in name else "--",
+                         color="black" if name.startswith(FLOOR) else "grey")
+        else:
+            colour = colours.setdefault(name.split(" (")[0], cycle[len(colours) % len(cycle)])
+            style = dict(marker="s" if "V swept" in name else "o", linestyle=":" if "V swept" in name else "-",
+                         color=colour)
+        ax.plot(xs, ys, label=labels[name], **style)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel, xscale="log")
     ax.set_yscale(yscale, **({"linthresh": 1.0} if yscale == "symlog" else {}))
     ax.grid(True, which="both", alpha=0.3)
@@ -70,32 +79,56 @@ def _logits_mib(r: Record) -> float:
     return r.N * r.V * DTYPES[r.dtype].itemsize / 2**20
 
 
+def _sweeps(records: list[Record], fixed: Callable[[Record], str]) -> dict[str, tuple[int, int]]:
+    """Per group that sweeps both N and V: the anchor (N₀, V₀), the N of its V sweep and the V of its N sweep
+    (the values most shapes share)."""
+    shapes: dict[str, set[tuple[int, int]]] = defaultdict(set)
+    for r in records:
+        if r.status == "ok":
+            shapes[fixed(r)].add((r.N, r.V))
+    anchors = {}
+    for group, points in shapes.items():
+        ns, vs = [n for n, _ in points], [v for _, v in points]
+        if len(set(ns)) >= 2 and len(set(vs)) >= 2:
+            anchors[group] = (max(set(ns), key=ns.count), max(set(vs), key=vs.count))
+    return anchors
+
+
 def growth_plot(records: list[Record], path: Path) -> bool:
-    """Cost growth: per group of cases equal but for N and V (with both N and V swept), a row of two panels
-    against N·V: median time with the roofline floor, and peak memory above the inputs with the size of the
-    [N, V] logits; False when no group sweeps both."""
+    """Cost growth: per group of cases equal but for N and V (with both swept), a row of two panels against
+    N·V, the N sweep (at V₀) and the V sweep (at N₀) as separate lines: median time with the roofline floor,
+    and peak memory above the inputs with the size of the [N, V] logits; False when no group sweeps both."""
     def fixed(r: Record) -> str:
         return r.case.replace(f"/N={r.N}({r.B}x{r.T})", "/N=*").replace(f"/V={r.V}", "/V=*")
 
-    swept = defaultdict(set)
-    for r in records:
-        if r.status == "ok":
-            swept[fixed(r)].add((r.N, r.V))
-    keep = {k for k, shapes in swept.items() if len({n for n, _ in shapes}) >= 2 and len({v for _, v in shapes}) >= 2}
-    if not keep:
+    anchors = _sweeps(records, fixed)
+    if not anchors:
         return False
-    tokens_times_vocabulary: Value = lambda r: r.N * r.V  # noqa: E731
-    times, labels = _groups(records, tokens_times_vocabulary, lambda r: r.median_ms, fixed,
-                            {FLOOR: lambda r: r.floor_ms})
-    memory, memory_labels = _groups(records, tokens_times_vocabulary, lambda r: r.peak_mem_mb, fixed,
-                                    {LOGITS: _logits_mib})
-    labels.update(memory_labels)
-    keep = sorted(keep)
-    fig, axes = plt.subplots(len(keep), 2, figsize=(14, 4.5 * len(keep)), squeeze=False)
-    for row, title in zip(axes, keep):
-        _draw(row[0], title, times[title], labels, "N·V", "median ms", "log")
-        if title in memory:  # symlog: an in-place backward can take 0 MiB above its inputs
-            _draw(row[1], title, memory[title], labels, "N·V", "peak MiB above inputs", "symlog")
+    times: dict[str, Series] = defaultdict(lambda: defaultdict(list))
+    memory: dict[str, Series] = defaultdict(lambda: defaultdict(list))
+    labels: dict[str, str] = {}
+    for r in records:
+        group = fixed(r)
+        if r.status != "ok" or group not in anchors:
+            continue
+        n0, v0 = anchors[group]
+        for sweep, member in ((f"N swept, V={v0}", r.V == v0), (f"V swept, N={n0}", r.N == n0)):
+            if not member:
+                continue
+            lines = {f"{r.impl} ({sweep})": (r.label, times, r.median_ms, memory, r.peak_mem_mb),
+                     f"{FLOOR} ({sweep})": (f"{FLOOR} ({sweep})", times, r.floor_ms, None, None),
+                     f"{LOGITS} ({sweep})": (f"{LOGITS} ({sweep})", memory, _logits_mib(r), None, None)}
+            for key, (label, panel, value, second_panel, second_value) in lines.items():
+                labels[key] = label if key.startswith((FLOOR, LOGITS)) else f"{label} ({sweep})"
+                if value is not None:
+                    panel[group][key].append((r.N * r.V, value))
+                if second_panel is not None and second_value is not None:
+                    second_panel[group][key].append((r.N * r.V, second_value))
+    fig, axes = plt.subplots(len(anchors), 2, figsize=(15, 5 * len(anchors)), squeeze=False)
+    for row, group in zip(axes, sorted(anchors)):
+        _draw(row[0], group, times[group], labels, "N·V", "median ms", "log")
+        # symlog: an in-place backward can take 0 MiB above its inputs
+        _draw(row[1], group, memory[group], labels, "N·V", "peak MiB above inputs", "symlog")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -70,7 +70,6 @@ def _gpu() -> list[Case]:
     sweep = FUSED.replace(B=16, T=512)  # N = 8192 tokens
     cases = [
         *HEADLINE,
-        HEADLINE[2].replace(B=16),  # fused linear at N = 8192: the first case of gpu-rest (liger-chunked's)
         *(sweep.replace(V=v, dtype="bfloat16") for v in vocabularies),
         *(FUSED.replace(B=b, T=512, V=151936, dtype="bfloat16") for b in (4, 8, 32)),  # memory vs N, up to 16384
         *(Case(op="token_logprobs", B=16, T=512, V=151936, dtype="bfloat16", backward=bwd, entropy=ent)

@@ -57,7 +57,8 @@ def section(runs: list[dict]) -> str:
         linear = matmul_floor_table(run["records"])
         if linear:
             parts += ["Fused linear: median time as a % of the 6·N·V·H matmul floor at the rate of `torch.mm` of "
-                      "[N, H] × [H, V] measured in the same run.", linear]
+                      "[N, H] × [H, V] measured in the same run (in the case's dtype or float32, whichever is "
+                      "faster).", linear]
     return "\n\n".join(parts)
 
 

@@ -40,9 +40,16 @@ def load(path: Path) -> dict:
     return run
 
 
-def _migrate_csv(path: Path, header: list[str]) -> None:
-    """Rewrite ``path`` with ``header`` when its own header names some of those columns only (an older record
-    layout: the new columns stay empty in its rows); ValueError when it has a column ``header`` lacks."""
+def csv_header() -> list[str]:
+    """The columns of ``all.csv``: the environment's, then the record's."""
+    return list(CSV_ENVIRONMENT) + Record.fields()
+
+
+def upgrade_csv(path: Path, header: Optional[list[str]] = None) -> None:
+    """Rewrite ``path`` with ``header`` (default :func:`csv_header`) when its own header names some of those
+    columns only (an older record layout: the new columns stay empty in its rows); ValueError when it has a
+    column ``header`` lacks."""
+    header = header or csv_header()
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
         f.seek(0)
@@ -62,10 +69,10 @@ def _migrate_csv(path: Path, header: list[str]) -> None:
 def append_csv(path: Path, environment: dict, records: Iterable[Record]) -> None:
     """Append one row per record, with the environment columns first; the header when the file is new (a file
     of an older record layout gets the new columns first, empty in its rows)."""
-    header = list(CSV_ENVIRONMENT) + Record.fields()
+    header = csv_header()
     new = not path.exists()
     if not new:
-        _migrate_csv(path, header)
+        upgrade_csv(path, header)
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header)
         if new:
@@ -116,19 +123,19 @@ def detail_table(records: list[Record]) -> str:
 
 def matmul_floor_table(records: list[Record]) -> str:
     """The fused-linear (LM-head) cases against the matmul floor: per case, the rate of ``torch.mm`` of
-    [N, H] × [H, V] measured in the run, the 6·N·V·H floor at that rate, and each implementation's median as a
+    [N, H] × [H, V] measured in the run (in the faster exact dtype), the 6·N·V·H floor at that rate, and each implementation's median as a
     percentage of that floor (100% = at the floor); empty when the run has no such case."""
     linear = [r for r in _ok(records) if r.matmul_floor_ms is not None]
     if not linear:
         return ""
     impls = list(dict.fromkeys(r.impl for r in linear))
-    head = ("| case | torch.mm GFLOP/s | matmul floor ms | " + " | ".join(f"`{i}`" for i in impls) + " |")
+    head = ("| case | torch.mm GFLOP/s (dtype) | matmul floor ms | " + " | ".join(f"`{i}`" for i in impls) + " |")
     lines = [head, "|" + "---|" * (3 + len(impls))]
     for case in dict.fromkeys(r.case for r in linear):
         row = {r.impl: r for r in linear if r.case == case}
         first = next(iter(row.values()))
         cells = [f"{fmt(row[i].pct_matmul_floor)}%" if i in row else "–" for i in impls]
-        lines.append(f"| `{case}` | {fmt(first.matmul_gflops)} | {fmt(first.matmul_floor_ms, 4)} | "
+        lines.append(f"| `{case}` | {fmt(first.matmul_gflops)} ({first.matmul_dtype}) | {fmt(first.matmul_floor_ms, 4)} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -122,6 +122,7 @@ def test_tiny_growth_run_reports_the_matmul_floor_and_plots_against_n_times_v(tm
     assert {r.impl for r in measured} >= {"ours-reference"} and all(r.max_err < 1e-4 for r in measured)
     linear = [r for r in measured if r.op == "lm_head_grpo_loss"]
     assert linear and all(r.matmul_gflops > 0 and r.pct_matmul_floor > 0 for r in linear)
+    assert all(r.matmul_dtype == "float32" for r in linear)
     assert all(r.matmul_floor_ms == pytest.approx(6 * r.N * r.V * r.H / r.matmul_gflops / 1e6) for r in linear)
     assert all(r.pct_matmul_floor is None for r in measured if r.op != "lm_head_grpo_loss")
     written = plots.write_plots(records, tmp_path, "tiny")
