@@ -192,7 +192,8 @@ inline void chunk_exp(const scalar_t* x, int64_t n, acc_t inv_t, acc_t* e, acc_t
 // Writes the row dx = (w (onehot_y - p) + g_H (-p (log p + H))) / T with
 // p = exp(z - lse) recomputed from x (one read of x, one write of dx; dx may
 // be x). kEntropyGrad adds the g_H term (0 where p = 0). The label is written
-// after the vectorized loop, from x_y read before it.
+// after the vectorized loop, from x_y read before it; a y outside [0, vocab)
+// (a vocabulary shard whose row has its label in another shard) adds no label term.
 template <bool kEntropyGrad, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 inline void softmax_grad_row(const scalar_t* x, scalar_t* dx, int64_t vocab, int64_t y, acc_t inv_t, acc_t lse,
                              acc_t w, acc_t g_ent, acc_t ent) {
@@ -203,10 +204,11 @@ inline void softmax_grad_row(const scalar_t* x, scalar_t* dx, int64_t vocab, int
     if constexpr (kEntropyGrad) dz -= times_finite(g_ent * p, log_p + ent);
     return from_acc<scalar_t>(dz * inv_t);
   };
-  const acc_t x_y = to_acc<acc_t>(x[y]);
+  const bool labelled = y >= 0 && y < vocab;
+  const acc_t x_y = labelled ? to_acc<acc_t>(x[y]) : acc_t(0);
 #pragma omp simd
   for (int64_t v = 0; v < vocab; ++v) dx[v] = dx_of(to_acc<acc_t>(x[v]), acc_t(0));
-  dx[y] = dx_of(x_y, w);
+  if (labelled) dx[y] = dx_of(x_y, w);
 }
 
 }  // namespace grpo_kernels::cpu
