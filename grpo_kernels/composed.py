@@ -67,10 +67,11 @@ def fused_grpo_loss(logits: Tensor, token_ids: Tensor, old_logprobs: Optional[Te
         return _share(result, keep, advantages, batch_group, None, loss_options)
     row_options = dict(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
                        inplace_backward=inplace_backward)
+    ids = reference.kept_ids(token_ids, keep, ignore_index)  # masked rows read as ignored: never read
     if vocab_group is not None:
-        out = distributed.token_logprobs(logits, token_ids, vocab_group=vocab_group, backend=backend, **row_options)
+        out = distributed.token_logprobs(logits, ids, vocab_group=vocab_group, backend=backend, **row_options)
     else:
-        out = implementation(backend, logits.device, "token_logprobs")(logits, token_ids, **row_options)
+        out = implementation(backend, logits.device, "token_logprobs")(logits, ids, **row_options)
     logp, entropy = out if return_entropy else (out, None)
     result = grpo_loss(logp, old_logprobs, advantages, keep, batch_group=None, cu_seqlens=cu_seqlens,
                        backend=backend, **loss_options)
@@ -86,9 +87,11 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, token_ids: Tensor, ol
     """:func:`grpo_kernels.ops.fused_linear_grpo_loss` over a shard of the LM head's rows (``weight [V_r, H]``,
     ``bias [V_r]``), packed, and/or as a data-parallel share. ``implementation``: the backend's own
     ``fused_linear_grpo_loss`` (used without a vocabulary group or packing)."""
-    tiles = None if vocab_group is None else distributed.vocab_parallel_tiles(vocab_group, weight, token_ids,
-                                                                              head_options["ignore_index"])
     keep = reference.fused_loss_mask(mask, token_ids, head_options["ignore_index"])
+    # packed: the log-probs first, masked rows read as ignored (never read)
+    ids = token_ids if cu_seqlens is None else reference.kept_ids(token_ids, keep, head_options["ignore_index"])
+    tiles = None if vocab_group is None else distributed.vocab_parallel_tiles(vocab_group, weight, ids,
+                                                                              head_options["ignore_index"])
     if cu_seqlens is None:
         if tiles is None:
             result = implementation(hidden, weight, token_ids, old_logprobs, advantages, mask, **head_options,
@@ -98,7 +101,7 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, token_ids: Tensor, ol
                                                    **head_options, backend=backend, tiles=tiles, **loss_options)
         return _share(result, keep, advantages, batch_group, None, loss_options)
     # packed: the log-probs (the backward recomputes the tiles), then the packed loss on them
-    out = linear.linear_token_logprobs(hidden, weight, token_ids, **head_options, backend=backend, tiles=tiles)
+    out = linear.linear_token_logprobs(hidden, weight, ids, **head_options, backend=backend, tiles=tiles)
     logp, entropy = out if head_options["return_entropy"] else (out, None)
     result = grpo_loss(logp, old_logprobs, advantages, keep, batch_group=None, cu_seqlens=cu_seqlens,
                        backend=backend, **loss_options)

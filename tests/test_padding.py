@@ -269,3 +269,22 @@ def test_a_broken_extension_warns(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("False"), result.stdout
     assert "exists but failed to import" in result.stdout and "ImportError" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_packed_garbage_where_nothing_counts(backend, level):
+    """Packed sequences (cu_seqlens): NaN logits and log-probs at masked tokens change nothing."""
+    logits, ids, old, adv, mask = _inputs()
+    cu = torch.tensor([0, 4, 8])
+    flat = dict(ids=ids.reshape(8), old=old.reshape(8), mask=mask.reshape(8))
+    opts = dict(cu_seqlens=cu, loss_type="grpo", importance_sampling_level=level, backend=backend)
+    clean, clean_grad = _loss_and_grad(
+        lambda x: gk.fused_grpo_loss(x, flat["ids"], flat["old"], adv, flat["mask"], **opts), logits.reshape(8, -1))
+    dirty_logits = logits.reshape(8, -1).clone()
+    dirty_logits[~flat["mask"]] = math.nan
+    dirty_old = flat["old"].masked_fill(~flat["mask"], math.nan)
+    out, grad = _loss_and_grad(
+        lambda x: gk.fused_grpo_loss(x, flat["ids"], dirty_old, adv, flat["mask"], **opts), dirty_logits)
+    for a, b in zip(out, clean):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert torch.equal(grad, clean_grad) and bool((grad[~flat["mask"]] == 0).all())

@@ -168,6 +168,9 @@ def make_batch(seed, *, batch=8, length=6, adv_shape="B", vllm=None, dtype=torch
     if adv_shape == "B":
         adv = torch.randn(batch, generator=g, dtype=dtype)
         adv[5] = 0.0
+        # A sequence without tokens is padding for grpo_kernels (its advantage counts nowhere); TRL's
+        # sequence-level cispo metric counts it as clipped when A > 0 (ratio e^0 = 1 above a cap < 1).
+        adv[lengths == 0] = -adv[lengths == 0].abs()
     else:
         adv = torch.randn(batch, length, generator=g, dtype=dtype)
         adv[1, 0] = 0.0
