@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 from .environment import ROOT
+from .presets import PRESETS
 from .results import environment_line, load, matmul_floor_table, summary_table
 
 README = ROOT / "README.md"
@@ -31,14 +32,17 @@ def committed_results() -> list[Path]:
 
 
 def newest_per_device(paths: list[Path]) -> list[dict]:
-    """The newest run of each (device kind, preset) among ``paths``, by device kind then preset."""
+    """The newest run of each (device kind, preset) among ``paths``, by device kind, then preset in the order of
+    :data:`benchmarks.presets.PRESETS`."""
     newest: dict[tuple[str, str], dict] = {}
     for path in paths:
         run = load(path)
         key = (run["environment"]["device"], run["preset"])
         if key not in newest or run["environment"]["date"] > newest[key]["environment"]["date"]:
             newest[key] = run
-    return [newest[k] for k in sorted(newest)]
+    order = list(PRESETS)  # the main preset of a device first
+    return [newest[k] for k in sorted(newest, key=lambda k: (k[0], order.index(k[1]) if k[1] in order else len(order),
+                                                              k[1]))]
 
 
 def section(runs: list[dict]) -> str:

@@ -80,7 +80,7 @@ def test_readme_keeps_the_newest_run_of_each_device_and_preset(tmp_path):
     gpu = _write_run(tmp_path / "d.json", "cuda", "gpu-headline", "2026-11-02T10:00:00Z")
     runs = render_readme.newest_per_device([older, partial, main_run, gpu])
     assert [(r["environment"]["device"], r["preset"], r["stem"]) for r in runs] == [
-        ("cpu", "cpu-growth", "c"), ("cpu", "cpu-small", "a"), ("cuda", "gpu-headline", "d")]
+        ("cpu", "cpu-small", "a"), ("cpu", "cpu-growth", "c"), ("cuda", "gpu-headline", "d")]
 
 
 def test_csv_of_an_older_record_layout_gets_the_new_columns(tmp_path):
@@ -97,6 +97,13 @@ def test_csv_of_an_older_record_layout_gets_the_new_columns(tmp_path):
     path.write_text("unknown,columns\n")
     with pytest.raises(ValueError, match="another header"):
         results.append_csv(path, {}, [record])
+
+
+def test_fused_linear_targets_in_the_cpu_presets():
+    shapes = {(c.N, c.V, c.H, c.dtype) for c in PRESETS["cpu-linear"]()}
+    assert shapes == {(2048, 32000, h, d) for h in (512, 1024) for d in ("float32", "bfloat16")}
+    small = [(c.N, c.V, c.H, c.dtype) for c in PRESETS["cpu-small"]() if c.op == "lm_head_grpo_loss"]
+    assert small == [(2048, 32000, 512, "float32"), (2048, 32000, 1024, "float32")]
 
 
 def test_growth_preset_sweeps_tokens_and_vocabulary_on_the_cpu_backend(capsys):
