@@ -99,8 +99,12 @@ def environment_line(run: dict) -> str:
     """One line naming the device, code and software of a run, and its measured limits."""
     env, lim = run["environment"], run["limits"]
     software = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "trl", "liger-kernel") if env.get(k))
+    isa = ""  # the cpu backend's vector path in this run (recorded since issue 19), and what the CPU offers
+    if env.get("device") == "cpu" and env.get("extension_cpu_isa"):
+        flags = " ".join(env.get("cpu_vector_flags") or []) or "none listed"
+        isa = f"; cpu kernels' vector path {env['extension_cpu_isa']}, CPU flags {flags}"
     return (f"{env['device_name']} ({env['cpu_threads']} CPU threads, load average {env['load_average_1m']:.1f} "
-            f"at the start), {env['date']}, commit {env['git_sha']}, "
+            f"at the start{isa}), {env['date']}, commit {env['git_sha']}, "
             f"preset `{run['preset']}`; {software}; copy bandwidth {lim['copy_gbps']:.1f} GB/s")
 
 

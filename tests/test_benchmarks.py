@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import costs, plots, render_readme, results, run
+from benchmarks import costs, measure, plots, render_readme, results, run
 from benchmarks.cases import Case, make_inputs
 from benchmarks.implementations import (LIGER_DIFFERENT_LOSSES, Unsupported, implementations, liger_chunk_size,
                                         liger_chunked)
@@ -42,7 +42,10 @@ def test_runner_smoke_run_writes_results(tmp_path):
     assert record["status"] == "ok" and record["median_ms"] > 0 and record["max_err"] < 1e-5
     assert run["limits"]["copy_gbps"] > 0 and run["environment"]["torch"]
     assert len((tmp_path / "all.csv").read_text().splitlines()) == 3
-    assert "ours-reference" in result.with_suffix(".md").read_text()
+    markdown = result.with_suffix(".md").read_text()
+    assert "ours-reference" in markdown
+    if run["environment"].get("extension_cpu_isa"):  # the README's CPU line names the kernels' vector path
+        assert f"vector path {run['environment']['extension_cpu_isa']}" in markdown
     section = render_readme.section(render_readme.newest_per_device([result]))
     assert "group_advantages" in section and run["stem"] in section
 
@@ -169,3 +172,13 @@ def test_liger_chunked_peer_refuses_where_its_semantics_differ():
         with pytest.raises(Unsupported):
             peer.build(other, make_inputs(other, cpu))
     assert set(LIGER_DIFFERENT_LOSSES) == {"luspo"}
+
+
+def test_cases_past_the_reference_limit_run_without_the_float64_check(monkeypatch):
+    cpu = torch.device("cpu")
+    case = Case(op="fused_grpo_loss", B=2, T=4, V=16)
+    ours = [i for i in implementations(cpu) if i.key == "ours-reference"]
+    (checked,) = measure_case(case, ours, cpu, TimingPolicy(1, 1, 0.0))
+    monkeypatch.setattr(measure, "REFERENCE_MAX_ELEMENTS", case.N * case.V - 1)
+    (unchecked,) = measure_case(case, ours, cpu, TimingPolicy(1, 1, 0.0))
+    assert checked.max_err is not None and unchecked.status == "ok" and unchecked.max_err is None
