@@ -83,7 +83,8 @@ void backward_kernel(const at::Tensor& logits, at::Tensor& grad, const int64_t* 
         std::fill(dx_row, dx_row + vocab, scalar_t(0));
         continue;
       }
-      check_token_id(y, vocab, ignore_index, r);
+      // An id outside [0, V) has no one-hot term (a target in another vocabulary shard): softmax_grad_row
+      // never indexes the row with it.
       const acc_t w = g_logp ? g_logp[r] : acc_t(0);
       softmax_grad_row<kEntropyGrad>(x + rows.offset(r), dx_row, vocab, y, inv_t, lse_in[r], w,
                                      kEntropyGrad ? g_ent[r] : acc_t(0), kEntropyGrad ? ent[r] : acc_t(0));
