@@ -47,7 +47,8 @@ def needs_sequence_pass(options: dict) -> bool:
     the off-policy mask. ``options``: keyword options of the reference ``grpo_loss`` (absent ones: defaults)."""
     o = {**LOSS_DEFAULTS, **options}
     return (o["importance_sampling_level"] == "sequence" or o["loss_type"] in ("vespo", "gmpo")
-            or code(ROLLOUT_IS_CODES, "rollout_is_mode", o["rollout_is_mode"])[0] == 2 or o["off_policy_mask_threshold"] is not None)
+            or code(ROLLOUT_IS_CODES, "rollout_is_mode", o["rollout_is_mode"])[0] == 2
+            or o["off_policy_mask_threshold"] is not None)
 
 
 class KernelLossOptions(NamedTuple):

@@ -96,7 +96,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_normalize(const at::Tensor&
   at::Tensor mean = at::empty({groups, K}, rewards.options());
   at::Tensor std = at::empty({groups, K}, rewards.options());
   AT_DISPATCH_FLOATING_TYPES(rewards.scalar_type(), "group_normalize", [&] {
-    const at::Tensor batch_std_c = batch_std ? batch_std->reshape({-1}).to(rewards.scalar_type()).contiguous() : at::Tensor();
+    const at::Tensor batch_std_c =
+        batch_std ? batch_std->reshape({-1}).to(rewards.scalar_type()).contiguous() : at::Tensor();
     normalize_kernel<scalar_t>(rewards, order ? order_c.const_data_ptr<int64_t>() : nullptr,
                                offsets_c.const_data_ptr<int64_t>(), groups,
                                batch_std ? batch_std_c.const_data_ptr<scalar_t>() : nullptr,
