@@ -10,13 +10,23 @@ CUDA and nvcc is found. Environment switches:
 - ``GRPO_KERNELS_CPU_ARCH``: the ``-march`` of the CPU kernels (default ``native``: the
   vector ISA of the building machine, e.g. AVX-512; a binary built this way may not run
   on an older CPU, so set e.g. ``x86-64-v3`` to build one for other machines, or an empty
-  value for the compiler's default target).
+  value for the compiler's default target). The build records the x86 features that target
+  requires in ``grpo_kernels/_C_build.json``; ``grpo_kernels._extension`` does not import the
+  extension on a CPU that lacks one of them.
+
+torch is imported from the environment that runs the build, never installed by it:
+``pip install --no-build-isolation .`` builds against the torch already installed. An isolated
+build (plain ``pip install .``, ``python -m build``) cannot see that torch and stops with an
+error naming both ways on (``--no-build-isolation``, ``GRPO_KERNELS_NO_EXT=1``).
 """
 
 import glob
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 
 from setuptools import setup
@@ -42,6 +52,75 @@ def _cpu_arch_flags():
     return [f"-march={arch}"] if arch else []
 
 
+# Compiler macros of x86 features -> their names in Linux's /proc/cpuinfo flags: the instructions
+# code compiled for a -march may contain (vector and bit-manipulation sets; the compiler emits these
+# unasked). grpo_kernels/_extension.py checks the recorded names against the running CPU.
+X86_FEATURE_MACROS = {
+    "__SSE3__": "pni", "__SSSE3__": "ssse3", "__SSE4_1__": "sse4_1", "__SSE4_2__": "sse4_2",
+    "__SSE4A__": "sse4a", "__POPCNT__": "popcnt", "__LZCNT__": "abm", "__MOVBE__": "movbe",
+    "__BMI__": "bmi1", "__BMI2__": "bmi2", "__F16C__": "f16c", "__FMA__": "fma", "__AVX__": "avx",
+    "__AVX2__": "avx2", "__AVXVNNI__": "avx_vnni", "__AVX512F__": "avx512f", "__AVX512CD__": "avx512cd",
+    "__AVX512BW__": "avx512bw", "__AVX512DQ__": "avx512dq", "__AVX512VL__": "avx512vl",
+    "__AVX512IFMA__": "avx512ifma", "__AVX512VBMI__": "avx512vbmi", "__AVX512VBMI2__": "avx512_vbmi2",
+    "__AVX512VNNI__": "avx512_vnni", "__AVX512BITALG__": "avx512_bitalg",
+    "__AVX512VPOPCNTDQ__": "avx512_vpopcntdq", "__AVX512BF16__": "avx512_bf16", "__AVX512FP16__": "avx512_fp16",
+    "__GFNI__": "gfni", "__VPCLMULQDQ__": "vpclmulqdq",
+}
+BUILD_INFO = "_C_build.json"  # beside the extension, in the wheel too
+# setup.py commands that compile the extension (an sdist or metadata needs no torch)
+_COMPILING_COMMANDS = {"build", "build_ext", "bdist_wheel", "bdist_egg", "install", "develop", "editable_wheel"}
+NO_TORCH_MESSAGE = (
+    "grpo_kernels: torch is not importable in this build environment, so the extension grpo_kernels._C "
+    "(the 'cpu' and 'cuda' backends) cannot be built. An isolated build (plain `pip install .`, "
+    "`python -m build`) does not see the torch you installed, and this package never installs a second "
+    "one. Build against your torch with `pip install --no-build-isolation .` (or `python -m build "
+    "--no-isolation`), or set GRPO_KERNELS_NO_EXT=1 to build the package without its extension."
+)
+
+
+def _x86_features(compiler):
+    """/proc/cpuinfo names of the x86 features `compiler` assumes for the CPU kernels' -march
+    (None when the compiler cannot be asked)."""
+    try:
+        out = subprocess.run([compiler, *_cpu_arch_flags(), "-dM", "-E", "-x", "c++", "-"], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    defined = {line.split()[1] for line in out.splitlines() if line.startswith("#define ")}
+    return sorted({flag for macro, flag in X86_FEATURE_MACROS.items() if macro in defined})
+
+
+def _build_ext_class(base):
+    class BuildExt(base):
+        """Writes BUILD_INFO beside the extension; rebuilds when the target or torch changed."""
+
+        info_path = None
+
+        def build_extensions(self):
+            import torch
+
+            # the build directory's copy (setuptools builds there, then copies to the source if --inplace)
+            self.info_path = os.path.join(os.path.dirname(self.get_ext_fullpath("grpo_kernels._C")), BUILD_INFO)
+            compiler = getattr(self.compiler, "compiler_so", None) or ["c++"]
+            info = {"cpu_arch": _cpu_arch(), "x86_features": _x86_features(compiler[0]), "torch": torch.__version__}
+            try:
+                with open(self.info_path) as f:
+                    self.force = self.force or json.load(f) != info  # an up-to-date .so of another target
+            except (OSError, ValueError):
+                self.force = True
+            super().build_extensions()
+            with open(self.info_path, "w") as f:
+                json.dump(info, f, indent=1)
+
+        def run(self):
+            super().run()
+            if self.inplace and self.info_path:
+                package_dir = self.get_finalized_command("build_py").get_package_dir("grpo_kernels")
+                self.copy_file(self.info_path, os.path.join(package_dir, BUILD_INFO))
+
+    return BuildExt
+
+
 def _extensions():
     if os.environ.get("GRPO_KERNELS_NO_EXT", "0") == "1":
         return [], {}
@@ -49,7 +128,8 @@ def _extensions():
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        warnings.warn("torch is not importable at build time: building grpo_kernels without its extension")
+        if _COMPILING_COMMANDS.intersection(sys.argv[1:]):
+            sys.exit(NO_TORCH_MESSAGE)
         return [], {}
 
     sources = _sources("csrc/cpu/*.cpp")
@@ -81,8 +161,10 @@ def _extensions():
             "grpo_kernels._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
         )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
+    base = cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)
+    return [ext], {"build_ext": _build_ext_class(base)}
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # setuptools' build backend runs this file as __main__ too
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,11 +1,17 @@
 """Optional compiled extension ``grpo_kernels._C``.
 
 The package works without it (``GRPO_KERNELS_NO_EXT=1`` at build time skips
-it); backends that need it report themselves unavailable.
+it); backends that need it report themselves unavailable. The build records in
+``_C_build.json`` the x86 features its CPU kernels were compiled to require
+(``GRPO_KERNELS_CPU_ARCH``, default ``native``); on a CPU that lacks one, the
+extension is not imported (it could stop the process with an illegal
+instruction) and one warning says how to rebuild it.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -13,12 +19,59 @@ from typing import Optional
 
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
+BUILD_INFO = Path(__file__).with_name("_C_build.json")  # written by setup.py beside the extension
+PORTABLE_REBUILD = "GRPO_KERNELS_CPU_ARCH=x86-64-v3 pip install --no-build-isolation ."
+
+
+def _build_info() -> dict:
+    """What setup.py recorded of the extension's build ({} for a build without the record)."""
+    try:
+        return json.loads(BUILD_INFO.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> Optional[frozenset]:
+    """The running CPU's feature flags as Linux names them (None where they cannot be read)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return None  # no x86 flags line (another architecture)
+
+
+def _missing_cpu_features(info: dict, flags: Optional[frozenset]) -> list:
+    """The features the build requires that `flags` lack ([] where either is unknown)."""
+    if flags is None or not info.get("x86_features"):
+        return []
+    return [feature for feature in info["x86_features"] if feature not in flags]
+
+
+def _import_extension() -> ModuleType:
+    return importlib.import_module(f"{__package__}._C")
+
+
+def _built_files() -> list:
+    return list(Path(__file__).parent.glob("_C*.so")) + list(Path(__file__).parent.glob("_C*.pyd"))
+
 
 def _load() -> Optional[ModuleType]:
+    built = _built_files()
+    info = _build_info()
+    missing = _missing_cpu_features(info, _cpu_flags()) if built else []
+    if missing:
+        warnings.warn(f"grpo_kernels: the compiled extension was built for -march={info.get('cpu_arch') or '(default)'} "
+                      f"and this CPU lacks {', '.join(missing)}, so it is not imported (it could execute an illegal "
+                      f"instruction): the 'cpu' and 'cuda' backends are unavailable and backend='auto' uses the "
+                      f"others. Rebuild it on this machine (`pip install --no-build-isolation .`, target native) or "
+                      f"for any x86-64 CPU with AVX2 and FMA (`{PORTABLE_REBUILD}`).", RuntimeWarning, stacklevel=2)
+        return None
     try:
-        from . import _C  # type: ignore[attr-defined]
+        _C = _import_extension()
     except ImportError as error:
-        built = list(Path(__file__).parent.glob("_C*.so")) + list(Path(__file__).parent.glob("_C*.pyd"))
         if built:  # built but broken (e.g. against another torch): say why instead of silently going without
             warnings.warn(f"grpo_kernels: the compiled extension {built[0].name} exists but failed to import "
                           f"({type(error).__name__}: {error}); the 'cpu' and 'cuda' backends are unavailable. "
