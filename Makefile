@@ -7,7 +7,7 @@ VENV          ?= .venv
 VPY           := $(VENV)/bin/python
 PIP           := $(VPY) -m pip --quiet
 TORCH_VERSION ?= 2.13.0
-DEV_PACKAGES  := triton numpy pybind11 ninja pytest pytest-benchmark hypothesis matplotlib
+DEV_PACKAGES  := triton numpy pybind11 ninja build pytest pytest-benchmark hypothesis matplotlib
 # Peers, for parity tests only (never imported by the library).
 PEER_PACKAGES := trl==1.16.0 liger-kernel==0.8.5
 # verl's loss module and what it imports, installed without dependencies (verl's own list would pull a
@@ -28,7 +28,7 @@ BASELINE_TESTS := tests/test_cpu_backend.py tests/test_token_logprobs.py tests/t
 	tests/test_grpo_loss.py tests/test_group_advantages.py tests/test_linear_token_logprobs.py \
 	tests/test_fused_linear_grpo_loss.py tests/test_packed.py
 
-.PHONY: setup demo test test-baseline-cpu bench clean
+.PHONY: setup demo test test-baseline-cpu test-package bench clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VPY) -m pytest tests
 	$(MAKE) test-baseline-cpu
+	$(MAKE) test-package
 
 # A copy of the sources with the extension built for BASELINE_ARCH; its cpu-backend tests
 # (GRPO_KERNELS_EXPECT_CPU_ARCH makes test_cpu_backend.py check which build it imported).
@@ -60,6 +61,28 @@ test-baseline-cpu: $(STAMP)
 		$(CURDIR)/$(VPY) setup.py build_ext --inplace -j 2 > build.log 2>&1 || (tail -n 40 build.log; exit 1)
 	cd $(BASELINE_DIR) && GRPO_KERNELS_EXPECT_CPU_ARCH=$(BASELINE_ARCH) \
 		$(CURDIR)/$(VPY) -m pytest -p no:cacheprovider -q $(BASELINE_TESTS) -k "cpu"
+
+# The sdist as a user installs it (README "Install"): a fresh venv with only torch==$(TORCH_VERSION) and the
+# build tools; the sdist built into a wheel against that torch (pip --no-build-isolation: never a second
+# torch), the wheel checked for the extension and installed; then, outside the source tree, the package
+# must import from the venv with its extension and pass the check of the extension's four kernel ops.
+PACKAGE_DIR   := build/package
+PACKAGE_CHECK := --devices cpu --no-timing --ops token_logprobs,group_advantages,grpo_loss,fused_grpo_loss --budget 60
+test-package: $(STAMP)
+	rm -rf $(PACKAGE_DIR) && mkdir -p $(PACKAGE_DIR)
+	$(VPY) -m build --sdist --no-isolation --outdir $(PACKAGE_DIR)/dist . > $(PACKAGE_DIR)/sdist.log 2>&1 \
+		|| (tail -n 40 $(PACKAGE_DIR)/sdist.log; exit 1)
+	$(PYTHON) -m venv $(PACKAGE_DIR)/venv
+	$(PACKAGE_DIR)/venv/bin/python -m pip --quiet install "torch==$(TORCH_VERSION)" "setuptools>=77" ninja
+	cd $(PACKAGE_DIR) && PATH=$(CURDIR)/$(PACKAGE_DIR)/venv/bin:$$PATH MAX_JOBS=2 venv/bin/python -m pip wheel --no-cache-dir \
+		--no-build-isolation --no-deps --wheel-dir dist dist/grpo_kernels-*.tar.gz > wheel.log 2>&1 \
+		|| (tail -n 40 wheel.log; exit 1)
+	cd $(PACKAGE_DIR) && venv/bin/python -m zipfile -l dist/grpo_kernels-*.whl > wheel.txt \
+		&& grep -q 'grpo_kernels/_C\..*\.so' wheel.txt && grep -q 'grpo_kernels/_C_build\.json' wheel.txt
+	cd $(PACKAGE_DIR) && venv/bin/python -m pip --quiet install dist/grpo_kernels-*.whl
+	cd $(PACKAGE_DIR) && venv/bin/python -c "import grpo_kernels as gk; \
+		assert '/venv/' in gk.__file__ and gk.extension_available(), (gk.__file__, gk.extension_info())"
+	cd $(PACKAGE_DIR) && GRPO_KERNELS_CACHE_DIR=$(CURDIR)/$(PACKAGE_DIR)/cache venv/bin/python -m grpo_kernels.check $(PACKAGE_CHECK)
 
 # The pytest-benchmark suite (benchmarks/test_suite.py); not part of `make test`.
 bench: $(STAMP)
