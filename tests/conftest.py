@@ -62,8 +62,13 @@ def pytest_generate_tests(metafunc):
     or, for the GPU backends on a GPU machine, on CUDA tensors."""
     if "backend" in metafunc.fixturenames:
         op = getattr(metafunc.module, "OP", None)
+        # a test marked vs_reference compares the backend with the reference on the same inputs: for the reference
+        # itself it would assert nothing
+        skip_reference = metafunc.definition.get_closest_marker("vs_reference") is not None
         params = []
         for b in grpo_kernels.available_backends(op):
+            if skip_reference and b == "reference":
+                continue
             if takes_cpu_tensors(b):
                 params.append(pytest.param(b, id=b))
             elif runs_on_cuda(b):
@@ -73,6 +78,8 @@ def pytest_generate_tests(metafunc):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "on_cuda: an op test whose public op calls compute on CUDA tensors")
+    config.addinivalue_line("markers", "vs_reference: compares the backend with the reference on the same inputs "
+                                       "(not run for the reference itself)")
 
 
 def _to_cuda(x):

@@ -41,6 +41,7 @@ OPTIONS = [
 CASES = [(lt, o) for lt in LOSS_TYPES for o in OPTIONS if lt not in ("cispo", "sapo") or "delta" not in o]
 
 
+@pytest.mark.vs_reference
 @pytest.mark.parametrize("loss_type,opts", CASES, ids=[f"{lt}-{'-'.join(sorted(o)) or 'default'}" for lt, o in CASES])
 @pytest.mark.parametrize("temperature", [0.1, 1.0, 10.0])
 def test_equals_composition(backend, loss_type, opts, temperature):

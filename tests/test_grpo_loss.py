@@ -384,6 +384,7 @@ def assert_matches_reference(backend, logp, old, adv, mask, *, tol=None, **kwarg
     torch.testing.assert_close(grad, ref_grad, **tol)
 
 
+@pytest.mark.vs_reference
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_gradient_matches_reference(backend, loss_type, level):
@@ -397,6 +398,7 @@ def test_gradient_matches_reference(backend, loss_type, level):
 TIE_OPTIONS = [dict(), dict(delta=1.0), dict(epsilon_low=0.0, epsilon_high=0.0), dict(clip_ratio_c=1.5, delta=1.0)]
 
 
+@pytest.mark.vs_reference
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_on_policy_tie_gradient_matches_reference(backend, loss_type, level):
@@ -607,6 +609,7 @@ def variant_kwargs(opts, ref, iw, sampling):
     return kwargs
 
 
+@pytest.mark.vs_reference
 @pytest.mark.parametrize("loss_type", ALL_LOSS_TYPES)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_variants_match_reference(backend, loss_type, level):
