@@ -751,3 +751,28 @@ def test_rollout_is_matches_trl(mode, low, high):
         out.loss.backward()
         torch.testing.assert_close(out.loss, loss.detach(), **F64)
         torch.testing.assert_close(our_logp.grad, trl_logp.grad, **F64)
+
+
+def test_sequence_cispo_metric_with_empty_sequences_differs_from_trl():
+    """Known difference (docs/semantics.md): TRL's sequence-level cispo clip ratio counts a sequence without
+    tokens as clipped when its advantage is positive (ratio e^0 = 1 above a cap below 1); for grpo_kernels such a
+    sequence is padding and counts nowhere. Loss and gradient agree; without empty sequences the metric does too
+    (test_grpo_loss_matches_trl_compute_loss)."""
+    b = make_batch(3)
+    empty = b["mask"].sum(1) == 0
+    assert empty.sum() == 2
+    b["adv"][empty] = 1.0
+    trl_logp = b["logp"].clone().requires_grad_(True)
+    loss, metrics = trl_loss(trl_logp, b["entropies"], trl_inputs(b, with_old=True), loss_type="cispo",
+                             importance_sampling_level="sequence", epsilon_high=0.8)
+    loss.backward()
+    our_logp = b["logp"].clone().requires_grad_(True)
+    out = gk.grpo_loss(our_logp, b["old"], b["adv"], b["mask"], ref_logprobs=b["ref"], loss_type="cispo",
+                       importance_sampling_level="sequence", epsilon_high=0.8, importance_weights=b["iw"],
+                       backend="reference")
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, loss.detach(), **F64)
+    torch.testing.assert_close(our_logp.grad, trl_logp.grad, **F64)
+    batch = b["mask"].shape[0]
+    # TRL: the two empty sequences are counted as clipped, out of all sequences
+    assert metrics["cispo_clip_ratio"] == [pytest.approx(out.clip_ratio_high.item() + empty.sum().item() / batch)]
