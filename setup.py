@@ -90,6 +90,11 @@ def _x86_features(compiler):
     return sorted({flag for macro, flag in X86_FEATURE_MACROS.items() if macro in defined})
 
 
+def _cxx_standard(torch_version):
+    major, minor = (int(part) for part in re.match(r"(\d+)\.(\d+)", torch_version).groups())
+    return "c++20" if (major, minor) >= (2, 14) else "c++17"
+
+
 def _build_ext_class(base):
     class BuildExt(base):
         """Writes BUILD_INFO beside the extension; rebuilds when the target or torch changed."""
@@ -137,7 +142,9 @@ def _extensions():
     # -ffp-contract=off: every product is rounded as written (z = x / T as the reference rounds it);
     # the kernels ask for fused multiply-adds explicitly where they want them
     # -g0: Python's CFLAGS carry -g, ~20 MB of debug info in module.o and a quarter of its compile time
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-g0"] + _cpu_arch_flags()
+    # the C++ standard torch's headers need: C++20 from torch 2.14 (ATen.h stops on anything older)
+    std = f"-std={_cxx_standard(torch.__version__)}"
+    cxx = ["-O3", std, "-fopenmp", "-ffp-contract=off", "-g0"] + _cpu_arch_flags()
     nvcc_found = cpp_extension.CUDA_HOME is not None and shutil.which(
         os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
     )
@@ -153,7 +160,7 @@ def _extensions():
             "grpo_kernels._C",
             sources + _sources("csrc/cuda/*.cu"),
             define_macros=macros + [("GRPO_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", std, "--use_fast_math"]},
             extra_link_args=["-fopenmp"],
         )
     else:
