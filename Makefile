@@ -49,23 +49,24 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VPY) -m pytest tests
 	$(MAKE) test-baseline-cpu
-	$(MAKE) test-package
 
-# A copy of the sources with the extension built for BASELINE_ARCH; its cpu-backend tests
-# (GRPO_KERNELS_EXPECT_CPU_ARCH makes test_cpu_backend.py check which build it imported).
-test-baseline-cpu: $(STAMP)
+# The sources with the extension of the wheel that test-package built for BASELINE_ARCH (the same
+# torch); their cpu-backend tests (GRPO_KERNELS_EXPECT_CPU_ARCH makes test_cpu_backend.py check
+# which build it imported).
+test-baseline-cpu: test-package
 	rm -rf $(BASELINE_DIR) && mkdir -p $(BASELINE_DIR)
 	cp -r grpo_kernels csrc tests benchmarks setup.py pyproject.toml README.md $(BASELINE_DIR)/
-	find $(BASELINE_DIR) \( -name '_C*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
-	cd $(BASELINE_DIR) && GRPO_KERNELS_CPU_ARCH=$(BASELINE_ARCH) GRPO_KERNELS_NO_CUDA=1 \
-		$(CURDIR)/$(VPY) setup.py build_ext --inplace -j 2 > build.log 2>&1 || (tail -n 40 build.log; exit 1)
+	find $(BASELINE_DIR) \( -name '_C*.so' -o -name '_C_build.json' -o -name __pycache__ \) -prune -exec rm -rf {} +
+	cp $(PACKAGE_DIR)/venv/lib/python*/site-packages/grpo_kernels/_C*.so \
+		$(PACKAGE_DIR)/venv/lib/python*/site-packages/grpo_kernels/_C_build.json $(BASELINE_DIR)/grpo_kernels/
 	cd $(BASELINE_DIR) && GRPO_KERNELS_EXPECT_CPU_ARCH=$(BASELINE_ARCH) \
 		$(CURDIR)/$(VPY) -m pytest -p no:cacheprovider -q $(BASELINE_TESTS) -k "cpu"
 
 # The sdist as a user installs it (README "Install"): a fresh venv with only torch==$(TORCH_VERSION) and the
 # build tools; the sdist built into a wheel against that torch (pip --no-build-isolation: never a second
-# torch), the wheel checked for the extension and installed; then, outside the source tree, the package
-# must import from the venv with its extension and pass the check of the extension's four kernel ops.
+# torch) for BASELINE_ARCH (a wheel for other machines), the wheel checked for the extension and installed;
+# then, outside the source tree, the package must import from the venv with its extension and pass the
+# check of the extension's four kernel ops.
 PACKAGE_DIR   := build/package
 PACKAGE_CHECK := --devices cpu --no-timing --ops token_logprobs,group_advantages,grpo_loss,fused_grpo_loss --budget 60
 test-package: $(STAMP)
@@ -74,7 +75,8 @@ test-package: $(STAMP)
 		|| (tail -n 40 $(PACKAGE_DIR)/sdist.log; exit 1)
 	$(PYTHON) -m venv $(PACKAGE_DIR)/venv
 	$(PACKAGE_DIR)/venv/bin/python -m pip --quiet install "torch==$(TORCH_VERSION)" "setuptools>=77" ninja
-	cd $(PACKAGE_DIR) && PATH=$(CURDIR)/$(PACKAGE_DIR)/venv/bin:$$PATH MAX_JOBS=2 venv/bin/python -m pip wheel --no-cache-dir \
+	cd $(PACKAGE_DIR) && PATH=$(CURDIR)/$(PACKAGE_DIR)/venv/bin:$$PATH MAX_JOBS=2 GRPO_KERNELS_CPU_ARCH=$(BASELINE_ARCH) \
+		venv/bin/python -m pip wheel --no-cache-dir \
 		--no-build-isolation --no-deps --wheel-dir dist dist/grpo_kernels-*.tar.gz > wheel.log 2>&1 \
 		|| (tail -n 40 wheel.log; exit 1)
 	cd $(PACKAGE_DIR) && venv/bin/python -m zipfile -l dist/grpo_kernels-*.whl > wheel.txt \
