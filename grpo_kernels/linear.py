@@ -229,7 +229,11 @@ class _Grads:
         )
 
     def add(self, head: _Head, rows: slice, h: Tensor, dx: Tensor) -> None:
-        """Add the contribution of the logits gradient ``dx [n, V]`` of the tokens ``rows`` (hidden states ``h``)."""
+        """Add the contribution of the logits gradient ``dx [n, V]`` of the tokens ``rows`` (hidden states ``h``).
+        An ignored token's ``dx`` row is 0 and its hidden state is selected away (0 · NaN would reach ``d weight``)."""
+        if self.weight is not None:
+            ignored = head.token_ids[rows] == head.ignore_index
+            h = torch.where(ignored[:, None], torch.zeros((), dtype=h.dtype, device=h.device), h)
         for cols, w in head.weight_blocks(dx.shape[0]) if self.hidden is not None or self.weight is not None else ():
             if self.hidden is not None:
                 self.hidden[rows].addmm_(dx[:, cols], w)
@@ -398,6 +402,8 @@ class _FusedLinearGRPOLossFunction(torch.autograd.Function):
         return_entropy, loss_options = options
         B, T = mask.shape
         keep = reference.fused_loss_mask(mask, head.token_ids.view(B, T), head.ignore_index)
+        # masked tokens are ignored rows: their hidden states and logits are never used (padding may hold garbage)
+        head = head._replace(token_ids=reference.kept_ids(head.token_ids, keep.reshape(-1), head.ignore_index))
         needs = ctx.needs_input_grad[:3]
         grads = _Grads(head, needs) if any(needs) else None
         token_level = not needs_sequence_pass(loss_options)  # each token's weight from its own log-prob

@@ -773,6 +773,12 @@ def linear_logits(
     return y
 
 
+def _counted_rows(hidden: Tensor, counted: Tensor) -> Tensor:
+    """``hidden`` with the rows of uncounted tokens (ignored ids; for the loss also masked ones) selected to 0:
+    garbage there reaches no output and no gradient (0 · NaN in ``d weight`` otherwise)."""
+    return torch.where(counted[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+
+
 def linear_token_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -792,7 +798,8 @@ def linear_token_logprobs(
         \mathrm{logp} = \mathrm{token\_logprobs}(x, y;\ T),\qquad x = \mathrm{linear\_logits}(h, W, b;\ s, c)
 
     i.e. :math:`\mathrm{logp} = x_y / T - \log\sum_v e^{x_v / T}` (:func:`linear_logits`,
-    :func:`token_logprobs`). ``chunk_size`` is a memory option of the chunked
+    :func:`token_logprobs`). The hidden states of ignored tokens are selected away before
+    the product (garbage there changes nothing). ``chunk_size`` is a memory option of the chunked
     implementation (tokens per logits tile); it changes no number and the
     reference ignores it.
 
@@ -807,6 +814,7 @@ def linear_token_logprobs(
     Returns:
         ``logp [...]`` float32 (float64 for float64 ``hidden``), or ``(logp, entropy)``.
     """
+    hidden = _counted_rows(hidden, token_ids != ignore_index)
     logits = linear_logits(hidden, weight, bias, logit_scale=logit_scale, softcap=softcap)
     return token_logprobs(logits, token_ids, temperature=temperature, ignore_index=ignore_index,
                           return_entropy=return_entropy)
@@ -834,6 +842,9 @@ def fused_linear_grpo_loss(
     .. math::
         \mathcal{L} = \mathrm{fused\_grpo\_loss}(\mathrm{linear\_logits}(h, W, b;\ s, c), y, \mathrm{old}, A, m;\ T)
 
+    The hidden states of tokens that do not count (mask 0 or an ignored id) are selected away before
+    the product: garbage there changes no output and no gradient.
+
     Args:
         hidden: ``[B, T, H]`` floating point.
         weight, bias, logit_scale, softcap, chunk_size: as in :func:`linear_token_logprobs`.
@@ -841,6 +852,7 @@ def fused_linear_grpo_loss(
         old_logprobs, advantages, mask, temperature, ignore_index, return_entropy, **loss_options:
             as in :func:`fused_grpo_loss`.
     """
+    hidden = _counted_rows(hidden, fused_loss_mask(mask, token_ids, ignore_index))
     logits = linear_logits(hidden, weight, bias, logit_scale=logit_scale, softcap=softcap)
     return fused_grpo_loss(logits, token_ids, old_logprobs, advantages, mask, temperature=temperature,
                            ignore_index=ignore_index, return_entropy=return_entropy, **loss_options)

@@ -281,3 +281,31 @@ def test_minus_infinity_bias(backend, level, softcap):
     ids[(ids == 3) | ((ids >= 16) & (ids < 32))] = 5
     assert_matches_spec(backend, (hidden, weight, bias, ids, mask, tensors), importance_sampling_level=level,
                         softcap=softcap, chunk_size=5, return_entropy=True, entropy_coef=0.1)
+
+
+def test_garbage_hidden_states_where_nothing_counts(backend):
+    """NaN / inf hidden states of masked tokens and ignored ids change no output and no gradient (d hidden is 0
+    there): the logits of padding never form a term, and its hidden states never reach d weight (0 · NaN)."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 2, 5, 8, 37
+    hidden = torch.randn(B, T, H, generator=g)
+    weight, bias = 0.3 * torch.randn(V, H, generator=g), torch.randn(V, generator=g)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    ids[0, 1] = -100
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 3:] = False
+    old, adv = -1 - torch.rand(B, T, generator=g), torch.randn(B, generator=g)
+    poisoned = hidden.clone()
+    poisoned[0, 1], poisoned[1, 3], poisoned[1, 4] = float("nan"), float("inf"), float("-inf")
+
+    def run(h):
+        h, w, b = (t.clone().requires_grad_() for t in (h, weight, bias))
+        out = gk.fused_linear_grpo_loss(h, w, ids, old, adv, mask, bias=b, beta=0.04, ref_logprobs=old + 0.1,
+                                        return_entropy=True, backend=backend)
+        (out.loss - 0.01 * out.entropy).backward()
+        return [t for t in out if t is not None] + [h.grad, w.grad, b.grad]
+
+    for clean, dirty in zip(run(hidden), run(poisoned)):
+        torch.testing.assert_close(dirty, clean, rtol=0, atol=0)
+    d_hidden = run(poisoned)[-3]
+    assert (d_hidden[0, 1] == 0).all() and (d_hidden[1, 3:] == 0).all()

@@ -254,3 +254,25 @@ for kernel, paths in ((m._linear_stats_kernel, dict(RETURN_ENTROPY=True, WRITE_T
 print("compiled")
 '''
     run_compile_script(script)
+
+
+def test_garbage_hidden_states_of_ignored_tokens(backend):
+    """NaN / inf hidden states of ignored tokens change no log-prob, entropy or gradient (d hidden 0 there)."""
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 7, 8, 37
+    hidden = torch.randn(N, H, generator=g)
+    weight = 0.3 * torch.randn(V, H, generator=g)
+    ids = torch.randint(0, V, (N,), generator=g)
+    ids[[1, 4]] = -100
+    poisoned = hidden.clone()
+    poisoned[1], poisoned[4] = float("nan"), float("inf")
+
+    def run(h):
+        h, w = h.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, ent = gk.linear_token_logprobs(h, w, ids, return_entropy=True, backend=backend)
+        (logp.sum() + ent.sum()).backward()
+        return logp, ent, h.grad, w.grad
+
+    for clean, dirty in zip(run(hidden), run(poisoned)):
+        torch.testing.assert_close(dirty, clean, rtol=0, atol=0)
+    assert (run(poisoned)[2][[1, 4]] == 0).all()

@@ -259,6 +259,7 @@ def _linear_grad_kernel(
         da = dz * (inv_t * scale)
         if SOFTCAP:  # d/dy c tanh(y/c) = 1 − tanh²
             da = da * (1.0 - tc * tc)
+        da = tl.where(counted[:, None], da, 0.0)  # an ignored token's hidden state may be garbage (NaN logits)
         tl.store(da_ptr + rows[:, None] * s_dan + cols[None, :], da.to(da_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
