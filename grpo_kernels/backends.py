@@ -16,10 +16,10 @@ explicit ``backend=`` is never replaced.
 
 from __future__ import annotations
 
+import enum
 import functools
 import importlib
 import importlib.util
-import enum
 import os
 from types import ModuleType
 from typing import Callable, Optional
