@@ -47,15 +47,9 @@ _VECTOR_FLAGS = ("avx512_bf16", "avx512bw", "avx512f", "avx2", "fma", "avx", "ss
 
 
 def cpu_vector_flags() -> list[str]:
-    """The vector extensions of _VECTOR_FLAGS this machine's CPU has (from /proc/cpuinfo; empty elsewhere)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return []
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return [flag for flag in _VECTOR_FLAGS if flag in flags]
-    return []
+    """The vector extensions of _VECTOR_FLAGS this machine's CPU has (empty where its flags cannot be read)."""
+    flags = grpo_kernels.cpu_flags() or frozenset()
+    return [flag for flag in _VECTOR_FLAGS if flag in flags]
 
 
 def _version(distribution: str) -> Optional[str]:
@@ -67,6 +61,7 @@ def _version(distribution: str) -> Optional[str]:
 
 def describe(device: torch.device) -> dict:
     """Everything recorded with the results of a run on ``device``."""
+    extension = grpo_kernels.extension_info()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "git_sha": git_sha(),
@@ -84,8 +79,8 @@ def describe(device: torch.device) -> dict:
         "extension": grpo_kernels.extension_available(),
         "cpu_vector_flags": cpu_vector_flags(),  # what the machine has
         # what the cpu backend's kernels were built for and use (-march, widest vector ISA)
-        "extension_cpu_arch": grpo_kernels.extension_info().get("cpu_arch"),
-        "extension_cpu_isa": grpo_kernels.extension_info().get("cpu_isa"),
+        "extension_cpu_arch": extension.get("cpu_arch"),
+        "extension_cpu_isa": extension.get("cpu_isa"),
         "triton_tuning": os.environ.get("GRPO_KERNELS_TRITON_TUNING"),  # knob overrides of a tuned run
         **{name: _version(name) for name in PEERS},
     }

@@ -8,7 +8,7 @@ op (:func:`available_backends`). The specification of every op is
 :mod:`grpo_kernels.reference`.
 """
 
-from ._extension import extension_available, extension_info
+from ._extension import cpu_flags, extension_available, extension_info
 from ._version import __version__
 from .backends import BackendUnavailableError, available_backends
 from .module import GRPOLoss
@@ -28,6 +28,7 @@ __all__ = [
     "GRPOLossOutput",
     "__version__",
     "available_backends",
+    "cpu_flags",
     "extension_available",
     "extension_info",
     "fused_grpo_loss",

@@ -31,7 +31,7 @@ def _build_info() -> dict:
         return {}
 
 
-def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> Optional[frozenset]:
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> Optional[frozenset]:
     """The running CPU's feature flags as Linux names them (None where they cannot be read)."""
     try:
         text = cpuinfo.read_text()
@@ -61,7 +61,7 @@ def _built_files() -> list:
 def _load() -> Optional[ModuleType]:
     built = _built_files()
     info = _build_info()
-    missing = _missing_cpu_features(info, _cpu_flags()) if built else []
+    missing = _missing_cpu_features(info, cpu_flags()) if built else []
     if missing:
         warnings.warn(f"grpo_kernels: the compiled extension was built for -march={info.get('cpu_arch') or '(default)'} "
                       f"and this CPU lacks {', '.join(missing)}, so it is not imported (it could execute an illegal "

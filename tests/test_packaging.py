@@ -41,7 +41,7 @@ def fake_build(monkeypatch):
 
 
 def test_extension_is_not_imported_on_a_cpu_without_its_features(fake_build, monkeypatch):
-    monkeypatch.setattr(_extension, "_cpu_flags", lambda: AVX2_CPU)
+    monkeypatch.setattr(_extension, "cpu_flags", lambda: AVX2_CPU)
     monkeypatch.setattr(_extension, "_import_extension", _refuse_import)
     with pytest.warns(RuntimeWarning) as record:
         assert _extension._load() is None
@@ -54,7 +54,7 @@ def test_extension_is_not_imported_on_a_cpu_without_its_features(fake_build, mon
 
 @pytest.mark.parametrize("flags", [AVX2_CPU | {"avx512f", "avx512bw", "avx512vl"}, None], ids=["has-all", "unreadable"])
 def test_extension_is_imported_when_the_cpu_has_the_features_or_they_are_unknown(fake_build, monkeypatch, flags):
-    monkeypatch.setattr(_extension, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(_extension, "cpu_flags", lambda: flags)
     monkeypatch.setattr(_extension, "_import_extension", _refuse_import)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -65,7 +65,7 @@ def test_extension_is_imported_when_the_cpu_has_the_features_or_they_are_unknown
 def test_a_build_without_the_record_is_imported(monkeypatch):
     monkeypatch.setattr(_extension, "_built_files", lambda: BUILT)
     monkeypatch.setattr(_extension, "_build_info", lambda: {})
-    monkeypatch.setattr(_extension, "_cpu_flags", lambda: frozenset())
+    monkeypatch.setattr(_extension, "cpu_flags", lambda: frozenset())
     monkeypatch.setattr(_extension, "_import_extension", _refuse_import)
     with pytest.raises(_Imported):
         _extension._load()
@@ -74,15 +74,15 @@ def test_a_build_without_the_record_is_imported(monkeypatch):
 def test_cpu_flags_reader(tmp_path):
     x86 = tmp_path / "x86"
     x86.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse4_2 avx2 fma\n")
-    assert _extension._cpu_flags(x86) == {"fpu", "sse4_2", "avx2", "fma"}
+    assert _extension.cpu_flags(x86) == {"fpu", "sse4_2", "avx2", "fma"}
     arm = tmp_path / "arm"
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve\n")
-    assert _extension._cpu_flags(arm) is None
-    assert _extension._cpu_flags(tmp_path / "absent") is None
+    assert _extension.cpu_flags(arm) is None
+    assert _extension.cpu_flags(tmp_path / "absent") is None
 
 
 def test_auto_uses_the_reference_when_the_extension_is_withheld(fake_build, monkeypatch):
-    monkeypatch.setattr(_extension, "_cpu_flags", lambda: AVX2_CPU)
+    monkeypatch.setattr(_extension, "cpu_flags", lambda: AVX2_CPU)
     monkeypatch.setattr(_extension, "_import_extension", _refuse_import)
     with pytest.warns(RuntimeWarning, match="lacks"):
         monkeypatch.setattr(_extension, "_C", _extension._load())
@@ -110,7 +110,7 @@ def test_this_build_records_what_its_kernels_were_compiled_for():
     assert ("avx2" in features) == (isa in ("avx512+bf16", "avx512", "avx2+fma", "avx2"))
     assert ("fma" in features) == (isa in ("avx512+bf16", "avx512", "avx2+fma"))  # each AVX-512 target has FMA
     # built here and run here: every recorded feature is this CPU's (a wrong flag name would withhold the extension)
-    assert _extension._missing_cpu_features(record, _extension._cpu_flags()) == []
+    assert _extension._missing_cpu_features(record, _extension.cpu_flags()) == []
 
 
 def _run_setup_extensions(argv, env_extra=None):
