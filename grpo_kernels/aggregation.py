@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .reference import LOSS_TYPES, SEQUENCE_MEAN_LOSS_TYPES, TOKEN_SUM_LOSS_TYPES
+from .loss_table import Aggregation, loss_type_row
 
 # Rows of the per-sequence partials [NUM_PARTIALS, B]: the sums, then the sequence statistics (first pass):
 # P_SEQ_LOG_RATIO: log of the sequence's ratio (GSPO: mean log-ratio; GMPO: clipped mean log-ratio; VESPO: log w);
@@ -51,22 +51,23 @@ def sequence_weights(
     """
     B = seq_count.shape[0]
     dtype, device = seq_count.dtype, seq_count.device
-    if loss_type in SEQUENCE_MEAN_LOSS_TYPES:
+    aggregation = loss_type_row(loss_type).aggregation
+    if aggregation is Aggregation.SEQUENCE_MEAN:
         return 1.0 / seq_count.clamp(min=1.0) / B
-    if loss_type == "bnpo":
+    if aggregation is Aggregation.BATCH_TOKEN_MEAN:
         return 1.0 / seq_count.sum().clamp(min=1.0)
-    if loss_type == "dr_grpo":
+    if aggregation is Aggregation.FIXED_LENGTH:
         length = T if max_completion_length is None else max_completion_length
         return torch.full((), 1.0 / (B * length), dtype=dtype, device=device)
-    if loss_type in TOKEN_SUM_LOSS_TYPES:
+    if aggregation is Aggregation.TOKEN_SUM:
         return 1.0 / _token_normalizer(seq_count, num_items_in_batch)
-    if loss_type == "luspo":
+    if aggregation is Aggregation.SEQUENCE_SUM:
         return torch.full((), 1.0 / B, dtype=dtype, device=device)
-    raise _unknown(loss_type)
+    raise _unknown(aggregation, loss_type)
 
 
-def _unknown(loss_type: str) -> ValueError:
-    return ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
+def _unknown(aggregation: Aggregation, loss_type: str) -> ValueError:
+    return ValueError(f"unknown aggregation {aggregation!r} of loss_type {loss_type!r}")
 
 
 def _token_normalizer(seq_count: Tensor, num_items_in_batch) -> Tensor:
@@ -94,19 +95,20 @@ def aggregate(
     B = partials.shape[1]
     seq_loss, seq_count = partials[P_LOSS], partials[P_COUNT]
     token_denom = seq_count.sum().clamp(min=1.0)
-    if loss_type in SEQUENCE_MEAN_LOSS_TYPES:
+    aggregation = loss_type_row(loss_type).aggregation
+    if aggregation is Aggregation.SEQUENCE_MEAN:
         loss = (seq_loss / seq_count.clamp(min=1.0)).mean()
-    elif loss_type == "bnpo":
+    elif aggregation is Aggregation.BATCH_TOKEN_MEAN:
         loss = seq_loss.sum() / token_denom
-    elif loss_type == "dr_grpo":
+    elif aggregation is Aggregation.FIXED_LENGTH:
         length = T if max_completion_length is None else max_completion_length
         loss = seq_loss.sum() / (B * length)
-    elif loss_type in TOKEN_SUM_LOSS_TYPES:
+    elif aggregation is Aggregation.TOKEN_SUM:
         loss = seq_loss.sum() / _token_normalizer(seq_count, num_items_in_batch)
-    elif loss_type == "luspo":
+    elif aggregation is Aggregation.SEQUENCE_SUM:
         loss = seq_loss.mean()
     else:
-        raise _unknown(loss_type)
+        raise _unknown(aggregation, loss_type)
     kl = partials[P_KL].sum() / token_denom if has_ref else loss.new_zeros(())
     metric_denom = B if per_seq_metrics else token_denom
     return Aggregate(

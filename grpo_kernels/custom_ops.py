@@ -353,7 +353,7 @@ def _group_advantages_impl(rewards, group_size, group_ids, scale, estimator, eps
 
 def _group_advantages_fake(rewards, group_size, group_ids, scale, estimator, eps, reward_weights, multi_objective,
                            return_stats, backend):
-    dtype = reference._compute_dtype(rewards)
+    dtype = reference.compute_dtype(rewards)
     adv = rewards.new_empty((rewards.shape[0],), dtype=dtype)
     if not return_stats:
         return adv, _nothing(adv), _nothing(adv)

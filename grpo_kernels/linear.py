@@ -130,7 +130,7 @@ class _Head(NamedTuple):
 
     @property
     def dtype(self) -> torch.dtype:
-        return reference._compute_dtype(self.hidden)
+        return reference.compute_dtype(self.hidden)
 
     def chunks(self) -> Iterator[slice]:
         n = self.hidden.shape[0]

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from . import validation
 from .ops import LOSS_DEFAULTS, Number, fused_grpo_loss, grpo_loss
-from .reference import CLIPPED_LOSS_TYPES, GRPOLossOutput
+from .loss_table import Family, loss_type_row
+from .reference import GRPOLossOutput
 from .validation import PER_CALL_OPTIONS
 
 
@@ -63,7 +64,7 @@ class GRPOLoss(nn.Module):
             **{name: getattr(args, name, LOSS_DEFAULTS[name])
                for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")},
         )
-        if loss_type in CLIPPED_LOSS_TYPES:  # TRL ignores delta for the other types
+        if loss_type_row(loss_type).family is Family.CLIPPED:  # TRL ignores delta for the other types
             options["delta"] = getattr(args, "delta", None)
         options.update(overrides)
         return cls(temperature=options.pop("temperature", getattr(args, "temperature", 1.0)), **options)

@@ -79,7 +79,7 @@ def grpo_loss(
     are the keyword options of the reference ``grpo_loss`` (absent ones take its defaults).
     ``per_token_loss`` has the shape of ``logprobs``."""
     o = {**LOSS_DEFAULTS, **loss_options}
-    dtype = reference._compute_dtype(logprobs)
+    dtype = reference.compute_dtype(logprobs)
     seg = segments(cu_seqlens, logprobs.numel())
     keep = mask.reshape(-1).to(torch.bool)
     m = keep.to(dtype)

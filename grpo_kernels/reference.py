@@ -26,7 +26,7 @@ Two rules hold for every op and every backend:
   backend alike. Advantages must be finite where they count (a ``ValueError``
   when value checks are on).
 
-This module imports only torch.
+This module imports only torch and the spec's tables (:mod:`grpo_kernels.loss_table`, standard library only).
 """
 
 from __future__ import annotations
@@ -36,20 +36,22 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-LOSS_TYPES = CLIPPED_LOSS_TYPES + ("cispo", "sapo", "vespo", "gmpo", "gpg")
-# Loss types without a token ratio of their own: the sequence-level ratio (GSPO) does not apply.
-TOKEN_LEVEL_LOSS_TYPES = ("vespo", "gmpo", "gpg")
-# Aggregation: mean over sequences of token means; masked token sum over N (num_items_in_batch).
-SEQUENCE_MEAN_LOSS_TYPES = ("grpo", "sapo", "gmpo")
-TOKEN_SUM_LOSS_TYPES = ("dapo", "cispo", "vespo", "gpg")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-ROLLOUT_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-# VESPO clamps its log-weights to [log(1e-8), 20] (TRL's get_gamma_weights).
-VESPO_LOG_MIN = -18.420680743952367  # log(1e-8) in float64
-VESPO_LOG_MAX = 20.0
-VESPO_MIN_LAMBDA = 1e-4
-KL_ESTIMATORS = ("k3", "k1", "k2", "low_var_kl")
+from .loss_table import (
+    FOLDS_IMPORTANCE_WEIGHTS,
+    IMPORTANCE_SAMPLING_LEVELS,
+    KL_ESTIMATORS,
+    ROLLOUT_IS_MODES,
+    VESPO_LOG_MAX,
+    VESPO_LOG_MIN,
+    VESPO_MIN_LAMBDA,
+    Aggregation,
+    Family,
+    KlEstimator,
+    RolloutLevel,
+    loss_type_row,
+)
+
+# The loss types, the KL estimators, the rollout modes and the kernels' numeric options: grpo_kernels.loss_table.
 SCALES = ("group", "batch", "none")
 ESTIMATORS = ("grpo", "rloo")
 MULTI_OBJECTIVES = ("sum_then_normalize", "normalize_then_sum")
@@ -80,7 +82,8 @@ class GRPOLossOutput(NamedTuple):
     entropy: Optional[Tensor] = None
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """float64 for float64 ``t``, else float32: the dtype every op computes in."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -128,7 +131,7 @@ def token_logprobs(
         ``(logp, entropy)`` when ``return_entropy``.
     """
     ignored = token_ids == ignore_index
-    z = logits.to(_compute_dtype(logits)) / temperature
+    z = logits.to(compute_dtype(logits)) / temperature
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
     # Ignored rows are selected away before any arithmetic: whatever they hold (NaN, ±inf) reaches no value
     # and no gradient (their gradient is exactly 0).
@@ -263,7 +266,7 @@ def group_advantages(
         the (weighted-summed) rewards, groups ordered by position
         (``group_size``) or by sorted id (``group_ids``); NaN where undefined.
     """
-    r = rewards.to(_compute_dtype(rewards))
+    r = rewards.to(compute_dtype(rewards))
     index, num_groups = _group_index(r.shape[0], group_size, group_ids, r.device)
 
     if r.ndim == 2:
@@ -300,14 +303,15 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
     low_var_kl (verl) = k3 with :math:`d` clamped to [-20, 20] and the result to [-10, 10].
     """
     d = ref_logp - logp
-    if estimator == "k1":
+    code = KL_ESTIMATORS.get(estimator) if isinstance(estimator, str) else None
+    if code is KlEstimator.K1:
         return -d
-    if estimator == "k2":
+    if code is KlEstimator.K2:
         return 0.5 * d * d
-    if estimator == "low_var_kl":
+    if code is KlEstimator.LOW_VAR_KL:
         d = d.clamp(-20.0, 20.0)
         return (torch.exp(d) - d - 1).clamp(-10.0, 10.0)
-    if estimator == "k3":
+    if code is KlEstimator.K3:
         return torch.exp(d) - d - 1
     raise ValueError(f"kl_estimator must be one of {list(KL_ESTIMATORS)}, got {estimator!r}")
 
@@ -350,13 +354,15 @@ def rollout_importance_ratio(
 
     Returns a constant (no gradient) in the dtype of ``old_logprobs``.
     """
-    if mode not in ROLLOUT_IS_MODES:
-        raise ValueError(f"rollout_is_mode must be one of {list(ROLLOUT_IS_MODES)}, got {mode!r}")
+    modes = [m for m in ROLLOUT_IS_MODES if m is not None]
+    if mode not in modes:
+        raise ValueError(f"rollout_is_mode must be one of {modes}, got {mode!r}")
+    level, masked = ROLLOUT_IS_MODES[mode]
     d = torch.nan_to_num((old_logprobs.detach() - sampling_logprobs.to(old_logprobs.dtype)) * mask, nan=0.0)
-    if mode in ("sequence_truncate", "sequence_mask"):
+    if level == RolloutLevel.SEQUENCE:
         d = d.sum(-1, keepdim=True)
     ratio = torch.exp(clamp_log_ratio(d, log_ratio_clamp))
-    if mode in ("token_truncate", "sequence_truncate"):
+    if not masked:
         return torch.clamp(ratio, min=rollout_is_min, max=rollout_is_max)
     low = -float("inf") if rollout_is_min is None else rollout_is_min
     high = float("inf") if rollout_is_max is None else rollout_is_max
@@ -521,12 +527,11 @@ def grpo_loss(
     Returns:
         :class:`GRPOLossOutput` (float32, float64 for float64 ``logprobs``).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
+    row = loss_type_row(loss_type)
     if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
         raise ValueError(f"importance_sampling_level must be one of {list(IMPORTANCE_SAMPLING_LEVELS)}, got "
                          f"{importance_sampling_level!r}")
-    dtype = _compute_dtype(logprobs)
+    dtype = compute_dtype(logprobs)
     keep = mask.to(torch.bool)
     m = keep.to(dtype)
     n_seq = m.sum(-1, keepdim=True)
@@ -569,17 +574,18 @@ def grpo_loss(
             per_token_kl = per_token_kl * coef_1
 
     no_clip = torch.zeros_like(coef_1 * adv, dtype=torch.bool)
-    if loss_type == "cispo":
+    family = row.family
+    if family is Family.CISPO:
         per_token_loss = -torch.clamp(coef_1, max=eps_high).detach() * adv * logp
         is_high = (coef_1 > eps_high) & (adv > 0)
         is_low = torch.zeros_like(is_high)
-    elif loss_type == "sapo":
+    elif family is Family.SAPO:
         tau_pos, tau_neg = torch.full_like(adv, sapo_temperature_pos), torch.full_like(adv, sapo_temperature_neg)
         tau = torch.where(adv > 0, tau_pos, tau_neg)
         per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * adv
         is_low = (coef_1 < 1 - eps_low) & (adv < 0)
         is_high = (coef_1 > 1 + eps_high) & (adv > 0)
-    elif loss_type == "vespo":
+    elif family is Family.VESPO:
         with torch.no_grad():
             seq_log_w = (log_ratio.clamp(-VESPO_LOG_MAX, VESPO_LOG_MAX) * m).sum(-1, keepdim=True)
             if token_is is not None:
@@ -589,7 +595,7 @@ def grpo_loss(
             phi = vespo_phi(seq_log_w, adv, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
         per_token_loss = -phi * adv * logp
         is_low = is_high = no_clip
-    elif loss_type == "gmpo":
+    elif family is Family.GMPO:
         sign = torch.sign(adv)
         clipped_log_ratio = torch.clamp(log_ratio, -eps_low, eps_high)
         log_ratio_min = sign * torch.min(sign * log_ratio, sign * clipped_log_ratio)
@@ -603,10 +609,10 @@ def grpo_loss(
         clipped = log_ratio != clipped_log_ratio
         is_low = clipped & (adv < 0)
         is_high = clipped & (adv > 0)
-    elif loss_type == "gpg":
+    elif family is Family.GPG:
         per_token_loss = -logp * adv
         is_low = is_high = no_clip
-    elif loss_type in CLIPPED_LOSS_TYPES:
+    elif family is Family.CLIPPED:
         coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
         if delta is not None:
             coef_1 = torch.clamp(coef_1, max=delta)
@@ -616,12 +622,12 @@ def grpo_loss(
         is_low = (coef_1 < 1 - eps_low) & (adv < 0)
         is_high = (coef_1 > 1 + eps_high) & (adv > 0)
     else:
-        raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
+        raise ValueError(f"unknown loss family {family!r} of loss_type {loss_type!r}")
 
     if off_policy_mask_threshold is not None:
         sampled = old if sampling_logprobs is None else sampling_logprobs
         per_token_loss = per_token_loss * off_policy_mask(logp, sampled, adv, m, off_policy_mask_threshold)
-    if loss_type not in ("vespo", "gmpo"):
+    if family not in FOLDS_IMPORTANCE_WEIGHTS:
         if rollout_ratio is not None:
             per_token_loss = per_token_loss * rollout_ratio
         if iw is not None:
@@ -635,23 +641,24 @@ def grpo_loss(
     seq_sum = per_token_loss.sum(-1)
     n_tokens = m.sum()
     batch = m.shape[0]
-    if loss_type in SEQUENCE_MEAN_LOSS_TYPES:
+    aggregation = row.aggregation
+    if aggregation is Aggregation.SEQUENCE_MEAN:
         loss = (seq_sum / m.sum(-1).clamp(min=1.0)).mean()
-    elif loss_type == "bnpo":
+    elif aggregation is Aggregation.BATCH_TOKEN_MEAN:
         loss = seq_sum.sum() / n_tokens.clamp(min=1.0)
-    elif loss_type == "dr_grpo":
+    elif aggregation is Aggregation.FIXED_LENGTH:
         length = m.shape[1] if max_completion_length is None else max_completion_length
         loss = seq_sum.sum() / (batch * length)
-    elif loss_type in TOKEN_SUM_LOSS_TYPES:
+    elif aggregation is Aggregation.TOKEN_SUM:
         if num_items_in_batch is None:
             normalizer = n_tokens
         else:
             normalizer = torch.as_tensor(num_items_in_batch, dtype=dtype).reshape(()).to(m.device)
         loss = seq_sum.sum() / normalizer.clamp(min=1.0)
-    elif loss_type == "luspo":
+    elif aggregation is Aggregation.SEQUENCE_SUM:
         loss = seq_sum.mean()
     else:
-        raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
+        raise ValueError(f"unknown aggregation {aggregation!r} of loss_type {loss_type!r}")
 
     def masked_mean(x: Tensor) -> Tensor:
         x = x.to(dtype)
@@ -765,7 +772,7 @@ def linear_logits(
     Returns:
         ``x`` of shape ``[..., V]`` in float32 (float64 for float64 ``hidden``).
     """
-    dtype = _compute_dtype(hidden)
+    dtype = compute_dtype(hidden)
     y = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     y = y * logit_scale
     if softcap is not None:

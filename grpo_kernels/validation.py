@@ -20,17 +20,18 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .reference import (
+from .loss_table import (
     CLIPPED_LOSS_TYPES,
-    ESTIMATORS,
+    FOLDS_IMPORTANCE_WEIGHTS,
     IMPORTANCE_SAMPLING_LEVELS,
     KL_ESTIMATORS,
-    LOSS_TYPES,
-    MULTI_OBJECTIVES,
     ROLLOUT_IS_MODES,
-    SCALES,
-    TOKEN_LEVEL_LOSS_TYPES,
+    SCALE_OUT_LOSS_TYPES,
+    Family,
+    RolloutLevel,
+    loss_type_row,
 )
+from .reference import ESTIMATORS, MULTI_OBJECTIVES, SCALES
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -95,8 +96,9 @@ def _real(name: str, value, *, low: Optional[float] = None, high: Optional[float
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
 
 
-def _choice(name: str, value, choices: Sequence[str]) -> None:
-    if value not in choices:
+def _choice(name: str, value, choices) -> None:
+    choices = list(choices)  # a table's keys: membership by ==, whatever value is
+    if not isinstance(value, (str, type(None))) or value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
@@ -245,7 +247,7 @@ def check_loss_options(*, beta, epsilon_low, epsilon_high, delta, clip_ratio_c, 
                        off_policy_mask_threshold, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
                        log_ratio_clamp) -> None:
     """Checks of the scalar options of grpo_loss / fused_grpo_loss / GRPOLoss."""
-    _choice("loss_type", loss_type, LOSS_TYPES)
+    row = loss_type_row(loss_type)
     _choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
     _choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     _real("beta", beta, low=0.0)
@@ -253,7 +255,7 @@ def check_loss_options(*, beta, epsilon_low, epsilon_high, delta, clip_ratio_c, 
     if epsilon_high is not None:
         _real("epsilon_high", epsilon_high, low=0.0)
     for name, value in (("delta", delta), ("clip_ratio_c", clip_ratio_c)):
-        if value is not None and loss_type not in CLIPPED_LOSS_TYPES:
+        if value is not None and row.family is not Family.CLIPPED:
             raise ValueError(f"{name} applies to the clipped loss types {list(CLIPPED_LOSS_TYPES)}, not {loss_type!r}")
     if delta is not None:
         _real("delta", delta, low=0.0, low_open=True)
@@ -264,12 +266,12 @@ def check_loss_options(*, beta, epsilon_low, epsilon_high, delta, clip_ratio_c, 
         _int("max_completion_length", max_completion_length, low=1)
     _real("sapo_temperature_pos", sapo_temperature_pos, low=0.0, low_open=True)
     _real("sapo_temperature_neg", sapo_temperature_neg, low=0.0, low_open=True)
-    if loss_type in TOKEN_LEVEL_LOSS_TYPES and importance_sampling_level != "token":
+    if not row.token_ratio and importance_sampling_level != "token":
         raise ValueError(f"loss_type={loss_type!r} forms its own sequence weights: importance_sampling_level must be "
                          f"'token', got {importance_sampling_level!r}")
-    if loss_type == "gmpo" and use_bias_correction_kl:
+    if row.family is Family.GMPO and use_bias_correction_kl:
         raise ValueError("use_bias_correction_kl is not defined for loss_type='gmpo' (no per-token ratio)")
-    _check_rollout_is(loss_type, rollout_is_mode, rollout_is_min, rollout_is_max)
+    _check_rollout_is(row.family, loss_type, rollout_is_mode, rollout_is_min, rollout_is_max)
     if off_policy_mask_threshold is not None:
         _real("off_policy_mask_threshold", off_policy_mask_threshold, low=0.0)
     for name, value in (("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
@@ -279,19 +281,20 @@ def check_loss_options(*, beta, epsilon_low, epsilon_high, delta, clip_ratio_c, 
         _real("log_ratio_clamp", log_ratio_clamp, low=0.0, low_open=True)
 
 
-def _check_rollout_is(loss_type, mode, low, high) -> None:
+def _check_rollout_is(family: Family, loss_type: str, mode, low, high) -> None:
     if mode is None:
         return
-    _choice("rollout_is_mode", mode, ROLLOUT_IS_MODES)
+    _choice("rollout_is_mode", mode, [m for m in ROLLOUT_IS_MODES if m is not None])
+    level, masked = ROLLOUT_IS_MODES[mode]
     if low is not None:
         _real("rollout_is_min", low, low=0.0)
     if high is not None:
         _real("rollout_is_max", high, low=0.0, low_open=True)
     if low is not None and high is not None and low >= high:
         raise ValueError(f"rollout_is_min ({low}) must be less than rollout_is_max ({high})")
-    if mode.endswith("truncate") and low is None and high is None:
+    if not masked and low is None and high is None:
         raise ValueError(f"rollout_is_mode={mode!r} truncates: set rollout_is_min or rollout_is_max (or both)")
-    if loss_type in ("vespo", "gmpo") and mode.startswith("sequence"):
+    if family in FOLDS_IMPORTANCE_WEIGHTS and level == RolloutLevel.SEQUENCE:
         raise ValueError(f"loss_type={loss_type!r} folds token-level importance weights into its sequence weight: "
                          f"rollout_is_mode must be 'token_truncate' or 'token_mask', got {mode!r}")
 
@@ -442,7 +445,6 @@ def check_fused_linear_grpo_loss(hidden, weight, token_ids, old_logprobs, advant
 # --------------------------------------------------------------------------- #
 # The loss types and options whose loss of a data-parallel batch or of packed sequences is defined
 # (grpo_kernels.distributed.batch_normalized, grpo_kernels.packed); the other options must keep their defaults.
-SCALE_OUT_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 SCALE_OUT_OPTIONS = ("ref_logprobs", "beta", "epsilon_low", "epsilon_high", "delta", "clip_ratio_c", "loss_type",
                      "importance_sampling_level", "kl_estimator", "use_bias_correction_kl", "importance_weights",
                      "max_completion_length", "num_items_in_batch", "sapo_temperature_pos", "sapo_temperature_neg")

@@ -20,11 +20,14 @@ from torch import Tensor
 from trl.trainer.utils import nanmax, nanmin
 
 from ..ops import grpo_loss
-from ..reference import VESPO_LOG_MAX, VESPO_LOG_MIN, vespo_phi
+from ..loss_table import LOSS_TYPE_TABLE, VESPO_LOG_MAX, VESPO_LOG_MIN, Aggregation, Family
+from ..reference import vespo_phi
 
-# Loss types whose loss TRL divides by the accumulation steps (the others by a token count, see _loss_scale).
-_MEAN_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "sapo", "luspo")
-_CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+# Loss types whose loss TRL divides by the accumulation steps (the others, token sums, by a token count: see
+# _loss_scale), and those whose options include delta.
+_MEAN_LOSS_TYPES = tuple(n for n, row in LOSS_TYPE_TABLE.items()
+                         if row.trl_name is not None and row.aggregation is not Aggregation.TOKEN_SUM)
+_CLIPPED_LOSS_TYPES = tuple(n for n, row in LOSS_TYPE_TABLE.items() if row.family is Family.CLIPPED)
 # Arguments of the trainer's _get_per_token_logps_and_entropies that are not model inputs from the batch.
 _SCORING_ARGUMENTS = ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
                       "compute_aux_loss")

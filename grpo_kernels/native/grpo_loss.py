@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from .._extension import _C
 from ..aggregation import P_COUNT
-from ..kernel_options import SCALAR_NAMES, KernelLossOptions, kernel_loss_options
+from ..kernel_options import KernelLossOptions, kernel_loss_options
 from ..reference import GRPOLossOutput
 
 
@@ -39,13 +39,15 @@ def loss_setup(advantages: Tensor, T: int, loss_options: dict) -> LossSetup:
     cfg = _C.LossConfig()
     for field in _CONFIG_FIELDS:
         setattr(cfg, field, getattr(options, field))
+    for name, value in options.scalars._asdict().items():
+        setattr(cfg, name, value)
     return LossSetup(cfg, options)
 
 
 # The fields of _C.LossConfig (csrc/grpo_kernels.h), named as in KernelLossOptions.
 _CONFIG_FIELDS = ("family", "seq_level", "seq_pass", "shared_ratio", "kl_estimator", "add_kl", "bias_kl", "has_delta",
                   "has_clip_c", "per_seq_metrics", "has_iw", "rollout_is", "rollout_is_mask", "has_off_policy_mask",
-                  "has_log_clamp", *SCALAR_NAMES)
+                  "has_log_clamp")
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
