@@ -1,0 +1,438 @@
+"""grpo_kernels.integrations.openrlhf against OpenRLHF 0.11.2's own code.
+
+OpenRLHF is installed without its dependencies (the Makefile's peer packages). ``openrlhf.models``'s
+``__init__`` imports the actor (deepspeed, peft, transformers), so its ``models/loss.py`` and
+``models/utils.py`` are loaded here as a package of their own, with a placeholder ``deepspeed`` module
+while ``utils.py`` runs (it imports deepspeed for a function not used here). The reward shaping is
+``RemoteExperienceMaker.compute_advantages_and_returns`` itself, taken from ``experience_maker.py``'s source
+(its module imports Ray actors) and run on stand-in experiences. Skipped when OpenRLHF is not installed.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib
+import importlib.util
+import itertools
+import logging
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo_kernels.integrations import openrlhf as gk_orl
+
+OP = "grpo_loss"  # the backend fixture: every backend implementing grpo_loss
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
+# OpenRLHF divides a sequence's sum by count + 1e-8, we by count: a relative 1e-8 (module docstring)
+SEQ_MEAN_TOL = {torch.float64: dict(rtol=2e-8, atol=1e-12), torch.float32: TOL[torch.float32]}
+B, T = 7, 9
+
+
+# --------------------------------------------------------------------------- #
+# OpenRLHF's own code
+# --------------------------------------------------------------------------- #
+@functools.lru_cache(maxsize=None)
+def _openrlhf_dir() -> Path | None:
+    spec = importlib.util.find_spec("openrlhf")  # its top-level __init__ is empty
+    return None if spec is None else Path(list(spec.submodule_search_locations)[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _openrlhf_models():
+    """OpenRLHF's models/utils.py and models/loss.py as the package ``_openrlhf_models``."""
+    root = _openrlhf_dir()
+    package = types.ModuleType("_openrlhf_models")
+    package.__path__ = [str(root / "models")]
+    sys.modules["_openrlhf_models"] = package
+    placeholder = "deepspeed" not in sys.modules and importlib.util.find_spec("deepspeed") is None
+    if placeholder:
+        sys.modules["deepspeed"] = types.ModuleType("deepspeed")
+    try:
+        utils = importlib.import_module("_openrlhf_models.utils")
+        loss = importlib.import_module("_openrlhf_models.loss")
+    finally:
+        if placeholder:
+            del sys.modules["deepspeed"]
+    return utils, loss
+
+
+@functools.lru_cache(maxsize=None)
+def _experience_maker_methods():
+    """``compute_advantages_and_returns`` and ``get_cumulative_returns`` of OpenRLHF's RemoteExperienceMaker."""
+    utils, _ = _openrlhf_models()
+    path = _openrlhf_dir() / "trainer" / "ppo_utils" / "experience_maker.py"
+    tree = ast.parse(path.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "RemoteExperienceMaker")
+    wanted = [n for n in cls.body if isinstance(n, ast.FunctionDef)
+              and n.name in ("compute_advantages_and_returns", "get_cumulative_returns")]
+    namespace = dict(torch=torch, itertools=itertools, List=list, Tuple=tuple, Experience=object,
+                     compute_reward=utils.compute_reward, logger=logging.getLogger("openrlhf-test"),
+                     apply_length_penalties=lambda experiences, args: None)  # no length penalty configured
+    exec(compile(ast.Module(body=wanted, type_ignores=[]), str(path), "exec"), namespace)
+    return namespace["compute_advantages_and_returns"], namespace["get_cumulative_returns"]
+
+
+@pytest.fixture(scope="module")
+def orl():
+    if _openrlhf_dir() is None:
+        pytest.skip("openrlhf is not installed (make setup installs openrlhf==0.11.2 --no-deps)")
+    utils, loss = _openrlhf_models()
+    return types.SimpleNamespace(utils=utils, loss=loss)
+
+
+# --------------------------------------------------------------------------- #
+# inputs
+# --------------------------------------------------------------------------- #
+def make_batch(seed, dtype, *, empty_row=True, log_ratio_scale=0.3, rollout_scale=0.6):
+    """log_probs (leaf), old, rollout, advantages [B, T], bool mask with a ragged tail and one empty row."""
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * log_ratio_scale
+    rollout = old + torch.randn(B, T, generator=g, dtype=torch.float64) * rollout_scale
+    adv = torch.randn(B, 1, generator=g, dtype=torch.float64).expand(B, T).clone()
+    adv[::3] += torch.randn(B, T, generator=g, dtype=torch.float64)[::3] * 0.5  # some per-token advantages
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = torch.arange(T) < lengths[:, None]
+    if empty_row:
+        mask[2] = False
+    old, rollout = old.clamp(max=-1e-4), rollout.clamp(max=-1e-4)
+    return logp.to(dtype).requires_grad_(), old.to(dtype), rollout.to(dtype), adv.to(dtype), mask
+
+
+# (level, mode, gating, threshold); the thresholds filter part of make_batch's units
+CORRECTIONS = {
+    "off": ("off", "mask", "ratio", (0.5, 5.0)),
+    "tok-mask-ratio": ("token", "mask", "ratio", (0.7, 1.5)),
+    "tok-clip-ratio": ("token", "clip", "ratio", (0.7, 1.5)),
+    "tok-mask-ratio-wide": ("token", "mask", "ratio", (0.0, 1.5)),  # low < e^-20: computed outside the kernels
+    "seq-mask-ratio": ("seq", "mask", "ratio", (0.8, 1.25)),
+    "tok-mask-binary_kl": ("token", "mask", "binary_kl", (0.0, 0.02)),
+    "tok-mask-tv": ("token", "mask", "tv", (0.0, 0.1)),
+    "seq-mask-binary_kl": ("seq", "mask", "binary_kl", (0.0, 0.02)),
+    "seq-mask-tv": ("seq", "mask", "tv", (-1.0, 0.12)),
+}
+BATCH_INFOS = {"local": {}, "dp2": dict(dp_size=2, batch_num_tokens=71.0, global_batch_size=13.0)}
+
+
+def _options(correction, **kwargs):
+    level, mode, gating, threshold = CORRECTIONS[correction]
+    return dict(is_correction_level=level, is_correction_mode=mode, is_correction_gating=gating,
+                is_correction_threshold=threshold, clip_eps_low=0.2, clip_eps_high=0.28, **kwargs)
+
+
+def _run(module, logp, old, rollout, adv, mask, info, mask_arg=None):
+    logp = logp.detach().clone().requires_grad_()
+    out = module(logp, old, adv, action_mask=mask if mask_arg is None else mask_arg, rollout_log_probs=rollout,
+                 **info)
+    out[0].backward()
+    return out, logp.grad
+
+
+def assert_same(ours, theirs, grads, tol, *, what=""):
+    names = ("loss", "clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio")
+    for name, a, b in zip(names, ours, theirs):
+        if b is None:
+            assert a is None, f"{what}{name}: OpenRLHF returns None"
+            continue
+        torch.testing.assert_close(a.double(), b.double(), **tol, msg=lambda m: f"{what}{name}: {m}")
+    torch.testing.assert_close(grads[0], grads[1], **tol, msg=lambda m: f"{what}grad: {m}")
+
+
+def compare(orl, backend, dtype, seed=0, batch=None, info=(), **options):
+    info = dict(info)
+    logp, old, rollout, adv, mask = batch if batch is not None else make_batch(seed, dtype)
+    theirs, their_grad = _run(orl.loss.PolicyLoss(**options), logp, old, rollout, adv, mask, info)
+    ours, our_grad = _run(gk_orl.PolicyLoss(**options, backend=backend), logp, old, rollout, adv, mask, info)
+    token_level = options.get("token_level_loss", True) and options.get("policy_loss_type") != "gspo"
+    tol = TOL[dtype] if token_level else SEQ_MEAN_TOL[dtype]
+    assert_same(ours, theirs, (our_grad, their_grad), tol)
+    return ours
+
+
+# --------------------------------------------------------------------------- #
+# PolicyLoss: every valid option combination
+# --------------------------------------------------------------------------- #
+PPO_GRID = list(itertools.product([True, False], [None, 3.0], CORRECTIONS, BATCH_INFOS))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("token_level_loss,dual_clip,correction,info", PPO_GRID)
+def test_ppo_matches_openrlhf(orl, backend, dtype, token_level_loss, dual_clip, correction, info):
+    if backend == "triton" and (dtype == torch.float32 or info != "local" or dual_clip is None):
+        pytest.skip("the Triton interpreter is slow: a subset")
+    ours = compare(orl, backend, dtype, seed=len(correction), info=BATCH_INFOS[info],
+                   **_options(correction, token_level_loss=token_level_loss, dual_clip=dual_clip))
+    if correction != "off":  # the gate filters some units and keeps some: the test compares something
+        assert 0 < ours[4].item() < 1
+
+
+GSPO_GRID = list(itertools.product([True, False], [None, 3.0], ["off", "tok-mask-ratio", "seq-mask-tv"],
+                                   BATCH_INFOS))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("token_level_loss,dual_clip,correction,info", GSPO_GRID)
+def test_gspo_matches_openrlhf(orl, backend, dtype, token_level_loss, dual_clip, correction, info):
+    """GSPO: sequence ratio against old (correction off) or rollout log-probs (on), no IS coefficient."""
+    if backend == "triton" and (dtype == torch.float32 or info != "local" or token_level_loss):
+        pytest.skip("the Triton interpreter is slow: a subset")
+    compare(orl, backend, dtype, seed=3, info=BATCH_INFOS[info], policy_loss_type="gspo",
+            **_options(correction, token_level_loss=token_level_loss, dual_clip=dual_clip))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("correction", ["off", "tok-mask-ratio", "tok-clip-ratio", "seq-mask-ratio"])
+def test_overflowing_ratios(orl, backend, dtype, correction):
+    """Log-ratio differences of ±60 (policy vs old) and ±30 (old vs rollout): OpenRLHF's ±20 clamp, the
+    rollout ratio's e^±30 against the band, the same in the kernels."""
+    if backend == "triton" and dtype == torch.float32:
+        pytest.skip("the Triton interpreter is slow: a subset")
+    logp, old, rollout, adv, mask = make_batch(5, torch.float64)
+    sign = torch.where(torch.rand(B, T, generator=torch.Generator().manual_seed(1)) < 0.5, -1.0, 1.0)
+    old = old.clone()
+    old[:, ::2] = logp.detach()[:, ::2] + 60 * sign[:, ::2]
+    rollout = rollout.clone()
+    rollout[:, 1::3] = old[:, 1::3] + 30 * sign[:, 1::3]
+    batch = (logp.detach().to(dtype).requires_grad_(), old.to(dtype), rollout.to(dtype), adv.to(dtype), mask)
+    for dual_clip in (None, 3.0):
+        compare(orl, backend, dtype, batch=batch, **_options(correction, dual_clip=dual_clip))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_gspo_large_sequence_ratios(orl, backend, dtype):
+    """GSPO has no clamp: mean log-ratios of ±40 give ratios of e^±40, as OpenRLHF (clipped where A says so)."""
+    if backend == "triton":
+        pytest.skip("the Triton interpreter is slow: covered by the reference and cpu backends")
+    logp, old, rollout, adv, mask = make_batch(6, torch.float64)
+    old = old.clone()
+    old[0], old[3] = logp.detach()[0] - 40, logp.detach()[3] + 40
+    adv = adv.clone()
+    adv[0] = adv[0].abs() + 0.1  # ratio e^40 with A > 0: clipped, finite, zero gradient
+    batch = (logp.detach().to(dtype).requires_grad_(), old.to(dtype), rollout.to(dtype), adv.to(dtype), mask)
+    for dual_clip in (None, 3.0):
+        compare(orl, backend, dtype, batch=batch, policy_loss_type="gspo", dual_clip=dual_clip)
+
+
+def test_action_mask_none(orl, backend):
+    """No mask: every token counts (OpenRLHF supports it for the token-level ppo loss without batch_num_tokens)."""
+    if backend == "triton":
+        pytest.skip("the Triton interpreter is slow")
+    logp, old, rollout, adv, _ = make_batch(8, torch.float64)
+    for correction in ("off", "tok-mask-ratio", "seq-mask-tv"):
+        module_options = _options(correction, dual_clip=3.0)
+        theirs, their_grad = _run(orl.loss.PolicyLoss(**module_options), logp, old, rollout, adv, None, {})
+        ours, our_grad = _run(gk_orl.PolicyLoss(**module_options, backend=backend), logp, old, rollout, adv, None, {})
+        assert_same(ours, theirs, (our_grad, their_grad), TOL[torch.float64], what=correction + ": ")
+
+
+def test_tensor_normalizers(orl):
+    """OpenRLHF's get_loss_batch_info gives batch_num_tokens / global_batch_size as float32 0-d tensors."""
+    info = dict(dp_size=4, batch_num_tokens=torch.tensor(80.0), global_batch_size=torch.tensor(15.0))
+    for token_level_loss in (True, False):
+        compare(orl, "cpu", torch.float64, seed=9, info=info, token_level_loss=token_level_loss,
+                **_options("seq-mask-ratio"))
+
+
+def test_masked_positions_hold_garbage(orl, backend):
+    """NaN / ±inf at masked positions change nothing (OpenRLHF, multiplying by the mask, would give NaN):
+    our results equal OpenRLHF's on the same inputs with finite values there."""
+    if backend == "triton":
+        pytest.skip("the Triton interpreter is slow")
+    logp, old, rollout, adv, mask = make_batch(10, torch.float64)
+    dirty = [t.detach().clone() for t in (logp, old, rollout, adv)]
+    for i, t in enumerate(dirty):
+        t[~mask] = (float("nan"), float("inf"), -float("inf"), float("nan"))[i]
+    for policy_loss_type, correction in (("ppo", "tok-mask-ratio"), ("ppo", "seq-mask-binary_kl"),
+                                         ("ppo", "tok-mask-tv"), ("gspo", "tok-mask-ratio")):
+        for token_level_loss in (True, False):
+            options = _options(correction, dual_clip=3.0, token_level_loss=token_level_loss,
+                               policy_loss_type=policy_loss_type)
+            theirs, their_grad = _run(orl.loss.PolicyLoss(**options), logp, old, rollout, adv, mask, {})
+            module = gk_orl.PolicyLoss(**options, backend=backend)
+            ours, our_grad = _run(module, dirty[0].requires_grad_(), *dirty[1:], mask, {})
+            assert torch.all(our_grad[~mask] == 0)
+            tol = TOL[torch.float64] if token_level_loss and policy_loss_type == "ppo" else SEQ_MEAN_TOL[torch.float64]
+            assert_same(ours, theirs, (our_grad, their_grad), tol, what=f"{policy_loss_type} {correction}: ")
+
+
+@pytest.mark.parametrize("token_level_loss", [True, False])
+def test_fully_masked_batch_differs_from_openrlhf(orl, token_level_loss):
+    """Documented difference: with no token at all, OpenRLHF's masked_mean divides 0 by 0 (NaN loss and
+    metrics; seq level: the filter ratio counts every empty row as filtered, 1); ours gives 0 and a zero
+    gradient, the filter ratio as OpenRLHF's."""
+    logp, old, rollout, adv, mask = make_batch(11, torch.float64)
+    mask = torch.zeros_like(mask)
+    options = _options("seq-mask-ratio", token_level_loss=token_level_loss)
+    theirs, _ = _run(orl.loss.PolicyLoss(**options), logp, old, rollout, adv, mask, {})
+    ours, our_grad = _run(gk_orl.PolicyLoss(**options, backend="cpu"), logp, old, rollout, adv, mask, {})
+    assert all(torch.isnan(t) for t in theirs[:4])
+    assert theirs[4].item() == ours[4].item() == 1.0
+    assert all(t.item() == 0.0 for t in ours[:4])
+    assert torch.all(our_grad == 0)
+
+
+def test_validation_matches_openrlhf(orl):
+    bad = [dict(is_correction_level="sometimes"), dict(is_correction_mode="drop"),
+           dict(is_correction_gating="kl"),
+           dict(is_correction_level="seq", is_correction_mode="clip"),
+           dict(is_correction_level="token", is_correction_mode="clip", is_correction_gating="tv",
+                is_correction_threshold=(0.0, 0.1)),
+           dict(is_correction_level="token", is_correction_gating="tv")]  # default (0.5, 5): lower bound > 0
+    for options in bad:
+        with pytest.raises(ValueError) as theirs:
+            orl.loss.PolicyLoss(**options)
+        with pytest.raises(ValueError) as ours:
+            gk_orl.PolicyLoss(**options)
+        assert str(ours.value) == str(theirs.value)
+    with pytest.raises(AssertionError):
+        orl.loss.PolicyLoss(dual_clip=1.0)
+    with pytest.raises(ValueError, match="dual_clip must be > 1.0, got 1.0"):
+        gk_orl.PolicyLoss(dual_clip=1.0)
+    with pytest.raises(ValueError, match="Invalid policy loss type: reinforce"):
+        gk_orl.PolicyLoss(policy_loss_type="reinforce")
+    logp, old, rollout, adv, mask = make_batch(12, torch.float64)
+    with pytest.raises(ValueError, match="rollout_log_probs"):
+        gk_orl.PolicyLoss(is_correction_level="token")(logp, old, adv, mask)
+    with pytest.raises(ValueError, match="dp_size"):
+        gk_orl.PolicyLoss()(logp, old, adv, mask, dp_size=0)
+    assert gk_orl.PolicyLoss(policy_loss_type="gspo").token_level_loss is False
+
+
+def test_is_correction_direct(orl):
+    """is_correction's weights and filter, by hand from OpenRLHF's formulas, on a case with known outcome."""
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.25, 0.5, 0.9]], dtype=torch.float64))
+    rollout = torch.log(torch.tensor([[0.5, 0.25, 0.05], [0.5, 0.5, 0.9]], dtype=torch.float64))
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    corr = gk_orl.is_correction(old, rollout, mask, level="token", mode="mask", threshold=(0.5, 5.0))
+    torch.testing.assert_close(corr.weights[mask], torch.tensor([1.0, 2.0, 0.0, 0.5, 1.0], dtype=torch.float64))
+    assert corr.filtered[mask].tolist() == [False, False, True, False, False]
+    corr = gk_orl.is_correction(old, rollout, mask, level="token", mode="clip", threshold=(0.75, 5.0))
+    torch.testing.assert_close(corr.weights[mask], torch.tensor([1.0, 2.0, 5.0, 0.75, 1.0], dtype=torch.float64))
+    corr = gk_orl.is_correction(old, rollout, mask, level="seq", mode="mask", threshold=(0.5, 2.0))
+    # geometric means: (1 * 2 * 10)^(1/3) = 2.71 (dropped), (0.5 * 1)^(1/2) = 0.71 (kept, per-token weights)
+    assert corr.filtered.tolist() == [[True], [False]]
+    torch.testing.assert_close(corr.weights[1, :2], torch.tensor([0.5, 1.0], dtype=torch.float64))
+    assert torch.all(corr.weights[0] == 0)
+    corr = gk_orl.is_correction(old, rollout, mask, level="token", gating="tv", threshold=(0.0, 0.3))
+    assert corr.filtered[mask].tolist() == [False, False, True, False, False]
+    with pytest.raises(ValueError, match="token/seq"):
+        gk_orl.is_correction(old, rollout, mask, level="off")
+
+
+# --------------------------------------------------------------------------- #
+# compute_approx_kl, reward shaping
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("estimator", gk_orl.KL_ESTIMATORS)
+@pytest.mark.parametrize("unbiased_gradient", [False, True])
+@pytest.mark.parametrize("with_old", [False, True])
+def test_compute_approx_kl_matches_openrlhf(orl, estimator, unbiased_gradient, with_old):
+    g = torch.Generator().manual_seed(14)
+    logp = -torch.rand(6, 40, generator=g) * 4
+    base = logp + torch.randn(6, 40, generator=g) * 3
+    base[0, :8] = logp[0, :8] + torch.tensor([-60.0, -25, -15, -11, 11, 15, 25, 60])  # every clamp's side
+    old = logp + torch.randn(6, 40, generator=g)
+    old[1, :2] = logp[1, :2] - torch.tensor([5.0, -5.0])  # the IS weight's cap of 10
+    upstream = torch.randn(6, 40, generator=g)
+    results = []
+    for fn in (orl.utils.compute_approx_kl, gk_orl.compute_approx_kl):
+        x = logp.clone().requires_grad_()
+        value = fn(x, base, log_probs_old=old if with_old else None, kl_estimator=estimator,
+                   unbiased_gradient=unbiased_gradient)
+        (value * upstream).sum().backward()
+        results.append((value.detach(), x.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="Unknown kl_estimator: k4"):
+        gk_orl.compute_approx_kl(logp, base, kl_estimator="k4")
+
+
+def _openrlhf_advantages(rewards_by_experience, masks, indices, n, estimator):
+    """Advantages [b, T] per experience from OpenRLHF's compute_advantages_and_returns (kl 0, gamma 1)."""
+    compute, cumulative = _experience_maker_methods()
+    args = types.SimpleNamespace(
+        rollout=types.SimpleNamespace(n_samples_per_prompt=n),
+        algo=types.SimpleNamespace(advantage=types.SimpleNamespace(estimator=estimator, gamma=1.0,
+                                                                   no_std_norm=False)),
+        reward=types.SimpleNamespace(clip_range=None))
+    maker = types.SimpleNamespace(strategy=types.SimpleNamespace(args=args), advantage_estimator=estimator,
+                                  kl_ctl=types.SimpleNamespace(value=0.0))
+    maker.get_cumulative_returns = functools.partial(cumulative, maker)
+    experiences = [types.SimpleNamespace(rewards=r.clone(), index=idx, action_mask=m, kl=torch.zeros(m.shape),
+                                         info={}, values=None) for r, m, idx in zip(rewards_by_experience, masks, indices)]
+    return [e.advantages for e in compute(maker, experiences)]
+
+
+@pytest.mark.parametrize("estimator", gk_orl.REWARD_ESTIMATORS)
+def test_reward_shaping_matches_openrlhf(orl, backend, estimator):
+    if backend == "triton":
+        pytest.skip("group_advantages has no Triton kernel of its own here" if OP != "group_advantages" else "")
+    n, prompts, length = 4, 5, 6
+    g = torch.Generator().manual_seed(15)
+    rewards = torch.randint(0, 3, (prompts * n,), generator=g).float() + torch.rand(prompts * n, generator=g)
+    rewards[:n] = 1.0  # a group with one reward: std 0
+    order = torch.randperm(prompts * n, generator=g)  # experiences hold samples in any order, with their index
+    masks = torch.arange(length) < torch.randint(0, length + 1, (prompts * n, 1), generator=g)
+    masks[order[0]] = False  # an experience with no action token
+    chunks = [order[:7], order[7:15], order[15:]]
+    theirs = _openrlhf_advantages([rewards[c] for c in chunks], [masks[c] for c in chunks],
+                                  [c.tolist() for c in chunks], n, estimator)
+    ours = gk_orl.outcome_advantages(rewards, masks, n, estimator, backend=backend)
+    for c, their in zip(chunks, theirs):
+        torch.testing.assert_close(ours[c], their, rtol=1e-5, atol=1e-5)
+    shaped = gk_orl.normalize_rewards(rewards, n, estimator, backend=backend)
+    assert shaped.dtype == torch.float32 and shaped.shape == rewards.shape
+
+
+def test_reward_shaping_validation():
+    with pytest.raises(ValueError, match="requires n_samples_per_prompt > 1"):
+        gk_orl.normalize_rewards(torch.ones(4), 1, "group_norm")
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        gk_orl.normalize_rewards(torch.ones(4), 2, "gae")
+    with pytest.raises(ValueError, match=r"rewards must be \[B\]"):
+        gk_orl.normalize_rewards(torch.ones(4, 1), 2)
+
+
+# --------------------------------------------------------------------------- #
+# patching OpenRLHF's trainer
+# --------------------------------------------------------------------------- #
+def test_patch_openrlhf(orl, monkeypatch):
+    """patch_openrlhf rebinds PolicyLoss where OpenRLHF's actor finds it, and undo() restores it. OpenRLHF's
+    modules do not import here (deepspeed, peft, ray actors): stand-ins hold its PolicyLoss under their names."""
+    original = orl.loss.PolicyLoss
+    models = types.ModuleType("openrlhf.models")
+    actor = types.ModuleType("openrlhf.trainer.ray.ppo_actor")
+    models.PolicyLoss = actor.PolicyLoss = original
+    for name, module in (("openrlhf.models.loss", orl.loss), ("openrlhf.models", models),
+                         ("openrlhf.trainer.ray.ppo_actor", actor)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(orl.loss, "PolicyLoss", original)  # restored after the test whatever happens
+    patch = gk_orl.patch_openrlhf()
+    assert patch.modules == list(gk_orl.PATCH_TARGETS)
+    assert orl.loss.PolicyLoss is models.PolicyLoss is actor.PolicyLoss is gk_orl.PolicyLoss
+    # the actor's call (ppo_actor.py): keyword arguments only
+    loss_fn = actor.PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=None, token_level_loss=True,
+                               policy_loss_type="ppo", is_correction_level="off", is_correction_mode="mask",
+                               is_correction_gating="ratio", is_correction_threshold=[0.5, 5.0])
+    assert loss_fn.backend == "auto"
+    patch.undo()
+    assert orl.loss.PolicyLoss is models.PolicyLoss is actor.PolicyLoss is original
+    with gk_orl.patch_openrlhf(backend="cpu"):
+        assert actor.PolicyLoss(dual_clip=3.0).backend == "cpu"
+        assert issubclass(actor.PolicyLoss, gk_orl.PolicyLoss)
+    assert actor.PolicyLoss is original
+
+
+def test_patch_without_openrlhf_fails_clearly(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openrlhf", None)  # import openrlhf raises ImportError
+    with pytest.raises(ImportError):
+        gk_orl.patch_openrlhf()
+
+
+def test_import_does_not_import_openrlhf():
+    code = "import sys, grpo_kernels.integrations.openrlhf; assert 'openrlhf' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
