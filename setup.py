@@ -2,7 +2,10 @@
 
 The extension is compiled with torch.utils.cpp_extension (pybind11 underneath)
 from ``csrc/cpu/*.cpp``, plus ``csrc/cuda/*.cu`` when the installed torch has
-CUDA and nvcc is found. Environment switches:
+CUDA and nvcc is found; both include the shared headers of ``csrc/common``. Before
+compiling, the build regenerates ``csrc/common/loss_table.h`` from
+``grpo_kernels/loss_table.py`` (``grpo_kernels/codegen.py``, loaded from its file:
+no import of the package). Environment switches:
 
 - ``GRPO_KERNELS_NO_EXT=1``: build no extension (the package works without it).
 - ``GRPO_KERNELS_NO_CUDA=1``: leave out the CUDA sources.
@@ -21,6 +24,7 @@ error naming both ways on (``--no-build-isolation``, ``GRPO_KERNELS_NO_EXT=1``).
 """
 
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -41,6 +45,16 @@ def _version():
 
 def _sources(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def _generate_headers():
+    """csrc/common/loss_table.h from the loss table (rewritten only when it changed)."""
+    spec = importlib.util.spec_from_file_location("_grpo_kernels_codegen", os.path.join(HERE, "grpo_kernels",
+                                                                                        "codegen.py"))
+    codegen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(codegen)
+    if codegen.write():
+        print(f"grpo_kernels: regenerated {os.path.relpath(codegen.HEADER_PATH, HERE)} from the loss table")
 
 
 def _cpu_arch():
@@ -104,6 +118,7 @@ def _build_ext_class(base):
         def build_extensions(self):
             import torch
 
+            _generate_headers()
             # the build directory's copy (setuptools builds there, then copies to the source if --inplace)
             self.info_path = os.path.join(os.path.dirname(self.get_ext_fullpath("grpo_kernels._C")), BUILD_INFO)
             compiler = getattr(self.compiler, "compiler_so", None) or ["c++"]

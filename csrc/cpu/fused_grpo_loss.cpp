@@ -10,10 +10,10 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
-#include "../grpo_kernels.h"
+#include "../common/entry_points.h"
 #include "gradient_buffer.h"
 #include "logit_rows.h"
-#include "loss_terms.h"
+#include "../common/loss_terms.h"
 #include "loss_tokens.h"
 #include "scaled_store.h"
 #include "softmax_row.h"
@@ -43,7 +43,7 @@ void fused_kernel(const at::Tensor& logits, const int64_t* ids, const LossTokens
   const LogitRows grad_rows(kGrad ? grad : logits);
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
   const bool streaming = kGrad && dx != x;  // a new gradient buffer: not read again by this kernel
-  const LossScalars<acc_t> s(cfg);
+  const LossScalars<acc_t> s = rounded_scalars<acc_t>(cfg.scalars);
   at::parallel_for(0, rows.rows(), 1, [&](int64_t begin, int64_t end) {
     acc_t* e = thread_buffer<acc_t>(vocab + n_chunks);  // the row's exponentials, then each chunk's max
     acc_t* chunk_max = e + vocab;
@@ -75,8 +75,9 @@ void fused_kernel(const at::Tensor& logits, const int64_t* ids, const LossTokens
 
       // w = dL/dS_i · m · (∂ℓ/∂logp + ∂ℓ/∂c1 · d c1/d logp), as grpo_loss_bwd at token level
       const acc_t m = in.mask(i, t);
-      const TokenTerms<acc_t> terms = token_terms(cfg, s, SeqStats<acc_t>{}, in.token(i, t, logp), in.has_ref);
-      const acc_t w = seq_weight[i] * (m * dloss_dlogp(cfg, terms, acc_t(0)));
+      const loss::TokenTerms<acc_t> terms =
+          loss::token_terms(cfg, s, loss::SeqStats<acc_t>{}, in.token(i, t, logp), in.has_ref);
+      const acc_t w = seq_weight[i] * (m * loss::dloss_dlogp(cfg, terms, acc_t(0)));
       // dx = w (onehot_y - p) / T with p = e · exp(chunk max - lse): -w p / T over the row, then dx_y
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t v0 = c * chunk;

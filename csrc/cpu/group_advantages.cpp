@@ -6,7 +6,7 @@
 #include <cmath>
 #include <limits>
 
-#include "../grpo_kernels.h"
+#include "../common/entry_points.h"
 
 namespace grpo_kernels::cpu {
 

@@ -4,8 +4,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include "../grpo_kernels.h"
-#include "loss_terms.h"
+#include "../common/entry_points.h"
+#include "../common/loss_terms.h"
 #include "loss_tokens.h"
 
 namespace grpo_kernels::cpu {
@@ -18,15 +18,15 @@ namespace {
 // Memory traffic ≈ B·T·(3..7 loads + 1 store), ×~2 loads with a sequence pass.
 template <typename acc_t>
 void forward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, acc_t* per_token_loss, acc_t* partials) {
-  const LossScalars<acc_t> s(cfg);
+  const LossScalars<acc_t> s = rounded_scalars<acc_t>(cfg.scalars);
   const int64_t B = in.B, len = in.T;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const SeqStats<acc_t> seq = cfg.seq_pass ? in.sequence(cfg, s, i) : SeqStats<acc_t>{};
+      const loss::SeqStats<acc_t> seq = cfg.seq_pass ? in.sequence(cfg, s, i) : loss::SeqStats<acc_t>{};
       acc_t sum_loss = 0, n = 0, sum_kl = 0, low = 0, high = 0, region = 0;
       for (int64_t t = 0; t < len; ++t) {
         const acc_t m = in.mask(i, t);
-        const TokenTerms<acc_t> r = token_terms(cfg, s, seq, in.token(i, t), in.has_ref);
+        const loss::TokenTerms<acc_t> r = loss::token_terms(cfg, s, seq, in.token(i, t), in.has_ref);
         per_token_loss[i * len + t] = m != acc_t(0) ? r.loss : acc_t(0);  // 0 at masked tokens, by selection
         sum_loss += r.loss * m;
         n += m;
@@ -38,7 +38,7 @@ void forward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, acc_t* p
       if (cfg.per_seq_metrics) {  // one ratio and one advantage per sequence: a 0/1 flag per sequence
         const acc_t seq_coef_1 = std::exp(seq.log_ratio);
         const acc_t adv = n != acc_t(0) ? in.adv(i, 0) : acc_t(0);  // a fully masked sequence: neutral
-        const TokenTerms<acc_t> r = policy_terms(cfg, s, seq_coef_1, adv, seq_coef_1, acc_t(0), seq);
+        const loss::TokenTerms<acc_t> r = loss::policy_terms(cfg, s, seq_coef_1, adv, seq_coef_1, acc_t(0), seq);
         low = acc_t(r.is_low);
         high = acc_t(r.is_high);
         region = acc_t(r.is_low || r.is_high);
@@ -50,30 +50,30 @@ void forward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, acc_t* p
   });
 }
 
-// Backward. d loss / d logp_{i,t} = seq_grad_i · m · dℓ_t/dlogp_t (loss_terms.h dloss_dlogp). Token level:
+// Backward. d loss / d logp_{i,t} = seq_grad_i · m · dℓ_t/dlogp_t (loss_terms.h loss::dloss_dlogp). Token level:
 // dℓ/dlogp = ∂ℓ/∂logp + ∂ℓ/∂c1 · d c1/d logp. Shared ratio (GSPO, GMPO): a first loop sums
 // G_i = Σ_t m ∂ℓ_t/∂c1, then dℓ/dlogp_s = ∂ℓ_s/∂logp_s + G_i c1 / denominator · ratio_grad_s. Sequence i
 // reads its inputs over T (twice with a shared ratio) and its partials; writes d logp [i, :].
 template <typename acc_t>
 void backward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, const acc_t* partials, const acc_t* seq_grad,
                      acc_t* grad_logp) {
-  const LossScalars<acc_t> s(cfg);
+  const LossScalars<acc_t> s = rounded_scalars<acc_t>(cfg.scalars);
   const int64_t B = in.B, len = in.T;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const SeqStats<acc_t> seq = stored_stats(partials, B, i);
+      const loss::SeqStats<acc_t> seq = loss::stored_stats(partials, B, i);
       acc_t seq_term = 0;
       if (cfg.shared_ratio) {
         acc_t sum_g = 0;
         for (int64_t t = 0; t < len; ++t) {
-          sum_g += token_terms(cfg, s, seq, in.token(i, t), in.has_ref).dloss_dcoef * in.mask(i, t);
+          sum_g += loss::token_terms(cfg, s, seq, in.token(i, t), in.has_ref).dloss_dcoef * in.mask(i, t);
         }
-        seq_term = shared_ratio_term(cfg, sum_g, seq.log_ratio, partials[B + i]);
+        seq_term = loss::shared_ratio_term(cfg, sum_g, seq.log_ratio, partials[B + i]);
       }
       for (int64_t t = 0; t < len; ++t) {
-        const TokenTerms<acc_t> r = token_terms(cfg, s, seq, in.token(i, t), in.has_ref);
+        const loss::TokenTerms<acc_t> r = loss::token_terms(cfg, s, seq, in.token(i, t), in.has_ref);
         const acc_t m = in.mask(i, t);
-        grad_logp[i * len + t] = m != acc_t(0) ? seq_grad[i] * (m * dloss_dlogp(cfg, r, seq_term)) : acc_t(0);
+        grad_logp[i * len + t] = m != acc_t(0) ? seq_grad[i] * (m * loss::dloss_dlogp(cfg, r, seq_term)) : acc_t(0);
       }
     }
   });

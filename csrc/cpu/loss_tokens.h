@@ -3,14 +3,14 @@
 // grpo_loss and fused_grpo_loss kernels. Each may be a broadcast view (stride
 // 0); all are in the compute dtype acc_t. Absent inputs read as: old_logp =
 // logp, ref_logp = 0 (has_ref false), iw = 1, sampling_logp = old_logp. A masked token (mask 0) reads
-// neutral inputs (loss_terms.h select_unmasked), whatever it holds.
+// neutral inputs (loss_terms.h loss::select_unmasked), whatever it holds.
 #pragma once
 
 #include <algorithm>
 
 #include <ATen/ATen.h>
 
-#include "loss_terms.h"
+#include "../common/loss_terms.h"
 
 namespace grpo_kernels::cpu {
 
@@ -94,19 +94,19 @@ struct LossTokens {
   acc_t iw(int64_t i, int64_t t) const { return iw_m.present() ? iw_m(i, t) : acc_t(1); }
 
   // The inputs at (i, t), logp given (the fused kernel computes it); neutral ones at a masked token.
-  TokenInputs<acc_t> token(int64_t i, int64_t t, acc_t logp_it) const {
+  loss::TokenInputs<acc_t> token(int64_t i, int64_t t, acc_t logp_it) const {
     const acc_t old = has_old ? old_m(i, t) : logp_it;
     const acc_t sampling = sampling_m.present() ? sampling_m(i, t) : old;
-    return select_unmasked(TokenInputs<acc_t>{logp_it, old, adv(i, t), mask(i, t), ref_logp(i, t), iw(i, t),
-                                              sampling});
+    return loss::select_unmasked(
+        loss::TokenInputs<acc_t>{logp_it, old, adv(i, t), mask(i, t), ref_logp(i, t), iw(i, t), sampling});
   }
-  TokenInputs<acc_t> token(int64_t i, int64_t t) const { return token(i, t, logp(i, t)); }
+  loss::TokenInputs<acc_t> token(int64_t i, int64_t t) const { return token(i, t, logp(i, t)); }
 
   // The statistics of sequence i (a pass over its tokens; cfg.seq_pass).
-  SeqStats<acc_t> sequence(const LossConfig& cfg, const LossScalars<acc_t>& s, int64_t i) const {
-    acc_t sums[kSequenceSums] = {};
-    for (int64_t t = 0; t < T; ++t) add_sequence_terms(cfg, s, token(i, t), sums);
-    return sequence_stats(cfg, s, sums);
+  loss::SeqStats<acc_t> sequence(const LossConfig& cfg, const LossScalars<acc_t>& s, int64_t i) const {
+    acc_t sums[loss::kSequenceSums] = {};
+    for (int64_t t = 0; t < T; ++t) loss::add_sequence_terms(cfg, s, token(i, t), sums);
+    return loss::sequence_stats(cfg, s, sums);
   }
 
  private:

@@ -1,10 +1,12 @@
 // Python bindings of grpo_kernels._C (pybind11 through torch/extension.h):
-// build facts, LossConfig, and the entry points of csrc/grpo_kernels.h, each
+// build facts, LossConfig, and the entry points of csrc/common/entry_points.h, each
 // dispatched on the device of its first tensor argument (grpo_kernels::cpu
 // here, grpo_kernels::cuda when built with CUDA).
 #include <torch/extension.h>
 
-#include "../grpo_kernels.h"
+#include <vector>
+
+#include "../common/entry_points.h"
 
 #ifndef GRPO_KERNELS_VERSION
 #error "setup.py defines GRPO_KERNELS_VERSION from grpo_kernels/_version.py"
@@ -114,47 +116,50 @@ using OptTensor = c10::optional<at::Tensor>;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace grpo_kernels;
-  m.doc() = "grpo_kernels compiled extension (entry points: csrc/grpo_kernels.h)";
+  m.doc() = "grpo_kernels compiled extension (entry points: csrc/common/entry_points.h)";
   m.def("version", &version, "version of the grpo_kernels sources this extension was built from");
   m.def("cpu_arch", &cpu_arch, "the -march of the CPU kernels (empty: the compiler's default target)");
   m.def("cpu_isa", &cpu_isa, "the widest vector instruction set the CPU kernels use");
   m.def("with_cuda", &with_cuda, "whether the extension was built with its CUDA kernels");
   m.def("cuda_version", &cuda_version, "CUDART_VERSION of the CUDA kernels (0 without CUDA)");
 
-  py::class_<LossConfig>(m, "LossConfig", "options of the GRPO loss kernels (csrc/grpo_kernels.h)")
-      .def(py::init<>())
-      .def_readwrite("family", &LossConfig::family)
+  // The numeric options are one sequence in loss_table.KERNEL_SCALARS order (no field of their own here: a
+  // new option is a row of that table, and loss_table.h is generated from it); the codes are checked ints.
+  py::class_<LossConfig>(m, "LossConfig", "options of the GRPO loss kernels (csrc/common/loss_config.h)")
+      .def(py::init([](const std::vector<double>& scalars) {
+             LossConfig cfg;
+             cfg.scalars = loss_scalars_from(scalars);
+             return cfg;
+           }),
+           py::arg("scalars"), "scalars: the kNumLossScalars numeric options in loss_table.KERNEL_SCALARS order")
+      .def_property(
+          "scalars", [](const LossConfig& cfg) { return loss_scalars_values(cfg.scalars); },
+          [](LossConfig& cfg, const std::vector<double>& values) { cfg.scalars = loss_scalars_from(values); },
+          "the numeric options in loss_table.KERNEL_SCALARS order")
+      .def_property(
+          "family", [](const LossConfig& cfg) { return static_cast<int64_t>(cfg.family); },
+          [](LossConfig& cfg, int64_t code) { cfg.family = family_from_code(code); }, "loss_table.Family code")
+      .def_property(
+          "kl_estimator", [](const LossConfig& cfg) { return static_cast<int64_t>(cfg.kl_estimator); },
+          [](LossConfig& cfg, int64_t code) { cfg.kl_estimator = kl_estimator_from_code(code); },
+          "loss_table.KlEstimator code")
+      .def_property(
+          "rollout_is", [](const LossConfig& cfg) { return static_cast<int64_t>(cfg.rollout_is); },
+          [](LossConfig& cfg, int64_t code) { cfg.rollout_is = rollout_level_from_code(code); },
+          "loss_table.RolloutLevel code")
       .def_readwrite("seq_level", &LossConfig::seq_level)
-      .def_readwrite("kl_estimator", &LossConfig::kl_estimator)
+      .def_readwrite("seq_pass", &LossConfig::seq_pass)
+      .def_readwrite("shared_ratio", &LossConfig::shared_ratio)
       .def_readwrite("add_kl", &LossConfig::add_kl)
       .def_readwrite("bias_kl", &LossConfig::bias_kl)
       .def_readwrite("has_delta", &LossConfig::has_delta)
       .def_readwrite("has_clip_c", &LossConfig::has_clip_c)
       .def_readwrite("per_seq_metrics", &LossConfig::per_seq_metrics)
-      .def_readwrite("lo", &LossConfig::lo)
-      .def_readwrite("hi", &LossConfig::hi)
-      .def_readwrite("eps_high", &LossConfig::eps_high)
-      .def_readwrite("delta", &LossConfig::delta)
-      .def_readwrite("clip_c", &LossConfig::clip_c)
-      .def_readwrite("beta", &LossConfig::beta)
-      .def_readwrite("tau_pos", &LossConfig::tau_pos)
-      .def_readwrite("tau_neg", &LossConfig::tau_neg)
-      .def_readwrite("seq_pass", &LossConfig::seq_pass)
-      .def_readwrite("shared_ratio", &LossConfig::shared_ratio)
       .def_readwrite("has_iw", &LossConfig::has_iw)
-      .def_readwrite("rollout_is", &LossConfig::rollout_is)
       .def_readwrite("rollout_is_mask", &LossConfig::rollout_is_mask)
       .def_readwrite("has_off_policy_mask", &LossConfig::has_off_policy_mask)
-      .def_readwrite("has_log_clamp", &LossConfig::has_log_clamp)
-      .def_readwrite("eps_low", &LossConfig::eps_low)
-      .def_readwrite("is_min", &LossConfig::is_min)
-      .def_readwrite("is_max", &LossConfig::is_max)
-      .def_readwrite("off_policy_threshold", &LossConfig::off_policy_threshold)
-      .def_readwrite("k_pos", &LossConfig::k_pos)
-      .def_readwrite("lambda_pos", &LossConfig::lambda_pos)
-      .def_readwrite("k_neg", &LossConfig::k_neg)
-      .def_readwrite("lambda_neg", &LossConfig::lambda_neg)
-      .def_readwrite("log_clamp", &LossConfig::log_clamp);
+      .def_readwrite("has_log_clamp", &LossConfig::has_log_clamp);
+  m.attr("NUM_LOSS_SCALARS") = kNumLossScalars;
 
   m.def("token_logprobs_fwd", &token_logprobs_fwd<const Tensor&, double, int64_t, bool>, py::arg("logits"),
         py::arg("token_ids"), py::arg("temperature"), py::arg("ignore_index"), py::arg("return_entropy"),

@@ -4,7 +4,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
-#include "../grpo_kernels.h"
+#include "../common/entry_points.h"
 #include "gradient_buffer.h"
 #include "logit_rows.h"
 #include "loss_tokens.h"

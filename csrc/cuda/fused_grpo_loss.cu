@@ -16,7 +16,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "../grpo_kernels.h"
+#include "../common/entry_points.h"
 #include "launch.cuh"
 #include "logit_rows.cuh"
 #include "loss_inputs.cuh"
@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowBlocksPerSm<scalar_t>)
                            at::opmath_type<scalar_t> inv_t, int64_t ignore_index,
                            LossInputs<at::opmath_type<scalar_t>> in,
                            const at::opmath_type<scalar_t>* __restrict__ seq_weight, LossConfig cfg,
-                           cpu::LossScalars<at::opmath_type<scalar_t>> s,
+                           LossScalars<at::opmath_type<scalar_t>> s,
                            at::opmath_type<scalar_t>* __restrict__ logp_out,
                            at::opmath_type<scalar_t>* __restrict__ lse_out,
                            at::opmath_type<scalar_t>* __restrict__ ent_out) {
@@ -72,9 +72,9 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowBlocksPerSm<scalar_t>)
         const acc_t m = in.mask(i, t);
         acc_t w = 0;
         if (m != acc_t(0)) {
-          const cpu::TokenTerms<acc_t> terms =
-              cpu::token_terms(cfg, s, cpu::SeqStats<acc_t>{}, in.token(i, t, logp), in.has_ref);
-          w = seq_weight[i] * (m * cpu::dloss_dlogp(cfg, terms, acc_t(0)));
+          const loss::TokenTerms<acc_t> terms =
+              loss::token_terms(cfg, s, loss::SeqStats<acc_t>{}, in.token(i, t, logp), in.has_ref);
+          w = seq_weight[i] * (m * loss::dloss_dlogp(cfg, terms, acc_t(0)));
         }
         w_shared = w;
       }
@@ -114,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const LossConfig& cfg, double temperature, int64_t ignore_index, bool return_entropy, bool compute_grad,
     bool inplace) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  cpu::check_config(cfg, "fused_grpo_loss_fwd");
+  check_config(cfg, "fused_grpo_loss_fwd");
   TORCH_CHECK(!cfg.seq_pass, "fused_grpo_loss_fwd: a loss with a sequence pass is composed by the caller");
   TORCH_CHECK(logits.dim() == 3, "fused_grpo_loss_fwd: logits must be [B, T, V]");
   TORCH_CHECK(!(compute_grad && inplace) || at::has_internal_overlap(logits) != at::MemOverlap::Yes,
@@ -147,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         kernel<<<grid, threads, 0, stream>>>(
             logits.const_data_ptr<scalar_t>(), rows, compute_grad ? grad.data_ptr<scalar_t>() : nullptr, grad_rows,
             n_rows, T, vocab, ids.const_data_ptr<int64_t>(), static_cast<acc_t>(1.0 / temperature), ignore_index, in,
-            weights.const_data_ptr<acc_t>(), cfg, cpu::LossScalars<acc_t>(cfg), logp.data_ptr<acc_t>(),
+            weights.const_data_ptr<acc_t>(), cfg, rounded_scalars<acc_t>(cfg.scalars), logp.data_ptr<acc_t>(),
             lse.data_ptr<acc_t>(), return_entropy ? entropy.data_ptr<acc_t>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };

@@ -8,7 +8,7 @@
 #include <cmath>
 #include <limits>
 
-#include "../grpo_kernels.h"
+#include "../common/entry_points.h"
 #include "block_reduce.cuh"
 #include "launch.cuh"
 

@@ -2,12 +2,12 @@
 // d loss / d logp (backward); one block per sequence (grid-stride over
 // sequences), threads over its tokens, per-sequence sums by a block reduction
 // (deterministic: the tree is fixed by T). The per-token math is
-// csrc/cpu/loss_terms.h, shared with the CPU kernels.
+// csrc/common/loss_terms.h, shared with the CPU kernels.
 #include <ATen/Dispatch.h>
 
 #include <cmath>
 
-#include "../grpo_kernels.h"
+#include "../common/entry_points.h"
 #include "block_reduce.cuh"
 #include "launch.cuh"
 #include "loss_inputs.cuh"
@@ -24,14 +24,13 @@ constexpr int kBackwardBlocksPerSm = sizeof(acc_t) == 8 ? 2 : 4;
 
 // The statistics of sequence i (cfg.seq_pass): the block sums its tokens' terms of the sequence pass.
 template <typename acc_t>
-__device__ __forceinline__ cpu::SeqStats<acc_t> sequence_stats(const LossInputs<acc_t>& in, int64_t i, int64_t T,
-                                                               const LossConfig& cfg,
-                                                               const cpu::LossScalars<acc_t>& s,
-                                                               Sums<cpu::kSequenceSums, acc_t>* smem) {
-  Sums<cpu::kSequenceSums, acc_t> sums = Sums<cpu::kSequenceSums, acc_t>::identity();
-  for (int64_t t = threadIdx.x; t < T; t += blockDim.x) cpu::add_sequence_terms(cfg, s, in.token(i, t), sums.v);
+__device__ __forceinline__ loss::SeqStats<acc_t> sequence_stats(const LossInputs<acc_t>& in, int64_t i, int64_t T,
+                                                                const LossConfig& cfg, const LossScalars<acc_t>& s,
+                                                                Sums<loss::kSequenceSums, acc_t>* smem) {
+  Sums<loss::kSequenceSums, acc_t> sums = Sums<loss::kSequenceSums, acc_t>::identity();
+  for (int64_t t = threadIdx.x; t < T; t += blockDim.x) loss::add_sequence_terms(cfg, s, in.token(i, t), sums.v);
   sums = block_reduce(sums, smem);
-  return cpu::sequence_stats(cfg, s, sums.v);
+  return loss::sequence_stats(cfg, s, sums.v);
 }
 
 // Forward. Sequence i reads logp, old_logp, adv, mask (ref_logp, iw,
@@ -40,16 +39,17 @@ __device__ __forceinline__ cpu::SeqStats<acc_t> sequence_stats(const LossInputs<
 // Memory traffic ≈ B·T·(3..7 loads + 1 store), ×~2 loads with a sequence pass.
 template <typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
-    grpo_loss_fwd_kernel(LossInputs<acc_t> in, int64_t B, int64_t T, LossConfig cfg, cpu::LossScalars<acc_t> s,
+    grpo_loss_fwd_kernel(LossInputs<acc_t> in, int64_t B, int64_t T, LossConfig cfg, LossScalars<acc_t> s,
                          acc_t* __restrict__ per_token_loss, acc_t* __restrict__ partials) {
-  __shared__ Sums<cpu::kSequenceSums, acc_t> smem_seq[kWarpSize];
+  __shared__ Sums<loss::kSequenceSums, acc_t> smem_seq[kWarpSize];
   __shared__ Sums<6, acc_t> smem_sums[kWarpSize];
   for (int64_t i = blockIdx.x; i < B; i += gridDim.x) {
-    const cpu::SeqStats<acc_t> seq = cfg.seq_pass ? sequence_stats(in, i, T, cfg, s, smem_seq) : cpu::SeqStats<acc_t>{};
+    const loss::SeqStats<acc_t> seq =
+        cfg.seq_pass ? sequence_stats(in, i, T, cfg, s, smem_seq) : loss::SeqStats<acc_t>{};
     Sums<6, acc_t> sums = Sums<6, acc_t>::identity();  // Σ m·ℓ, Σ m, Σ m·KL, Σ m·low, Σ m·high, Σ m·region
     for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
       const acc_t m = in.mask(i, t);
-      const cpu::TokenTerms<acc_t> r = cpu::token_terms(cfg, s, seq, in.token(i, t), in.has_ref);
+      const loss::TokenTerms<acc_t> r = loss::token_terms(cfg, s, seq, in.token(i, t), in.has_ref);
       per_token_loss[i * T + t] = m != acc_t(0) ? r.loss : acc_t(0);  // 0 at masked tokens, by selection
       sums.v[0] += r.loss * m;
       sums.v[1] += m;
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       if (cfg.per_seq_metrics && T > 0) {  // one ratio and one advantage per sequence: a 0/1 flag per sequence
         const acc_t seq_coef_1 = std::exp(seq.log_ratio);
         const acc_t adv = sums.v[1] != acc_t(0) ? in.adv(i, 0) : acc_t(0);  // a fully masked sequence: neutral
-        const cpu::TokenTerms<acc_t> r = cpu::policy_terms(cfg, s, seq_coef_1, adv, seq_coef_1, acc_t(0), seq);
+        const loss::TokenTerms<acc_t> r = loss::policy_terms(cfg, s, seq_coef_1, adv, seq_coef_1, acc_t(0), seq);
         sums.v[3] = acc_t(r.is_low);
         sums.v[4] = acc_t(r.is_high);
         sums.v[5] = acc_t(r.is_low || r.is_high);
@@ -85,29 +85,29 @@ __global__ void __launch_bounds__(kMaxThreads)
 // Memory traffic ≈ B·T·(3..7 loads + 1 store).
 template <typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads, kBackwardBlocksPerSm<acc_t>)
-    grpo_loss_bwd_kernel(LossInputs<acc_t> in, int64_t B, int64_t T, LossConfig cfg, cpu::LossScalars<acc_t> s,
+    grpo_loss_bwd_kernel(LossInputs<acc_t> in, int64_t B, int64_t T, LossConfig cfg, LossScalars<acc_t> s,
                          const acc_t* __restrict__ partials, const acc_t* __restrict__ seq_grad,
                          acc_t* __restrict__ grad_logp) {
   __shared__ Sums<1, acc_t> smem[kWarpSize];
   for (int64_t i = blockIdx.x; i < B; i += gridDim.x) {
-    const cpu::SeqStats<acc_t> seq = cpu::stored_stats(partials, B, i);
+    const loss::SeqStats<acc_t> seq = loss::stored_stats(partials, B, i);
     acc_t seq_term = 0;
     // Pass 0 (shared ratio only) sums G_i, pass 1 writes the gradient: one copy of the token math.
 #pragma unroll 1
     for (int pass = cfg.shared_ratio ? 0 : 1; pass < 2; ++pass) {
       Sums<1, acc_t> g = Sums<1, acc_t>::identity();
       for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
-        const cpu::TokenTerms<acc_t> r = cpu::token_terms(cfg, s, seq, in.token(i, t), in.has_ref);
+        const loss::TokenTerms<acc_t> r = loss::token_terms(cfg, s, seq, in.token(i, t), in.has_ref);
         if (pass == 0) {
           g.v[0] += r.dloss_dcoef * in.mask(i, t);
         } else {
           const acc_t m = in.mask(i, t);
-          grad_logp[i * T + t] = m != acc_t(0) ? seq_grad[i] * (m * cpu::dloss_dlogp(cfg, r, seq_term)) : acc_t(0);
+          grad_logp[i * T + t] = m != acc_t(0) ? seq_grad[i] * (m * loss::dloss_dlogp(cfg, r, seq_term)) : acc_t(0);
         }
       }
       if (pass == 0) {
         g = block_reduce(g, smem);
-        seq_term = cpu::shared_ratio_term(cfg, g.v[0], seq.log_ratio, partials[B + i]);
+        seq_term = loss::shared_ratio_term(cfg, g.v[0], seq.log_ratio, partials[B + i]);
       }
     }
   }
@@ -128,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> grpo_loss_fwd(const at::Tensor& logp, const c
                                                  const LossConfig& cfg) {
   const c10::cuda::CUDAGuard guard(logp.device());
   check_logp(logp);
-  cpu::check_config(cfg, "grpo_loss_fwd");
+  check_config(cfg, "grpo_loss_fwd");
   const int64_t B = logp.size(0), T = logp.size(1);
   at::Tensor per_token_loss = at::empty({B, T}, logp.options());
   at::Tensor partials = at::empty({kNumPartials, B}, logp.options());
@@ -138,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> grpo_loss_fwd(const at::Tensor& logp, const c
     const LossInputs<scalar_t> in =
         loss_inputs<scalar_t>(logp, B, T, logp, old_logp, ref_logp, adv, mask, iw, sampling_logp);
     grpo_loss_fwd_kernel<scalar_t><<<grid_size(B), pow2_threads(T, kMaxThreads), 0, stream>>>(
-        in, B, T, cfg, cpu::LossScalars<scalar_t>(cfg), per_token_loss.data_ptr<scalar_t>(),
+        in, B, T, cfg, rounded_scalars<scalar_t>(cfg.scalars), per_token_loss.data_ptr<scalar_t>(),
         partials.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -151,7 +151,7 @@ at::Tensor grpo_loss_bwd(const at::Tensor& logp, const c10::optional<at::Tensor>
                          const at::Tensor& partials, const at::Tensor& seq_grad, const LossConfig& cfg) {
   const c10::cuda::CUDAGuard guard(logp.device());
   check_logp(logp);
-  cpu::check_config(cfg, "grpo_loss_bwd");
+  check_config(cfg, "grpo_loss_bwd");
   const int64_t B = logp.size(0), T = logp.size(1);
   TORCH_CHECK(partials.dim() == 2 && partials.size(0) == kNumPartials && partials.size(1) == B,
               "grpo_loss_bwd: partials must be [", kNumPartials, ", ", B, "]");
@@ -164,7 +164,7 @@ at::Tensor grpo_loss_bwd(const at::Tensor& logp, const c10::optional<at::Tensor>
     const LossInputs<scalar_t> in =
         loss_inputs<scalar_t>(logp, B, T, logp, old_logp, ref_logp, adv, mask, iw, sampling_logp);
     grpo_loss_bwd_kernel<scalar_t><<<grid_size(B), pow2_threads(T, kMaxThreads), 0, stream>>>(
-        in, B, T, cfg, cpu::LossScalars<scalar_t>(cfg), partials_c.const_data_ptr<scalar_t>(),
+        in, B, T, cfg, rounded_scalars<scalar_t>(cfg.scalars), partials_c.const_data_ptr<scalar_t>(),
         seq_grad_c.const_data_ptr<scalar_t>(), grad_logp.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

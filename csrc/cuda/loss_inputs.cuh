@@ -3,7 +3,7 @@
 // grpo_loss and fused_grpo_loss kernels. Each may be a broadcast view (stride
 // 0); all are in the compute dtype acc_t. Absent inputs read as: old_logp =
 // logp, ref_logp = 0, iw = 1, sampling_logp = old_logp. token(i, t, logp) gathers
-// them for the per-token loss math of csrc/cpu/loss_terms.h (host-device functions).
+// them for the per-token loss math of csrc/common/loss_terms.h (host-device functions).
 #pragma once
 
 #include <cstdint>
@@ -11,7 +11,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
-#include "../cpu/loss_terms.h"
+#include "../common/loss_terms.h"
 #include "launch.cuh"
 
 namespace grpo_kernels::cuda {
@@ -30,18 +30,18 @@ struct LossInputs {
   bool has_ref;
 
   // The inputs at (i, t) with log-prob logp_it (the fused kernel computes it); neutral ones at a masked token
-  // (cpu::select_unmasked: selection, so NaN or ±inf there reach nothing).
-  __device__ __forceinline__ cpu::TokenInputs<acc_t> token(int64_t i, int64_t t, acc_t logp_it) const {
+  // (loss::select_unmasked: selection, so NaN or ±inf there reach nothing).
+  __device__ __forceinline__ loss::TokenInputs<acc_t> token(int64_t i, int64_t t, acc_t logp_it) const {
     const acc_t old = old_logp.data != nullptr ? old_logp(i, t) : logp_it;
-    return cpu::select_unmasked(cpu::TokenInputs<acc_t>{logp_it,
-                                                        old,
-                                                        adv(i, t),
-                                                        mask(i, t),
-                                                        has_ref ? ref_logp(i, t) : acc_t(0),
-                                                        iw.data != nullptr ? iw(i, t) : acc_t(1),
-                                                        sampling_logp.data != nullptr ? sampling_logp(i, t) : old});
+    return loss::select_unmasked(loss::TokenInputs<acc_t>{logp_it,
+                                                          old,
+                                                          adv(i, t),
+                                                          mask(i, t),
+                                                          has_ref ? ref_logp(i, t) : acc_t(0),
+                                                          iw.data != nullptr ? iw(i, t) : acc_t(1),
+                                                          sampling_logp.data != nullptr ? sampling_logp(i, t) : old});
   }
-  __device__ __forceinline__ cpu::TokenInputs<acc_t> token(int64_t i, int64_t t) const {
+  __device__ __forceinline__ loss::TokenInputs<acc_t> token(int64_t i, int64_t t) const {
     return token(i, t, logp(i, t));
   }
 };

@@ -5,7 +5,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/MemoryOverlap.h>
 
-#include "../grpo_kernels.h"
+#include "../common/entry_points.h"
 #include "launch.cuh"
 #include "logit_rows.cuh"
 #include "row_softmax.cuh"

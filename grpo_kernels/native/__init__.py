@@ -1,6 +1,6 @@
 """Backend glue of the compiled extension ``grpo_kernels._C``: autograd Functions over its C++ entry points.
 
-The entry points (``csrc/grpo_kernels.h``) dispatch on the tensors' device, so
+The entry points (``csrc/common/entry_points.h``) dispatch on the tensors' device, so
 this package serves the ``"cpu"`` backend (``csrc/cpu``) and is written to serve
 a ``"cuda"`` backend with the same entry points (``csrc/cuda``). ``OPS`` lists
 the ops implemented; kernels never import the public API.

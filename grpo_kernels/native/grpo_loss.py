@@ -36,15 +36,14 @@ class LossSetup(NamedTuple):
 def loss_setup(advantages: Tensor, T: int, loss_options: dict) -> LossSetup:
     """The kernel configuration of ``loss_options``, the keyword options of the reference ``grpo_loss``."""
     options = kernel_loss_options(T, advantages, loss_options)
-    cfg = _C.LossConfig()
+    cfg = _C.LossConfig(options.scalars)  # the numeric options in loss_table.KERNEL_SCALARS order
     for field in _CONFIG_FIELDS:
         setattr(cfg, field, getattr(options, field))
-    for name, value in options.scalars._asdict().items():
-        setattr(cfg, name, value)
     return LossSetup(cfg, options)
 
 
-# The fields of _C.LossConfig (csrc/grpo_kernels.h), named as in KernelLossOptions.
+# The code paths of _C.LossConfig (csrc/common/loss_config.h), named as in KernelLossOptions; the enums
+# (family, kl_estimator, rollout_is) go as their int codes, checked by the extension.
 _CONFIG_FIELDS = ("family", "seq_level", "seq_pass", "shared_ratio", "kl_estimator", "add_kl", "bias_kl", "has_delta",
                   "has_clip_c", "per_seq_metrics", "has_iw", "rollout_is", "rollout_is_mask", "has_off_policy_mask",
                   "has_log_clamp")

@@ -1,5 +1,6 @@
 // The per-token GRPO loss and its derivatives (formulas: reference.grpo_loss),
-// shared by the grpo_loss and fused_grpo_loss kernels, CPU and CUDA.
+// shared by the grpo_loss and fused_grpo_loss kernels, CPU (host) and CUDA
+// (device): pure GRPO_HOST_DEVICE functions of one token or one sequence.
 //
 // A token's loss may depend on statistics of its whole sequence (GSPO's ratio,
 // VESPO's and GMPO's sequence weights, the sequence-level rollout ratio, the
@@ -9,39 +10,24 @@
 //
 // Derivatives follow PyTorch's autograd on the reference at ties: clamp passes
 // the gradient at its bounds, torch.min splits a tie 0.5 / 0.5.
+//
+// Every switch over a code (Family, KlEstimator) names its cases; its default
+// gives NaN (loss and derivatives). The entry points reject such a code on the
+// host before any kernel runs (check_config, loss_config.h), so the default is
+// reached only by a LossConfig that skipped that check, and then it cannot
+// pass for another family's numbers.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
-#include "../common/host_device.h"
-#include "../grpo_kernels.h"
+#include "host_device.h"
+#include "loss_config.h"
 
-namespace grpo_kernels::cpu {
+namespace grpo_kernels::loss {
 
-// VESPO's clamp of its log-weights: [log(1e-8), 20] (reference.VESPO_LOG_MIN / VESPO_LOG_MAX).
-constexpr double kVespoLogMin = -18.420680743952367;
-constexpr double kVespoLogMax = 20.0;
-
-// The numeric options of a LossConfig rounded to the compute dtype T, as
-// PyTorch rounds a Python scalar to a tensor's dtype.
-template <typename T>
-struct LossScalars {
-  T lo, hi, eps_high, delta, clip_c, beta, tau_pos, tau_neg, eps_low, is_min, is_max, off_policy_threshold, k_pos,
-      lambda_pos, k_neg, lambda_neg, log_clamp;
-
-  explicit LossScalars(const LossConfig& cfg)
-      : lo(static_cast<T>(cfg.lo)), hi(static_cast<T>(cfg.hi)), eps_high(static_cast<T>(cfg.eps_high)),
-        delta(static_cast<T>(cfg.delta)), clip_c(static_cast<T>(cfg.clip_c)), beta(static_cast<T>(cfg.beta)),
-        tau_pos(static_cast<T>(cfg.tau_pos)), tau_neg(static_cast<T>(cfg.tau_neg)),
-        eps_low(static_cast<T>(cfg.eps_low)), is_min(static_cast<T>(cfg.is_min)), is_max(static_cast<T>(cfg.is_max)),
-        off_policy_threshold(static_cast<T>(cfg.off_policy_threshold)), k_pos(static_cast<T>(cfg.k_pos)),
-        lambda_pos(static_cast<T>(cfg.lambda_pos)), k_neg(static_cast<T>(cfg.k_neg)),
-        lambda_neg(static_cast<T>(cfg.lambda_neg)), log_clamp(static_cast<T>(cfg.log_clamp)) {}
-};
-
-// The [B, T] inputs at one token (absent ones as documented in grpo_kernels.h: old_logp = logp, iw = 1,
+// The [B, T] inputs at one token (absent ones as documented in entry_points.h: old_logp = logp, iw = 1,
 // sampling_logp = old_logp; ref_logp is read only with has_ref).
 template <typename T>
 struct TokenInputs {
@@ -80,21 +66,6 @@ struct TokenTerms {
   T ratio_grad;
 };
 
-// The kernels' codes of the options (grpo_kernels/kernel_options.py FAMILIES, KL_ESTIMATOR_CODES,
-// ROLLOUT_IS_CODES). check_config rejects any other value on the host; the device functions below name every
-// case and return NaN for anything else.
-constexpr int64_t kClipped = 0, kCispo = 1, kSapo = 2, kVespo = 3, kGmpo = 4, kGpg = 5;
-constexpr int64_t kK3 = 0, kK1 = 1, kK2 = 2, kLowVarKl = 3;
-constexpr int64_t kRolloutNone = 0, kRolloutToken = 1, kRolloutSequence = 2;
-
-inline void check_config(const LossConfig& cfg, const char* name) {
-  TORCH_CHECK(cfg.family >= kClipped && cfg.family <= kGpg, name, ": unknown loss family ", cfg.family);
-  TORCH_CHECK(cfg.kl_estimator >= kK3 && cfg.kl_estimator <= kLowVarKl, name, ": unknown KL estimator ",
-              cfg.kl_estimator);
-  TORCH_CHECK(cfg.rollout_is >= kRolloutNone && cfg.rollout_is <= kRolloutSequence, name,
-              ": unknown rollout importance-sampling level ", cfg.rollout_is);
-}
-
 // A masked token (mask 0) reads neutral inputs (log-probs 0, advantage 0, importance weight 1) instead of
 // what it holds: selection, not multiplication by 0, so NaN or ±inf at masked positions reach no sum and no
 // gradient.
@@ -118,27 +89,36 @@ GRPO_HOST_DEVICE inline T clamp(T x, T low, T high) {
 
 // KL estimate of d = ref_logp - logp and d KL / d logp.
 template <typename T>
-GRPO_HOST_DEVICE inline void kl_terms(int64_t estimator, T logp, T ref_logp, T& kl, T& dkl_dlogp) {
+GRPO_HOST_DEVICE inline void kl_terms(KlEstimator estimator, T logp, T ref_logp, T& kl, T& dkl_dlogp) {
   const T d = ref_logp - logp;
-  if (estimator == kK1) {  // k1 = -d
-    kl = -d;
-    dkl_dlogp = T(1);
-  } else if (estimator == kK2) {  // k2 = d²/2
-    kl = T(0.5) * d * d;
-    dkl_dlogp = -d;
-  } else if (estimator == kLowVarKl) {  // low_var_kl: k3 of clamp(d, ±20), clamped to ±10
-    const T dc = std::min(std::max(d, T(-20)), T(20));
-    const T e = std::exp(dc);
-    const T v = e - dc - T(1);
-    kl = std::min(std::max(v, T(-10)), T(10));
-    const bool inside = d >= T(-20) && d <= T(20) && v >= T(-10) && v <= T(10);
-    dkl_dlogp = inside ? T(1) - e : T(0);
-  } else if (estimator == kK3) {  // k3 = e^d - d - 1
-    const T e = std::exp(d);
-    kl = e - d - T(1);
-    dkl_dlogp = T(1) - e;
-  } else {  // rejected by check_config
-    kl = dkl_dlogp = std::numeric_limits<T>::quiet_NaN();
+  switch (estimator) {
+    case KlEstimator::kK1: {  // k1 = -d
+      kl = -d;
+      dkl_dlogp = T(1);
+      break;
+    }
+    case KlEstimator::kK2: {  // k2 = d²/2
+      kl = T(0.5) * d * d;
+      dkl_dlogp = -d;
+      break;
+    }
+    case KlEstimator::kLowVarKl: {  // low_var_kl: k3 of clamp(d, ±20), clamped to ±10
+      const T dc = std::min(std::max(d, T(-20)), T(20));
+      const T e = std::exp(dc);
+      const T v = e - dc - T(1);
+      kl = std::min(std::max(v, T(-10)), T(10));
+      const bool inside = d >= T(-20) && d <= T(20) && v >= T(-10) && v <= T(10);
+      dkl_dlogp = inside ? T(1) - e : T(0);
+      break;
+    }
+    case KlEstimator::kK3: {  // k3 = e^d - d - 1
+      const T e = std::exp(d);
+      kl = e - d - T(1);
+      dkl_dlogp = T(1) - e;
+      break;
+    }
+    default:  // rejected by check_config
+      kl = dkl_dlogp = std::numeric_limits<T>::quiet_NaN();
   }
 }
 
@@ -179,12 +159,12 @@ GRPO_HOST_DEVICE inline T rollout_log_ratio(const TokenInputs<T>& in) {
 // VESPO and GMPO take a token importance weight into their sequence weight: the token-level rollout ratio
 // times importance_weights.
 GRPO_HOST_DEVICE inline bool has_token_is(const LossConfig& cfg) {
-  return cfg.rollout_is == kRolloutToken || cfg.has_iw;
+  return cfg.rollout_is == RolloutLevel::kToken || cfg.has_iw;
 }
 
 template <typename T>
 GRPO_HOST_DEVICE inline T token_is(const LossConfig& cfg, const LossScalars<T>& s, const TokenInputs<T>& in) {
-  if (cfg.rollout_is != kRolloutToken) return in.iw;
+  if (cfg.rollout_is != RolloutLevel::kToken) return in.iw;
   const T rho = rollout_ratio(cfg, s, rollout_log_ratio(in));
   return cfg.has_iw ? rho * in.iw : rho;
 }
@@ -218,18 +198,30 @@ GRPO_HOST_DEVICE inline void add_sequence_terms(const LossConfig& cfg, const Los
   T dr;
   const T r = log_ratio(cfg, s, in.logp, in.old_logp, dr);
   sums[0] += m;
-  if (cfg.family == kGmpo) {
-    T dg;
-    sums[1] += gmpo_log_ratio(s, r, in.adv, dg) * m;
-    sums[2] += in.adv * m;
-    if (has_token_is(cfg)) sums[3] += std::log(token_is(cfg, s, in) + T(1e-10)) * m;
-  } else if (cfg.family == kVespo) {
-    sums[1] += clamp(r, T(-kVespoLogMax), T(kVespoLogMax)) * m;
-    if (has_token_is(cfg)) sums[3] += clamp(std::log(token_is(cfg, s, in)), T(kVespoLogMin), T(kVespoLogMax)) * m;
-  } else if (cfg.seq_level) {
-    sums[1] += r * m;
+  switch (cfg.family) {
+    case Family::kGmpo: {
+      T dg;
+      sums[1] += gmpo_log_ratio(s, r, in.adv, dg) * m;
+      sums[2] += in.adv * m;
+      if (has_token_is(cfg)) sums[3] += std::log(token_is(cfg, s, in) + T(1e-10)) * m;
+      break;
+    }
+    case Family::kVespo:
+      sums[1] += clamp(r, T(-kVespoLogMax), T(kVespoLogMax)) * m;
+      if (has_token_is(cfg)) {
+        sums[3] += clamp(std::log(token_is(cfg, s, in)), T(kVespoLogMin), T(kVespoLogMax)) * m;
+      }
+      break;
+    case Family::kClipped:
+    case Family::kCispo:
+    case Family::kSapo:
+    case Family::kGpg:  // a shared ratio only at sequence level (GSPO)
+      if (cfg.seq_level) sums[1] += r * m;
+      break;
+    default:  // rejected by check_config
+      sums[1] = std::numeric_limits<T>::quiet_NaN();
   }
-  if (cfg.rollout_is == kRolloutSequence) sums[4] += rollout_log_ratio(in);
+  if (cfg.rollout_is == RolloutLevel::kSequence) sums[4] += rollout_log_ratio(in);
   if (cfg.has_off_policy_mask) sums[5] += nan_to_num(in.sampling_logp - in.logp) * m;
 }
 
@@ -238,18 +230,29 @@ template <typename T>
 GRPO_HOST_DEVICE inline SeqStats<T> sequence_stats(const LossConfig& cfg, const LossScalars<T>& s, const T* sums) {
   SeqStats<T> st;
   const T n = sums[0];
-  if (cfg.family == kGmpo) {  // means over n + 1e-8 (verl)
-    const T denom = n + T(1e-8);
-    st.log_ratio = sums[1] / denom;
-    st.adv = sums[2] / denom;
-    if (has_token_is(cfg)) st.is_weight = std::exp(sums[3] / denom);
-  } else if (cfg.family == kVespo) {
-    const T log_w = has_token_is(cfg) ? sums[1] + sums[3] : sums[1];
-    st.log_ratio = clamp(log_w, T(kVespoLogMin), T(kVespoLogMax));
-  } else if (cfg.seq_level) {
-    st.log_ratio = sums[1] / std::max(n, T(1));
+  switch (cfg.family) {
+    case Family::kGmpo: {  // means over n + 1e-8 (verl)
+      const T denom = n + T(1e-8);
+      st.log_ratio = sums[1] / denom;
+      st.adv = sums[2] / denom;
+      if (has_token_is(cfg)) st.is_weight = std::exp(sums[3] / denom);
+      break;
+    }
+    case Family::kVespo: {
+      const T log_w = has_token_is(cfg) ? sums[1] + sums[3] : sums[1];
+      st.log_ratio = clamp(log_w, T(kVespoLogMin), T(kVespoLogMax));
+      break;
+    }
+    case Family::kClipped:
+    case Family::kCispo:
+    case Family::kSapo:
+    case Family::kGpg:
+      if (cfg.seq_level) st.log_ratio = sums[1] / std::max(n, T(1));
+      break;
+    default:  // rejected by check_config
+      st.log_ratio = std::numeric_limits<T>::quiet_NaN();
   }
-  if (cfg.rollout_is == kRolloutSequence) st.is_weight = rollout_ratio(cfg, s, sums[4]);
+  if (cfg.rollout_is == RolloutLevel::kSequence) st.is_weight = rollout_ratio(cfg, s, sums[4]);
   if (cfg.has_off_policy_mask) st.kl = sums[5] / std::max(n, T(1));
   return st;
 }
@@ -260,53 +263,65 @@ template <typename T>
 GRPO_HOST_DEVICE inline TokenTerms<T> policy_terms(const LossConfig& cfg, const LossScalars<T>& s, T coef_1, T adv,
                                                      T logp, T r, const SeqStats<T>& seq) {
   TokenTerms<T> t{};
-  if (cfg.family == kCispo) {  //: -sg[min(c1, eps_high)] · A · logp
-    const T capped = std::min(coef_1, s.eps_high);
-    t.loss = -capped * adv * logp;
-    t.dloss_dlogp = -capped * adv;
-    t.is_high = coef_1 > s.eps_high && adv > T(0);
-  } else if (cfg.family == kSapo) {  //: -σ(τ(c1 - 1)) · 4/τ · A
-    const T tau = adv > T(0) ? s.tau_pos : s.tau_neg;
-    const T sig = T(1) / (T(1) + std::exp(-(tau * (coef_1 - T(1)))));
-    t.loss = -sig * T(4) / tau * adv;
-    t.dloss_dcoef = -(sig * (T(1) - sig)) * T(4) * adv;  // σ'·τ · 4/τ · A
-    t.is_low = coef_1 < s.lo && adv < T(0);
-    t.is_high = coef_1 > s.hi && adv > T(0);
-  } else if (cfg.family == kVespo) {  // -sg[φ] · A · logp
-    const T phi = vespo_phi(s, seq.log_ratio, adv);
-    t.loss = -phi * adv * logp;
-    t.dloss_dlogp = -phi * adv;
-  } else if (cfg.family == kGmpo) {  // -Ā · R · ψ, R = coef_1 the sequence's ratio
-    const T psi = has_token_is(cfg) ? seq.is_weight : T(1);
-    t.loss = -seq.adv * coef_1 * psi;
-    t.dloss_dcoef = -seq.adv * psi;
-    const bool clipped = r < -s.eps_low || r > s.eps_high;
-    t.is_low = clipped && adv < T(0);
-    t.is_high = clipped && adv > T(0);
-  } else if (cfg.family == kGpg) {  // -logp · A
-    t.loss = -logp * adv;
-    t.dloss_dlogp = -adv;
-  } else if (cfg.family == kClipped) {  // -min(c1·A, clip(c1, lo, hi)·A), the delta clamp of c1, the dual clip
-    const T coef_2 = std::min(std::max(coef_1, s.lo), s.hi);
-    const T dcoef_2 = coef_1 >= s.lo && coef_1 <= s.hi ? T(1) : T(0);
-    T coef_1d = coef_1, dcoef_1d = T(1);
-    if (cfg.has_delta) {
-      coef_1d = std::min(coef_1, s.delta);
-      dcoef_1d = coef_1 <= s.delta ? T(1) : T(0);
+  switch (cfg.family) {
+    case Family::kCispo: {  //: -sg[min(c1, eps_high)] · A · logp
+      const T capped = std::min(coef_1, s.eps_high);
+      t.loss = -capped * adv * logp;
+      t.dloss_dlogp = -capped * adv;
+      t.is_high = coef_1 > s.eps_high && adv > T(0);
+      break;
     }
-    const T x1 = coef_1d * adv, x2 = coef_2 * adv;
-    const T g1 = min_share(x1, x2);
-    t.loss = -std::min(x1, x2);
-    t.dloss_dcoef = -(adv * (g1 * dcoef_1d + (T(1) - g1) * dcoef_2));
-    if (cfg.has_clip_c && adv < T(0)) {
-      const T cap = -adv * s.clip_c;
-      t.dloss_dcoef *= min_share(t.loss, cap);
-      t.loss = std::min(t.loss, cap);
+    case Family::kSapo: {  //: -σ(τ(c1 - 1)) · 4/τ · A
+      const T tau = adv > T(0) ? s.tau_pos : s.tau_neg;
+      const T sig = T(1) / (T(1) + std::exp(-(tau * (coef_1 - T(1)))));
+      t.loss = -sig * T(4) / tau * adv;
+      t.dloss_dcoef = -(sig * (T(1) - sig)) * T(4) * adv;  // σ'·τ · 4/τ · A
+      t.is_low = coef_1 < s.lo && adv < T(0);
+      t.is_high = coef_1 > s.hi && adv > T(0);
+      break;
     }
-    t.is_low = coef_1d < s.lo && adv < T(0);
-    t.is_high = coef_1d > s.hi && adv > T(0);
-  } else {  // rejected by check_config
-    t.loss = t.dloss_dcoef = t.dloss_dlogp = std::numeric_limits<T>::quiet_NaN();
+    case Family::kVespo: {  // -sg[φ] · A · logp
+      const T phi = vespo_phi(s, seq.log_ratio, adv);
+      t.loss = -phi * adv * logp;
+      t.dloss_dlogp = -phi * adv;
+      break;
+    }
+    case Family::kGmpo: {  // -Ā · R · ψ, R = coef_1 the sequence's ratio
+      const T psi = has_token_is(cfg) ? seq.is_weight : T(1);
+      t.loss = -seq.adv * coef_1 * psi;
+      t.dloss_dcoef = -seq.adv * psi;
+      const bool clipped = r < -s.eps_low || r > s.eps_high;
+      t.is_low = clipped && adv < T(0);
+      t.is_high = clipped && adv > T(0);
+      break;
+    }
+    case Family::kGpg:  // -logp · A
+      t.loss = -logp * adv;
+      t.dloss_dlogp = -adv;
+      break;
+    case Family::kClipped: {  // -min(c1·A, clip(c1, lo, hi)·A), the delta clamp of c1, the dual clip
+      const T coef_2 = std::min(std::max(coef_1, s.lo), s.hi);
+      const T dcoef_2 = coef_1 >= s.lo && coef_1 <= s.hi ? T(1) : T(0);
+      T coef_1d = coef_1, dcoef_1d = T(1);
+      if (cfg.has_delta) {
+        coef_1d = std::min(coef_1, s.delta);
+        dcoef_1d = coef_1 <= s.delta ? T(1) : T(0);
+      }
+      const T x1 = coef_1d * adv, x2 = coef_2 * adv;
+      const T g1 = min_share(x1, x2);
+      t.loss = -std::min(x1, x2);
+      t.dloss_dcoef = -(adv * (g1 * dcoef_1d + (T(1) - g1) * dcoef_2));
+      if (cfg.has_clip_c && adv < T(0)) {
+        const T cap = -adv * s.clip_c;
+        t.dloss_dcoef *= min_share(t.loss, cap);
+        t.loss = std::min(t.loss, cap);
+      }
+      t.is_low = coef_1d < s.lo && adv < T(0);
+      t.is_high = coef_1d > s.hi && adv > T(0);
+      break;
+    }
+    default:  // rejected by check_config
+      t.loss = t.dloss_dcoef = t.dloss_dlogp = std::numeric_limits<T>::quiet_NaN();
   }
   return t;
 }
@@ -329,7 +344,7 @@ GRPO_HOST_DEVICE inline TokenTerms<T> token_terms(const LossConfig& cfg, const L
   TokenTerms<T> t = policy_terms(cfg, s, coef_1, in.adv, in.logp, r, seq);
   if (cfg.shared_ratio) {
     T dg = T(1);
-    if (cfg.family == kGmpo) gmpo_log_ratio(s, r, in.adv, dg);
+    if (cfg.family == Family::kGmpo) gmpo_log_ratio(s, r, in.adv, dg);  // GSPO: the plain log-ratio
     t.ratio_grad = dr * dg;
   } else {
     t.ratio_grad = coef_1 * dr;
@@ -337,9 +352,9 @@ GRPO_HOST_DEVICE inline TokenTerms<T> token_terms(const LossConfig& cfg, const L
   if (cfg.has_off_policy_mask) {
     scale_policy(t, in.adv >= T(0) || seq.kl <= s.off_policy_threshold ? T(1) : T(0));
   }
-  if (cfg.family != kVespo && cfg.family != kGmpo) {
-    if (cfg.rollout_is == kRolloutToken) scale_policy(t, rollout_ratio(cfg, s, rollout_log_ratio(in)));
-    if (cfg.rollout_is == kRolloutSequence) scale_policy(t, seq.is_weight);
+  if (!folds_importance_weights(cfg.family)) {
+    if (cfg.rollout_is == RolloutLevel::kToken) scale_policy(t, rollout_ratio(cfg, s, rollout_log_ratio(in)));
+    if (cfg.rollout_is == RolloutLevel::kSequence) scale_policy(t, seq.is_weight);
     scale_policy(t, in.iw);
   }
   if (has_ref) {
@@ -370,7 +385,7 @@ GRPO_HOST_DEVICE inline T dloss_dlogp(const LossConfig& cfg, const TokenTerms<T>
 // GMPO: R = e^w, w = Σ m r̃ / (n + 1e-8)).
 template <typename T>
 GRPO_HOST_DEVICE inline T shared_ratio_term(const LossConfig& cfg, T sum_g, T log_ratio, T n) {
-  const T denom = cfg.family == kGmpo ? n + T(1e-8) : std::max(n, T(1));
+  const T denom = cfg.family == Family::kGmpo ? n + T(1e-8) : std::max(n, T(1));
   return sum_g * std::exp(log_ratio) / denom;
 }
 
@@ -385,4 +400,4 @@ GRPO_HOST_DEVICE inline SeqStats<T> stored_stats(const T* partials, int64_t B, i
   return st;
 }
 
-}  // namespace grpo_kernels::cpu
+}  // namespace grpo_kernels::loss
