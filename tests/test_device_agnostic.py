@@ -8,6 +8,7 @@ GPU backends on CUDA tensors too (the device axis of tests/conftest.py).
 
 import pytest
 import torch
+from loss_cases import TOKEN_RATIO_LOSS_TYPES
 
 import grpo_kernels as gk
 from grpo_kernels import backends, self_check
@@ -17,7 +18,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
+LOSS_TYPES = TOKEN_RATIO_LOSS_TYPES
 BACKENDS = [b for b in gk.available_backends() if b != "cpu"]
 
 

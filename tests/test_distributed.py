@@ -25,7 +25,6 @@ TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-
        torch.bfloat16: dict(atol=1e-5, rtol=1e-5)}
 # gradients in bfloat16 are rounded to bfloat16 (8 bits of mantissa)
 GRAD_TOL = {**TOL, torch.bfloat16: dict(atol=2e-3, rtol=1e-2)}
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 
 
 def shard_sizes(world: int) -> list[int]:
@@ -188,13 +187,14 @@ def _batch_slices(world: int, T_full: int) -> list[tuple[slice, int]]:
 def scenario_grpo_loss_data_parallel(rank: int, world: int, group) -> None:
     import grpo_kernels as gk
     from grpo_kernels import reference
+    from grpo_kernels.loss_table import SCALE_OUT_LOSS_TYPES
 
     T = 5
     B = sum(batch_rows(world))
     rows, T_r = _batch_slices(world, T)[rank]
     for backend in _backends():
         # the Triton interpreter is slow: two loss types there, every type on the other backends
-        for loss_type in ("dapo", "grpo") if backend == "triton" else LOSS_TYPES:
+        for loss_type in ("dapo", "grpo") if backend == "triton" else SCALE_OUT_LOSS_TYPES:
             for level in ("token", "sequence"):
                 g = torch.Generator().manual_seed(3)
                 old, ref, adv, mask = _loss_inputs(B, T, g)
@@ -256,6 +256,7 @@ def scenario_packed_data_parallel(rank: int, world: int, group) -> None:
     """Packed sequences on each rank of a data-parallel group, against the padded whole batch."""
     import grpo_kernels as gk
     from grpo_kernels import reference
+    from grpo_kernels.loss_table import SCALE_OUT_LOSS_TYPES
 
     B = sum(batch_rows(world))
     g = torch.Generator().manual_seed(5)
@@ -267,7 +268,7 @@ def scenario_packed_data_parallel(rank: int, world: int, group) -> None:
     rows, _ = _batch_slices(world, T)[rank]
     valid = (torch.arange(T) < lengths[:, None])[rows]
     cu = torch.nn.functional.pad(lengths[rows].cumsum(0), (1, 0)).to(torch.int32)
-    for loss_type in LOSS_TYPES:
+    for loss_type in SCALE_OUT_LOSS_TYPES:
         for level in ("token", "sequence"):
             options = dict(_loss_options(loss_type, level), ref_logprobs=ref)
             expected = reference.grpo_loss(logp, old, adv, mask, **options)

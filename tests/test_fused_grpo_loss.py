@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import TOLERANCES
+from loss_cases import TOKEN_RATIO_LOSS_TYPES, applicable
 from test_token_logprobs import numpy_token_logprobs
 from triton_compile import run_compile_script
 
@@ -10,7 +11,7 @@ import grpo_kernels as gk
 
 OP = "fused_grpo_loss"
 
-LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
+LOSS_TYPES = TOKEN_RATIO_LOSS_TYPES  # the OPTIONS grid includes the sequence level; the others: VARIANTS
 
 
 def make_inputs(B=3, T=4, V=19, dtype=torch.float64, seed=0):
@@ -37,8 +38,7 @@ OPTIONS = [
 ]
 
 
-# delta / clip_ratio_c apply to the clipped loss types only
-CASES = [(lt, o) for lt in LOSS_TYPES for o in OPTIONS if lt not in ("cispo", "sapo") or "delta" not in o]
+CASES = [(lt, o) for lt in LOSS_TYPES for o in OPTIONS if applicable(lt, o)]
 
 
 @pytest.mark.vs_reference

@@ -5,13 +5,14 @@ import importlib
 
 import pytest
 import torch
+from loss_cases import TOKEN_RATIO_LOSS_TYPES, applicable
 from test_linear_token_logprobs import TOLERANCES, LargestTensor, triton_on_cpu
 
 import grpo_kernels as gk
 
 OP = "fused_linear_grpo_loss"
 
-LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
+LOSS_TYPES = TOKEN_RATIO_LOSS_TYPES  # the OPTIONS grid includes the sequence level; the others: VARIANTS
 
 
 def make_inputs(B=3, T=4, H=8, V=29, dtype=torch.float32, seed=0):
@@ -73,7 +74,7 @@ OPTIONS = [
     dict(importance_sampling_level="sequence", kl_estimator="k2", beta=0.1, max_completion_length=6),
 ]
 # delta / clip_ratio_c apply to the clipped loss types only
-CASES = [(lt, o) for lt in LOSS_TYPES for o in OPTIONS if lt not in ("cispo", "sapo") or "delta" not in o]
+CASES = [(lt, o) for lt in LOSS_TYPES for o in OPTIONS if applicable(lt, o)]
 
 
 def with_tensors(options: dict, tensors: dict) -> dict:

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import grpo_kernels as gk
-from grpo_kernels import reference
+from grpo_kernels import loss_table, reference
 
 IGNORE = -100
 _TRITON_MAX = dict(rows=4, vocab=24)  # draws the Triton interpreter runs
@@ -55,29 +55,31 @@ def _rng(seed: int) -> torch.Generator:
 # --------------------------------------------------------------------------- #
 @st.composite
 def loss_options(draw, T: int) -> dict:
-    loss_type = draw(st.sampled_from(reference.LOSS_TYPES))
+    loss_type = draw(st.sampled_from(loss_table.LOSS_TYPES))
+    row = loss_table.LOSS_TYPE_TABLE[loss_type]
     o: dict = dict(loss_type=loss_type)
-    if loss_type not in reference.TOKEN_LEVEL_LOSS_TYPES and draw(st.booleans()):
+    if row.token_ratio and draw(st.booleans()):
         o["importance_sampling_level"] = "sequence"
     if draw(st.booleans()):
         o["beta"] = draw(st.sampled_from([0.0, 0.04, 0.5]))
-        o["kl_estimator"] = draw(st.sampled_from(reference.KL_ESTIMATORS))
+        o["kl_estimator"] = draw(st.sampled_from(list(loss_table.KL_ESTIMATORS)))
         o["ref"] = True
-        if loss_type != "gmpo" and draw(st.booleans()):
+        if row.family is not loss_table.Family.GMPO and draw(st.booleans()):
             o["use_bias_correction_kl"] = True
     o["epsilon_low"] = draw(st.sampled_from([0.0, 0.2, 0.5]))
     o["epsilon_high"] = draw(st.sampled_from([None, 0.28, 5.0]))
-    if loss_type in reference.CLIPPED_LOSS_TYPES:
+    if row.family is loss_table.Family.CLIPPED:
         if draw(st.booleans()):
             o["delta"] = draw(st.sampled_from([1.1, 2.0]))
         if draw(st.booleans()):
             o["clip_ratio_c"] = 3.0
-    if loss_type == "dr_grpo" and draw(st.booleans()):
+    if row.aggregation is loss_table.Aggregation.FIXED_LENGTH and draw(st.booleans()):
         o["max_completion_length"] = draw(st.integers(1, T + 3))
     if draw(st.booleans()):
         o["num_items_in_batch"] = draw(st.sampled_from([1, 7, 100.5]))
-    mode = draw(st.sampled_from([None, None] + list(reference.ROLLOUT_IS_MODES)))
-    if mode is not None and not (loss_type in ("vespo", "gmpo") and mode.startswith("sequence")):
+    mode = draw(st.sampled_from([None] + list(loss_table.ROLLOUT_IS_MODES)))
+    if mode is not None and not (row.family in loss_table.FOLDS_IMPORTANCE_WEIGHTS
+                                 and loss_table.ROLLOUT_IS_MODES[mode].level == loss_table.RolloutLevel.SEQUENCE):
         o["rollout_is_mode"] = mode
         o["rollout_is_min"] = draw(st.sampled_from([None, 0.5]))
         o["rollout_is_max"] = draw(st.sampled_from([None, 2.0]) if mode.endswith("mask") or o["rollout_is_min"]

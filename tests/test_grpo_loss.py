@@ -8,14 +8,16 @@ import torch
 from conftest import interpreted
 from hypothesis import given
 from hypothesis import strategies as st
+from loss_cases import LOSS_TYPES as ALL
+from loss_cases import OWN_WEIGHT_LOSS_TYPES, TOKEN_RATIO_LOSS_TYPES, applicable
 from triton_compile import run_compile_script
 
 import grpo_kernels as gk
 
 OP = "grpo_loss"
 
-LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
-CLIPPED = ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]
+# check_against_python implements the loss types with a per-token ratio (the others: test_variants_*)
+LOSS_TYPES = list(TOKEN_RATIO_LOSS_TYPES)
 
 
 def sigmoid(x):
@@ -169,11 +171,7 @@ OPTION_GRID = [
 ]
 
 
-def _applicable(loss_type, opts):
-    return loss_type in CLIPPED or not {"delta", "clip_ratio_c"} & set(opts)
-
-
-CASES = [(lt, o) for lt, o in itertools.product(LOSS_TYPES, OPTION_GRID) if _applicable(lt, o)]
+CASES = [(lt, o) for lt, o in itertools.product(LOSS_TYPES, OPTION_GRID) if applicable(lt, o)]
 
 
 @pytest.mark.parametrize("loss_type,opts", CASES, ids=[f"{lt}-{sorted(o)}" for lt, o in CASES])
@@ -240,7 +238,7 @@ def test_gradient_only_through_unmasked_tokens(backend):
     assert (logp.grad[mask] != 0).any()
 
 
-@pytest.mark.parametrize("loss_type", CLIPPED + ["sapo"])
+@pytest.mark.parametrize("loss_type", [lt for lt in LOSS_TYPES if lt != "cispo"])
 def test_on_policy_loss_is_minus_mean_advantage(backend, loss_type):
     """old = None (ratio 1), beta 0: the loss is -A averaged like the loss type aggregates."""
     logp, _, _, adv, _, mask = make_inputs()
@@ -390,7 +388,7 @@ def assert_matches_reference(backend, logp, old, adv, mask, *, tol=None, **kwarg
 def test_gradient_matches_reference(backend, loss_type, level):
     logp, old, ref, adv, iw, mask = make_inputs(adv_shape="BT" if level == "token" else "B", spread=0.4)
     for opts in OPTION_GRID:
-        if _applicable(loss_type, opts):
+        if applicable(loss_type, opts):
             assert_matches_reference(backend, logp, old, adv, mask, ref_logprobs=ref, importance_weights=iw,
                                      loss_type=loss_type, importance_sampling_level=level, **opts)
 
@@ -405,7 +403,7 @@ def test_on_policy_tie_gradient_matches_reference(backend, loss_type, level):
     """old == logp exactly (ratio exactly 1, the on-policy case): c1·A == clip(c1)·A, c1 == delta, c1 == 1 ± eps."""
     logp, _, ref, adv, iw, mask = make_inputs()
     for opts in TIE_OPTIONS:
-        if _applicable(loss_type, opts):
+        if applicable(loss_type, opts):
             for old in (logp.clone(), None):
                 assert_matches_reference(backend, logp, old, adv, mask, ref_logprobs=ref, beta=0.04,
                                          importance_weights=iw[:, :1], loss_type=loss_type,
@@ -573,16 +571,12 @@ VARIANT_OPTIONS = [
     dict(beta=0.05, kl_estimator="low_var_kl", use_bias_correction_kl=True, off_policy_mask_threshold=0.05,
          rollout_is_mode="token_truncate"),
 ]
-ALL_LOSS_TYPES = LOSS_TYPES + ["vespo", "gmpo", "gpg"]
+ALL_LOSS_TYPES = list(ALL)
 
 
 def variant_applicable(loss_type, level, opts):
     """The combinations the options allow (the others are refused by validation: tests/test_validation.py)."""
-    if loss_type in ("vespo", "gmpo", "gpg") and level == "sequence":
-        return False
-    if loss_type == "gmpo" and opts.get("use_bias_correction_kl"):
-        return False
-    return loss_type not in ("vespo", "gmpo") or not opts.get("rollout_is_mode", "").startswith("sequence")
+    return applicable(loss_type, {k: v for k, v in opts.items() if k != "sampling"}, level)
 
 
 def variant_inputs(B=4, T=7, *, adv_shape="B", dtype=torch.float64, seed=0, extreme=True):
@@ -630,7 +624,7 @@ def test_variants_match_reference(backend, loss_type, level):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("loss_type", ["vespo", "gmpo", "gpg", "dapo"])
+@pytest.mark.parametrize("loss_type", [*OWN_WEIGHT_LOSS_TYPES, "dapo"])
 def test_variants_low_precision(backend, dtype, loss_type):
     """float32 / bfloat16 inputs: values and gradients as the float64 reference on the same (rounded) inputs."""
     for opts in VARIANT_OPTIONS:
@@ -657,7 +651,7 @@ def test_variants_low_precision(backend, dtype, loss_type):
 def test_variants_fully_masked(backend):
     logp, old, ref, adv, iw, sampling, mask = variant_inputs()
     mask = torch.zeros_like(mask)
-    for loss_type in ("vespo", "gmpo", "gpg"):
+    for loss_type in OWN_WEIGHT_LOSS_TYPES:
         for opts in VARIANT_OPTIONS:
             if variant_applicable(loss_type, "token", opts):
                 out = gk.grpo_loss(logp, old, adv, mask, loss_type=loss_type, backend=backend,

@@ -5,8 +5,9 @@ import torch
 
 import grpo_kernels as gk
 from grpo_kernels import reference
+from grpo_kernels.loss_table import SCALE_OUT_LOSS_TYPES
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+LOSS_TYPES = SCALE_OUT_LOSS_TYPES
 LENGTHS = (3, 1, 5, 2, 4)
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
 

@@ -64,6 +64,7 @@ from trl.trainer.utils import (  # noqa: E402
 )
 
 import grpo_kernels as gk  # noqa: E402
+from grpo_kernels.loss_table import LOSS_TYPE_TABLE, Family  # noqa: E402
 
 F64 = dict(rtol=1e-10, atol=1e-12)
 F32 = dict(rtol=2e-5, atol=2e-6)
@@ -205,12 +206,14 @@ def trl_inputs(b, *, with_old, num_items=None):
 # --------------------------------------------------------------------------- #
 # grpo_loss against _compute_loss
 # --------------------------------------------------------------------------- #
-CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+# TRL's loss types with a per-token ratio (vespo: test_vespo_*), and their clipped family (delta applies).
+TRL_LOSS_TYPES = tuple(row.trl_name for row in LOSS_TYPE_TABLE.values() if row.trl_name and row.token_ratio)
+CLIPPED = tuple(name for name in TRL_LOSS_TYPES if LOSS_TYPE_TABLE[name].family is Family.CLIPPED)
 KL_OPTIONS = ((0.0, False), (0.04, False), (0.04, True))  # (beta, use_bias_correction_kl)
 
 
 def _cases():
-    for loss_type in CLIPPED + ("cispo", "sapo"):
+    for loss_type in TRL_LOSS_TYPES:
         # delta 1.15 < 1 + epsilon_high: the clip-ratio metrics must use the delta-clamped ratio, as TRL does
         deltas = (None, 1.15, 1.4) if loss_type in CLIPPED else (None,)
         eps_highs = (None, 1.1, 5.0) if loss_type == "cispo" else (None, 0.28)
@@ -287,7 +290,7 @@ def test_grid_exercises_clipping():
     assert (seq.exp() < 0.8).any() and (seq.exp() > 1.2).any()
 
 
-@pytest.mark.parametrize("loss_type", CLIPPED + ("cispo", "sapo"))
+@pytest.mark.parametrize("loss_type", TRL_LOSS_TYPES)
 def test_gradient_accumulation_and_processes_mapping(loss_type):
     """TRL with 2 processes, 4 accumulation steps, 2 steps per generation ↔ our options (documented mapping)."""
     b = make_batch(7, vllm="token")
@@ -409,7 +412,7 @@ def test_sapo_temperatures_under_float32_default(level):
 # --------------------------------------------------------------------------- #
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
 @pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("loss_type", CLIPPED + ("cispo", "sapo"))
+@pytest.mark.parametrize("loss_type", TRL_LOSS_TYPES)
 def test_fused_grpo_loss_matches_trl(loss_type, level, temperature):
     b = make_batch(21, vllm="token")
     batch, length = b["mask"].shape
