@@ -16,6 +16,8 @@ VERL_PACKAGES := verl==0.9.1 ray==2.60.0 tensordict==0.10.0 omegaconf==2.4.0 ant
 	codetiming==1.4.0 orjson==3.13.0 msgpack==1.2.4 protobuf==7.36.2 requests==2.34.2 urllib3==2.8.0 \
 	charset_normalizer==3.5.2 certifi==2026.10.18 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 \
 	referencing==0.37.0 rpds-py==2026.9.1 attrs==26.1.0 pyvers==0.2.3 cloudpickle==3.1.2
+# OpenRLHF, without dependencies: tests/test_integration_openrlhf.py loads its loss module, which needs only torch.
+OPENRLHF_PACKAGES := openrlhf==0.11.2
 STAMP         := $(VENV)/.grpo-kernels-installed
 CONSTRAINTS   := $(VENV)/torch-constraint.txt
 
@@ -39,7 +41,7 @@ $(STAMP): pyproject.toml setup.py Makefile $(wildcard csrc/*.h csrc/*/*.cpp csrc
 	$(VPY) -c "import torch; print('torch==' + torch.__version__)" > $(CONSTRAINTS)
 	$(PIP) install -c $(CONSTRAINTS) $(DEV_PACKAGES)
 	$(PIP) install -c $(CONSTRAINTS) $(PEER_PACKAGES)
-	$(PIP) install -c $(CONSTRAINTS) --no-deps $(VERL_PACKAGES)
+	$(PIP) install -c $(CONSTRAINTS) --no-deps $(VERL_PACKAGES) $(OPENRLHF_PACKAGES)
 	$(PIP) install -c $(CONSTRAINTS) --no-build-isolation -e .
 	touch $@
 
