@@ -212,6 +212,8 @@ def _aggregation(token_level_loss: bool, mask: Tensor, dp_size: int, batch_num_t
     if global_batch_size is None:
         sequences = mask.any(-1).sum().clamp(min=1).to(torch.float64)
         return _Aggregation("grpo", {}, batch / sequences)
+    if isinstance(global_batch_size, Tensor):  # OpenRLHF's are float32: the scale in float64, rounded once
+        global_batch_size = global_batch_size.to(torch.float64)
     return _Aggregation("grpo", {}, batch * dp_size / global_batch_size)
 
 
@@ -433,12 +435,12 @@ def outcome_advantages(rewards: Tensor, action_mask: Tensor, n_samples_per_promp
 class OpenRLHFPatch:
     """What :func:`patch_openrlhf` replaced; ``undo()`` (or leaving a ``with`` block) puts it back."""
 
-    def __init__(self, replaced: list[tuple[object, object]]):
-        self.replaced = replaced  # (module, OpenRLHF's PolicyLoss)
-        self.modules = [module.__name__ for module, _ in replaced]
+    def __init__(self, replaced: list[tuple[str, object, object]]):
+        self.replaced = replaced  # (module name, module, OpenRLHF's PolicyLoss)
+        self.modules = [name for name, _, _ in replaced]
 
     def undo(self) -> None:
-        for module, original in reversed(self.replaced):
+        for _, module, original in reversed(self.replaced):
             module.PolicyLoss = original
         self.replaced = []
 
@@ -480,7 +482,7 @@ def patch_openrlhf(backend: str = "auto", *, import_actor: bool = True) -> OpenR
             module = importlib.import_module(name)
         if module is None or not hasattr(module, "PolicyLoss"):
             continue
-        replaced.append((module, module.PolicyLoss))
+        replaced.append((name, module, module.PolicyLoss))
         module.PolicyLoss = replacement
     return OpenRLHFPatch(replaced)
 
