@@ -56,7 +56,8 @@ class LossType(NamedTuple):
     scale_out: bool  # defined over process groups (grpo_kernels.distributed) and packed sequences
     trl_name: Optional[str]  # TRL 1.16 GRPOConfig.loss_type, None when TRL lacks it
     verl_policy_loss: Optional[str]  # verl's policy_loss.loss_mode that computes it
-    verl_agg_modes: tuple[str, ...]  # verl loss_agg_modes it reproduces (vanilla/gspo/gpg losses)
+    verl_agg_modes: tuple[str, ...]  # the verl loss_agg_modes of verl_policy_loss it computes (gmpo: none, verl's
+    # geo_mean has its own aggregation)
 
 
 LOSS_TYPE_TABLE: dict[str, LossType] = {row.name: row for row in (
@@ -74,13 +75,13 @@ LOSS_TYPE_TABLE: dict[str, LossType] = {row.name: row for row in (
     LossType("cispo", Family.CISPO, Aggregation.TOKEN_SUM, token_ratio=True, sequence_pass=False, scale_out=True,
              trl_name="cispo", verl_policy_loss=None, verl_agg_modes=()),
     LossType("sapo", Family.SAPO, Aggregation.SEQUENCE_MEAN, token_ratio=True, sequence_pass=False, scale_out=True,
-             trl_name="sapo", verl_policy_loss="sapo", verl_agg_modes=()),
+             trl_name="sapo", verl_policy_loss="sapo", verl_agg_modes=("seq-mean-token-mean",)),
     LossType("vespo", Family.VESPO, Aggregation.TOKEN_SUM, token_ratio=False, sequence_pass=True, scale_out=False,
              trl_name="vespo", verl_policy_loss=None, verl_agg_modes=()),
     LossType("gmpo", Family.GMPO, Aggregation.SEQUENCE_MEAN, token_ratio=False, sequence_pass=True,
              scale_out=False, trl_name=None, verl_policy_loss="geo_mean", verl_agg_modes=()),
     LossType("gpg", Family.GPG, Aggregation.TOKEN_SUM, token_ratio=False, sequence_pass=False, scale_out=False,
-             trl_name=None, verl_policy_loss="gpg", verl_agg_modes=()),
+             trl_name=None, verl_policy_loss="gpg", verl_agg_modes=("token-mean", "token-sum")),
 )}
 
 LOSS_TYPES: tuple[str, ...] = tuple(LOSS_TYPE_TABLE)

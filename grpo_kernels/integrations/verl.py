@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..loss_table import LOSS_TYPE_TABLE
 
 PREFIX = "grpo_kernels_"
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -101,9 +102,17 @@ def _batch_info(config: Config) -> _BatchInfo:
 # --------------------------------------------------------------------------- #
 # aggregation: verl's loss_agg_mode as our loss types
 # --------------------------------------------------------------------------- #
-# The verl modes each of our loss-type families can express, with the loss type that does.
-CLIPPED = {"token-mean": "dapo", "token-sum": "dapo", "seq-mean-token-mean": "grpo",
-           "seq-mean-token-sum": "luspo", "seq-mean-token-sum-norm": "dr_grpo"}
+def _agg_modes(policy_loss: str) -> dict[str, str]:
+    """verl's loss_agg_mode -> our loss type, for verl's policy loss ``policy_loss`` (the loss table's columns)."""
+    return {mode: name for name, row in LOSS_TYPE_TABLE.items() if row.verl_policy_loss == policy_loss
+            for mode in row.verl_agg_modes}
+
+
+# The verl modes each of verl's policy losses can take, with the loss type that computes it.
+CLIPPED = _agg_modes("vanilla")
+SAPO = _agg_modes("sapo")
+GPG = _agg_modes("gpg")
+GEO_MEAN = next(name for name, row in LOSS_TYPE_TABLE.items() if row.verl_policy_loss == "geo_mean")
 
 
 class _Aggregation(NamedTuple):
@@ -260,7 +269,7 @@ def sapo_policy_loss(
     :func:`vanilla_policy_loss` (both clip fractions are 0).
     """
     del loss_agg_mode  # verl's sapo always aggregates with seq-mean-token-mean
-    loss, _ = _run({"seq-mean-token-mean": "sapo"}, old_log_prob, log_prob, advantages, response_mask,
+    loss, _ = _run(SAPO, old_log_prob, log_prob, advantages, response_mask,
                    "seq-mean-token-mean", config, rollout_is_weights, backend, log_ratio_clamp=LOG_RATIO_CLAMP,
                    sapo_temperature_pos=_get(config, "tau_pos", TAU_POS),
                    sapo_temperature_neg=_get(config, "tau_neg", TAU_NEG))
@@ -290,7 +299,7 @@ def geo_mean_policy_loss(
     """
     del loss_agg_mode  # verl's geo_mean takes the mean over sequences
     low, high = _clip_range(config)
-    out = ops.grpo_loss(log_prob, old_log_prob, advantages, response_mask, loss_type="gmpo", epsilon_low=low,
+    out = ops.grpo_loss(log_prob, old_log_prob, advantages, response_mask, loss_type=GEO_MEAN, epsilon_low=low,
                         epsilon_high=high, importance_weights=rollout_is_weights, backend=backend)
     log_ratio = _log_ratio(old_log_prob, log_prob, clamp=False)
     return out.loss, _metrics(out.clip_ratio_high, _masked_mean(-log_ratio, response_mask), out.clip_ratio_low)
@@ -312,7 +321,7 @@ def gpg_policy_loss(
     ``grpo_loss(loss_type="gpg")``, whose aggregation is a masked token sum over a
     token count: token-mean and token-sum only. Returns ``(pg_loss, {})`` as verl.
     """
-    loss, _ = _run({"token-mean": "gpg", "token-sum": "gpg"}, old_log_prob, log_prob, advantages, response_mask,
+    loss, _ = _run(GPG, old_log_prob, log_prob, advantages, response_mask,
                    loss_agg_mode, config, rollout_is_weights, backend)
     return loss, {}
 
