@@ -5,7 +5,10 @@ preset, the newest ``benchmarks/results/*.json`` that git tracks (by the run's
 date) gives a summary table (and, with fused-linear cases, their share of the
 matmul floor); everything between the two marker comments is replaced, so no
 number in that section is typed by hand. A later run of another preset (a
-partial or a sweep) so never hides a device's main run.
+partial or a sweep) so never hides a device's main run. The README shows the
+tables of each device's main run (its first preset in the order of
+:data:`benchmarks.presets.PRESETS`) and links the other presets' runs in one
+line, so that the README stays short (at most 250 lines) as result files accumulate.
 """
 
 from __future__ import annotations
@@ -46,24 +49,37 @@ def newest_per_device(paths: list[Path]) -> list[dict]:
 
 
 def section(runs: list[dict]) -> str:
-    """The markdown between the markers: per run, its environment line, link and summary table."""
+    """The markdown between the markers: for each device's main run (the first of ``runs`` of that device), its
+    environment line, link and summary table; the device's other runs as one line of links."""
     if not runs:
         return "No result file is committed yet."
     parts = []
-    for run in runs:
-        link = f"benchmarks/results/{run['stem']}"
-        parts += [
-            f"**{run['environment']['device'].upper()}** — {environment_line(run)}. "
-            f"Median ms per call; details (GB/s, % of copy bandwidth and of the roofline floor, peak memory, "
-            f"max error vs float64) in [{run['stem']}.md]({link}.md), plots beside it.",
-            summary_table(run["records"]),
-        ]
-        linear = matmul_floor_table(run["records"])
-        if linear:
-            parts += ["Fused linear: median time as a % of the 6·N·V·H matmul floor at the rate of `torch.mm` of "
-                      "[N, H] × [H, V] measured in the same run (in the case's dtype or float32, whichever is "
-                      "faster).", linear]
+    devices = list(dict.fromkeys(run["environment"]["device"] for run in runs))
+    for device in devices:
+        main, *others = [run for run in runs if run["environment"]["device"] == device]
+        parts += _run_tables(main)
+        if others:
+            links = ", ".join(f"`{run['preset']}` [{run['stem']}.md](benchmarks/results/{run['stem']}.md)"
+                              for run in others)
+            parts.append(f"Other {device.upper()} runs: {links}.")
     return "\n\n".join(parts)
+
+
+def _run_tables(run: dict) -> list[str]:
+    """A run's environment line and link, summary table and, with fused-linear cases, the matmul-floor table."""
+    link = f"benchmarks/results/{run['stem']}"
+    parts = [
+        f"**{run['environment']['device'].upper()}** — {environment_line(run)}. "
+        f"Median ms per call; details (GB/s, % of copy bandwidth and of the roofline floor, peak memory, "
+        f"max error vs float64) in [{run['stem']}.md]({link}.md), plots beside it.",
+        summary_table(run["records"]),
+    ]
+    linear = matmul_floor_table(run["records"])
+    if linear:
+        parts += ["Fused linear: median time as a % of the 6·N·V·H matmul floor at the rate of `torch.mm` of "
+                  "[N, H] × [H, V] measured in the same run (in the case's dtype or float32, whichever is "
+                  "faster).", linear]
+    return parts
 
 
 def render(text: str, body: str) -> str:

@@ -143,3 +143,22 @@ def test_slug_is_githubs():
     assert slug("Scale-out: vocabulary shards, data parallelism, packed sequences") == \
         "scale-out-vocabulary-shards-data-parallelism-packed-sequences"
     assert slug('The self-check and `backend="auto"` on a GPU') == "the-self-check-and-backendauto-on-a-gpu"
+
+
+def test_readme_is_short():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+def test_readme_performance_shows_one_run_per_device_and_links_the_others(monkeypatch):
+    from benchmarks import render_readme
+
+    monkeypatch.setattr(render_readme, "environment_line", lambda run: f"{run['preset']} environment")
+
+    def run(device, preset, stem):
+        return {"stem": stem, "preset": preset, "environment": {"device": device}, "records": []}
+
+    runs = [run("cpu", "cpu-small", "a"), run("cpu", "cpu-growth", "b"), run("cuda", "gpu-headline", "c")]
+    body = render_readme.section(runs)
+    assert body.count("**CPU**") == 1 and body.count("**CUDA**") == 1
+    assert "Other CPU runs: `cpu-growth` [b.md](benchmarks/results/b.md)." in body
+    assert "Other CUDA runs" not in body
