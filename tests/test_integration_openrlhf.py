@@ -25,6 +25,7 @@ import torch
 
 from grpo_kernels.integrations import openrlhf as gk_orl
 
+POLICY_LOSS_TYPES = gk_orl.POLICY_LOSS_TYPES
 OP = "grpo_loss"  # the backend fixture: every backend implementing grpo_loss
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
 # OpenRLHF divides a sequence's sum by count + 1e-8, we by count: a relative 1e-8 (module docstring)
@@ -92,6 +93,7 @@ def make_batch(seed, dtype, *, empty_row=True, log_ratio_scale=0.3, rollout_scal
     g = torch.Generator().manual_seed(seed)
     logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
     old = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * log_ratio_scale
+    old = old + torch.randn(B, 1, generator=g, dtype=torch.float64) * log_ratio_scale  # GSPO's ratios spread too
     rollout = old + torch.randn(B, T, generator=g, dtype=torch.float64) * rollout_scale
     adv = torch.randn(B, 1, generator=g, dtype=torch.float64).expand(B, T).clone()
     adv[::3] += torch.randn(B, T, generator=g, dtype=torch.float64)[::3] * 0.5  # some per-token advantages
@@ -170,7 +172,8 @@ def test_ppo_matches_openrlhf(orl, backend, dtype, token_level_loss, dual_clip, 
         pytest.skip("the Triton interpreter is slow: a subset")
     ours = compare(orl, backend, dtype, seed=len(correction), info=BATCH_INFOS[info],
                    **_options(correction, token_level_loss=token_level_loss, dual_clip=dual_clip))
-    if correction != "off":  # the gate filters some units and keeps some: the test compares something
+    assert 0 < ours[1].item() < 1  # some tokens clipped, some not: the test compares something
+    if correction != "off":  # the gate filters some units and keeps some
         assert 0 < ours[4].item() < 1
 
 
@@ -185,8 +188,9 @@ def test_gspo_matches_openrlhf(orl, backend, dtype, token_level_loss, dual_clip,
     if backend == "triton" and (dtype == torch.float32 or info != "local" or token_level_loss or dual_clip is None
                                 or correction == "seq-mask-tv"):
         pytest.skip("the Triton interpreter is slow: a subset")
-    compare(orl, backend, dtype, seed=3, info=BATCH_INFOS[info], policy_loss_type="gspo",
-            **_options(correction, token_level_loss=token_level_loss, dual_clip=dual_clip))
+    ours = compare(orl, backend, dtype, seed=3, info=BATCH_INFOS[info], policy_loss_type="gspo",
+                   **_options(correction, token_level_loss=token_level_loss, dual_clip=dual_clip))
+    assert 0 < ours[1].item() < 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -220,6 +224,19 @@ def test_gspo_large_sequence_ratios(orl, backend, dtype):
     batch = (logp.detach().to(dtype).requires_grad_(), old.to(dtype), rollout.to(dtype), adv.to(dtype), mask)
     for dual_clip in (None, 3.0):
         compare(orl, backend, dtype, batch=batch, policy_loss_type="gspo", dual_clip=dual_clip)
+
+
+def test_per_sequence_advantages(orl, backend):
+    """Advantages [B, 1] (OpenRLHF broadcasts them): the clip ratio stays a token mean, GSPO's included."""
+    if backend == "triton":
+        pytest.skip("the Triton interpreter is slow")
+    logp, old, rollout, adv, mask = make_batch(11, torch.float64)  # GSPO's token and sequence means differ
+    batch = (logp, old, rollout, adv[:, :1].contiguous(), mask)
+    for policy_loss_type in POLICY_LOSS_TYPES:
+        for token_level_loss in (True, False):
+            ours = compare(orl, backend, torch.float64, batch=batch, policy_loss_type=policy_loss_type,
+                           token_level_loss=token_level_loss, dual_clip=3.0, clip_eps_high=0.28)
+            assert 0 < ours[1].item() < 1
 
 
 def test_action_mask_none(orl, backend):

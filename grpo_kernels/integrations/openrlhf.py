@@ -309,6 +309,8 @@ class PolicyLoss(nn.Module):
         vllm_kl = is_filter_ratio = None
         if self.policy_loss_type == "gspo":
             options["importance_sampling_level"] = "sequence"
+            if advantages.shape != log_probs.shape:  # clip_ratio stays a token mean, as OpenRLHF's
+                advantages = (advantages.unsqueeze(-1) if advantages.ndim == 1 else advantages).expand_as(log_probs)
             if correction:
                 base = rollout_log_probs
         elif self.policy_loss_type == "ppo":
