@@ -36,6 +36,46 @@ class Aggregate(NamedTuple):
     clip_ratio_region: Tensor
 
 
+class Rule(NamedTuple):
+    """An aggregation as arithmetic: ``loss = reduce_i(S_i / per_sequence_i) / batch`` (a missing divisor is
+    not applied), ``reduce`` the mean over sequences or the sum."""
+
+    per_sequence: Optional[Tensor]  # [B] divisors of the sequences' sums
+    mean_over_sequences: bool
+    batch: Optional[Union[int, Tensor]]  # divisor of the reduced sum: a Python int or a 0-d tensor
+
+
+def rule(
+    seq_count: Tensor,
+    loss_type: str,
+    T: int,
+    *,
+    max_completion_length: Optional[int] = None,
+    num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
+) -> Rule:
+    """The arithmetic of ``loss_type``'s aggregation (the loss table's) for the masked token counts ``[B]``."""
+    aggregation = loss_type_row(loss_type).aggregation
+    if aggregation is Aggregation.SEQUENCE_MEAN:
+        return Rule(seq_count.clamp(min=1.0), mean_over_sequences=True, batch=None)
+    if aggregation is Aggregation.BATCH_TOKEN_MEAN:
+        return Rule(None, mean_over_sequences=False, batch=seq_count.sum().clamp(min=1.0))
+    if aggregation is Aggregation.FIXED_LENGTH:
+        length = T if max_completion_length is None else max_completion_length
+        return Rule(None, mean_over_sequences=False, batch=seq_count.shape[0] * length)
+    if aggregation is Aggregation.TOKEN_SUM:
+        return Rule(None, mean_over_sequences=False, batch=_token_normalizer(seq_count, num_items_in_batch))
+    if aggregation is Aggregation.SEQUENCE_SUM:
+        return Rule(None, mean_over_sequences=True, batch=None)
+    raise ValueError(f"unknown aggregation {aggregation!r} of loss_type {loss_type!r}")
+
+
+def reduce(seq_sums: Tensor, r: Rule) -> Tensor:
+    """The loss from the sequences' masked loss sums ``[B]`` (as the reference writes it)."""
+    x = seq_sums if r.per_sequence is None else seq_sums / r.per_sequence
+    x = x.mean() if r.mean_over_sequences else x.sum()
+    return x if r.batch is None else x / r.batch
+
+
 def sequence_weights(
     seq_count: Tensor,
     loss_type: str,
@@ -49,25 +89,17 @@ def sequence_weights(
     The loss is ``Σ_i dL/dS_i · S_i`` with ``S_i = Σ_t m_{i,t} ℓ_{i,t}``: the
     weights depend on the mask only, so they are known before any log-prob.
     """
+    r = rule(seq_count, loss_type, T, max_completion_length=max_completion_length,
+             num_items_in_batch=num_items_in_batch)
     B = seq_count.shape[0]
-    dtype, device = seq_count.dtype, seq_count.device
-    aggregation = loss_type_row(loss_type).aggregation
-    if aggregation is Aggregation.SEQUENCE_MEAN:
-        return 1.0 / seq_count.clamp(min=1.0) / B
-    if aggregation is Aggregation.BATCH_TOKEN_MEAN:
-        return 1.0 / seq_count.sum().clamp(min=1.0)
-    if aggregation is Aggregation.FIXED_LENGTH:
-        length = T if max_completion_length is None else max_completion_length
-        return torch.full((), 1.0 / (B * length), dtype=dtype, device=device)
-    if aggregation is Aggregation.TOKEN_SUM:
-        return 1.0 / _token_normalizer(seq_count, num_items_in_batch)
-    if aggregation is Aggregation.SEQUENCE_SUM:
-        return torch.full((), 1.0 / B, dtype=dtype, device=device)
-    raise _unknown(aggregation, loss_type)
-
-
-def _unknown(aggregation: Aggregation, loss_type: str) -> ValueError:
-    return ValueError(f"unknown aggregation {aggregation!r} of loss_type {loss_type!r}")
+    if r.per_sequence is not None:
+        weights = 1.0 / r.per_sequence / B if r.mean_over_sequences else 1.0 / r.per_sequence
+        return weights if r.batch is None else weights / r.batch
+    scale = 1.0 / B if r.mean_over_sequences else 1.0
+    if isinstance(r.batch, Tensor):
+        return scale / r.batch
+    total = scale if r.batch is None else scale / r.batch
+    return torch.full((), total, dtype=seq_count.dtype, device=seq_count.device)
 
 
 def _token_normalizer(seq_count: Tensor, num_items_in_batch) -> Tensor:
@@ -95,20 +127,8 @@ def aggregate(
     B = partials.shape[1]
     seq_loss, seq_count = partials[P_LOSS], partials[P_COUNT]
     token_denom = seq_count.sum().clamp(min=1.0)
-    aggregation = loss_type_row(loss_type).aggregation
-    if aggregation is Aggregation.SEQUENCE_MEAN:
-        loss = (seq_loss / seq_count.clamp(min=1.0)).mean()
-    elif aggregation is Aggregation.BATCH_TOKEN_MEAN:
-        loss = seq_loss.sum() / token_denom
-    elif aggregation is Aggregation.FIXED_LENGTH:
-        length = T if max_completion_length is None else max_completion_length
-        loss = seq_loss.sum() / (B * length)
-    elif aggregation is Aggregation.TOKEN_SUM:
-        loss = seq_loss.sum() / _token_normalizer(seq_count, num_items_in_batch)
-    elif aggregation is Aggregation.SEQUENCE_SUM:
-        loss = seq_loss.mean()
-    else:
-        raise _unknown(aggregation, loss_type)
+    loss = reduce(seq_loss, rule(seq_count, loss_type, T, max_completion_length=max_completion_length,
+                                 num_items_in_batch=num_items_in_batch))
     kl = partials[P_KL].sum() / token_denom if has_ref else loss.new_zeros(())
     metric_denom = B if per_seq_metrics else token_denom
     return Aggregate(
