@@ -89,14 +89,17 @@ def orl():
 # inputs
 # --------------------------------------------------------------------------- #
 def make_batch(seed, dtype, *, empty_row=True, log_ratio_scale=0.3, rollout_scale=0.6):
-    """log_probs (leaf), old, rollout, advantages [B, T], bool mask with a ragged tail and one empty row."""
+    """log_probs (leaf), old, rollout, advantages [B, T], bool mask with a ragged tail and one empty row (2)."""
     g = torch.Generator().manual_seed(seed)
     logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
     old = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * log_ratio_scale
     old = old + torch.randn(B, 1, generator=g, dtype=torch.float64) * log_ratio_scale  # GSPO's ratios spread too
-    rollout = old + torch.randn(B, T, generator=g, dtype=torch.float64) * rollout_scale
     adv = torch.randn(B, 1, generator=g, dtype=torch.float64).expand(B, T).clone()
     adv[::3] += torch.randn(B, T, generator=g, dtype=torch.float64)[::3] * 0.5  # some per-token advantages
+    # beyond the dual clip (1.5) with A < 0: token 0 of row 0 (ratio e^0.7), and all of row 1 (GSPO's e^0.6)
+    old[0, 0], adv[0, 0] = logp[0, 0] - 0.7, -1.0
+    old[1], adv[1] = logp[1] - 0.6 + torch.randn(T, generator=g, dtype=torch.float64) * 0.1, -adv[1].abs() - 0.1
+    rollout = old + torch.randn(B, T, generator=g, dtype=torch.float64) * rollout_scale
     lengths = torch.randint(1, T + 1, (B,), generator=g)
     mask = torch.arange(T) < lengths[:, None]
     if empty_row:
@@ -114,7 +117,7 @@ CORRECTIONS = {
     "seq-mask-ratio": ("seq", "mask", "ratio", (0.8, 1.25)),
     "tok-mask-binary_kl": ("token", "mask", "binary_kl", (0.0, 0.02)),
     "tok-mask-tv": ("token", "mask", "tv", (0.0, 0.1)),
-    "seq-mask-binary_kl": ("seq", "mask", "binary_kl", (0.0, 0.02)),
+    "seq-mask-binary_kl": ("seq", "mask", "binary_kl", (0.0, 0.04)),
     "seq-mask-tv": ("seq", "mask", "tv", (-1.0, 0.12)),
 }
 BATCH_INFOS = {"local": {}, "dp2": dict(dp_size=2, batch_num_tokens=71.0, global_batch_size=13.0)}
@@ -158,7 +161,8 @@ def compare(orl, backend, dtype, seed=0, batch=None, info=(), **options):
 # --------------------------------------------------------------------------- #
 # PolicyLoss: every valid option combination
 # --------------------------------------------------------------------------- #
-PPO_GRID = list(itertools.product([True, False], [None, 3.0], CORRECTIONS, BATCH_INFOS))
+DUAL_CLIP = 1.5  # low enough that make_batch has tokens with A < 0 beyond it (test_dual_clip_is_exercised)
+PPO_GRID = list(itertools.product([True, False], [None, DUAL_CLIP], CORRECTIONS, BATCH_INFOS))
 # The Triton interpreter is slow (about 1 s a case): it runs these (token_level_loss, correction), f64, dual clip,
 # no global normalizers; the reference and cpu backends run the whole grid.
 TRITON_PPO = {(True, "off"), (True, "tok-mask-ratio"), (True, "tok-clip-ratio"), (False, "seq-mask-tv")}
@@ -177,7 +181,17 @@ def test_ppo_matches_openrlhf(orl, backend, dtype, token_level_loss, dual_clip, 
         assert 0 < ours[4].item() < 1
 
 
-GSPO_GRID = list(itertools.product([True, False], [None, 3.0], ["off", "tok-mask-ratio", "seq-mask-tv"],
+def test_dual_clip_is_exercised(orl):
+    """The grids' dual clip changes OpenRLHF's loss and gradient on their batches (for ppo and gspo)."""
+    for seed, policy_loss_type in ((0, "ppo"), (3, "gspo")):
+        logp, old, rollout, adv, mask = make_batch(seed, torch.float64)
+        results = [_run(orl.loss.PolicyLoss(dual_clip=c, policy_loss_type=policy_loss_type), logp, old, rollout,
+                        adv, mask, {}) for c in (None, DUAL_CLIP)]
+        assert results[0][0][0].item() != results[1][0][0].item()
+        assert not torch.equal(results[0][1], results[1][1])
+
+
+GSPO_GRID = list(itertools.product([True, False], [None, DUAL_CLIP], ["off", "tok-mask-ratio", "seq-mask-tv"],
                                    BATCH_INFOS))
 
 
@@ -207,7 +221,7 @@ def test_overflowing_ratios(orl, backend, dtype, correction):
     rollout = rollout.clone()
     rollout[:, 1::3] = old[:, 1::3] + 30 * sign[:, 1::3]
     batch = (logp.detach().to(dtype).requires_grad_(), old.to(dtype), rollout.to(dtype), adv.to(dtype), mask)
-    for dual_clip in (None, 3.0):
+    for dual_clip in (None, 3.0):  # ratios of e^20 with A < 0: the dual clip bounds them
         compare(orl, backend, dtype, batch=batch, **_options(correction, dual_clip=dual_clip))
 
 
@@ -235,7 +249,7 @@ def test_per_sequence_advantages(orl, backend):
     for policy_loss_type in POLICY_LOSS_TYPES:
         for token_level_loss in (True, False):
             ours = compare(orl, backend, torch.float64, batch=batch, policy_loss_type=policy_loss_type,
-                           token_level_loss=token_level_loss, dual_clip=3.0, clip_eps_high=0.28)
+                           token_level_loss=token_level_loss, dual_clip=DUAL_CLIP, clip_eps_high=0.28)
             assert 0 < ours[1].item() < 1
 
 
@@ -245,7 +259,7 @@ def test_action_mask_none(orl, backend):
         pytest.skip("the Triton interpreter is slow")
     logp, old, rollout, adv, _ = make_batch(8, torch.float64)
     for correction in ("off", "tok-mask-ratio", "seq-mask-tv"):
-        module_options = _options(correction, dual_clip=3.0)
+        module_options = _options(correction, dual_clip=DUAL_CLIP)
         theirs, their_grad = _run(orl.loss.PolicyLoss(**module_options), logp, old, rollout, adv, None, {})
         ours, our_grad = _run(gk_orl.PolicyLoss(**module_options, backend=backend), logp, old, rollout, adv, None, {})
         assert_same(ours, theirs, (our_grad, their_grad), TOL[torch.float64], what=correction + ": ")
@@ -277,7 +291,7 @@ def test_masked_positions_hold_garbage(orl, backend):
     for policy_loss_type, correction in (("ppo", "tok-mask-ratio"), ("ppo", "seq-mask-binary_kl"),
                                          ("ppo", "tok-mask-tv"), ("gspo", "tok-mask-ratio")):
         for token_level_loss in (True, False):
-            options = _options(correction, dual_clip=3.0, token_level_loss=token_level_loss,
+            options = _options(correction, dual_clip=DUAL_CLIP, token_level_loss=token_level_loss,
                                policy_loss_type=policy_loss_type)
             theirs, their_grad = _run(orl.loss.PolicyLoss(**options), logp, old, rollout, adv, mask, {})
             module = gk_orl.PolicyLoss(**options, backend=backend)
