@@ -8,6 +8,7 @@ op (:func:`available_backends`). The specification of every op is
 :mod:`grpo_kernels.reference`.
 """
 
+from . import backends, self_check
 from ._extension import cpu_flags, extension_available, extension_info
 from ._version import __version__
 from .backends import BackendUnavailableError, available_backends
@@ -21,6 +22,10 @@ from .ops import (
     token_logprobs,
 )
 from .reference import GRPOLossOutput
+
+# "auto" asks self_check before it uses a backend that must pass an on-device check. self_check runs the backends
+# (it imports them, not the other way round), so the package installs it here; looked up at each call.
+backends.set_device_check(lambda backend, op, device: self_check.backend_usable(backend, op, device))
 
 __all__ = [
     "BackendUnavailableError",

@@ -88,6 +88,16 @@ def extension_available() -> bool:
     return _C is not None
 
 
+def extension_has_kernels() -> bool:
+    """Whether the extension imports and has the kernel entry points (the ``"cpu"`` backend)."""
+    return _C is not None and hasattr(_C, "fused_grpo_loss_fwd")
+
+
+def extension_has_cuda_kernels() -> bool:
+    """Whether the extension was also built with its CUDA kernels (the ``"cuda"`` backend)."""
+    return extension_has_kernels() and bool(_C.with_cuda())
+
+
 def extension_info() -> dict:
     """Version and build facts of the extension (empty when it is absent)."""
     if _C is None:

@@ -1,17 +1,17 @@
 """Backend registry and selection.
 
-A backend is a module providing some of the ops ``token_logprobs``,
-``group_advantages``, ``grpo_loss`` and ``fused_grpo_loss`` with the
-signatures of :mod:`grpo_kernels.reference`; a module lists what it provides
-in ``OPS`` (the reference provides all). A backend without kernels of its own
-for the fused-linear ops (``CHUNKED_OPS``) provides them through a chunked
-driver over its row ops. Backend modules are imported on first use.
-``"auto"`` picks, per device type and op, the first available backend of an
-ordered preference list that is trusted there: tested by this project's CI
-(CPU), or validated on the user's device at first use
-(:mod:`grpo_kernels.self_check`; CUDA, which CI does not have). The
-environment variable ``GRPO_KERNELS_BACKEND`` overrides that choice, and an
-explicit ``backend=`` is never replaced.
+The backends are the rows of :data:`REGISTRY`, the one table of them. A
+backend is a module providing some of the ops (``OPS``) with the signatures
+of :mod:`grpo_kernels.reference`; a module lists what it provides in ``OPS``
+(the reference provides all). A backend without kernels of its own for the
+fused-linear ops (``CHUNKED_OPS``) provides them through the chunked driver
+over its row ops. Backend modules are imported on first use. ``"auto"``
+picks, per device type and op, the first available backend of an ordered
+preference list that is trusted there: tested by this project's CI (CPU), or
+validated on the user's device at first use (CUDA, which CI does not have;
+the check of :mod:`grpo_kernels.self_check`, installed by
+:func:`set_device_check`). The environment variable ``GRPO_KERNELS_BACKEND``
+overrides that choice, and an explicit ``backend=`` is never replaced.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ import importlib
 import importlib.util
 import os
 from types import ModuleType
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
-BACKENDS = ("reference", "triton", "cpu", "cuda")
+from . import linear
+from ._extension import extension_has_cuda_kernels, extension_has_kernels
+
 OPS = ("token_logprobs", "group_advantages", "grpo_loss", "fused_grpo_loss", "linear_token_logprobs",
        "fused_linear_grpo_loss")
 
@@ -34,43 +36,36 @@ OPS = ("token_logprobs", "group_advantages", "grpo_loss", "fused_grpo_loss", "li
 # chunked driver of :mod:`grpo_kernels.linear`, which runs the backend's row ops listed here.
 CHUNKED_OPS = {"linear_token_logprobs": ("token_logprobs",), "fused_linear_grpo_loss": ("token_logprobs", "grpo_loss")}
 
-# What each backend is, for the error messages.
-_DESCRIPTIONS = {
-    "reference": "pure PyTorch (the specification)",
-    "triton": "Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)",
-    "cpu": "C++ kernels from the grpo_kernels._C extension",
-    "cuda": "CUDA kernels from the grpo_kernels._C extension",
-}
-
 
 def _package_installed(package: str) -> Callable[[], bool]:
     """Availability predicate: ``package`` is importable."""
     return lambda: importlib.util.find_spec(package) is not None
 
 
-def _extension_has_kernels() -> bool:
-    """Availability predicate: ``grpo_kernels._C`` was built and has the kernel entry points."""
-    from ._extension import _C
+class Backend(NamedTuple):
+    """A backend of this version."""
 
-    return _C is not None and hasattr(_C, "fused_grpo_loss_fwd")
-
-
-def _extension_has_cuda_kernels() -> bool:
-    """Availability predicate: the extension was also built with its CUDA kernels."""
-    from ._extension import _C
-
-    return _extension_has_kernels() and bool(_C.with_cuda())
+    module: str  # the module with the ops (and ``OPS``, the ops it implements; default: all)
+    # the module with ``row_statistics`` / ``row_gradient`` (a vocabulary shard's statistics, the gradient from given
+    # statistics) for grpo_kernels.distributed; None for the reference, whose row math distributed writes in torch
+    row_module: Optional[str]
+    available: Callable[[], bool]  # usable in this installation
+    description: str  # for the error messages
 
 
-# Backends that exist in this version: the module that implements each, and
-# whether it can be used in this installation.
-_MODULES: dict[str, tuple[str, Callable[[], bool]]] = {
-    "reference": ("grpo_kernels.reference", lambda: True),
-    "triton": ("grpo_kernels.triton", _package_installed("triton")),
-    "cpu": ("grpo_kernels.native", _extension_has_kernels),
+# The one table of backends, in the order available_backends() lists them.
+REGISTRY: dict[str, Backend] = {
+    "reference": Backend("grpo_kernels.reference", None, lambda: True, "pure PyTorch (the specification)"),
+    "triton": Backend("grpo_kernels.triton", "grpo_kernels.triton.token_logprobs", _package_installed("triton"),
+                      "Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)"),
+    "cpu": Backend("grpo_kernels.native", "grpo_kernels.native.token_logprobs", extension_has_kernels,
+                   "C++ kernels from the grpo_kernels._C extension"),
     # the same glue: the extension's entry points dispatch on the tensors' device
-    "cuda": ("grpo_kernels.native", _extension_has_cuda_kernels),
+    "cuda": Backend("grpo_kernels.native", "grpo_kernels.native.token_logprobs", extension_has_cuda_kernels,
+                    "CUDA kernels from the grpo_kernels._C extension"),
 }
+BACKENDS = tuple(REGISTRY)
+
 
 class Trust(enum.Enum):
     """Why ``"auto"`` may use a backend on a kind of device."""
@@ -93,11 +88,11 @@ class BackendUnavailableError(RuntimeError):
 
 
 def _installed(name: str) -> bool:
-    return name in _MODULES and _MODULES[name][1]()
+    return name in REGISTRY and REGISTRY[name].available()
 
 
 def _module(name: str) -> ModuleType:
-    return importlib.import_module(_MODULES[name][0])
+    return importlib.import_module(REGISTRY[name].module)
 
 
 def _provides(name: str, op: str) -> bool:
@@ -153,11 +148,25 @@ def _auto(device: torch.device, op: Optional[str]) -> str:
             raise ValueError(f"unknown trust {trust!r} of backend {name!r}")
         if op is None:
             continue
-        from . import self_check  # it runs the backends: imported on first use
-
-        if self_check.backend_usable(name, op, device):
+        if _device_check is None:
+            raise RuntimeError(f"backend {name!r} needs an on-device check before 'auto' uses it, and none is "
+                               f"installed (grpo_kernels/__init__.py installs grpo_kernels.self_check's)")
+        if _device_check(name, op, device):
             return name
     return "reference"
+
+
+# What "auto" asks before using a backend whose trust is VALIDATE_ON_DEVICE: (backend, op, device) -> passed.
+# grpo_kernels.self_check answers it; it runs the backends and so imports this module, and the package's
+# __init__ installs it here (no import cycle).
+DeviceCheck = Callable[[str, str, torch.device], bool]
+_device_check: Optional[DeviceCheck] = None
+
+
+def set_device_check(check: Optional[DeviceCheck]) -> None:
+    """Install the on-device check that ``"auto"`` asks (see :class:`Trust`)."""
+    global _device_check
+    _device_check = check
 
 
 def _check_known(name: str, where: str) -> str:
@@ -165,7 +174,7 @@ def _check_known(name: str, where: str) -> str:
         raise ValueError(f"{where} must be 'auto' or one of {list(BACKENDS)}, got {name!r}")
     if not _installed(name):
         raise BackendUnavailableError(
-            f"backend {name!r} ({_DESCRIPTIONS[name]}) is not available in this installation of grpo_kernels; "
+            f"backend {name!r} ({REGISTRY[name].description}) is not available in this installation of grpo_kernels; "
             f"available: {available_backends()}"
         )
     return name
@@ -206,20 +215,32 @@ def backend_function(backend: str, device: torch.device, op: str) -> Callable:
     auto_fallback = backend == "auto" and _override() is None and name == "reference"
     if op in CHUNKED_OPS and auto_fallback and device.type in _BOUNDED_FALLBACK:
         # the fallback on a GPU: the chunked driver over the reference's row ops, O(chunk_size × V) memory
-        return functools.partial(getattr(_linear(), op), backend=name)
+        return chunked_driver(name, device, op)
     if op not in CHUNKED_OPS or not chunked(name, op):
         return implementation(name, device, op)
     for row_op in CHUNKED_OPS[op]:
         implementation(name, device, row_op)
-    return functools.partial(getattr(_linear(), op), backend=name)
+    return chunked_driver(name, device, op)
+
+
+def chunked_driver(name: str, device: torch.device, op: str) -> Callable:
+    """``op`` (a key of ``CHUNKED_OPS``) by the chunked driver :mod:`grpo_kernels.linear` over the row ops of
+    backend ``name`` (a resolved name) on ``device``."""
+    if op not in CHUNKED_OPS:
+        raise ValueError(f"op must be one of {list(CHUNKED_OPS)}, got {op!r}")
+    return functools.partial(getattr(linear, op), backend=name, kernel=functools.partial(implementation, name, device))
+
+
+def row_kernels(name: str, device: torch.device) -> ModuleType:
+    """The module with ``row_statistics`` / ``row_gradient`` of backend ``name`` (a resolved name), checked usable
+    on ``device``; :class:`BackendUnavailableError` for a backend without one (the reference)."""
+    implementation(name, device, "token_logprobs")
+    row_module = REGISTRY[name].row_module
+    if row_module is None:
+        raise BackendUnavailableError(f"backend {name!r} has no row kernels module")
+    return importlib.import_module(row_module)
 
 
 # Device types on which "auto"'s reference fallback for the fused-linear ops is the chunked driver over the
 # reference's row ops rather than the unchunked specification (whose [tokens × V] logits do not fit a GPU).
 _BOUNDED_FALLBACK = ("cuda",)
-
-
-def _linear() -> ModuleType:
-    from . import linear  # the driver runs the public row ops
-
-    return linear

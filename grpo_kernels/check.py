@@ -98,7 +98,7 @@ def timings(device: torch.device, op: str, names: list[str], compile_reference: 
         row = dict(device=str(device), op=op, dtype=str(TIMING_DTYPE).replace("torch.", ""), backend=label,
                    case=case.name, ms=None, speedup=None, error=None)
         try:
-            with self_check._eager(device):
+            with self_check.eager(device):
                 row["ms"] = time_call(lambda: self_check.run_case(case, fn, exact=False), device,
                                       warmup=2 if label.startswith("torch.compile") else 1)
         except Exception as exc:  # a failing implementation is reported, the others still timed
@@ -130,8 +130,8 @@ def report_environment() -> dict:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "triton": self_check._package_version("triton"),
-        "extension": self_check._extension_facts(),
+        "triton": self_check.package_version("triton"),
+        "extension": self_check.extension_facts(),
         "available_backends": backends.available_backends(),
         "variables": {k: v for k, v in os.environ.items() if k.startswith("GRPO_KERNELS") or k == "TRITON_INTERPRET"},
         "cache_dir": str(self_check.cache_dir()),

@@ -13,8 +13,8 @@ from typing import Callable, Optional
 
 from torch import Tensor
 
-from . import distributed, linear, packed, reference
-from .backends import implementation
+from . import backends, distributed, packed, reference
+from .kernel_options import LOSS_DEFAULTS
 from .reference import GRPOLossOutput
 
 
@@ -23,7 +23,8 @@ def _share(result: GRPOLossOutput, keep: Tensor, advantages: Tensor, batch_group
     """``result`` as this rank's share of the batch of ``batch_group`` (unchanged without a group)."""
     if batch_group is None:
         return result
-    level = loss_options.get("importance_sampling_level", "token")
+    options = {**LOSS_DEFAULTS, **loss_options}
+    level = options["importance_sampling_level"]
     if cu_seqlens is not None:
         seg = packed.segments(cu_seqlens, keep.numel())
         num_seqs, length, per_seq = seg.num_seqs, seg.longest, packed.per_seq_metrics(advantages, seg, level)
@@ -32,9 +33,8 @@ def _share(result: GRPOLossOutput, keep: Tensor, advantages: Tensor, batch_group
         per_seq = level == "sequence" and (advantages.ndim == 1 or advantages.shape[1] == 1) and length != 1
     return distributed.batch_normalized(
         result, keep, num_seqs, length, batch_group, per_seq_metrics=per_seq,
-        loss_type=loss_options.get("loss_type", "dapo"),
-        max_completion_length=loss_options.get("max_completion_length"),
-        num_items_in_batch=loss_options.get("num_items_in_batch"),
+        loss_type=options["loss_type"], max_completion_length=options["max_completion_length"],
+        num_items_in_batch=options["num_items_in_batch"],
     )
 
 
@@ -44,8 +44,8 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Optional[Tensor], advantages: Tens
     if cu_seqlens is not None:
         result = packed.grpo_loss(logprobs, old_logprobs, advantages, mask, cu_seqlens, **loss_options)
     else:
-        result = implementation(backend, logprobs.device, "grpo_loss")(logprobs, old_logprobs, advantages, mask,
-                                                                         **loss_options)
+        result = backends.implementation(backend, logprobs.device, "grpo_loss")(logprobs, old_logprobs, advantages,
+                                                                                  mask, **loss_options)
     return _share(result, mask, advantages, batch_group, cu_seqlens, loss_options)
 
 
@@ -60,7 +60,7 @@ def fused_grpo_loss(logits: Tensor, token_ids: Tensor, old_logprobs: Optional[Te
     """
     keep = reference.fused_loss_mask(mask, token_ids, ignore_index)
     if vocab_group is None and cu_seqlens is None:
-        result = implementation(backend, logits.device, "fused_grpo_loss")(
+        result = backends.implementation(backend, logits.device, "fused_grpo_loss")(
             logits, token_ids, old_logprobs, advantages, mask, temperature=temperature, ignore_index=ignore_index,
             return_entropy=return_entropy, inplace_backward=inplace_backward, **loss_options,
         )
@@ -71,7 +71,7 @@ def fused_grpo_loss(logits: Tensor, token_ids: Tensor, old_logprobs: Optional[Te
     if vocab_group is not None:
         out = distributed.token_logprobs(logits, ids, vocab_group=vocab_group, backend=backend, **row_options)
     else:
-        out = implementation(backend, logits.device, "token_logprobs")(logits, ids, **row_options)
+        out = backends.implementation(backend, logits.device, "token_logprobs")(logits, ids, **row_options)
     logp, entropy = out if return_entropy else (out, None)
     result = grpo_loss(logp, old_logprobs, advantages, keep, batch_group=None, cu_seqlens=cu_seqlens,
                        backend=backend, **loss_options)
@@ -97,11 +97,13 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, token_ids: Tensor, ol
             result = implementation(hidden, weight, token_ids, old_logprobs, advantages, mask, **head_options,
                                     **loss_options)
         else:
-            result = linear.fused_linear_grpo_loss(hidden, weight, token_ids, old_logprobs, advantages, mask,
-                                                   **head_options, backend=backend, tiles=tiles, **loss_options)
+            driver = backends.chunked_driver(backend, hidden.device, "fused_linear_grpo_loss")
+            result = driver(hidden, weight, token_ids, old_logprobs, advantages, mask, **head_options, tiles=tiles,
+                            **loss_options)
         return _share(result, keep, advantages, batch_group, None, loss_options)
     # packed: the log-probs (the backward recomputes the tiles), then the packed loss on them
-    out = linear.linear_token_logprobs(hidden, weight, ids, **head_options, backend=backend, tiles=tiles)
+    out = backends.chunked_driver(backend, hidden.device, "linear_token_logprobs")(hidden, weight, ids,
+                                                                                   **head_options, tiles=tiles)
     logp, entropy = out if head_options["return_entropy"] else (out, None)
     result = grpo_loss(logp, old_logprobs, advantages, keep, batch_group=None, cu_seqlens=cu_seqlens,
                        backend=backend, **loss_options)

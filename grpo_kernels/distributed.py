@@ -33,13 +33,15 @@ Vocabulary (tensor) parallelism, ``vocab_group``
 Data parallelism, ``batch_group``
     Rank ``r`` holds a slice of the batch (whole sequences). :func:`batch_normalized` turns the rank's loss
     into its share of the loss of the concatenated batch, scaled by the group size P:
-    ``loss_r = P · Σ_{i on r} dL/dS_i · S_i`` with the global weights (global token count for bnpo/dapo/cispo,
-    global number of sequences for grpo/sapo/luspo/dr_grpo, the longest completion over the group as dr_grpo's
-    default length). The mean of ``loss_r`` over the ranks is the single-process loss, and so is the mean of
-    the ranks' gradients: DDP's gradient average gives the single-process gradient (TRL's convention, whose
-    dapo normalizer is ``num_items_in_batch / num_processes``). A ``num_items_in_batch`` given for dapo/cispo
-    is kept as this rank's normalizer (pass the global count divided by P, as TRL does). Metrics (kl, clip
-    ratios, entropy) are the global means. Communication: one ``all_gather`` of 8 numbers per rank per call.
+    ``loss_r = P · Σ_{i on r} dL/dS_i · S_i`` with the global weights of the loss type's aggregation
+    (``loss_table.Aggregation``: the global token count for the token means and sums, the global number of
+    sequences for the sequence means and sums and the fixed length, whose default length is the longest
+    completion over the group). The mean of ``loss_r`` over the ranks is the single-process loss, and so is the
+    mean of the ranks' gradients: DDP's gradient average gives the single-process gradient (TRL's convention,
+    whose dapo normalizer is ``num_items_in_batch / num_processes``). A ``num_items_in_batch`` given for a token
+    sum (dapo, cispo) is kept as this rank's normalizer (pass the global count divided by P, as TRL does).
+    Metrics (kl, clip ratios, entropy) are the global means. Communication: one ``all_gather`` of 8 numbers per
+    rank per call.
 
 All collectives are synchronous ``torch.distributed`` calls on the given groups: the tensors must be on a
 device the group's backend serves (CPU for gloo, CUDA for NCCL).
@@ -47,7 +49,6 @@ device the group's backend serves (CPU for gloo, CUDA for NCCL).
 
 from __future__ import annotations
 
-import importlib
 from types import SimpleNamespace
 from typing import NamedTuple, Optional, Union
 
@@ -57,18 +58,12 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import backends, linear, reference, validation
+from .loss_table import SCALE_OUT_LOSS_TYPES, Aggregation, loss_type_row
 from .reference import GRPOLossOutput
 
 # Local ids handed to the row kernels: an ignored row, and (backward) a row whose target another shard holds.
 _IGNORED = -1
 _ELSEWHERE = -2
-
-# The module with `row_statistics` / `row_gradient` of each kernel backend.
-_ROW_MODULES = {
-    "triton": "grpo_kernels.triton.token_logprobs",
-    "cpu": "grpo_kernels.native.token_logprobs",
-    "cuda": "grpo_kernels.native.token_logprobs",
-}
 
 
 def all_gather(t: Tensor, group) -> Tensor:
@@ -136,11 +131,12 @@ def _torch_row_gradient(logits: Tensor, ids: Tensor, lse: Tensor, ent: Optional[
 
 
 def row_ops(backend: str, device: torch.device):
-    """``row_statistics`` and ``row_gradient`` of ``backend`` (a resolved name), checked usable on ``device``."""
-    backends.implementation(backend, device, "token_logprobs")
+    """``row_statistics`` and ``row_gradient`` of ``backend`` (a resolved name), checked usable on ``device``: the
+    kernel backends' from the registry (:func:`grpo_kernels.backends.row_kernels`), the reference's in torch."""
     if backend == "reference":
+        backends.implementation(backend, device, "token_logprobs")
         return SimpleNamespace(row_statistics=_torch_row_statistics, row_gradient=_torch_row_gradient)
-    return importlib.import_module(_ROW_MODULES[backend])
+    return backends.row_kernels(backend, device)
 
 
 # --------------------------------------------------------------------------- #
@@ -239,7 +235,7 @@ class VocabParallelTiles(linear.RowOpTiles):
     def __init__(self, shards: VocabShards):
         self.shards = shards
 
-    def token_logprobs(self, head: linear._Head, tile: Tensor, ids: Tensor, return_entropy: bool):
+    def token_logprobs(self, head: linear.LinearHead, tile: Tensor, ids: Tensor, return_entropy: bool):
         return token_logprobs(tile, ids, vocab_group=self.shards.group, temperature=head.temperature,
                               ignore_index=head.ignore_index, return_entropy=return_entropy,
                               inplace_backward=head.softcap is None, backend=head.backend, shards=self.shards)
@@ -289,19 +285,24 @@ def batch_normalized(result: GRPOLossOutput, keep: Tensor, num_seqs: int, length
     group_size = gathered.shape[0]
     all_tokens = total[_TOKENS].clamp(min=1.0)
     all_seqs = total[_SEQUENCES]
-    if loss_type in ("grpo", "sapo", "luspo"):
+    if loss_type not in SCALE_OUT_LOSS_TYPES:
+        raise ValueError(f"loss_type with batch_group must be one of {', '.join(SCALE_OUT_LOSS_TYPES)}; "
+                         f"got {loss_type!r}")
+    # The loss is Σ_i S_i / (c_i · D) (c_i = n_i for a sequence mean, else 1; D the aggregation's normalizer over
+    # the batch): this rank's share scales its own loss by D_rank / D_batch.
+    aggregation = loss_type_row(loss_type).aggregation
+    if aggregation is Aggregation.SEQUENCE_MEAN or aggregation is Aggregation.SEQUENCE_SUM:  # D = B
         factor = num_seqs / all_seqs
-    elif loss_type == "dr_grpo":
+    elif aggregation is Aggregation.FIXED_LENGTH:  # D = B · L, L the longest completion of the group by default
         longest = gathered[:, _LENGTH].max() if max_completion_length is None else max_completion_length
         local_length = length if max_completion_length is None else max_completion_length
         factor = (num_seqs * local_length) / (all_seqs * longest)
-    elif loss_type in ("dapo", "cispo") and num_items_in_batch is not None:
-        factor = torch.ones((), dtype=dtype, device=tokens.device) / group_size  # the caller's normalizer
-    elif loss_type in ("bnpo", "dapo", "cispo"):
+    elif aggregation is Aggregation.TOKEN_SUM and num_items_in_batch is not None:  # D = P · the caller's normalizer
+        factor = torch.ones((), dtype=dtype, device=tokens.device) / group_size
+    elif aggregation is Aggregation.TOKEN_SUM or aggregation is Aggregation.BATCH_TOKEN_MEAN:  # D = the token count
         factor = local_tokens / all_tokens
     else:
-        raise ValueError(f"loss_type with batch_group must be one of grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo; "
-                         f"got {loss_type!r}")
+        raise ValueError(f"unknown aggregation {aggregation!r} of loss_type {loss_type!r}")
     all_metric = all_seqs if per_seq_metrics else all_tokens
     return result._replace(
         loss=result.loss * (group_size * factor),

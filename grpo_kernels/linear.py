@@ -67,7 +67,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import backends, reference
+from . import reference
 from .aggregation import sequence_weights
 from .kernel_options import needs_sequence_pass
 from .reference import GRPOLossOutput
@@ -79,6 +79,9 @@ DEFAULT_TILE_ELEMENTS = 2**24
 # as a function of the chunk's rows and log-probs.
 Weights = tuple[Optional[Tensor], Optional[Tensor]]
 WeightsFn = Callable[[slice, Tensor], Weights]
+# The backend's kernel of a row op, by op name: given by the caller (grpo_kernels.backends, or a kernel backend
+# for its own kernels), so that this driver, which kernel backends import, never imports the backend registry.
+KernelLookup = Callable[[str], Callable]
 
 
 class Stats(NamedTuple):
@@ -102,7 +105,7 @@ class Tiles(Protocol):
 
     tileless_stats: bool
 
-    def __call__(self, head: _Head, rows: slice, h: Tensor, return_entropy: bool, weights: Optional[WeightsFn],
+    def __call__(self, head: LinearHead, rows: slice, h: Tensor, return_entropy: bool, weights: Optional[WeightsFn],
                  known: Optional[Stats]) -> tuple[Stats, Optional[Tensor]]:
         """``(stats of the tokens rows, d (h Wᵀ + b) [n, V] in the compute dtype or None)``.
 
@@ -113,8 +116,9 @@ class Tiles(Protocol):
         ...
 
 
-class _Head(NamedTuple):
-    """The LM head, the sampled ids and the options that turn hidden states into tiles of transformed logits."""
+class LinearHead(NamedTuple):
+    """The LM head, the sampled ids and the options that turn hidden states into tiles of transformed logits, and
+    the backend whose row kernels the driver runs (shared with the tile providers of other modules)."""
 
     hidden: Tensor  # [N, H]
     weight: Tensor  # [V, H]
@@ -125,7 +129,8 @@ class _Head(NamedTuple):
     softcap: Optional[float]
     ignore_index: int
     chunk_size: int
-    backend: str
+    backend: str  # the backend's resolved name
+    kernel: KernelLookup  # the backend's kernel of an op ("token_logprobs", "grpo_loss"), inputs validated
     tiles: Tiles
 
     @property
@@ -147,22 +152,18 @@ class _Head(NamedTuple):
             cols = slice(start, min(start + block, vocab))
             yield cols, self.weight[cols].to(self.dtype)
 
-    def implementation(self, op: str) -> Callable:
-        """The backend's kernel op (inputs already validated by the public op)."""
-        return backends.implementation(self.backend, self.hidden.device, op)
-
 
 def _head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], token_ids: Tensor, temperature: float,
           logit_scale: float, softcap: Optional[float], ignore_index: int, chunk_size: Optional[int],
-          backend: str, tiles: Optional[Tiles]) -> _Head:
+          backend: str, kernel: KernelLookup, tiles: Optional[Tiles]) -> LinearHead:
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_TILE_ELEMENTS // weight.shape[0])
-    return _Head(hidden.reshape(-1, hidden.shape[-1]), weight, bias, token_ids.reshape(-1), float(temperature),
-                 float(logit_scale), None if softcap is None else float(softcap), int(ignore_index), int(chunk_size),
-                 backend, RowOpTiles() if tiles is None else tiles)
+    return LinearHead(hidden.reshape(-1, hidden.shape[-1]), weight, bias, token_ids.reshape(-1), float(temperature),
+                      float(logit_scale), None if softcap is None else float(softcap), int(ignore_index),
+                      int(chunk_size), backend, kernel, RowOpTiles() if tiles is None else tiles)
 
 
-def _tile(head: _Head, h: Tensor) -> Tensor:
+def _tile(head: LinearHead, h: Tensor) -> Tensor:
     """The transformed logits ``[n, V]`` of the hidden states ``h [n, H]`` (already in the compute dtype)."""
     if head.weight.dtype == head.dtype:
         tile = torch.matmul(h, head.weight.t())
@@ -187,7 +188,7 @@ class RowOpTiles:
 
     tileless_stats = False
 
-    def __call__(self, head: _Head, rows: slice, h: Tensor, return_entropy: bool, weights: Optional[WeightsFn],
+    def __call__(self, head: LinearHead, rows: slice, h: Tensor, return_entropy: bool, weights: Optional[WeightsFn],
                  known: Optional[Stats]) -> tuple[Stats, Optional[Tensor]]:
         tile = _tile(head, h)
         with torch.enable_grad() if weights is not None else nullcontext():
@@ -206,9 +207,9 @@ class RowOpTiles:
             dx.mul_(head.logit_scale)
         return stats, dx
 
-    def token_logprobs(self, head: _Head, tile: Tensor, ids: Tensor, return_entropy: bool):
+    def token_logprobs(self, head: LinearHead, tile: Tensor, ids: Tensor, return_entropy: bool):
         """The row op on a tile: the backend's ``token_logprobs``, its gradient written over the tile."""
-        return head.implementation("token_logprobs")(
+        return head.kernel("token_logprobs")(
             tile, ids, temperature=head.temperature, ignore_index=head.ignore_index, return_entropy=return_entropy,
             inplace_backward=head.softcap is None,
         )
@@ -220,7 +221,7 @@ class RowOpTiles:
 class _Grads:
     """Accumulators of the gradients of ``hidden``, ``weight``, ``bias`` (compute dtype; ``None`` where not needed)."""
 
-    def __init__(self, head: _Head, needs: tuple[bool, bool, bool]):
+    def __init__(self, head: LinearHead, needs: tuple[bool, bool, bool]):
         inputs = (head.hidden, head.weight, head.bias)
         self.dtypes = tuple(None if t is None else t.dtype for t in inputs)
         self.hidden, self.weight, self.bias = (
@@ -228,7 +229,7 @@ class _Grads:
             for t, needed in zip(inputs, needs)
         )
 
-    def add(self, head: _Head, rows: slice, h: Tensor, dx: Tensor) -> None:
+    def add(self, head: LinearHead, rows: slice, h: Tensor, dx: Tensor) -> None:
         """Add the contribution of the logits gradient ``dx [n, V]`` of the tokens ``rows`` (hidden states ``h``).
         An ignored token's ``dx`` row is 0 and its hidden state is selected away (0 · NaN would reach ``d weight``)."""
         if self.weight is not None:
@@ -258,7 +259,7 @@ class _Grads:
         return None if dh is None else dh.view(shape), dw, db
 
 
-def _sweep(head: _Head, return_entropy: bool, *, weights: Optional[WeightsFn] = None,
+def _sweep(head: LinearHead, return_entropy: bool, *, weights: Optional[WeightsFn] = None,
            grads: Optional[_Grads] = None, known: Optional[Stats] = None) -> Stats:
     """One pass over the token chunks; returns the statistics ``[N]`` that the provider formed.
 
@@ -289,7 +290,7 @@ class _LinearLogprobsFunction(torch.autograd.Function):
     """``(hidden, weight, bias, head)`` → ``(logp [N], entropy [N] or 0-d)``; the backward recomputes the tiles."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, head: _Head, return_entropy: bool):
+    def forward(ctx, hidden, weight, bias, head: LinearHead, return_entropy: bool):
         stats = _sweep(head, return_entropy)
         ctx.set_materialize_grads(False)
         ctx.head = head._replace(hidden=None, weight=None, bias=None)
@@ -314,7 +315,7 @@ class _LinearLogprobsFunction(torch.autograd.Function):
         return (*grads.results(ctx.shape, ctx.head.tiles), None, None)
 
 
-def _head_with(head: _Head, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> _Head:
+def _head_with(head: LinearHead, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> LinearHead:
     return head._replace(hidden=hidden.reshape(-1, hidden.shape[-1]), weight=weight, bias=bias)
 
 
@@ -331,12 +332,14 @@ def linear_token_logprobs(
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
     backend: str,
+    kernel: KernelLookup,
     tiles: Optional[Tiles] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """:func:`grpo_kernels.reference.linear_token_logprobs` over ``backend`` (inputs validated); ``tiles``: the
-    backend's tile provider (default :class:`RowOpTiles`, the chunked driver over its row ops)."""
+    """:func:`grpo_kernels.reference.linear_token_logprobs` over ``backend`` (inputs validated), whose kernels
+    ``kernel(op)`` gives; ``tiles``: the backend's tile provider (default :class:`RowOpTiles`, the chunked driver
+    over its row ops)."""
     head = _head(hidden, weight, bias, token_ids, temperature, logit_scale, softcap, ignore_index, chunk_size,
-                 backend, tiles)
+                 backend, kernel, tiles)
     out = _LinearLogprobsFunction.apply(hidden, weight, bias, head, bool(return_entropy))
     shape = token_ids.shape
     return (out[0].view(shape), out[1].view(shape)) if return_entropy else out.view(shape)
@@ -348,10 +351,11 @@ def _per_token(t: Optional[Tensor], shape: torch.Size, dtype: torch.dtype) -> Op
     """A ``[B]``, ``[B, 1]`` or ``[B, T]`` tensor as one value per token ``[B·T, 1]`` in ``dtype``."""
     if t is None:
         return None
-    return reference._as_column(t.to(dtype)).expand(shape).reshape(-1, 1)
+    t = t.to(dtype)
+    return (t.unsqueeze(1) if t.ndim == 1 else t).expand(shape).reshape(-1, 1)
 
 
-def _token_level_weights(head: _Head, keep: Tensor, old_logprobs: Optional[Tensor], advantages: Tensor,
+def _token_level_weights(head: LinearHead, keep: Tensor, old_logprobs: Optional[Tensor], advantages: Tensor,
                          loss_options: dict) -> WeightsFn:
     """``weights(rows, logp)`` of the loss at token level: ``w = dL/dS_i · m · dℓ/dlogp`` per token."""
     B, T = keep.shape
@@ -398,7 +402,7 @@ class _FusedLinearGRPOLossFunction(torch.autograd.Function):
     """``(hidden, weight, bias, old, adv, mask, head, options)`` → loss, metrics; the gradient formed in the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, old_logprobs, advantages, mask, head: _Head, options):
+    def forward(ctx, hidden, weight, bias, old_logprobs, advantages, mask, head: LinearHead, options):
         return_entropy, loss_options = options
         B, T = mask.shape
         keep = reference.fused_loss_mask(mask, head.token_ids.view(B, T), head.ignore_index)
@@ -407,7 +411,7 @@ class _FusedLinearGRPOLossFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         grads = _Grads(head, needs) if any(needs) else None
         token_level = not needs_sequence_pass(loss_options)  # each token's weight from its own log-prob
-        grpo_loss = head.implementation("grpo_loss")
+        grpo_loss = head.kernel("grpo_loss")
         if grads is not None and token_level:
             # one sweep: each tile's statistics, then at once its gradient
             weights = _token_level_weights(head, keep, old_logprobs, advantages, loss_options)
@@ -483,6 +487,7 @@ def fused_linear_grpo_loss(
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
     backend: str,
+    kernel: KernelLookup,
     tiles: Optional[Tiles] = None,
     **loss_options,
 ) -> GRPOLossOutput:
@@ -494,7 +499,7 @@ def fused_linear_grpo_loss(
     gradient.
     """
     head = _head(hidden, weight, bias, token_ids, temperature, logit_scale, softcap, ignore_index, chunk_size,
-                 backend, tiles)
+                 backend, kernel, tiles)
     loss, per_token_loss, kl, low, high, region, entropy = _FusedLinearGRPOLossFunction.apply(
         hidden, weight, bias, old_logprobs, advantages, mask, head, (bool(return_entropy), loss_options)
     )

@@ -7,6 +7,8 @@ time a process asks ``"auto"`` for an op on such a device,
 reference computed on the same device in float64, on the cases of
 :func:`cases`) and stores the verdict in a JSON file keyed by the device and
 the versions (:func:`environment`), so later processes read it instead.
+(:func:`backend_usable` is installed as :mod:`grpo_kernels.backends`' device check by the package's
+``__init__``: this module runs the backends, so it imports them and not the other way round.)
 
 The cases: every op in bfloat16 and float32; a small case with edge rows
 (−inf logits, ignored ids, a fully masked row, a vocabulary that is no multiple of a block) and a large one
@@ -94,7 +96,8 @@ class ValidationWarning(UserWarning):
 # --------------------------------------------------------------------------- #
 # environment and cache
 # --------------------------------------------------------------------------- #
-def _package_version(name: str) -> Optional[str]:
+def package_version(name: str) -> Optional[str]:
+    """``name.__version__`` of an installed package (None when absent)."""
     try:
         module = __import__(name)
     except ImportError:
@@ -105,7 +108,8 @@ def _package_version(name: str) -> Optional[str]:
 _NOT_KERNEL_SETTINGS = ("GRPO_KERNELS_CACHE_DIR", "GRPO_KERNELS_BACKEND", "GRPO_KERNELS_CHECK_VALUES")
 
 
-def _extension_facts() -> dict:
+def extension_facts() -> dict:
+    """:func:`grpo_kernels.extension_info`, or the error that reading it raised."""
     try:
         return extension_info()
     except Exception as exc:  # a stale build lacking an entry point: part of the key, not a crash
@@ -128,10 +132,10 @@ def environment(device: torch.device) -> dict:
         "parallel_units": units,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "triton": _package_version("triton"),
+        "triton": package_version("triton"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "grpo_kernels": __version__,
-        "extension": _extension_facts(),
+        "extension": extension_facts(),
         # settings that change what the kernels run (e.g. the Triton tuning), not where verdicts go or who is used
         "settings": {k: v for k, v in sorted(os.environ.items())
                      if k.startswith("GRPO_KERNELS_") and k not in _NOT_KERNEL_SETTINGS},
@@ -588,7 +592,7 @@ def check_case(case: Case, fn: Callable, reference_fn: Callable) -> CaseResult:
 
 
 @contextlib.contextmanager
-def _eager(device: torch.device):
+def eager(device: torch.device):
     """Plain eager execution for the checks: gradients on, no inference mode, no autocast, on ``device``."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
@@ -608,7 +612,7 @@ def validate(backend: str, op: str, device: torch.device, size: Optional[Sizes] 
     size = sizes(backend, device) if size is None else size
     start = time.perf_counter()
     results = []
-    with _eager(device):
+    with eager(device):
         try:
             fn = backends.backend_function(backend, device, op)
         except Exception as exc:

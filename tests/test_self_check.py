@@ -375,7 +375,7 @@ def test_auto_on_cuda_without_kernels_is_the_bounded_fallback(monkeypatch):
     cuda = torch.device("cuda")
     for op in ("linear_token_logprobs", "fused_linear_grpo_loss"):
         fn = backends.backend_function("auto", cuda, op)
-        assert fn.func.__module__ == "grpo_kernels.linear" and fn.keywords == {"backend": "reference"}
+        assert fn.func.__module__ == "grpo_kernels.linear" and fn.keywords["backend"] == "reference"
         assert backends.backend_function("reference", cuda, op).__module__ == "grpo_kernels.reference"
     assert backends.resolve_backend("auto", cuda, "token_logprobs") == "reference"
     monkeypatch.setattr(self_check, "backend_usable", lambda backend, op, device: backend == "cuda")

@@ -29,7 +29,7 @@ then the epilogue of :func:`grpo_kernels.reference.linear_logits` and ``/ T``:
 
 Either way the driver then adds ``d hidden = d a · W``, ``d weight += d aᵀ · h``,
 ``d bias += Σ d a`` (``torch.matmul`` in the compute dtype,
-:class:`grpo_kernels.linear._Grads`). The autograd and the loss glue are those
+the driver's accumulators). The autograd and the loss glue are those
 of the chunked driver (:mod:`grpo_kernels.linear`), with :class:`TritonTiles`
 as its tile provider:
 
@@ -80,10 +80,10 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import linear
-from ..linear import Stats, WeightsFn
+from ..linear import LinearHead, Stats, WeightsFn
 from ..reference import GRPOLossOutput
-from .grpo_loss import compute_dtype
-from .token_logprobs import backward_rows, device_guard, inverse_temperature, row_layout
+from .grpo_loss import compute_dtype, grpo_loss
+from .token_logprobs import backward_rows, device_guard, inverse_temperature, row_layout, token_logprobs
 from .tuning import knob
 
 __all__ = ["TILES", "TileConfig", "TritonTiles", "fused_linear_grpo_loss", "linear_gradient", "linear_stats",
@@ -346,7 +346,7 @@ class _Launch(NamedTuple):
     meta: dict  # num_warps, num_stages
 
 
-def _launch(head: linear._Head, rows: slice) -> _Launch:
+def _launch(head: LinearHead, rows: slice) -> _Launch:
     hidden = head.hidden[rows]
     n, (vocab, size) = hidden.shape[0], head.weight.shape
     cfg = tile_config(hidden.dtype, hidden.device)
@@ -385,7 +385,7 @@ def _merge(part: Tensor, z_y: Tensor, ids: Tensor, ignore_index: int, return_ent
 # --------------------------------------------------------------------------- #
 # launches
 # --------------------------------------------------------------------------- #
-def linear_stats(head: linear._Head, rows: slice, return_entropy: bool, tile: Optional[Tensor] = None) -> Stats:
+def linear_stats(head: LinearHead, rows: slice, return_entropy: bool, tile: Optional[Tensor] = None) -> Stats:
     """``(logp, entropy or None, lse)`` ``[n]`` in the compute dtype of the tokens ``rows`` (one launch); with
     ``tile`` (``[n, V]`` contiguous, compute dtype), the logits ``x`` (before ``/ T``) written into it as well."""
     run = _launch(head, rows)
@@ -401,7 +401,7 @@ def linear_stats(head: linear._Head, rows: slice, return_entropy: bool, tile: Op
     return _merge(part, z_y, run.ids, head.ignore_index, return_entropy)
 
 
-def linear_gradient(head: linear._Head, rows: slice, stats: Stats, g_logp: Optional[Tensor],
+def linear_gradient(head: LinearHead, rows: slice, stats: Stats, g_logp: Optional[Tensor],
                     g_entropy: Optional[Tensor]) -> Tensor:
     """``d (h Wᵀ + b)`` ``[n, V]`` (compute dtype) of ``Σ g_logp·logp + g_H·H`` over the tokens ``rows``, from
     their ``lse`` (and entropy, needed with ``g_entropy``); ignored tokens get zeros."""
@@ -420,7 +420,7 @@ def linear_gradient(head: linear._Head, rows: slice, stats: Stats, g_logp: Optio
     return da
 
 
-def tile_gradient(head: linear._Head, rows: slice, tile: Tensor, stats: Stats, g_logp: Optional[Tensor],
+def tile_gradient(head: LinearHead, rows: slice, tile: Tensor, stats: Stats, g_logp: Optional[Tensor],
                   g_entropy: Optional[Tensor]) -> Tensor:
     """``d (h Wᵀ + b)`` of ``Σ g_logp·logp + g_H·H`` over the tokens ``rows``, written over their logits ``tile``
     ``[n, V]`` (from :func:`linear_stats`) by the row gradient kernel of :mod:`.token_logprobs`: ``d x`` from
@@ -442,7 +442,7 @@ class TritonTiles:
 
     tileless_stats = True
 
-    def __call__(self, head: linear._Head, rows: slice, h: Tensor, return_entropy: bool,
+    def __call__(self, head: LinearHead, rows: slice, h: Tensor, return_entropy: bool,
                  weights: Optional[WeightsFn], known: Optional[Stats]) -> tuple[Stats, Optional[Tensor]]:
         if weights is None:
             return linear_stats(head, rows, return_entropy) if known is None else known, None
@@ -456,6 +456,17 @@ class TritonTiles:
 
 
 TILES = TritonTiles()
+
+# The row kernels the driver runs besides the tiles: the loss on the log-probs (and token_logprobs, by the
+# driver's default provider).
+_ROW_KERNELS = {"token_logprobs": token_logprobs, "grpo_loss": grpo_loss}
+
+
+def _kernel(op: str):
+    try:
+        return _ROW_KERNELS[op]
+    except KeyError:
+        raise ValueError(f"the Triton fused-linear driver runs {sorted(_ROW_KERNELS)}, not {op!r}") from None
 
 
 # --------------------------------------------------------------------------- #
@@ -482,7 +493,7 @@ def linear_token_logprobs(
     return linear.linear_token_logprobs(
         hidden, weight, token_ids, bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
         ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size, backend="triton",
-        tiles=TILES,
+        kernel=_kernel, tiles=TILES,
     )
 
 
@@ -513,5 +524,5 @@ def fused_linear_grpo_loss(
     return linear.fused_linear_grpo_loss(
         hidden, weight, token_ids, old_logprobs, advantages, mask, bias=bias, temperature=temperature,
         logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index, return_entropy=return_entropy,
-        chunk_size=chunk_size, backend="triton", tiles=TILES, **loss_options,
+        chunk_size=chunk_size, backend="triton", kernel=_kernel, tiles=TILES, **loss_options,
     )
