@@ -161,17 +161,21 @@ def write(header: Path = HEADER_PATH, table_path: Path = TABLE_PATH) -> bool:
     return True
 
 
+def is_current(header: Path = HEADER_PATH, table_path: Path = TABLE_PATH) -> bool:
+    """Whether ``header`` holds exactly what the table gives."""
+    return header.exists() and header.read_text() == render(load_table(table_path))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the header is not what the table gives")
     args = parser.parse_args(argv)
     if args.check:
-        current = HEADER_PATH.read_text() if HEADER_PATH.exists() else None
-        if current != render(load_table()):
+        if not is_current(HEADER_PATH):
             print(f"{HEADER_PATH} is stale: run `{COMMAND}`", file=sys.stderr)
             return 1
         return 0
-    print(f"{HEADER_PATH}: {'written' if write() else 'up to date'}")
+    print(f"{HEADER_PATH}: {'written' if write(HEADER_PATH) else 'up to date'}")
     return 0
 
 

@@ -3,7 +3,7 @@
 CI has no GPU, so this is what checks the CUDA kernels there: each file must
 compile with the flags torch's BuildExtension and setup.py use, its kernels must
 not spill registers, and the objects must define every entry point of
-csrc/grpo_kernels.h in grpo_kernels::cuda with the signatures of the CPU
+csrc/common/entry_points.h in grpo_kernels::cuda with the signatures of the CPU
 kernels. Skipped when nvcc is absent. Files compile two at a time (about 30 s
 of CPU each, most of it parsing the ATen headers); the per-file compile times
 and the kernels' register counts are printed.
@@ -117,7 +117,22 @@ def test_kernels_do_not_spill(builds, capsys):
     assert not spilling, "\n".join(spilling)
 
 
-ENTRY_POINTS = sorted(set(re.findall(r"\b(\w+)\(\s*\\?\n", (ROOT / "csrc" / "grpo_kernels.h").read_text())))
+ENTRY_POINTS_H = (ROOT / "csrc" / "common" / "entry_points.h").read_text()
+
+
+def _declared(namespace: str) -> list[str]:
+    """The functions entry_points.h declares in ``namespace grpo_kernels::<namespace>`` (one per
+    ``<return type> name(`` line)."""
+    body = ENTRY_POINTS_H.split(f"namespace {namespace} {{", 1)[1].split(f"}}  // namespace {namespace}", 1)[0]
+    return re.findall(r"^\S.*?\b(\w+)\($", body, re.M)
+
+
+ENTRY_POINTS = sorted(_declared("cpu"))
+
+
+def test_cpu_and_cuda_declare_the_same_entry_points():
+    assert ENTRY_POINTS == sorted(_declared("cuda"))
+    assert len(ENTRY_POINTS) == len(set(ENTRY_POINTS)) == 6, ENTRY_POINTS
 
 
 def _symbols(path: pathlib.Path, namespace: str) -> dict:
