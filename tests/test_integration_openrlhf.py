@@ -5,7 +5,9 @@ OpenRLHF is installed without its dependencies (the Makefile's peer packages). `
 ``models/utils.py`` are loaded here as a package of their own, with a placeholder ``deepspeed`` module
 while ``utils.py`` runs (it imports deepspeed for a function not used here). The reward shaping is
 ``RemoteExperienceMaker.compute_advantages_and_returns`` itself, taken from ``experience_maker.py``'s source
-(its module imports Ray actors) and run on stand-in experiences. Skipped when OpenRLHF is not installed.
+(its module imports Ray actors) and run on stand-in experiences. patch_openrlhf is checked on stand-in
+modules holding OpenRLHF's class, and on a stand-in package with OpenRLHF's import chain of PolicyLoss.
+Skipped when OpenRLHF is not installed.
 """
 
 from __future__ import annotations
@@ -441,9 +443,10 @@ def test_reward_shaping_validation():
 # --------------------------------------------------------------------------- #
 # patching OpenRLHF's trainer
 # --------------------------------------------------------------------------- #
-def test_patch_openrlhf(orl, monkeypatch):
-    """patch_openrlhf rebinds PolicyLoss where OpenRLHF's actor finds it, and undo() restores it. OpenRLHF's
-    modules do not import here (deepspeed, peft, ray actors): stand-ins hold its PolicyLoss under their names."""
+def test_patch_openrlhf_loaded(orl, monkeypatch):
+    """OpenRLHF already imported: patch_openrlhf rebinds PolicyLoss where OpenRLHF's actor finds it, and undo()
+    restores it. OpenRLHF's modules do not import here (deepspeed, peft, vllm): stand-ins hold its PolicyLoss
+    under their names."""
     original = orl.loss.PolicyLoss
     models = types.ModuleType("openrlhf.models")
     actor = types.ModuleType("openrlhf.trainer.ray.ppo_actor")
@@ -453,7 +456,7 @@ def test_patch_openrlhf(orl, monkeypatch):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(orl.loss, "PolicyLoss", original)  # restored after the test whatever happens
     patch = gk_orl.patch_openrlhf()
-    assert patch.modules == list(gk_orl.PATCH_TARGETS)
+    assert patch.modules == list(gk_orl.PATCH_TARGETS) and patch.hook is None
     assert orl.loss.PolicyLoss is models.PolicyLoss is actor.PolicyLoss is gk_orl.PolicyLoss
     # the actor's call (ppo_actor.py): keyword arguments only
     loss_fn = actor.PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=None, token_level_loss=True,
@@ -468,10 +471,47 @@ def test_patch_openrlhf(orl, monkeypatch):
     assert actor.PolicyLoss is original
 
 
-def test_patch_without_openrlhf_fails_clearly(monkeypatch):
-    monkeypatch.setitem(sys.modules, "openrlhf", None)  # import openrlhf raises ImportError
-    with pytest.raises(ImportError):
-        gk_orl.patch_openrlhf()
+FAKE_OPENRLHF = {  # OpenRLHF's import chain of PolicyLoss, reduced to it
+    "openrlhf/__init__.py": "",
+    "openrlhf/models/__init__.py": "from .loss import PolicyLoss\n",
+    "openrlhf/models/loss.py": "class PolicyLoss:\n    pass\n",
+    "openrlhf/trainer/__init__.py": "",
+    "openrlhf/trainer/ray/__init__.py": "",
+    "openrlhf/trainer/ray/ppo_actor.py": "from openrlhf.models import PolicyLoss\n",
+}
+
+
+def _hooks():
+    return [f for f in sys.meta_path if type(f).__module__ == gk_orl.__name__]
+
+
+def test_patch_openrlhf_before_import(tmp_path, monkeypatch):
+    """OpenRLHF not imported yet (a fresh Ray worker): patch_openrlhf imports nothing; the actor module imported
+    later gets our PolicyLoss; undo() removes the hook and restores OpenRLHF's class."""
+    for relative, text in FAKE_OPENRLHF.items():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [n for n in sys.modules if n == "openrlhf" or n.startswith("openrlhf.")]:
+        monkeypatch.delitem(sys.modules, name)
+    before = set(sys.modules)
+    try:
+        patch = gk_orl.patch_openrlhf(backend="cpu")
+        assert patch.modules == [] and not [n for n in sys.modules if n.startswith("openrlhf")]
+        assert _hooks() == [patch.hook]
+        actor = importlib.import_module("openrlhf.trainer.ray.ppo_actor")
+        assert issubclass(actor.PolicyLoss, gk_orl.PolicyLoss) and actor.PolicyLoss(dual_clip=2.0).backend == "cpu"
+        assert patch.modules == list(gk_orl.PATCH_TARGETS)
+        original = patch.original
+        assert original.__module__ == "openrlhf.models.loss"
+        patch.undo()
+        assert _hooks() == []
+        assert actor.PolicyLoss is sys.modules["openrlhf.models"].PolicyLoss is original
+    finally:
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+        for hook in _hooks():
+            sys.meta_path.remove(hook)
 
 
 def test_import_does_not_import_openrlhf(monkeypatch):

@@ -3,12 +3,15 @@
 - :class:`PolicyLoss` has the constructor, ``forward`` signature and the five return values of
   ``openrlhf.models.loss.PolicyLoss`` (``loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio``); the loss is
   :func:`grpo_kernels.grpo_loss`.
-- :func:`patch_openrlhf` makes OpenRLHF's trainer build ours instead; in OpenRLHF's Ray workers, through
+- :func:`patch_openrlhf` makes OpenRLHF's trainer build ours instead. It imports nothing of OpenRLHF (an
+  import hook patches ``openrlhf.models.loss`` when it is imported), so it can run in every Ray worker, as
   Ray's setup hook::
 
-      ray.init(runtime_env={"worker_process_setup_hook": "grpo_kernels.integrations.openrlhf.patch_openrlhf"})
+      ray job submit --runtime-env-json='{"worker_process_setup_hook":
+          "grpo_kernels.integrations.openrlhf.patch_openrlhf"}' -- python3 -m openrlhf.cli.train_ppo_ray ...
 
-  before ``openrlhf.cli.train_ppo_ray``'s ``train(args)`` (it calls ``ray.init`` only when Ray is not started).
+  or ``ray.init(runtime_env={"worker_process_setup_hook": "grpo_kernels.integrations.openrlhf.patch_openrlhf"})``
+  before ``openrlhf.cli.train_ppo_ray``'s ``train(args)`` (which calls ``ray.init`` only when Ray is not started).
 - :func:`compute_approx_kl` (``openrlhf.models.utils.compute_approx_kl``): k1/k2/k3, ``unbiased_gradient``.
 - :func:`normalize_rewards` / :func:`outcome_advantages`: the reward shaping of OpenRLHF's advantage
   estimators ``group_norm``, ``dr_grpo``, ``reinforce_baseline``, ``rloo``, ``flash_reinforce``
@@ -44,7 +47,8 @@ Differences from OpenRLHF, all outside ordinary inputs:
 
 from __future__ import annotations
 
-import importlib
+import importlib.abc
+import importlib.machinery
 import math
 import sys
 from typing import NamedTuple, Optional, Sequence, Union
@@ -435,22 +439,67 @@ def outcome_advantages(rewards: Tensor, action_mask: Tensor, n_samples_per_promp
 # patching OpenRLHF
 # --------------------------------------------------------------------------- #
 class OpenRLHFPatch:
-    """What :func:`patch_openrlhf` replaced; ``undo()`` (or leaving a ``with`` block) puts it back."""
+    """What :func:`patch_openrlhf` did; ``undo()`` (or leaving a ``with`` block) puts OpenRLHF's class back."""
 
-    def __init__(self, replaced: list[tuple[str, object, object]]):
-        self.replaced = replaced  # (module name, module, OpenRLHF's PolicyLoss)
-        self.modules = [name for name, _, _ in replaced]
+    def __init__(self, replacement: type):
+        self.replacement = replacement
+        self.original: Optional[type] = None  # OpenRLHF's PolicyLoss, once its module has run
+        self.hook: Optional[_PatchOnImport] = None
+
+    @property
+    def modules(self) -> list[str]:
+        """The modules whose ``PolicyLoss`` is ours now (those imported after the patch included)."""
+        return [name for name in PATCH_TARGETS
+                if getattr(sys.modules.get(name), "PolicyLoss", None) is self.replacement]
+
+    def apply(self, original: type) -> None:
+        """Replace ``original`` in every loaded module of :data:`PATCH_TARGETS`."""
+        self.original = original
+        for name in PATCH_TARGETS:
+            module = sys.modules.get(name)
+            if module is not None and getattr(module, "PolicyLoss", None) is original:
+                module.PolicyLoss = self.replacement
 
     def undo(self) -> None:
-        for _, module, original in reversed(self.replaced):
-            module.PolicyLoss = original
-        self.replaced = []
+        """Remove the import hook; give the modules OpenRLHF's ``PolicyLoss`` back."""
+        if self.hook is not None and self.hook in sys.meta_path:
+            sys.meta_path.remove(self.hook)
+        self.hook = None
+        if self.original is not None:
+            for name in self.modules:
+                sys.modules[name].PolicyLoss = self.original
 
     def __enter__(self) -> "OpenRLHFPatch":
         return self
 
     def __exit__(self, *exc) -> None:
         self.undo()
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Patches ``openrlhf.models.loss`` right after it runs, before ``openrlhf.models`` and the actor import
+    ``PolicyLoss`` from it by name: a process is patched without importing OpenRLHF (whose package imports
+    deepspeed, peft and transformers; Ray's setup hook also runs in the vLLM workers)."""
+
+    def __init__(self, patch: OpenRLHFPatch):
+        self.patch = patch
+        self._loaders: dict = {}
+
+    def find_spec(self, name, path, target=None):
+        if name != PATCH_TARGETS[0]:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return None
+        self._loaders[name], spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self._loaders[spec.name].create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loaders[module.__spec__.name].exec_module(module)
+        self.patch.apply(module.PolicyLoss)
 
 
 def policy_loss_class(backend: str = "auto") -> type:
@@ -464,29 +513,26 @@ def policy_loss_class(backend: str = "auto") -> type:
     return type("PolicyLoss", (PolicyLoss,), {"__init__": __init__, "__module__": __name__})
 
 
-def patch_openrlhf(backend: str = "auto", *, import_actor: bool = True) -> OpenRLHFPatch:
+def patch_openrlhf(backend: str = "auto") -> OpenRLHFPatch:
     """Make OpenRLHF's trainer build :class:`PolicyLoss` (with ``backend``) where it builds its own.
 
     Rebinds ``PolicyLoss`` in ``openrlhf.models.loss``, ``openrlhf.models`` and
-    ``openrlhf.trainer.ray.ppo_actor`` (which imports it by name; imported here unless ``import_actor`` is
-    False, and then patched only if already imported). Call it in the process that builds the actor: in Ray
-    workers through ``worker_process_setup_hook`` (module docstring).
+    ``openrlhf.trainer.ray.ppo_actor`` (which imports it by name): at once for those already imported; if
+    ``openrlhf.models.loss`` is not imported yet, an import hook patches it when it is, so that the other two
+    bind ours. Imports nothing of OpenRLHF. Call it in the process that builds the actor: in OpenRLHF's Ray
+    workers through Ray's ``worker_process_setup_hook`` (module docstring).
 
     Returns:
-        an :class:`OpenRLHFPatch` (``.modules``: the modules patched; ``.undo()``).
+        an :class:`OpenRLHFPatch` (``.modules``: the modules patched so far; ``.undo()``).
     """
-    replacement = policy_loss_class(backend)
-    importlib.import_module(PATCH_TARGETS[0])
-    replaced = []
-    for name in PATCH_TARGETS:
-        module = sys.modules.get(name)
-        if module is None and import_actor:
-            module = importlib.import_module(name)
-        if module is None or not hasattr(module, "PolicyLoss"):
-            continue
-        replaced.append((name, module, module.PolicyLoss))
-        module.PolicyLoss = replacement
-    return OpenRLHFPatch(replaced)
+    patch = OpenRLHFPatch(policy_loss_class(backend))
+    loss = sys.modules.get(PATCH_TARGETS[0])
+    if loss is not None:
+        patch.apply(loss.PolicyLoss)
+    else:
+        patch.hook = _PatchOnImport(patch)
+        sys.meta_path.insert(0, patch.hook)
+    return patch
 
 
 __all__ = [
