@@ -38,10 +38,10 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..kernel_options import KernelLossOptions, kernel_loss_options
+from ..kernel_options import KernelLossOptions, LossScalars, kernel_loss_options
 from ..precomputed_gradient import check_backward
 from ..reference import GRPOLossOutput, fused_loss_mask, kept_ids, masked_mean_entropy
-from .grpo_loss import (_dloss_dlogp, _options, check_codes, compute_dtype, grpo_loss, kernel_mask, loss_flags,
+from .grpo_loss import (check_codes, compute_dtype, dloss_dlogp, grpo_loss, kernel_mask, loss_flags, round_scalars,
                         select_unmasked, token_strides)
 from .token_logprobs import (
     Rows,
@@ -77,11 +77,11 @@ def _fused_grpo_loss_kernel(
     n_rows, T, n_inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner, V,
     s_keep_b, s_keep_t, s_old_b, s_old_t, s_ref_b, s_ref_t, s_adv_b, s_adv_t, s_iw_b, s_iw_t, s_samp_b, s_samp_t,
     s_seq_w, inv_t_hi, inv_t_lo, ignore_index,
-    lo_arg: tl.float64, hi_arg: tl.float64, eps_high_arg: tl.float64, delta_arg: tl.float64,
-    clip_c_arg: tl.float64, beta_arg: tl.float64, tau_pos_arg: tl.float64, tau_neg_arg: tl.float64,
-    eps_low_arg: tl.float64, is_min_arg: tl.float64, is_max_arg: tl.float64, opm_threshold_arg: tl.float64,
-    k_pos_arg: tl.float64, lambda_pos_arg: tl.float64, k_neg_arg: tl.float64, lambda_neg_arg: tl.float64,
-    log_clamp_arg: tl.float64,
+    # the numeric options, loss_table.SCALAR_NAMES (passed by name)
+    lo: tl.float64, hi: tl.float64, eps_high: tl.float64, delta: tl.float64, clip_c: tl.float64, beta: tl.float64,
+    tau_pos: tl.float64, tau_neg: tl.float64, eps_low: tl.float64, is_min: tl.float64, is_max: tl.float64,
+    off_policy_threshold: tl.float64, k_pos: tl.float64, lambda_pos: tl.float64, k_neg: tl.float64,
+    lambda_neg: tl.float64, log_clamp: tl.float64,
     FAMILY: tl.constexpr, SHARED: tl.constexpr, KL_EST: tl.constexpr, ADD_KL: tl.constexpr, BIAS_KL: tl.constexpr,
     HAS_IW: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr, ROLLOUT: tl.constexpr,
     IS_MASK: tl.constexpr, HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr, HAS_SAMP: tl.constexpr,
@@ -90,9 +90,10 @@ def _fused_grpo_loss_kernel(
 ):
     check_codes(FAMILY, KL_EST, ROLLOUT)
     inv_t = (tl.zeros([], dtype=ACC) + inv_t_hi) + inv_t_lo
-    sc = _options(lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg,
-                  eps_low_arg, is_min_arg, is_max_arg, opm_threshold_arg, k_pos_arg, lambda_pos_arg, k_neg_arg,
-                  lambda_neg_arg, log_clamp_arg, ACC)
+    sc = round_scalars(LossScalars(
+        lo=lo, hi=hi, eps_high=eps_high, delta=delta, clip_c=clip_c, beta=beta, tau_pos=tau_pos, tau_neg=tau_neg,
+        eps_low=eps_low, is_min=is_min, is_max=is_max, off_policy_threshold=off_policy_threshold, k_pos=k_pos,
+        lambda_pos=lambda_pos, k_neg=k_neg, lambda_neg=lambda_neg, log_clamp=log_clamp), ACC)
     zero = tl.zeros([], dtype=ACC)
     # persistent: each program takes rows pid, pid + P, ... (P programs in all, a few per SM, so that the
     # rows in flight fit in L2 between their two sweeps)
@@ -108,8 +109,8 @@ def _fused_grpo_loss_kernel(
         lse = tl.zeros([], dtype=ACC)
         ent = tl.zeros([], dtype=ACC)
         if y != ignore_index:
-            logp, lse, ent = _row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY, BLOCK_V, ACC,
-                                                    "evict_last")
+            logp, lse, ent = _row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY=RETURN_ENTROPY,
+                                                    BLOCK_V=BLOCK_V, ACC=ACC, EVICTION="evict_last")
         tl.store(logp_ptr + row, logp.to(logp_ptr.dtype.element_ty))
         tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
         if RETURN_ENTROPY:
@@ -134,16 +135,19 @@ def _fused_grpo_loss_kernel(
             m, logp_k, old_logp, adv, ref_logp, iw, samp_logp = select_unmasked(m, logp, old_logp, adv, ref_logp,
                                                                                 iw, samp_logp)
             # no sequence pass here: the sequence statistics keep their neutral values
-            dloss = _dloss_dlogp(logp_k, old_logp, adv, m, ref_logp, iw, samp_logp, zero, zero, zero + 1.0, zero,
-                                 zero, sc, ACC, FAMILY, SHARED, KL_EST, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C,
-                                 ROLLOUT, IS_MASK, HAS_OPM, LOG_CLAMP)
+            dloss = dloss_dlogp(logp_k, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio=zero, seq_adv=zero,
+                                seq_is=zero + 1.0, seq_kl=zero, seq_term=zero, sc=sc, DTYPE=ACC, FAMILY=FAMILY,
+                                SHARED=SHARED, KL_EST=KL_EST, ADD_KL=ADD_KL, BIAS_KL=BIAS_KL, HAS_IW=HAS_IW,
+                                HAS_DELTA=HAS_DELTA, HAS_C=HAS_C, ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, HAS_OPM=HAS_OPM,
+                                LOG_CLAMP=LOG_CLAMP)
             seq_w = tl.load(seq_w_ptr + b * s_seq_w).to(ACC)
             w = tl.where(m != 0, seq_w * (m * dloss), 0.0)
             if w == 0:
-                _row_zero(dx_row, V, BLOCK_V)
+                _row_zero(dx_row, V, BLOCK_V=BLOCK_V)
             else:
-                _row_grad(x_row, dx_row, y, lse, ent, w, 0.0, V, inv_t, 1.0, 1.0,
-                          True, False, False, False, BLOCK_V, ACC, True)
+                _row_grad(x_row, dx_row, y, lse, ent, g_logp=w, g_ent=0.0, V=V, inv_t=inv_t, scale=1.0, softcap=1.0,
+                          HAS_G_LOGP=True, HAS_G_ENT=False, ACCUMULATE=False, SOFTCAP=False, BLOCK_V=BLOCK_V, ACC=ACC,
+                          REVERSE=True)
 
 
 # Persistent grid of the fused kernel: programs per SM. The rows in flight (about SMs × this) must
@@ -189,7 +193,7 @@ def _fused_single_pass(rows: Rows, ids: Tensor, keep: Tensor, old: Optional[Tens
             rows.x, ids, keep_k, logp if old is None else old, logp if ref is None else ref, adv,
             logp if iw is None else iw, logp if samp is None else samp, seq_w, logp, lse, lse if ent is None else ent,
             out.x, n_rows, T, *rows.strides, out.stride_outer, out.stride_inner, rows.vocab, *strides,
-            *inverse_temperature(temperature), ignore_index, *cfg.scalars, **loss_flags(cfg),
+            *inverse_temperature(temperature), ignore_index, **cfg.scalars._asdict(), **loss_flags(cfg),
             HAS_OLD=old is not None, RETURN_ENTROPY=return_entropy, WRITE_GRAD=dx is not None, BLOCK_V=block,
             ACC=compute_dtype(rows.x.dtype), num_warps=num_warps,
         )

@@ -39,10 +39,34 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..aggregation import NUM_PARTIALS, P_COUNT
-from ..kernel_options import KernelLossOptions, kernel_loss_options
-from ..reference import VESPO_LOG_MIN, GRPOLossOutput
+from ..kernel_options import KernelLossOptions, LossScalars, kernel_loss_options
+from ..loss_table import (FOLDS_IMPORTANCE_WEIGHTS, LOSS_TYPE_TABLE, VESPO_LOG_MAX, VESPO_LOG_MIN, Family,
+                          KlEstimator, RolloutLevel)
+from ..reference import GRPOLossOutput
 
+# The kernels' codes: one constexpr per member of the loss table's enums (the kernels take the enum values as
+# constexpr ints and compare them with these by name).
+CLIPPED = tl.constexpr(int(Family.CLIPPED))
+CISPO = tl.constexpr(int(Family.CISPO))
+SAPO = tl.constexpr(int(Family.SAPO))
+VESPO = tl.constexpr(int(Family.VESPO))
+GMPO = tl.constexpr(int(Family.GMPO))
+GPG = tl.constexpr(int(Family.GPG))
+KL_K3 = tl.constexpr(int(KlEstimator.K3))
+KL_K1 = tl.constexpr(int(KlEstimator.K1))
+KL_K2 = tl.constexpr(int(KlEstimator.K2))
+KL_LOW_VAR_KL = tl.constexpr(int(KlEstimator.LOW_VAR_KL))
+ROLLOUT_NONE = tl.constexpr(int(RolloutLevel.NONE))
+ROLLOUT_TOKEN = tl.constexpr(int(RolloutLevel.TOKEN))
+ROLLOUT_SEQUENCE = tl.constexpr(int(RolloutLevel.SEQUENCE))
 _VESPO_LOG_MIN = tl.constexpr(VESPO_LOG_MIN)
+_VESPO_LOG_MAX = tl.constexpr(VESPO_LOG_MAX)
+# The same codes as sets, and the families' properties from the table (read by the constexpr functions below).
+_FAMILY_CODES = frozenset(int(member) for member in Family)
+_KL_ESTIMATOR_CODES = frozenset(int(member) for member in KlEstimator)
+_ROLLOUT_LEVEL_CODES = frozenset(int(member) for member in RolloutLevel)
+_FOLDING_FAMILIES = frozenset(int(family) for family in FOLDS_IMPORTANCE_WEIGHTS)
+_SEQUENCE_PASS_FAMILIES = frozenset(int(row.family) for row in LOSS_TYPE_TABLE.values() if row.sequence_pass)
 
 # Block of tokens per loop step and warps, by completion length: the smallest
 # block holding T (T > 1024 loops over blocks of 1024).
@@ -64,17 +88,41 @@ def _block_config(T: int) -> tuple[int, int]:
 # per-token math shared by the kernels (as csrc/cpu/loss_terms.h)
 # --------------------------------------------------------------------------- #
 @triton.jit
-def _options(lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg, eps_low_arg,
-             is_min_arg, is_max_arg, opm_threshold_arg, k_pos_arg, lambda_pos_arg, k_neg_arg, lambda_neg_arg,
-             log_clamp_arg, DTYPE: tl.constexpr):
-    """The numeric options (float64 kernel arguments, in kernel_options.SCALAR_NAMES order) rounded to the
-    compute dtype, as PyTorch rounds a scalar: one tuple, unpacked where used."""
-    return (tl.full((), lo_arg, DTYPE), tl.full((), hi_arg, DTYPE), tl.full((), eps_high_arg, DTYPE),
-            tl.full((), delta_arg, DTYPE), tl.full((), clip_c_arg, DTYPE), tl.full((), beta_arg, DTYPE),
-            tl.full((), tau_pos_arg, DTYPE), tl.full((), tau_neg_arg, DTYPE), tl.full((), eps_low_arg, DTYPE),
-            tl.full((), is_min_arg, DTYPE), tl.full((), is_max_arg, DTYPE), tl.full((), opm_threshold_arg, DTYPE),
-            tl.full((), k_pos_arg, DTYPE), tl.full((), lambda_pos_arg, DTYPE), tl.full((), k_neg_arg, DTYPE),
-            tl.full((), lambda_neg_arg, DTYPE), tl.full((), log_clamp_arg, DTYPE))
+def round_scalars(raw, DTYPE: tl.constexpr):
+    """The numeric options (a ``LossScalars`` of the float64 kernel arguments) rounded to the compute dtype, as
+    PyTorch rounds a scalar: a ``LossScalars`` that the per-token math reads by field name (``sc.beta``)."""
+    rounded = ()
+    for k in tl.static_range(len(raw)):
+        rounded = rounded + (tl.full((), raw[k], DTYPE),)
+    return LossScalars(*rounded)
+
+
+@triton.constexpr_function
+def is_family(code) -> bool:
+    return code in _FAMILY_CODES
+
+
+@triton.constexpr_function
+def is_kl_estimator(code) -> bool:
+    return code in _KL_ESTIMATOR_CODES
+
+
+@triton.constexpr_function
+def is_rollout_level(code) -> bool:
+    return code in _ROLLOUT_LEVEL_CODES
+
+
+@triton.constexpr_function
+def folds_importance_weights(family) -> bool:
+    """The family folds the token importance weights into its sequence weight (loss_table)."""
+    return family in _FOLDING_FAMILIES
+
+
+@triton.constexpr_function
+def family_sequence_pass(family) -> bool:
+    """The family's loss types always take a first pass over each sequence (loss_table ``sequence_pass``): it
+    forms its own sequence statistics."""
+    return family in _SEQUENCE_PASS_FAMILIES
 
 
 @triton.jit
@@ -135,13 +183,15 @@ def _rollout_ratio(d, is_min, is_max, log_clamp, IS_MASK: tl.constexpr, LOG_CLAM
 def _token_is(old_logp, samp_logp, m, iw, is_min, is_max, log_clamp, DTYPE: tl.constexpr, ROLLOUT: tl.constexpr,
               IS_MASK: tl.constexpr, HAS_IW: tl.constexpr, LOG_CLAMP: tl.constexpr):
     """The token importance weight VESPO and GMPO fold in: token-level rollout ratio times iw."""
-    if ROLLOUT == 1:
-        rho = _rollout_ratio(_nan_to_num((old_logp - samp_logp) * m, DTYPE), is_min, is_max, log_clamp, IS_MASK,
-                             LOG_CLAMP)
+    if ROLLOUT == ROLLOUT_TOKEN:
+        rho = _rollout_ratio(_nan_to_num((old_logp - samp_logp) * m, DTYPE), is_min, is_max, log_clamp,
+                             IS_MASK=IS_MASK, LOG_CLAMP=LOG_CLAMP)
         if HAS_IW:
             rho = rho * iw
         return rho
-    else:
+    else:  # none, or the sequence's ratio (the sequence pass forms it)
+        tl.static_assert(ROLLOUT == ROLLOUT_NONE or ROLLOUT == ROLLOUT_SEQUENCE,
+                         "unknown rollout level code (loss_table.RolloutLevel)")
         return iw
 
 
@@ -177,33 +227,34 @@ def _sequence_terms(logp, old_logp, adv, m, iw, samp_logp, sc, DTYPE: tl.constex
                     HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr):
     """A block's terms of the sequence pass: m, m·(log-ratio term), m·A, m·(log importance weight term),
     rollout log-ratio, m·KL (summed by the caller, turned into statistics by _sequence_stats)."""
-    (_lo, _hi, eps_high, _delta, _clip_c, _beta, _tau_pos, _tau_neg, eps_low, is_min, is_max, _thr, _kp, _lp, _kn, _ln,
-     log_clamp) = sc
-    r, _dr = _log_ratio(logp, old_logp, log_clamp, LOG_CLAMP)
+    r, _dr = _log_ratio(logp, old_logp, sc.log_clamp, LOG_CLAMP=LOG_CLAMP)
     zero = tl.zeros_like(r)
     t_ratio = zero
     t_adv = zero
     t_is = zero
     t_rollout = zero
     t_kl = zero
-    HAS_TOKEN_IS: tl.constexpr = ROLLOUT == 1 or HAS_IW
-    if FAMILY == 4:  # gmpo
-        r_min, _dg = _gmpo_log_ratio(r, adv, eps_low, eps_high)
+    HAS_TOKEN_IS: tl.constexpr = ROLLOUT == ROLLOUT_TOKEN or HAS_IW
+    if FAMILY == GMPO:
+        r_min, _dg = _gmpo_log_ratio(r, adv, sc.eps_low, sc.eps_high)
         t_ratio = r_min * m
         t_adv = adv * m
         if HAS_TOKEN_IS:
-            tau = _token_is(old_logp, samp_logp, m, iw, is_min, is_max, log_clamp, DTYPE, ROLLOUT, IS_MASK, HAS_IW,
-                            LOG_CLAMP)
+            tau = _token_is(old_logp, samp_logp, m, iw, sc.is_min, sc.is_max, sc.log_clamp, DTYPE, ROLLOUT=ROLLOUT,
+                            IS_MASK=IS_MASK, HAS_IW=HAS_IW, LOG_CLAMP=LOG_CLAMP)
             t_is = tl.log(tau + tl.full((), 1e-10, DTYPE)) * m
-    elif FAMILY == 3:  # vespo
-        t_ratio = _min(_max(r, -20.0), 20.0) * m
+    elif FAMILY == VESPO:
+        t_ratio = _min(_max(r, -_VESPO_LOG_MAX), _VESPO_LOG_MAX) * m
         if HAS_TOKEN_IS:
-            tau = _token_is(old_logp, samp_logp, m, iw, is_min, is_max, log_clamp, DTYPE, ROLLOUT, IS_MASK, HAS_IW,
-                            LOG_CLAMP)
-            t_is = _min(_max(tl.log(tau), tl.full((), _VESPO_LOG_MIN, DTYPE)), 20.0) * m
-    elif SEQ_LEVEL:
-        t_ratio = r * m
-    if ROLLOUT == 2:
+            tau = _token_is(old_logp, samp_logp, m, iw, sc.is_min, sc.is_max, sc.log_clamp, DTYPE, ROLLOUT=ROLLOUT,
+                            IS_MASK=IS_MASK, HAS_IW=HAS_IW, LOG_CLAMP=LOG_CLAMP)
+            t_is = _min(_max(tl.log(tau), tl.full((), _VESPO_LOG_MIN, DTYPE)), _VESPO_LOG_MAX) * m
+    elif not family_sequence_pass(FAMILY):  # a ratio per token
+        if SEQ_LEVEL:  # GSPO: the sequence's mean log-ratio
+            t_ratio = r * m
+    else:
+        tl.static_assert(False, "a family with a sequence pass needs its sequence terms here")
+    if ROLLOUT == ROLLOUT_SEQUENCE:
         t_rollout = _nan_to_num((old_logp - samp_logp) * m, DTYPE)
     if HAS_OPM:
         t_kl = _nan_to_num(samp_logp - logp, DTYPE) * m
@@ -215,28 +266,30 @@ def _sequence_stats(n, s_ratio, s_adv, s_is, s_rollout, s_kl, sc, DTYPE: tl.cons
                     SEQ_LEVEL: tl.constexpr, ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr, HAS_IW: tl.constexpr,
                     HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr):
     """A sequence's statistics from its sums: (log-ratio, GMPO's mean advantage, importance weight, mean KL)."""
-    (_lo, _hi, _eh, _delta, _clip_c, _beta, _tau_pos, _tau_neg, _el, is_min, is_max, _thr, _kp, _lp, _kn, _ln,
-     log_clamp) = sc
-    HAS_TOKEN_IS: tl.constexpr = ROLLOUT == 1 or HAS_IW
+    HAS_TOKEN_IS: tl.constexpr = ROLLOUT == ROLLOUT_TOKEN or HAS_IW
     log_ratio = tl.zeros((), DTYPE)
     seq_adv = tl.zeros((), DTYPE)
     is_weight = tl.zeros((), DTYPE) + 1.0
     kl = tl.zeros((), DTYPE)
-    if FAMILY == 4:  # gmpo: means over n + 1e-8 (verl)
+    if FAMILY == GMPO:  # means over n + 1e-8 (verl)
         denom = n + tl.full((), 1e-8, DTYPE)
         log_ratio = s_ratio / denom
         seq_adv = s_adv / denom
         if HAS_TOKEN_IS:
             is_weight = tl.exp(s_is / denom)
-    elif FAMILY == 3:  # vespo
+    elif FAMILY == VESPO:
         log_w = s_ratio
         if HAS_TOKEN_IS:
             log_w = s_ratio + s_is
-        log_ratio = _min(_max(log_w, tl.full((), _VESPO_LOG_MIN, DTYPE)), 20.0)
-    elif SEQ_LEVEL:
-        log_ratio = s_ratio / _max(n, 1.0)
-    if ROLLOUT == 2:
-        is_weight = _rollout_ratio(s_rollout, is_min, is_max, log_clamp, IS_MASK, LOG_CLAMP)
+        log_ratio = _min(_max(log_w, tl.full((), _VESPO_LOG_MIN, DTYPE)), _VESPO_LOG_MAX)
+    elif not family_sequence_pass(FAMILY):  # a ratio per token
+        if SEQ_LEVEL:  # GSPO: the sequence's mean log-ratio
+            log_ratio = s_ratio / _max(n, 1.0)
+    else:
+        tl.static_assert(False, "a family with a sequence pass needs its sequence statistics here")
+    if ROLLOUT == ROLLOUT_SEQUENCE:
+        is_weight = _rollout_ratio(s_rollout, sc.is_min, sc.is_max, sc.log_clamp, IS_MASK=IS_MASK,
+                                   LOG_CLAMP=LOG_CLAMP)
     if HAS_OPM:
         kl = s_kl / _max(n, 1.0)
     return log_ratio, seq_adv, is_weight, kl
@@ -246,25 +299,25 @@ def _sequence_stats(n, s_ratio, s_adv, s_is, s_rollout, s_kl, sc, DTYPE: tl.cons
 def _kl_terms(logp, ref_logp, KL_EST: tl.constexpr):
     """Per-token KL estimate of d = ref_logp - logp and its derivative d KL / d logp."""
     d = ref_logp - logp
-    if KL_EST == 1:  # k1 = -d
+    if KL_EST == KL_K1:  # -d
         kl = -d
         dkl_dlogp = tl.zeros_like(d) + 1.0
-    elif KL_EST == 2:  # k2 = d²/2
+    elif KL_EST == KL_K2:  # d²/2
         kl = 0.5 * d * d
         dkl_dlogp = -d
-    elif KL_EST == 3:  # low_var_kl: k3 of clamp(d, ±20), clamped to ±10
+    elif KL_EST == KL_LOW_VAR_KL:  # k3 of clamp(d, ±20), clamped to ±10
         dc = _min(_max(d, -20.0), 20.0)
         e = tl.exp(dc)
         v = e - dc - 1.0
         kl = _min(_max(v, -10.0), 10.0)
         inside = (d >= -20.0) & (d <= 20.0) & (v >= -10.0) & (v <= 10.0)
         dkl_dlogp = tl.where(inside, 1.0 - e, 0.0)
-    elif KL_EST == 0:  # k3 = e^d - d - 1
+    elif KL_EST == KL_K3:  # e^d - d - 1
         e = tl.exp(d)
         kl = e - d - 1.0
         dkl_dlogp = 1.0 - e
     else:
-        tl.static_assert(False, "unknown KL estimator code (kernel_options.KL_ESTIMATOR_CODES)")
+        tl.static_assert(False, "unknown KL estimator code (loss_table.KlEstimator)")
     return kl, dkl_dlogp
 
 
@@ -276,53 +329,51 @@ def _policy_terms(coef_1, adv, logp, r, seq_log_ratio, seq_adv, seq_is, sc, DTYP
     coef_1: the ratio (the sequence's shared ratio for GSPO and GMPO); r: the token's log-ratio.
     Returns (loss, is_low, is_high, d loss / d coef_1, d loss / d logp at fixed coef_1).
     """
-    (lo, hi, eps_high, delta, clip_c, _beta, tau_pos, tau_neg, eps_low, _is_min, _is_max, _thr, k_pos, lambda_pos,
-     k_neg, lambda_neg, _log_clamp) = sc
     zero = tl.zeros_like(coef_1 * adv)
-    if FAMILY == 1:  # cispo: -sg[min(c1, eps_high)] · A · logp
-        capped = _min(coef_1, eps_high)
+    if FAMILY == CISPO:  # -sg[min(c1, eps_high)] · A · logp
+        capped = _min(coef_1, sc.eps_high)
         loss = -capped * adv * logp
         dloss_dlogp = -capped * adv
         dloss_dcoef = zero
-        is_high = (coef_1 > eps_high) & (adv > 0)
+        is_high = (coef_1 > sc.eps_high) & (adv > 0)
         is_low = is_high & (adv < 0)  # all False
-    elif FAMILY == 2:  # sapo: -σ(τ(c1 - 1)) · 4/τ · A
-        tau = tl.where(adv > 0, tau_pos, tau_neg)
+    elif FAMILY == SAPO:  # -σ(τ(c1 - 1)) · 4/τ · A
+        tau = tl.where(adv > 0, sc.tau_pos, sc.tau_neg)
         sig = 1.0 / (1.0 + tl.exp(-(tau * (coef_1 - 1.0))))
         loss = -sig * 4.0 / tau * adv
         dloss_dcoef = -(sig * (1.0 - sig)) * 4.0 * adv  # σ' · τ · 4/τ · A
         dloss_dlogp = zero
-        is_low = (coef_1 < lo) & (adv < 0)
-        is_high = (coef_1 > hi) & (adv > 0)
-    elif FAMILY == 3:  # vespo: -sg[φ] · A · logp
-        phi = _vespo_phi(seq_log_ratio, adv, k_pos, lambda_pos, k_neg, lambda_neg, DTYPE)
+        is_low = (coef_1 < sc.lo) & (adv < 0)
+        is_high = (coef_1 > sc.hi) & (adv > 0)
+    elif FAMILY == VESPO:  # -sg[φ] · A · logp
+        phi = _vespo_phi(seq_log_ratio, adv, sc.k_pos, sc.lambda_pos, sc.k_neg, sc.lambda_neg, DTYPE)
         loss = -phi * adv * logp
         dloss_dlogp = -phi * adv
         dloss_dcoef = zero
         is_low = zero != zero
         is_high = is_low
-    elif FAMILY == 4:  # gmpo: -Ā · R · ψ, R = coef_1 the sequence's ratio
+    elif FAMILY == GMPO:  # -Ā · R · ψ, R = coef_1 the sequence's ratio
         psi = seq_is
         if not HAS_TOKEN_IS:
             psi = tl.zeros_like(seq_is) + 1.0
         loss = -seq_adv * coef_1 * psi + zero
         dloss_dcoef = -seq_adv * psi + zero
         dloss_dlogp = zero
-        clipped = (r < -eps_low) | (r > eps_high)
+        clipped = (r < -sc.eps_low) | (r > sc.eps_high)
         is_low = clipped & (adv < 0)
         is_high = clipped & (adv > 0)
-    elif FAMILY == 5:  # gpg: -logp · A
+    elif FAMILY == GPG:  # -logp · A
         loss = -logp * adv
         dloss_dlogp = -adv + zero
         dloss_dcoef = zero
         is_low = zero != zero
         is_high = is_low
-    elif FAMILY == 0:  # clipped: -min(c1·A, clip(c1, lo, hi)·A), delta clamp of c1, dual clip
-        coef_2 = _min(_max(coef_1, lo), hi)
-        dcoef_2 = tl.where((coef_1 >= lo) & (coef_1 <= hi), 1.0, 0.0)
+    elif FAMILY == CLIPPED:  # -min(c1·A, clip(c1, lo, hi)·A), delta clamp of c1, dual clip
+        coef_2 = _min(_max(coef_1, sc.lo), sc.hi)
+        dcoef_2 = tl.where((coef_1 >= sc.lo) & (coef_1 <= sc.hi), 1.0, 0.0)
         if HAS_DELTA:
-            coef_1d = _min(coef_1, delta)
-            dcoef_1d = tl.where(coef_1 <= delta, 1.0, 0.0)
+            coef_1d = _min(coef_1, sc.delta)
+            dcoef_1d = tl.where(coef_1 <= sc.delta, 1.0, 0.0)
         else:
             coef_1d = coef_1
             dcoef_1d = 1.0
@@ -332,16 +383,16 @@ def _policy_terms(coef_1, adv, logp, r, seq_log_ratio, seq_adv, seq_is, sc, DTYP
         g1 = tl.where(x1 < x2, 1.0, tl.where(x1 == x2, 0.5, 0.0))  # torch.min splits ties
         dloss_dcoef = -(adv * (g1 * dcoef_1d + (1.0 - g1) * dcoef_2))
         if HAS_C:
-            cap = -adv * clip_c
+            cap = -adv * sc.clip_c
             g_dual = tl.where(loss < cap, 1.0, tl.where(loss == cap, 0.5, 0.0))
             negative = adv < 0
             loss = tl.where(negative, _min(loss, cap), loss)
             dloss_dcoef = tl.where(negative, g_dual * dloss_dcoef, dloss_dcoef)
         dloss_dlogp = zero
-        is_low = (coef_1d < lo) & (adv < 0)
-        is_high = (coef_1d > hi) & (adv > 0)
+        is_low = (coef_1d < sc.lo) & (adv < 0)
+        is_high = (coef_1d > sc.hi) & (adv > 0)
     else:
-        tl.static_assert(False, "unknown loss family code (kernel_options.FAMILIES)")
+        tl.static_assert(False, "unknown loss family code (loss_table.Family)")
     return loss, is_low, is_high, dloss_dcoef, dloss_dlogp
 
 
@@ -357,54 +408,55 @@ def _token_terms(logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio,
     Returns (loss, kl, is_low, is_high, ∂ℓ/∂c1, ∂ℓ/∂logp, ratio_grad): ratio_grad is d c1 / d logp at token
     level; with a shared ratio, d (the token's term of the sequence log-ratio) / d logp.
     """
-    (_lo, _hi, eps_high, _delta, _clip_c, beta, _tau_pos, _tau_neg, eps_low, is_min, is_max, opm_threshold, _kp, _lp,
-     _kn, _ln, log_clamp) = sc
-    HAS_TOKEN_IS: tl.constexpr = ROLLOUT == 1 or HAS_IW
-    r, dr = _log_ratio(logp, old_logp, log_clamp, LOG_CLAMP)
+    HAS_TOKEN_IS: tl.constexpr = ROLLOUT == ROLLOUT_TOKEN or HAS_IW
+    r, dr = _log_ratio(logp, old_logp, sc.log_clamp, LOG_CLAMP=LOG_CLAMP)
     if SHARED:
         coef_1 = tl.exp(seq_log_ratio + tl.zeros_like(r))
     else:
         coef_1 = tl.exp(r)
     loss, is_low, is_high, dloss_dcoef, dloss_dlogp = _policy_terms(
-        coef_1, adv, logp, r, seq_log_ratio, seq_adv, seq_is, sc, DTYPE, FAMILY, HAS_DELTA, HAS_C, HAS_TOKEN_IS)
+        coef_1, adv, logp, r, seq_log_ratio, seq_adv, seq_is, sc, DTYPE, FAMILY=FAMILY, HAS_DELTA=HAS_DELTA,
+        HAS_C=HAS_C, HAS_TOKEN_IS=HAS_TOKEN_IS)
     if SHARED:
         ratio_grad = dr
-        if FAMILY == 4:
-            _r_min, dg = _gmpo_log_ratio(r, adv, eps_low, eps_high)
+        if FAMILY == GMPO:
+            _r_min, dg = _gmpo_log_ratio(r, adv, sc.eps_low, sc.eps_high)
             ratio_grad = dr * dg
     else:
         ratio_grad = coef_1 * dr
     if HAS_OPM:  # keep unless A < 0 and the sequence's mean KL exceeds the threshold
-        factor = tl.where(adv >= 0, 1.0, tl.where(seq_kl <= opm_threshold, 1.0, 0.0)) + tl.zeros_like(loss)
+        factor = tl.where(adv >= 0, 1.0, tl.where(seq_kl <= sc.off_policy_threshold, 1.0, 0.0)) + tl.zeros_like(loss)
         loss = loss * factor
         dloss_dcoef = dloss_dcoef * factor
         dloss_dlogp = dloss_dlogp * factor
-    if FAMILY != 3 and FAMILY != 4:
-        if ROLLOUT == 1:
-            rho = _rollout_ratio(_nan_to_num((old_logp - samp_logp) * m, DTYPE), is_min, is_max, log_clamp, IS_MASK,
-                                 LOG_CLAMP)
+    if not folds_importance_weights(FAMILY):
+        if ROLLOUT == ROLLOUT_TOKEN:
+            rho = _rollout_ratio(_nan_to_num((old_logp - samp_logp) * m, DTYPE), sc.is_min, sc.is_max, sc.log_clamp,
+                                 IS_MASK=IS_MASK, LOG_CLAMP=LOG_CLAMP)
             loss = loss * rho
             dloss_dcoef = dloss_dcoef * rho
             dloss_dlogp = dloss_dlogp * rho
-        if ROLLOUT == 2:
+        elif ROLLOUT == ROLLOUT_SEQUENCE:  # the sequence's ratio, from the sequence pass
             loss = loss * seq_is
             dloss_dcoef = dloss_dcoef * seq_is
             dloss_dlogp = dloss_dlogp * seq_is
+        else:
+            tl.static_assert(ROLLOUT == ROLLOUT_NONE, "unknown rollout level code (loss_table.RolloutLevel)")
         if HAS_IW:
             loss = loss * iw
             dloss_dcoef = dloss_dcoef * iw
             dloss_dlogp = dloss_dlogp * iw
     kl = tl.zeros_like(loss)
     if HAS_REF:
-        kl, dkl_dlogp = _kl_terms(logp, ref_logp, KL_EST)
+        kl, dkl_dlogp = _kl_terms(logp, ref_logp, KL_EST=KL_EST)
         if BIAS_KL:  # KL · c1
             if ADD_KL:
-                dloss_dcoef = dloss_dcoef + beta * kl
+                dloss_dcoef = dloss_dcoef + sc.beta * kl
             kl = kl * coef_1
             dkl_dlogp = dkl_dlogp * coef_1
         if ADD_KL:
-            loss = loss + beta * kl
-            dloss_dlogp = dloss_dlogp + beta * dkl_dlogp
+            loss = loss + sc.beta * kl
+            dloss_dlogp = dloss_dlogp + sc.beta * dkl_dlogp
     return loss, kl, is_low, is_high, dloss_dcoef, dloss_dlogp, ratio_grad
 
 
@@ -418,9 +470,9 @@ def _load_block(mask_row, logp_row, old_row, ref_row, adv_row, iw_row, samp_row,
     logp = tl.load(logp_row + cols * s_logp_t, mask=inb, other=0).to(DTYPE)
     old_logp = tl.load(old_row + cols * s_old_t, mask=inb, other=0).to(DTYPE)
     adv = tl.load(adv_row + cols * s_adv_t, mask=inb, other=0).to(DTYPE)
-    ref_logp = _load_tokens(ref_row, cols, inb, s_ref_t, DTYPE, HAS_REF, logp)
-    iw = _load_tokens(iw_row, cols, inb, s_iw_t, DTYPE, HAS_IW, tl.zeros_like(logp) + 1.0)
-    samp_logp = _load_tokens(samp_row, cols, inb, s_samp_t, DTYPE, HAS_SAMP, old_logp)
+    ref_logp = _load_tokens(ref_row, cols, inb, s_ref_t, DTYPE, LOAD=HAS_REF, default=logp)
+    iw = _load_tokens(iw_row, cols, inb, s_iw_t, DTYPE, LOAD=HAS_IW, default=tl.zeros_like(logp) + 1.0)
+    samp_logp = _load_tokens(samp_row, cols, inb, s_samp_t, DTYPE, LOAD=HAS_SAMP, default=old_logp)
     return select_unmasked(m, logp, old_logp, adv, ref_logp, iw, samp_logp)
 
 
@@ -436,10 +488,10 @@ def select_unmasked(m, logp, old_logp, adv, ref_logp, iw, samp_logp):
 
 @triton.jit
 def check_codes(FAMILY: tl.constexpr, KL_EST: tl.constexpr, ROLLOUT: tl.constexpr):
-    """The option codes are among those kernel_options names (a compile-time error otherwise)."""
-    tl.static_assert(FAMILY >= 0 and FAMILY <= 5, "unknown loss family code (kernel_options.FAMILIES)")
-    tl.static_assert(KL_EST >= 0 and KL_EST <= 3, "unknown KL estimator code (kernel_options.KL_ESTIMATOR_CODES)")
-    tl.static_assert(ROLLOUT >= 0 and ROLLOUT <= 2, "unknown rollout level code (kernel_options.ROLLOUT_IS_CODES)")
+    """The option codes are members of the loss table's enums (a compile-time error otherwise)."""
+    tl.static_assert(is_family(FAMILY), "unknown loss family code (loss_table.Family)")
+    tl.static_assert(is_kl_estimator(KL_EST), "unknown KL estimator code (loss_table.KlEstimator)")
+    tl.static_assert(is_rollout_level(ROLLOUT), "unknown rollout level code (loss_table.RolloutLevel)")
 
 
 # --------------------------------------------------------------------------- #
@@ -456,11 +508,11 @@ def _grpo_loss_fwd_kernel(
     B, T,
     s_logp_b, s_logp_t, s_old_b, s_old_t, s_ref_b, s_ref_t,
     s_adv_b, s_adv_t, s_mask_b, s_mask_t, s_iw_b, s_iw_t, s_samp_b, s_samp_t,
-    lo_arg: tl.float64, hi_arg: tl.float64, eps_high_arg: tl.float64, delta_arg: tl.float64,
-    clip_c_arg: tl.float64, beta_arg: tl.float64, tau_pos_arg: tl.float64, tau_neg_arg: tl.float64,
-    eps_low_arg: tl.float64, is_min_arg: tl.float64, is_max_arg: tl.float64, opm_threshold_arg: tl.float64,
-    k_pos_arg: tl.float64, lambda_pos_arg: tl.float64, k_neg_arg: tl.float64, lambda_neg_arg: tl.float64,
-    log_clamp_arg: tl.float64,
+    # the numeric options, loss_table.SCALAR_NAMES (passed by name)
+    lo: tl.float64, hi: tl.float64, eps_high: tl.float64, delta: tl.float64, clip_c: tl.float64, beta: tl.float64,
+    tau_pos: tl.float64, tau_neg: tl.float64, eps_low: tl.float64, is_min: tl.float64, is_max: tl.float64,
+    off_policy_threshold: tl.float64, k_pos: tl.float64, lambda_pos: tl.float64, k_neg: tl.float64,
+    lambda_neg: tl.float64, log_clamp: tl.float64,
     FAMILY: tl.constexpr, SEQ_LEVEL: tl.constexpr, SEQ_PASS: tl.constexpr, SHARED: tl.constexpr,
     KL_EST: tl.constexpr, HAS_REF: tl.constexpr, ADD_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_IW: tl.constexpr,
     HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr, PER_SEQ_METRICS: tl.constexpr, ROLLOUT: tl.constexpr,
@@ -469,9 +521,10 @@ def _grpo_loss_fwd_kernel(
 ):
     check_codes(FAMILY, KL_EST, ROLLOUT)
     i = tl.program_id(0).to(tl.int64)
-    sc = _options(lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg,
-                  eps_low_arg, is_min_arg, is_max_arg, opm_threshold_arg, k_pos_arg, lambda_pos_arg, k_neg_arg,
-                  lambda_neg_arg, log_clamp_arg, DTYPE)
+    sc = round_scalars(LossScalars(
+        lo=lo, hi=hi, eps_high=eps_high, delta=delta, clip_c=clip_c, beta=beta, tau_pos=tau_pos, tau_neg=tau_neg,
+        eps_low=eps_low, is_min=is_min, is_max=is_max, off_policy_threshold=off_policy_threshold, k_pos=k_pos,
+        lambda_pos=lambda_pos, k_neg=k_neg, lambda_neg=lambda_neg, log_clamp=log_clamp), DTYPE)
 
     offs = tl.arange(0, BLOCK_T)
     logp_row = logp_ptr + i * s_logp_b
@@ -499,10 +552,11 @@ def _grpo_loss_fwd_kernel(
             inb = cols < T
             m, logp, old_logp, adv, _ref, iw, samp_logp = _load_block(
                 mask_row, logp_row, old_row, ref_row, adv_row, iw_row, samp_row, s_mask_t, s_logp_t, s_old_t,
-                s_ref_t, s_adv_t, s_iw_t, s_samp_t, cols, inb, DTYPE, False, HAS_IW, HAS_SAMP)
+                s_ref_t, s_adv_t, s_iw_t, s_samp_t, cols, inb, DTYPE, HAS_REF=False, HAS_IW=HAS_IW,
+                HAS_SAMP=HAS_SAMP)
             t_n, t_ratio, t_adv, t_is, t_rollout, t_kl = _sequence_terms(
-                logp, old_logp, adv, m, iw, samp_logp, sc, DTYPE, FAMILY, SEQ_LEVEL, ROLLOUT, IS_MASK, HAS_IW,
-                HAS_OPM, LOG_CLAMP)
+                logp, old_logp, adv, m, iw, samp_logp, sc, DTYPE, FAMILY=FAMILY, SEQ_LEVEL=SEQ_LEVEL,
+                ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, HAS_IW=HAS_IW, HAS_OPM=HAS_OPM, LOG_CLAMP=LOG_CLAMP)
             acc_n += t_n
             acc_ratio += t_ratio
             acc_adv += t_adv
@@ -511,8 +565,8 @@ def _grpo_loss_fwd_kernel(
             acc_kl += t_kl
         seq_log_ratio, seq_adv, seq_is, seq_kl = _sequence_stats(
             tl.sum(acc_n, axis=0), tl.sum(acc_ratio, axis=0), tl.sum(acc_adv, axis=0), tl.sum(acc_is, axis=0),
-            tl.sum(acc_rollout, axis=0), tl.sum(acc_kl, axis=0), sc, DTYPE, FAMILY, SEQ_LEVEL, ROLLOUT, IS_MASK,
-            HAS_IW, HAS_OPM, LOG_CLAMP)
+            tl.sum(acc_rollout, axis=0), tl.sum(acc_kl, axis=0), sc, DTYPE, FAMILY=FAMILY, SEQ_LEVEL=SEQ_LEVEL,
+            ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, HAS_IW=HAS_IW, HAS_OPM=HAS_OPM, LOG_CLAMP=LOG_CLAMP)
 
     acc_loss = tl.zeros((BLOCK_T,), DTYPE)
     acc_m = tl.zeros((BLOCK_T,), DTYPE)
@@ -525,11 +579,12 @@ def _grpo_loss_fwd_kernel(
         inb = cols < T
         m, logp, old_logp, adv, ref_logp, iw, samp_logp = _load_block(
             mask_row, logp_row, old_row, ref_row, adv_row, iw_row, samp_row, s_mask_t, s_logp_t, s_old_t, s_ref_t,
-            s_adv_t, s_iw_t, s_samp_t, cols, inb, DTYPE, HAS_REF, HAS_IW, HAS_SAMP)
+            s_adv_t, s_iw_t, s_samp_t, cols, inb, DTYPE, HAS_REF=HAS_REF, HAS_IW=HAS_IW, HAS_SAMP=HAS_SAMP)
         loss, kl, is_low, is_high, _dc, _dl, _rg = _token_terms(
             logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl, sc, DTYPE,
-            FAMILY, SHARED, KL_EST, HAS_REF, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C, ROLLOUT, IS_MASK, HAS_OPM,
-            LOG_CLAMP)
+            FAMILY=FAMILY, SHARED=SHARED, KL_EST=KL_EST, HAS_REF=HAS_REF, ADD_KL=ADD_KL, BIAS_KL=BIAS_KL,
+            HAS_IW=HAS_IW, HAS_DELTA=HAS_DELTA, HAS_C=HAS_C, ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, HAS_OPM=HAS_OPM,
+            LOG_CLAMP=LOG_CLAMP)
         loss = tl.where(m != 0, loss, 0.0)  # 0 at masked tokens, by selection
         tl.store(out_row + cols, loss, mask=inb)
         acc_loss += loss
@@ -546,8 +601,8 @@ def _grpo_loss_fwd_kernel(
         adv_i = tl.where(tl.sum(acc_m, axis=0) != 0, tl.load(adv_row).to(DTYPE), 0.0)  # fully masked: neutral
         seq_coef_1 = tl.exp(seq_log_ratio)
         _l, low_i, high_i, _dc, _dl = _policy_terms(
-            seq_coef_1, adv_i, seq_coef_1, tl.zeros((), DTYPE), seq_log_ratio, seq_adv, seq_is, sc, DTYPE, FAMILY,
-            HAS_DELTA, HAS_C, False)
+            seq_coef_1, adv_i, seq_coef_1, tl.zeros((), DTYPE), seq_log_ratio, seq_adv, seq_is, sc, DTYPE,
+            FAMILY=FAMILY, HAS_DELTA=HAS_DELTA, HAS_C=HAS_C, HAS_TOKEN_IS=False)
         tl.store(partials_ptr + 3 * B + i, low_i.to(DTYPE))
         tl.store(partials_ptr + 4 * B + i, high_i.to(DTYPE))
         tl.store(partials_ptr + 5 * B + i, (low_i | high_i).to(DTYPE))
@@ -578,11 +633,11 @@ def _grpo_loss_bwd_kernel(
     B, T,
     s_logp_b, s_logp_t, s_old_b, s_old_t, s_ref_b, s_ref_t,
     s_adv_b, s_adv_t, s_mask_b, s_mask_t, s_iw_b, s_iw_t, s_samp_b, s_samp_t,
-    lo_arg: tl.float64, hi_arg: tl.float64, eps_high_arg: tl.float64, delta_arg: tl.float64,
-    clip_c_arg: tl.float64, beta_arg: tl.float64, tau_pos_arg: tl.float64, tau_neg_arg: tl.float64,
-    eps_low_arg: tl.float64, is_min_arg: tl.float64, is_max_arg: tl.float64, opm_threshold_arg: tl.float64,
-    k_pos_arg: tl.float64, lambda_pos_arg: tl.float64, k_neg_arg: tl.float64, lambda_neg_arg: tl.float64,
-    log_clamp_arg: tl.float64,
+    # the numeric options, loss_table.SCALAR_NAMES (passed by name)
+    lo: tl.float64, hi: tl.float64, eps_high: tl.float64, delta: tl.float64, clip_c: tl.float64, beta: tl.float64,
+    tau_pos: tl.float64, tau_neg: tl.float64, eps_low: tl.float64, is_min: tl.float64, is_max: tl.float64,
+    off_policy_threshold: tl.float64, k_pos: tl.float64, lambda_pos: tl.float64, k_neg: tl.float64,
+    lambda_neg: tl.float64, log_clamp: tl.float64,
     FAMILY: tl.constexpr, SHARED: tl.constexpr, KL_EST: tl.constexpr, ADD_KL: tl.constexpr,
     BIAS_KL: tl.constexpr, HAS_IW: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr,
     ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr, HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr,
@@ -590,9 +645,10 @@ def _grpo_loss_bwd_kernel(
 ):
     check_codes(FAMILY, KL_EST, ROLLOUT)
     i = tl.program_id(0).to(tl.int64)
-    sc = _options(lo_arg, hi_arg, eps_high_arg, delta_arg, clip_c_arg, beta_arg, tau_pos_arg, tau_neg_arg,
-                  eps_low_arg, is_min_arg, is_max_arg, opm_threshold_arg, k_pos_arg, lambda_pos_arg, k_neg_arg,
-                  lambda_neg_arg, log_clamp_arg, DTYPE)
+    sc = round_scalars(LossScalars(
+        lo=lo, hi=hi, eps_high=eps_high, delta=delta, clip_c=clip_c, beta=beta, tau_pos=tau_pos, tau_neg=tau_neg,
+        eps_low=eps_low, is_min=is_min, is_max=is_max, off_policy_threshold=off_policy_threshold, k_pos=k_pos,
+        lambda_pos=lambda_pos, k_neg=k_neg, lambda_neg=lambda_neg, log_clamp=log_clamp), DTYPE)
 
     offs = tl.arange(0, BLOCK_T)
     logp_row = logp_ptr + i * s_logp_b
@@ -618,16 +674,20 @@ def _grpo_loss_bwd_kernel(
             inb = cols < T
             m, logp, old_logp, adv, ref_logp, iw, samp_logp = _load_block(
                 mask_row, logp_row, old_row, ref_row, adv_row, iw_row, samp_row, s_mask_t, s_logp_t, s_old_t,
-                s_ref_t, s_adv_t, s_iw_t, s_samp_t, cols, inb, DTYPE, ADD_KL, HAS_IW, HAS_SAMP)
-            _l, _kl, _lo, _hi, dloss_dcoef, _dl, _rg = _token_terms(
+                s_ref_t, s_adv_t, s_iw_t, s_samp_t, cols, inb, DTYPE, HAS_REF=ADD_KL, HAS_IW=HAS_IW,
+                HAS_SAMP=HAS_SAMP)
+            _l, _kl, _low, _high, dloss_dcoef, _dl, _rg = _token_terms(
                 logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl, sc, DTYPE,
-                FAMILY, SHARED, KL_EST, ADD_KL, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C, ROLLOUT, IS_MASK,
-                HAS_OPM, LOG_CLAMP)
+                FAMILY=FAMILY, SHARED=SHARED, KL_EST=KL_EST, HAS_REF=ADD_KL, ADD_KL=ADD_KL, BIAS_KL=BIAS_KL,
+                HAS_IW=HAS_IW, HAS_DELTA=HAS_DELTA, HAS_C=HAS_C, ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, HAS_OPM=HAS_OPM,
+                LOG_CLAMP=LOG_CLAMP)
             acc_g += dloss_dcoef * m
-        if FAMILY == 4:
+        if FAMILY == GMPO:  # R = e^(mean over n + 1e-8)
             denom = n_i + tl.full((), 1e-8, DTYPE)
-        else:
+        elif not family_sequence_pass(FAMILY):  # GSPO: c1 = e^(mean over max(1, n))
             denom = _max(n_i, 1.0)
+        else:
+            tl.static_assert(False, "a family with a shared ratio needs its denominator here")
         seq_term = tl.sum(acc_g, axis=0) * tl.exp(seq_log_ratio) / denom
 
     for t0 in range(0, T, BLOCK_T):
@@ -635,29 +695,31 @@ def _grpo_loss_bwd_kernel(
         inb = cols < T
         m, logp, old_logp, adv, ref_logp, iw, samp_logp = _load_block(
             mask_row, logp_row, old_row, ref_row, adv_row, iw_row, samp_row, s_mask_t, s_logp_t, s_old_t, s_ref_t,
-            s_adv_t, s_iw_t, s_samp_t, cols, inb, DTYPE, ADD_KL, HAS_IW, HAS_SAMP)
-        dloss = _dloss_dlogp(logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl,
-                             seq_term, sc, DTYPE, FAMILY, SHARED, KL_EST, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C,
-                             ROLLOUT, IS_MASK, HAS_OPM, LOG_CLAMP)
+            s_adv_t, s_iw_t, s_samp_t, cols, inb, DTYPE, HAS_REF=ADD_KL, HAS_IW=HAS_IW, HAS_SAMP=HAS_SAMP)
+        dloss = dloss_dlogp(logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl,
+                            seq_term, sc, DTYPE, FAMILY=FAMILY, SHARED=SHARED, KL_EST=KL_EST, ADD_KL=ADD_KL,
+                            BIAS_KL=BIAS_KL, HAS_IW=HAS_IW, HAS_DELTA=HAS_DELTA, HAS_C=HAS_C, ROLLOUT=ROLLOUT,
+                            IS_MASK=IS_MASK, HAS_OPM=HAS_OPM, LOG_CLAMP=LOG_CLAMP)
         tl.store(grad_row + cols, tl.where(m != 0, seq_grad * (m * dloss), 0.0), mask=inb)
 
 
 @triton.jit
-def _dloss_dlogp(logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl, seq_term,
-                 sc, DTYPE: tl.constexpr, FAMILY: tl.constexpr, SHARED: tl.constexpr, KL_EST: tl.constexpr,
-                 ADD_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_IW: tl.constexpr, HAS_DELTA: tl.constexpr,
-                 HAS_C: tl.constexpr, ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr, HAS_OPM: tl.constexpr,
-                 LOG_CLAMP: tl.constexpr):
+def dloss_dlogp(logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl, seq_term,
+                sc, DTYPE: tl.constexpr, FAMILY: tl.constexpr, SHARED: tl.constexpr, KL_EST: tl.constexpr,
+                ADD_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_IW: tl.constexpr, HAS_DELTA: tl.constexpr,
+                HAS_C: tl.constexpr, ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr, HAS_OPM: tl.constexpr,
+                LOG_CLAMP: tl.constexpr):
     """dℓ_t/dlogp_t of a token (or a block of tokens), before the mask and the sequence weight: ∂ℓ/∂logp plus,
     at token level, ∂ℓ/∂c1 · d c1/d logp; with a shared ratio, ``seq_term`` (G_i · c1 / denominator) times the
     token's ratio_grad."""
-    _l, _kl, _lo, _hi, dloss_dcoef, dloss_dlogp, ratio_grad = _token_terms(
-        logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl, sc, DTYPE, FAMILY,
-        SHARED, KL_EST, ADD_KL, ADD_KL, BIAS_KL, HAS_IW, HAS_DELTA, HAS_C, ROLLOUT, IS_MASK, HAS_OPM, LOG_CLAMP)
+    _l, _kl, _low, _high, d_coef, d_logp, ratio_grad = _token_terms(
+        logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl, sc, DTYPE,
+        FAMILY=FAMILY, SHARED=SHARED, KL_EST=KL_EST, HAS_REF=ADD_KL, ADD_KL=ADD_KL, BIAS_KL=BIAS_KL, HAS_IW=HAS_IW,
+        HAS_DELTA=HAS_DELTA, HAS_C=HAS_C, ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, HAS_OPM=HAS_OPM, LOG_CLAMP=LOG_CLAMP)
     if SHARED:
-        return dloss_dlogp + seq_term * ratio_grad
+        return d_logp + seq_term * ratio_grad
     else:
-        return dloss_dlogp + dloss_dcoef * ratio_grad
+        return d_logp + d_coef * ratio_grad
 
 
 # --------------------------------------------------------------------------- #
@@ -677,10 +739,11 @@ def compute_dtype(dtype: torch.dtype):
 
 
 def loss_flags(cfg: KernelLossOptions) -> dict:
-    """The constexprs of the per-token math (:func:`_token_terms`) for ``cfg``."""
-    return dict(FAMILY=cfg.family, SHARED=cfg.shared_ratio, KL_EST=cfg.kl_estimator, ADD_KL=cfg.add_kl,
+    """The constexprs of the per-token math (:func:`_token_terms`) for ``cfg``; the enums' codes as plain ints
+    (a stable cache key)."""
+    return dict(FAMILY=int(cfg.family), SHARED=cfg.shared_ratio, KL_EST=int(cfg.kl_estimator), ADD_KL=cfg.add_kl,
                 BIAS_KL=cfg.bias_kl, HAS_IW=cfg.has_iw, HAS_DELTA=cfg.has_delta, HAS_C=cfg.has_clip_c,
-                ROLLOUT=cfg.rollout_is, IS_MASK=cfg.rollout_is_mask, HAS_OPM=cfg.has_off_policy_mask,
+                ROLLOUT=int(cfg.rollout_is), IS_MASK=cfg.rollout_is_mask, HAS_OPM=cfg.has_off_policy_mask,
                 LOG_CLAMP=cfg.has_log_clamp, HAS_SAMP=cfg.has_sampling)
 
 
@@ -709,7 +772,7 @@ class _GRPOLossFunction(torch.autograd.Function):
         block, warps = _block_config(T)
         pointers, strides = _kernel_inputs(logp, old, ref, adv, mask, iw, samp)
         _grpo_loss_fwd_kernel[(B,)](
-            *pointers, per_token_loss, partials, B, T, *strides, *cfg.scalars, **loss_flags(cfg),
+            *pointers, per_token_loss, partials, B, T, *strides, **cfg.scalars._asdict(), **loss_flags(cfg),
             SEQ_LEVEL=cfg.seq_level, SEQ_PASS=cfg.seq_pass, HAS_REF=cfg.has_ref, PER_SEQ_METRICS=cfg.per_seq_metrics,
             DTYPE=compute_dtype(dtype), BLOCK_T=block, num_warps=warps,
         )
@@ -737,7 +800,7 @@ class _GRPOLossFunction(torch.autograd.Function):
             block, warps = _block_config(T)
             pointers, strides = _kernel_inputs(logp, old, ref, adv, mask, iw, samp)
             _grpo_loss_bwd_kernel[(B,)](
-                *pointers, partials, seq_grad, grad_logp, B, T, *strides, *cfg.scalars, **loss_flags(cfg),
+                *pointers, partials, seq_grad, grad_logp, B, T, *strides, **cfg.scalars._asdict(), **loss_flags(cfg),
                 DTYPE=compute_dtype(dtype), BLOCK_T=block, num_warps=warps,
             )
         return grad_logp, None, None, None, None, None, None, None
