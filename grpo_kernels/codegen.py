@@ -8,7 +8,7 @@ This module reads only ``grpo_kernels/loss_table.py``, loaded from its file path
 of the package), so ``setup.py`` can load this file the same way. The header holds:
 
 - ``enum class Family``, ``KlEstimator``, ``RolloutLevel``: the IntEnums of the table, values = kernel codes;
-  ``<enum>_from_code`` (checked conversion from an int) and ``is_known`` for each;
+  for each, ``kNum<Enum>Codes``, ``<enum>_from_code`` (checked conversion from an int) and ``is_known``;
 - ``folds_importance_weights(Family)`` from ``FOLDS_IMPORTANCE_WEIGHTS``, VESPO's log-weight bounds;
 - ``template <typename T = double> struct LossScalars``: one field per ``KERNEL_SCALARS`` row, in order,
   ``kNumLossScalars``, ``loss_scalars_from`` / ``loss_scalars_values`` (the float64 values in that order)
@@ -68,7 +68,7 @@ def _enum(cls: type[enum.IntEnum], what: str) -> list[str]:
     members = list(cls)
     lines = _comment(f"loss_table.{cpp}: {_summary(cls)}") + [f"enum class {cpp} : int64_t {{"]
     lines += [f"  {enumerator(m.name)} = {int(m)}," for m in members]
-    lines += ["};", ""]
+    lines += ["};", f"constexpr int kNum{cpp}Codes = {len(members)};", ""]
     lines += [f"// The {cpp} of a kernel code; std::invalid_argument (Python: ValueError) for an unknown one.",
               f"inline {cpp} {fn}_from_code(int64_t code) {{", "  switch (code) {"]
     lines += [f"    case {int(m)}:\n      return {cpp}::{enumerator(m.name)};" for m in members]

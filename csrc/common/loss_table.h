@@ -25,6 +25,7 @@ enum class Family : int64_t {
   kGmpo = 4,
   kGpg = 5,
 };
+constexpr int kNumFamilyCodes = 6;
 
 // The Family of a kernel code; std::invalid_argument (Python: ValueError) for an unknown one.
 inline Family family_from_code(int64_t code) {
@@ -69,6 +70,7 @@ enum class KlEstimator : int64_t {
   kK2 = 2,
   kLowVarKl = 3,
 };
+constexpr int kNumKlEstimatorCodes = 4;
 
 // The KlEstimator of a kernel code; std::invalid_argument (Python: ValueError) for an unknown one.
 inline KlEstimator kl_estimator_from_code(int64_t code) {
@@ -105,6 +107,7 @@ enum class RolloutLevel : int64_t {
   kToken = 1,
   kSequence = 2,
 };
+constexpr int kNumRolloutLevelCodes = 3;
 
 // The RolloutLevel of a kernel code; std::invalid_argument (Python: ValueError) for an unknown one.
 inline RolloutLevel rollout_level_from_code(int64_t code) {

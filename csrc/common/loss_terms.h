@@ -27,6 +27,13 @@
 
 namespace grpo_kernels::loss {
 
+// A code added to loss_table's enums stops the build here: give it its case in the switches below (Family:
+// add_sequence_terms, sequence_stats, policy_terms; KlEstimator: kl_terms; RolloutLevel: the rollout_is
+// tests), and in the Triton kernels, then count it here.
+static_assert(kNumFamilyCodes == 6, "a new loss family: add its cases to loss_terms.h");
+static_assert(kNumKlEstimatorCodes == 4, "a new KL estimator: add its case to kl_terms");
+static_assert(kNumRolloutLevelCodes == 3, "a new rollout level: handle it where loss_terms.h tests rollout_is");
+
 // The [B, T] inputs at one token (absent ones as documented in entry_points.h: old_logp = logp, iw = 1,
 // sampling_logp = old_logp; ref_logp is read only with has_ref).
 template <typename T>
