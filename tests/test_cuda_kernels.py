@@ -13,6 +13,8 @@ import torch
 import grpo_kernels.native as native
 import grpo_kernels.reference as ref
 from grpo_kernels._extension import _C
+from grpo_kernels.kernel_options import kernel_loss_options
+from grpo_kernels.loss_table import Family, KlEstimator, RolloutLevel
 
 pytestmark = [
     pytest.mark.gpu,
@@ -102,32 +104,36 @@ def test_group_normalize(dtype, scale, rloo):
             torch.testing.assert_close(a.cpu(), b, equal_nan=True, **TOL.get(dtype, LOW))
 
 
-def loss_config(family, seq_level, kl, bias_kl, delta, clip_c, rollout=0, off_policy=False, log_clamp=False,
-                per_seq_metrics=False, has_iw=True):
-    """A LossConfig as kernel_options.kernel_loss_options fills it (families: 0 clipped, 1 cispo, 2 sapo, 3 vespo,
-    4 gmpo, 5 gpg; rollout: 0 none, 1 token, 2 sequence level, masked with off_policy)."""
-    cfg = _C.LossConfig()
+# The numeric options of the loss's defaults (loss_table.KERNEL_SCALARS), some moved off them.
+SCALARS = kernel_loss_options(1, torch.zeros(1), {}).scalars._replace(
+    lo=0.8, hi=1.28, eps_high=0.28, eps_low=0.2, delta=1.5, clip_c=3.0, beta=0.04, is_min=0.5, is_max=2.0,
+    off_policy_threshold=0.05, log_clamp=1.0)
+
+
+def loss_config(family, seq_level, kl, bias_kl, delta, clip_c, rollout=RolloutLevel.NONE, off_policy=False,
+                log_clamp=False, per_seq_metrics=False, has_iw=True):
+    """A LossConfig as kernel_options.kernel_loss_options fills it (rollout masked with off_policy)."""
+    cfg = _C.LossConfig(SCALARS)
     cfg.family, cfg.seq_level, cfg.kl_estimator = family, seq_level, kl
-    cfg.seq_pass = seq_level or family in (3, 4) or rollout == 2 or off_policy
-    cfg.shared_ratio = seq_level or family == 4
-    cfg.add_kl, cfg.bias_kl, cfg.beta = True, bias_kl, 0.04
-    cfg.has_delta, cfg.delta = delta, 1.5
-    cfg.has_clip_c, cfg.clip_c = clip_c, 3.0
-    cfg.lo, cfg.hi, cfg.eps_high, cfg.eps_low = 0.8, 1.28, 0.28, 0.2
+    cfg.seq_pass = (seq_level or family in (Family.VESPO, Family.GMPO) or rollout == RolloutLevel.SEQUENCE
+                    or off_policy)
+    cfg.shared_ratio = seq_level or family == Family.GMPO
+    cfg.add_kl, cfg.bias_kl = True, bias_kl
+    cfg.has_delta, cfg.has_clip_c = delta, clip_c
     cfg.has_iw, cfg.rollout_is, cfg.rollout_is_mask = has_iw, rollout, off_policy
-    cfg.is_min, cfg.is_max = 0.5, 2.0
-    cfg.has_off_policy_mask, cfg.off_policy_threshold = off_policy, 0.05
-    cfg.has_log_clamp, cfg.log_clamp = log_clamp, 1.0
+    cfg.has_off_policy_mask, cfg.has_log_clamp = off_policy, log_clamp
     cfg.per_seq_metrics = per_seq_metrics
     return cfg
 
 
-CONFIGS = [(f, s, kl, b, d, c) for f in (0, 1, 2) for s in (False, True) for kl in (0, 3)
-           for b, d, c in ((False, False, False), (True, True, True))]
+CONFIGS = [(f, s, kl, b, d, c) for f in (Family.CLIPPED, Family.CISPO, Family.SAPO) for s in (False, True)
+           for kl in (KlEstimator.K3, KlEstimator.LOW_VAR_KL) for b, d, c in ((False, False, False), (True, True, True))]
 # the loss variants: vespo, gmpo, gpg, rollout importance sampling, off-policy mask, log-ratio clamp
-CONFIGS += [(3, False, 0, True, False, False, 1, True, True), (4, False, 3, False, False, False, 1, False, True),
-            (5, False, 0, False, False, False, 2, True, False), (0, True, 0, True, True, True, 2, True, True),
-            (2, False, 3, True, False, False, 1, True, False)]
+CONFIGS += [(Family.VESPO, False, KlEstimator.K3, True, False, False, RolloutLevel.TOKEN, True, True),
+            (Family.GMPO, False, KlEstimator.LOW_VAR_KL, False, False, False, RolloutLevel.TOKEN, False, True),
+            (Family.GPG, False, KlEstimator.K3, False, False, False, RolloutLevel.SEQUENCE, True, False),
+            (Family.CLIPPED, True, KlEstimator.K3, True, True, True, RolloutLevel.SEQUENCE, True, True),
+            (Family.SAPO, False, KlEstimator.LOW_VAR_KL, True, False, False, RolloutLevel.TOKEN, True, False)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -174,7 +180,8 @@ def test_fused_grpo_loss(dtype, V, entropy):
     refl = -4 * torch.rand(B, T, dtype=acc)
     adv = torch.randn(B, dtype=acc)[:, None].expand(B, T)
     seq_weight = torch.rand(B, dtype=acc)
-    cfg = loss_config(0, False, 0, False, False, True, rollout=1, log_clamp=True, has_iw=False)
+    cfg = loss_config(Family.CLIPPED, False, KlEstimator.K3, False, False, True, rollout=RolloutLevel.TOKEN,
+                      log_clamp=True, has_iw=False)
     sampling = -4 * torch.rand(B, T, dtype=acc)
     args = (ids, old, refl, adv, keep, None, sampling, seq_weight, cfg, 0.8, -100, entropy, True)
     cuda_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
