@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..reference import kl_estimate
+from ..reference import compute_dtype, kl_estimate
 
 POLICY_LOSS_TYPES = ("ppo", "gspo")
 IS_CORRECTION_LEVELS = ("off", "token", "seq")
@@ -107,10 +107,6 @@ def check_is_correction(level: str, mode: str, gating: str, threshold: Sequence[
     return low, high
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
-
-
 def _sequence_mean(x: Tensor, m: Tensor) -> Tensor:
     """``[B, T]`` → ``[B, 1]`` mean over each row's kept tokens (0 for an empty row)."""
     return (x * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
@@ -148,7 +144,7 @@ def is_correction(
     if level == "off":
         raise ValueError("is_correction_level must be token/seq here (off: no correction)")
     low, high = check_is_correction(level, mode, gating, threshold)
-    dtype = _compute_dtype(old_log_probs)
+    dtype = compute_dtype(old_log_probs)
     keep = action_mask.to(torch.bool)
     m = keep.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=keep.device)
@@ -334,7 +330,7 @@ class PolicyLoss(nn.Module):
                     is_filter_ratio = corr.filtered.float().mean()
                 else:
                     is_filter_ratio = _masked_mean(corr.filtered.float(), keep)
-                dtype = _compute_dtype(log_probs)
+                dtype = compute_dtype(log_probs)
                 vllm_kl = _masked_mean(rollout_log_probs.detach().to(dtype) - old_log_probs.detach().to(dtype), keep)
         else:
             raise ValueError(f"Invalid policy loss type: {self.policy_loss_type}")
@@ -366,7 +362,7 @@ def compute_approx_kl(
     estimators = {"k1": "k1", "k2": "k2", "k3": "low_var_kl"}
     if kl_estimator not in estimators:
         raise ValueError(f"Unknown kl_estimator: {kl_estimator}")
-    dtype = _compute_dtype(log_probs)
+    dtype = compute_dtype(log_probs)
     logp, base = log_probs.to(dtype), log_probs_base.to(dtype)
     value = kl_estimate(logp, base, estimators[kl_estimator]).clamp(min=-KL_VALUE_CLAMP, max=KL_VALUE_CLAMP)
     if not unbiased_gradient:
