@@ -406,7 +406,8 @@ def _openrlhf_advantages(rewards_by_experience, masks, indices, n, estimator):
                                   kl_ctl=types.SimpleNamespace(value=0.0))
     maker.get_cumulative_returns = functools.partial(cumulative, maker)
     experiences = [types.SimpleNamespace(rewards=r.clone(), index=idx, action_mask=m, kl=torch.zeros(m.shape),
-                                         info={}, values=None) for r, m, idx in zip(rewards_by_experience, masks, indices)]
+                                         info={}, values=None)
+                   for r, m, idx in zip(rewards_by_experience, masks, indices)]
     return [e.advantages for e in compute(maker, experiences)]
 
 

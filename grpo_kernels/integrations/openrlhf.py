@@ -181,7 +181,8 @@ def is_correction(
 
 def _kernel_gate(level: str, mode: str, gating: str, low: float, high: float) -> Optional[dict]:
     """``grpo_loss``'s rollout options that compute this gate exactly in the kernels, or None."""
-    if level != "token" or gating != "ratio" or not math.exp(-LOG_RATIO_CLAMP) <= low < high <= math.exp(LOG_RATIO_CLAMP):
+    inside_clamp = math.exp(-LOG_RATIO_CLAMP) <= low < high <= math.exp(LOG_RATIO_CLAMP)
+    if level != "token" or gating != "ratio" or not inside_clamp:
         return None
     return dict(rollout_is_mode="token_mask" if mode == "mask" else "token_truncate", rollout_is_min=low,
                 rollout_is_max=high)
@@ -259,8 +260,7 @@ class PolicyLoss(nn.Module):
             raise ValueError(f"Invalid policy loss type: {policy_loss_type}")
         if dual_clip is not None and not dual_clip > 1.0:
             raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
-        self._threshold = check_is_correction(is_correction_level, is_correction_mode, is_correction_gating,
-                                              is_correction_threshold)
+        check_is_correction(is_correction_level, is_correction_mode, is_correction_gating, is_correction_threshold)
         self.clip_eps_low = clip_eps_low
         self.clip_eps_high = clip_eps_high
         self.dual_clip = dual_clip
@@ -316,12 +316,13 @@ class PolicyLoss(nn.Module):
         elif self.policy_loss_type == "ppo":
             options["log_ratio_clamp"] = LOG_RATIO_CLAMP
             if correction:
-                low, high = self._threshold
+                low, high = check_is_correction(self.is_correction_level, self.is_correction_mode,
+                                                self.is_correction_gating, self.is_correction_threshold)
                 gate = _kernel_gate(self.is_correction_level, self.is_correction_mode, self.is_correction_gating,
                                     low, high)
                 corr = is_correction(old_log_probs, rollout_log_probs, keep, level=self.is_correction_level,
                                      mode=self.is_correction_mode, gating=self.is_correction_gating,
-                                     threshold=self._threshold, weights=gate is None)
+                                     threshold=(low, high), weights=gate is None)
                 if gate is None:
                     options["importance_weights"] = corr.weights
                 else:
