@@ -255,6 +255,23 @@ def test_per_sequence_advantages(orl, backend):
             assert 0 < ours[1].item() < 1
 
 
+@pytest.mark.parametrize("correction", ["tok-mask-ratio", "seq-mask-binary_kl"])
+@pytest.mark.parametrize("policy_loss_type", POLICY_LOSS_TYPES)
+def test_bfloat16_inputs(orl, backend, policy_loss_type, correction):
+    """bfloat16 inputs: ours computes in float32, so it equals OpenRLHF run on the inputs converted to float32
+    (OpenRLHF on bfloat16 computes in bfloat16); the gradient comes back in bfloat16."""
+    if backend == "triton":
+        pytest.skip("the Triton interpreter is slow")
+    logp, old, rollout, adv, mask = make_batch(4, torch.bfloat16)
+    options = _options(correction, dual_clip=DUAL_CLIP, policy_loss_type=policy_loss_type)
+    f32 = [t.detach().float() for t in (logp, old, rollout, adv)]
+    theirs, their_grad = _run(orl.loss.PolicyLoss(**options), *f32, mask, {})
+    ours, our_grad = _run(gk_orl.PolicyLoss(**options, backend=backend), logp, old, rollout, adv, mask, {})
+    assert ours[0].dtype == torch.float32 and our_grad.dtype == torch.bfloat16
+    assert_same(ours, theirs, (our_grad.float(), their_grad.bfloat16().float()), dict(rtol=1e-2, atol=1e-5))
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
+
+
 def test_action_mask_none(orl, backend):
     """No mask: every token counts (OpenRLHF supports it for the token-level ppo loss without batch_num_tokens)."""
     if backend == "triton":
@@ -346,7 +363,7 @@ def test_validation_matches_openrlhf(orl):
     assert gk_orl.PolicyLoss(policy_loss_type="gspo").token_level_loss is False
 
 
-def test_is_correction_direct(orl):
+def test_is_correction_direct():
     """is_correction's weights and filter, by hand from OpenRLHF's formulas, on a case with known outcome."""
     old = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.25, 0.5, 0.9]], dtype=torch.float64))
     rollout = torch.log(torch.tensor([[0.5, 0.25, 0.05], [0.5, 0.5, 0.9]], dtype=torch.float64))
