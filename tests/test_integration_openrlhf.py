@@ -321,7 +321,7 @@ def test_masked_positions_hold_garbage(orl, backend):
 
 
 @pytest.mark.parametrize("token_level_loss", [True, False])
-def test_fully_masked_batch_differs_from_openrlhf(orl, token_level_loss):
+def test_fully_masked_batch_differs_from_openrlhf(orl, backend, token_level_loss):
     """Documented difference: with no token at all, OpenRLHF's masked_mean divides 0 by 0 (NaN loss and
     metrics; seq level: the filter ratio counts every empty row as filtered, 1); ours gives 0 and a zero
     gradient, the filter ratio as OpenRLHF's."""
@@ -329,7 +329,7 @@ def test_fully_masked_batch_differs_from_openrlhf(orl, token_level_loss):
     mask = torch.zeros_like(mask)
     options = _options("seq-mask-ratio", token_level_loss=token_level_loss)
     theirs, _ = _run(orl.loss.PolicyLoss(**options), logp, old, rollout, adv, mask, {})
-    ours, our_grad = _run(gk_orl.PolicyLoss(**options, backend="cpu"), logp, old, rollout, adv, mask, {})
+    ours, our_grad = _run(gk_orl.PolicyLoss(**options, backend=backend), logp, old, rollout, adv, mask, {})
     assert all(torch.isnan(t) for t in theirs[:4])
     assert theirs[4].item() == ours[4].item() == 1.0
     assert all(t.item() == 0.0 for t in ours[:4])
