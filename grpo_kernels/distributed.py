@@ -267,6 +267,9 @@ def batch_normalized(result: GRPOLossOutput, keep: Tensor, num_seqs: int, length
     ``per_seq_metrics``: the clip ratios are means over sequences (sequence-level ratio with per-sequence
     advantages) rather than over tokens.
     """
+    if loss_type not in SCALE_OUT_LOSS_TYPES:
+        raise ValueError(f"loss_type with batch_group must be one of {', '.join(SCALE_OUT_LOSS_TYPES)}; "
+                         f"got {loss_type!r}")
     dtype = result.loss.dtype
     tokens = keep.to(dtype).sum()
     local_tokens = tokens.clamp(min=1.0)
@@ -285,11 +288,9 @@ def batch_normalized(result: GRPOLossOutput, keep: Tensor, num_seqs: int, length
     group_size = gathered.shape[0]
     all_tokens = total[_TOKENS].clamp(min=1.0)
     all_seqs = total[_SEQUENCES]
-    if loss_type not in SCALE_OUT_LOSS_TYPES:
-        raise ValueError(f"loss_type with batch_group must be one of {', '.join(SCALE_OUT_LOSS_TYPES)}; "
-                         f"got {loss_type!r}")
-    # The loss is Σ_i S_i / (c_i · D) (c_i = n_i for a sequence mean, else 1; D the aggregation's normalizer over
-    # the batch): this rank's share scales its own loss by D_rank / D_batch.
+    # In the terms of aggregation.rule, loss = reduce_i(S_i / per_sequence_i) / batch: the per-sequence divisors
+    # are the rank's own, so its share scales its loss by its divisor over the group's, D_rank / D_group (D the
+    # number of sequences for a mean over sequences, else the batch divisor), formed from the gathered numbers.
     aggregation = loss_type_row(loss_type).aggregation
     if aggregation is Aggregation.SEQUENCE_MEAN or aggregation is Aggregation.SEQUENCE_SUM:  # D = B
         factor = num_seqs / all_seqs
