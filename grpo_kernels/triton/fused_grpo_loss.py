@@ -45,16 +45,16 @@ from .grpo_loss import (check_codes, compute_dtype, dloss_dlogp, grpo_loss, kern
                         select_unmasked, token_strides)
 from .token_logprobs import (
     Rows,
-    _row_grad,
-    _row_log_softmax_stats,
-    _row_zero,
     backward_rows,
     device_guard,
     forward_rows,
     gradient_rows,
     inverse_temperature,
     launch_config,
+    row_grad,
     row_layout,
+    row_log_softmax_stats,
+    row_zero,
 )
 from .tuning import knob
 
@@ -109,7 +109,7 @@ def _fused_grpo_loss_kernel(
         lse = tl.zeros([], dtype=ACC)
         ent = tl.zeros([], dtype=ACC)
         if y != ignore_index:
-            logp, lse, ent = _row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY=RETURN_ENTROPY,
+            logp, lse, ent = row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY=RETURN_ENTROPY,
                                                     BLOCK_V=BLOCK_V, ACC=ACC, EVICTION="evict_last")
         tl.store(logp_ptr + row, logp.to(logp_ptr.dtype.element_ty))
         tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
@@ -143,9 +143,9 @@ def _fused_grpo_loss_kernel(
             seq_w = tl.load(seq_w_ptr + b * s_seq_w).to(ACC)
             w = tl.where(m != 0, seq_w * (m * dloss), 0.0)
             if w == 0:
-                _row_zero(dx_row, V, BLOCK_V=BLOCK_V)
+                row_zero(dx_row, V, BLOCK_V=BLOCK_V)
             else:
-                _row_grad(x_row, dx_row, y, lse, ent, g_logp=w, g_ent=0.0, V=V, inv_t=inv_t, scale=1.0, softcap=1.0,
+                row_grad(x_row, dx_row, y, lse, ent, g_logp=w, g_ent=0.0, V=V, inv_t=inv_t, scale=1.0, softcap=1.0,
                           HAS_G_LOGP=True, HAS_G_ENT=False, ACCUMULATE=False, SOFTCAP=False, BLOCK_V=BLOCK_V, ACC=ACC,
                           REVERSE=True)
 

@@ -16,10 +16,15 @@ the completion in blocks of ``BLOCK_T`` tokens:
   splits a tie 0.5/0.5).
 
 Compute is float32 (float64 for float64 ``logprobs``); inputs of any float
-dtype are converted as they are loaded. Numeric options (epsilons, beta,
-delta, clip_ratio_c, SAPO temperatures) are float64 runtime scalars rounded to
-the compute dtype in the kernel, as PyTorch rounds a Python scalar to the
-tensor's dtype; options that select a code path are ``constexpr``.
+dtype are converted as they are loaded. The numeric options
+(``loss_table.KERNEL_SCALARS``) are float64 runtime arguments named as
+``SCALAR_NAMES`` and passed by name; each kernel rounds them to the compute
+dtype, as PyTorch rounds a Python scalar to the tensor's dtype, into one
+``LossScalars`` (:func:`round_scalars`) that the per-token math reads as
+``sc.<name>``. Options that select a code path are ``constexpr``: the loss
+table's enum values as ints, compared with this module's named codes
+(``CLIPPED``, ``KL_K3``, ``ROLLOUT_TOKEN``, ...); an unknown code fails the
+compile (:func:`check_codes`).
 
 Gradients: only ``loss`` is differentiable, and only with respect to
 ``logprobs``. ``per_token_loss``, ``kl`` and the clip metrics from this

@@ -54,8 +54,8 @@ __all__ = ["token_logprobs", "token_logprobs_triton", "TokenLogprobsFunction", "
 # row helpers (shared with the fused loss kernel)
 # --------------------------------------------------------------------------- #
 @triton.jit
-def _row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
-                           ACC: tl.constexpr, EVICTION: tl.constexpr):
+def row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+                          ACC: tl.constexpr, EVICTION: tl.constexpr):
     """``(logp, lse, H)`` of one row: a single streaming read of its V logits (H = 0 unless RETURN_ENTROPY)."""
     m = tl.full([], float("-inf"), dtype=ACC)  # running max of z
     s = tl.zeros([], dtype=ACC)  # Σ e^{z - m}
@@ -84,9 +84,9 @@ def _row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY: tl.constexpr, BLO
 
 
 @triton.jit
-def _row_grad(x_row, dx_row, y, lse, ent, g_logp, g_ent, V, inv_t, scale, softcap,
-              HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, ACCUMULATE: tl.constexpr, SOFTCAP: tl.constexpr,
-              BLOCK_V: tl.constexpr, ACC: tl.constexpr, REVERSE: tl.constexpr):
+def row_grad(x_row, dx_row, y, lse, ent, g_logp, g_ent, V, inv_t, scale, softcap,
+             HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, ACCUMULATE: tl.constexpr, SOFTCAP: tl.constexpr,
+             BLOCK_V: tl.constexpr, ACC: tl.constexpr, REVERSE: tl.constexpr):
     """Write ``dx = g_logp (onehot_y − p)/T − g_H p (log p + H)/T`` for one row (added to dx with ACCUMULATE).
 
     Times ``scale`` (1 for logits; ``s`` for the logits ``x = s a`` of a
@@ -124,7 +124,7 @@ def _row_grad(x_row, dx_row, y, lse, ent, g_logp, g_ent, V, inv_t, scale, softca
 
 
 @triton.jit
-def _row_zero(dx_row, V, BLOCK_V: tl.constexpr):
+def row_zero(dx_row, V, BLOCK_V: tl.constexpr):
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         tl.store(dx_row + offs, tl.zeros([BLOCK_V], dtype=dx_row.dtype.element_ty), mask=offs < V)
@@ -158,7 +158,7 @@ def _token_logprobs_fwd_kernel(
     ent = tl.zeros([], dtype=ACC)
     lse = tl.zeros([], dtype=ACC)
     if y != ignore_index:
-        logp, lse, ent = _row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY, BLOCK_V, ACC, "evict_first")
+        logp, lse, ent = row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY, BLOCK_V, ACC, EVICTION="evict_first")
     tl.store(logp_ptr + row, logp.to(logp_ptr.dtype.element_ty))
     tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
     if RETURN_ENTROPY:
@@ -171,7 +171,7 @@ def _token_logprobs_fwd_kernel(
 # read before it is overwritten, and nothing reads it afterwards). Memory traffic:
 # one read + one write of the logits (+ one read of dx with ACCUMULATE), no second
 # reduction (lse and H are saved). Ignored rows only write zeros (or nothing with ACCUMULATE).
-# scale_arg and SOFTCAP / softcap_arg chain dx to a fused-linear tile's affine logits (see _row_grad).
+# scale_arg and SOFTCAP / softcap_arg chain dx to a fused-linear tile's affine logits (see row_grad).
 @triton.jit
 def _token_logprobs_bwd_kernel(
     x_ptr, dx_ptr, y_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
@@ -188,7 +188,7 @@ def _token_logprobs_bwd_kernel(
     y = tl.load(y_ptr + row).to(tl.int64)
     if y == ignore_index:
         if not ACCUMULATE:
-            _row_zero(dx_row, V, BLOCK_V)
+            row_zero(dx_row, V, BLOCK_V)
     else:
         inv_t = (tl.zeros([], dtype=ACC) + inv_t_hi) + inv_t_lo
         lse = tl.load(lse_ptr + row).to(ACC)
@@ -200,8 +200,8 @@ def _token_logprobs_bwd_kernel(
         if HAS_G_ENT:
             g_ent = tl.load(g_ent_ptr + row).to(ACC)
             ent = tl.load(ent_ptr + row).to(ACC)
-        _row_grad(x_row, dx_row, y, lse, ent, g_logp, g_ent, V, inv_t, tl.full((), scale_arg, ACC),
-                  tl.full((), softcap_arg, ACC), HAS_G_LOGP, HAS_G_ENT, ACCUMULATE, SOFTCAP, BLOCK_V, ACC, False)
+        row_grad(x_row, dx_row, y, lse, ent, g_logp, g_ent, V, inv_t, tl.full((), scale_arg, ACC),
+                 tl.full((), softcap_arg, ACC), HAS_G_LOGP, HAS_G_ENT, ACCUMULATE, SOFTCAP, BLOCK_V, ACC, REVERSE=False)
 
 
 # --------------------------------------------------------------------------- #
