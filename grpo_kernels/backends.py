@@ -42,6 +42,30 @@ def _package_installed(package: str) -> Callable[[], bool]:
     return lambda: importlib.util.find_spec(package) is not None
 
 
+# Device predicates: why a backend cannot run tensors on ``device`` (None: it can).
+DeviceProblem = Callable[[torch.device], Optional[str]]
+
+
+def _any_device(device: torch.device) -> Optional[str]:
+    return None
+
+
+def _only(device_type: str, label: str) -> DeviceProblem:
+    def problem(device: torch.device) -> Optional[str]:
+        return None if device.type == device_type else f"runs {label} tensors only, got {device.type} tensors"
+
+    return problem
+
+
+def _triton_device(device: torch.device) -> Optional[str]:
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return ("runs CPU tensors only under the Triton interpreter: set TRITON_INTERPRET=1 before importing triton, "
+                "or pass CUDA tensors")
+    if device.type not in ("cpu", "cuda"):
+        return f"does not run on {device.type} tensors"
+    return None
+
+
 class Backend(NamedTuple):
     """A backend of this version."""
 
@@ -50,19 +74,21 @@ class Backend(NamedTuple):
     # statistics) for grpo_kernels.distributed; None for the reference, whose row math distributed writes in torch
     row_module: Optional[str]
     available: Callable[[], bool]  # usable in this installation
+    device_problem: DeviceProblem  # why it cannot run a device's tensors (None: it can)
     description: str  # for the error messages
 
 
 # The one table of backends, in the order available_backends() lists them.
 REGISTRY: dict[str, Backend] = {
-    "reference": Backend("grpo_kernels.reference", None, lambda: True, "pure PyTorch (the specification)"),
+    "reference": Backend("grpo_kernels.reference", None, lambda: True, _any_device,
+                         "pure PyTorch (the specification)"),
     "triton": Backend("grpo_kernels.triton", "grpo_kernels.triton.token_logprobs", _package_installed("triton"),
-                      "Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)"),
+                      _triton_device, "Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)"),
     "cpu": Backend("grpo_kernels.native", "grpo_kernels.native.token_logprobs", extension_has_kernels,
-                   "C++ kernels from the grpo_kernels._C extension"),
+                   _only("cpu", "CPU"), "C++ kernels from the grpo_kernels._C extension"),
     # the same glue: the extension's entry points dispatch on the tensors' device
     "cuda": Backend("grpo_kernels.native", "grpo_kernels.native.token_logprobs", extension_has_cuda_kernels,
-                    "CUDA kernels from the grpo_kernels._C extension"),
+                    _only("cuda", "CUDA"), "CUDA kernels from the grpo_kernels._C extension"),
 }
 BACKENDS = tuple(REGISTRY)
 
@@ -181,19 +207,9 @@ def _check_known(name: str, where: str) -> str:
 
 
 def _check_device(name: str, device: torch.device) -> None:
-    if name == "cpu" and device.type != "cpu":
-        raise BackendUnavailableError(f"backend 'cpu' runs CPU tensors only, got {device.type} tensors")
-    if name == "cuda" and device.type != "cuda":
-        raise BackendUnavailableError(f"backend 'cuda' runs CUDA tensors only, got {device.type} tensors")
-    if name != "triton":
-        return
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise BackendUnavailableError(
-            "backend 'triton' runs CPU tensors only under the Triton interpreter: set TRITON_INTERPRET=1 "
-            "before importing triton, or pass CUDA tensors"
-        )
-    if device.type not in ("cpu", "cuda"):
-        raise BackendUnavailableError(f"backend 'triton' does not run on {device.type} tensors")
+    problem = REGISTRY[name].device_problem(device)
+    if problem is not None:
+        raise BackendUnavailableError(f"backend {name!r} {problem}")
 
 
 def implementation(backend: str, device: torch.device, op: str) -> Callable:
