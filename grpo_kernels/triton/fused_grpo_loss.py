@@ -110,7 +110,7 @@ def _fused_grpo_loss_kernel(
         ent = tl.zeros([], dtype=ACC)
         if y != ignore_index:
             logp, lse, ent = row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY=RETURN_ENTROPY,
-                                                    BLOCK_V=BLOCK_V, ACC=ACC, EVICTION="evict_last")
+                                                   BLOCK_V=BLOCK_V, ACC=ACC, EVICTION="evict_last")
         tl.store(logp_ptr + row, logp.to(logp_ptr.dtype.element_ty))
         tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
         if RETURN_ENTROPY:
@@ -146,8 +146,8 @@ def _fused_grpo_loss_kernel(
                 row_zero(dx_row, V, BLOCK_V=BLOCK_V)
             else:
                 row_grad(x_row, dx_row, y, lse, ent, g_logp=w, g_ent=0.0, V=V, inv_t=inv_t, scale=1.0, softcap=1.0,
-                          HAS_G_LOGP=True, HAS_G_ENT=False, ACCUMULATE=False, SOFTCAP=False, BLOCK_V=BLOCK_V, ACC=ACC,
-                          REVERSE=True)
+                         HAS_G_LOGP=True, HAS_G_ENT=False, ACCUMULATE=False, SOFTCAP=False, BLOCK_V=BLOCK_V, ACC=ACC,
+                         REVERSE=True)
 
 
 # Persistent grid of the fused kernel: programs per SM. The rows in flight (about SMs × this) must
