@@ -422,11 +422,14 @@ def _token_terms(logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio,
     loss, is_low, is_high, dloss_dcoef, dloss_dlogp = _policy_terms(
         coef_1, adv, logp, r, seq_log_ratio, seq_adv, seq_is, sc, DTYPE, FAMILY=FAMILY, HAS_DELTA=HAS_DELTA,
         HAS_C=HAS_C, HAS_TOKEN_IS=HAS_TOKEN_IS)
-    if SHARED:
-        ratio_grad = dr
-        if FAMILY == GMPO:
+    if SHARED:  # d (the token's term of the sequence's log-ratio) / d logp
+        if FAMILY == GMPO:  # its clipped log-ratio
             _r_min, dg = _gmpo_log_ratio(r, adv, sc.eps_low, sc.eps_high)
             ratio_grad = dr * dg
+        elif not family_sequence_pass(FAMILY):  # GSPO: the log-ratio
+            ratio_grad = dr
+        else:
+            tl.static_assert(False, "a family with a shared ratio needs its ratio gradient here")
     else:
         ratio_grad = coef_1 * dr
     if HAS_OPM:  # keep unless A < 0 and the sequence's mean KL exceeds the threshold
