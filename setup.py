@@ -10,12 +10,15 @@ no import of the package). Environment switches:
 - ``GRPO_KERNELS_NO_EXT=1``: build no extension (the package works without it).
 - ``GRPO_KERNELS_NO_CUDA=1``: leave out the CUDA sources.
 - ``TORCH_CUDA_ARCH_LIST``: CUDA architectures (default "9.0a": Hopper, one device compile per source).
-- ``GRPO_KERNELS_CPU_ARCH``: the ``-march`` of the CPU kernels (default ``native``: the
-  vector ISA of the building machine, e.g. AVX-512; a binary built this way may not run
-  on an older CPU, so set e.g. ``x86-64-v3`` to build one for other machines, or an empty
-  value for the compiler's default target). The build records the x86 features that target
-  requires in ``grpo_kernels/_C_build.json``; ``grpo_kernels._extension`` does not import the
-  extension on a CPU that lacks one of them.
+- ``GRPO_KERNELS_CPU_ARCH``: unset (the default), the CPU kernels are compiled once per
+  instruction set on x86-64 (``X86_CPU_COPIES``: x86-64-v3 = AVX2 + FMA, the baseline, and
+  x86-64-v4 = AVX-512), each copy in its own namespace, and the extension runs the most capable
+  copy the CPU supports (``cpu_isa()``; ``GRPO_KERNELS_CPU_ISA=avx2`` at import forces the
+  baseline), so one wheel runs on every x86-64 CPU with AVX2 + FMA; on other architectures, one
+  copy for the compiler's default target. Set, one copy for that ``-march`` (e.g. ``native``: the
+  building machine's CPU only; an empty value: the compiler's default target). The build records in
+  ``grpo_kernels/_C_build.json`` the x86 features each copy requires; ``grpo_kernels._extension``
+  does not import the extension on a CPU that lacks one of the baseline's.
 
 torch is imported from the environment that runs the build, never installed by it:
 ``pip install --no-build-isolation .`` builds against the torch already installed. An isolated
@@ -27,6 +30,7 @@ import glob
 import importlib.util
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -57,12 +61,24 @@ def _generate_headers():
         print(f"grpo_kernels: regenerated {os.path.relpath(codegen.HEADER_PATH, HERE)} from the loss table")
 
 
-def _cpu_arch():
-    return os.environ.get("GRPO_KERNELS_CPU_ARCH", "native").strip()
+# The copies of the CPU kernels of a default x86-64 build, (namespace = cpu_isa() name, -march), the
+# baseline first: module.cpp is compiled for it and runs the last copy in this order that the CPU supports
+# (its table kCpuCopies names the same copies).
+X86_CPU_COPIES = (("avx2", "x86-64-v3"), ("avx512", "x86-64-v4"))
+SINGLE_COPY = "single"  # the namespace of a one-copy build (GRPO_KERNELS_CPU_ARCH, or not x86-64)
 
 
-def _cpu_arch_flags():
-    arch = _cpu_arch()
+def _cpu_copies():
+    """(namespace, -march) of each copy of the CPU kernels this build compiles, the baseline first."""
+    arch = os.environ.get("GRPO_KERNELS_CPU_ARCH")
+    if arch is not None:
+        return ((SINGLE_COPY, arch.strip()),)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return X86_CPU_COPIES
+    return ((SINGLE_COPY, ""),)  # the compiler's default target: the portable one
+
+
+def _march_flags(arch):
     return [f"-march={arch}"] if arch else []
 
 
@@ -92,11 +108,11 @@ NO_TORCH_MESSAGE = (
 )
 
 
-def _x86_features(compiler):
-    """/proc/cpuinfo names of the x86 features `compiler` assumes for the CPU kernels' -march
-    (None when the compiler cannot be asked)."""
+def _x86_features(compiler, arch):
+    """/proc/cpuinfo names of the x86 features `compiler` assumes for -march=`arch` (None when the
+    compiler cannot be asked)."""
     try:
-        out = subprocess.run([compiler, *_cpu_arch_flags(), "-dM", "-E", "-x", "c++", "-"], stdin=subprocess.DEVNULL,
+        out = subprocess.run([compiler, *_march_flags(arch), "-dM", "-E", "-x", "c++", "-"], stdin=subprocess.DEVNULL,
                              capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -111,7 +127,8 @@ def _cxx_standard(torch_version):
 
 def _build_ext_class(base):
     class BuildExt(base):
-        """Writes BUILD_INFO beside the extension; rebuilds when the target or torch changed."""
+        """Compiles each copy of the CPU kernels with its -march, links them into the extension, and
+        writes BUILD_INFO beside it; rebuilds when the targets or torch changed."""
 
         info_path = None
 
@@ -121,8 +138,12 @@ def _build_ext_class(base):
             _generate_headers()
             # the build directory's copy (setuptools builds there, then copies to the source if --inplace)
             self.info_path = os.path.join(os.path.dirname(self.get_ext_fullpath("grpo_kernels._C")), BUILD_INFO)
-            compiler = getattr(self.compiler, "compiler_so", None) or ["c++"]
-            info = {"cpu_arch": _cpu_arch(), "x86_features": _x86_features(compiler[0]), "torch": torch.__version__}
+            compiler = (getattr(self.compiler, "compiler_so", None) or ["c++"])[0]
+            copies = [{"copy": name, "march": arch, "x86_features": _x86_features(compiler, arch)}
+                      for name, arch in _cpu_copies()]
+            # x86_features: what importing needs (the baseline); each copy's own in cpu_copies
+            info = {"cpu_arch": "+".join(arch for _, arch in _cpu_copies()), "x86_features": copies[0]["x86_features"],
+                    "cpu_copies": copies, "torch": torch.__version__}
             try:
                 with open(self.info_path) as f:
                     self.force = self.force or json.load(f) != info  # an up-to-date .so of another target
@@ -131,6 +152,19 @@ def _build_ext_class(base):
             super().build_extensions()
             with open(self.info_path, "w") as f:
                 json.dump(info, f, indent=1)
+
+        def build_extension(self, ext):
+            # torch's BuildExtension has added its flags to ext.extra_compile_args and made
+            # self.compiler.compile build with ninja; each copy gets its own output directory (and ninja file)
+            cxx = [flag for flag in ext.extra_compile_args["cxx"] if not flag.startswith("-march=")]
+            objects = []
+            for name, arch in _cpu_copies():  # the baseline's objects first: the linker keeps their
+                objects += self.compiler.compile(  # copies of inline functions that several objects define
+                    ext.cpu_kernel_sources, output_dir=os.path.join(self.build_temp, f"cpu-{name}"),
+                    macros=ext.define_macros + [("GRPO_CPU_COPY", name)], include_dirs=ext.include_dirs,
+                    debug=self.debug, extra_postargs={"cxx": cxx + _march_flags(arch)}, depends=ext.depends)
+            ext.extra_objects = objects
+            super().build_extension(ext)
 
         def run(self):
             super().run()
@@ -152,14 +186,22 @@ def _extensions():
             sys.exit(NO_TORCH_MESSAGE)
         return [], {}
 
-    sources = _sources("csrc/cpu/*.cpp")
-    macros = [("GRPO_KERNELS_VERSION", f'"{_version()}"'), ("GRPO_KERNELS_CPU_ARCH", f'"{_cpu_arch()}"')]
+    # the bindings (module.cpp) compile as the extension's sources, for the baseline; the kernels once per
+    # copy (BuildExt.build_extension), linked in as extra objects
+    sources = ["csrc/cpu/module.cpp"]
+    kernel_sources = [path for path in _sources("csrc/cpu/*.cpp") if path not in sources]
+    depends = kernel_sources + _sources("csrc/*/*.h") + _sources("csrc/*/*.cuh")
+    copies = _cpu_copies()
+    macros = [("GRPO_KERNELS_VERSION", f'"{_version()}"'),
+              ("GRPO_KERNELS_CPU_ARCH", '"' + "+".join(arch for _, arch in copies) + '"')]
+    if copies == X86_CPU_COPIES:
+        macros.append(("GRPO_CPU_DISPATCH", "1"))
     # -ffp-contract=off: every product is rounded as written (z = x / T as the reference rounds it);
     # the kernels ask for fused multiply-adds explicitly where they want them
     # -g0: Python's CFLAGS carry -g, ~20 MB of debug info in module.o and a quarter of its compile time
     # the C++ standard torch's headers need: C++20 from torch 2.14 (ATen.h stops on anything older)
     std = f"-std={_cxx_standard(torch.__version__)}"
-    cxx = ["-O3", std, "-fopenmp", "-ffp-contract=off", "-g0"] + _cpu_arch_flags()
+    cxx = ["-O3", std, "-fopenmp", "-ffp-contract=off", "-g0"] + _march_flags(copies[0][1])
     nvcc_found = cpp_extension.CUDA_HOME is not None and shutil.which(
         os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
     )
@@ -176,13 +218,14 @@ def _extensions():
             sources + _sources("csrc/cuda/*.cu"),
             define_macros=macros + [("GRPO_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", std, "--use_fast_math"]},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp"], depends=depends,
         )
     else:
         ext = cpp_extension.CppExtension(
             "grpo_kernels._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp"], depends=depends,
         )
+    ext.cpu_kernel_sources = kernel_sources
     base = cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)
     return [ext], {"build_ext": _build_ext_class(base)}
 

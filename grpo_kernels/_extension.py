@@ -1,9 +1,12 @@
 """Optional compiled extension ``grpo_kernels._C``.
 
 The package works without it (``GRPO_KERNELS_NO_EXT=1`` at build time skips
-it); backends that need it report themselves unavailable. The build records in
-``_C_build.json`` the x86 features its CPU kernels were compiled to require
-(``GRPO_KERNELS_CPU_ARCH``, default ``native``); on a CPU that lacks one, the
+it); backends that need it report themselves unavailable. The CPU kernels are
+compiled once per instruction set (by default x86-64-v3, the baseline, and
+x86-64-v4 with AVX-512; ``GRPO_KERNELS_CPU_ARCH`` builds one copy), and the
+extension runs the most capable copy the CPU supports (``cpu_isa()``;
+``GRPO_KERNELS_CPU_ISA=avx2`` forces the baseline). ``_C_build.json`` records the
+x86 features each copy requires; on a CPU that lacks one of the baseline's, the
 extension is not imported (it could stop the process with an illegal
 instruction) and one warning says how to rebuild it.
 """
@@ -20,7 +23,9 @@ from typing import Optional
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 BUILD_INFO = Path(__file__).with_name("_C_build.json")  # written by setup.py beside the extension
-PORTABLE_REBUILD = "GRPO_KERNELS_CPU_ARCH=x86-64-v3 pip install --no-build-isolation ."
+PORTABLE_REBUILD = "pip install --no-build-isolation ."  # the default targets: any x86-64 CPU with AVX2 and FMA
+NATIVE_REBUILD = "GRPO_KERNELS_CPU_ARCH=native pip install --no-build-isolation ."
+CPU_ISA_ENV = "GRPO_KERNELS_CPU_ISA"  # read by the extension when it loads: the copy of the CPU kernels to run
 
 
 def _build_info() -> dict:
@@ -44,7 +49,8 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> Optional[frozenset]:
 
 
 def _missing_cpu_features(info: dict, flags: Optional[frozenset]) -> list:
-    """The features the build requires that `flags` lack ([] where either is unknown)."""
+    """The features importing the build requires (its baseline copy's) that `flags` lack ([] where either
+    is unknown)."""
     if flags is None or not info.get("x86_features"):
         return []
     return [feature for feature in info["x86_features"] if feature not in flags]
@@ -63,19 +69,23 @@ def _load() -> Optional[ModuleType]:
     info = _build_info()
     missing = _missing_cpu_features(info, cpu_flags()) if built else []
     if missing:
-        warnings.warn(f"grpo_kernels: the compiled extension was built for -march={info.get('cpu_arch') or '(default)'} "
+        copies = info.get("cpu_copies") or [{"march": info.get("cpu_arch")}]
+        warnings.warn(f"grpo_kernels: the compiled extension was built for -march={copies[0]['march'] or '(default)'} "
                       f"and this CPU lacks {', '.join(missing)}, so it is not imported (it could execute an illegal "
                       f"instruction): the 'cpu' and 'cuda' backends are unavailable and backend='auto' uses the "
-                      f"others. Rebuild it on this machine (`pip install --no-build-isolation .`, target native) or "
-                      f"for any x86-64 CPU with AVX2 and FMA (`{PORTABLE_REBUILD}`).", RuntimeWarning, stacklevel=2)
+                      f"others. Rebuild it for this CPU (`{NATIVE_REBUILD}`) or, on a CPU with AVX2 and FMA, with "
+                      f"the default targets, which run on any such x86-64 CPU (`{PORTABLE_REBUILD}`).",
+                      RuntimeWarning, stacklevel=2)
         return None
     try:
         _C = _import_extension()
     except ImportError as error:
         if built:  # built but broken (e.g. against another torch): say why instead of silently going without
+            remedy = ("Unset GRPO_KERNELS_CPU_ISA or name one of the listed instruction sets" if CPU_ISA_ENV in str(error)
+                      else "Rebuild it with `pip install --no-build-isolation -e .`")
             warnings.warn(f"grpo_kernels: the compiled extension {built[0].name} exists but failed to import "
                           f"({type(error).__name__}: {error}); the 'cpu' and 'cuda' backends are unavailable. "
-                          f"Rebuild it with `pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=2)
+                          f"{remedy}.", RuntimeWarning, stacklevel=2)
         return None
     return _C
 

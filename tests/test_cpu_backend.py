@@ -11,7 +11,7 @@ import torch
 from conftest import TOLERANCES
 
 import grpo_kernels as gk
-from grpo_kernels import backends
+from grpo_kernels import _extension, backends
 
 pytestmark = pytest.mark.skipif("cpu" not in gk.available_backends(), reason="grpo_kernels._C was not built")
 
@@ -37,22 +37,43 @@ for level in ("token", "sequence"):
 logp, ent = gk.token_logprobs(logits, ids, temperature=0.7, return_entropy=True, backend="cpu")
 outs += [logp, ent, *torch.autograd.grad((logp * old).sum() + ent.sum(), logits)]
 outs.append(gk.group_advantages(torch.randn(60, 2, generator=g), group_size=6, backend="cpu"))
+lp = (-torch.rand(6, 301, generator=g)).requires_grad_()  # grpo_loss over rows longer than a vector
+lp_old = lp.detach() + 0.2 * torch.randn(6, 301, generator=g)
+for level in ("token", "sequence"):
+    out = gk.grpo_loss(lp, lp_old, torch.randn(6, generator=g), torch.rand(6, 301, generator=g) > 0.1,
+                       ref_logprobs=lp_old - 0.1, beta=0.04, importance_sampling_level=level, backend="cpu")
+    outs += [out.loss, *torch.autograd.grad(out.loss, lp)]
 digest = hashlib.sha256()
 for t in outs:
     digest.update(t.detach().float().contiguous().numpy().tobytes())
-print(digest.hexdigest())
+print(gk.extension_info()["cpu_isa"], digest.hexdigest())
 """
+BASELINE_ISA = "avx2"  # the baseline copy of a default x86-64 build (setup.py X86_CPU_COPIES)
+
+
+def _digest(threads, dtype, cpu_isa=None):
+    """(the copy of the kernels that ran, the digest of THREAD_SCRIPT's outputs)."""
+    env = {key: value for key, value in os.environ.items() if key != "GRPO_KERNELS_CPU_ISA"}
+    if cpu_isa is not None:
+        env["GRPO_KERNELS_CPU_ISA"] = cpu_isa
+    run = subprocess.run([sys.executable, "-c", THREAD_SCRIPT, str(threads), dtype], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    isa, digest = run.stdout.split()
+    return isa, digest
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_results_do_not_depend_on_the_thread_count(dtype):
-    digests = set()
-    for threads in (1, 2, 3):
-        run = subprocess.run([sys.executable, "-c", THREAD_SCRIPT, str(threads), dtype], capture_output=True,
-                             text=True, timeout=300)
-        assert run.returncode == 0, run.stderr
-        digests.add(run.stdout.strip())
-    assert len(digests) == 1
+def test_results_depend_neither_on_the_thread_count_nor_on_the_instruction_set(dtype):
+    """The same bits from 1, 2 or 3 threads and, where this build dispatches to an AVX-512 copy, from
+    the AVX2 copy forced by GRPO_KERNELS_CPU_ISA (sums in 16 fixed lanes, whatever the vector width)."""
+    runs = {(threads, None): _digest(threads, dtype) for threads in (1, 2, 3)}
+    dispatched = runs[1, None][0]
+    copies = [copy["copy"] for copy in _extension._build_info().get("cpu_copies", [])]
+    if dispatched != BASELINE_ISA and BASELINE_ISA in copies:
+        runs[2, BASELINE_ISA] = _digest(2, dtype, BASELINE_ISA)
+        assert runs[2, BASELINE_ISA][0] == BASELINE_ISA
+    assert len({digest for _, digest in runs.values()}) == 1, runs
 
 
 def test_auto_picks_cpu_for_cpu_tensors(monkeypatch):
@@ -163,11 +184,11 @@ def test_rows_across_chunks_match_the_reference(dtype, offset):
     torch.testing.assert_close(grad.double(), ref_grad.to(dtype).double(), **grad_tol)
 
 
-def test_the_build_under_test_is_the_expected_one():
-    """`make test-baseline-cpu` sets GRPO_KERNELS_EXPECT_CPU_ARCH: these tests must then run the
-    extension built for that target, not another copy of the package."""
-    expected = os.environ.get("GRPO_KERNELS_EXPECT_CPU_ARCH")
+def test_the_build_under_test_runs_the_requested_copy():
+    """`make test-baseline-cpu` sets GRPO_KERNELS_CPU_ISA=avx2: these tests must then run the baseline
+    (AVX2) copy of the kernels of the default build."""
     info = gk.extension_info()
-    assert info["cpu_isa"] in ("avx512+bf16", "avx512", "avx2+fma", "avx2", "avx", "sse4.2", "sse2", "generic")
-    if expected is not None:
-        assert info["cpu_arch"] == expected
+    assert info["cpu_isa"] in ("avx512+bf16", "avx512", "avx2", "avx2-no-fma", "avx", "sse4.2", "sse2", "generic")
+    requested = os.environ.get("GRPO_KERNELS_CPU_ISA")
+    if requested:
+        assert info["cpu_isa"] == requested

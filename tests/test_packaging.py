@@ -1,10 +1,13 @@
 """Packaging: the build never installs a torch, the sdist carries what a build needs, the supported
 torch range is the tested one, and the extension is not imported on a CPU that lacks the x86
-features it was compiled for (grpo_kernels/_extension.py; the features come from setup.py).
+features its baseline copy of the CPU kernels was compiled for (grpo_kernels/_extension.py; the
+features come from setup.py; the copies: tests/test_build_isa.py).
 
 The sdist installed into a fresh venv with only torch is `make test-package` (too slow for here)."""
 
+import os
 import re
+import runpy
 import subprocess
 import sys
 import tarfile
@@ -49,7 +52,33 @@ def test_extension_is_not_imported_on_a_cpu_without_its_features(fake_build, mon
     message = str(record[0].message)
     assert "avx512bw, avx512f" in message and "avx2," not in message  # the missing ones, nothing else
     assert "-march=native" in message
-    assert "GRPO_KERNELS_CPU_ARCH=x86-64-v3 pip install --no-build-isolation ." in message
+    assert _extension.NATIVE_REBUILD in message and _extension.PORTABLE_REBUILD in message
+
+
+# A default x86-64 build: the x86-64-v3 baseline (all importing needs) and an x86-64-v4 copy
+V3 = ["avx", "avx2", "bmi1", "bmi2", "f16c", "fma"]
+DISPATCH_BUILD = {"cpu_arch": "x86-64-v3+x86-64-v4", "x86_features": V3, "torch": "2.13.0",
+                  "cpu_copies": [{"copy": "avx2", "march": "x86-64-v3", "x86_features": V3},
+                                 {"copy": "avx512", "march": "x86-64-v4", "x86_features": V3 + ["avx512f", "avx512vl"]}]}
+
+
+@pytest.mark.parametrize("flags, imported", [(frozenset(V3), True), (frozenset(V3) | {"avx512f", "avx512vl"}, True),
+                                             (frozenset({"avx", "sse4_2"}), False)], ids=["avx2", "avx512", "avx"])
+def test_a_dispatching_build_needs_only_its_baseline(monkeypatch, flags, imported):
+    monkeypatch.setattr(_extension, "_built_files", lambda: BUILT)
+    monkeypatch.setattr(_extension, "_build_info", lambda: dict(DISPATCH_BUILD))
+    monkeypatch.setattr(_extension, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(_extension, "_import_extension", _refuse_import)
+    if imported:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(_Imported):
+                _extension._load()
+        return
+    with pytest.warns(RuntimeWarning) as record:
+        assert _extension._load() is None
+    message = str(record[0].message)
+    assert "-march=x86-64-v3 " in message and "lacks avx2, bmi1, bmi2, f16c, fma," in message
 
 
 @pytest.mark.parametrize("flags", [AVX2_CPU | {"avx512f", "avx512bw", "avx512vl"}, None], ids=["has-all", "unreadable"])
@@ -103,14 +132,18 @@ def test_this_build_records_what_its_kernels_were_compiled_for():
     info = gk.extension_info()
     assert record["cpu_arch"] == info["cpu_arch"]
     assert record["torch"] == torch.__version__
-    features = set(record["x86_features"])
+    # the copy that runs: one named by its ISA (a default x86-64 build) or the only one (named by its -march)
+    copies = {copy["copy"]: copy for copy in record["cpu_copies"]}
     isa = info["cpu_isa"]
+    features = set((copies.get(isa) or copies["single"])["x86_features"])
     assert ("avx512f" in features) == isa.startswith("avx512")
     assert ("avx512_bf16" in features) == (isa == "avx512+bf16")
-    assert ("avx2" in features) == (isa in ("avx512+bf16", "avx512", "avx2+fma", "avx2"))
-    assert ("fma" in features) == (isa in ("avx512+bf16", "avx512", "avx2+fma"))  # each AVX-512 target has FMA
+    assert ("avx2" in features) == (isa in ("avx512+bf16", "avx512", "avx2", "avx2-no-fma"))
+    assert ("fma" in features) == (isa in ("avx512+bf16", "avx512", "avx2"))  # each AVX-512 target has FMA
     # built here and run here: every recorded feature is this CPU's (a wrong flag name would withhold the extension)
     assert _extension._missing_cpu_features(record, _extension.cpu_flags()) == []
+    if len(copies) == 1 and not os.environ.get("GRPO_KERNELS_CPU_ISA"):  # a one-copy build runs its copy
+        assert set(record["x86_features"]) == features
 
 
 def _run_setup_extensions(argv, env_extra=None):
@@ -171,3 +204,19 @@ def test_sdist_carries_the_sources_and_no_build_output(tmp_path):
     assert not needed - names, f"missing from the sdist: {sorted(needed - names)}"
     outputs = [n for n in names if n.endswith((".so", ".o", ".pyc", "_C_build.json"))]
     assert not outputs, outputs
+
+
+def test_the_cpu_copies_a_build_compiles(monkeypatch):
+    """Default: on x86-64 one copy per X86_CPU_COPIES row, elsewhere one for the compiler's default target;
+    GRPO_KERNELS_CPU_ARCH: one copy for that -march."""
+    import platform
+
+    setup = runpy.run_path(str(ROOT / "setup.py"), run_name="setup")
+    monkeypatch.delenv("GRPO_KERNELS_CPU_ARCH", raising=False)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert setup["_cpu_copies"]() == setup["X86_CPU_COPIES"] == (("avx2", "x86-64-v3"), ("avx512", "x86-64-v4"))
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert setup["_cpu_copies"]() == ((setup["SINGLE_COPY"], ""),)
+    monkeypatch.setenv("GRPO_KERNELS_CPU_ARCH", " native ")
+    assert setup["_cpu_copies"]() == ((setup["SINGLE_COPY"], "native"),)
+    assert setup["_march_flags"]("native") == ["-march=native"] and setup["_march_flags"]("") == []

@@ -1,7 +1,9 @@
 // The C++ entry points of grpo_kernels._C, declared for CPU tensors (namespace grpo_kernels::cpu,
 // csrc/cpu/*.cpp) and, with the same signatures, for CUDA tensors (namespace grpo_kernels::cuda,
 // csrc/cuda/*.cu). csrc/cpu/module.cpp binds each name once and dispatches on the device of the first
-// tensor argument. The Python glue in grpo_kernels/native/ calls these functions; the math of every op is
+// tensor argument. The CPU kernels are compiled once per instruction set (setup.py), each copy in its
+// namespace grpo_kernels::cpu::GRPO_CPU_COPY, and module.cpp takes the table (cpu::Kernels) of the copy
+// the running CPU supports. The Python glue in grpo_kernels/native/ calls these functions; the math of every op is
 // stated in grpo_kernels/reference.py.
 //
 // Conventions shared by every entry point:
@@ -28,6 +30,9 @@
 namespace grpo_kernels {
 
 namespace cpu {
+#ifdef GRPO_CPU_COPY  // a translation unit of one copy of the CPU kernels
+inline namespace GRPO_CPU_COPY {
+#endif
 
 // token_logprobs forward. logits [..., V] float16/bfloat16/float32/float64; token_ids [...] int32/int64
 // (values in [0, V) or ignore_index). Returns (logp [R], lse [R], entropy [R] or an empty tensor without
@@ -84,6 +89,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& iw, const c10::optional<at::Tensor>& sampling_logp, const at::Tensor& seq_weight,
     const LossConfig& cfg, double temperature, int64_t ignore_index, bool return_entropy, bool compute_grad,
     bool inplace);
+
+#ifdef GRPO_CPU_COPY
+}  // namespace GRPO_CPU_COPY
+#endif
+}  // namespace cpu
+
+namespace cpu {
+
+// The entry points of one copy of the CPU kernels (csrc/cpu/kernel_table.cpp defines its copy's
+// kernels()): module.cpp binds through the table of the copy it chose when the module was loaded.
+struct Kernels {
+  decltype(&cpu::token_logprobs_fwd) token_logprobs_fwd;
+  decltype(&cpu::token_logprobs_bwd) token_logprobs_bwd;
+  decltype(&cpu::group_normalize) group_normalize;
+  decltype(&cpu::grpo_loss_fwd) grpo_loss_fwd;
+  decltype(&cpu::grpo_loss_bwd) grpo_loss_bwd;
+  decltype(&cpu::fused_grpo_loss_fwd) fused_grpo_loss_fwd;
+};
 
 }  // namespace cpu
 

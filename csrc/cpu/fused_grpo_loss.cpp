@@ -18,7 +18,7 @@
 #include "scaled_store.h"
 #include "softmax_row.h"
 
-namespace grpo_kernels::cpu {
+namespace grpo_kernels::cpu::GRPO_CPU_COPY {  // one copy per instruction set (setup.py)
 
 namespace {
 
@@ -144,4 +144,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {logp, lse, entropy, per_token_loss, partials, grad};
 }
 
-}  // namespace grpo_kernels::cpu
+}  // namespace grpo_kernels::cpu::GRPO_CPU_COPY

@@ -12,7 +12,7 @@
 #include <sys/mman.h>
 #endif
 
-namespace grpo_kernels::cpu {
+namespace grpo_kernels::cpu::GRPO_CPU_COPY {  // one copy per instruction set (setup.py)
 
 constexpr size_t kHugePage = size_t(2) << 20;
 
@@ -31,4 +31,4 @@ inline at::Tensor empty_gradient_like(const at::Tensor& logits) {
   return at::empty(logits.sizes(), logits.options());
 }
 
-}  // namespace grpo_kernels::cpu
+}  // namespace grpo_kernels::cpu::GRPO_CPU_COPY

@@ -8,7 +8,7 @@
 
 #include "../common/entry_points.h"
 
-namespace grpo_kernels::cpu {
+namespace grpo_kernels::cpu::GRPO_CPU_COPY {  // one copy per instruction set (setup.py)
 
 namespace {
 
@@ -107,4 +107,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_normalize(const at::Tensor&
   return {adv, mean, std};
 }
 
-}  // namespace grpo_kernels::cpu
+}  // namespace grpo_kernels::cpu::GRPO_CPU_COPY

@@ -8,7 +8,7 @@
 #include "../common/loss_terms.h"
 #include "loss_tokens.h"
 
-namespace grpo_kernels::cpu {
+namespace grpo_kernels::cpu::GRPO_CPU_COPY {  // one copy per instruction set (setup.py)
 
 namespace {
 
@@ -123,4 +123,4 @@ at::Tensor grpo_loss_bwd(const at::Tensor& logp, const c10::optional<at::Tensor>
   return grad_logp;
 }
 
-}  // namespace grpo_kernels::cpu
+}  // namespace grpo_kernels::cpu::GRPO_CPU_COPY

@@ -8,7 +8,7 @@
 
 #include <ATen/ATen.h>
 
-namespace grpo_kernels::cpu {
+namespace grpo_kernels::cpu::GRPO_CPU_COPY {  // one copy per instruction set (setup.py)
 
 // Element offset of row r (row-major over the leading dims) of a tensor.
 class LogitRows {
@@ -71,4 +71,4 @@ T* thread_buffer(int64_t n) {
   return buffer.data();
 }
 
-}  // namespace grpo_kernels::cpu
+}  // namespace grpo_kernels::cpu::GRPO_CPU_COPY

@@ -12,7 +12,7 @@
 
 #include "../common/loss_terms.h"
 
-namespace grpo_kernels::cpu {
+namespace grpo_kernels::cpu::GRPO_CPU_COPY {  // one copy per instruction set (setup.py)
 
 template <typename acc_t>
 class StridedMatrix {
@@ -113,4 +113,4 @@ struct LossTokens {
   StridedMatrix<acc_t> logp_m, old_m, ref_m, adv_m, mask_m, iw_m, sampling_m;
 };
 
-}  // namespace grpo_kernels::cpu
+}  // namespace grpo_kernels::cpu::GRPO_CPU_COPY

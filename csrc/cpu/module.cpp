@@ -1,9 +1,14 @@
 // Python bindings of grpo_kernels._C (pybind11 through torch/extension.h):
 // build facts, LossConfig, and the entry points of csrc/common/entry_points.h, each
-// dispatched on the device of its first tensor argument (grpo_kernels::cpu
-// here, grpo_kernels::cuda when built with CUDA).
+// dispatched on the device of its first tensor argument: for CPU tensors to the copy of
+// the CPU kernels (one per instruction set, setup.py) chosen for this CPU when the module
+// is loaded, for CUDA tensors to grpo_kernels::cuda when built with CUDA.
 #include <torch/extension.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "../common/entry_points.h"
@@ -20,19 +25,21 @@ std::string version() { return GRPO_KERNELS_VERSION; }
 #define GRPO_KERNELS_CPU_ARCH ""
 #endif
 
-// The -march the CPU kernels were compiled for ("" for the compiler's default).
+// The -march of each copy of the CPU kernels, joined by "+" ("" for the compiler's default).
 std::string cpu_arch() { return GRPO_KERNELS_CPU_ARCH; }
 
-// The widest vector instruction set the CPU kernels were compiled to use.
-std::string cpu_isa() {
+namespace {
+
+// The widest vector instruction set of code compiled with this file's flags (a one-copy build).
+constexpr const char* compiled_isa() {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
   return "avx512+bf16";
 #elif defined(__AVX512F__)
   return "avx512";
 #elif defined(__AVX2__) && defined(__FMA__)
-  return "avx2+fma";
-#elif defined(__AVX2__)
   return "avx2";
+#elif defined(__AVX2__)
+  return "avx2-no-fma";
 #elif defined(__AVX__)
   return "avx";
 #elif defined(__SSE4_2__)
@@ -43,6 +50,90 @@ std::string cpu_isa() {
   return "generic";
 #endif
 }
+
+bool always() { return true; }
+
+// One copy of the CPU kernels (setup.py's CPU_COPIES): the instruction set it is named by, its entry
+// points (called only once supported() held) and whether the running CPU executes its instructions.
+struct CpuCopy {
+  const char* isa;
+  const cpu::Kernels& (*kernels)();
+  bool (*supported)();
+};
+
+}  // namespace
+
+#ifdef GRPO_CPU_DISPATCH  // the default x86-64 build: x86-64-v3 (module.cpp's own target) and x86-64-v4
+namespace cpu::avx2 {
+const Kernels& kernels();
+}
+namespace cpu::avx512 {
+const Kernels& kernels();
+}
+
+namespace {
+
+// What -march=x86-64-v4 adds to x86-64-v3, and x86-64-v3's vector features (libgcc also checks that the
+// OS saves the AVX-512 registers).
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2") &&
+         __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl");
+}
+
+// Most capable first; the last is the baseline, which the import guard (grpo_kernels/_extension.py)
+// checked against this CPU.
+const CpuCopy kCpuCopies[] = {{"avx512", &cpu::avx512::kernels, &cpu_has_avx512},
+                              {"avx2", &cpu::avx2::kernels, &always}};
+
+}  // namespace
+#else  // one copy, compiled like this file (GRPO_KERNELS_CPU_ARCH, or a target other than x86-64)
+namespace cpu::single {
+const Kernels& kernels();
+}
+
+namespace {
+const CpuCopy kCpuCopies[] = {{compiled_isa(), &cpu::single::kernels, &always}};
+}  // namespace
+#endif
+
+namespace {
+
+// The copy this process runs: GRPO_KERNELS_CPU_ISA when set (one of the copies' isa names; tests run
+// the baseline on a CPU that has more), else the most capable one the CPU supports.
+const CpuCopy& choose_cpu_copy() {
+  const char* forced = std::getenv("GRPO_KERNELS_CPU_ISA");
+  if (forced != nullptr && *forced != '\0') {
+    std::string names;
+    for (const CpuCopy& copy : kCpuCopies) {
+      if (std::strcmp(copy.isa, forced) == 0) {
+        if (!copy.supported()) {
+          throw std::invalid_argument(std::string("GRPO_KERNELS_CPU_ISA=") + forced +
+                                      ": this CPU lacks that instruction set");
+        }
+        return copy;
+      }
+      names += std::string(names.empty() ? "" : ", ") + copy.isa;
+    }
+    throw std::invalid_argument(std::string("GRPO_KERNELS_CPU_ISA=") + forced +
+                                " names no copy of the CPU kernels in this build (it has: " + names + ")");
+  }
+  for (const CpuCopy& copy : kCpuCopies) {
+    if (copy.supported()) return copy;
+  }
+  throw std::logic_error("the baseline copy of the CPU kernels is always supported");
+}
+
+const CpuCopy* g_cpu_copy = nullptr;  // set when the module is loaded
+
+const cpu::Kernels& cpu_kernels() { return g_cpu_copy->kernels(); }
+
+}  // namespace
+
+// The instruction set of the copy of the CPU kernels that this process runs.
+std::string cpu_isa() { return g_cpu_copy->isa; }
 
 #ifdef GRPO_WITH_CUDA
 int cuda_runtime_version();  // csrc/cuda/build_info.cu
@@ -76,9 +167,9 @@ Fn on_device(const at::Tensor& t, const char* name, Fn cpu_fn, Fn cuda_fn) {
 }
 
 #ifdef GRPO_WITH_CUDA
-#define GRPO_DISPATCH(t, name) on_device(t, #name, &cpu::name, &cuda::name)
+#define GRPO_DISPATCH(t, name) on_device(t, #name, cpu_kernels().name, &cuda::name)
 #else
-#define GRPO_DISPATCH(t, name) on_device(t, #name, &cpu::name, decltype(&cpu::name){nullptr})
+#define GRPO_DISPATCH(t, name) on_device(t, #name, cpu_kernels().name, decltype(cpu::Kernels::name){nullptr})
 #endif
 
 template <typename... Args>
@@ -117,9 +208,11 @@ using OptTensor = c10::optional<at::Tensor>;
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace grpo_kernels;
   m.doc() = "grpo_kernels compiled extension (entry points: csrc/common/entry_points.h)";
+  g_cpu_copy = &choose_cpu_copy();
   m.def("version", &version, "version of the grpo_kernels sources this extension was built from");
-  m.def("cpu_arch", &cpu_arch, "the -march of the CPU kernels (empty: the compiler's default target)");
-  m.def("cpu_isa", &cpu_isa, "the widest vector instruction set the CPU kernels use");
+  m.def("cpu_arch", &cpu_arch, "the -march of each copy of the CPU kernels, joined by '+' (empty: the "
+        "compiler's default target)");
+  m.def("cpu_isa", &cpu_isa, "the instruction set of the copy of the CPU kernels this process runs");
   m.def("with_cuda", &with_cuda, "whether the extension was built with its CUDA kernels");
   m.def("cuda_version", &cuda_version, "CUDART_VERSION of the CUDA kernels (0 without CUDA)");
 

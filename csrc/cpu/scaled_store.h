@@ -23,7 +23,7 @@
 #include <immintrin.h>
 #endif
 
-namespace grpo_kernels::cpu {
+namespace grpo_kernels::cpu::GRPO_CPU_COPY {  // one copy per instruction set (setup.py)
 
 template <typename scalar_t, typename acc_t>
 inline void scaled_store_plain(const acc_t* e, acc_t k, scalar_t* dx, int64_t n) {
@@ -88,4 +88,4 @@ inline void stream_fence() {
 #endif
 }
 
-}  // namespace grpo_kernels::cpu
+}  // namespace grpo_kernels::cpu::GRPO_CPU_COPY

@@ -27,7 +27,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-namespace grpo_kernels::cpu {
+namespace grpo_kernels::cpu::GRPO_CPU_COPY {  // one copy per instruction set (setup.py)
 
 // Values per chunk: 64 KiB of logits, whole rows of a 32k vocabulary in bfloat16 (the
 // chunk stays in L2 between its two reads, its exponentials in L2 until the gradient pass).
@@ -211,4 +211,4 @@ inline void softmax_grad_row(const scalar_t* x, scalar_t* dx, int64_t vocab, int
   if (labelled) dx[y] = dx_of(x_y, w);
 }
 
-}  // namespace grpo_kernels::cpu
+}  // namespace grpo_kernels::cpu::GRPO_CPU_COPY

@@ -10,7 +10,7 @@
 #include "loss_tokens.h"
 #include "softmax_row.h"
 
-namespace grpo_kernels::cpu {
+namespace grpo_kernels::cpu::GRPO_CPU_COPY {  // one copy per instruction set (setup.py)
 
 namespace {
 
@@ -162,4 +162,4 @@ at::Tensor token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& token_
   return grad;
 }
 
-}  // namespace grpo_kernels::cpu
+}  // namespace grpo_kernels::cpu::GRPO_CPU_COPY

@@ -1,0 +1,103 @@
+"""The copies of the CPU kernels, one per instruction set (setup.py X86_CPU_COPIES): the extension runs
+the most capable copy this CPU supports, GRPO_KERNELS_CPU_ISA picks another, and no AVX-512 instruction
+lies outside the AVX-512 copy (an inline function that several copies define is kept once by the
+linker: the baseline's, or an AVX2 CPU could execute AVX-512 code through it). That the copies give
+the same bits: tests/test_cpu_backend.py."""
+
+import os
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import grpo_kernels as gk
+from grpo_kernels import _extension
+
+ROOT = Path(__file__).resolve().parents[1]
+SETUP = runpy.run_path(str(ROOT / "setup.py"), run_name="setup")  # its tables, without building
+RECORD = _extension._build_info()
+COPIES = [copy["copy"] for copy in RECORD.get("cpu_copies", [])]
+DISPATCH_BUILD = gk.extension_available() and COPIES == [name for name, _ in SETUP["X86_CPU_COPIES"]]
+
+pytestmark = pytest.mark.skipif(not DISPATCH_BUILD, reason="not a default x86-64 build of grpo_kernels._C")
+
+
+def _run(code, cpu_isa):
+    env = {key: value for key, value in os.environ.items() if key != "GRPO_KERNELS_CPU_ISA"}
+    env["GRPO_KERNELS_CPU_ISA"] = cpu_isa
+    return subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_the_record_names_each_copy_and_the_baseline_is_what_importing_needs():
+    marches = [march for _, march in SETUP["X86_CPU_COPIES"]]
+    assert RECORD["cpu_arch"] == "+".join(marches) == gk.extension_info()["cpu_arch"]
+    assert [copy["march"] for copy in RECORD["cpu_copies"]] == marches
+    baseline, *others = (set(copy["x86_features"]) for copy in RECORD["cpu_copies"])
+    assert RECORD["x86_features"] == RECORD["cpu_copies"][0]["x86_features"]
+    assert {"avx2", "fma"} <= baseline and not any(feature.startswith("avx512") for feature in baseline)
+    for features in others:  # each copy needs more than the one before
+        assert baseline < features
+        baseline = features
+    assert {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= set(RECORD["cpu_copies"][1]["x86_features"])
+
+
+def test_the_most_capable_copy_this_cpu_supports_runs():
+    """module.cpp checks the CPU with cpuid; the record's /proc/cpuinfo names must agree with it."""
+    flags = gk.cpu_flags()
+    if flags is None:
+        pytest.skip("the CPU's flags cannot be read here")
+    if os.environ.get("GRPO_KERNELS_CPU_ISA"):
+        pytest.skip("GRPO_KERNELS_CPU_ISA picks the copy in this process")
+    supported = [copy["copy"] for copy in RECORD["cpu_copies"] if set(copy["x86_features"]) <= flags]
+    assert gk.extension_info()["cpu_isa"] == supported[-1]
+
+
+def test_the_variable_picks_the_baseline_and_refuses_a_name_without_a_copy():
+    code = "import grpo_kernels as gk; print(gk.extension_info().get('cpu_isa'), 'cpu' in gk.available_backends())"
+    forced = _run(code, COPIES[0])
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stdout.split() == [COPIES[0], "True"]
+    unknown = _run(code, "sse2")
+    assert unknown.returncode == 0, unknown.stderr
+    assert unknown.stdout.split() == ["None", "False"]  # the package imports, without its extension
+    assert "GRPO_KERNELS_CPU_ISA=sse2 names no copy" in unknown.stderr and ", ".join(reversed(COPIES)) in unknown.stderr
+    assert "Rebuild" not in unknown.stderr
+
+
+EVEX_PREFIXES = {"26", "2e", "36", "3e", "64", "65", "67", "f0"}  # may precede an EVEX (0x62) opcode byte
+
+
+def _functions_with_avx512_instructions(library):
+    """Functions of `library` holding an EVEX-encoded (AVX-512) instruction: name -> count."""
+    listing = subprocess.run(["objdump", "-d", "-C", str(library)], capture_output=True, text=True, check=True).stdout
+    found, function = {}, None
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            function = header.group(1)
+            continue
+        fields = line.split("\t")
+        if function is None or len(fields) < 3:  # not an instruction (or the rest of a long one's bytes)
+            continue
+        code = fields[1].split()
+        while code and code[0] in EVEX_PREFIXES:
+            code = code[1:]
+        if code and code[0] == "62":  # in 64-bit mode 0x62 opens an EVEX instruction
+            found[function] = found.get(function, 0) + 1
+    return found
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not found")
+def test_avx512_instructions_only_in_the_avx512_copy():
+    library = Path(_extension._C.__file__)
+    found = _functions_with_avx512_instructions(library)
+    # demangled, or mangled where objdump leaves an OpenMP region's name (..._omp_fn.0) as it is
+    in_copy = re.compile(r"grpo_kernels::cpu::avx512::|12grpo_kernels3cpu6avx512")
+    outside = {name: count for name, count in found.items() if not in_copy.search(name)}
+    assert not outside, sorted(outside.items(), key=lambda item: -item[1])[:10]
+    assert found, "the AVX-512 copy holds no AVX-512 instruction: was it compiled for x86-64-v4?"
