@@ -5,7 +5,6 @@ import torch
 from conftest import TOLERANCES
 from loss_cases import TOKEN_RATIO_LOSS_TYPES, applicable
 from test_token_logprobs import numpy_token_logprobs
-from triton_compile import run_compile_script
 
 import grpo_kernels as gk
 
@@ -284,43 +283,6 @@ def test_no_gradient_write_without_requires_grad(backend, inplace):
     assert torch.equal(x, logits) and not out.loss.requires_grad
     expected = gk.fused_grpo_loss(logits, ids, old, adv, mask, backend="reference")
     torch.testing.assert_close(out.loss, expected.loss)
-
-
-def test_triton_fused_kernel_compiles_for_hopper():
-    """The single-pass kernel compiles to an sm_90 cubin for bf16 and float64 logits, every code path on."""
-    if "triton" not in gk.available_backends(OP):
-        pytest.skip("triton is not installed")
-    script = r'''
-import importlib, inspect
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile
-m = importlib.import_module("grpo_kernels.triton.fused_grpo_loss")
-kernel = m._fused_grpo_loss_kernel
-for xdt, acc, block, warps, family in (("bf16", tl.float32, 8192, 16, 0), ("fp64", tl.float64, 2048, 8, 2),
-                                       ("bf16", tl.float32, 8192, 16, 5)):
-    cdt = "fp64" if acc == tl.float64 else "fp32"
-    constexprs = dict(FAMILY=family, SHARED=False, KL_EST=3, ADD_KL=True, BIAS_KL=True, HAS_IW=True, HAS_DELTA=True,
-                      HAS_C=True, ROLLOUT=1, IS_MASK=family == 5, HAS_OPM=False, LOG_CLAMP=True, HAS_SAMP=True,
-                      HAS_OLD=True, RETURN_ENTROPY=True, WRITE_GRAD=True, BLOCK_V=block, ACC=acc)
-    ptr = dict(x_ptr=xdt, dx_ptr=xdt, y_ptr="i64", keep_ptr="u8", adv_ptr="fp32")
-    sig = {}
-    for name in inspect.signature(kernel.fn).parameters:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = "*" + ptr.get(name, cdt)
-        elif name.endswith("_arg"):
-            sig[name] = "fp64"
-        elif name.startswith("inv_t"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i64" if name.startswith(("stride", "dx_stride", "s_")) else "i32"
-    compile(ASTSource(kernel, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-            options=dict(num_warps=warps))
-print("compiled")
-'''
-    run_compile_script(script)
 
 
 def test_gradient_handed_over_without_copy(backend):

@@ -10,7 +10,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from loss_cases import LOSS_TYPES as ALL
 from loss_cases import OWN_WEIGHT_LOSS_TYPES, TOKEN_RATIO_LOSS_TYPES, applicable
-from triton_compile import run_compile_script
 
 import grpo_kernels as gk
 
@@ -494,53 +493,6 @@ def test_triton_only_loss_is_differentiable():
     x = logp.detach().clone().requires_grad_()
     gk.grpo_loss(x, old, adv, mask, ref_logprobs=ref, beta=0.04, backend="reference").loss.backward()
     torch.testing.assert_close(logp.grad, x.grad, atol=1e-6, rtol=2**-7)  # float32 math, rounded to bfloat16
-
-
-def test_triton_kernels_compile_for_hopper():
-    """The interpreter is lenient about types: compile both kernels to sm_90 cubins (no GPU needed)."""
-    _triton_module()
-
-    script = r'''
-import importlib, inspect
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile
-m = importlib.import_module("grpo_kernels.triton.grpo_loss")
-target = GPUTarget("cuda", 90, 32)
-VARIANTS = [  # input dtype, compute dtype, family, sequence level, kl estimator, delta, dual clip, bias, iw,
-    # rollout IS level, IS mask, off-policy mask, log-ratio clamp
-    ("bf16", tl.float32, 0, False, 0, True, True, True, True, 1, False, False, True),
-    ("fp32", tl.float32, 2, True, 3, False, False, False, True, 2, True, True, False),
-    ("fp64", tl.float64, 1, True, 2, False, False, True, False, 0, False, False, True),
-    ("fp64", tl.float64, 0, True, 1, True, False, False, True, 2, False, True, True),
-    ("fp32", tl.float32, 3, False, 0, False, False, True, True, 1, True, True, True),  # vespo
-    ("fp64", tl.float64, 4, False, 3, False, False, False, True, 1, False, True, True),  # gmpo
-    ("bf16", tl.float32, 5, False, 0, False, False, True, False, 2, True, True, False),  # gpg
-]
-for xdt, dtype, family, seq, kl, has_delta, has_c, bias, iw, rollout, is_mask, opm, log_clamp in VARIANTS:
-    cdt = "fp64" if dtype == tl.float64 else "fp32"
-    ptr = dict(logp_ptr=xdt, old_logp_ptr=xdt, ref_logp_ptr=xdt, adv_ptr="fp32", mask_ptr="u8", iw_ptr="fp32",
-               samp_ptr=xdt, grad_logp_ptr=xdt)
-    flags = dict(FAMILY=family, SHARED=seq or family == 4, KL_EST=kl, ADD_KL=True, BIAS_KL=bias, HAS_IW=iw,
-                 HAS_DELTA=has_delta, HAS_C=has_c, ROLLOUT=rollout, IS_MASK=is_mask, HAS_OPM=opm,
-                 LOG_CLAMP=log_clamp, HAS_SAMP=rollout > 0, DTYPE=dtype, BLOCK_T=1024)
-    seq_pass = seq or family in (3, 4) or rollout == 2 or opm
-    for kernel, extra in ((m._grpo_loss_fwd_kernel, dict(SEQ_LEVEL=seq, SEQ_PASS=seq_pass, HAS_REF=True,
-                                                         PER_SEQ_METRICS=seq)),
-                          (m._grpo_loss_bwd_kernel, {})):
-        constexprs = dict(flags, **extra)
-        sig = {}
-        for name in inspect.signature(kernel.fn).parameters:
-            if name in constexprs:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = "*" + ptr.get(name, cdt)
-            else:
-                sig[name] = "fp64" if name.endswith("_arg") else "i32"
-        compile(ASTSource(kernel, sig, constexprs=constexprs), target=target, options=dict(num_warps=4))
-print("compiled")
-'''
-    run_compile_script(script)
 
 
 def test_loss_is_0d_with_one_element_num_items(backend):
