@@ -66,6 +66,7 @@ def _generate_headers():
 # (its table kCpuCopies names the same copies).
 X86_CPU_COPIES = (("avx2", "x86-64-v3"), ("avx512", "x86-64-v4"))
 SINGLE_COPY = "single"  # the namespace of a one-copy build (GRPO_KERNELS_CPU_ARCH, or not x86-64)
+BINDING_SOURCES = ["csrc/cpu/module.cpp"]  # compiled once, with the baseline copy (its -march and namespace)
 
 
 def _cpu_copies():
@@ -154,16 +155,17 @@ def _build_ext_class(base):
                 json.dump(info, f, indent=1)
 
         def build_extension(self, ext):
-            # torch's BuildExtension has added its flags to ext.extra_compile_args and made
-            # self.compiler.compile build with ninja; each copy gets its own output directory (and ninja file)
+            # the extension's sources are the baseline copy's (with the bindings); the other copies compile
+            # here, with their -march and namespace, into their own directory (and ninja file): torch's
+            # BuildExtension has added its flags to ext.extra_compile_args and made self.compiler.compile use ninja
             cxx = [flag for flag in ext.extra_compile_args["cxx"] if not flag.startswith("-march=")]
-            objects = []
-            for name, arch in _cpu_copies():  # the baseline's objects first: the linker keeps their
-                objects += self.compiler.compile(  # copies of inline functions that several objects define
+            macros = [macro for macro in ext.define_macros if macro[0] != "GRPO_CPU_COPY"]
+            ext.extra_objects = []  # linked after the baseline's objects: the linker keeps the baseline's copy
+            for name, arch in _cpu_copies()[1:]:  # of an inline function that several objects define
+                ext.extra_objects += self.compiler.compile(
                     ext.cpu_kernel_sources, output_dir=os.path.join(self.build_temp, f"cpu-{name}"),
-                    macros=ext.define_macros + [("GRPO_CPU_COPY", name)], include_dirs=ext.include_dirs,
-                    debug=self.debug, extra_postargs={"cxx": cxx + _march_flags(arch)}, depends=ext.depends)
-            ext.extra_objects = objects
+                    macros=macros + [("GRPO_CPU_COPY", name)], include_dirs=ext.include_dirs, debug=self.debug,
+                    extra_postargs={"cxx": cxx + _march_flags(arch)}, depends=ext.depends)
             super().build_extension(ext)
 
         def run(self):
@@ -186,14 +188,14 @@ def _extensions():
             sys.exit(NO_TORCH_MESSAGE)
         return [], {}
 
-    # the bindings (module.cpp) compile as the extension's sources, for the baseline; the kernels once per
-    # copy (BuildExt.build_extension), linked in as extra objects
-    sources = ["csrc/cpu/module.cpp"]
-    kernel_sources = [path for path in _sources("csrc/cpu/*.cpp") if path not in sources]
+    # the extension's sources: the bindings and the baseline copy of the kernels (the other copies compile in
+    # BuildExt.build_extension, linked in as extra objects)
+    kernel_sources = [path for path in _sources("csrc/cpu/*.cpp") if path not in BINDING_SOURCES]
     depends = kernel_sources + _sources("csrc/*/*.h") + _sources("csrc/*/*.cuh")
     copies = _cpu_copies()
     macros = [("GRPO_KERNELS_VERSION", f'"{_version()}"'),
-              ("GRPO_KERNELS_CPU_ARCH", '"' + "+".join(arch for _, arch in copies) + '"')]
+              ("GRPO_KERNELS_CPU_ARCH", '"' + "+".join(arch for _, arch in copies) + '"'),
+              ("GRPO_CPU_COPY", copies[0][0])]
     if copies == X86_CPU_COPIES:
         macros.append(("GRPO_CPU_DISPATCH", "1"))
     # -ffp-contract=off: every product is rounded as written (z = x / T as the reference rounds it);
@@ -215,14 +217,14 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
         ext = cpp_extension.CUDAExtension(
             "grpo_kernels._C",
-            sources + _sources("csrc/cuda/*.cu"),
+            BINDING_SOURCES + kernel_sources + _sources("csrc/cuda/*.cu"),
             define_macros=macros + [("GRPO_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", std, "--use_fast_math"]},
             extra_link_args=["-fopenmp"], depends=depends,
         )
     else:
         ext = cpp_extension.CppExtension(
-            "grpo_kernels._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
+            "grpo_kernels._C", BINDING_SOURCES + kernel_sources, define_macros=macros, extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"], depends=depends,
         )
     ext.cpu_kernel_sources = kernel_sources

@@ -52,10 +52,9 @@ BASELINE_ISA = "avx2"  # the baseline copy of a default x86-64 build (setup.py X
 
 
 def _digest(threads, dtype, cpu_isa=None):
-    """(the copy of the kernels that ran, the digest of THREAD_SCRIPT's outputs)."""
-    env = {key: value for key, value in os.environ.items() if key != "GRPO_KERNELS_CPU_ISA"}
-    if cpu_isa is not None:
-        env["GRPO_KERNELS_CPU_ISA"] = cpu_isa
+    """(the copy of the kernels that ran, the digest of THREAD_SCRIPT's outputs); cpu_isa: the copy to force
+    (None: as this process, GRPO_KERNELS_CPU_ISA included)."""
+    env = dict(os.environ, **({"GRPO_KERNELS_CPU_ISA": cpu_isa} if cpu_isa else {}))
     run = subprocess.run([sys.executable, "-c", THREAD_SCRIPT, str(threads), dtype], capture_output=True, text=True,
                          timeout=300, env=env)
     assert run.returncode == 0, run.stderr
