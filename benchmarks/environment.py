@@ -78,9 +78,11 @@ def describe(device: torch.device) -> dict:
         "backends": grpo_kernels.available_backends(),
         "extension": grpo_kernels.extension_available(),
         "cpu_vector_flags": cpu_vector_flags(),  # what the machine has
-        # what the cpu backend's kernels were built for and use (-march, widest vector ISA)
+        # the cpu backend's kernels: the -march of each copy built, the copy this run used (the most capable one
+        # the CPU supports, unless GRPO_KERNELS_CPU_ISA named another)
         "extension_cpu_arch": extension.get("cpu_arch"),
         "extension_cpu_isa": extension.get("cpu_isa"),
+        "extension_cpu_isa_forced": os.environ.get("GRPO_KERNELS_CPU_ISA") or None,
         "triton_tuning": os.environ.get("GRPO_KERNELS_TRITON_TUNING"),  # knob overrides of a tuned run
         **{name: _version(name) for name in PEERS},
     }
