@@ -158,7 +158,8 @@ def test_objects_define_every_entry_point(builds):
     missing = [name for name in ENTRY_POINTS if name not in defined]
     assert not missing, f"grpo_kernels::cuda lacks {missing}"
     if _C is not None:  # the CPU kernels of the built extension: the same parameter lists
-        cpu = _symbols(pathlib.Path(_C.__file__), "cpu")
+        # each copy of the CPU kernels is in its namespace grpo_kernels::cpu::<copy> (setup.py)
+        cpu = _symbols(pathlib.Path(_C.__file__), "cpu::avx2") or _symbols(pathlib.Path(_C.__file__), "cpu::single")
+        assert set(cpu) == set(ENTRY_POINTS) | {"kernels"}, sorted(cpu)  # and its table of them
         for name in ENTRY_POINTS:
-            if name in cpu:
-                assert defined[name] == cpu[name], name
+            assert defined[name] == cpu[name], name
