@@ -23,7 +23,17 @@ RECORD = _extension._build_info()
 COPIES = [copy["copy"] for copy in RECORD.get("cpu_copies", [])]
 DISPATCH_BUILD = gk.extension_available() and COPIES == [name for name, _ in SETUP["X86_CPU_COPIES"]]
 
-pytestmark = pytest.mark.skipif(not DISPATCH_BUILD, reason="not a default x86-64 build of grpo_kernels._C")
+dispatch_build = pytest.mark.skipif(not DISPATCH_BUILD, reason="not a default x86-64 build of grpo_kernels._C")
+
+
+def test_every_cpu_kernel_source_is_in_its_copys_namespace():
+    """What a kernel source or header defines is compiled into each copy; outside grpo_kernels::cpu::GRPO_CPU_COPY
+    it would be one function for all copies (the baseline's, kept by the linker)."""
+    for path in sorted((ROOT / "csrc" / "cpu").glob("*")):
+        if path.name == "module.cpp" or path.suffix not in (".h", ".cpp"):
+            continue
+        opened = re.findall(r"^namespace (\S+) \{", path.read_text(), re.M)
+        assert opened and set(opened) == {"grpo_kernels::cpu::GRPO_CPU_COPY"}, (path.name, opened)
 
 
 def _run(code, cpu_isa):
@@ -33,6 +43,7 @@ def _run(code, cpu_isa):
                           timeout=120)
 
 
+@dispatch_build
 def test_the_record_names_each_copy_and_the_baseline_is_what_importing_needs():
     marches = [march for _, march in SETUP["X86_CPU_COPIES"]]
     assert RECORD["cpu_arch"] == "+".join(marches) == gk.extension_info()["cpu_arch"]
@@ -46,6 +57,7 @@ def test_the_record_names_each_copy_and_the_baseline_is_what_importing_needs():
     assert {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= set(RECORD["cpu_copies"][1]["x86_features"])
 
 
+@dispatch_build
 def test_the_most_capable_copy_this_cpu_supports_runs():
     """module.cpp checks the CPU with cpuid; the record's /proc/cpuinfo names must agree with it."""
     flags = gk.cpu_flags()
@@ -57,6 +69,7 @@ def test_the_most_capable_copy_this_cpu_supports_runs():
     assert gk.extension_info()["cpu_isa"] == supported[-1]
 
 
+@dispatch_build
 def test_the_variable_picks_the_baseline_and_refuses_a_name_without_a_copy():
     code = "import grpo_kernels as gk; print(gk.extension_info().get('cpu_isa'), 'cpu' in gk.available_backends())"
     forced = _run(code, COPIES[0])
@@ -92,6 +105,7 @@ def _functions_with_avx512_instructions(library):
     return found
 
 
+@dispatch_build
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not found")
 def test_avx512_instructions_only_in_the_avx512_copy():
     library = Path(_extension._C.__file__)
