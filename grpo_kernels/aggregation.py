@@ -26,6 +26,7 @@ from .loss_table import Aggregation, loss_type_row
 # weights; else the sequence-level rollout ratio; 1 without); P_SEQ_KL: mean KL of the off-policy mask.
 P_LOSS, P_COUNT, P_KL, P_LOW, P_HIGH, P_REGION, P_SEQ_LOG_RATIO, P_SEQ_ADV, P_SEQ_IS, P_SEQ_KL = range(10)
 NUM_PARTIALS = 10
+NUM_SUMS = P_SEQ_LOG_RATIO  # the rows that are sums over tokens (the loss and metrics add them over sequences)
 
 
 class Aggregate(NamedTuple):
@@ -52,27 +53,37 @@ def rule(
     *,
     max_completion_length: Optional[int] = None,
     num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
+    total_count: Optional[Tensor] = None,
 ) -> Rule:
-    """The arithmetic of ``loss_type``'s aggregation (the loss table's) for the masked token counts ``[B]``."""
+    """The arithmetic of ``loss_type``'s aggregation (the loss table's) for the masked token counts ``[B]``
+    (``total_count``: their sum, when the caller has it)."""
     aggregation = loss_type_row(loss_type).aggregation
+    if total_count is None and aggregation in (Aggregation.BATCH_TOKEN_MEAN, Aggregation.TOKEN_SUM):
+        total_count = seq_count.sum()
     if aggregation is Aggregation.SEQUENCE_MEAN:
         return Rule(seq_count.clamp(min=1.0), mean_over_sequences=True, batch=None)
     if aggregation is Aggregation.BATCH_TOKEN_MEAN:
-        return Rule(None, mean_over_sequences=False, batch=seq_count.sum().clamp(min=1.0))
+        return Rule(None, mean_over_sequences=False, batch=total_count.clamp(min=1.0))
     if aggregation is Aggregation.FIXED_LENGTH:
         length = T if max_completion_length is None else max_completion_length
         return Rule(None, mean_over_sequences=False, batch=seq_count.shape[0] * length)
     if aggregation is Aggregation.TOKEN_SUM:
-        return Rule(None, mean_over_sequences=False, batch=_token_normalizer(seq_count, num_items_in_batch))
+        return Rule(None, mean_over_sequences=False, batch=_token_normalizer(total_count, num_items_in_batch))
     if aggregation is Aggregation.SEQUENCE_SUM:
         return Rule(None, mean_over_sequences=True, batch=None)
     raise ValueError(f"unknown aggregation {aggregation!r} of loss_type {loss_type!r}")
 
 
-def reduce(seq_sums: Tensor, r: Rule) -> Tensor:
-    """The loss from the sequences' masked loss sums ``[B]`` (as the reference writes it)."""
-    x = seq_sums if r.per_sequence is None else seq_sums / r.per_sequence
-    x = x.mean() if r.mean_over_sequences else x.sum()
+def reduce(seq_sums: Tensor, r: Rule, total: Optional[Tensor] = None) -> Tensor:
+    """The loss from the sequences' masked loss sums ``[B]`` (as the reference writes it; ``total``: their sum,
+    when the caller has it)."""
+    if r.per_sequence is not None:
+        x = seq_sums / r.per_sequence
+        x = x.mean() if r.mean_over_sequences else x.sum()
+    elif r.mean_over_sequences:
+        x = seq_sums.mean()
+    else:
+        x = seq_sums.sum() if total is None else total
     return x if r.batch is None else x / r.batch
 
 
@@ -102,11 +113,11 @@ def sequence_weights(
     return torch.full((), total, dtype=seq_count.dtype, device=seq_count.device)
 
 
-def _token_normalizer(seq_count: Tensor, num_items_in_batch) -> Tensor:
+def _token_normalizer(total_count: Tensor, num_items_in_batch) -> Tensor:
     if num_items_in_batch is None:
-        return seq_count.sum().clamp(min=1.0)
-    normalizer = torch.as_tensor(num_items_in_batch, dtype=seq_count.dtype)
-    return normalizer.to(device=seq_count.device, dtype=seq_count.dtype).reshape(()).clamp(min=1.0)
+        return total_count.clamp(min=1.0)
+    normalizer = torch.as_tensor(num_items_in_batch, dtype=total_count.dtype)
+    return normalizer.to(device=total_count.device, dtype=total_count.dtype).reshape(()).clamp(min=1.0)
 
 
 def aggregate(
@@ -125,16 +136,17 @@ def aggregate(
     (sequence-level ratio with per-sequence advantages), averaged over B.
     """
     B = partials.shape[1]
-    seq_loss, seq_count = partials[P_LOSS], partials[P_COUNT]
-    token_denom = seq_count.sum().clamp(min=1.0)
-    loss = reduce(seq_loss, rule(seq_count, loss_type, T, max_completion_length=max_completion_length,
-                                 num_items_in_batch=num_items_in_batch))
-    kl = partials[P_KL].sum() / token_denom if has_ref else loss.new_zeros(())
-    metric_denom = B if per_seq_metrics else token_denom
-    return Aggregate(
-        loss=loss,
-        kl=kl,
-        clip_ratio_low=partials[P_LOW].sum() / metric_denom,
-        clip_ratio_high=partials[P_HIGH].sum() / metric_denom,
-        clip_ratio_region=partials[P_REGION].sum() / metric_denom,
-    )
+    # the sum rows added over the sequences in one op: Σ S_i, Σ n_i, Σ KL, Σ low, Σ high, Σ region
+    totals = partials[:NUM_SUMS].sum(1)
+    total_loss, total_count = totals[P_LOSS], totals[P_COUNT]
+    token_denom = total_count.clamp(min=1.0)
+    loss = reduce(partials[P_LOSS], rule(partials[P_COUNT], loss_type, T, max_completion_length=max_completion_length,
+                                         num_items_in_batch=num_items_in_batch, total_count=total_count),
+                  total=total_loss)
+    if per_seq_metrics:
+        kl = totals[P_KL] / token_denom
+        low, high, region = (totals[P_LOW:] / B).unbind()
+    else:
+        kl, low, high, region = (totals[P_KL:] / token_denom).unbind()
+    return Aggregate(loss=loss, kl=kl if has_ref else loss.new_zeros(()), clip_ratio_low=low, clip_ratio_high=high,
+                     clip_ratio_region=region)

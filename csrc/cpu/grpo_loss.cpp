@@ -1,16 +1,26 @@
 // grpo_loss on CPU: per-token loss and per-sequence partials (forward), d loss
-// / d logp (backward); one task per sequence, tokens in order, so every sum is
-// formed in the same order for any thread count.
+// / d logp (backward); one task per sequence, so every sum is formed in the same
+// order for any thread count. float32 in the configurations of supported_fast
+// (every loss family, both ratio levels, KL, importance weights, delta, dual
+// clip, log-ratio clamp) runs the vectorized kernels of loss_simd.h; float64,
+// rollout ratios and the off-policy mask run loss_terms.h token by token.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include "../common/entry_points.h"
 #include "../common/loss_terms.h"
+#include "loss_simd.h"
 #include "loss_tokens.h"
 
 namespace grpo_kernels::cpu::GRPO_CPU_COPY {  // one copy per instruction set (setup.py)
 
 namespace {
+
+// Sequences per task: at least kMinTokensPerTask tokens, so that a small batch runs on the calling thread
+// instead of paying the threads' start-up (8 × 256 tokens take a few microseconds).
+constexpr int64_t kMinTokensPerTask = 8192;
+
+inline int64_t sequence_grain(int64_t T) { return std::max<int64_t>(1, kMinTokensPerTask / std::max<int64_t>(T, 1)); }
 
 // Forward. Sequence i reads logp, old_logp, adv, mask (ref_logp, iw,
 // sampling_logp) over T (twice with a sequence pass: its statistics first);
@@ -20,7 +30,7 @@ template <typename acc_t>
 void forward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, acc_t* per_token_loss, acc_t* partials) {
   const LossScalars<acc_t> s = rounded_scalars<acc_t>(cfg.scalars);
   const int64_t B = in.B, len = in.T;
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, sequence_grain(len), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const loss::SeqStats<acc_t> seq = cfg.seq_pass ? in.sequence(cfg, s, i) : loss::SeqStats<acc_t>{};
       acc_t sum_loss = 0, n = 0, sum_kl = 0, low = 0, high = 0, region = 0;
@@ -59,7 +69,7 @@ void backward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, const a
                      acc_t* grad_logp) {
   const LossScalars<acc_t> s = rounded_scalars<acc_t>(cfg.scalars);
   const int64_t B = in.B, len = in.T;
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, sequence_grain(len), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const loss::SeqStats<acc_t> seq = loss::stored_stats(partials, B, i);
       acc_t seq_term = 0;
@@ -79,6 +89,193 @@ void backward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, const a
   });
 }
 
+// The vectorized kernels (float32, configurations of supported_fast): the family, the shared ratio and the
+// KL's presence as template parameters, chosen once per call.
+template <typename Fn>
+void with_token_kind(const LossConfig& cfg, bool has_ref, Fn&& fn) {
+  auto flags = [&](auto family) {
+    if (cfg.shared_ratio) {
+      if (has_ref) fn(family, std::true_type{}, std::true_type{});
+      else fn(family, std::true_type{}, std::false_type{});
+    } else {
+      if (has_ref) fn(family, std::false_type{}, std::true_type{});
+      else fn(family, std::false_type{}, std::false_type{});
+    }
+  };
+  switch (cfg.family) {
+    case Family::kClipped: flags(std::integral_constant<Family, Family::kClipped>{}); break;
+    case Family::kCispo: flags(std::integral_constant<Family, Family::kCispo>{}); break;
+    case Family::kSapo: flags(std::integral_constant<Family, Family::kSapo>{}); break;
+    case Family::kVespo: flags(std::integral_constant<Family, Family::kVespo>{}); break;
+    case Family::kGmpo: flags(std::integral_constant<Family, Family::kGmpo>{}); break;
+    case Family::kGpg: flags(std::integral_constant<Family, Family::kGpg>{}); break;
+    default: TORCH_CHECK(false, "grpo_loss: unknown loss family ", static_cast<int64_t>(cfg.family));
+  }
+}
+
+inline TokenOptions token_options(const LossConfig& cfg) {
+  TokenOptions o;
+  o.has_log_clamp = cfg.has_log_clamp;
+  o.has_delta = cfg.has_delta;
+  o.has_clip_c = cfg.has_clip_c;
+  o.bias_kl = cfg.bias_kl;
+  o.add_kl = cfg.add_kl;
+  o.kl_estimator = cfg.kl_estimator;
+  o.s = rounded_scalars<float>(cfg.scalars);
+  return o;
+}
+
+// The per-sequence numbers of TokenOptions from the sequence's statistics (as loss::token_terms forms them).
+inline void set_sequence(TokenOptions& o, const LossConfig& cfg, const loss::SeqStats<float>& seq) {
+  o.shared_coef = std::exp(seq.log_ratio);
+  o.seq_adv = seq.adv;
+  if (cfg.family == Family::kVespo) {
+    o.phi_nonneg = loss::vespo_phi(o.s, seq.log_ratio, 0.0f);
+    o.phi_neg = loss::vespo_phi(o.s, seq.log_ratio, -1.0f);
+  }
+}
+
+// The sequence pass of sequence i (loss::add_sequence_terms without rollout ratios, off-policy mask or token
+// importance weights), its sums in fixed lanes.
+template <Family F>
+loss::SeqStats<float> sequence_fast(const LossRows& in, const LossConfig& cfg, const TokenOptions& o, int64_t i,
+                                    int64_t len, TokenBlock& b) {
+  const LossScalars<float>& s = o.s;
+  LaneSum count, ratio, adv;
+  float term[kTokenBlock], adv_m[kTokenBlock];
+  for (int64_t t0 = 0; t0 < len; t0 += kTokenBlock) {
+    const int64_t n = std::min(kTokenBlock, len - t0);
+    in.read(i, t0, n, b);
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) {
+      const float m = b.mask[t];
+      float r = b.logp[t] - b.old[t];
+      r = select_bits(o.has_log_clamp, clampf(r, -s.log_clamp, s.log_clamp), r);
+      float x;
+      if constexpr (F == Family::kGmpo) {  // loss::gmpo_log_ratio
+        const float a_ = b.adv[t];
+        const float sign = select_bits(a_ > 0.0f, 1.0f, select_bits(a_ < 0.0f, -1.0f, 0.0f));
+        x = sign * std::min(sign * r, sign * clampf(r, -s.eps_low, s.eps_high));
+      } else if constexpr (F == Family::kVespo) {
+        x = clampf(r, float(-kVespoLogMax), float(kVespoLogMax));
+      } else {
+        x = r;
+      }
+      term[t] = x * m;
+      adv_m[t] = b.adv[t] * m;
+    }
+    count.add(b.mask, n);
+    ratio.add(term, n);
+    if (F == Family::kGmpo) adv.add(adv_m, n);
+  }
+  float sums[loss::kSequenceSums] = {count.total(), 0.0f, adv.total(), 0.0f, 0.0f, 0.0f};
+  if (F == Family::kGmpo || F == Family::kVespo || cfg.seq_level) sums[1] = ratio.total();
+  return loss::sequence_stats(cfg, s, sums);
+}
+
+template <Family F, bool kShared, bool kRef>
+void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t len, float* per_token_loss,
+                  float* partials) {
+  const TokenOptions base = token_options(cfg);
+  at::parallel_for(0, B, sequence_grain(len), [&](int64_t begin, int64_t end) {
+    TokenOptions o = base;
+    TokenBlock b;
+    float loss_m[kTokenBlock], kl_m[kTokenBlock], low_m[kTokenBlock], high_m[kTokenBlock], region_m[kTokenBlock];
+    for (int64_t i = begin; i < end; ++i) {
+      const loss::SeqStats<float> seq =
+          cfg.seq_pass ? sequence_fast<F>(in, cfg, o, i, len, b) : loss::SeqStats<float>{};
+      set_sequence(o, cfg, seq);
+      LaneSum sum_loss, n, sum_kl, low, high, region;
+      for (int64_t t0 = 0; t0 < len; t0 += kTokenBlock) {
+        const int64_t count = std::min(kTokenBlock, len - t0);
+        in.read(i, t0, count, b);
+        float* out = per_token_loss + i * len + t0;
+#pragma omp simd
+        for (int64_t t = 0; t < count; ++t) {
+          const TokenOut r = token_out<F, kShared, kRef>(o, b.logp[t], b.old[t], b.adv[t], b.ref[t], b.iw[t]);
+          const float m = b.mask[t];
+          out[t] = select_bits(m != 0.0f, r.loss, 0.0f);  // 0 at masked tokens, by selection
+          loss_m[t] = r.loss * m;
+          kl_m[t] = r.kl * m;
+          low_m[t] = r.low * m;
+          high_m[t] = r.high * m;
+          region_m[t] = std::max(r.low, r.high) * m;
+        }
+        sum_loss.add(loss_m, count);
+        n.add(b.mask, count);
+        sum_kl.add(kl_m, count);
+        low.add(low_m, count);
+        high.add(high_m, count);
+        region.add(region_m, count);
+      }
+      float values[kNumPartials] = {sum_loss.total(), n.total(), sum_kl.total(), low.total(), high.total(),
+                                    region.total(), seq.log_ratio, seq.adv, seq.is_weight, seq.kl};
+      if (cfg.per_seq_metrics) {  // one ratio and one advantage per sequence: a 0/1 flag per sequence
+        const float seq_coef_1 = std::exp(seq.log_ratio);
+        float adv0 = 0.0f;  // a fully masked sequence: neutral
+        if (values[1] != 0.0f) in.adv.read(i, 0, 1, &adv0);
+        const loss::TokenTerms<float> r = loss::policy_terms(cfg, o.s, seq_coef_1, adv0, seq_coef_1, 0.0f, seq);
+        values[3] = float(r.is_low);
+        values[4] = float(r.is_high);
+        values[5] = float(r.is_low || r.is_high);
+      }
+      for (int64_t k = 0; k < kNumPartials; ++k) partials[k * B + i] = values[k];
+    }
+  });
+}
+
+template <Family F, bool kShared, bool kRef>
+void backward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t len, const float* partials,
+                   const float* seq_grad, float* grad_logp) {
+  const TokenOptions base = token_options(cfg);
+  at::parallel_for(0, B, sequence_grain(len), [&](int64_t begin, int64_t end) {
+    TokenOptions o = base;
+    TokenBlock b;
+    float g[kTokenBlock];
+    for (int64_t i = begin; i < end; ++i) {
+      const loss::SeqStats<float> seq = loss::stored_stats(partials, B, i);
+      set_sequence(o, cfg, seq);
+      float seq_term = 0.0f;
+      if (kShared) {  // G_i = Σ_t m ∂ℓ_t/∂c1
+        LaneSum sum_g;
+        for (int64_t t0 = 0; t0 < len; t0 += kTokenBlock) {
+          const int64_t count = std::min(kTokenBlock, len - t0);
+          in.read(i, t0, count, b);
+#pragma omp simd
+          for (int64_t t = 0; t < count; ++t) {
+            g[t] = token_out<F, kShared, kRef>(o, b.logp[t], b.old[t], b.adv[t], b.ref[t], b.iw[t]).dcoef *
+                   b.mask[t];
+          }
+          sum_g.add(g, count);
+        }
+        seq_term = loss::shared_ratio_term(cfg, sum_g.total(), seq.log_ratio, partials[B + i]);
+      }
+      const float w = seq_grad[i];
+      for (int64_t t0 = 0; t0 < len; t0 += kTokenBlock) {
+        const int64_t count = std::min(kTokenBlock, len - t0);
+        in.read(i, t0, count, b);
+        float* out = grad_logp + i * len + t0;
+#pragma omp simd
+        for (int64_t t = 0; t < count; ++t) {
+          const TokenOut r = token_out<F, kShared, kRef>(o, b.logp[t], b.old[t], b.adv[t], b.ref[t], b.iw[t]);
+          const float m = b.mask[t];
+          const float d = r.dlogp + (kShared ? seq_term : r.dcoef) * r.ratio_grad;
+          out[t] = select_bits(m != 0.0f, w * (m * d), 0.0f);
+        }
+      }
+    }
+  });
+}
+
+// The mask as the kernels read it: a bool mask as is for the vectorized kernels, else in the compute dtype.
+inline at::Tensor kernel_mask(const at::Tensor& mask, at::ScalarType dtype, bool fast) {
+  return mask.scalar_type() == at::kBool && !fast ? mask.to(dtype) : mask;
+}
+
+inline bool fast_path(const at::Tensor& logp, const LossConfig& cfg) {
+  return logp.scalar_type() == at::kFloat && supported_fast(cfg);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> grpo_loss_fwd(const at::Tensor& logp, const c10::optional<at::Tensor>& old_logp,
@@ -90,11 +287,21 @@ std::tuple<at::Tensor, at::Tensor> grpo_loss_fwd(const at::Tensor& logp, const c
   check_config(cfg, "grpo_loss_fwd");
   const int64_t B = logp.size(0), T = logp.size(1);
   check_loss_inputs("grpo_loss_fwd", logp, B, T, logp.scalar_type(), logp, old_logp, ref_logp, adv, mask, iw,
-                    sampling_logp);
+                    sampling_logp, /*bool_mask=*/true);
   at::Tensor per_token_loss = at::empty({B, T}, logp.options());
   at::Tensor partials = at::empty({kNumPartials, B}, logp.options());
+  const bool fast = fast_path(logp, cfg);
+  const at::Tensor mask_k = kernel_mask(mask, logp.scalar_type(), fast);
+  if (fast) {
+    const LossRows rows(logp, old_logp, ref_logp, adv, mask_k, iw);
+    with_token_kind(cfg, ref_logp.has_value(), [&](auto family, auto shared, auto ref) {
+      forward_fast<decltype(family)::value, decltype(shared)::value, decltype(ref)::value>(
+          rows, cfg, B, T, per_token_loss.data_ptr<float>(), partials.data_ptr<float>());
+    });
+    return {per_token_loss, partials};
+  }
   AT_DISPATCH_FLOATING_TYPES(logp.scalar_type(), "grpo_loss_fwd", [&] {
-    forward_kernel(LossTokens<scalar_t>(logp, old_logp, ref_logp, adv, mask, iw, sampling_logp), cfg,
+    forward_kernel(LossTokens<scalar_t>(logp, old_logp, ref_logp, adv, mask_k, iw, sampling_logp), cfg,
                    per_token_loss.data_ptr<scalar_t>(), partials.data_ptr<scalar_t>());
   });
   return {per_token_loss, partials};
@@ -108,15 +315,26 @@ at::Tensor grpo_loss_bwd(const at::Tensor& logp, const c10::optional<at::Tensor>
   check_config(cfg, "grpo_loss_bwd");
   const int64_t B = logp.size(0), T = logp.size(1);
   check_loss_inputs("grpo_loss_bwd", logp, B, T, logp.scalar_type(), logp, old_logp, ref_logp, adv, mask, iw,
-                    sampling_logp);
+                    sampling_logp, /*bool_mask=*/true);
   TORCH_CHECK(partials.dim() == 2 && partials.size(0) == kNumPartials && partials.size(1) == B,
               "grpo_loss_bwd: partials must be [", kNumPartials, ", ", B, "], got ", partials.sizes());
   at::Tensor grad_logp = at::empty({B, T}, logp.options());
   const at::Tensor partials_c =
       per_row_values(partials, logp.scalar_type(), kNumPartials * B, logp, "grpo_loss_bwd", "partials");
   const at::Tensor seq_grad_c = per_row_values(seq_grad, logp.scalar_type(), B, logp, "grpo_loss_bwd", "seq_grad");
+  const bool fast = fast_path(logp, cfg);
+  const at::Tensor mask_k = kernel_mask(mask, logp.scalar_type(), fast);
+  if (fast) {
+    const LossRows rows(logp, old_logp, ref_logp, adv, mask_k, iw);
+    with_token_kind(cfg, ref_logp.has_value(), [&](auto family, auto shared, auto ref) {
+      backward_fast<decltype(family)::value, decltype(shared)::value, decltype(ref)::value>(
+          rows, cfg, B, T, partials_c.const_data_ptr<float>(), seq_grad_c.const_data_ptr<float>(),
+          grad_logp.data_ptr<float>());
+    });
+    return grad_logp;
+  }
   AT_DISPATCH_FLOATING_TYPES(logp.scalar_type(), "grpo_loss_bwd", [&] {
-    backward_kernel(LossTokens<scalar_t>(logp, old_logp, ref_logp, adv, mask, iw, sampling_logp), cfg,
+    backward_kernel(LossTokens<scalar_t>(logp, old_logp, ref_logp, adv, mask_k, iw, sampling_logp), cfg,
                     partials_c.const_data_ptr<scalar_t>(), seq_grad_c.const_data_ptr<scalar_t>(),
                     grad_logp.data_ptr<scalar_t>());
   });

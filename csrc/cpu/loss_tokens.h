@@ -33,14 +33,15 @@ class StridedMatrix {
 };
 
 // Checks of an entry point's [B, T] loss inputs (as csrc/cuda/loss_inputs.cuh strided_bt): each present one a
-// [B, T] view of the compute dtype of `main` (logp, or the fused kernel's compute dtype) on its device.
+// [B, T] view of the compute dtype of `main` (logp, or the fused kernel's compute dtype) on its device; with
+// bool_mask (grpo_loss) the mask may be bool too.
 inline void check_loss_input(const c10::optional<at::Tensor>& t, int64_t B, int64_t T, at::ScalarType dtype,
-                             const at::Tensor& main, const char* name, const char* what) {
+                             const at::Tensor& main, const char* name, const char* what, bool may_be_bool = false) {
   if (!t) return;
   TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == T, name, ": ", what, " must be a [", B, ", ", T,
               "] view, got ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == dtype, name, ": ", what, " must be in the compute dtype ", dtype, ", got ",
-              t->scalar_type());
+  TORCH_CHECK(t->scalar_type() == dtype || (may_be_bool && t->scalar_type() == at::kBool), name, ": ", what,
+              " must be in the compute dtype ", dtype, may_be_bool ? " or bool" : "", ", got ", t->scalar_type());
   TORCH_CHECK(t->device() == main.device(), name, ": ", what, " must be on ", main.device(), ", got ", t->device());
 }
 
@@ -48,12 +49,12 @@ inline void check_loss_inputs(const char* name, const at::Tensor& main, int64_t 
                               const c10::optional<at::Tensor>& logp, const c10::optional<at::Tensor>& old_logp,
                               const c10::optional<at::Tensor>& ref_logp, const at::Tensor& adv,
                               const at::Tensor& mask, const c10::optional<at::Tensor>& iw,
-                              const c10::optional<at::Tensor>& sampling_logp) {
+                              const c10::optional<at::Tensor>& sampling_logp, bool bool_mask = false) {
   check_loss_input(logp, B, T, dtype, main, name, "logp");
   check_loss_input(old_logp, B, T, dtype, main, name, "old_logp");
   check_loss_input(ref_logp, B, T, dtype, main, name, "ref_logp");
   check_loss_input(adv, B, T, dtype, main, name, "adv");
-  check_loss_input(mask, B, T, dtype, main, name, "mask");
+  check_loss_input(mask, B, T, dtype, main, name, "mask", bool_mask);
   check_loss_input(iw, B, T, dtype, main, name, "iw");
   check_loss_input(sampling_logp, B, T, dtype, main, name, "sampling_logp");
 }

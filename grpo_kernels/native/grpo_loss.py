@@ -55,22 +55,34 @@ def compute_dtype(t: Tensor) -> torch.dtype:
 
 
 def loss_tensors(dtype: torch.dtype, shape: torch.Size, *tensors: Optional[Tensor]) -> tuple:
-    """``tensors`` as the kernels' ``[B, T]`` inputs: ``dtype``, broadcast views of ``[B]``/``[B, 1]``, no grad."""
+    """``tensors`` as the kernels' ``[B, T]`` inputs: ``dtype``, broadcast views of ``[B]``/``[B, 1]`` (called
+    inside an autograd Function's forward, or on constants: no autograd history is recorded)."""
+    return tuple(None if t is None else _as_bt(t, dtype, shape) for t in tensors)
 
-    def as_bt(t: Optional[Tensor]) -> Optional[Tensor]:
-        if t is None:
-            return None
-        t = t.detach().to(dtype)
-        return (t[:, None] if t.ndim == 1 else t).expand(shape)
 
-    return tuple(as_bt(t) for t in tensors)
+def _as_bt(t: Tensor, dtype: torch.dtype, shape: torch.Size) -> Tensor:
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if t.ndim == 1:
+        t = t.unsqueeze(1)
+    return t if t.shape == shape else t.expand(shape)
+
+
+def kernel_mask(mask: Tensor, dtype: torch.dtype, shape: torch.Size) -> Tensor:
+    """The mask as ``grpo_loss_fwd`` / ``_bwd`` take it: a CPU bool mask as is (the CPU kernels read its
+    bytes), else in the compute dtype ``dtype``."""
+    if mask.dtype == torch.bool and mask.device.type == "cpu":
+        return mask
+    return _as_bt(mask, dtype, shape)
 
 
 class _GRPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old, ref, adv, mask, iw, sampling, setup: LossSetup):
         T = logp.shape[1]
-        tensors = loss_tensors(compute_dtype(logp), logp.shape, logp, old, ref, adv, mask, iw, sampling)
+        dtype = compute_dtype(logp)
+        tensors = loss_tensors(dtype, logp.shape, logp, old, ref, adv)
+        tensors += (kernel_mask(mask, dtype, logp.shape),) + loss_tensors(dtype, logp.shape, iw, sampling)
         per_token_loss, partials = _C.grpo_loss_fwd(*tensors, setup.cfg)
         loss, kl, low, high, region = setup.options.aggregate(partials, T)
         ctx.setup = setup
@@ -87,7 +99,9 @@ class _GRPOLossFunction(torch.autograd.Function):
             *tensors, partials = ctx.saved_tensors
             T = tensors[0].shape[1]
             seq_grad = grad_loss.to(partials.dtype) * ctx.setup.options.sequence_weights(partials[P_COUNT], T)
-            grad_logp = _C.grpo_loss_bwd(*tensors, partials, seq_grad, ctx.setup.cfg).to(ctx.logp_dtype)
+            grad_logp = _C.grpo_loss_bwd(*tensors, partials, seq_grad, ctx.setup.cfg)
+            if grad_logp.dtype != ctx.logp_dtype:
+                grad_logp = grad_logp.to(ctx.logp_dtype)
         return grad_logp, None, None, None, None, None, None, None
 
 

@@ -1,0 +1,294 @@
+// The per-token GRPO loss of csrc/common/loss_terms.h in a form gcc vectorizes (float32, CPU): a sequence's
+// tokens in blocks of kTokenBlock, its inputs first gathered into contiguous arrays (neutral values at masked
+// tokens, by selection), then every term computed branch-free in `omp simd` loops, the loss family and the
+// estimator's presence hoisted out of the loops as template parameters and every other option a select on a
+// loop-invariant flag. Same formulas, operand order and tie rules as loss_terms.h (loss::token_terms,
+// loss::dloss_dlogp); the exponential is exp_any below (within 2 ulp of std::exp). Selects are written on
+// the bits (select_bits): gcc 12 leaves an AVX2 loop scalar for some float selects (softmax_row.h).
+// Sums over a sequence run in kSumLanes fixed lanes, so results depend neither on the thread count nor on
+// the vector width.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include <ATen/ATen.h>
+
+#include "../common/loss_terms.h"
+#include "softmax_row.h"
+
+namespace grpo_kernels::cpu::GRPO_CPU_COPY {  // one copy per instruction set (setup.py)
+
+constexpr int64_t kTokenBlock = 512;
+
+// Inlined into the `omp simd` loops (a call left there keeps the loop scalar).
+#define GRPO_ALWAYS_INLINE inline __attribute__((always_inline))
+
+GRPO_ALWAYS_INLINE uint32_t float_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+
+GRPO_ALWAYS_INLINE float bits_float(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
+// c ? a : b, on the bits.
+GRPO_ALWAYS_INLINE float select_bits(bool c, float a, float b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return bits_float((float_bits(a) & m) | (float_bits(b) & ~m));
+}
+
+GRPO_ALWAYS_INLINE float flag(bool c) { return select_bits(c, 1.0f, 0.0f); }
+
+// e^x for any float x, within 2 ulp: x = n ln 2 + r as exp_nonpositive (softmax_row.h), 2^n applied as two
+// exact power-of-two factors so that results overflow to +inf above ~88.72 and underflow through the
+// subnormals to 0 below ~-103; NaN stays NaN (std::max / std::min keep their first argument).
+GRPO_ALWAYS_INLINE float exp_any(float x) {
+  const float xc = std::min(std::max(x, -104.0f), 89.0f);
+  const float t = madd(xc, 1.44269504088896341f, 12582912.0f);  // 1.5·2^23: round(x / ln 2) in the low bits
+  const float n = t - 12582912.0f;
+  const float r = madd(n, 2.12194440e-4f, madd(n, -0.693359375f, xc));
+  float p = 8.2895793021e-3f;
+  p = madd(p, r, 4.1897822171e-2f);
+  p = madd(p, r, 1.6667649150e-1f);
+  p = madd(p, r, 4.9999150634e-1f);
+  p = madd(p, r, 9.9999970198e-1f);
+  p = madd(p, r, 1.0f);
+  const int32_t ni = static_cast<int32_t>(float_bits(t) - float_bits(12582912.0f));  // n, from t's low bits
+  const int32_t n1 = ni >> 1, n2 = ni - n1;                                           // each in [-75, 65]
+  const float s1 = bits_float(static_cast<uint32_t>(n1 + 127) << 23);
+  const float s2 = bits_float(static_cast<uint32_t>(n2 + 127) << 23);
+  return p * s1 * s2;
+}
+
+GRPO_ALWAYS_INLINE float clampf(float x, float low, float high) { return std::min(std::max(x, low), high); }
+
+// torch.min(a, b)'s gradient share of a (loss::min_share).
+GRPO_ALWAYS_INLINE float min_share_f(float a, float b) { return select_bits(a < b, 1.0f, select_bits(a == b, 0.5f, 0.0f)); }
+
+// The options of LossConfig the token loop reads, as flags and numbers invariant over a sequence.
+struct TokenOptions {
+  bool has_log_clamp, has_delta, has_clip_c, bias_kl, add_kl;
+  KlEstimator kl_estimator;
+  LossScalars<float> s;
+  // per sequence: the shared ratio's e^w (GSPO, GMPO), GMPO's mean advantage, VESPO's φ for A ≥ 0 and A < 0
+  float shared_coef = 1.0f, seq_adv = 0.0f, phi_nonneg = 0.0f, phi_neg = 0.0f;
+};
+
+struct TokenOut {
+  float loss, kl, low, high, dcoef, dlogp, ratio_grad;
+};
+
+// loss::token_terms for one token of a sequence without rollout ratios, off-policy mask, or token importance
+// weights folded into a sequence weight (supported_fast); iw multiplies the policy term (1 when absent).
+template <Family F, bool kShared, bool kRef>
+GRPO_ALWAYS_INLINE TokenOut token_out(const TokenOptions& o, float logp, float old, float adv, float ref, float iw) {
+  const LossScalars<float>& s = o.s;
+  float r = logp - old;
+  const float dr = select_bits(!o.has_log_clamp | ((r >= -s.log_clamp) & (r <= s.log_clamp)), 1.0f, 0.0f);
+  r = select_bits(o.has_log_clamp, clampf(r, -s.log_clamp, s.log_clamp), r);
+  const float coef_1 = kShared ? o.shared_coef : exp_any(r);
+  float loss = 0.0f, kl_out = 0.0f, low = 0.0f, high = 0.0f, dcoef = 0.0f, dlogp = 0.0f;  // scalars: a struct
+  // initialized as a whole is one memory write gcc does not vectorize
+  float dg = 1.0f;
+  if constexpr (F == Family::kCispo) {
+    const float capped = std::min(coef_1, s.eps_high);
+    loss = -capped * adv * logp;
+    dlogp = -capped * adv;
+    high = flag((coef_1 > s.eps_high) & (adv > 0.0f));
+  } else if constexpr (F == Family::kSapo) {
+    const float tau = select_bits(adv > 0.0f, s.tau_pos, s.tau_neg);
+    const float sig = 1.0f / (1.0f + exp_any(-(tau * (coef_1 - 1.0f))));
+    loss = -sig * 4.0f / tau * adv;
+    dcoef = -(sig * (1.0f - sig)) * 4.0f * adv;
+    low = flag((coef_1 < s.lo) & (adv < 0.0f));
+    high = flag((coef_1 > s.hi) & (adv > 0.0f));
+  } else if constexpr (F == Family::kVespo) {
+    const float phi = select_bits(adv >= 0.0f, o.phi_nonneg, o.phi_neg);
+    loss = -phi * adv * logp;
+    dlogp = -phi * adv;
+  } else if constexpr (F == Family::kGmpo) {  // ψ = 1: no token importance weights here
+    loss = -o.seq_adv * coef_1 * 1.0f;
+    dcoef = -o.seq_adv * 1.0f;
+    const bool clipped = (r < -s.eps_low) | (r > s.eps_high);
+    low = flag(clipped & (adv < 0.0f));
+    high = flag(clipped & (adv > 0.0f));
+    // loss::gmpo_log_ratio's derivative
+    const float sign = select_bits(adv > 0.0f, 1.0f, select_bits(adv < 0.0f, -1.0f, 0.0f));
+    const float dclipped = flag((r >= -s.eps_low) & (r <= s.eps_high));
+    const float a = sign * r, b = sign * clampf(r, -s.eps_low, s.eps_high);
+    const float share = min_share_f(a, b);
+    dg = sign * (share * sign + (1.0f - share) * sign * dclipped);
+  } else if constexpr (F == Family::kGpg) {
+    loss = -logp * adv;
+    dlogp = -adv;
+  } else {
+    static_assert(F == Family::kClipped, "token_out: a family without its case");
+    const float coef_2 = std::min(std::max(coef_1, s.lo), s.hi);
+    const float dcoef_2 = flag((coef_1 >= s.lo) & (coef_1 <= s.hi));
+    const float coef_1d = select_bits(o.has_delta, std::min(coef_1, s.delta), coef_1);
+    const float dcoef_1d = select_bits(!o.has_delta | (coef_1 <= s.delta), 1.0f, 0.0f);
+    const float x1 = coef_1d * adv, x2 = coef_2 * adv;
+    const float g1 = min_share_f(x1, x2);
+    loss = -std::min(x1, x2);
+    dcoef = -(adv * (g1 * dcoef_1d + (1.0f - g1) * dcoef_2));
+    const bool dual = o.has_clip_c & (adv < 0.0f);
+    const float cap = -adv * s.clip_c;
+    dcoef = select_bits(dual, dcoef * min_share_f(loss, cap), dcoef);
+    loss = select_bits(dual, std::min(loss, cap), loss);
+    low = flag((coef_1d < s.lo) & (adv < 0.0f));
+    high = flag((coef_1d > s.hi) & (adv > 0.0f));
+  }
+  const float ratio_grad = kShared ? dr * dg : coef_1 * dr;
+  if constexpr (!folds_importance_weights(F)) {
+    loss *= iw;
+    dcoef *= iw;
+    dlogp *= iw;
+  }
+  if constexpr (kRef) {  // loss::kl_terms, the estimator by selection
+    const float d = ref - logp;
+    const bool low_var = o.kl_estimator == KlEstimator::kLowVarKl;
+    const float dc = select_bits(low_var, clampf(d, -20.0f, 20.0f), d);
+    const float e = exp_any(dc);
+    const float v = e - dc - 1.0f;  // k3 (dc = d there)
+    const bool inside = (d >= -20.0f) & (d <= 20.0f) & (v >= -10.0f) & (v <= 10.0f);
+    const float kl_low_var = clampf(v, -10.0f, 10.0f);
+    const float dkl_low_var = select_bits(inside, 1.0f - e, 0.0f);
+    const bool k1 = o.kl_estimator == KlEstimator::kK1, k2 = o.kl_estimator == KlEstimator::kK2;
+    float kl = select_bits(k1, -d, select_bits(k2, 0.5f * d * d, select_bits(low_var, kl_low_var, v)));
+    float dkl = select_bits(k1, 1.0f, select_bits(k2, -d, select_bits(low_var, dkl_low_var, 1.0f - e)));
+    dcoef = select_bits(o.bias_kl & o.add_kl, dcoef + s.beta * kl, dcoef);
+    kl = select_bits(o.bias_kl, kl * coef_1, kl);
+    dkl = select_bits(o.bias_kl, dkl * coef_1, dkl);
+    kl_out = kl;
+    loss = select_bits(o.add_kl, loss + s.beta * kl, loss);
+    dlogp = select_bits(o.add_kl, dlogp + s.beta * dkl, dlogp);
+  }
+  return TokenOut{loss, kl_out, low, high, dcoef, dlogp, ratio_grad};
+}
+
+// Whether token_out covers cfg (else the kernels take loss_terms.h token by token).
+inline bool supported_fast(const LossConfig& cfg) {
+  return cfg.rollout_is == RolloutLevel::kNone && !cfg.has_off_policy_mask &&
+         !(folds_importance_weights(cfg.family) && cfg.has_iw);
+}
+
+// Sums in kSumLanes fixed lanes (the order of softmax_row.h): add(x, n) adds x[0..n), n a multiple of
+// kSumLanes except for the last call; total() adds the lanes in a fixed tree.
+struct LaneSum {
+  float lane[kSumLanes] = {};
+  void add(const float* x, int64_t n) {
+    int64_t t = 0;
+    for (; t + kSumLanes <= n; t += kSumLanes) {
+#pragma omp simd
+      for (int64_t l = 0; l < kSumLanes; ++l) lane[l] += x[t + l];
+    }
+    for (int64_t l = 0; t + l < n; ++l) lane[l] += x[t + l];
+  }
+  float total() const {
+    float v[kSumLanes];
+    for (int64_t l = 0; l < kSumLanes; ++l) v[l] = lane[l];
+    for (int64_t w = kSumLanes / 2; w >= 1; w /= 2) {
+      for (int64_t l = 0; l < w; ++l) v[l] += v[l + w];
+    }
+    return v[0];
+  }
+};
+
+// A [B, T] input of the loss read row by row: float32 (any strides, a broadcast row has stride 0), or the
+// mask as bool. Absent: reads `absent`.
+class RowReader {
+ public:
+  RowReader() = default;
+  RowReader(const c10::optional<at::Tensor>& t, float absent) : absent_(absent) {
+    if (!t) return;
+    if (t->scalar_type() == at::kBool) {
+      bools_ = t->const_data_ptr<bool>();
+    } else {
+      floats_ = t->const_data_ptr<float>();
+    }
+    stride_b_ = t->stride(0);
+    stride_t_ = t->stride(1);
+  }
+  bool present() const { return floats_ != nullptr || bools_ != nullptr; }
+
+  // x[0..n) = row i, tokens [t0, t0 + n).
+  void read(int64_t i, int64_t t0, int64_t n, float* x) const {
+    const int64_t off = i * stride_b_ + t0 * stride_t_;
+    if (floats_ != nullptr) {
+      const float* p = floats_ + off;
+      if (stride_t_ == 1) {
+        std::memcpy(x, p, n * sizeof(float));
+      } else {
+        for (int64_t t = 0; t < n; ++t) x[t] = p[t * stride_t_];
+      }
+    } else if (bools_ != nullptr) {
+      const bool* p = bools_ + off;
+      if (stride_t_ == 1) {
+#pragma omp simd
+        for (int64_t t = 0; t < n; ++t) x[t] = flag(p[t]);
+      } else {
+        for (int64_t t = 0; t < n; ++t) x[t] = flag(p[t * stride_t_]);
+      }
+    } else {
+      std::fill(x, x + n, absent_);
+    }
+  }
+
+ private:
+  const float* floats_ = nullptr;
+  const bool* bools_ = nullptr;
+  int64_t stride_b_ = 0, stride_t_ = 0;
+  float absent_ = 0.0f;
+};
+
+// A block of one sequence's inputs, contiguous; masked tokens hold the neutral values (loss::select_unmasked).
+struct TokenBlock {
+  float logp[kTokenBlock], old[kTokenBlock], adv[kTokenBlock], mask[kTokenBlock], ref[kTokenBlock],
+      iw[kTokenBlock];
+};
+
+struct LossRows {
+  RowReader logp, old, ref, adv, mask, iw;
+  bool has_old, has_ref;
+
+  LossRows(const at::Tensor& logp_, const c10::optional<at::Tensor>& old_, const c10::optional<at::Tensor>& ref_,
+           const at::Tensor& adv_, const at::Tensor& mask_, const c10::optional<at::Tensor>& iw_)
+      : logp(logp_, 0.0f), old(old_, 0.0f), ref(ref_, 0.0f), adv(adv_, 0.0f), mask(mask_, 0.0f), iw(iw_, 1.0f),
+        has_old(old_.has_value()), has_ref(ref_.has_value()) {}
+
+  void read(int64_t i, int64_t t0, int64_t n, TokenBlock& b) const {
+    mask.read(i, t0, n, b.mask);
+    logp.read(i, t0, n, b.logp);
+    if (has_old) old.read(i, t0, n, b.old);
+    adv.read(i, t0, n, b.adv);
+    if (has_ref) ref.read(i, t0, n, b.ref);
+    iw.read(i, t0, n, b.iw);
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) {
+      const bool k = b.mask[t] != 0.0f;
+      b.logp[t] = select_bits(k, b.logp[t], 0.0f);
+      b.adv[t] = select_bits(k, b.adv[t], 0.0f);
+      b.iw[t] = select_bits(k, b.iw[t], 1.0f);
+    }
+    if (has_old) {
+#pragma omp simd
+      for (int64_t t = 0; t < n; ++t) b.old[t] = select_bits(b.mask[t] != 0.0f, b.old[t], 0.0f);
+    } else {
+      std::memcpy(b.old, b.logp, n * sizeof(float));
+    }
+    if (has_ref) {
+#pragma omp simd
+      for (int64_t t = 0; t < n; ++t) b.ref[t] = select_bits(b.mask[t] != 0.0f, b.ref[t], 0.0f);
+    } else {
+      std::fill(b.ref, b.ref + n, 0.0f);
+    }
+  }
+};
+
+}  // namespace grpo_kernels::cpu::GRPO_CPU_COPY
