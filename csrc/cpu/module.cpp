@@ -53,7 +53,7 @@ constexpr const char* compiled_isa() {
 
 bool always() { return true; }
 
-// One copy of the CPU kernels (setup.py's CPU_COPIES): the instruction set it is named by, its entry
+// One copy of the CPU kernels (setup.py's X86_CPU_COPIES): the instruction set it is named by, its entry
 // points (called only once supported() held) and whether the running CPU executes its instructions.
 struct CpuCopy {
   const char* isa;
