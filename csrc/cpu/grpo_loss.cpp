@@ -89,18 +89,21 @@ void backward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, const a
   });
 }
 
-// The vectorized kernels (float32, configurations of supported_fast): the family, the shared ratio and the
-// KL's presence as template parameters, chosen once per call.
+// The vectorized kernels (float32, configurations of supported_fast): the family, the shared ratio, the KL's
+// presence and plain() as template parameters, chosen once per call.
 template <typename Fn>
 void with_token_kind(const LossConfig& cfg, bool has_ref, Fn&& fn) {
+  auto with_plain = [&](auto family, auto shared, auto ref) {
+    if (plain(cfg)) fn(family, shared, ref, std::true_type{});
+    else fn(family, shared, ref, std::false_type{});
+  };
+  auto with_ref = [&](auto family, auto shared) {
+    if (has_ref) with_plain(family, shared, std::true_type{});
+    else with_plain(family, shared, std::false_type{});
+  };
   auto flags = [&](auto family) {
-    if (cfg.shared_ratio) {
-      if (has_ref) fn(family, std::true_type{}, std::true_type{});
-      else fn(family, std::true_type{}, std::false_type{});
-    } else {
-      if (has_ref) fn(family, std::false_type{}, std::true_type{});
-      else fn(family, std::false_type{}, std::false_type{});
-    }
+    if (cfg.shared_ratio) with_ref(family, std::true_type{});
+    else with_ref(family, std::false_type{});
   };
   switch (cfg.family) {
     case Family::kClipped: flags(std::integral_constant<Family, Family::kClipped>{}); break;
@@ -148,12 +151,13 @@ loss::SeqStats<float> sequence_fast(const LossRows& in, const LossConfig& cfg, c
     in.read(i, t0, n, b);
 #pragma omp simd
     for (int64_t t = 0; t < n; ++t) {
-      const float m = b.mask[t];
-      float r = b.logp[t] - b.old[t];
+      const TokenIn x_in = token(b, t);
+      const float m = x_in.mask;
+      float r = x_in.logp - x_in.old;
       r = select_bits(o.has_log_clamp, clampf(r, -s.log_clamp, s.log_clamp), r);
       float x;
       if constexpr (F == Family::kGmpo) {  // loss::gmpo_log_ratio
-        const float a_ = b.adv[t];
+        const float a_ = x_in.adv;
         const float sign = select_bits(a_ > 0.0f, 1.0f, select_bits(a_ < 0.0f, -1.0f, 0.0f));
         x = sign * std::min(sign * r, sign * clampf(r, -s.eps_low, s.eps_high));
       } else if constexpr (F == Family::kVespo) {
@@ -162,7 +166,7 @@ loss::SeqStats<float> sequence_fast(const LossRows& in, const LossConfig& cfg, c
         x = r;
       }
       term[t] = x * m;
-      adv_m[t] = b.adv[t] * m;
+      adv_m[t] = x_in.adv * m;
     }
     count.add(b.mask, n);
     ratio.add(term, n);
@@ -173,7 +177,7 @@ loss::SeqStats<float> sequence_fast(const LossRows& in, const LossConfig& cfg, c
   return loss::sequence_stats(cfg, s, sums);
 }
 
-template <Family F, bool kShared, bool kRef>
+template <Family F, bool kShared, bool kRef, bool kPlain>
 void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t len, float* per_token_loss,
                   float* partials) {
   const TokenOptions base = token_options(cfg);
@@ -192,7 +196,7 @@ void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t 
         float* out = per_token_loss + i * len + t0;
 #pragma omp simd
         for (int64_t t = 0; t < count; ++t) {
-          const TokenOut r = token_out<F, kShared, kRef>(o, b.logp[t], b.old[t], b.adv[t], b.ref[t], b.iw[t]);
+          const TokenOut r = token_out<F, kShared, kRef, kPlain>(o, token(b, t));
           const float m = b.mask[t];
           out[t] = select_bits(m != 0.0f, r.loss, 0.0f);  // 0 at masked tokens, by selection
           loss_m[t] = r.loss * m;
@@ -224,7 +228,7 @@ void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t 
   });
 }
 
-template <Family F, bool kShared, bool kRef>
+template <Family F, bool kShared, bool kRef, bool kPlain>
 void backward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t len, const float* partials,
                    const float* seq_grad, float* grad_logp) {
   const TokenOptions base = token_options(cfg);
@@ -243,7 +247,7 @@ void backward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t
           in.read(i, t0, count, b);
 #pragma omp simd
           for (int64_t t = 0; t < count; ++t) {
-            g[t] = token_out<F, kShared, kRef>(o, b.logp[t], b.old[t], b.adv[t], b.ref[t], b.iw[t]).dcoef *
+            g[t] = token_out<F, kShared, kRef, kPlain>(o, token(b, t)).dcoef *
                    b.mask[t];
           }
           sum_g.add(g, count);
@@ -257,7 +261,7 @@ void backward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t
         float* out = grad_logp + i * len + t0;
 #pragma omp simd
         for (int64_t t = 0; t < count; ++t) {
-          const TokenOut r = token_out<F, kShared, kRef>(o, b.logp[t], b.old[t], b.adv[t], b.ref[t], b.iw[t]);
+          const TokenOut r = token_out<F, kShared, kRef, kPlain>(o, token(b, t));
           const float m = b.mask[t];
           const float d = r.dlogp + (kShared ? seq_term : r.dcoef) * r.ratio_grad;
           out[t] = select_bits(m != 0.0f, w * (m * d), 0.0f);
@@ -294,8 +298,8 @@ std::tuple<at::Tensor, at::Tensor> grpo_loss_fwd(const at::Tensor& logp, const c
   const at::Tensor mask_k = kernel_mask(mask, logp.scalar_type(), fast);
   if (fast) {
     const LossRows rows(logp, old_logp, ref_logp, adv, mask_k, iw);
-    with_token_kind(cfg, ref_logp.has_value(), [&](auto family, auto shared, auto ref) {
-      forward_fast<decltype(family)::value, decltype(shared)::value, decltype(ref)::value>(
+    with_token_kind(cfg, ref_logp.has_value(), [&](auto family, auto shared, auto ref, auto plain) {
+      forward_fast<decltype(family)::value, decltype(shared)::value, decltype(ref)::value, decltype(plain)::value>(
           rows, cfg, B, T, per_token_loss.data_ptr<float>(), partials.data_ptr<float>());
     });
     return {per_token_loss, partials};
@@ -326,8 +330,8 @@ at::Tensor grpo_loss_bwd(const at::Tensor& logp, const c10::optional<at::Tensor>
   const at::Tensor mask_k = kernel_mask(mask, logp.scalar_type(), fast);
   if (fast) {
     const LossRows rows(logp, old_logp, ref_logp, adv, mask_k, iw);
-    with_token_kind(cfg, ref_logp.has_value(), [&](auto family, auto shared, auto ref) {
-      backward_fast<decltype(family)::value, decltype(shared)::value, decltype(ref)::value>(
+    with_token_kind(cfg, ref_logp.has_value(), [&](auto family, auto shared, auto ref, auto plain) {
+      backward_fast<decltype(family)::value, decltype(shared)::value, decltype(ref)::value, decltype(plain)::value>(
           rows, cfg, B, T, partials_c.const_data_ptr<float>(), seq_grad_c.const_data_ptr<float>(),
           grad_logp.data_ptr<float>());
     });

@@ -80,18 +80,28 @@ struct TokenOptions {
   float shared_coef = 1.0f, seq_adv = 0.0f, phi_nonneg = 0.0f, phi_neg = 0.0f;
 };
 
+// One token's inputs (neutral at a masked token) and terms.
+struct TokenIn {
+  float logp, old, adv, mask, ref, iw;
+};
+
 struct TokenOut {
   float loss, kl, low, high, dcoef, dlogp, ratio_grad;
 };
 
 // loss::token_terms for one token of a sequence without rollout ratios, off-policy mask, or token importance
 // weights folded into a sequence weight (supported_fast); iw multiplies the policy term (1 when absent).
-template <Family F, bool kShared, bool kRef>
-GRPO_ALWAYS_INLINE TokenOut token_out(const TokenOptions& o, float logp, float old, float adv, float ref, float iw) {
+template <Family F, bool kShared, bool kRef, bool kPlain>
+GRPO_ALWAYS_INLINE TokenOut token_out(const TokenOptions& o, const TokenIn& in) {
+  const float logp = in.logp, old = in.old, adv = in.adv, ref = in.ref, iw = in.iw;
   const LossScalars<float>& s = o.s;
+  // kPlain: none of the log-ratio clamp, delta, dual clip, bias-corrected KL, and the k3 estimator (constants)
+  const bool has_log_clamp = !kPlain && o.has_log_clamp, has_delta = !kPlain && o.has_delta;
+  const bool has_clip_c = !kPlain && o.has_clip_c, bias_kl = !kPlain && o.bias_kl;
+  const KlEstimator kl_estimator = kPlain ? KlEstimator::kK3 : o.kl_estimator;
   float r = logp - old;
-  const float dr = select_bits(!o.has_log_clamp | ((r >= -s.log_clamp) & (r <= s.log_clamp)), 1.0f, 0.0f);
-  r = select_bits(o.has_log_clamp, clampf(r, -s.log_clamp, s.log_clamp), r);
+  const float dr = select_bits(!has_log_clamp | ((r >= -s.log_clamp) & (r <= s.log_clamp)), 1.0f, 0.0f);
+  r = select_bits(has_log_clamp, clampf(r, -s.log_clamp, s.log_clamp), r);
   const float coef_1 = kShared ? o.shared_coef : exp_any(r);
   float loss = 0.0f, kl_out = 0.0f, low = 0.0f, high = 0.0f, dcoef = 0.0f, dlogp = 0.0f;  // scalars: a struct
   // initialized as a whole is one memory write gcc does not vectorize
@@ -131,13 +141,13 @@ GRPO_ALWAYS_INLINE TokenOut token_out(const TokenOptions& o, float logp, float o
     static_assert(F == Family::kClipped, "token_out: a family without its case");
     const float coef_2 = std::min(std::max(coef_1, s.lo), s.hi);
     const float dcoef_2 = flag((coef_1 >= s.lo) & (coef_1 <= s.hi));
-    const float coef_1d = select_bits(o.has_delta, std::min(coef_1, s.delta), coef_1);
-    const float dcoef_1d = select_bits(!o.has_delta | (coef_1 <= s.delta), 1.0f, 0.0f);
+    const float coef_1d = select_bits(has_delta, std::min(coef_1, s.delta), coef_1);
+    const float dcoef_1d = select_bits(!has_delta | (coef_1 <= s.delta), 1.0f, 0.0f);
     const float x1 = coef_1d * adv, x2 = coef_2 * adv;
     const float g1 = min_share_f(x1, x2);
     loss = -std::min(x1, x2);
     dcoef = -(adv * (g1 * dcoef_1d + (1.0f - g1) * dcoef_2));
-    const bool dual = o.has_clip_c & (adv < 0.0f);
+    const bool dual = has_clip_c & (adv < 0.0f);
     const float cap = -adv * s.clip_c;
     dcoef = select_bits(dual, dcoef * min_share_f(loss, cap), dcoef);
     loss = select_bits(dual, std::min(loss, cap), loss);
@@ -152,24 +162,30 @@ GRPO_ALWAYS_INLINE TokenOut token_out(const TokenOptions& o, float logp, float o
   }
   if constexpr (kRef) {  // loss::kl_terms, the estimator by selection
     const float d = ref - logp;
-    const bool low_var = o.kl_estimator == KlEstimator::kLowVarKl;
+    const bool low_var = kl_estimator == KlEstimator::kLowVarKl;
     const float dc = select_bits(low_var, clampf(d, -20.0f, 20.0f), d);
     const float e = exp_any(dc);
     const float v = e - dc - 1.0f;  // k3 (dc = d there)
     const bool inside = (d >= -20.0f) & (d <= 20.0f) & (v >= -10.0f) & (v <= 10.0f);
     const float kl_low_var = clampf(v, -10.0f, 10.0f);
     const float dkl_low_var = select_bits(inside, 1.0f - e, 0.0f);
-    const bool k1 = o.kl_estimator == KlEstimator::kK1, k2 = o.kl_estimator == KlEstimator::kK2;
+    const bool k1 = kl_estimator == KlEstimator::kK1, k2 = kl_estimator == KlEstimator::kK2;
     float kl = select_bits(k1, -d, select_bits(k2, 0.5f * d * d, select_bits(low_var, kl_low_var, v)));
     float dkl = select_bits(k1, 1.0f, select_bits(k2, -d, select_bits(low_var, dkl_low_var, 1.0f - e)));
-    dcoef = select_bits(o.bias_kl & o.add_kl, dcoef + s.beta * kl, dcoef);
-    kl = select_bits(o.bias_kl, kl * coef_1, kl);
-    dkl = select_bits(o.bias_kl, dkl * coef_1, dkl);
+    dcoef = select_bits(bias_kl & o.add_kl, dcoef + s.beta * kl, dcoef);
+    kl = select_bits(bias_kl, kl * coef_1, kl);
+    dkl = select_bits(bias_kl, dkl * coef_1, dkl);
     kl_out = kl;
     loss = select_bits(o.add_kl, loss + s.beta * kl, loss);
     dlogp = select_bits(o.add_kl, dlogp + s.beta * dkl, dlogp);
   }
   return TokenOut{loss, kl_out, low, high, dcoef, dlogp, ratio_grad};
+}
+
+// Whether token_out<..., kPlain = true> computes cfg's terms.
+inline bool plain(const LossConfig& cfg) {
+  return !cfg.has_log_clamp && !cfg.has_delta && !cfg.has_clip_c && !cfg.bias_kl &&
+         cfg.kl_estimator == KlEstimator::kK3;
 }
 
 // Whether token_out covers cfg (else the kernels take loss_terms.h token by token).
@@ -215,7 +231,6 @@ class RowReader {
     stride_b_ = t->stride(0);
     stride_t_ = t->stride(1);
   }
-  bool present() const { return floats_ != nullptr || bools_ != nullptr; }
 
   // x[0..n) = row i, tokens [t0, t0 + n).
   void read(int64_t i, int64_t t0, int64_t n, float* x) const {
@@ -224,6 +239,8 @@ class RowReader {
       const float* p = floats_ + off;
       if (stride_t_ == 1) {
         std::memcpy(x, p, n * sizeof(float));
+      } else if (stride_t_ == 0) {
+        std::fill(x, x + n, p[0]);
       } else {
         for (int64_t t = 0; t < n; ++t) x[t] = p[t * stride_t_];
       }
@@ -240,6 +257,13 @@ class RowReader {
     }
   }
 
+  // Row i, tokens [t0, t0 + n): in place when contiguous float32, else read into buf.
+  const float* view(int64_t i, int64_t t0, int64_t n, float* buf) const {
+    if (floats_ != nullptr && stride_t_ == 1) return floats_ + i * stride_b_ + t0;
+    read(i, t0, n, buf);
+    return buf;
+  }
+
  private:
   const float* floats_ = nullptr;
   const bool* bools_ = nullptr;
@@ -247,11 +271,23 @@ class RowReader {
   float absent_ = 0.0f;
 };
 
-// A block of one sequence's inputs, contiguous; masked tokens hold the neutral values (loss::select_unmasked).
+// A block of one sequence's inputs: the mask as float 0/1, the others where they are (a contiguous row is
+// read in place) or in the buffers; token() selects neutral values at masked tokens (loss::select_unmasked).
 struct TokenBlock {
-  float logp[kTokenBlock], old[kTokenBlock], adv[kTokenBlock], mask[kTokenBlock], ref[kTokenBlock],
-      iw[kTokenBlock];
+  float mask[kTokenBlock];
+  const float *logp, *old, *adv, *ref, *iw;
+  float logp_buf[kTokenBlock], old_buf[kTokenBlock], adv_buf[kTokenBlock], ref_buf[kTokenBlock],
+      iw_buf[kTokenBlock];
 };
+
+GRPO_ALWAYS_INLINE TokenIn token(const TokenBlock& b, int64_t t) {
+  const float m = b.mask[t];
+  const bool k = m != 0.0f;
+  return TokenIn{select_bits(k, b.logp[t], 0.0f), select_bits(k, b.old[t], 0.0f), select_bits(k, b.adv[t], 0.0f),
+                 m,
+                 select_bits(k, b.ref[t], 0.0f),
+                 select_bits(k, b.iw[t], 1.0f)};
+}
 
 struct LossRows {
   RowReader logp, old, ref, adv, mask, iw;
@@ -264,30 +300,11 @@ struct LossRows {
 
   void read(int64_t i, int64_t t0, int64_t n, TokenBlock& b) const {
     mask.read(i, t0, n, b.mask);
-    logp.read(i, t0, n, b.logp);
-    if (has_old) old.read(i, t0, n, b.old);
-    adv.read(i, t0, n, b.adv);
-    if (has_ref) ref.read(i, t0, n, b.ref);
-    iw.read(i, t0, n, b.iw);
-#pragma omp simd
-    for (int64_t t = 0; t < n; ++t) {
-      const bool k = b.mask[t] != 0.0f;
-      b.logp[t] = select_bits(k, b.logp[t], 0.0f);
-      b.adv[t] = select_bits(k, b.adv[t], 0.0f);
-      b.iw[t] = select_bits(k, b.iw[t], 1.0f);
-    }
-    if (has_old) {
-#pragma omp simd
-      for (int64_t t = 0; t < n; ++t) b.old[t] = select_bits(b.mask[t] != 0.0f, b.old[t], 0.0f);
-    } else {
-      std::memcpy(b.old, b.logp, n * sizeof(float));
-    }
-    if (has_ref) {
-#pragma omp simd
-      for (int64_t t = 0; t < n; ++t) b.ref[t] = select_bits(b.mask[t] != 0.0f, b.ref[t], 0.0f);
-    } else {
-      std::fill(b.ref, b.ref + n, 0.0f);
-    }
+    b.logp = logp.view(i, t0, n, b.logp_buf);
+    b.old = has_old ? old.view(i, t0, n, b.old_buf) : b.logp;  // absent: logp (ratio 1)
+    b.adv = adv.view(i, t0, n, b.adv_buf);
+    b.ref = ref.view(i, t0, n, b.ref_buf);
+    b.iw = iw.view(i, t0, n, b.iw_buf);
   }
 };
 
