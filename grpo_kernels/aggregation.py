@@ -137,16 +137,16 @@ def aggregate(
     """
     B = partials.shape[1]
     # the sum rows added over the sequences in one op: Σ S_i, Σ n_i, Σ KL, Σ low, Σ high, Σ region
-    totals = partials[:NUM_SUMS].sum(1)
-    total_loss, total_count = totals[P_LOSS], totals[P_COUNT]
+    total_loss, total_count, total_kl, total_low, total_high, total_region = partials[:NUM_SUMS].sum(1).unbind()
     token_denom = total_count.clamp(min=1.0)
     loss = reduce(partials[P_LOSS], rule(partials[P_COUNT], loss_type, T, max_completion_length=max_completion_length,
                                          num_items_in_batch=num_items_in_batch, total_count=total_count),
                   total=total_loss)
-    if per_seq_metrics:
-        kl = totals[P_KL] / token_denom
-        low, high, region = (totals[P_LOW:] / B).unbind()
-    else:
-        kl, low, high, region = (totals[P_KL:] / token_denom).unbind()
-    return Aggregate(loss=loss, kl=kl if has_ref else loss.new_zeros(()), clip_ratio_low=low, clip_ratio_high=high,
-                     clip_ratio_region=region)
+    metric_denom = B if per_seq_metrics else token_denom
+    return Aggregate(  # each a new tensor (no view of the sums)
+        loss=loss,
+        kl=total_kl / token_denom if has_ref else loss.new_zeros(()),
+        clip_ratio_low=total_low / metric_denom,
+        clip_ratio_high=total_high / metric_denom,
+        clip_ratio_region=total_region / metric_denom,
+    )

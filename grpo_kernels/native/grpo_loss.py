@@ -34,12 +34,39 @@ class LossSetup(NamedTuple):
 
 
 def loss_setup(advantages: Tensor, T: int, loss_options: dict) -> LossSetup:
-    """The kernel configuration of ``loss_options``, the keyword options of the reference ``grpo_loss``."""
-    options = kernel_loss_options(T, advantages, loss_options)
-    cfg = _C.LossConfig(options.scalars)  # the numeric options in loss_table.KERNEL_SCALARS order
-    for field in _CONFIG_FIELDS:
-        setattr(cfg, field, getattr(options, field))
-    return LossSetup(cfg, options)
+    """The kernel configuration of ``loss_options``, the keyword options of the reference ``grpo_loss``
+    (memoized: the same options at the same T give the same setup)."""
+    key = _setup_key(advantages, T, loss_options)
+    setup = _SETUPS.get(key) if key is not None else None
+    if setup is None:
+        options = kernel_loss_options(T, advantages, loss_options)
+        cfg = _C.LossConfig(options.scalars)  # the numeric options in loss_table.KERNEL_SCALARS order
+        for field in _CONFIG_FIELDS:
+            setattr(cfg, field, getattr(options, field))
+        setup = LossSetup(cfg, options)
+        if key is not None:
+            if len(_SETUPS) >= _MAX_SETUPS:
+                _SETUPS.clear()
+            _SETUPS[key] = setup
+    return setup
+
+
+_SETUPS: dict = {}
+_MAX_SETUPS = 64
+
+
+def _setup_key(advantages: Tensor, T: int, loss_options: dict) -> Optional[tuple]:
+    """What the setup depends on: T, whether advantages are per sequence, the options (a tensor option by its
+    presence); None when an option is not a plain value (e.g. a tensor num_items_in_batch)."""
+    items = []
+    for name, value in loss_options.items():
+        if isinstance(value, Tensor) and name != "num_items_in_batch":
+            value = Tensor
+        elif not isinstance(value, (bool, int, float, str, type(None))):
+            return None
+        items.append((name, type(value), value))
+    items.sort(key=lambda item: item[0])
+    return T, advantages.ndim == 1 or advantages.shape[1] == 1, tuple(items)
 
 
 # The code paths of _C.LossConfig (csrc/common/loss_config.h), named as in KernelLossOptions; the enums
@@ -87,6 +114,7 @@ class _GRPOLossFunction(torch.autograd.Function):
         loss, kl, low, high, region = setup.options.aggregate(partials, T)
         ctx.setup = setup
         ctx.logp_dtype = logp.dtype
+        ctx.set_materialize_grads(False)  # only loss has a gradient: no zeros for the other outputs
         ctx.save_for_backward(*tensors, partials)
         ctx.mark_non_differentiable(per_token_loss, kl, low, high, region)
         return loss, per_token_loss, kl, low, high, region
