@@ -48,6 +48,7 @@ class Case:
         entropy: also compute the entropy (``token_logprobs``) or the entropy metric (losses).
         loss_type, beta, epsilon_low, epsilon_high: loss options (beta > 0 brings reference
             log-probs and the KL term; 0.2/0.28 is DAPO's clip-higher).
+        importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO).
         H: hidden size (``lm_head_grpo_loss``).
         G: group size (``group_advantages``).
         temperature: sampling temperature the logits are divided by.
@@ -64,6 +65,7 @@ class Case:
     beta: float = 0.04
     epsilon_low: float = 0.2
     epsilon_high: float = 0.28
+    importance_sampling_level: str = "token"
     H: int = 0
     G: int = 8
     temperature: float = 1.0
@@ -92,6 +94,8 @@ class Case:
         options = []
         if self.op in LOSS_OPS:
             options.append(f"{self.loss_type},beta={self.beta:g}")
+            if self.importance_sampling_level != "token":
+                options.append(self.importance_sampling_level)
         if self.entropy:
             options.append("entropy")
         if self.temperature != 1.0:
@@ -106,7 +110,8 @@ class Case:
     def loss_options(self) -> dict:
         """The keyword options of :func:`grpo_kernels.grpo_loss` this case uses."""
         return dict(
-            loss_type=self.loss_type, beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high
+            loss_type=self.loss_type, beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+            importance_sampling_level=self.importance_sampling_level,
         )
 
     def differentiable_outputs(self) -> int:
@@ -168,7 +173,7 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
     mask = torch.arange(T, device=device) < torch.randint(T // 2, T + 1, (B, 1), generator=g, device=device)
     inputs = Inputs(mask=mask, advantages=torch.randn(B, generator=g, device=device))
     if case.op == "grpo_loss":
-        inputs.logprobs = (-2 * torch.rand(B, T, generator=g, device=device)).requires_grad_()
+        inputs.logprobs = (-2 * torch.rand(B, T, generator=g, device=device)).to(case.torch_dtype).requires_grad_()
         policy_logprobs = inputs.logprobs.detach()
     else:
         inputs.token_ids = torch.randint(0, case.V, (B, T), generator=g, device=device)

@@ -30,6 +30,17 @@ def _cpu_small() -> list[Case]:
     ]
 
 
+def _cpu_grpo_loss() -> list[Case]:
+    """grpo_loss fwd+bwd, the issue-19 targets of the cpu backend: [64, 1024] and [8, 256], fp32 and bf16
+    log-probs, dapo at both importance-sampling levels first, then the other loss families (a few minutes)."""
+    shapes = ((64, 1024), (8, 256))
+    first = [Case(op="grpo_loss", B=b, T=t, dtype=dtype, importance_sampling_level=level)
+             for b, t in shapes for dtype in ("float32", "bfloat16") for level in ("token", "sequence")]
+    families = [Case(op="grpo_loss", B=b, T=t, loss_type=loss_type, epsilon_high=5.0 if loss_type == "cispo" else 0.28)
+                for b, t in shapes for loss_type in ("grpo", "cispo", "sapo", "vespo", "gmpo", "gpg")]
+    return first + families
+
+
 # The fused-linear targets (hidden [2048, H] × weight [32000, H] → loss, fwd+bwd), the cpu-linear preset: fp32
 # first, bf16 after (its matmul is the slowest on CPUs without AVX-512 BF16: there all four take ~20 minutes).
 LINEAR: tuple[Case, ...] = tuple(
@@ -106,6 +117,7 @@ def _suite(scale: int, vocabulary: int, dtype: str) -> list[Case]:
 PRESETS: dict[str, Callable[[], list[Case]]] = {
     "cpu-small": _cpu_small,
     "cpu-linear": lambda: list(LINEAR),
+    "cpu-grpo-loss": _cpu_grpo_loss,
     "cpu-growth": growth,
     "gpu": _gpu,
     "gpu-headline": lambda: list(HEADLINE),
@@ -114,6 +126,7 @@ PRESETS: dict[str, Callable[[], list[Case]]] = {
 # The implementations a preset measures when ``--impls`` is not given (the others: all of them).
 DEFAULT_IMPLS: dict[str, tuple[str, ...]] = {
     "cpu-growth": ("ours-cpu", "ours-cpu-inplace", "torch-compile"),
+    "cpu-grpo-loss": ("ours-cpu", "torch-compile", "ours-reference"),
 }
 SUITES: dict[str, Callable[[], list[Case]]] = {
     "cpu": lambda: _suite(1, 32000, "float32"),
