@@ -31,7 +31,7 @@ from .loss_table import (
     RolloutLevel,
     loss_type_row,
 )
-from .reference import ESTIMATORS, MULTI_OBJECTIVES, SCALES
+from .reference import ESTIMATORS, MULTI_OBJECTIVES, SCALES, broadcast_temperature
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -153,7 +153,7 @@ def check_temperature(temperature, rows: Optional[Tensor] = None, counted: Optio
         )
     _same_device(**{rows_name: rows, "temperature": temperature})
     if counted is not None and temperature.numel() and _values_checkable(temperature):
-        t = temperature.reshape(temperature.shape + (1,) * (len(row_shape) - temperature.ndim)).expand(row_shape)
+        t = broadcast_temperature(temperature, row_shape)
         bad = counted & ~(torch.isfinite(t) & (t > 0))
         if bool(bad.any()):
             value = float(t[bad].flatten()[0])
