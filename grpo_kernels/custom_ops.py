@@ -19,7 +19,8 @@ Design:
   hints), so a new loss option needs no edit here; a type hint that has no
   schema type fails at import with a ``TypeError`` naming the option. An option
   that is a number or a tensor (``num_items_in_batch``) takes two arguments: a
-  ``Tensor?`` and a ``Scalar?``. Process groups and other objects are no schema
+  ``Tensor?`` and a ``Scalar?``; so does the row ops' ``temperature`` (a float ``temperature`` and a
+  ``Tensor? temperature_tensor``, which wins when given). Process groups and other objects are no schema
   types: code that needs them (distributed reductions) calls the backend
   functions of :mod:`grpo_kernels.backends` itself, around these ops.
 - **Implementations** run the backend's own function for the op (what eager
@@ -262,21 +263,32 @@ def _set_nondifferentiable(ctx, outputs: Sequence[Tensor], differentiable: Seque
 # --------------------------------------------------------------------------- #
 # token_logprobs
 # --------------------------------------------------------------------------- #
-_ROW = "str backend, float temperature, SymInt ignore_index, bool return_entropy"
+_TEMPERATURE = "float temperature, Tensor? temperature_tensor"
+_ROW = f"str backend, {_TEMPERATURE}, SymInt ignore_index, bool return_entropy"
 
 
-def _token_logprobs_impl(logits, token_ids, backend, temperature, ignore_index, return_entropy):
+def _pack_temperature(temperature) -> tuple[float, Optional[Tensor]]:
+    """A float or a per-row tensor temperature as the two schema arguments ``(temperature, temperature_tensor)``."""
+    return (1.0, temperature) if isinstance(temperature, Tensor) else (float(temperature), None)
+
+
+def _temperature(temperature: float, temperature_tensor: Optional[Tensor]):
+    """The inverse of :func:`_pack_temperature`."""
+    return temperature if temperature_tensor is None else temperature_tensor.detach()
+
+
+def _token_logprobs_impl(logits, token_ids, backend, temperature, temperature_tensor, ignore_index, return_entropy):
     fn = _function(backend, logits.device, "token_logprobs")
     with torch.no_grad():
-        out = fn(logits.detach(), token_ids, temperature=temperature, ignore_index=ignore_index,
-                 return_entropy=return_entropy)
+        out = fn(logits.detach(), token_ids, temperature=_temperature(temperature, temperature_tensor),
+                 ignore_index=ignore_index, return_entropy=return_entropy)
     logp, entropy = out if return_entropy else (out, _nothing(out))
     return _outputs((logits, token_ids), logp, entropy)
 
 
-def _token_logprobs_fake(logits, token_ids, backend, temperature, ignore_index, return_entropy):
-    out = reference.token_logprobs(logits, token_ids, temperature=temperature, ignore_index=ignore_index,
-                                   return_entropy=return_entropy)
+def _token_logprobs_fake(logits, token_ids, backend, temperature, temperature_tensor, ignore_index, return_entropy):
+    out = reference.token_logprobs(logits, token_ids, temperature=_temperature(temperature, temperature_tensor),
+                                   ignore_index=ignore_index, return_entropy=return_entropy)
     logp, entropy = out if return_entropy else (out, _nothing(out))
     return logp.contiguous(), entropy.contiguous()
 
@@ -287,19 +299,20 @@ token_logprobs_op = _define(
 )
 
 
-def _token_logprobs_backward_impl(logits, token_ids, grad_logp, grad_entropy, backend, temperature, ignore_index,
-                                  return_entropy):
+def _token_logprobs_backward_impl(logits, token_ids, grad_logp, grad_entropy, backend, temperature,
+                                  temperature_tensor, ignore_index, return_entropy):
     fn = _function(backend, logits.device, "token_logprobs")
     with _autograd_inside():
         leaf = _leaf(logits, True)
-        out = fn(leaf, token_ids, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy)
+        out = fn(leaf, token_ids, temperature=_temperature(temperature, temperature_tensor), ignore_index=ignore_index,
+                 return_entropy=return_entropy)
         outs, grads = ((out[0], out[1]), (grad_logp, grad_entropy)) if return_entropy else ((out,), (grad_logp,))
         (grad,) = torch.autograd.grad(outs, leaf, grads)
     return _outputs((logits,), grad)[0]
 
 
-def _token_logprobs_backward_fake(logits, token_ids, grad_logp, grad_entropy, backend, temperature, ignore_index,
-                                  return_entropy):
+def _token_logprobs_backward_fake(logits, token_ids, grad_logp, grad_entropy, backend, temperature,
+                                  temperature_tensor, ignore_index, return_entropy):
     return logits.new_empty(logits.shape)
 
 
@@ -311,29 +324,30 @@ token_logprobs_backward_op = _define(
 
 
 def _token_logprobs_setup(ctx, inputs, output):
-    logits, token_ids, *ctx.options = inputs
-    ctx.save_for_backward(logits, token_ids)
+    logits, token_ids, backend, temperature, temperature_tensor, ignore_index, return_entropy = inputs
+    ctx.options = (backend, temperature, ignore_index, return_entropy)
+    ctx.save_for_backward(logits, token_ids, temperature_tensor)
 
 
 def _token_logprobs_backward(ctx, grad_logp, grad_entropy):
-    logits, token_ids = ctx.saved_tensors
+    logits, token_ids, temperature_tensor = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
-        return (None,) * 6
+        return (None,) * 7
     backend, temperature, ignore_index, return_entropy = ctx.options
     grad_entropy = grad_entropy if return_entropy else grad_logp.new_empty((0,))
-    grad = token_logprobs_backward_op(logits, token_ids, grad_logp, grad_entropy, backend, temperature, ignore_index,
-                                      return_entropy)
-    return grad, None, None, None, None, None
+    grad = token_logprobs_backward_op(logits, token_ids, grad_logp, grad_entropy, backend, temperature,
+                                      temperature_tensor, ignore_index, return_entropy)
+    return (grad,) + (None,) * 6
 
 
 token_logprobs_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup)
 
 
-def token_logprobs(logits: Tensor, token_ids: Tensor, *, temperature: float, ignore_index: int,
+def token_logprobs(logits: Tensor, token_ids: Tensor, *, temperature: reference.Temperature, ignore_index: int,
                    return_entropy: bool, backend: str) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """:func:`grpo_kernels.ops.token_logprobs` through ``grpo_kernels::token_logprobs`` (inputs validated,
     ``backend`` resolved)."""
-    logp, entropy = token_logprobs_op(logits, token_ids, backend, float(temperature), ignore_index,
+    logp, entropy = token_logprobs_op(logits, token_ids, backend, *_pack_temperature(temperature), ignore_index,
                                       bool(return_entropy))
     return (logp, entropy) if return_entropy else logp
 
@@ -465,24 +479,25 @@ _FUSED_OUTPUTS = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 _DIFFERENTIABLE = (0, 6)  # loss, entropy
 
 
-def _fused_grpo_loss_impl(logits, token_ids, old_logprobs, advantages, mask, backend, temperature, ignore_index,
-                          return_entropy, needs_grad, *loss_args):
+def _fused_grpo_loss_impl(logits, token_ids, old_logprobs, advantages, mask, backend, temperature,
+                          temperature_tensor, ignore_index, return_entropy, needs_grad, *loss_args):
     options = _unpack_loss(loss_args)
     fn = _function(backend, logits.device, "fused_grpo_loss")
     with _autograd_inside() if needs_grad else torch.no_grad():
         leaf = _leaf(logits, needs_grad)
-        out = fn(leaf, token_ids, *_detach(old_logprobs, advantages, mask), temperature=temperature,
-                 ignore_index=ignore_index, return_entropy=return_entropy, **options)
+        out = fn(leaf, token_ids, *_detach(old_logprobs, advantages, mask),
+                 temperature=_temperature(temperature, temperature_tensor), ignore_index=ignore_index,
+                 return_entropy=return_entropy, **options)
         grad = torch.autograd.grad(out.loss, leaf)[0] if needs_grad else _nothing(logits)
     inputs = (logits, token_ids, old_logprobs, advantages, mask, *_loss_tensors(options))
     return _outputs(inputs, *_result_tensors(out), grad)
 
 
-def _fused_grpo_loss_fake(logits, token_ids, old_logprobs, advantages, mask, backend, temperature, ignore_index,
-                          return_entropy, needs_grad, *loss_args):
-    out = reference.fused_grpo_loss(logits, token_ids, old_logprobs, advantages, mask, temperature=temperature,
-                                    ignore_index=ignore_index, return_entropy=return_entropy,
-                                    **_unpack_loss(loss_args))
+def _fused_grpo_loss_fake(logits, token_ids, old_logprobs, advantages, mask, backend, temperature,
+                          temperature_tensor, ignore_index, return_entropy, needs_grad, *loss_args):
+    out = reference.fused_grpo_loss(logits, token_ids, old_logprobs, advantages, mask,
+                                    temperature=_temperature(temperature, temperature_tensor),
+                                    ignore_index=ignore_index, return_entropy=return_entropy, **_unpack_loss(loss_args))
     grad = logits.new_empty(logits.shape) if needs_grad else _nothing(logits)
     return (*(t.contiguous() for t in _result_tensors(out)), grad)
 
@@ -494,32 +509,37 @@ fused_grpo_loss_op = _define(
 )
 
 
-def _entropy_backward_impl(logits, token_ids, mask, grad_entropy, backend, temperature, ignore_index):
+def _entropy_backward_impl(logits, token_ids, mask, grad_entropy, backend, temperature, temperature_tensor,
+                           ignore_index):
     fn = _function(backend, logits.device, "token_logprobs")
+    keep = reference.fused_loss_mask(mask, token_ids, ignore_index)
     with _autograd_inside():
         leaf = _leaf(logits, True)
-        _, entropy = fn(leaf, token_ids, temperature=temperature, ignore_index=ignore_index, return_entropy=True)
-        keep = reference.fused_loss_mask(mask, token_ids, ignore_index)
+        _, entropy = fn(leaf, reference.kept_ids(token_ids, keep, ignore_index),
+                        temperature=_temperature(temperature, temperature_tensor), ignore_index=ignore_index,
+                        return_entropy=True)
         (grad,) = torch.autograd.grad(reference.masked_mean_entropy(entropy, keep), leaf, grad_entropy)
     return _outputs((logits,), grad)[0]
 
 
-def _entropy_backward_fake(logits, token_ids, mask, grad_entropy, backend, temperature, ignore_index):
+def _entropy_backward_fake(logits, token_ids, mask, grad_entropy, backend, temperature, temperature_tensor,
+                           ignore_index):
     return logits.new_empty(logits.shape)
 
 
 fused_grpo_loss_entropy_backward_op = _define(
     "fused_grpo_loss_entropy_backward",
-    "(Tensor logits, Tensor token_ids, Tensor mask, Tensor grad_entropy, str backend, float temperature, "
+    f"(Tensor logits, Tensor token_ids, Tensor mask, Tensor grad_entropy, str backend, {_TEMPERATURE}, "
     "SymInt ignore_index) -> Tensor",
     _entropy_backward_impl, _entropy_backward_fake,
 )
 
 
 def _fused_grpo_loss_setup(ctx, inputs, output):
-    logits, token_ids, _, _, mask, backend, temperature, ignore_index, return_entropy, needs_grad, *_ = inputs
+    (logits, token_ids, _, _, mask, backend, temperature, temperature_tensor, ignore_index, return_entropy,
+     needs_grad, *_) = inputs
     ctx.options = (backend, temperature, ignore_index, return_entropy, needs_grad)
-    ctx.save_for_backward(output[-1], logits if return_entropy else None, token_ids, mask)
+    ctx.save_for_backward(output[-1], logits if return_entropy else None, token_ids, mask, temperature_tensor)
     _set_nondifferentiable(ctx, output, _DIFFERENTIABLE)
 
 
@@ -530,11 +550,11 @@ def _fused_grpo_loss_backward(ctx, grad_loss, _ptl, _kl, _low, _high, _region, g
         return (None,) * n
     if not needs_grad:
         raise RuntimeError("grpo_kernels::fused_grpo_loss ran with needs_grad=False: no logits gradient was formed")
-    grad, logits, token_ids, mask = ctx.saved_tensors
+    grad, logits, token_ids, mask, temperature_tensor = ctx.saved_tensors
     grad = grad * grad_loss.to(grad.dtype)
     if return_entropy and grad_entropy is not None:
         grad = grad + fused_grpo_loss_entropy_backward_op(logits, token_ids, mask, grad_entropy, backend, temperature,
-                                                          ignore_index)
+                                                          temperature_tensor, ignore_index)
     return (grad,) + (None,) * (n - 1)
 
 
@@ -546,25 +566,28 @@ def _needs_grad(*tensors: Optional[Tensor]) -> list[bool]:
 
 
 def fused_grpo_loss(logits: Tensor, token_ids: Tensor, old_logprobs: Optional[Tensor], advantages: Tensor,
-                    mask: Tensor, *, temperature: float, ignore_index: int, return_entropy: bool, backend: str,
-                    **loss_options) -> GRPOLossOutput:
+                    mask: Tensor, *, temperature: reference.Temperature, ignore_index: int, return_entropy: bool,
+                    backend: str, **loss_options) -> GRPOLossOutput:
     """:func:`grpo_kernels.ops.fused_grpo_loss` through ``grpo_kernels::fused_grpo_loss`` (inputs validated,
     ``backend`` resolved; ``inplace_backward`` does not apply, see the module docstring)."""
-    out = fused_grpo_loss_op(logits, token_ids, old_logprobs, advantages, mask, backend, float(temperature),
-                             ignore_index, bool(return_entropy), _needs_grad(logits)[0], *_pack_loss(loss_options))
+    out = fused_grpo_loss_op(logits, token_ids, old_logprobs, advantages, mask, backend,
+                             *_pack_temperature(temperature), ignore_index, bool(return_entropy),
+                             _needs_grad(logits)[0], *_pack_loss(loss_options))
     return _result(out, loss_options.get("ref_logprobs") is not None, return_entropy)
 
 
 # --------------------------------------------------------------------------- #
 # the fused-linear ops
 # --------------------------------------------------------------------------- #
-_HEAD = ("str backend, float temperature, float logit_scale, float? softcap, SymInt ignore_index, "
+_HEAD = (f"str backend, {_TEMPERATURE}, float logit_scale, float? softcap, SymInt ignore_index, "
          "bool return_entropy, SymInt? chunk_size")
+_HEAD_RETURN_ENTROPY = 6  # the position of return_entropy in _HEAD
 
 
-def _head_options(temperature, logit_scale, softcap, ignore_index, return_entropy, chunk_size) -> dict:
-    return dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index,
-                return_entropy=return_entropy, chunk_size=chunk_size)
+def _head_options(temperature, temperature_tensor, logit_scale, softcap, ignore_index, return_entropy,
+                  chunk_size) -> dict:
+    return dict(temperature=_temperature(temperature, temperature_tensor), logit_scale=logit_scale, softcap=softcap,
+                ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size)
 
 
 def _linear_grads(outputs: Sequence[Tensor], grads: Sequence[Tensor], leaves: Sequence[Optional[Tensor]],
@@ -576,21 +599,23 @@ def _linear_grads(outputs: Sequence[Tensor], grads: Sequence[Tensor], leaves: Se
             for leaf, need in zip(leaves, needs)]
 
 
-def _linear_token_logprobs_impl(hidden, weight, token_ids, bias, backend, temperature, logit_scale, softcap,
-                                ignore_index, return_entropy, chunk_size):
+def _linear_token_logprobs_impl(hidden, weight, token_ids, bias, backend, temperature, temperature_tensor,
+                                logit_scale, softcap, ignore_index, return_entropy, chunk_size):
     fn = _function(backend, hidden.device, "linear_token_logprobs")
     with torch.no_grad():
         out = fn(hidden.detach(), weight.detach(), token_ids, bias=None if bias is None else bias.detach(),
-                 **_head_options(temperature, logit_scale, softcap, ignore_index, return_entropy, chunk_size))
+                 **_head_options(temperature, temperature_tensor, logit_scale, softcap, ignore_index, return_entropy,
+                                chunk_size))
     logp, entropy = out if return_entropy else (out, _nothing(out))
     return _outputs((hidden, weight, token_ids, bias), logp, entropy)
 
 
-def _linear_token_logprobs_fake(hidden, weight, token_ids, bias, backend, temperature, logit_scale, softcap,
-                                ignore_index, return_entropy, chunk_size):
+def _linear_token_logprobs_fake(hidden, weight, token_ids, bias, backend, temperature, temperature_tensor,
+                                logit_scale, softcap, ignore_index, return_entropy, chunk_size):
     out = reference.linear_token_logprobs(
         hidden, weight, token_ids, bias=bias,
-        **_head_options(temperature, logit_scale, softcap, ignore_index, return_entropy, chunk_size))
+        **_head_options(temperature, temperature_tensor, logit_scale, softcap, ignore_index, return_entropy,
+                                chunk_size))
     logp, entropy = out if return_entropy else (out, _nothing(out))
     return logp.contiguous(), entropy.contiguous()
 
@@ -603,12 +628,14 @@ linear_token_logprobs_op = _define(
 
 
 def _linear_token_logprobs_backward_impl(hidden, weight, token_ids, bias, grad_logp, grad_entropy, needs, backend,
-                                         temperature, logit_scale, softcap, ignore_index, return_entropy, chunk_size):
+                                         temperature, temperature_tensor, logit_scale, softcap, ignore_index,
+                                         return_entropy, chunk_size):
     fn = _function(backend, hidden.device, "linear_token_logprobs")
     with _autograd_inside():
         leaves = [_leaf(t, need) for t, need in zip((hidden, weight, bias), needs)]
         out = fn(leaves[0], leaves[1], token_ids, bias=leaves[2],
-                 **_head_options(temperature, logit_scale, softcap, ignore_index, return_entropy, chunk_size))
+                 **_head_options(temperature, temperature_tensor, logit_scale, softcap, ignore_index, return_entropy,
+                                chunk_size))
         outs, grads = ((out[0], out[1]), (grad_logp, grad_entropy)) if return_entropy else ((out,), (grad_logp,))
         found = _linear_grads(outs, grads, leaves, needs)
     return _outputs((hidden, weight, bias), *found)
@@ -638,7 +665,7 @@ def _linear_token_logprobs_backward(ctx, grad_logp, grad_entropy):
     needs = list(ctx.needs_input_grad[:2]) + [bias is not None and ctx.needs_input_grad[3]]
     if not any(needs):
         return (None,) * len(ctx.needs_input_grad)
-    return_entropy = ctx.options[5]
+    return_entropy = ctx.options[_HEAD_RETURN_ENTROPY]
     grad_entropy = grad_entropy if return_entropy else grad_logp.new_empty((0,))
     dh, dw, db = linear_token_logprobs_backward_op(hidden, weight, token_ids, bias, grad_logp, grad_entropy, needs,
                                                    *ctx.options)
@@ -653,9 +680,10 @@ linear_token_logprobs_op.register_autograd(_linear_token_logprobs_backward,
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, token_ids: Tensor, *, bias, temperature, logit_scale,
                           softcap, ignore_index, return_entropy, chunk_size, backend: str):
     """:func:`grpo_kernels.ops.linear_token_logprobs` through ``grpo_kernels::linear_token_logprobs``."""
-    logp, entropy = linear_token_logprobs_op(hidden, weight, token_ids, bias, backend, float(temperature),
-                                             float(logit_scale), None if softcap is None else float(softcap),
-                                             ignore_index, bool(return_entropy), chunk_size)
+    logp, entropy = linear_token_logprobs_op(hidden, weight, token_ids, bias, backend,
+                                             *_pack_temperature(temperature), float(logit_scale),
+                                             None if softcap is None else float(softcap), ignore_index,
+                                             bool(return_entropy), chunk_size)
     return (logp, entropy) if return_entropy else logp
 
 
@@ -663,14 +691,15 @@ _FUSED_LINEAR_OUTPUTS = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
 
 
 def _fused_linear_grpo_loss_impl(hidden, weight, token_ids, bias, old_logprobs, advantages, mask, needs, backend,
-                                 temperature, logit_scale, softcap, ignore_index, return_entropy, chunk_size,
-                                 *loss_args):
+                                 temperature, temperature_tensor, logit_scale, softcap, ignore_index, return_entropy,
+                                 chunk_size, *loss_args):
     options = _unpack_loss(loss_args)
     fn = _function(backend, hidden.device, "fused_linear_grpo_loss")
     with _autograd_inside() if any(needs) else torch.no_grad():
         leaves = [_leaf(t, need) for t, need in zip((hidden, weight, bias), needs)]
         out = fn(leaves[0], leaves[1], token_ids, *_detach(old_logprobs, advantages, mask), bias=leaves[2],
-                 **_head_options(temperature, logit_scale, softcap, ignore_index, return_entropy, chunk_size),
+                 **_head_options(temperature, temperature_tensor, logit_scale, softcap, ignore_index, return_entropy,
+                                chunk_size),
                  **options)
         grads = _linear_grads((out.loss,), (None,), leaves, needs)
     inputs = (hidden, weight, token_ids, bias, old_logprobs, advantages, mask, *_loss_tensors(options))
@@ -678,11 +707,12 @@ def _fused_linear_grpo_loss_impl(hidden, weight, token_ids, bias, old_logprobs, 
 
 
 def _fused_linear_grpo_loss_fake(hidden, weight, token_ids, bias, old_logprobs, advantages, mask, needs, backend,
-                                 temperature, logit_scale, softcap, ignore_index, return_entropy, chunk_size,
-                                 *loss_args):
+                                 temperature, temperature_tensor, logit_scale, softcap, ignore_index, return_entropy,
+                                 chunk_size, *loss_args):
     out = reference.fused_linear_grpo_loss(
         hidden, weight, token_ids, old_logprobs, advantages, mask, bias=bias,
-        **_head_options(temperature, logit_scale, softcap, ignore_index, return_entropy, chunk_size),
+        **_head_options(temperature, temperature_tensor, logit_scale, softcap, ignore_index, return_entropy,
+                                chunk_size),
         **_unpack_loss(loss_args))
     grads = _linear_backward_fake(hidden, weight, token_ids, bias, needs)
     return (*(t.contiguous() for t in _result_tensors(out)), *grads)
@@ -697,12 +727,14 @@ fused_linear_grpo_loss_op = _define(
 
 
 def _linear_entropy_backward_impl(hidden, weight, token_ids, bias, mask, grad_entropy, needs, backend, temperature,
-                                  logit_scale, softcap, ignore_index, return_entropy, chunk_size):
+                                  temperature_tensor, logit_scale, softcap, ignore_index, return_entropy,
+                                  chunk_size):
     fn = _function(backend, hidden.device, "linear_token_logprobs")
     with _autograd_inside():
         leaves = [_leaf(t, need) for t, need in zip((hidden, weight, bias), needs)]
         _, entropy = fn(leaves[0], leaves[1], token_ids, bias=leaves[2],
-                        **_head_options(temperature, logit_scale, softcap, ignore_index, True, chunk_size))
+                        **_head_options(temperature, temperature_tensor, logit_scale, softcap, ignore_index, True,
+                                        chunk_size))
         keep = reference.fused_loss_mask(mask, token_ids, ignore_index)
         found = _linear_grads((reference.masked_mean_entropy(entropy, keep),), (grad_entropy,), leaves, needs)
     return _outputs((hidden, weight, bias), *found)
@@ -718,7 +750,7 @@ fused_linear_grpo_loss_entropy_backward_op = _define(
 
 def _fused_linear_grpo_loss_setup(ctx, inputs, output):
     hidden, weight, token_ids, bias, _, _, mask, needs, *rest = inputs
-    ctx.head = rest[:7]
+    ctx.head = rest[:8]
     ctx.needs = needs
     ctx.save_for_backward(*output[-3:], hidden, weight, token_ids, bias, mask)
     _set_nondifferentiable(ctx, output, _DIFFERENTIABLE)
@@ -733,7 +765,7 @@ def _fused_linear_grpo_loss_backward(ctx, grad_loss, _ptl, _kl, _low, _high, _re
     if any(w and not need for w, need in zip(wanted, ctx.needs)):
         raise RuntimeError("grpo_kernels::fused_linear_grpo_loss ran without forming a gradient that is now needed")
     grads = [g * grad_loss.to(g.dtype) for g in (dh, dw, db)]
-    return_entropy = ctx.head[5]
+    return_entropy = ctx.head[_HEAD_RETURN_ENTROPY]
     if return_entropy and grad_entropy is not None:
         extra = fused_linear_grpo_loss_entropy_backward_op(hidden, weight, token_ids, bias, mask, grad_entropy,
                                                            ctx.needs, *ctx.head)
@@ -752,6 +784,6 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, token_ids: Tensor, ol
     """:func:`grpo_kernels.ops.fused_linear_grpo_loss` through ``grpo_kernels::fused_linear_grpo_loss``."""
     out = fused_linear_grpo_loss_op(
         hidden, weight, token_ids, bias, old_logprobs, advantages, mask, _needs_grad(hidden, weight, bias), backend,
-        float(temperature), float(logit_scale), None if softcap is None else float(softcap), ignore_index,
-        bool(return_entropy), chunk_size, *_pack_loss(loss_options))
+        *_pack_temperature(temperature), float(logit_scale), None if softcap is None else float(softcap),
+        ignore_index, bool(return_entropy), chunk_size, *_pack_loss(loss_options))
     return _result(out, loss_options.get("ref_logprobs") is not None, return_entropy)

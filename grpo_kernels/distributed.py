@@ -102,21 +102,30 @@ def vocab_shards(group, local_vocab: int, device: torch.device) -> VocabShards:
 # --------------------------------------------------------------------------- #
 # row kernels: statistics of a shard, gradient for given statistics
 # --------------------------------------------------------------------------- #
-def _torch_row_statistics(logits: Tensor, ids: Tensor, temperature: float, ignore_index: int,
+def _flat_temperature(temperature: Union[float, Tensor]) -> Union[float, Tensor]:
+    """A temperature per row of the leading shape (see :func:`token_logprobs`) as ``[R]``; a float as it is."""
+    return temperature.reshape(-1) if isinstance(temperature, Tensor) else temperature
+
+
+def _torch_row_statistics(logits: Tensor, ids: Tensor, temperature: Union[float, Tensor], ignore_index: int,
                           return_entropy: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """The reference backend's row statistics: :func:`reference.token_logprobs` and the log-sum-exp."""
     flat = logits.reshape(-1, logits.shape[-1])
+    temperature = _flat_temperature(temperature)
     out = reference.token_logprobs(flat, ids, temperature=temperature, ignore_index=ignore_index,
                                    return_entropy=return_entropy)
     logp, ent = out if return_entropy else (out, None)
-    lse = torch.logsumexp(flat.to(logp.dtype) / temperature, dim=-1)
+    lse = torch.logsumexp(flat.to(logp.dtype) / reference.row_temperature(temperature, ids == ignore_index,
+                                                                          logp.dtype), dim=-1)
     return logp, torch.where(ids == ignore_index, torch.zeros_like(lse), lse), ent
 
 
 def _torch_row_gradient(logits: Tensor, ids: Tensor, lse: Tensor, ent: Optional[Tensor], g_logp: Optional[Tensor],
-                        g_ent: Optional[Tensor], temperature: float, ignore_index: int, inplace: bool) -> Tensor:
+                        g_ent: Optional[Tensor], temperature: Union[float, Tensor], ignore_index: int,
+                        inplace: bool) -> Tensor:
     """The reference backend's row gradient (see ``row_gradient`` of the kernel backends)."""
     vocab = logits.shape[-1]
+    temperature = reference.row_temperature(_flat_temperature(temperature), ids == ignore_index, lse.dtype)
     z = logits.reshape(-1, vocab).to(lse.dtype) / temperature
     log_p = z - lse[:, None]
     p = torch.exp(log_p)
@@ -208,7 +217,7 @@ def token_logprobs(
     token_ids: Tensor,
     *,
     vocab_group,
-    temperature: float = 1.0,
+    temperature: Union[float, Tensor] = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     inplace_backward: bool = False,
@@ -217,12 +226,17 @@ def token_logprobs(
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """:func:`grpo_kernels.reference.token_logprobs` of the whole vocabulary, from this rank's shard
     ``logits [..., V_r]`` (inputs validated; ``backend`` resolved). ``shards``: known offsets (skips the
-    size exchange)."""
+    size exchange). A temperature tensor reaches the row ops as one per row, of the leading shape
+    ``logits.shape[:-1]``."""
+    if isinstance(temperature, Tensor):
+        temperature = reference.broadcast_temperature(temperature, tuple(token_ids.shape))
+    else:
+        temperature = float(temperature)
     if shards is None:
         shards = vocab_shards(vocab_group, logits.shape[-1], logits.device)
         validation.check_ids_in_range(token_ids, shards.vocab, ignore_index)
     return _VocabParallelLogprobs.apply(
-        logits, token_ids, shards, row_ops(backend, logits.device), float(temperature), int(ignore_index),
+        logits, token_ids, shards, row_ops(backend, logits.device), temperature, int(ignore_index),
         bool(return_entropy), bool(inplace_backward),
     )
 
@@ -235,8 +249,9 @@ class VocabParallelTiles(linear.RowOpTiles):
     def __init__(self, shards: VocabShards):
         self.shards = shards
 
-    def token_logprobs(self, head: linear.LinearHead, tile: Tensor, ids: Tensor, return_entropy: bool):
-        return token_logprobs(tile, ids, vocab_group=self.shards.group, temperature=head.temperature,
+    def token_logprobs(self, head: linear.LinearHead, tile: Tensor, rows: slice, return_entropy: bool):
+        return token_logprobs(tile, head.token_ids[rows], vocab_group=self.shards.group,
+                              temperature=head.row_temperature(rows),
                               ignore_index=head.ignore_index, return_entropy=return_entropy,
                               inplace_backward=head.softcap is None, backend=head.backend, shards=self.shards)
 

@@ -124,7 +124,7 @@ class LinearHead(NamedTuple):
     weight: Tensor  # [V, H]
     bias: Optional[Tensor]  # [V]
     token_ids: Tensor  # [N]
-    temperature: float
+    temperature: Union[float, Tensor]  # a float, or one per token [N] (read only where the token counts)
     logit_scale: float
     softcap: Optional[float]
     ignore_index: int
@@ -136,6 +136,10 @@ class LinearHead(NamedTuple):
     @property
     def dtype(self) -> torch.dtype:
         return reference.compute_dtype(self.hidden)
+
+    def row_temperature(self, rows: slice) -> Union[float, Tensor]:
+        """The temperature of the tokens ``rows``: the float, or their slice ``[n]`` of the per-token tensor."""
+        return self.temperature[rows] if isinstance(self.temperature, Tensor) else self.temperature
 
     def chunks(self) -> Iterator[slice]:
         n = self.hidden.shape[0]
@@ -153,12 +157,15 @@ class LinearHead(NamedTuple):
             yield cols, self.weight[cols].to(self.dtype)
 
 
-def _head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], token_ids: Tensor, temperature: float,
+def _head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], token_ids: Tensor,
+          temperature: Union[float, Tensor],
           logit_scale: float, softcap: Optional[float], ignore_index: int, chunk_size: Optional[int],
           backend: str, kernel: KernelLookup, tiles: Optional[Tiles]) -> LinearHead:
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_TILE_ELEMENTS // weight.shape[0])
-    return LinearHead(hidden.reshape(-1, hidden.shape[-1]), weight, bias, token_ids.reshape(-1), float(temperature),
+    temperature = (reference.broadcast_temperature(temperature, tuple(token_ids.shape)).reshape(-1)
+                   if isinstance(temperature, Tensor) else float(temperature))
+    return LinearHead(hidden.reshape(-1, hidden.shape[-1]), weight, bias, token_ids.reshape(-1), temperature,
                       float(logit_scale), None if softcap is None else float(softcap), int(ignore_index),
                       int(chunk_size), backend, kernel, RowOpTiles() if tiles is None else tiles)
 
@@ -193,7 +200,7 @@ class RowOpTiles:
         tile = _tile(head, h)
         with torch.enable_grad() if weights is not None else nullcontext():
             tile.requires_grad_(weights is not None)
-            out = self.token_logprobs(head, tile, head.token_ids[rows], return_entropy)
+            out = self.token_logprobs(head, tile, rows, return_entropy)
         logp, entropy = out if return_entropy else (out, None)
         stats = Stats(logp.detach(), None if entropy is None else entropy.detach(), None)
         if weights is None:
@@ -203,15 +210,19 @@ class RowOpTiles:
         (dx,) = torch.autograd.grad([o for o, _ in pairs], tile, [g for _, g in pairs])
         if head.softcap is not None:  # d/dy c tanh(y/c) = 1 − (x/c)²; the tile still holds x
             dx.mul_(tile.detach().div_(head.softcap).square_().neg_().add_(1.0))
+            # an ignored token's x may be garbage (its hidden state): its dx row stays 0, selected, not 0 · NaN
+            ignored = head.token_ids[rows] == head.ignore_index
+            dx = torch.where(ignored[:, None], torch.zeros((), dtype=dx.dtype, device=dx.device), dx)
         if head.logit_scale != 1.0:
             dx.mul_(head.logit_scale)
         return stats, dx
 
-    def token_logprobs(self, head: LinearHead, tile: Tensor, ids: Tensor, return_entropy: bool):
-        """The row op on a tile: the backend's ``token_logprobs``, its gradient written over the tile."""
+    def token_logprobs(self, head: LinearHead, tile: Tensor, rows: slice, return_entropy: bool):
+        """The row op on the tile of the tokens ``rows``: the backend's ``token_logprobs``, its gradient written
+        over the tile."""
         return head.kernel("token_logprobs")(
-            tile, ids, temperature=head.temperature, ignore_index=head.ignore_index, return_entropy=return_entropy,
-            inplace_backward=head.softcap is None,
+            tile, head.token_ids[rows], temperature=head.row_temperature(rows), ignore_index=head.ignore_index,
+            return_entropy=return_entropy, inplace_backward=head.softcap is None,
         )
 
     def reduce_hidden_grad(self, grad: Tensor) -> None:
@@ -325,7 +336,7 @@ def linear_token_logprobs(
     token_ids: Tensor,
     *,
     bias: Optional[Tensor] = None,
-    temperature: float = 1.0,
+    temperature: Union[float, Tensor] = 1.0,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
     ignore_index: int = -100,
@@ -480,7 +491,7 @@ def fused_linear_grpo_loss(
     mask: Tensor,
     *,
     bias: Optional[Tensor] = None,
-    temperature: float = 1.0,
+    temperature: Union[float, Tensor] = 1.0,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
     ignore_index: int = -100,

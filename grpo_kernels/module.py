@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from . import validation
 from .ops import LOSS_DEFAULTS, Number, fused_grpo_loss, grpo_loss
 from .loss_table import Family, loss_type_row
-from .reference import GRPOLossOutput
+from .reference import GRPOLossOutput, Temperature
 from .validation import PER_CALL_OPTIONS
 
 
@@ -23,7 +23,8 @@ class GRPOLoss(nn.Module):
         out.loss.backward()
 
     Args:
-        temperature: sampling temperature, used by :meth:`from_logits`.
+        temperature: sampling temperature (a float), used by :meth:`from_logits`; a batch sampled at several
+            temperatures passes its per-sequence or per-token tensor to :meth:`from_logits` instead.
         backend: backend of every call (see :func:`grpo_kernels.token_logprobs`).
         **options: the scalar options of :func:`grpo_kernels.grpo_loss` (``beta``,
             ``epsilon_low``, ``epsilon_high``, ``delta``, ``clip_ratio_c``, ``loss_type``,
@@ -40,6 +41,9 @@ class GRPOLoss(nn.Module):
         if unknown:
             raise TypeError(f"GRPOLoss got unknown options {sorted(unknown)}; expected some of {sorted(held)}")
         # Fail at construction, not at the first step.
+        if isinstance(temperature, Tensor):
+            raise TypeError("GRPOLoss(temperature=...) must be a float; pass a batch's per-sequence or per-token "
+                            "temperature tensor to from_logits(..., temperature=...)")
         validation.check_temperature(temperature)
         validation.check_loss_options(**{**held, **options})
         self.temperature = temperature
@@ -102,10 +106,16 @@ class GRPOLoss(nn.Module):
         ignore_index: int = -100,
         return_entropy: bool = False,
         sampling_logprobs: Optional[Tensor] = None,
+        temperature: Optional[Temperature] = None,
     ) -> GRPOLossOutput:
-        """:func:`grpo_kernels.fused_grpo_loss` with this module's options and temperature."""
+        """:func:`grpo_kernels.fused_grpo_loss` with this module's options and temperature.
+
+        ``temperature``: this batch's own (a float, or a ``[B]`` / ``[B, T]`` tensor of per-sequence or
+        per-token temperatures, as in :func:`grpo_kernels.fused_grpo_loss`) instead of the module's float.
+        """
         return fused_grpo_loss(
-            logits, token_ids, old_logprobs, advantages, mask, temperature=self.temperature,
+            logits, token_ids, old_logprobs, advantages, mask,
+            temperature=self.temperature if temperature is None else temperature,
             ignore_index=ignore_index, return_entropy=return_entropy, ref_logprobs=ref_logprobs,
             importance_weights=importance_weights, num_items_in_batch=num_items_in_batch,
             sampling_logprobs=sampling_logprobs, backend=self.backend, **self.options,

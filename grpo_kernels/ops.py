@@ -14,11 +14,16 @@ from torch import Tensor
 from . import backends, composed, custom_ops, distributed, validation
 from .backends import implementation
 from .kernel_options import LOSS_DEFAULTS
-from .reference import GRPOLossOutput
+from .reference import GRPOLossOutput, Temperature
 
 Number = Union[int, float]
 
 LOSS_OPTIONS = tuple(LOSS_DEFAULTS)
+
+
+def _row_temperature(temperature: Temperature) -> Temperature:
+    """A number as a float; a per-row temperature tensor as it is (validated)."""
+    return temperature if isinstance(temperature, Tensor) else float(temperature)
 
 
 def _loss_options(arguments: dict) -> dict:
@@ -36,14 +41,14 @@ def _traced_backend(backend: str, device_type: str, op: str) -> str:
 
 @overload
 def token_logprobs(
-    logits: Tensor, token_ids: Tensor, *, temperature: float = ..., ignore_index: int = ...,
+    logits: Tensor, token_ids: Tensor, *, temperature: Temperature = ..., ignore_index: int = ...,
     return_entropy: Literal[False] = ..., inplace_backward: bool = ..., vocab_group=..., backend: str = ...,
 ) -> Tensor: ...
 
 
 @overload
 def token_logprobs(
-    logits: Tensor, token_ids: Tensor, *, temperature: float = ..., ignore_index: int = ...,
+    logits: Tensor, token_ids: Tensor, *, temperature: Temperature = ..., ignore_index: int = ...,
     return_entropy: Literal[True], inplace_backward: bool = ..., vocab_group=..., backend: str = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
@@ -52,7 +57,7 @@ def token_logprobs(
     logits: Tensor,
     token_ids: Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     inplace_backward: bool = False,
@@ -64,7 +69,11 @@ def token_logprobs(
     Args:
         logits: ``[..., V]`` float16/bfloat16/float32/float64; any leading shape.
         token_ids: ``[...]`` int32/int64 in ``[0, V)``, or ``ignore_index``.
-        temperature: positive finite sampling temperature.
+        temperature: positive finite sampling temperature: a float, or a floating tensor with one per sequence
+            or per token, of shape ``logits.shape[:k]`` (``[B]`` or ``[B, T]`` for ``[B, T, V]`` logits, ``[N]``
+            for ``[N, V]``), broadcast over the remaining row dimensions, on the logits' device; positive and
+            finite at the rows that count (ignored rows may hold anything). A tensor is data: a new value never
+            recompiles a kernel, and no gradient flows to it.
         ignore_index: positions with this id get log-prob 0 (and entropy 0).
         return_entropy: also return the entropy of each row's distribution.
         inplace_backward: the kernel backends write the logits gradient into the
@@ -100,7 +109,8 @@ def token_logprobs(
             backend=_traced_backend(backend, logits.device.type, "token_logprobs"),
         )
     return implementation(backend, logits.device, "token_logprobs")(
-        logits, token_ids, temperature=float(temperature), ignore_index=ignore_index, return_entropy=return_entropy,
+        logits, token_ids, temperature=_row_temperature(temperature), ignore_index=ignore_index,
+        return_entropy=return_entropy,
         inplace_backward=inplace_backward,
     )
 
@@ -260,7 +270,7 @@ def fused_grpo_loss(
     advantages: Tensor,
     mask: Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     inplace_backward: bool = False,
@@ -300,7 +310,8 @@ def fused_grpo_loss(
         logits: ``[B, T, V]`` float16/bfloat16/float32/float64 policy logits of the completion tokens.
         token_ids: ``[B, T]`` int sampled completion ids; ``ignore_index`` positions are excluded like masked ones.
         old_logprobs, advantages, mask: as in :func:`grpo_loss`.
-        temperature, ignore_index: as in :func:`token_logprobs`.
+        temperature, ignore_index: as in :func:`token_logprobs` (a tensor: ``[B]`` or ``[B, T]``, any value at
+            the positions that do not count; not with ``vocab_group``, ``batch_group`` or ``cu_seqlens``).
         return_entropy: also fill ``entropy`` (masked mean entropy) in the result.
         inplace_backward: the kernel backends write the logits gradient into the
             logits' own buffer already in the forward (no logits-sized
@@ -338,14 +349,14 @@ def fused_grpo_loss(
         )
     return implementation(backend, logits.device, "fused_grpo_loss")(
         logits, token_ids, old_logprobs, advantages, mask,
-        temperature=float(temperature), ignore_index=ignore_index, return_entropy=return_entropy,
+        temperature=_row_temperature(temperature), ignore_index=ignore_index, return_entropy=return_entropy,
         inplace_backward=inplace_backward, **options,
     )
 
 
 @overload
 def linear_token_logprobs(
-    hidden: Tensor, weight: Tensor, token_ids: Tensor, *, bias: Optional[Tensor] = ..., temperature: float = ...,
+    hidden: Tensor, weight: Tensor, token_ids: Tensor, *, bias: Optional[Tensor] = ..., temperature: Temperature = ...,
     logit_scale: float = ..., softcap: Optional[float] = ..., ignore_index: int = ...,
     return_entropy: Literal[False] = ..., chunk_size: Optional[int] = ..., backend: str = ...,
 ) -> Tensor: ...
@@ -353,7 +364,7 @@ def linear_token_logprobs(
 
 @overload
 def linear_token_logprobs(
-    hidden: Tensor, weight: Tensor, token_ids: Tensor, *, bias: Optional[Tensor] = ..., temperature: float = ...,
+    hidden: Tensor, weight: Tensor, token_ids: Tensor, *, bias: Optional[Tensor] = ..., temperature: Temperature = ...,
     logit_scale: float = ..., softcap: Optional[float] = ..., ignore_index: int = ...,
     return_entropy: Literal[True], chunk_size: Optional[int] = ..., backend: str = ...,
 ) -> tuple[Tensor, Tensor]: ...
@@ -365,7 +376,7 @@ def linear_token_logprobs(
     token_ids: Tensor,
     *,
     bias: Optional[Tensor] = None,
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
     ignore_index: int = -100,
@@ -384,7 +395,8 @@ def linear_token_logprobs(
         weight: ``[V, H]`` LM-head weight, the dtype of ``hidden``.
         token_ids: ``[...]`` int32/int64 in ``[0, V)``, or ``ignore_index``.
         bias: ``[V]`` LM-head bias, the dtype of ``hidden``, or ``None``.
-        temperature: positive finite sampling temperature.
+        temperature: positive finite sampling temperature, or a tensor of one per sequence or per token of
+            shape ``hidden.shape[:k]``, as in :func:`token_logprobs`.
         logit_scale: positive finite multiplier of the logits (before the softcap).
         softcap: ``None`` or a positive cap ``c`` (Gemma's ``final_logit_softcapping``).
         ignore_index: positions with this id get log-prob 0 (and entropy 0).
@@ -421,7 +433,7 @@ def fused_linear_grpo_loss(
     mask: Tensor,
     *,
     bias: Optional[Tensor] = None,
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
     ignore_index: int = -100,
@@ -465,7 +477,8 @@ def fused_linear_grpo_loss(
     Args:
         hidden: ``[B, T, H]`` float16/bfloat16/float32/float64 hidden states of the completion tokens.
         weight, bias, temperature, logit_scale, softcap, ignore_index, chunk_size: as in
-            :func:`linear_token_logprobs`.
+            :func:`linear_token_logprobs` (a temperature tensor: ``[B]`` or ``[B, T]``; not with ``vocab_group``,
+            ``batch_group`` or ``cu_seqlens``).
         token_ids: ``[B, T]`` int sampled completion ids; ``ignore_index`` positions are excluded like masked ones.
         old_logprobs, advantages, mask: as in :func:`grpo_loss`.
         return_entropy: also fill ``entropy`` (masked mean entropy, differentiable) in the result.

@@ -87,6 +87,30 @@ def compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+Temperature = Union[float, Tensor]
+
+
+def broadcast_temperature(temperature: Tensor, row_shape: tuple[int, ...]) -> Tensor:
+    """A temperature tensor of shape ``row_shape[:k]`` expanded to ``row_shape`` (one value per row), detached."""
+    t = temperature.detach()
+    return t.reshape(tuple(t.shape) + (1,) * (len(row_shape) - t.ndim)).expand(tuple(row_shape))
+
+
+def row_temperature(temperature: Temperature, ignored: Tensor, dtype: torch.dtype) -> Temperature:
+    r"""The temperature :math:`T_r` of each row, ready to divide the logits ``[..., V]`` by.
+
+    A float is every row's temperature. A tensor of shape ``rows.shape[:k]`` (``rows.shape = ignored.shape``:
+    ``[B]`` or ``[B, T]`` for ``[B, T, V]`` logits, ``[N]`` for ``[N, V]``) holds each row's own temperature,
+    broadcast over the trailing row dimensions; it is cast to ``dtype`` (the compute dtype), is data (no
+    gradient flows to it), and at ``ignored`` rows it is selected to 1: a masked or ignored row may hold any
+    temperature (NaN, 0, -inf). Returns the float, or a ``[..., 1]`` tensor.
+    """
+    if not isinstance(temperature, Tensor):
+        return temperature
+    t = broadcast_temperature(temperature, tuple(ignored.shape)).to(dtype)
+    return torch.where(ignored, torch.ones((), dtype=dtype, device=t.device), t).unsqueeze(-1)
+
+
 # --------------------------------------------------------------------------- #
 # token_logprobs
 # --------------------------------------------------------------------------- #
@@ -94,22 +118,24 @@ def token_logprobs(
     logits: Tensor,
     token_ids: Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     inplace_backward: bool = False,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     r"""Log-probability of each sampled token under ``softmax(logits / T)``.
 
-    For a row of logits :math:`x \in \mathbb{R}^V`, temperature :math:`T` and
+    For row :math:`r` of logits :math:`x \in \mathbb{R}^V`, its temperature :math:`T_r` and
     token id :math:`y`:
 
     .. math::
-        z = x / T,\quad
+        z = x / T_r,\quad
         \mathrm{logp} = z_y - \log \textstyle\sum_v e^{z_v},\quad
-        H = -\textstyle\sum_v p_v \log p_v,\ p = \mathrm{softmax}(z)
+        H = -\textstyle\sum_v p_v \log p_v,\ p = \mathrm{softmax}(z),\quad
+        \frac{\partial\,\mathrm{logp}}{\partial x} = \frac{\mathrm{onehot}_y - p}{T_r}
 
-    (terms with :math:`p_v = 0`, e.g. from ``-inf`` logits, contribute 0 to H).
+    (terms with :math:`p_v = 0`, e.g. from ``-inf`` logits, contribute 0 to H). :math:`T_r` is one float
+    for every row, or a tensor with a temperature per sequence or per token (:func:`row_temperature`).
     Rows whose id equals ``ignore_index`` get ``logp = 0``, ``H = 0`` and a zero
     gradient, whatever their logits hold (NaN, ±inf: selected away, never
     multiplied by 0). Non-finite logits in any other row propagate: ``+inf`` or
@@ -118,7 +144,9 @@ def token_logprobs(
     Args:
         logits: ``[..., V]`` floating point.
         token_ids: ``[...]`` integer, values in ``[0, V)`` or ``ignore_index``.
-        temperature: positive finite float.
+        temperature: positive finite float, or a floating tensor of shape ``logits.shape[:k]`` (``[B]`` or
+            ``[B, T]`` for ``[B, T, V]`` logits, ``[N]`` for ``[N, V]``), positive and finite at the rows that
+            count; it is divided in the compute dtype and gets no gradient.
         ignore_index: id marking positions to skip.
         return_entropy: also return the entropy of each row's distribution.
         inplace_backward: allow the backward to write the logits gradient into
@@ -131,7 +159,8 @@ def token_logprobs(
         ``(logp, entropy)`` when ``return_entropy``.
     """
     ignored = token_ids == ignore_index
-    z = logits.to(compute_dtype(logits)) / temperature
+    dtype = compute_dtype(logits)
+    z = logits.to(dtype) / row_temperature(temperature, ignored, dtype)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
     # Ignored rows are selected away before any arithmetic: whatever they hold (NaN, ±inf) reaches no value
     # and no gradient (their gradient is exactly 0).
@@ -686,7 +715,7 @@ def fused_grpo_loss(
     advantages: Tensor,
     mask: Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     inplace_backward: bool = False,
@@ -709,7 +738,8 @@ def fused_grpo_loss(
         logits: ``[B, T, V]`` floating point.
         token_ids: ``[B, T]`` integer.
         old_logprobs, advantages, mask: as in :func:`grpo_loss`.
-        temperature, ignore_index: as in :func:`token_logprobs`.
+        temperature, ignore_index: as in :func:`token_logprobs` (a tensor temperature: ``[B]`` or ``[B, T]``;
+            masked positions may hold any temperature).
         return_entropy: fill ``GRPOLossOutput.entropy``.
         inplace_backward: allow the logits gradient to be written into the
             logits' own buffer, as early as the forward (their values are then
@@ -792,7 +822,7 @@ def linear_token_logprobs(
     token_ids: Tensor,
     *,
     bias: Optional[Tensor] = None,
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
     ignore_index: int = -100,
@@ -815,7 +845,8 @@ def linear_token_logprobs(
         weight: ``[V, H]``, the dtype of ``hidden``.
         token_ids: ``[...]`` integer in ``[0, V)`` or ``ignore_index``.
         bias: ``[V]`` or ``None``.
-        temperature, ignore_index, return_entropy: as in :func:`token_logprobs`.
+        temperature, ignore_index, return_entropy: as in :func:`token_logprobs` (a tensor temperature has
+            shape ``hidden.shape[:k]``).
         logit_scale, softcap: as in :func:`linear_logits`.
 
     Returns:
@@ -836,7 +867,7 @@ def fused_linear_grpo_loss(
     mask: Tensor,
     *,
     bias: Optional[Tensor] = None,
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
     ignore_index: int = -100,

@@ -383,10 +383,17 @@ def timing_case(op: str, device: torch.device, size: Sizes, dtype: torch.dtype) 
 def _token_logprobs_cases(m, label, rows, vocab, edge, dtype, size):
     ids = _ids(m, vocab, 1, rows, edge).view(-1)
     logits = _edge_logits(m, rows, vocab, dtype, ids) if edge else m.randn(rows, vocab, dtype=dtype, scale=3.0)
+    # the edge cases: a temperature per row (0.1 to 10: the kernels' per-row path)
+    temperature = _row_temperatures(m, rows) if edge else 0.7
     for inplace in (False, True):
         name = f"{label}, {'in place' if inplace else 'not in place'}"
-        options = dict(temperature=0.7, ignore_index=-100, return_entropy=True, inplace_backward=inplace)
+        options = dict(temperature=temperature, ignore_index=-100, return_entropy=True, inplace_backward=inplace)
         yield Case("token_logprobs", name, dtype, (logits, ids), options, grad_args=(0,), grad_outputs=(0, 1))
+
+
+def _row_temperatures(m, *shape) -> Tensor:
+    """Temperatures from 0.1 to 10 (log-uniform), one per row or sequence."""
+    return torch.exp(math.log(0.1) + math.log(100.0) * m.rand(*shape))
 
 
 def _group_advantages_cases(m, label, rows, vocab, edge, dtype, size):
@@ -423,8 +430,8 @@ def _fused_grpo_loss_cases(m, label, rows, vocab, edge, dtype, size):
     for level in ("token", "sequence"):
         for inplace in (False, True):
             name = f"{label}, {level} level, {'in place' if inplace else 'not in place'}"
-            options = dict(temperature=0.8, ignore_index=-100, return_entropy=True, inplace_backward=inplace,
-                           **_loss_options(level, ref_logprobs=ref))
+            options = dict(temperature=_row_temperatures(m, B) if edge else 0.8, ignore_index=-100,
+                           return_entropy=True, inplace_backward=inplace, **_loss_options(level, ref_logprobs=ref))
             # in place, the logits hold the gradient: an entropy bonus cannot be differentiated then
             yield Case("fused_grpo_loss", name, dtype, (logits, ids, old, adv, mask), options, grad_args=(0,),
                        grad_outputs=("loss",) if inplace else ("loss", "entropy"))

@@ -31,7 +31,7 @@ from .loss_table import (
     RolloutLevel,
     loss_type_row,
 )
-from .reference import ESTIMATORS, MULTI_OBJECTIVES, SCALES
+from .reference import ESTIMATORS, MULTI_OBJECTIVES, SCALES, broadcast_temperature
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -127,13 +127,45 @@ def _mask(name: str, mask: Tensor, shape: Sequence[int], what: str) -> None:
 # --------------------------------------------------------------------------- #
 # per-op checks
 # --------------------------------------------------------------------------- #
-def check_temperature(temperature) -> None:
-    _real("temperature", temperature, low=0.0, low_open=True)
+# The ops whose every backend takes a tensor temperature (one per row, broadcast over the rows' trailing dims).
+TENSOR_TEMPERATURE_OPS = frozenset({"token_logprobs", "fused_grpo_loss", "linear_token_logprobs",
+                                    "fused_linear_grpo_loss"})
+
+
+def check_temperature(temperature, rows: Optional[Tensor] = None, counted: Optional[Tensor] = None, *,
+                      op: Optional[str] = None, rows_name: str = "logits", unsupported: Optional[str] = None) -> None:
+    """A positive finite float, or (for an op of ``TENSOR_TEMPERATURE_OPS`` on ``rows [..., V]``) a floating
+    tensor of shape ``rows.shape[:k]`` on the rows' device, positive and finite where ``counted`` (bool, the
+    rows' shape) is True. ``unsupported``: why a tensor is refused here (an option that does not take one)."""
+    if not isinstance(temperature, Tensor):
+        _real("temperature", temperature, low=0.0, low_open=True)
+        return
+    if rows is None or op not in TENSOR_TEMPERATURE_OPS or unsupported is not None:
+        where = unsupported or (f"{op}" if op else "here")
+        raise TypeError(f"temperature must be a float {'with ' if unsupported else 'for '}{where}; a per-row "
+                        f"temperature tensor is taken by {sorted(TENSOR_TEMPERATURE_OPS)} only")
+    _floating("temperature", temperature)
+    row_shape = tuple(rows.shape[:-1])
+    if temperature.ndim > len(row_shape) or tuple(temperature.shape) != row_shape[:temperature.ndim]:
+        raise ValueError(
+            f"temperature must be a float or a tensor of shape {rows_name}.shape[:k] (one temperature per "
+            f"sequence or per token, a prefix of {list(row_shape)}), got {list(temperature.shape)}"
+        )
+    _same_device(**{rows_name: rows, "temperature": temperature})
+    if counted is not None and temperature.numel() and _values_checkable(temperature):
+        t = broadcast_temperature(temperature, row_shape)
+        bad = counted & ~(torch.isfinite(t) & (t > 0))
+        if bool(bad.any()):
+            value = float(t[bad].flatten()[0])
+            raise ValueError(f"temperature must be positive and finite at every row that counts, found {value}")
 
 
 def check_token_logprobs(logits, token_ids, *, temperature, ignore_index, return_entropy,
-                         inplace_backward=False, sharded=False) -> None:
-    """``sharded``: ``logits`` hold a vocabulary shard; the ids are checked against the whole vocabulary later."""
+                         inplace_backward=False, sharded=False, op="token_logprobs", counted=None,
+                         scale_out: Optional[str] = None) -> None:
+    """``sharded``: ``logits`` hold a vocabulary shard; the ids are checked against the whole vocabulary later.
+    ``counted``: the rows whose temperature must be valid (default: the ids that are not ``ignore_index``).
+    ``scale_out``: the scale-out option in use (``vocab_group``, ...), which takes a float temperature only."""
     _tensor("logits", logits)
     _tensor("token_ids", token_ids)
     _floating("logits", logits)
@@ -147,7 +179,10 @@ def check_token_logprobs(logits, token_ids, *, temperature, ignore_index, return
     if token_ids.numel() == 0:
         raise ValueError(f"empty batch: logits has shape {list(logits.shape)} with no rows")
     _same_device(logits=logits, token_ids=token_ids)
-    _check_row_options(temperature, ignore_index, return_entropy)
+    _check_row_options(temperature, ignore_index, return_entropy)  # (a tensor temperature: below)
+    if isinstance(temperature, Tensor):
+        check_temperature(temperature, logits, token_ids != ignore_index if counted is None else counted, op=op,
+                          unsupported=scale_out)
     _bool("inplace_backward", inplace_backward)
     # (traced calls do not write in place: grpo_kernels.custom_ops)
     if inplace_backward and logits.requires_grad and logits.is_leaf and not torch.compiler.is_compiling():
@@ -161,7 +196,8 @@ def check_token_logprobs(logits, token_ids, *, temperature, ignore_index, return
 
 
 def _check_row_options(temperature, ignore_index, return_entropy) -> None:
-    check_temperature(temperature)
+    if not isinstance(temperature, Tensor):  # a tensor is checked against the rows by the caller
+        check_temperature(temperature)
     _int("ignore_index", ignore_index, low=-(2**63))
     _bool("return_entropy", return_entropy)
 
@@ -384,13 +420,24 @@ def check_fused_grpo_loss(logits, token_ids, old_logprobs, advantages, mask, *, 
     if isinstance(logits, Tensor) and logits.ndim != 3:
         raise ValueError(f"logits must have shape [B, T, V], got {list(logits.shape)}")
     check_token_logprobs(logits, token_ids, temperature=temperature, ignore_index=ignore_index,
-                         return_entropy=return_entropy, inplace_backward=inplace_backward)
+                         return_entropy=return_entropy, inplace_backward=inplace_backward, op="fused_grpo_loss",
+                         counted=_temperature_rows(token_ids, mask, temperature, ignore_index))
     _check_loss_inputs(logits, "logits", token_ids.shape, old_logprobs, advantages, mask, options, token_ids,
                        ignore_index)
 
 
+def _temperature_rows(token_ids, mask, temperature, ignore_index) -> Optional[Tensor]:
+    """The rows of a fused loss whose tensor temperature must be valid: the counted tokens (None otherwise)."""
+    if not isinstance(temperature, Tensor) or not isinstance(mask, Tensor) or not isinstance(token_ids, Tensor):
+        return None
+    if mask.shape != token_ids.shape:
+        return None  # the mask's own check names the problem
+    return _kept(mask, token_ids, ignore_index)
+
+
 def check_linear_token_logprobs(hidden, weight, token_ids, *, bias, temperature, logit_scale, softcap, ignore_index,
-                                return_entropy, chunk_size, sharded=False) -> None:
+                                return_entropy, chunk_size, sharded=False, op="linear_token_logprobs",
+                                counted=None, scale_out: Optional[str] = None) -> None:
     """``sharded``: ``weight`` holds a vocabulary shard; the ids are checked against the whole vocabulary later."""
     _tensor("hidden", hidden)
     _tensor("weight", weight)
@@ -419,6 +466,9 @@ def check_linear_token_logprobs(hidden, weight, token_ids, *, bias, temperature,
         raise ValueError(f"empty batch: hidden has shape {list(hidden.shape)} with no rows")
     _same_device(hidden=hidden, weight=weight, token_ids=token_ids, bias=bias)
     _check_row_options(temperature, ignore_index, return_entropy)
+    if isinstance(temperature, Tensor):
+        check_temperature(temperature, hidden, token_ids != ignore_index if counted is None else counted, op=op,
+                          rows_name="hidden", unsupported=scale_out or ("vocab_group" if sharded else None))
     _real("logit_scale", logit_scale, low=0.0, low_open=True)
     if softcap is not None:
         _real("softcap", softcap, low=0.0, low_open=True)
@@ -435,7 +485,8 @@ def check_fused_linear_grpo_loss(hidden, weight, token_ids, old_logprobs, advant
         raise ValueError(f"hidden must have shape [B, T, H], got {list(hidden.shape)}")
     check_linear_token_logprobs(hidden, weight, token_ids, bias=bias, temperature=temperature,
                                 logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index,
-                                return_entropy=return_entropy, chunk_size=chunk_size)
+                                return_entropy=return_entropy, chunk_size=chunk_size, op="fused_linear_grpo_loss",
+                                counted=_temperature_rows(token_ids, mask, temperature, ignore_index))
     _check_loss_inputs(hidden, "hidden", token_ids.shape, old_logprobs, advantages, mask, options, token_ids,
                        ignore_index)
 
@@ -542,6 +593,14 @@ def check_packed_loss(main: Tensor, main_name: str, shape, old_logprobs, advanta
     _check_advantages_finite(advantages.reshape(keep.shape), keep)
 
 
+def _scale_out_name(vocab_group, batch_group, cu_seqlens) -> Optional[str]:
+    """The first scale-out option in use, by name (they take a float temperature only)."""
+    for name, value in (("vocab_group", vocab_group), ("batch_group", batch_group), ("cu_seqlens", cu_seqlens)):
+        if value is not None:
+            return name
+    return None
+
+
 def check_scale_out_grpo_loss(logprobs, old_logprobs, advantages, mask, *, batch_group, cu_seqlens, defaults: dict,
                               **options) -> None:
     """:func:`grpo_kernels.ops.grpo_loss` with ``batch_group`` and/or ``cu_seqlens``."""
@@ -570,7 +629,8 @@ def check_scale_out_fused_grpo_loss(logits, token_ids, old_logprobs, advantages,
         raise ValueError(f"packed logits must have shape [total, V] or [1, total, V], got {list(logits.shape)}")
     check_token_logprobs(logits, token_ids, temperature=temperature, ignore_index=ignore_index,
                          return_entropy=return_entropy, inplace_backward=inplace_backward,
-                         sharded=vocab_group is not None)
+                         sharded=vocab_group is not None, op="fused_grpo_loss",
+                         scale_out=_scale_out_name(vocab_group, batch_group, cu_seqlens))
     if cu_seqlens is None:
         _check_loss_inputs(logits, "logits", token_ids.shape, old_logprobs, advantages, mask, options, token_ids,
                            ignore_index)
@@ -592,7 +652,9 @@ def check_scale_out_fused_linear_grpo_loss(hidden, weight, token_ids, old_logpro
         raise ValueError(f"hidden must have shape [B, T, H], got {list(hidden.shape)}")
     if cu_seqlens is not None and hidden.ndim not in (2, 3):
         raise ValueError(f"packed hidden must have shape [total, H] or [1, total, H], got {list(hidden.shape)}")
-    check_linear_token_logprobs(hidden, weight, token_ids, **head_options, sharded=vocab_group is not None)
+    check_linear_token_logprobs(hidden, weight, token_ids, **head_options, sharded=vocab_group is not None,
+                                op="fused_linear_grpo_loss",
+                                scale_out=_scale_out_name(vocab_group, batch_group, cu_seqlens))
     ignore_index = head_options["ignore_index"]
     if cu_seqlens is None:
         _check_loss_inputs(hidden, "hidden", token_ids.shape, old_logprobs, advantages, mask, options, token_ids,

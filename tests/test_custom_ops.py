@@ -78,7 +78,8 @@ def test_unsupported_option_type_fails_loudly():
 @pytest.mark.parametrize("return_entropy", [False, True])
 def test_opcheck_token_logprobs(bk, return_entropy):
     x = inputs()
-    torch.library.opcheck(custom_ops.token_logprobs_op, (x["logits"], x["ids"], bk, 0.7, -100, return_entropy))
+    args = (x["logits"], x["ids"], bk, *custom_ops._pack_temperature(0.7), -100, return_entropy)
+    torch.library.opcheck(custom_ops.token_logprobs_op, args)
 
 
 @pytest.mark.parametrize("bk", backends_of("grpo_loss"))
@@ -96,8 +97,8 @@ def test_opcheck_grpo_loss(bk, case):
 def test_opcheck_fused_grpo_loss(bk, case, return_entropy):
     x = inputs()
     old, options = LOSS_CASES[case](x)
-    args = (x["logits"], x["ids"], old, x["adv"], x["mask"], bk, 1.3, -100, return_entropy, True,
-            *custom_ops._pack_loss(options))
+    args = (x["logits"], x["ids"], old, x["adv"], x["mask"], bk, *custom_ops._pack_temperature(1.3), -100,
+            return_entropy, True, *custom_ops._pack_loss(options))
     torch.library.opcheck(custom_ops.fused_grpo_loss_op, args)
 
 
@@ -119,8 +120,8 @@ def test_opcheck_group_advantages(bk, grouping, return_stats):
 @pytest.mark.parametrize("with_bias,return_entropy,softcap", [(False, False, None), (True, True, 3.0)])
 def test_opcheck_linear_token_logprobs(bk, with_bias, return_entropy, softcap):
     x = inputs()
-    args = (x["hidden"], x["weight"], x["ids"], x["bias"] if with_bias else None, bk, 0.9, 1.5, softcap, -100,
-            return_entropy, 4)
+    args = (x["hidden"], x["weight"], x["ids"], x["bias"] if with_bias else None, bk,
+            *custom_ops._pack_temperature(0.9), 1.5, softcap, -100, return_entropy, 4)
     torch.library.opcheck(custom_ops.linear_token_logprobs_op, args)
 
 
@@ -131,7 +132,7 @@ def test_opcheck_fused_linear_grpo_loss(bk, case, return_entropy):
     x = inputs()
     old, options = LOSS_CASES[case](x)
     args = (x["hidden"], x["weight"], x["ids"], x["bias"], old, x["adv"], x["mask"], [True, True, True], bk,
-            1.0, 1.0, None, -100, return_entropy, 4, *custom_ops._pack_loss(options))
+            *custom_ops._pack_temperature(1.0), 1.0, None, -100, return_entropy, 4, *custom_ops._pack_loss(options))
     torch.library.opcheck(custom_ops.fused_linear_grpo_loss_op, args)
 
 

@@ -93,6 +93,33 @@ def scenario_token_logprobs(rank: int, world: int, group) -> None:
                 close(grad, grad_ref[..., _vocab_slice(rank, world)], GRAD_TOL[dtype], f"grad {what}")
 
 
+def scenario_token_logprobs_temperature_tensor(rank: int, world: int, group) -> None:
+    """A temperature per token (0.1 to 10, NaN at the ignored one) and per sequence, against the reference."""
+    import grpo_kernels as gk
+    from grpo_kernels import reference
+
+    for backend in _backends():
+        for dtype in (torch.float64, torch.float32):
+            g = torch.Generator().manual_seed(11)
+            V = sum(shard_sizes(world))
+            x = _logits(2, 3, V, dtype, g)
+            ids = torch.randint(0, V, (2, 3), generator=g)
+            ids[1, 2] = -100
+            per_token = torch.tensor([[0.1, 0.7, 10.0], [2.5, 1.0, float("nan")]], dtype=torch.float64)
+            for temperature in (per_token, torch.tensor([0.3, 4.0])):
+                full = x.double().requires_grad_()
+                logp_ref, ent_ref = reference.token_logprobs(full, ids, temperature=temperature, return_entropy=True)
+                (grad_ref,) = torch.autograd.grad((logp_ref + 0.5 * ent_ref).sum(), full)
+                shard = x[..., _vocab_slice(rank, world)].clone().requires_grad_()
+                what = f"{backend} {dtype} temperature {list(temperature.shape)}"
+                logp, ent = gk.token_logprobs(shard, ids, temperature=temperature, return_entropy=True,
+                                              vocab_group=group, backend=backend)
+                close(logp, logp_ref, TOL[dtype], f"logp {what}")
+                close(ent, ent_ref, TOL[dtype], f"entropy {what}")
+                (grad,) = torch.autograd.grad((logp + 0.5 * ent).sum(), shard)
+                close(grad, grad_ref[..., _vocab_slice(rank, world)], GRAD_TOL[dtype], f"grad {what}")
+
+
 def _loss_inputs(B: int, T: int, generator, *, per_token_adv: bool = False):
     g = generator
     old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3

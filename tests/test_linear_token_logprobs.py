@@ -235,7 +235,8 @@ for kernel, paths in ((m._linear_stats_kernel, dict(RETURN_ENTROPY=True, WRITE_T
         acc = tl.float64 if dtype == torch.float64 else tl.float32
         cdt = "fp64" if dtype == torch.float64 else "fp32"
         constexprs = dict(HAS_BIAS=True, SOFTCAP=True, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-                          GROUP_N=m.GROUP_N, ACC=acc, PRECISION=m._PRECISION.get(dtype, "ieee"), UPCAST=False, **paths)
+                          GROUP_N=m.GROUP_N, ACC=acc, PRECISION=m._PRECISION.get(dtype, "ieee"), UPCAST=False,
+                          PER_ROW_T=dtype != torch.float32, **paths)  # (a per-row temperature: t_ptr)
         sig = {}
         for name in inspect.signature(kernel.fn).parameters:
             if name in constexprs:

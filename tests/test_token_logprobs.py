@@ -429,19 +429,21 @@ for xdt, acc, block, warps in [("bf16", tl.float32, 8192, 16), ("fp64", tl.float
     odt = "fp64" if xdt == "fp64" else "fp32"
     sig = dict(x_ptr="*" + xdt, y_ptr="*i64", logp_ptr="*" + odt, ent_ptr="*" + odt, lse_ptr="*" + odt,
                n_inner="i32", stride_outer="i64", stride_inner="i32", V="i32", inv_t_hi="fp32", inv_t_lo="fp32",
-               ignore_index="i64", RETURN_ENTROPY="constexpr", BLOCK_V="constexpr", ACC="constexpr")
+               t_ptr="*" + odt, ignore_index="i64", RETURN_ENTROPY="constexpr", BLOCK_V="constexpr",
+               ACC="constexpr", PER_ROW_T="constexpr")
+    # the float temperature's path (the per-row one: tests/test_temperature.py)
     compile(ASTSource(m._token_logprobs_fwd_kernel, sig,
-                      constexprs={"RETURN_ENTROPY": True, "BLOCK_V": block, "ACC": acc}),
+                      constexprs={"RETURN_ENTROPY": True, "BLOCK_V": block, "ACC": acc, "PER_ROW_T": False}),
             target=target, options=dict(num_warps=warps))
     sig = dict(x_ptr="*" + xdt, dx_ptr="*" + xdt, y_ptr="*i32", lse_ptr="*" + odt, ent_ptr="*" + odt,
                g_logp_ptr="*" + odt, g_ent_ptr="*" + odt, n_inner="i32", stride_outer="i64", stride_inner="i32",
                dx_stride_outer="i64", dx_stride_inner="i32", V="i32", inv_t_hi="fp32", inv_t_lo="fp32",
-               scale_arg="fp64", softcap_arg="fp64", ignore_index="i32", HAS_G_LOGP="constexpr",
+               t_ptr="*" + odt, scale_arg="fp64", softcap_arg="fp64", ignore_index="i32", HAS_G_LOGP="constexpr",
                HAS_G_ENT="constexpr", ACCUMULATE="constexpr", SOFTCAP="constexpr", BLOCK_V="constexpr",
-               ACC="constexpr")
+               ACC="constexpr", PER_ROW_T="constexpr")
     compile(ASTSource(m._token_logprobs_bwd_kernel, sig,
                       constexprs={"HAS_G_LOGP": True, "HAS_G_ENT": True, "ACCUMULATE": True, "SOFTCAP": True,
-                                  "BLOCK_V": block, "ACC": acc}),
+                                  "BLOCK_V": block, "ACC": acc, "PER_ROW_T": False}),
             target=target, options=dict(num_warps=warps))
 print("compiled")
 '''

@@ -135,13 +135,15 @@ for xdt, dtype, flags, seq_level in VARIANTS:
     grpo_loss_kernels(xdt, dtype, flags, seq_level)
 
 # the fused kernel: token-level ratios only (no sequence pass)
-for xdt, acc, block, warps, family, rollout in (
-        ("bf16", tl.float32, 8192, 16, Family.CLIPPED, RolloutLevel.TOKEN),
-        ("fp64", tl.float64, 2048, 8, Family.SAPO, RolloutLevel.NONE),
-        ("bf16", tl.float32, 8192, 16, Family.GPG, RolloutLevel.TOKEN)):
+# (per_row_t: a per-row temperature tensor, t_ptr in the compute dtype)
+for xdt, acc, block, warps, family, rollout, per_row_t in (
+        ("bf16", tl.float32, 8192, 16, Family.CLIPPED, RolloutLevel.TOKEN, True),
+        ("fp64", tl.float64, 2048, 8, Family.SAPO, RolloutLevel.NONE, True),
+        ("bf16", tl.float32, 8192, 16, Family.GPG, RolloutLevel.TOKEN, False)):
     flags = loss_flags(family, seq_level=False, kl=KlEstimator.LOW_VAR_KL, rollout=rollout, delta=True, clip_c=True,
                        bias=True, iw=True, is_mask=family == Family.GPG, log_clamp=True)
-    constexprs = dict(flags, HAS_OLD=True, RETURN_ENTROPY=True, WRITE_GRAD=True, BLOCK_V=block, ACC=acc)
+    constexprs = dict(flags, HAS_OLD=True, RETURN_ENTROPY=True, WRITE_GRAD=True, BLOCK_V=block, ACC=acc,
+                      PER_ROW_T=per_row_t)
     pointers = dict(x_ptr=xdt, dx_ptr=xdt, y_ptr="i64", keep_ptr="u8", adv_ptr="fp32")
     build(fused_module._fused_grpo_loss_kernel, constexprs, pointers, "fp64" if acc == tl.float64 else "fp32", warps)
 

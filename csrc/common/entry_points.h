@@ -37,10 +37,11 @@ inline namespace GRPO_CPU_COPY {
 // token_logprobs forward. logits [..., V] float16/bfloat16/float32/float64; token_ids [...] int32/int64
 // (values in [0, V) or ignore_index). Returns (logp [R], lse [R], entropy [R] or an empty tensor without
 // return_entropy), R = number of rows, compute dtype; lse is of logits / temperature; ignored rows get 0
-// everywhere.
+// everywhere. row_temperature: absent (every row at temperature), or [R] one temperature per row, read only
+// at the rows that count (csrc/common/row_temperature.h); so for the backward and the fused loss.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(
     const at::Tensor& logits, const at::Tensor& token_ids, double temperature, int64_t ignore_index,
-    bool return_entropy);
+    bool return_entropy, const c10::optional<at::Tensor>& row_temperature);
 
 // token_logprobs backward: d logits = (g_logp (onehot_y - p) + g_H (-p (log p + H))) / T, p from lse.
 // grad_logp, grad_entropy [R] (either may be absent; entropy [R] is required with grad_entropy). Returns
@@ -49,7 +50,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(
 at::Tensor token_logprobs_bwd(
     const at::Tensor& logits, const at::Tensor& token_ids, const at::Tensor& lse,
     const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& entropy,
-    const c10::optional<at::Tensor>& grad_entropy, double temperature, int64_t ignore_index, bool inplace);
+    const c10::optional<at::Tensor>& grad_entropy, double temperature, int64_t ignore_index, bool inplace,
+    const c10::optional<at::Tensor>& row_temperature);
 
 // group_advantages, per group: rewards [B, K] compute dtype (NaN = missing), groups are the segments
 // order[offsets[g] : offsets[g+1]] of the rows (order [B] int64 row indices; absent = rows in order),
@@ -88,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& keep,
     const c10::optional<at::Tensor>& iw, const c10::optional<at::Tensor>& sampling_logp, const at::Tensor& seq_weight,
     const LossConfig& cfg, double temperature, int64_t ignore_index, bool return_entropy, bool compute_grad,
-    bool inplace);
+    bool inplace, const c10::optional<at::Tensor>& row_temperature);
 
 #ifdef GRPO_CPU_COPY
 }  // namespace GRPO_CPU_COPY
@@ -117,12 +119,13 @@ namespace cuda {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(
     const at::Tensor& logits, const at::Tensor& token_ids, double temperature, int64_t ignore_index,
-    bool return_entropy);
+    bool return_entropy, const c10::optional<at::Tensor>& row_temperature);
 
 at::Tensor token_logprobs_bwd(
     const at::Tensor& logits, const at::Tensor& token_ids, const at::Tensor& lse,
     const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& entropy,
-    const c10::optional<at::Tensor>& grad_entropy, double temperature, int64_t ignore_index, bool inplace);
+    const c10::optional<at::Tensor>& grad_entropy, double temperature, int64_t ignore_index, bool inplace,
+    const c10::optional<at::Tensor>& row_temperature);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_normalize(
     const at::Tensor& rewards, const c10::optional<at::Tensor>& order, const at::Tensor& offsets,
@@ -144,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& keep,
     const c10::optional<at::Tensor>& iw, const c10::optional<at::Tensor>& sampling_logp, const at::Tensor& seq_weight,
     const LossConfig& cfg, double temperature, int64_t ignore_index, bool return_entropy, bool compute_grad,
-    bool inplace);
+    bool inplace, const c10::optional<at::Tensor>& row_temperature);
 
 }  // namespace cuda
 #endif

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include "../common/entry_points.h"
+#include "../common/row_temperature.h"
 #include "gradient_buffer.h"
 #include "logit_rows.h"
 #include "../common/loss_terms.h"
@@ -31,8 +32,8 @@ namespace {
 template <typename scalar_t, bool kEntropy, bool kGrad>
 void fused_kernel(const at::Tensor& logits, const int64_t* ids, const LossTokens<at::opmath_type<scalar_t>>& in,
                   const at::opmath_type<scalar_t>* seq_weight, const LossConfig& cfg, double temperature,
-                  int64_t ignore_index, at::opmath_type<scalar_t>* logp_out, at::opmath_type<scalar_t>* lse_out,
-                  at::opmath_type<scalar_t>* ent_out, const at::Tensor& grad) {
+                  const at::opmath_type<scalar_t>* row_t, int64_t ignore_index, at::opmath_type<scalar_t>* logp_out,
+                  at::opmath_type<scalar_t>* lse_out, at::opmath_type<scalar_t>* ent_out, const at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const LogitRows rows(logits);
   const int64_t vocab = rows.vocab(), len = in.T;
@@ -41,7 +42,7 @@ void fused_kernel(const at::Tensor& logits, const int64_t* ids, const LossTokens
   const scalar_t* x = logits.const_data_ptr<scalar_t>();
   scalar_t* dx = kGrad ? grad.data_ptr<scalar_t>() : nullptr;
   const LogitRows grad_rows(kGrad ? grad : logits);
-  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  const acc_t inv_t_all = inverse_temperature<acc_t>(temperature);
   const bool streaming = kGrad && dx != x;  // a new gradient buffer: not read again by this kernel
   const LossScalars<acc_t> s = rounded_scalars<acc_t>(cfg.scalars);
   at::parallel_for(0, rows.rows(), 1, [&](int64_t begin, int64_t end) {
@@ -59,6 +60,7 @@ void fused_kernel(const at::Tensor& logits, const int64_t* ids, const LossTokens
       }
       check_token_id(y, vocab, ignore_index, r);
       const scalar_t* x_row = x + rows.offset(r);
+      const acc_t inv_t = row_inverse_temperature(row_t, r, inv_t_all);  // read only where the row counts
       LseState<acc_t> state;
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t v0 = c * chunk;
@@ -98,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& keep,
     const c10::optional<at::Tensor>& iw, const c10::optional<at::Tensor>& sampling_logp, const at::Tensor& seq_weight,
     const LossConfig& cfg, double temperature, int64_t ignore_index, bool return_entropy, bool compute_grad,
-    bool inplace) {
+    bool inplace, const c10::optional<at::Tensor>& row_temperature) {
   const char* name = "fused_grpo_loss_fwd";
   check_config(cfg, name);
   TORCH_CHECK(!cfg.seq_pass, name, ": a loss with a sequence pass is composed by the caller");
@@ -123,13 +125,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                     : inplace     ? logits
                                   : empty_gradient_like(logits);
   const at::Tensor weights = seq_weight.reshape({-1}).to(acc).expand({B}).contiguous();
+  const c10::optional<at::Tensor> row_t =
+      row_temperature ? c10::optional<at::Tensor>(per_row_values(*row_temperature, acc, B * T, logits, name,
+                                                                 "row_temperature"))
+                      : c10::nullopt;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fused_grpo_loss_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const LossTokens<acc_t> in(logp, old_logp, ref_logp, adv, keep, iw, sampling_logp);
     auto run = [&](auto entropy_tag, auto grad_tag) {
       fused_kernel<scalar_t, decltype(entropy_tag)::value, decltype(grad_tag)::value>(
           logits, ids.const_data_ptr<int64_t>(), in, weights.const_data_ptr<acc_t>(), cfg, temperature,
-          ignore_index, logp.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
+          row_t ? row_t->const_data_ptr<acc_t>() : nullptr, ignore_index, logp.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
           return_entropy ? entropy.data_ptr<acc_t>() : nullptr, grad);
     };
     using Yes = std::true_type;

@@ -254,14 +254,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("has_log_clamp", &LossConfig::has_log_clamp);
   m.attr("NUM_LOSS_SCALARS") = kNumLossScalars;
 
-  m.def("token_logprobs_fwd", &token_logprobs_fwd<const Tensor&, double, int64_t, bool>, py::arg("logits"),
-        py::arg("token_ids"), py::arg("temperature"), py::arg("ignore_index"), py::arg("return_entropy"),
-        "(logp, lse, entropy) per row", py::call_guard<py::gil_scoped_release>());
+  // row_temperature: one temperature per row [R] (csrc/common/row_temperature.h), None for the float's
+  m.def("token_logprobs_fwd", &token_logprobs_fwd<const Tensor&, double, int64_t, bool, const OptTensor&>,
+        py::arg("logits"), py::arg("token_ids"), py::arg("temperature"), py::arg("ignore_index"),
+        py::arg("return_entropy"), py::arg("row_temperature") = py::none(), "(logp, lse, entropy) per row",
+        py::call_guard<py::gil_scoped_release>());
   m.def("token_logprobs_bwd",
         &token_logprobs_bwd<const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                            double, int64_t, bool>,
+                            double, int64_t, bool, const OptTensor&>,
         py::arg("logits"), py::arg("token_ids"), py::arg("lse"), py::arg("grad_logp"), py::arg("entropy"),
         py::arg("grad_entropy"), py::arg("temperature"), py::arg("ignore_index"), py::arg("inplace"),
+        py::arg("row_temperature") = py::none(),
         "d logits in the logits dtype (into logits when inplace)", py::call_guard<py::gil_scoped_release>());
   m.def("group_normalize",
         &group_normalize<const OptTensor&, const Tensor&, const OptTensor&, double, int64_t, bool>,
@@ -283,10 +286,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_grpo_loss_fwd",
         &fused_grpo_loss_fwd<const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
                              const OptTensor&, const OptTensor&, const Tensor&, const LossConfig&, double, int64_t,
-                             bool, bool, bool>,
+                             bool, bool, bool, const OptTensor&>,
         py::arg("logits"), py::arg("token_ids"), py::arg("old_logp"), py::arg("ref_logp"), py::arg("adv"),
         py::arg("keep"), py::arg("iw"), py::arg("sampling_logp"), py::arg("seq_weight"), py::arg("cfg"),
         py::arg("temperature"), py::arg("ignore_index"), py::arg("return_entropy"), py::arg("compute_grad"),
-        py::arg("inplace"),
+        py::arg("inplace"), py::arg("row_temperature") = py::none(),
         "(logp, lse, entropy, per_token_loss, partials, grad_logits)", py::call_guard<py::gil_scoped_release>());
 }

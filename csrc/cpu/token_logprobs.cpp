@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include "../common/entry_points.h"
+#include "../common/row_temperature.h"
 #include "gradient_buffer.h"
 #include "logit_rows.h"
 #include "loss_tokens.h"
@@ -22,13 +23,14 @@ constexpr int64_t kRowsPerTask = 1;  // a row is V values: enough work per task
 // the logits + 8-12 bytes per row (16-24 in float64). Ignored rows read nothing
 // but y.
 template <typename scalar_t, bool kEntropy>
-void forward_kernel(const at::Tensor& logits, const int64_t* ids, double temperature, int64_t ignore_index,
-                    at::Tensor& logp, at::Tensor& lse, at::Tensor& entropy) {
+void forward_kernel(const at::Tensor& logits, const int64_t* ids, double temperature,
+                    const at::opmath_type<scalar_t>* row_t, int64_t ignore_index, at::Tensor& logp, at::Tensor& lse,
+                    at::Tensor& entropy) {
   using acc_t = at::opmath_type<scalar_t>;
   const LogitRows rows(logits);
   const int64_t vocab = rows.vocab();
   const scalar_t* x = logits.const_data_ptr<scalar_t>();
-  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  const acc_t inv_t_all = inverse_temperature<acc_t>(temperature);
   acc_t* logp_out = logp.data_ptr<acc_t>();
   acc_t* lse_out = lse.data_ptr<acc_t>();
   acc_t* ent_out = kEntropy ? entropy.data_ptr<acc_t>() : nullptr;
@@ -40,6 +42,7 @@ void forward_kernel(const at::Tensor& logits, const int64_t* ids, double tempera
       if (y != ignore_index) {
         check_token_id(y, vocab, ignore_index, r);
         const scalar_t* x_row = x + rows.offset(r);
+        const acc_t inv_t = row_inverse_temperature(row_t, r, inv_t_all);
         LseState<acc_t> state;
         for (int64_t v0 = 0; v0 < vocab; v0 += kChunk<scalar_t>) {
           acc_t cm, cs, ca;
@@ -64,13 +67,14 @@ void forward_kernel(const at::Tensor& logits, const int64_t* ids, double tempera
 template <typename scalar_t, bool kEntropyGrad>
 void backward_kernel(const at::Tensor& logits, at::Tensor& grad, const int64_t* ids, const at::Tensor& lse,
                      const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& entropy,
-                     const c10::optional<at::Tensor>& grad_entropy, double temperature, int64_t ignore_index) {
+                     const c10::optional<at::Tensor>& grad_entropy, double temperature,
+                     const at::opmath_type<scalar_t>* row_t, int64_t ignore_index) {
   using acc_t = at::opmath_type<scalar_t>;
   const LogitRows rows(logits), grad_rows(grad);
   const int64_t vocab = rows.vocab();
   const scalar_t* x = logits.const_data_ptr<scalar_t>();
   scalar_t* dx = grad.data_ptr<scalar_t>();
-  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  const acc_t inv_t_all = inverse_temperature<acc_t>(temperature);
   const acc_t* lse_in = lse.const_data_ptr<acc_t>();
   const acc_t* g_logp = grad_logp ? grad_logp->const_data_ptr<acc_t>() : nullptr;
   const acc_t* ent = kEntropyGrad ? entropy->const_data_ptr<acc_t>() : nullptr;
@@ -86,6 +90,7 @@ void backward_kernel(const at::Tensor& logits, at::Tensor& grad, const int64_t* 
       // An id outside [0, V) has no one-hot term (a target in another vocabulary shard): softmax_grad_row
       // never indexes the row with it.
       const acc_t w = g_logp ? g_logp[r] : acc_t(0);
+      const acc_t inv_t = row_inverse_temperature(row_t, r, inv_t_all);
       softmax_grad_row<kEntropyGrad>(x + rows.offset(r), dx_row, vocab, y, inv_t, lse_in[r], w,
                                      kEntropyGrad ? g_ent[r] : acc_t(0), kEntropyGrad ? ent[r] : acc_t(0));
     }
@@ -99,6 +104,18 @@ at::Tensor per_row(const at::Tensor& t, at::ScalarType dtype, int64_t rows, cons
   return per_row_values(t, dtype, rows, logits, "token_logprobs_bwd", what);
 }
 
+// The per-row temperatures [R] in the compute dtype, or none (a float temperature).
+c10::optional<at::Tensor> row_temperatures(const c10::optional<at::Tensor>& row_temperature, at::ScalarType dtype,
+                                           int64_t rows, const at::Tensor& logits, const char* name) {
+  if (!row_temperature) return c10::nullopt;
+  return per_row_values(*row_temperature, dtype, rows, logits, name, "row_temperature");
+}
+
+template <typename acc_t>
+const acc_t* data_or_null(const c10::optional<at::Tensor>& t) {
+  return t ? t->const_data_ptr<acc_t>() : nullptr;
+}
+
 void check_logits(const at::Tensor& logits, const char* name) {
   TORCH_CHECK(logits.is_cpu(), name, ": logits must be a CPU tensor, got ", logits.device());
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), name, ": logits must be floating point, got ",
@@ -109,21 +126,24 @@ void check_logits(const at::Tensor& logits, const char* name) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tensor& logits,
                                                                   const at::Tensor& token_ids, double temperature,
-                                                                  int64_t ignore_index, bool return_entropy) {
+                                                                  int64_t ignore_index, bool return_entropy,
+                                                                  const c10::optional<at::Tensor>& row_temperature) {
   check_logits(logits, "token_logprobs_fwd");
   const at::Tensor ids = flat_ids(token_ids, logits, LogitRows(logits).rows(), "token_logprobs_fwd");
   const auto acc = at::toOpMathType(logits.scalar_type());
+  const c10::optional<at::Tensor> row_t =
+      row_temperatures(row_temperature, acc, ids.numel(), logits, "token_logprobs_fwd");
   const auto options = logits.options().dtype(acc);
   at::Tensor logp = at::empty({ids.numel()}, options);
   at::Tensor lse = at::empty({ids.numel()}, options);
   at::Tensor entropy = at::empty({return_entropy ? ids.numel() : 0}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "token_logprobs_fwd", [&] {
     if (return_entropy) {
-      forward_kernel<scalar_t, true>(logits, ids.const_data_ptr<int64_t>(), temperature, ignore_index, logp, lse,
-                                     entropy);
+      forward_kernel<scalar_t, true>(logits, ids.const_data_ptr<int64_t>(), temperature,
+                                     data_or_null<at::opmath_type<scalar_t>>(row_t), ignore_index, logp, lse, entropy);
     } else {
-      forward_kernel<scalar_t, false>(logits, ids.const_data_ptr<int64_t>(), temperature, ignore_index, logp, lse,
-                                      entropy);
+      forward_kernel<scalar_t, false>(logits, ids.const_data_ptr<int64_t>(), temperature,
+                                      data_or_null<at::opmath_type<scalar_t>>(row_t), ignore_index, logp, lse, entropy);
     }
   });
   return {logp, lse, entropy};
@@ -132,11 +152,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tens
 at::Tensor token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& token_ids, const at::Tensor& lse,
                               const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& entropy,
                               const c10::optional<at::Tensor>& grad_entropy, double temperature,
-                              int64_t ignore_index, bool inplace) {
+                              int64_t ignore_index, bool inplace,
+                              const c10::optional<at::Tensor>& row_temperature) {
   check_logits(logits, "token_logprobs_bwd");
   const int64_t rows = LogitRows(logits).rows();
   const at::Tensor ids = flat_ids(token_ids, logits, rows, "token_logprobs_bwd");
   const auto acc = at::toOpMathType(logits.scalar_type());
+  const c10::optional<at::Tensor> row_t = row_temperatures(row_temperature, acc, rows, logits, "token_logprobs_bwd");
   TORCH_CHECK(!grad_entropy || entropy, "token_logprobs_bwd: grad_entropy needs entropy");
   TORCH_CHECK(!inplace || at::has_internal_overlap(logits) != at::MemOverlap::Yes,
               "token_logprobs_bwd: in place needs logits whose rows do not overlap");
@@ -153,10 +175,10 @@ at::Tensor token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& token_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "token_logprobs_bwd", [&] {
     if (entropy_grad) {
       backward_kernel<scalar_t, true>(logits, grad, ids.const_data_ptr<int64_t>(), lse_r, g_logp, ent, g_ent,
-                                      temperature, ignore_index);
+                                      temperature, data_or_null<at::opmath_type<scalar_t>>(row_t), ignore_index);
     } else {
       backward_kernel<scalar_t, false>(logits, grad, ids.const_data_ptr<int64_t>(), lse_r, g_logp, ent, g_ent,
-                                       temperature, ignore_index);
+                                       temperature, data_or_null<at::opmath_type<scalar_t>>(row_t), ignore_index);
     }
   });
   return grad;

@@ -17,6 +17,7 @@
 #include <cmath>
 
 #include "../common/entry_points.h"
+#include "../common/row_temperature.h"
 #include "launch.cuh"
 #include "logit_rows.cuh"
 #include "loss_inputs.cuh"
@@ -37,8 +38,8 @@ template <typename scalar_t, bool kEntropy, bool kGrad>
 __global__ void __launch_bounds__(kMaxRowThreads, kRowBlocksPerSm<scalar_t>)
     fused_grpo_loss_kernel(const scalar_t* x, LogitRows rows, scalar_t* dx, LogitRows dx_rows, int64_t n_rows,
                            int64_t T, int64_t vocab, const int64_t* __restrict__ ids,
-                           at::opmath_type<scalar_t> inv_t, int64_t ignore_index,
-                           LossInputs<at::opmath_type<scalar_t>> in,
+                           at::opmath_type<scalar_t> inv_t_all, const at::opmath_type<scalar_t>* __restrict__ row_t,
+                           int64_t ignore_index, LossInputs<at::opmath_type<scalar_t>> in,
                            const at::opmath_type<scalar_t>* __restrict__ seq_weight, LossConfig cfg,
                            LossScalars<at::opmath_type<scalar_t>> s,
                            at::opmath_type<scalar_t>* __restrict__ logp_out,
@@ -61,6 +62,7 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowBlocksPerSm<scalar_t>)
     }
     CUDA_KERNEL_ASSERT(y >= 0 && y < vocab && "token id out of range");
     const scalar_t* x_row = x + rows.offset(r);
+    const acc_t inv_t = row_inverse_temperature(row_t, r, inv_t_all);  // read only where the row counts
     const RowStats<acc_t> st = row_stats<kEntropy>(x_row, vocab, inv_t, smem);
     if (threadIdx.x == 0) {
       const acc_t logp = static_cast<acc_t>(x_row[y]) * inv_t - st.lse;
@@ -112,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& ref_logp, const at::Tensor& adv, const at::Tensor& keep,
     const c10::optional<at::Tensor>& iw, const c10::optional<at::Tensor>& sampling_logp, const at::Tensor& seq_weight,
     const LossConfig& cfg, double temperature, int64_t ignore_index, bool return_entropy, bool compute_grad,
-    bool inplace) {
+    bool inplace, const c10::optional<at::Tensor>& row_temperature) {
   const c10::cuda::CUDAGuard guard(logits.device());
   check_config(cfg, "fused_grpo_loss_fwd");
   TORCH_CHECK(!cfg.seq_pass, "fused_grpo_loss_fwd: a loss with a sequence pass is composed by the caller");
@@ -127,6 +129,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor ids = per_row(token_ids, at::kLong, n_rows, logits, "token_ids");
   check_on_device(seq_weight, logits, "seq_weight");
   const at::Tensor weights = seq_weight.to(acc).expand({B}).contiguous();
+  const at::Tensor row_t =
+      row_temperature ? per_row(*row_temperature, acc, n_rows, logits, "row_temperature") : at::Tensor();
   at::Tensor logp = at::empty({B, T}, options);
   at::Tensor lse = at::empty({B, T}, options);
   at::Tensor entropy = at::empty({return_entropy ? B : 0, return_entropy ? T : 0}, options);
@@ -146,7 +150,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       auto launch = [&](auto kernel) {
         kernel<<<grid, threads, 0, stream>>>(
             logits.const_data_ptr<scalar_t>(), rows, compute_grad ? grad.data_ptr<scalar_t>() : nullptr, grad_rows,
-            n_rows, T, vocab, ids.const_data_ptr<int64_t>(), static_cast<acc_t>(1.0 / temperature), ignore_index, in,
+            n_rows, T, vocab, ids.const_data_ptr<int64_t>(), inverse_temperature<acc_t>(temperature),
+            row_temperature ? row_t.const_data_ptr<acc_t>() : nullptr, ignore_index, in,
             weights.const_data_ptr<acc_t>(), cfg, rounded_scalars<acc_t>(cfg.scalars), logp.data_ptr<acc_t>(),
             lse.data_ptr<acc_t>(), return_entropy ? entropy.data_ptr<acc_t>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -24,7 +24,7 @@ so not after ``inplace_backward=True``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -35,14 +35,16 @@ from ..aggregation import P_COUNT
 from ..precomputed_gradient import check_backward
 from ..reference import GRPOLossOutput, fused_loss_mask, kept_ids, masked_mean_entropy
 from .grpo_loss import LossSetup, compute_dtype, loss_setup, loss_tensors
-from .token_logprobs import kernel_logits, writable_rows
+from .token_logprobs import kernel_logits, kernel_temperature, writable_rows
 
 
 def _forward_sequence_level(logits: Tensor, token_ids: Tensor, tensors: tuple, setup: LossSetup, temperature: float,
-                            ignore_index: int, return_entropy: bool, compute_grad: bool, inplace: bool) -> tuple:
+                            row_t: Optional[Tensor], ignore_index: int, return_entropy: bool, compute_grad: bool,
+                            inplace: bool) -> tuple:
     """Log-probs first, then the loss and its weights, then the logits gradient (two passes over the logits)."""
     B, T = token_ids.shape
-    logp, lse, entropy = _C.token_logprobs_fwd(logits, token_ids, temperature, ignore_index, return_entropy)
+    logp, lse, entropy = _C.token_logprobs_fwd(logits, token_ids, temperature, ignore_index, return_entropy,
+                                               row_temperature=row_t)
     logp = logp.view(B, T)
     old, ref, adv, keep, iw, sampling = tensors
     per_token_loss, partials = _C.grpo_loss_fwd(logp, old, ref, adv, keep, iw, sampling, setup.cfg)
@@ -51,7 +53,7 @@ def _forward_sequence_level(logits: Tensor, token_ids: Tensor, tensors: tuple, s
         seq_weight = setup.options.sequence_weights(partials[P_COUNT], T)
         grad_logp = _C.grpo_loss_bwd(logp, old, ref, adv, keep, iw, sampling, partials, seq_weight, setup.cfg)
         grad = _C.token_logprobs_bwd(logits, token_ids, lse, grad_logp, None, None, temperature, ignore_index,
-                                     inplace)
+                                     inplace, row_temperature=row_t)
     return logp, lse, entropy, per_token_loss, partials, grad
 
 
@@ -62,6 +64,7 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
     def forward(ctx, logits, token_ids, old_logprobs, advantages, mask, options):
         temperature, ignore_index, return_entropy, inplace_backward, loss_options = options
         B, T = token_ids.shape
+        temperature, row_t = kernel_temperature(temperature, (B, T))
         compute_grad = ctx.needs_input_grad[0]
         inplace = compute_grad and inplace_backward and writable_rows(logits)
         setup = loss_setup(advantages, T, loss_options)
@@ -73,13 +76,14 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
                                loss_options.get("sampling_logprobs"))
         if setup.cfg.seq_pass:
             logp, lse, entropy, per_token_loss, partials, grad = _forward_sequence_level(
-                logits, token_ids, tensors, setup, temperature, ignore_index, return_entropy, compute_grad, inplace)
+                logits, token_ids, tensors, setup, temperature, row_t, ignore_index, return_entropy, compute_grad,
+                inplace)
         else:
             old, ref, adv, keep_t, iw, sampling = tensors
             seq_weight = setup.options.sequence_weights(keep_t.sum(-1), T)
             logp, lse, entropy, per_token_loss, partials, grad = _C.fused_grpo_loss_fwd(
                 logits, token_ids, old, ref, adv, keep_t, iw, sampling, seq_weight, setup.cfg, temperature,
-                ignore_index, return_entropy, compute_grad, inplace)
+                ignore_index, return_entropy, compute_grad, inplace, row_temperature=row_t)
             grad = grad if compute_grad else None
         if inplace:  # the logits now hold their gradient: fail loudly if anything else saved them for its backward
             torch.autograd.graph.increment_version(logits)
@@ -99,7 +103,7 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
         stats = ctx.entropy_graph is not None and not inplace
         ctx.save_for_backward(grad, *((logits, token_ids, lse, entropy) if stats else (None,) * 4))
         ctx.set_materialize_grads(False)
-        ctx.options = (temperature, ignore_index)
+        ctx.options = (temperature, row_t, ignore_index)
         ctx.inplace = inplace
         ctx.consumed = False
         ctx.mark_non_differentiable(per_token_loss, kl, low, high, region)
@@ -118,9 +122,9 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
         if grad_entropy is not None:
             row_entropy, metric = ctx.entropy_graph
             (grad_h,) = torch.autograd.grad(metric, row_entropy, grad_entropy, retain_graph=True)
-            temperature, ignore_index = ctx.options
+            temperature, row_t, ignore_index = ctx.options
             entropy_grad = _C.token_logprobs_bwd(logits, token_ids, lse, None, entropy, grad_h, temperature,
-                                                 ignore_index, False)
+                                                 ignore_index, False, row_temperature=row_t)
         if grad_loss is None:  # only the entropy metric has a gradient: the loss gradient stays as it is
             return entropy_grad, None, None, None, None, None
         if torch.compiler.is_compiling() or not bool(grad_loss == 1):
@@ -139,7 +143,7 @@ def fused_grpo_loss(
     advantages: Tensor,
     mask: Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: Union[float, Tensor] = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     inplace_backward: bool = False,
@@ -152,7 +156,8 @@ def fused_grpo_loss(
     ``per_token_loss``, ``kl`` and the clip metrics come without gradient.
     ``inplace_backward=True``: see the module docstring.
     """
-    options = (float(temperature), int(ignore_index), bool(return_entropy), bool(inplace_backward), loss_options)
+    temperature = temperature if isinstance(temperature, Tensor) else float(temperature)
+    options = (temperature, int(ignore_index), bool(return_entropy), bool(inplace_backward), loss_options)
     loss, per_token_loss, kl, low, high, region, entropy = _FusedGRPOLossFunction.apply(
         kernel_logits(logits), token_ids, old_logprobs, advantages, mask, options
     )

@@ -30,7 +30,7 @@ the saved per-row statistics, which needs the logits, so not after
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import triton
@@ -49,12 +49,12 @@ from .token_logprobs import (
     device_guard,
     forward_rows,
     gradient_rows,
-    inverse_temperature,
     launch_config,
     row_grad,
     row_layout,
     row_log_softmax_stats,
     row_zero,
+    temperature_arguments,
 )
 from .tuning import knob
 
@@ -76,7 +76,7 @@ def _fused_grpo_loss_kernel(
     logp_ptr, lse_ptr, ent_ptr, dx_ptr,
     n_rows, T, n_inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner, V,
     s_keep_b, s_keep_t, s_old_b, s_old_t, s_ref_b, s_ref_t, s_adv_b, s_adv_t, s_iw_b, s_iw_t, s_samp_b, s_samp_t,
-    s_seq_w, inv_t_hi, inv_t_lo, ignore_index,
+    s_seq_w, inv_t_hi, inv_t_lo, t_ptr, ignore_index,
     # the numeric options, loss_table.SCALAR_NAMES (passed by name)
     lo: tl.float64, hi: tl.float64, eps_high: tl.float64, delta: tl.float64, clip_c: tl.float64, beta: tl.float64,
     tau_pos: tl.float64, tau_neg: tl.float64, eps_low: tl.float64, is_min: tl.float64, is_max: tl.float64,
@@ -86,7 +86,7 @@ def _fused_grpo_loss_kernel(
     HAS_IW: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr, ROLLOUT: tl.constexpr,
     IS_MASK: tl.constexpr, HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr, HAS_SAMP: tl.constexpr,
     HAS_OLD: tl.constexpr, RETURN_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, PER_ROW_T: tl.constexpr,
 ):
     check_codes(FAMILY, KL_EST, ROLLOUT)
     inv_t = (tl.zeros([], dtype=ACC) + inv_t_hi) + inv_t_lo
@@ -108,9 +108,13 @@ def _fused_grpo_loss_kernel(
         logp = tl.zeros([], dtype=ACC)
         lse = tl.zeros([], dtype=ACC)
         ent = tl.zeros([], dtype=ACC)
+        t_row = tl.zeros([], dtype=ACC) + 1.0  # the row's own temperature (PER_ROW_T), read where it counts
         if y != ignore_index:
+            if PER_ROW_T:
+                t_row = tl.load(t_ptr + row).to(ACC)
             logp, lse, ent = row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY=RETURN_ENTROPY,
-                                                   BLOCK_V=BLOCK_V, ACC=ACC, EVICTION="evict_last")
+                                                   BLOCK_V=BLOCK_V, ACC=ACC, EVICTION="evict_last", t_row=t_row,
+                                                   PER_ROW_T=PER_ROW_T)
         tl.store(logp_ptr + row, logp.to(logp_ptr.dtype.element_ty))
         tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
         if RETURN_ENTROPY:
@@ -147,7 +151,7 @@ def _fused_grpo_loss_kernel(
             else:
                 row_grad(x_row, dx_row, y, lse, ent, g_logp=w, g_ent=0.0, V=V, inv_t=inv_t, scale=1.0, softcap=1.0,
                          HAS_G_LOGP=True, HAS_G_ENT=False, ACCUMULATE=False, SOFTCAP=False, BLOCK_V=BLOCK_V, ACC=ACC,
-                         REVERSE=True)
+                         REVERSE=True, t_row=t_row, PER_ROW_T=PER_ROW_T)
 
 
 # Persistent grid of the fused kernel: programs per SM. The rows in flight (about SMs × this) must
@@ -168,7 +172,8 @@ def _num_programs(device: torch.device, n_rows: int) -> int:
 
 
 def _fused_single_pass(rows: Rows, ids: Tensor, keep: Tensor, old: Optional[Tensor], adv: Tensor,
-                       cfg: KernelLossOptions, loss_options: dict, temperature: float, ignore_index: int,
+                       cfg: KernelLossOptions, loss_options: dict, temperature: Union[float, Tensor],
+                       ignore_index: int,
                        return_entropy: bool, dx: Optional[Rows]):
     """One launch: ``(logp, lse, entropy or None)`` per row, and the gradient into ``dx`` (unless None)."""
     B, T = keep.shape
@@ -188,14 +193,15 @@ def _fused_single_pass(rows: Rows, ids: Tensor, keep: Tensor, old: Optional[Tens
         strides += token_strides(tensor, B, T)
     strides.append(seq_w.stride(0))
     out = dx if dx is not None else rows
+    temp = temperature_arguments(temperature, rows.x.shape[:-1], rows.x.dtype)
     with device_guard(rows.x):
         _fused_grpo_loss_kernel[(_num_programs(device, n_rows),)](
             rows.x, ids, keep_k, logp if old is None else old, logp if ref is None else ref, adv,
             logp if iw is None else iw, logp if samp is None else samp, seq_w, logp, lse, lse if ent is None else ent,
             out.x, n_rows, T, *rows.strides, out.stride_outer, out.stride_inner, rows.vocab, *strides,
-            *inverse_temperature(temperature), ignore_index, **cfg.scalars._asdict(), **loss_flags(cfg),
+            temp.inv_t_hi, temp.inv_t_lo, temp.pointer(lse), ignore_index, **cfg.scalars._asdict(), **loss_flags(cfg),
             HAS_OLD=old is not None, RETURN_ENTROPY=return_entropy, WRITE_GRAD=dx is not None, BLOCK_V=block,
-            ACC=compute_dtype(rows.x.dtype), num_warps=num_warps,
+            ACC=compute_dtype(rows.x.dtype), PER_ROW_T=temp.PER_ROW_T, num_warps=num_warps,
         )
     return logp, lse, ent
 
@@ -293,7 +299,7 @@ def fused_grpo_loss(
     advantages: Tensor,
     mask: Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: Union[float, Tensor] = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     inplace_backward: bool = False,
@@ -306,7 +312,8 @@ def fused_grpo_loss(
     ``kl`` and the clip metrics come without gradient. ``inplace_backward=True``
     writes the gradient into ``logits`` during the forward.
     """
-    options = (float(temperature), int(ignore_index), bool(return_entropy), bool(inplace_backward), loss_options)
+    temperature = temperature if isinstance(temperature, Tensor) else float(temperature)
+    options = (temperature, int(ignore_index), bool(return_entropy), bool(inplace_backward), loss_options)
     loss, per_token_loss, kl, low, high, region, entropy = _FusedGRPOLossFunction.apply(
         logits, token_ids, old_logprobs, advantages, mask, options
     )

@@ -83,7 +83,8 @@ from .. import linear
 from ..linear import LinearHead, Stats, WeightsFn
 from ..reference import GRPOLossOutput
 from .grpo_loss import compute_dtype, grpo_loss
-from .token_logprobs import backward_rows, device_guard, inverse_temperature, row_layout, token_logprobs
+from .token_logprobs import (backward_rows, device_guard, divide_rn, row_layout, scaled_logits, temperature_arguments,
+                             token_logprobs)
 from .tuning import knob
 
 __all__ = ["TILES", "TileConfig", "TritonTiles", "fused_linear_grpo_loss", "linear_gradient", "linear_stats",
@@ -167,16 +168,19 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, s_hn, s_hk,
 def _linear_stats_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, zy_ptr, x_ptr,
     N, V, H, s_hn, s_hk, s_wv, s_wk, s_xn, token_tiles, splits, tiles_per_split,
-    inv_t_hi, inv_t_lo, scale_arg: tl.float64, softcap_arg: tl.float64, ignore_index,
+    inv_t_hi, inv_t_lo, t_ptr, scale_arg: tl.float64, softcap_arg: tl.float64, ignore_index,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, RETURN_ENTROPY: tl.constexpr, WRITE_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PER_ROW_T: tl.constexpr,
 ):
     tile_n, split = _program_tile(token_tiles, splits, GROUP_N)
     rows = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
     y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     inv_t = (tl.zeros([], dtype=ACC) + inv_t_hi) + inv_t_lo
+    t_row = tl.zeros([BLOCK_N, 1], dtype=ACC) + 1.0  # per-row temperatures, read where the token counts
+    if PER_ROW_T:
+        t_row = tl.load(t_ptr + rows, mask=row_ok & (y != ignore_index), other=1.0).to(ACC)[:, None]
     scale = tl.full((), scale_arg, ACC)
     softcap = tl.full((), softcap_arg, ACC)
 
@@ -192,7 +196,7 @@ def _linear_stats_kernel(
         if WRITE_TILE:
             tl.store(x_ptr + rows[:, None] * s_xn + cols[None, :], x.to(x_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
-        z = tl.where(col_ok[None, :], x * inv_t, float("-inf"))
+        z = tl.where(col_ok[None, :], scaled_logits(x, inv_t, t_row, PER_ROW_T), float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # while every z so far is -inf (a -inf bias), shift by 0 instead: s = a = 0 stay 0
         shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
@@ -218,10 +222,10 @@ def _linear_stats_kernel(
 def _linear_grad_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, da_ptr,
     N, V, H, s_hn, s_hk, s_wv, s_wk, s_dan, token_tiles, splits, tiles_per_split,
-    inv_t_hi, inv_t_lo, scale_arg: tl.float64, softcap_arg: tl.float64, ignore_index,
+    inv_t_hi, inv_t_lo, t_ptr, scale_arg: tl.float64, softcap_arg: tl.float64, ignore_index,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PER_ROW_T: tl.constexpr,
 ):
     tile_n, split = _program_tile(token_tiles, splits, GROUP_N)
     rows = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -229,6 +233,9 @@ def _linear_grad_kernel(
     y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     counted = row_ok & (y != ignore_index)
     inv_t = (tl.zeros([], dtype=ACC) + inv_t_hi) + inv_t_lo
+    t_row = tl.zeros([BLOCK_N, 1], dtype=ACC) + 1.0  # per-row temperatures, read where the token counts
+    if PER_ROW_T:
+        t_row = tl.load(t_ptr + rows, mask=counted, other=1.0).to(ACC)[:, None]
     scale = tl.full((), scale_arg, ACC)
     softcap = tl.full((), softcap_arg, ACC)
     # ignored tokens: lse = +inf, so p = 0 and d a = 0 however large their logits (e^z would overflow to inf)
@@ -248,7 +255,7 @@ def _linear_grad_kernel(
         col_ok = cols < V
         x, tc = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, s_hn, s_hk, s_wv, s_wk, scale,
                              softcap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, ACC, PRECISION, UPCAST)
-        log_p = x * inv_t - lse[:, None]
+        log_p = scaled_logits(x, inv_t, t_row, PER_ROW_T) - lse[:, None]
         p = tl.exp(log_p)
         dz = tl.zeros([BLOCK_N, BLOCK_V], dtype=ACC)
         if HAS_G_LOGP:
@@ -256,7 +263,10 @@ def _linear_grad_kernel(
         if HAS_G_ENT:
             # -p (log p + H), with 0 where p = 0 (z = -inf: log p = -inf)
             dz = dz - g_ent[:, None] * p * tl.where(p > 0, log_p + ent[:, None], 0.0).to(ACC)
-        da = dz * (inv_t * scale)
+        if PER_ROW_T:
+            da = divide_rn(dz, t_row) * scale
+        else:
+            da = dz * (inv_t * scale)
         if SOFTCAP:  # d/dy c tanh(y/c) = 1 − tanh²
             da = da * (1.0 - tc * tc)
         da = tl.where(counted[:, None], da, 0.0)  # an ignored token's hidden state may be garbage (NaN logits)
@@ -341,7 +351,7 @@ class _Launch(NamedTuple):
     ids: Tensor  # [n], contiguous
     grid: _Grid
     args: tuple  # N, V, H, strides of hidden and weight
-    options: tuple  # inv_t_hi, inv_t_lo, scale, softcap, ignore_index
+    options: tuple  # inv_t_hi, inv_t_lo, t_ptr, scale, softcap, ignore_index
     constexprs: dict
     meta: dict  # num_warps, num_stages
 
@@ -351,14 +361,16 @@ def _launch(head: LinearHead, rows: slice) -> _Launch:
     n, (vocab, size) = hidden.shape[0], head.weight.shape
     cfg = tile_config(hidden.dtype, hidden.device)
     grid = _grid(n, vocab, cfg, hidden.device)
+    temp = temperature_arguments(head.row_temperature(rows), (n,), hidden.dtype)
     constexprs = dict(HAS_BIAS=head.bias is not None, SOFTCAP=head.softcap is not None, BLOCK_N=cfg.block_n,
                       BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP_N=GROUP_N, ACC=compute_dtype(hidden.dtype),
-                      PRECISION=_PRECISION.get(hidden.dtype, "ieee"), UPCAST=_upcast(hidden.dtype, hidden.device))
+                      PRECISION=_PRECISION.get(hidden.dtype, "ieee"), UPCAST=_upcast(hidden.dtype, hidden.device),
+                      PER_ROW_T=temp.PER_ROW_T)
     return _Launch(
         hidden, head.token_ids[rows].contiguous(), grid,
         (n, vocab, size, *hidden.stride(), *head.weight.stride()),
-        (*inverse_temperature(head.temperature), head.logit_scale, 1.0 if head.softcap is None else head.softcap,
-         head.ignore_index),
+        (temp.inv_t_hi, temp.inv_t_lo, temp.pointer(hidden), head.logit_scale,
+         1.0 if head.softcap is None else head.softcap, head.ignore_index),
         constexprs, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
     )
 
@@ -430,7 +442,7 @@ def tile_gradient(head: LinearHead, rows: slice, tile: Tensor, stats: Stats, g_l
     ids = head.token_ids[rows].contiguous()
     g_l, g_e = (None if t is None else t.reshape(-1).contiguous() for t in (g_logp, g_entropy))
     backward_rows(x, ids, stats.lse.contiguous(), None if g_e is None else stats.entropy.contiguous(), g_l, g_e,
-                  head.temperature, head.ignore_index, x, scale=head.logit_scale, softcap=head.softcap)
+                  head.row_temperature(rows), head.ignore_index, x, scale=head.logit_scale, softcap=head.softcap)
     return tile
 
 
@@ -478,7 +490,7 @@ def linear_token_logprobs(
     token_ids: Tensor,
     *,
     bias: Optional[Tensor] = None,
-    temperature: float = 1.0,
+    temperature: Union[float, Tensor] = 1.0,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
     ignore_index: int = -100,
@@ -506,7 +518,7 @@ def fused_linear_grpo_loss(
     mask: Tensor,
     *,
     bias: Optional[Tensor] = None,
-    temperature: float = 1.0,
+    temperature: Union[float, Tensor] = 1.0,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
     ignore_index: int = -100,

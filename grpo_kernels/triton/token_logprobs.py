@@ -28,15 +28,19 @@ and a zero gradient, without reading the row.
 Precision: float16/bfloat16/float32 logits are computed in float32 and give
 float32 outputs; float64 logits are computed in float64 inside the kernels (so the
 kernels need a GPU with float64 support, which every CUDA GPU has) and give
-float64 outputs. ``1/T`` is passed as two float32 runtime arguments (hi + lo), so a
-new temperature never recompiles and float64 keeps ~48 bits of ``1/T``.
+float64 outputs. A float temperature is passed as ``1/T`` in two float32 runtime arguments
+(hi + lo; ``z = x · 1/T``), so a new temperature never recompiles and float64 keeps ~48 bits
+of ``1/T``. A per-row temperature tensor (``PER_ROW_T``) is passed as a pointer to one
+temperature per row in the compute dtype, read once per row that counts: ``z = x / T_r`` and
+``dx = dz / T_r``, correctly rounded divisions (``div_rn``) as the reference divides, so new
+values never recompile either.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import triton
@@ -44,25 +48,48 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..reference import broadcast_temperature
 from .tuning import knob
 
 __all__ = ["token_logprobs", "token_logprobs_triton", "TokenLogprobsFunction", "launch_config", "row_layout",
-           "forward_rows", "backward_rows"]
+           "forward_rows", "backward_rows", "temperature_arguments"]
 
 
 # --------------------------------------------------------------------------- #
 # row helpers (shared with the fused loss kernel)
 # --------------------------------------------------------------------------- #
 @triton.jit
+def divide_rn(a, b):
+    """``a / b`` correctly rounded, as torch divides (float32 ``/`` may be approximate on a GPU; float64's is not)."""
+    if a.dtype == tl.float64:
+        q = a / b
+    else:
+        q = tl.math.div_rn(a, b)
+    return q
+
+
+@triton.jit
+def scaled_logits(x, inv_t, t_row, PER_ROW_T: tl.constexpr):
+    """``z = x / T``: ``x · (1/T)`` for a float temperature, ``x / T_r`` (correctly rounded) for a per-row one."""
+    if PER_ROW_T:
+        z = divide_rn(x, t_row)
+    else:
+        z = x * inv_t
+    return z
+
+
+@triton.jit
 def row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
-                          ACC: tl.constexpr, EVICTION: tl.constexpr):
-    """``(logp, lse, H)`` of one row: a single streaming read of its V logits (H = 0 unless RETURN_ENTROPY)."""
+                          ACC: tl.constexpr, EVICTION: tl.constexpr, t_row=1.0, PER_ROW_T: tl.constexpr = False):
+    """``(logp, lse, H)`` of one row: a single streaming read of its V logits (H = 0 unless RETURN_ENTROPY).
+    Its temperature: ``inv_t`` = 1/T, or with PER_ROW_T the row's own ``t_row`` (see :func:`scaled_logits`)."""
     m = tl.full([], float("-inf"), dtype=ACC)  # running max of z
     s = tl.zeros([], dtype=ACC)  # Σ e^{z - m}
     a = tl.zeros([], dtype=ACC)  # Σ e^{z - m} (z - m)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        z = tl.load(x_row + offs, mask=offs < V, other=float("-inf"), eviction_policy=EVICTION).to(ACC) * inv_t
+        z = scaled_logits(tl.load(x_row + offs, mask=offs < V, other=float("-inf"), eviction_policy=EVICTION).to(ACC),
+                          inv_t, t_row, PER_ROW_T)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # While every z so far is -inf, m_new is -inf: shift by 0 instead (s = a = 0 stay 0).
         shift = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
@@ -76,7 +103,7 @@ def row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY: tl.constexpr, BLOC
         m = m_new
     log_s = tl.log(s)
     lse = m + log_s
-    logp = tl.load(x_row + y).to(ACC) * inv_t - lse
+    logp = scaled_logits(tl.load(x_row + y).to(ACC), inv_t, t_row, PER_ROW_T) - lse
     ent = tl.zeros([], dtype=ACC)
     if RETURN_ENTROPY:
         ent = log_s - a / s
@@ -86,8 +113,10 @@ def row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY: tl.constexpr, BLOC
 @triton.jit
 def row_grad(x_row, dx_row, y, lse, ent, g_logp, g_ent, V, inv_t, scale, softcap,
              HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, ACCUMULATE: tl.constexpr, SOFTCAP: tl.constexpr,
-             BLOCK_V: tl.constexpr, ACC: tl.constexpr, REVERSE: tl.constexpr):
+             BLOCK_V: tl.constexpr, ACC: tl.constexpr, REVERSE: tl.constexpr, t_row=1.0,
+             PER_ROW_T: tl.constexpr = False):
     """Write ``dx = g_logp (onehot_y − p)/T − g_H p (log p + H)/T`` for one row (added to dx with ACCUMULATE).
+    The temperature as in :func:`row_log_softmax_stats` (``dz / T_r`` divided with PER_ROW_T).
 
     Times ``scale`` (1 for logits; ``s`` for the logits ``x = s a`` of a
     fused-linear tile) and, with SOFTCAP, ``1 − (x/c)²``: the chain through
@@ -105,7 +134,7 @@ def row_grad(x_row, dx_row, y, lse, ent, g_logp, g_ent, V, inv_t, scale, softcap
         offs = start + tl.arange(0, BLOCK_V)
         mask = offs < V
         x = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-        z = x * inv_t
+        z = scaled_logits(x, inv_t, t_row, PER_ROW_T)
         log_p = z - lse
         p = tl.exp(log_p)
         dz = tl.zeros([BLOCK_V], dtype=ACC)
@@ -114,7 +143,10 @@ def row_grad(x_row, dx_row, y, lse, ent, g_logp, g_ent, V, inv_t, scale, softcap
         if HAS_G_ENT:
             # -p (log p + H), with 0 where p = 0 (z = -inf: log p = -inf).
             dz = dz - g_ent * p * tl.where(p > 0, log_p + ent, 0.0).to(ACC)
-        dx = dz * (inv_t * scale)
+        if PER_ROW_T:
+            dx = divide_rn(dz, t_row) * scale
+        else:
+            dx = dz * (inv_t * scale)
         if SOFTCAP:  # d/du c tanh(u/c) = 1 − tanh² = 1 − (x/c)²
             t = x / softcap
             dx = dx * (1.0 - t * t)
@@ -146,8 +178,8 @@ def row_zero(dx_row, V, BLOCK_V: tl.constexpr):
 def _token_logprobs_fwd_kernel(
     x_ptr, y_ptr, logp_ptr, ent_ptr, lse_ptr,
     n_inner, stride_outer, stride_inner, V,
-    inv_t_hi, inv_t_lo, ignore_index,
-    RETURN_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    inv_t_hi, inv_t_lo, t_ptr, ignore_index,
+    RETURN_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr, PER_ROW_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
@@ -158,7 +190,11 @@ def _token_logprobs_fwd_kernel(
     ent = tl.zeros([], dtype=ACC)
     lse = tl.zeros([], dtype=ACC)
     if y != ignore_index:
-        logp, lse, ent = row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY, BLOCK_V, ACC, EVICTION="evict_first")
+        t_row = tl.zeros([], dtype=ACC) + 1.0
+        if PER_ROW_T:
+            t_row = tl.load(t_ptr + row).to(ACC)
+        logp, lse, ent = row_log_softmax_stats(x_row, y, V, inv_t, RETURN_ENTROPY, BLOCK_V, ACC, EVICTION="evict_first",
+                                               t_row=t_row, PER_ROW_T=PER_ROW_T)
     tl.store(logp_ptr + row, logp.to(logp_ptr.dtype.element_ty))
     tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
     if RETURN_ENTROPY:
@@ -176,9 +212,9 @@ def _token_logprobs_fwd_kernel(
 def _token_logprobs_bwd_kernel(
     x_ptr, dx_ptr, y_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
     n_inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner, V,
-    inv_t_hi, inv_t_lo, scale_arg: tl.float64, softcap_arg: tl.float64, ignore_index,
+    inv_t_hi, inv_t_lo, t_ptr, scale_arg: tl.float64, softcap_arg: tl.float64, ignore_index,
     HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, ACCUMULATE: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr, ACC: tl.constexpr, PER_ROW_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     outer = row // n_inner
@@ -191,6 +227,9 @@ def _token_logprobs_bwd_kernel(
             row_zero(dx_row, V, BLOCK_V)
     else:
         inv_t = (tl.zeros([], dtype=ACC) + inv_t_hi) + inv_t_lo
+        t_row = tl.zeros([], dtype=ACC) + 1.0
+        if PER_ROW_T:
+            t_row = tl.load(t_ptr + row).to(ACC)
         lse = tl.load(lse_ptr + row).to(ACC)
         g_logp = tl.zeros([], dtype=ACC)
         if HAS_G_LOGP:
@@ -201,7 +240,8 @@ def _token_logprobs_bwd_kernel(
             g_ent = tl.load(g_ent_ptr + row).to(ACC)
             ent = tl.load(ent_ptr + row).to(ACC)
         row_grad(x_row, dx_row, y, lse, ent, g_logp, g_ent, V, inv_t, tl.full((), scale_arg, ACC),
-                 tl.full((), softcap_arg, ACC), HAS_G_LOGP, HAS_G_ENT, ACCUMULATE, SOFTCAP, BLOCK_V, ACC, REVERSE=False)
+                 tl.full((), softcap_arg, ACC), HAS_G_LOGP, HAS_G_ENT, ACCUMULATE, SOFTCAP, BLOCK_V, ACC, REVERSE=False,
+                 t_row=t_row, PER_ROW_T=PER_ROW_T)
 
 
 # --------------------------------------------------------------------------- #
@@ -297,6 +337,35 @@ def inverse_temperature(temperature: float) -> tuple[float, float]:
     return hi, lo
 
 
+class TemperatureArguments(NamedTuple):
+    """A temperature as the kernels take it: ``inv_t_hi + inv_t_lo`` = 1/T of a float temperature, or
+    ``per_row``, one temperature per row (``[n_rows]``, contiguous, the compute dtype) with ``PER_ROW_T``."""
+
+    inv_t_hi: float
+    inv_t_lo: float
+    per_row: Optional[Tensor]
+
+    def pointer(self, placeholder: Tensor) -> Tensor:
+        """The ``t_ptr`` argument: ``per_row``, or ``placeholder`` (never read) for a float temperature."""
+        return placeholder if self.per_row is None else self.per_row
+
+    @property
+    def PER_ROW_T(self) -> bool:  # noqa: N802 (the kernels' constexpr)
+        return self.per_row is not None
+
+
+def temperature_arguments(temperature: Union[float, Tensor], lead_shape: Sequence[int],
+                          dtype: torch.dtype) -> TemperatureArguments:
+    """The kernels' temperature for rows of ``[*lead_shape, V]`` logits of ``dtype``: a float as ``1/T`` (hi, lo);
+    a tensor of shape ``lead_shape[:k]`` broadcast over the remaining row dims, in the compute dtype (as the
+    reference rounds it), one per row."""
+    if not isinstance(temperature, Tensor):
+        return TemperatureArguments(*inverse_temperature(temperature), None)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    t = broadcast_temperature(temperature, tuple(lead_shape)).to(acc)
+    return TemperatureArguments(1.0, 0.0, t.reshape(-1).contiguous())
+
+
 def device_guard(t: Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
@@ -305,29 +374,32 @@ def device_guard(t: Tensor):
 # launches
 # --------------------------------------------------------------------------- #
 def forward_rows(
-    rows: Rows, ids: Tensor, temperature: float, ignore_index: int, return_entropy: bool,
+    rows: Rows, ids: Tensor, temperature: Union[float, Tensor], ignore_index: int, return_entropy: bool,
     block_v: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """``(logp, lse, entropy or None)``, each ``[n_rows]`` float32 (float64 for float64 logits)."""
+    """``(logp, lse, entropy or None)``, each ``[n_rows]`` float32 (float64 for float64 logits).
+    ``temperature``: a float, or a tensor broadcast over the rows' leading dims (:func:`temperature_arguments`)."""
     out_dtype = torch.float64 if rows.x.dtype == torch.float64 else torch.float32
     n_rows = ids.numel()
     logp = torch.empty(n_rows, dtype=out_dtype, device=rows.x.device)
     lse = torch.empty(n_rows, dtype=out_dtype, device=rows.x.device)
     ent = torch.empty(n_rows, dtype=out_dtype, device=rows.x.device) if return_entropy else None
     block, num_warps = launch_config(rows.vocab, rows.x.dtype, block_v)
+    temp = temperature_arguments(temperature, rows.x.shape[:-1], rows.x.dtype)
     with device_guard(rows.x):
         _token_logprobs_fwd_kernel[(n_rows,)](
             rows.x, ids, logp, lse if ent is None else ent, lse, *rows.strides, rows.vocab,
-            *inverse_temperature(temperature), ignore_index,
-            RETURN_ENTROPY=return_entropy, BLOCK_V=block, ACC=_acc_dtype(rows.x.dtype), num_warps=num_warps,
+            temp.inv_t_hi, temp.inv_t_lo, temp.pointer(lse), ignore_index,
+            RETURN_ENTROPY=return_entropy, BLOCK_V=block, ACC=_acc_dtype(rows.x.dtype), PER_ROW_T=temp.PER_ROW_T,
+            num_warps=num_warps,
         )
     return logp, lse, ent
 
 
 def backward_rows(
     rows: Rows, ids: Tensor, lse: Tensor, ent: Optional[Tensor], g_logp: Optional[Tensor],
-    g_ent: Optional[Tensor], temperature: float, ignore_index: int, out: Rows, *, accumulate: bool = False,
-    block_v: Optional[int] = None, scale: float = 1.0, softcap: Optional[float] = None,
+    g_ent: Optional[Tensor], temperature: Union[float, Tensor], ignore_index: int, out: Rows, *,
+    accumulate: bool = False, block_v: Optional[int] = None, scale: float = 1.0, softcap: Optional[float] = None,
 ) -> None:
     """Write (or add, with ``accumulate``) the logits gradient for the per-row gradients
     ``g_logp`` and ``g_ent`` (``[n_rows]`` or None) into ``out`` (which may be ``rows``).
@@ -336,14 +408,16 @@ def backward_rows(
     (or ``s a``) get the gradient of the affine logits ``a``, from ``x`` alone."""
     block, num_warps = launch_config(rows.vocab, rows.x.dtype, block_v, "token_logprobs.bwd")
     has_g_ent = g_ent is not None
+    temp = temperature_arguments(temperature, rows.x.shape[:-1], rows.x.dtype)
     with device_guard(rows.x):
         _token_logprobs_bwd_kernel[(ids.numel(),)](
             rows.x, out.x, ids, lse, ent if has_g_ent else lse,
             lse if g_logp is None else g_logp, lse if g_ent is None else g_ent,
             *rows.strides, out.stride_outer, out.stride_inner, rows.vocab,
-            *inverse_temperature(temperature), float(scale), 1.0 if softcap is None else float(softcap), ignore_index,
-            HAS_G_LOGP=g_logp is not None, HAS_G_ENT=has_g_ent, ACCUMULATE=accumulate, SOFTCAP=softcap is not None,
-            BLOCK_V=block, ACC=_acc_dtype(rows.x.dtype), num_warps=num_warps,
+            temp.inv_t_hi, temp.inv_t_lo, temp.pointer(lse), float(scale), 1.0 if softcap is None else float(softcap),
+            ignore_index, HAS_G_LOGP=g_logp is not None, HAS_G_ENT=has_g_ent, ACCUMULATE=accumulate,
+            SOFTCAP=softcap is not None, BLOCK_V=block, ACC=_acc_dtype(rows.x.dtype), PER_ROW_T=temp.PER_ROW_T,
+            num_warps=num_warps,
         )
 
 
@@ -397,7 +471,7 @@ def token_logprobs_triton(
     logits: Tensor,
     token_ids: Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: Union[float, Tensor] = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     inplace_backward: bool = False,
@@ -410,9 +484,10 @@ def token_logprobs_triton(
     returns it as the gradient; ``logits`` must not be used after ``backward``.
     ``block_v`` forces the chunk size (a power of two), for tests.
     """
-    temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive finite float, got {temperature}")
+    if not isinstance(temperature, Tensor):
+        temperature = float(temperature)
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive finite float, got {temperature}")
     return TokenLogprobsFunction.apply(
         logits, token_ids, temperature, int(ignore_index), bool(return_entropy), bool(inplace_backward), block_v
     )
@@ -422,7 +497,7 @@ def token_logprobs(
     logits: Tensor,
     token_ids: Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: Union[float, Tensor] = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     inplace_backward: bool = False,
@@ -439,7 +514,7 @@ def token_logprobs(
 # (the vocabulary-parallel ops of grpo_kernels.distributed)
 # --------------------------------------------------------------------------- #
 def row_statistics(
-    logits: Tensor, ids: Tensor, temperature: float, ignore_index: int, return_entropy: bool,
+    logits: Tensor, ids: Tensor, temperature: Union[float, Tensor], ignore_index: int, return_entropy: bool,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(logp, lse, entropy or None)`` of each row of ``logits [..., V]`` for ``ids [R]`` int64, each ``[R]``
     in the compute dtype (lse of ``logits / T``); ignored rows get 0 everywhere."""
@@ -448,7 +523,7 @@ def row_statistics(
 
 def row_gradient(
     logits: Tensor, ids: Tensor, lse: Tensor, ent: Optional[Tensor], g_logp: Optional[Tensor],
-    g_ent: Optional[Tensor], temperature: float, ignore_index: int, inplace: bool,
+    g_ent: Optional[Tensor], temperature: Union[float, Tensor], ignore_index: int, inplace: bool,
 ) -> Tensor:
     """``d logits = (g_logp (onehot_y − p) − g_ent p (log p + ent)) / T`` with ``p = exp(logits / T − lse)``
     for any given per-row ``lse`` and ``ent`` (an id outside ``[0, V)`` has no one-hot term); in place when
