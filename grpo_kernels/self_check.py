@@ -47,7 +47,7 @@ import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor
@@ -340,7 +340,7 @@ def _loss_inputs(m: _Maker, logp: Tensor, edge: bool):
     return old, ref, adv, mask
 
 
-def _policy_logp(logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
+def _policy_logp(logits: Tensor, ids: Tensor, temperature: Union[float, Tensor]) -> Tensor:
     return reference.token_logprobs(logits.detach().double(), ids, temperature=temperature)
 
 
@@ -426,11 +426,14 @@ def _fused_grpo_loss_cases(m, label, rows, vocab, edge, dtype, size):
     ids = _ids(m, vocab, B, T, edge)
     logits = _edge_logits(m, B * T, vocab, dtype, ids) if edge else m.randn(B * T, vocab, dtype=dtype, scale=3.0)
     logits = logits.view(B, T, vocab)
-    old, ref, adv, mask = _loss_inputs(m, _policy_logp(logits, ids, 0.8), edge)
+    # the old log-probs at the loss's temperatures: ratios near 1 (a ratio past float32's range would make the
+    # float64 reference's loss finite where the float32 kernels' is inf)
+    temperature = _row_temperatures(m, B) if edge else 0.8
+    old, ref, adv, mask = _loss_inputs(m, _policy_logp(logits, ids, temperature), edge)
     for level in ("token", "sequence"):
         for inplace in (False, True):
             name = f"{label}, {level} level, {'in place' if inplace else 'not in place'}"
-            options = dict(temperature=_row_temperatures(m, B) if edge else 0.8, ignore_index=-100,
+            options = dict(temperature=temperature, ignore_index=-100,
                            return_entropy=True, inplace_backward=inplace, **_loss_options(level, ref_logprobs=ref))
             # in place, the logits hold the gradient: an entropy bonus cannot be differentiated then
             yield Case("fused_grpo_loss", name, dtype, (logits, ids, old, adv, mask), options, grad_args=(0,),
