@@ -318,9 +318,10 @@ class _Grads:
     def __init__(self, head: LinearHead, needs: tuple[bool, bool, bool]):
         inputs = (head.hidden, head.weight, head.bias)
         self.dtypes = tuple(None if t is None else t.dtype for t in inputs)
-        # uninitialized until a sweep writes them (beta = 0 there): no zero fill, no extra pass over [V, H]
+        # on the CPU uninitialized until a sweep writes them (beta = 0 there): no zero fill, no pass over [V, H]
+        new = torch.empty if head.hidden.device.type == "cpu" else torch.zeros
         self.hidden, self.weight, self.bias = (
-            torch.empty(t.shape, dtype=head.dtype, device=t.device) if needed and t is not None else None
+            new(t.shape, dtype=head.dtype, device=t.device) if needed and t is not None else None
             for t, needed in zip(inputs, needs)
         )
         self.hidden_written = self.weight_written = False
