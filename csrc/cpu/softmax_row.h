@@ -146,7 +146,9 @@ inline acc_t sum_lanes(acc_t* s) {
 // Runs add_group(v, lanes, part, part_a) over the groups of kSumLanes values of [0, n) (the last group may be
 // shorter), block by block of kSumBlock values with fresh partials, and returns the sums of part (cs) and
 // part_a (ca, only kEntropy) in the fixed lane order. before_block(v0, end) runs ahead of each block.
-template <bool kEntropy, typename acc_t, typename AddGroup, typename BeforeBlock>
+// kUnroll: a whole block's groups unrolled, so that gcc keeps the partials in registers (AVX2 left them in
+// memory; chunk_exp with the entropy, which also stores e, runs slower unrolled).
+template <bool kEntropy, bool kUnroll, typename acc_t, typename AddGroup, typename BeforeBlock>
 inline void sum_in_lanes(int64_t n, AddGroup&& add_group, BeforeBlock&& before_block, acc_t& cs, acc_t& ca) {
   acc_t sum[kSumLanes] = {}, sum_a[kSumLanes] = {};
   for (int64_t v0 = 0; v0 < n; v0 += kSumBlock) {
@@ -154,7 +156,7 @@ inline void sum_in_lanes(int64_t n, AddGroup&& add_group, BeforeBlock&& before_b
     before_block(v0, end);
     acc_t part[kSumLanes] = {}, part_a[kSumLanes] = {};
     int64_t v = v0;
-    if (end - v0 == kSumBlock) {
+    if (kUnroll && end - v0 == kSumBlock) {
 #pragma GCC unroll 16
       for (int64_t g = 0; g < kSumBlock / kSumLanes; ++g) add_group(v0 + g * kSumLanes, kSumLanes, part, part_a);
       v = end;
@@ -212,7 +214,7 @@ inline void chunk_exp(const scalar_t* x, int64_t n, acc_t inv_t, acc_t* e, acc_t
       if constexpr (kEntropy) part_a[l] += times_finite(ev, d);
     }
   };
-  sum_in_lanes<kEntropy>(n, add_group, [](int64_t, int64_t) {}, cs, ca);
+  sum_in_lanes<kEntropy, !kEntropy>(n, add_group, [](int64_t, int64_t) {}, cs, ca);
 }
 
 // e^d for the sums of the forward (d = z - max <= 0, or NaN): exp_nonpositive with ln 2 as one float
@@ -249,7 +251,7 @@ inline void chunk_sums_of(const scalar_t* x, int64_t n, acc_t inv_t, acc_t shift
   auto prefetch = [&](int64_t v0, int64_t end) {
     for (int64_t v = v0; v < end; v += kLine) __builtin_prefetch(next + v);
   };
-  sum_in_lanes<kEntropy>(n, add_group, prefetch, cs, ca);
+  sum_in_lanes<kEntropy, true>(n, add_group, prefetch, cs, ca);
 }
 
 // The forward's chunk: cm, cs and ca as chunk_exp (each e by exp_sum_term), without writing the
