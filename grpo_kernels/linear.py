@@ -62,6 +62,7 @@ the rows' log-sum-exp is final.
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -79,7 +80,8 @@ from .reference import GRPOLossOutput
 # Default tokens per tile off the CPU (GPUs): this many elements per [chunk_size, V] tile (64 MiB in float32).
 DEFAULT_TILE_ELEMENTS = 2**24
 # The CPU's rule (default_chunk_size): rows per thread that the GEMMs need to amortize the per-chunk weight
-# traffic, when the weight does not stay in the last-level cache, and when it does (a GEMM panel per thread).
+# traffic, when the weight does not stay in the last-level cache, and when it does (a GEMM panel per thread);
+# the measurement behind them: docs/design.md, "The chunk size".
 CPU_ROWS_PER_THREAD = 512
 CPU_CACHED_ROWS_PER_THREAD = 128
 # The CPU's tile bound: at most this many bytes per tile, or the weight's size in the compute dtype when larger
@@ -168,6 +170,7 @@ class LinearHead(NamedTuple):
             yield cols, self.weight[cols].to(self.dtype)
 
 
+@functools.lru_cache(maxsize=1)
 def last_level_cache_bytes() -> Optional[int]:
     """The size of the CPU's last-level cache in bytes (Linux sysfs, then ``sysconf``), or None when unknown."""
     best: Optional[tuple[int, int]] = None
