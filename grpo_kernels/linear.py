@@ -85,8 +85,9 @@ DEFAULT_TILE_ELEMENTS = 2**24
 CPU_ROWS_PER_THREAD = 512
 CPU_CACHED_ROWS_PER_THREAD = 128
 # The CPU's tile bound: at most this many bytes per tile, or the weight's size in the compute dtype when larger
-# (the float32 d-weight accumulator the op holds anyway), so that memory stays O(chunk_size·V + V·H), never O(N·V).
-CPU_TILE_BYTES = 64 << 20
+# (the float32 d-weight accumulator the op holds anyway), so that memory stays O(chunk_size·V + V·H), never O(N·V);
+# 128 MiB lets 2 threads have their 2 × 512 rows at V = 32000.
+CPU_TILE_BYTES = 128 << 20
 
 # Per-token weights (g_logp, g_H) of a chunk's log-probs and entropies in Σ g_logp·logp + g_H·H (None: no term),
 # as a function of the chunk's rows and log-probs.

@@ -307,10 +307,12 @@ def test_default_chunk_size_on_cpu_follows_threads_and_cache(monkeypatch):
         t * linear.CPU_ROWS_PER_THREAD for t in (1, 2, 4)]
     assert _cpu_chunk(monkeypatch, V, H, 64, 32 << 20) == H  # bounded by the weight's size
     assert _cpu_chunk(monkeypatch, V, H, 2, None) == 2 * linear.CPU_ROWS_PER_THREAD  # cache unknown: streams
-    # 32000 x 512 at 2 threads: bounded by the 64 MiB tile (524 rows); in float64 by the weight's size (H rows)
-    assert _cpu_chunk(monkeypatch, 32000, 512, 2, 32 << 20) == linear.CPU_TILE_BYTES // (32000 * 4)
-    assert _cpu_chunk(monkeypatch, 32000, 512, 2, 32 << 20, torch.float64) == 512
-    assert _cpu_chunk(monkeypatch, 32000, 512, 2, 32 << 20, torch.bfloat16) == linear.CPU_TILE_BYTES // (32000 * 4)
+    # 32000 x 512 at 8 threads: bounded by the tile's bytes; in float64 by the weight's size (H rows)
+    tile_rows = linear.CPU_TILE_BYTES // (32000 * 4)
+    assert 512 < tile_rows < 8 * linear.CPU_ROWS_PER_THREAD
+    assert _cpu_chunk(monkeypatch, 32000, 512, 8, 32 << 20) == tile_rows
+    assert _cpu_chunk(monkeypatch, 32000, 512, 8, 32 << 20, torch.bfloat16) == tile_rows  # the tile is float32
+    assert _cpu_chunk(monkeypatch, 32000, 512, 8, 32 << 20, torch.float64) == max(512, tile_rows // 2)
     # a weight and accumulator that fit in half the cache: a GEMM panel per thread is enough
     assert _cpu_chunk(monkeypatch, 1000, 64, 4, 32 << 20) == 4 * linear.CPU_CACHED_ROWS_PER_THREAD
     assert _cpu_chunk(monkeypatch, 1000, 64, 4, 256 << 10) == min(4 * linear.CPU_ROWS_PER_THREAD,
