@@ -277,3 +277,19 @@ def test_padding_on_either_side_matches_the_reference(loss_type, level, mask_dty
         t[~mask] = float("nan")
     _check(logp, old, adv, mask.to(mask_dtype), ref_logprobs=ref, beta=0.04, loss_type=loss_type,
            importance_sampling_level=level)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_backward_scaling_rounds_as_torch(dtype):
+    """_C.grpo_loss_backward is (g · w_i) · grad_sums rounded to logp's dtype exactly as torch rounds it: ties to
+    even, overflow to inf, NaN kept."""
+    from grpo_kernels._extension import _C
+
+    g = torch.Generator().manual_seed(29)
+    grad_sums = torch.randn(5, 67, generator=g) * torch.logspace(-30, 30, 67)
+    grad_sums[0, :4] = torch.tensor([1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, float("nan"), -float("inf")])  # bf16 ties
+    seq_weight, grad_loss = torch.rand(5, generator=g), torch.tensor(-1.5)
+    want = ((grad_loss * seq_weight)[:, None] * grad_sums).to(dtype)
+    got = _C.grpo_loss_backward(grad_sums, seq_weight, grad_loss, dtype)
+    assert got.dtype == dtype and torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())

@@ -12,8 +12,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "../common/entry_points.h"
 
@@ -203,6 +206,15 @@ grpo_loss_forward(FwdGrad kernel, const at::Tensor& logp, const c10::optional<at
   return {scalars[0], per_token_loss, scalars[1], scalars[2], scalars[3], scalars[4], grad_sums, seq_weight};
 }
 
+// x rounded to bfloat16 as c10::BFloat16 rounds it (to nearest even, NaN to 0x7FC0), without a branch (a loop
+// of c10::BFloat16 conversions stays scalar).
+inline uint16_t bfloat16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint32_t rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+  return static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);
+}
+
 template <typename acc_t, typename out_t>
 void scale_rows(const acc_t* x, const acc_t* w, acc_t g, int64_t B, int64_t T, out_t* y) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(T, 1));  // small batches: this thread
@@ -211,8 +223,14 @@ void scale_rows(const acc_t* x, const acc_t* w, acc_t g, int64_t B, int64_t T, o
       const acc_t s = g * w[i];
       const acc_t* xi = x + i * T;
       out_t* yi = y + i * T;
+      if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<out_t, c10::BFloat16>) {
+        uint16_t* bits = reinterpret_cast<uint16_t*>(yi);
 #pragma omp simd
-      for (int64_t t = 0; t < T; ++t) yi[t] = static_cast<out_t>(s * xi[t]);
+        for (int64_t t = 0; t < T; ++t) bits[t] = bfloat16_bits(s * xi[t]);
+      } else {
+#pragma omp simd
+        for (int64_t t = 0; t < T; ++t) yi[t] = static_cast<out_t>(s * xi[t]);
+      }
     }
   });
 }
