@@ -209,7 +209,8 @@ def grpo_loss(
     ``kl`` and the clip metrics come without gradient.
     """
     setup = loss_setup(advantages, logprobs.shape[1], loss_options)
-    ref, iw, sampling = (loss_options.get(name) for name in ("ref_logprobs", "importance_weights", "sampling_logprobs"))
+    get = loss_options.get
+    ref, iw, sampling = get("ref_logprobs"), get("importance_weights"), get("sampling_logprobs")
     if logprobs.device.type == "cpu":
         loss, per_token_loss, kl, low, high, region = _cpu_grpo_loss(logprobs, old_logprobs, advantages, mask, ref,
                                                                      iw, sampling, setup)
