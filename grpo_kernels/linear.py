@@ -262,9 +262,7 @@ class RowOpTiles:
     """
 
     tileless_stats = False
-
-    def __init__(self) -> None:
-        self.buffer: Optional[Tensor] = None
+    buffer: Optional[Tensor] = None  # the tile buffer during a CPU sweep (a class default: subclasses need no init)
 
     @contextmanager
     def sweep(self, head: LinearHead) -> Iterator[LinearHead]:
