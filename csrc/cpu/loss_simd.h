@@ -1,8 +1,8 @@
 // The per-token GRPO loss of csrc/common/loss_terms.h in a form gcc vectorizes (float32, CPU): a sequence's
-// tokens in blocks of kTokenBlock, its inputs first gathered into contiguous arrays (neutral values at masked
-// tokens, by selection), then every term computed branch-free in `omp simd` loops, the loss family and the
-// estimator's presence hoisted out of the loops as template parameters and every other option a select on a
-// loop-invariant flag. Same formulas, operand order and tie rules as loss_terms.h (loss::token_terms,
+// tokens in blocks of kTokenBlock, each input read in place where its row is contiguous float32 (else copied
+// into a block buffer), neutral values selected at masked tokens, then every term computed branch-free in
+// `omp simd` loops, the loss family and the estimator's presence hoisted out of the loops as template
+// parameters and every other option a select on a loop-invariant flag. Same formulas, operand order and tie rules as loss_terms.h (loss::token_terms,
 // loss::dloss_dlogp); the exponential is exp_any below (within 2 ulp of std::exp). Selects are written on
 // the bits (select_bits): gcc 12 leaves an AVX2 loop scalar for some float selects (softmax_row.h).
 // Sums over a sequence run in kSumLanes fixed lanes, so results depend neither on the thread count nor on
@@ -22,9 +22,6 @@
 namespace grpo_kernels::cpu::GRPO_CPU_COPY {  // one copy per instruction set (setup.py)
 
 constexpr int64_t kTokenBlock = 512;
-
-// Inlined into the `omp simd` loops (a call left there keeps the loop scalar).
-#define GRPO_ALWAYS_INLINE inline __attribute__((always_inline))
 
 GRPO_ALWAYS_INLINE uint32_t float_bits(float x) {
   uint32_t u;
@@ -46,25 +43,16 @@ GRPO_ALWAYS_INLINE float select_bits(bool c, float a, float b) {
 
 GRPO_ALWAYS_INLINE float flag(bool c) { return select_bits(c, 1.0f, 0.0f); }
 
-// e^x for any float x, within 2 ulp: x = n ln 2 + r as exp_nonpositive (softmax_row.h), 2^n applied as two
+// e^x for any float x, within 2 ulp: e^r 2^n as exp_nonpositive (exp_parts, exp_poly.h), 2^n applied as two
 // exact power-of-two factors so that results overflow to +inf above ~88.72 and underflow through the
 // subnormals to 0 below ~-103; NaN stays NaN (std::max / std::min keep their first argument).
 GRPO_ALWAYS_INLINE float exp_any(float x) {
-  const float xc = std::min(std::max(x, -104.0f), 89.0f);
-  const float t = madd(xc, 1.44269504088896341f, 12582912.0f);  // 1.5·2^23: round(x / ln 2) in the low bits
-  const float n = t - 12582912.0f;
-  const float r = madd(n, 2.12194440e-4f, madd(n, -0.693359375f, xc));
-  float p = 8.2895793021e-3f;
-  p = madd(p, r, 4.1897822171e-2f);
-  p = madd(p, r, 1.6667649150e-1f);
-  p = madd(p, r, 4.9999150634e-1f);
-  p = madd(p, r, 9.9999970198e-1f);
-  p = madd(p, r, 1.0f);
-  const int32_t ni = static_cast<int32_t>(float_bits(t) - float_bits(12582912.0f));  // n, from t's low bits
-  const int32_t n1 = ni >> 1, n2 = ni - n1;                                           // each in [-75, 65]
+  const ExpParts e = exp_parts(std::min(std::max(x, -104.0f), 89.0f));
+  const int32_t ni = static_cast<int32_t>(e.t_bits - kRoundShifterBits);  // n
+  const int32_t n1 = ni >> 1, n2 = ni - n1;                                // each in [-75, 65]
   const float s1 = bits_float(static_cast<uint32_t>(n1 + 127) << 23);
   const float s2 = bits_float(static_cast<uint32_t>(n2 + 127) << 23);
-  return p * s1 * s2;
+  return e.poly * s1 * s2;
 }
 
 GRPO_ALWAYS_INLINE float clampf(float x, float low, float high) { return std::min(std::max(x, low), high); }
@@ -101,7 +89,7 @@ GRPO_ALWAYS_INLINE TokenOut token_out(const TokenOptions& o, const TokenIn& in) 
   const bool has_clip_c = !kPlain && o.has_clip_c, bias_kl = !kPlain && o.bias_kl;
   const KlEstimator kl_estimator = kPlain ? KlEstimator::kK3 : o.kl_estimator;
   float r = logp - old;
-  const float dr = select_bits(!has_log_clamp | ((r >= -s.log_clamp) & (r <= s.log_clamp)), 1.0f, 0.0f);
+  const float dr = select_bits((!has_log_clamp) | ((r >= -s.log_clamp) & (r <= s.log_clamp)), 1.0f, 0.0f);
   r = select_bits(has_log_clamp, clampf(r, -s.log_clamp, s.log_clamp), r);
   const float coef_1 = kShared ? o.shared_coef : exp_any(r);
   float loss = 0.0f, kl_out = 0.0f, low = 0.0f, high = 0.0f, dcoef = 0.0f, dlogp = 0.0f;  // scalars: a struct
