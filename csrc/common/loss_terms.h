@@ -445,6 +445,12 @@ GRPO_HOST_DEVICE inline void scale_policy(TokenTerms<T>& t, T factor) {
 template <typename T>
 GRPO_HOST_DEVICE inline TokenTerms<T> token_terms(const LossConfig& cfg, const LossScalars<T>& s,
                                                     const SeqStats<T>& seq, const TokenInputs<T>& in, bool has_ref) {
+  // The rollout weight first, while few values are live (the CUDA fused kernel's registers are tight).
+  T rollout_w = T(1);
+  if (!folds_importance_weights(cfg.family)) {
+    if (cfg.rollout_is == RolloutLevel::kToken) rollout_w = token_rollout_weight(cfg, s, in);
+    if (cfg.rollout_is == RolloutLevel::kSequence) rollout_w = sequence_rollout_weight(cfg, s, seq.is_weight, in);
+  }
   T dr;
   const T r = log_ratio(cfg, s, in.logp, in.old_logp, dr);
   const T coef_1 = std::exp(cfg.shared_ratio ? seq.log_ratio : r);
@@ -460,8 +466,7 @@ GRPO_HOST_DEVICE inline TokenTerms<T> token_terms(const LossConfig& cfg, const L
     scale_policy(t, in.adv >= T(0) || seq.kl <= s.off_policy_threshold ? T(1) : T(0));
   }
   if (!folds_importance_weights(cfg.family)) {
-    if (cfg.rollout_is == RolloutLevel::kToken) scale_policy(t, token_rollout_weight(cfg, s, in));
-    if (cfg.rollout_is == RolloutLevel::kSequence) scale_policy(t, sequence_rollout_weight(cfg, s, seq.is_weight, in));
+    if (cfg.rollout_is != RolloutLevel::kNone) scale_policy(t, rollout_w);
     scale_policy(t, in.iw);
   }
   if (has_ref) {
