@@ -7,8 +7,8 @@ compiles the extension, and ``tests/test_codegen.py`` checks the committed heade
 This module reads only ``grpo_kernels/loss_table.py``, loaded from its file path (no torch, no import
 of the package), so ``setup.py`` can load this file the same way. The header holds:
 
-- ``enum class Family``, ``KlEstimator``, ``RolloutLevel``, ``RolloutGate``: the IntEnums of the table, values = kernel codes;
-  for each, ``kNum<Enum>Codes``, ``<enum>_from_code`` (checked conversion from an int) and ``is_known``;
+- ``enum class Family``, ``KlEstimator``, ``RolloutLevel``, ``RolloutGate``: the IntEnums of the table, values =
+  kernel codes; for each, ``kNum<Enum>Codes``, ``<enum>_from_code`` (checked conversion from an int) and ``is_known``;
 - ``folds_importance_weights(Family)`` from ``FOLDS_IMPORTANCE_WEIGHTS``, VESPO's log-weight bounds, the
   divergence gates' probability clamp;
 - ``template <typename T = double> struct LossScalars``: one field per ``KERNEL_SCALARS`` row, in order,

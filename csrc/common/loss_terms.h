@@ -11,7 +11,7 @@
 // Derivatives follow PyTorch's autograd on the reference at ties: clamp passes
 // the gradient at its bounds, torch.min splits a tie 0.5 / 0.5.
 //
-// Every switch over a code (Family, KlEstimator) names its cases; its default
+// Every switch over a code (Family, KlEstimator, RolloutGate) names its cases; its default
 // gives NaN (loss and derivatives). The entry points reject such a code on the
 // host before any kernel runs (check_config, loss_config.h), so the default is
 // reached only by a LossConfig that skipped that check, and then it cannot
@@ -440,16 +440,20 @@ GRPO_HOST_DEVICE inline void scale_policy(TokenTerms<T>& t, T factor) {
   t.dloss_dlogp *= factor;
 }
 
-// The whole per-token loss: policy term; times the off-policy mask, the rollout ratio and iw (the last two
+// The whole per-token loss: policy term; times the off-policy mask, the rollout weight and iw (the last two
 // folded into the sequence weight instead for vespo and gmpo); plus beta · KL (KL computed when has_ref).
-template <typename T>
+// kRolloutGates = false: the ratio gate only (rollout_is_gate must be kRatio), for the single-pass fused kernels
+// (the CUDA one's registers do not hold a divergence gate's statistic); the host composes the loss for the others.
+template <typename T, bool kRolloutGates = true>
 GRPO_HOST_DEVICE inline TokenTerms<T> token_terms(const LossConfig& cfg, const LossScalars<T>& s,
                                                     const SeqStats<T>& seq, const TokenInputs<T>& in, bool has_ref) {
-  // The rollout weight first, while few values are live (the CUDA fused kernel's registers are tight).
+  // A gate's rollout weight first, while few values are live.
   T rollout_w = T(1);
-  if (!folds_importance_weights(cfg.family)) {
-    if (cfg.rollout_is == RolloutLevel::kToken) rollout_w = token_rollout_weight(cfg, s, in);
-    if (cfg.rollout_is == RolloutLevel::kSequence) rollout_w = sequence_rollout_weight(cfg, s, seq.is_weight, in);
+  if constexpr (kRolloutGates) {
+    if (!folds_importance_weights(cfg.family)) {
+      if (cfg.rollout_is == RolloutLevel::kToken) rollout_w = token_rollout_weight(cfg, s, in);
+      if (cfg.rollout_is == RolloutLevel::kSequence) rollout_w = sequence_rollout_weight(cfg, s, seq.is_weight, in);
+    }
   }
   T dr;
   const T r = log_ratio(cfg, s, in.logp, in.old_logp, dr);
@@ -466,7 +470,12 @@ GRPO_HOST_DEVICE inline TokenTerms<T> token_terms(const LossConfig& cfg, const L
     scale_policy(t, in.adv >= T(0) || seq.kl <= s.off_policy_threshold ? T(1) : T(0));
   }
   if (!folds_importance_weights(cfg.family)) {
-    if (cfg.rollout_is != RolloutLevel::kNone) scale_policy(t, rollout_w);
+    if constexpr (kRolloutGates) {
+      if (cfg.rollout_is != RolloutLevel::kNone) scale_policy(t, rollout_w);
+    } else {
+      if (cfg.rollout_is == RolloutLevel::kToken) scale_policy(t, rollout_ratio(cfg, s, rollout_log_ratio(in)));
+      if (cfg.rollout_is == RolloutLevel::kSequence) scale_policy(t, seq.is_weight);
+    }
     scale_policy(t, in.iw);
   }
   if (has_ref) {
