@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..loss_table import ROLLOUT_GATE_PROB_CLAMP
 from ..reference import compute_dtype, kl_estimate
+from .common import LossAggregation, masked_mean
 
 POLICY_LOSS_TYPES = ("ppo", "gspo")
 IS_CORRECTION_LEVELS = ("off", "token", "seq")
@@ -210,14 +211,8 @@ def _kernel_gate(level: str, mode: str, gating: str, low: float, high: float) ->
 # --------------------------------------------------------------------------- #
 # aggregation
 # --------------------------------------------------------------------------- #
-class _Aggregation(NamedTuple):
-    loss_type: str
-    options: dict
-    scale: Union[float, Tensor]  # our loss times scale = OpenRLHF's aggregate_loss
-
-
 def _aggregation(token_level_loss: bool, mask: Tensor, dp_size: int, batch_num_tokens, global_batch_size
-                 ) -> _Aggregation:
+                 ) -> LossAggregation:
     """The loss type, its options and the scale that give OpenRLHF's ``aggregate_loss``.
 
     With S_i the masked loss sum of row i and n_i its token count: token level Σ S_i / Σ n_i, or
@@ -226,20 +221,15 @@ def _aggregation(token_level_loss: bool, mask: Tensor, dp_size: int, batch_num_t
     """
     if token_level_loss:
         if batch_num_tokens is None:
-            return _Aggregation("dapo", {}, 1.0)
-        return _Aggregation("dapo", {"num_items_in_batch": batch_num_tokens}, float(dp_size))
+            return LossAggregation("dapo", {}, 1.0)
+        return LossAggregation("dapo", {"num_items_in_batch": batch_num_tokens}, float(dp_size))
     batch = mask.shape[0]
     if global_batch_size is None:
         sequences = mask.any(-1).sum().clamp(min=1).to(torch.float64)
-        return _Aggregation("grpo", {}, batch / sequences)
+        return LossAggregation("grpo", {}, batch / sequences)
     if isinstance(global_batch_size, Tensor):  # OpenRLHF's are float32: the scale in float64, rounded once
         global_batch_size = global_batch_size.to(torch.float64)
-    return _Aggregation("grpo", {}, batch * dp_size / global_batch_size)
-
-
-def _masked_mean(x: Tensor, keep: Tensor) -> Tensor:
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    return torch.where(keep, x, zero).sum() / keep.sum().clamp(min=1).to(x.dtype)
+    return LossAggregation("grpo", {}, batch * dp_size / global_batch_size)
 
 
 # --------------------------------------------------------------------------- #
@@ -349,9 +339,9 @@ class PolicyLoss(nn.Module):
                 if self.is_correction_level == "seq":
                     is_filter_ratio = corr.filtered.float().mean()
                 else:
-                    is_filter_ratio = _masked_mean(corr.filtered.float(), keep)
+                    is_filter_ratio = masked_mean(corr.filtered.float(), keep)
                 dtype = compute_dtype(log_probs)
-                vllm_kl = _masked_mean(rollout_log_probs.detach().to(dtype) - old_log_probs.detach().to(dtype), keep)
+                vllm_kl = masked_mean(rollout_log_probs.detach().to(dtype) - old_log_probs.detach().to(dtype), keep)
         else:
             raise ValueError(f"Invalid policy loss type: {self.policy_loss_type}")
         out = ops.grpo_loss(log_probs, base, advantages, mask, backend=self.backend, **options)
