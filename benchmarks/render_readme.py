@@ -5,7 +5,8 @@ preset, the newest ``benchmarks/results/*.json`` that git tracks (by the run's
 date) gives a summary table (and, with fused-linear cases, their share of the
 matmul floor); everything between the two marker comments is replaced, so no
 number in that section is typed by hand. A later run of another preset (a
-partial or a sweep) so never hides a device's main run. The README shows the
+partial or a sweep) so never hides a device's main run, nor does a run that forced
+the cpu kernels' baseline copy (``GRPO_KERNELS_CPU_ISA``). The README shows the
 tables of each device's main run (its first preset in the order of
 :data:`benchmarks.presets.PRESETS`) and links the other presets' runs in one
 line, so that the README stays short (at most 250 lines) as result files accumulate.
@@ -35,17 +36,18 @@ def committed_results() -> list[Path]:
 
 
 def newest_per_device(paths: list[Path]) -> list[dict]:
-    """The newest run of each (device kind, preset) among ``paths``, by device kind, then preset in the order of
-    :data:`benchmarks.presets.PRESETS`."""
-    newest: dict[tuple[str, str], dict] = {}
+    """The newest run of each (device kind, preset, forced cpu-kernel copy) among ``paths``, by device kind,
+    then preset in the order of :data:`benchmarks.presets.PRESETS`, the run on the copy the CPU chose first."""
+    newest: dict[tuple[str, str, str], dict] = {}
     for path in paths:
         run = load(path)
-        key = (run["environment"]["device"], run["preset"])
-        if key not in newest or run["environment"]["date"] > newest[key]["environment"]["date"]:
+        env = run["environment"]
+        key = (env["device"], run["preset"], env.get("extension_cpu_isa_forced") or "")
+        if key not in newest or env["date"] > newest[key]["environment"]["date"]:
             newest[key] = run
     order = list(PRESETS)  # the main preset of a device first
     return [newest[k] for k in sorted(newest, key=lambda k: (k[0], order.index(k[1]) if k[1] in order else len(order),
-                                                              k[1]))]
+                                                              k[2], k[1]))]
 
 
 def section(runs: list[dict]) -> str:
@@ -59,10 +61,16 @@ def section(runs: list[dict]) -> str:
         main, *others = [run for run in runs if run["environment"]["device"] == device]
         parts += _run_tables(main)
         if others:
-            links = ", ".join(f"`{run['preset']}` [{run['stem']}.md](benchmarks/results/{run['stem']}.md)"
+            links = ", ".join(f"`{run['preset']}`{_forced(run)} [{run['stem']}.md](benchmarks/results/{run['stem']}.md)"
                               for run in others)
             parts.append(f"Other {device.upper()} runs: {links}.")
     return "\n\n".join(parts)
+
+
+def _forced(run: dict) -> str:
+    """`` on the <copy> copy`` for a run that forced the cpu kernels' copy, else ``""``."""
+    forced = run["environment"].get("extension_cpu_isa_forced")
+    return f" on the {forced} copy of the cpu kernels" if forced else ""
 
 
 def _run_tables(run: dict) -> list[str]:

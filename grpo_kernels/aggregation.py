@@ -74,6 +74,44 @@ def rule(
     raise ValueError(f"unknown aggregation {aggregation!r} of loss_type {loss_type!r}")
 
 
+class KernelRule(NamedTuple):
+    """:func:`rule` as plain numbers, for an aggregation done by host code (the CPU backend's
+    ``_C.LossAggregation``): ``loss = reduce_i(S_i / max(n_i, 1) if count_per_sequence else S_i) / batch`` with
+    ``batch = max(N, 1)`` (N masked tokens) when ``batch_tokens``, else ``B · batch_length``, else
+    ``max(batch_number, 1)``, else no division."""
+
+    count_per_sequence: bool
+    mean_over_sequences: bool
+    batch_tokens: bool
+    batch_length: Optional[int]
+    batch_number: Optional[float]
+
+
+def kernel_rule(
+    loss_type: str,
+    T: int,
+    *,
+    max_completion_length: Optional[int] = None,
+    num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
+) -> KernelRule:
+    """The arithmetic of ``loss_type``'s aggregation as :func:`rule` forms it, in numbers (a tensor
+    ``num_items_in_batch`` is read: a host synchronization on an accelerator)."""
+    aggregation = loss_type_row(loss_type).aggregation
+    if aggregation is Aggregation.SEQUENCE_MEAN:
+        return KernelRule(True, True, False, None, None)
+    if aggregation is Aggregation.BATCH_TOKEN_MEAN:
+        return KernelRule(False, False, True, None, None)
+    if aggregation is Aggregation.FIXED_LENGTH:
+        return KernelRule(False, False, False, T if max_completion_length is None else max_completion_length, None)
+    if aggregation is Aggregation.TOKEN_SUM:
+        if num_items_in_batch is None:
+            return KernelRule(False, False, True, None, None)
+        return KernelRule(False, False, False, None, float(num_items_in_batch))
+    if aggregation is Aggregation.SEQUENCE_SUM:
+        return KernelRule(False, True, False, None, None)
+    raise ValueError(f"unknown aggregation {aggregation!r} of loss_type {loss_type!r}")
+
+
 def reduce(seq_sums: Tensor, r: Rule, total: Optional[Tensor] = None) -> Tensor:
     """The loss from the sequences' masked loss sums ``[B]`` (as the reference writes it; ``total``: their sum,
     when the caller has it)."""

@@ -21,8 +21,9 @@ rounded to bfloat16; then ``x = c tanh(x / c)`` with a softcap. Its gradient
 ``dz`` (from the row kernels' backward, ``w (onehot − p) / T`` for per-token
 weights ``w``) is chained through the softcap and the scale in place and
 reduced into float32 accumulators: ``dh[rows] = dx W``, ``dW += dxᵀ h``,
-``db += Σ_rows dx``. A weight of another dtype is cast in vocabulary blocks
-of at most a tile's size, never as a whole.
+``db += Σ_rows dx``. A weight of another dtype is cast once per sweep on the
+CPU (:meth:`RowOpTiles.sweep`), elsewhere in vocabulary blocks of at most a
+tile's size. ``chunk_size`` defaults to :func:`default_chunk_size`.
 
 ``fused_linear_grpo_loss`` forms the gradient in the forward. Without a sequence
 pass (token-level ratios; :func:`grpo_kernels.kernel_options.needs_sequence_pass`)
@@ -45,7 +46,8 @@ Memory beyond the inputs: one or two ``[chunk_size, V]`` tiles (two with a
 softcap, whose derivative needs the tile after the row kernels wrote its
 gradient), the float32 accumulators of the gradients (``[N, H]``, ``[V, H]``,
 ``[V]``, held from the forward to the backward in the fused loss) and
-``O(N)`` per-token vectors; never ``N × V``.
+``O(N)`` per-token vectors, and on the CPU a weight copy in the compute dtype
+for a weight of another dtype (``V × H``, during a sweep); never ``N × V``.
 
 FLOPs of the matmuls (``N`` tokens, vocabulary ``V``, hidden size ``H``):
 the fused loss at token level takes ``6 N V H`` (logits, ``d hidden``,
@@ -60,7 +62,10 @@ the rows' log-sum-exp is final.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import functools
+import os
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Optional, Protocol, Union
 
 import torch
@@ -72,8 +77,16 @@ from .aggregation import sequence_weights
 from .kernel_options import needs_sequence_pass
 from .reference import GRPOLossOutput
 
-# Default tokens per tile: this many elements per [chunk_size, V] tile (64 MiB in float32).
+# Default tokens per tile off the CPU (GPUs): this many elements per [chunk_size, V] tile (64 MiB in float32).
 DEFAULT_TILE_ELEMENTS = 2**24
+# The CPU's rule (default_chunk_size): rows per thread that the GEMMs need to amortize the per-chunk weight
+# traffic, when the weight does not stay in the last-level cache, and when it does (a GEMM panel per thread);
+# the measurement behind them: docs/design.md, "The chunk size".
+CPU_ROWS_PER_THREAD = 512
+CPU_CACHED_ROWS_PER_THREAD = 128
+# The CPU's tile bound: at most this many bytes per tile, or the weight's size in the compute dtype when larger
+# (the float32 d-weight accumulator the op holds anyway), so that memory stays O(chunk_size·V + V·H), never O(N·V).
+CPU_TILE_BYTES = 64 << 20
 
 # Per-token weights (g_logp, g_H) of a chunk's log-probs and entropies in Σ g_logp·logp + g_H·H (None: no term),
 # as a function of the chunk's rows and log-probs.
@@ -157,12 +170,61 @@ class LinearHead(NamedTuple):
             yield cols, self.weight[cols].to(self.dtype)
 
 
+@functools.lru_cache(maxsize=1)
+def last_level_cache_bytes() -> Optional[int]:
+    """The size of the CPU's last-level cache in bytes (Linux sysfs, then ``sysconf``), or None when unknown."""
+    best: Optional[tuple[int, int]] = None
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            kind = (index / "type").read_text().strip()
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip().upper()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        size = int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text) if text.isdigit() else 0
+        if kind in ("Unified", "Data") and size and (best is None or level > best[0]):
+            best = (level, size)
+    if best is not None:
+        return best[1]
+    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+        try:
+            size = os.sysconf(name)
+        except (ValueError, OSError):
+            continue
+        if size > 0:
+            return size
+    return None
+
+
+def default_chunk_size(vocab: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Tokens per ``[chunk_size, V]`` tile when the caller gives none (the inputs' ``dtype``, the tile's is the
+    compute dtype).
+
+    Off the CPU: a 64 MiB float32 tile (``DEFAULT_TILE_ELEMENTS // V``). On the CPU, from the thread count
+    (``torch.get_num_threads()``, the GEMMs' threads) and the last-level cache: each chunk streams the weight
+    through the logits and ``d hidden`` products and the ``d weight`` accumulator through its update, work that
+    does not shrink with the chunk, so the chunk needs ``CPU_ROWS_PER_THREAD`` rows per thread for its
+    ``6·c·V·H`` FLOPs to hide it (``CPU_CACHED_ROWS_PER_THREAD`` when the weight and the accumulator fit in half
+    the cache and the streams hit it); the tile is bounded by ``CPU_TILE_BYTES`` or the weight's size in the
+    compute dtype, whichever is larger, so memory stays O(chunk·V + V·H), never O(N·V).
+    """
+    if device.type != "cpu":
+        return max(1, DEFAULT_TILE_ELEMENTS // vocab)
+    item = reference.compute_dtype(torch.empty((), dtype=dtype)).itemsize
+    cache = last_level_cache_bytes()
+    cached = cache is not None and 2 * vocab * hidden_size * item <= cache // 2
+    rows = torch.get_num_threads() * (CPU_CACHED_ROWS_PER_THREAD if cached else CPU_ROWS_PER_THREAD)
+    bound = max(CPU_TILE_BYTES, vocab * hidden_size * item) // (vocab * item)
+    return max(1, min(rows, bound))
+
+
 def _head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], token_ids: Tensor,
           temperature: Union[float, Tensor],
           logit_scale: float, softcap: Optional[float], ignore_index: int, chunk_size: Optional[int],
           backend: str, kernel: KernelLookup, tiles: Optional[Tiles]) -> LinearHead:
     if chunk_size is None:
-        chunk_size = max(1, DEFAULT_TILE_ELEMENTS // weight.shape[0])
+        chunk_size = default_chunk_size(weight.shape[0], weight.shape[1], hidden.dtype, hidden.device)
     temperature = (reference.broadcast_temperature(temperature, tuple(token_ids.shape)).reshape(-1)
                    if isinstance(temperature, Tensor) else float(temperature))
     return LinearHead(hidden.reshape(-1, hidden.shape[-1]), weight, bias, token_ids.reshape(-1), temperature,
@@ -170,12 +232,14 @@ def _head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], token_ids: Ten
                       int(chunk_size), backend, kernel, RowOpTiles() if tiles is None else tiles)
 
 
-def _tile(head: LinearHead, h: Tensor) -> Tensor:
-    """The transformed logits ``[n, V]`` of the hidden states ``h [n, H]`` (already in the compute dtype)."""
+def _tile(head: LinearHead, h: Tensor, buffer: Optional[Tensor] = None) -> Tensor:
+    """The transformed logits ``[n, V]`` of the hidden states ``h [n, H]`` (already in the compute dtype), in the
+    first ``n`` rows of ``buffer`` when given."""
     if head.weight.dtype == head.dtype:
-        tile = torch.matmul(h, head.weight.t())
+        tile = (torch.matmul(h, head.weight.t()) if buffer is None
+                else torch.matmul(h, head.weight.t(), out=buffer[:h.shape[0]]))
     else:
-        tile = h.new_empty((h.shape[0], head.weight.shape[0]))
+        tile = h.new_empty((h.shape[0], head.weight.shape[0])) if buffer is None else buffer[:h.shape[0]]
         for cols, w in head.weight_blocks(h.shape[0]):
             tile[:, cols] = torch.matmul(h, w.t())
     if head.bias is not None:
@@ -190,14 +254,36 @@ def _tile(head: LinearHead, h: Tensor) -> Tensor:
 class RowOpTiles:
     """The chunked driver's provider: a ``[n, V]`` logits tile by ``torch.matmul``, the backend's row ops on it.
 
-    Statistics and gradient come from the same tile, so ``known`` is not used.
+    Statistics and gradient come from the same tile, so ``known`` is not used. During a sweep on the CPU
+    (:meth:`sweep`) every chunk's tile is formed in one buffer and the weight is read in the compute dtype from
+    one copy (a float32 copy of a bf16/fp16 weight, ``V·H·4`` bytes, made once per sweep): a new 64 MiB tile per
+    chunk costs its page faults again, and a weight cast per chunk costs ``2·N/c`` casts instead of one.
     """
 
     tileless_stats = False
 
+    def __init__(self) -> None:
+        self.buffer: Optional[Tensor] = None
+
+    @contextmanager
+    def sweep(self, head: LinearHead) -> Iterator[LinearHead]:
+        """The head of one sweep: on the CPU with its weight in the compute dtype, and the tile buffer held until
+        the sweep ends (never from the forward to the backward)."""
+        if head.hidden.device.type != "cpu" or head.hidden.shape[0] == 0:
+            yield head
+            return
+        if head.weight.dtype != head.dtype:
+            head = head._replace(weight=head.weight.to(head.dtype))
+        self.buffer = head.hidden.new_empty((min(head.chunk_size, head.hidden.shape[0]), head.weight.shape[0]),
+                                            dtype=head.dtype)
+        try:
+            yield head
+        finally:
+            self.buffer = None
+
     def __call__(self, head: LinearHead, rows: slice, h: Tensor, return_entropy: bool, weights: Optional[WeightsFn],
                  known: Optional[Stats]) -> tuple[Stats, Optional[Tensor]]:
-        tile = _tile(head, h)
+        tile = _tile(head, h, self.buffer)
         with torch.enable_grad() if weights is not None else nullcontext():
             tile.requires_grad_(weights is not None)
             out = self.token_logprobs(head, tile, rows, return_entropy)
@@ -235,26 +321,45 @@ class _Grads:
     def __init__(self, head: LinearHead, needs: tuple[bool, bool, bool]):
         inputs = (head.hidden, head.weight, head.bias)
         self.dtypes = tuple(None if t is None else t.dtype for t in inputs)
+        # on the CPU uninitialized until a sweep writes them (beta = 0 there): no zero fill, no pass over [V, H]
+        new = torch.empty if head.hidden.device.type == "cpu" else torch.zeros
         self.hidden, self.weight, self.bias = (
-            torch.zeros(t.shape, dtype=head.dtype, device=t.device) if needed and t is not None else None
+            new(t.shape, dtype=head.dtype, device=t.device) if needed and t is not None else None
             for t, needed in zip(inputs, needs)
         )
+        self.hidden_written = self.weight_written = False
 
     def add(self, head: LinearHead, rows: slice, h: Tensor, dx: Tensor) -> None:
         """Add the contribution of the logits gradient ``dx [n, V]`` of the tokens ``rows`` (hidden states ``h``).
-        An ignored token's ``dx`` row is 0 and its hidden state is selected away (0 · NaN would reach ``d weight``)."""
+        In the first sweep each chunk writes its rows of ``d hidden`` and the first chunk writes ``d weight`` and
+        ``d bias``. An ignored token's ``dx`` row is 0 and its hidden state is selected away (0 · NaN would reach
+        ``d weight``)."""
+        if self.hidden is not None:
+            for i, (cols, w) in enumerate(head.weight_blocks(dx.shape[0])):
+                self.hidden[rows].addmm_(dx[:, cols], w, beta=1.0 if self.hidden_written or i else 0.0)
         if self.weight is not None:
             ignored = head.token_ids[rows] == head.ignore_index
-            h = torch.where(ignored[:, None], torch.zeros((), dtype=h.dtype, device=h.device), h)
-        for cols, w in head.weight_blocks(dx.shape[0]) if self.hidden is not None or self.weight is not None else ():
-            if self.hidden is not None:
-                self.hidden[rows].addmm_(dx[:, cols], w)
-            if self.weight is not None:
-                self.weight[cols].addmm_(dx[:, cols].t(), h)
+            if h.device.type != "cpu" or bool(ignored.any()):  # no host sync on a GPU
+                h = torch.where(ignored[:, None], torch.zeros((), dtype=h.dtype, device=h.device), h)
+            self.weight.addmm_(dx.t(), h, beta=1.0 if self.weight_written else 0.0)
         if self.bias is not None:
-            self.bias += dx.sum(0)
+            if self.weight_written:
+                self.bias += dx.sum(0)
+            else:
+                torch.sum(dx, 0, out=self.bias)
+        self.weight_written = True
+
+    def end_sweep(self) -> None:
+        """After a sweep (every token's chunk added): zeros where it had no token at all."""
+        if not self.weight_written:
+            for g in (self.weight, self.bias):
+                if g is not None:
+                    g.zero_()
+        self.hidden_written = self.weight_written = True
 
     def scale_(self, factor: Tensor) -> None:
+        if factor.device.type == "cpu" and bool(factor == 1):  # exact as it is: no pass over [V, H] (no GPU sync)
+            return
         for g in (self.hidden, self.weight, self.bias):
             if g is not None:
                 g.mul_(factor.to(g.dtype))
@@ -282,15 +387,19 @@ def _sweep(head: LinearHead, return_entropy: bool, *, weights: Optional[WeightsF
     n = head.hidden.shape[0]
     out = Stats(*(torch.empty(n, dtype=head.dtype, device=head.hidden.device) for _ in range(3)))
     chunks = [slice(0, n)] if grads is None and head.tiles.tileless_stats else head.chunks()
-    for rows in chunks:
-        h = head.hidden[rows].to(head.dtype)
-        stats, dx = head.tiles(head, rows, h, return_entropy, weights if grads is not None else None,
-                               None if known is None else known.rows(rows))
-        for buffer, values in zip(out, stats):
-            if values is not None:
-                buffer[rows] = values
-        if dx is not None:
-            grads.add(head, rows, h, dx)
+    sweep = head.tiles.sweep if isinstance(head.tiles, RowOpTiles) else nullcontext
+    with sweep(head) as head:
+        for rows in chunks:
+            h = head.hidden[rows].to(head.dtype)
+            stats, dx = head.tiles(head, rows, h, return_entropy, weights if grads is not None else None,
+                                   None if known is None else known.rows(rows))
+            for buffer, values in zip(out, stats):
+                if values is not None:
+                    buffer[rows] = values
+            if dx is not None:
+                grads.add(head, rows, h, dx)
+    if grads is not None:
+        grads.end_sweep()
     return Stats(*(buffer if values is not None else None for buffer, values in zip(out, stats)))
 
 

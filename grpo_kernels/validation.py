@@ -15,11 +15,12 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from ._extension import _C
 from .loss_table import (
     CLIPPED_LOSS_TYPES,
     FOLDS_IMPORTANCE_WEIGHTS,
@@ -116,14 +117,24 @@ def _int(name: str, value, *, low: int) -> None:
         raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
-def _mask(name: str, mask: Tensor, shape: Sequence[int], what: str) -> None:
+def _mask(name: str, mask: Tensor, shape: Sequence[int], what: str, *, values: bool = True) -> None:
+    """A mask of ``shape``; ``values``: also its values (0 and 1 only)."""
     _tensor(name, mask)
     if mask.dtype != torch.bool and (mask.is_complex() or not (mask.is_floating_point() or mask.dtype in _INT_DTYPES)):
         raise TypeError(f"{name} must be a bool or 0/1 numeric tensor, got {mask.dtype}")
     _shape(name, mask, shape, what)
+    if values:
+        _mask_values(name, mask)
+
+
+def _mask_values(name: str, mask: Tensor) -> None:
     if mask.dtype != torch.bool and mask.numel() and _values_checkable(mask):
         if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"{name} must contain only 0 and 1 (or be bool)")
+            _binary_mask_error(name)
+
+
+def _binary_mask_error(name: str) -> NoReturn:
+    raise ValueError(f"{name} must contain only 0 and 1 (or be bool)")
 
 
 # --------------------------------------------------------------------------- #
@@ -375,9 +386,26 @@ def _check_advantages_finite(advantages: Tensor, keep: Tensor) -> None:
         keep = keep.reshape(keep.shape[0], -1).any(-1).reshape(adv.shape)
     bad = keep & ~torch.isfinite(adv)
     if bool(bad.any()):
-        value = float(adv[bad].flatten()[0])
-        raise ValueError(f"advantages must be finite where the mask is 1 (masked positions may hold anything), "
-                         f"found {value}")
+        _advantages_error(float(adv[bad].flatten()[0]))
+
+
+def _advantages_error(value: float) -> NoReturn:
+    raise ValueError(f"advantages must be finite where the mask is 1 (masked positions may hold anything), "
+                     f"found {value}")
+
+
+# The extension's one-pass value checks of grpo_loss's mask and advantages (CPU tensors).
+_LOSS_VALUE_PROBLEM = getattr(_C, "grpo_loss_value_problem", None)
+
+
+def _loss_value_problem(mask: Tensor, advantages: Tensor, token_ids: Optional[Tensor]) -> Optional[tuple]:
+    """The value checks of grpo_loss's mask and advantages (shapes checked) on CPU tensors, in one C++ pass:
+    ``("", 0.0)`` when they pass, else the argument that fails first (``"mask"``, ``"advantages"``) and the
+    advantage found; None when not scanned here (the fused losses' token ids, other devices: torch ops)."""
+    if (token_ids is not None or _LOSS_VALUE_PROBLEM is None or mask.device.type != "cpu"
+            or advantages.device.type != "cpu" or not _values_checkable(mask, advantages)):
+        return None
+    return _LOSS_VALUE_PROBLEM(mask, advantages)
 
 
 def check_grpo_loss(logprobs, old_logprobs, advantages, mask, **options) -> None:
@@ -401,7 +429,12 @@ def _check_loss_inputs(main: Tensor, main_name: str, shape, old_logprobs, advant
     _check_per_token("old_logprobs", old_logprobs, shape)
     _tensor("advantages", advantages)
     _check_per_sequence_or_token("advantages", advantages, batch, length)
-    _mask("mask", mask, shape, "[B, T]")
+    _mask("mask", mask, shape, "[B, T]", values=False)
+    problem = _loss_value_problem(mask, advantages, token_ids)  # None: the torch ops below
+    if problem is None:
+        _mask_values("mask", mask)
+    elif problem[0] == "mask":
+        _binary_mask_error("mask")
     _check_per_token("ref_logprobs", ref_logprobs, shape)
     _check_per_sequence_or_token("importance_weights", importance_weights, batch, length)
     _check_per_token("sampling_logprobs", sampling_logprobs, shape)
@@ -419,7 +452,10 @@ def _check_loss_inputs(main: Tensor, main_name: str, shape, old_logprobs, advant
     check_loss_options(**{k: v for k, v in options.items() if k not in PER_CALL_OPTIONS})
     if options["beta"] != 0.0 and ref_logprobs is None:
         raise ValueError(f"beta={options['beta']} needs ref_logprobs (the reference policy's per-token log-probs)")
-    _check_advantages_finite(advantages, _kept(mask, token_ids, ignore_index))
+    if problem is None:
+        _check_advantages_finite(advantages, _kept(mask, token_ids, ignore_index))
+    elif problem[0] == "advantages":
+        _advantages_error(problem[1])
 
 
 def _kept(mask: Tensor, token_ids: Optional[Tensor], ignore_index: int) -> Tensor:

@@ -70,20 +70,25 @@ def test_fused_loss_moves_one_read_and_one_write_of_the_logits():
     assert logits < costs.min_bytes(case.replace(backward=False)) < logits * 1.001
 
 
-def _write_run(path: Path, device: str, preset: str, date: str) -> Path:
-    environment = {"device": device, "date": date}
+def _write_run(path: Path, device: str, preset: str, date: str, forced_isa: str = None) -> Path:
+    environment = {"device": device, "date": date, "extension_cpu_isa_forced": forced_isa}
     path.write_text(json.dumps({"stem": path.stem, "preset": preset, "environment": environment, "records": []}))
     return path
 
 
-def test_readme_keeps_the_newest_run_of_each_device_and_preset(tmp_path):
+def test_readme_keeps_the_newest_run_of_each_device_and_preset(tmp_path, monkeypatch):
     main_run = _write_run(tmp_path / "a.json", "cpu", "cpu-small", "2026-12-01T10:00:00Z")
     older = _write_run(tmp_path / "b.json", "cpu", "cpu-small", "2026-11-01T10:00:00Z")
     partial = _write_run(tmp_path / "c.json", "cpu", "cpu-growth", "2026-12-02T10:00:00Z")
     gpu = _write_run(tmp_path / "d.json", "cuda", "gpu-headline", "2026-11-02T10:00:00Z")
-    runs = render_readme.newest_per_device([older, partial, main_run, gpu])
+    baseline = _write_run(tmp_path / "e.json", "cpu", "cpu-small", "2026-12-03T10:00:00Z", forced_isa="avx2")
+    runs = render_readme.newest_per_device([older, partial, baseline, main_run, gpu])
     assert [(r["environment"]["device"], r["preset"], r["stem"]) for r in runs] == [
-        ("cpu", "cpu-small", "a"), ("cpu", "cpu-growth", "c"), ("cuda", "gpu-headline", "d")]
+        ("cpu", "cpu-small", "a"), ("cpu", "cpu-small", "e"), ("cpu", "cpu-growth", "c"),
+        ("cuda", "gpu-headline", "d")]
+    monkeypatch.setattr(render_readme, "environment_line", lambda run: f"{run['preset']} environment")
+    section = render_readme.section(runs)  # the newer run on the forced AVX2 copy is linked, not the main table
+    assert "`cpu-small` on the avx2 copy of the cpu kernels [e.md]" in section
 
 
 def test_csv_of_an_older_record_layout_gets_the_new_columns(tmp_path):

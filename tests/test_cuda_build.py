@@ -132,7 +132,7 @@ ENTRY_POINTS = sorted(_declared("cpu"))
 
 def test_cpu_and_cuda_declare_the_same_entry_points():
     assert ENTRY_POINTS == sorted(_declared("cuda"))
-    assert len(ENTRY_POINTS) == len(set(ENTRY_POINTS)) == 6, ENTRY_POINTS
+    assert len(ENTRY_POINTS) == len(set(ENTRY_POINTS)) == 7, ENTRY_POINTS
 
 
 def _symbols(path: pathlib.Path, namespace: str) -> dict:

@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 from loss_cases import TOKEN_RATIO_LOSS_TYPES, applicable
-from test_linear_token_logprobs import TOLERANCES, LargestTensor, triton_on_cpu
+from test_linear_token_logprobs import TOLERANCES, LargestTensor, WeightCasts, nan_filled, triton_on_cpu
 
 import grpo_kernels as gk
 
@@ -310,3 +310,32 @@ def test_garbage_hidden_states_where_nothing_counts(backend):
         torch.testing.assert_close(dirty, clean, rtol=0, atol=0)
     d_hidden = run(poisoned)[-3]
     assert (d_hidden[0, 1] == 0).all() and (d_hidden[1, 3:] == 0).all()
+
+
+@pytest.mark.parametrize("level,entropy_coef", [("token", 0.0), ("token", 0.1), ("sequence", 0.1)])
+def test_cpu_casts_a_bf16_weight_once_per_sweep(level, entropy_coef):
+    """The cpu backend's exact bf16 path: float32 GEMMs from a float32 copy of the weight made once per sweep
+    (token level: one sweep, a sequence pass two, an entropy bonus's backward one more), not once per chunk."""
+    inputs = make_inputs(B=3, T=5, H=12, V=31, dtype=torch.bfloat16)
+    with WeightCasts(inputs[1].shape) as mode:
+        run(*inputs, backend="cpu", importance_sampling_level=level, chunk_size=4, return_entropy=True,
+            entropy_coef=entropy_coef)
+    assert mode.count == 1 + (level == "sequence") + (entropy_coef != 0)
+    assert_matches_spec("cpu", inputs, importance_sampling_level=level, chunk_size=4, return_entropy=True,
+                        entropy_coef=entropy_coef)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_uninitialized_memory_is_never_read(backend, monkeypatch, level):
+    """Gradient accumulators start uninitialized (the first chunk of a sweep writes them with beta = 0; an entropy
+    bonus's sweep adds) and the tile buffer is reused: NaN in every new buffer changes nothing."""
+    if backend == "triton":
+        pytest.skip("the driver's accumulators are the cpu backend's too; the interpreter is slow")
+    inputs = make_inputs(B=3, T=5, H=6, V=19)
+    options = dict(importance_sampling_level=level, chunk_size=4, return_entropy=True, entropy_coef=0.1,
+                   backend=backend)
+    clean_out, clean_grads = run(*inputs, **options)
+    nan_filled(monkeypatch)
+    out, grads = run(*inputs, **options)
+    for a, b in zip([t for t in out if t is not None] + grads, [t for t in clean_out if t is not None] + clean_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

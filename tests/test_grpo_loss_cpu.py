@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import grpo_kernels
+from grpo_kernels.kernel_options import LOSS_DEFAULTS
 
 from conftest import TOLERANCES
 from loss_cases import LOSS_TYPES, applicable
@@ -90,3 +91,189 @@ def test_layouts_match_the_reference(layout):
     elif layout == "no_old_no_ref":
         old, options = None, dict(loss_type="dapo")
     _check(logp, old, adv, mask, **options)
+
+
+# --------------------------------------------------------------------------- #
+# the CPU call path: gradient formed in the forward, aggregation and value checks in C++
+# --------------------------------------------------------------------------- #
+def _kernel_inputs(seed: int, dtype=torch.float32):
+    """The [B, T] kernel inputs of _inputs (advantages broadcast), in dtype."""
+    logp, old, ref, adv, mask, iw = _inputs(seed)
+    cast = [t.to(dtype) for t in (logp, old, ref, adv[:, None].expand(B, T), iw)]
+    return cast[0], cast[1], cast[2], cast[3], mask, cast[4]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)  # the vector and the token-by-token path
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_forward_gradient_is_the_backward_at_weight_one(loss_type, level, dtype):
+    """grpo_loss_fwd_grad's d S_i / d logp, formed in the forward, is grpo_loss_bwd's for seq_grad = 1 (bit for
+    bit: the same terms in the same order), its loss and partials grpo_loss_fwd's."""
+    options = dict(ref_logprobs=True, beta=0.04, loss_type=loss_type, importance_sampling_level=level,
+                   epsilon_high=5.0 if loss_type == "cispo" else 0.28)
+    if not applicable(loss_type, options, level):
+        pytest.skip("validation refuses this combination")
+    from grpo_kernels._extension import _C
+    from grpo_kernels.native.grpo_loss import loss_setup
+
+    logp, old, ref, adv, mask, iw = _kernel_inputs(3, dtype)
+    options["ref_logprobs"] = ref
+    cfg = loss_setup(adv, T, options).cfg
+    args = (logp, old, ref, adv, mask, None, None)
+    per_token_loss, partials, grad_sums = _C.grpo_loss_fwd_grad(*args, cfg, True)
+    want_loss, want_partials = _C.grpo_loss_fwd(*args, cfg)
+    want_grad = _C.grpo_loss_bwd(*args, want_partials, torch.ones(B, dtype=dtype), cfg)
+    assert torch.equal(per_token_loss, want_loss) and torch.equal(partials, want_partials)
+    assert torch.equal(grad_sums, want_grad)
+    assert _C.grpo_loss_fwd_grad(*args, cfg, False)[2].shape == (0, T)
+
+
+AGGREGATION_OPTIONS = (
+    dict(),
+    dict(max_completion_length=2000),
+    dict(num_items_in_batch=1234),
+    dict(num_items_in_batch=torch.tensor(321.0)),
+)
+
+
+@pytest.mark.parametrize("case", range(len(AGGREGATION_OPTIONS)))
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_host_aggregation_matches_the_torch_aggregation(loss_type, level, case):
+    """_C.grpo_loss_forward's loss, metrics and weights dL/dS_i equal aggregation.aggregate / sequence_weights
+    (the other backends') on the same partials, to float32 rounding."""
+    options = dict(AGGREGATION_OPTIONS[case], loss_type=loss_type, importance_sampling_level=level)
+    if not applicable(loss_type, options, level):
+        pytest.skip("validation refuses this combination")
+    from grpo_kernels._extension import _C
+    from grpo_kernels.aggregation import P_COUNT
+    from grpo_kernels.native.grpo_loss import loss_setup
+
+    logp, old, ref, adv, mask, _ = _kernel_inputs(5)
+    adv = adv[:, 0]  # per sequence: per-sequence clip metrics at sequence level
+    options["ref_logprobs"] = ref
+    setup = loss_setup(adv, T, options)
+    loss, _, kl, low, high, region, _, seq_weight = _C.grpo_loss_forward(
+        logp, old, ref, adv, mask, None, None, setup.cfg, setup.aggregation, False)
+    _, partials = _C.grpo_loss_fwd(logp, old, ref, adv[:, None].expand(B, T), mask, None, None, setup.cfg)
+    want = setup.options.aggregate(partials, T)
+    for name, got, expected in zip(("loss", "kl", "low", "high", "region"), (loss, kl, low, high, region), want):
+        assert got.dtype == expected.dtype and got.shape == (), name
+        torch.testing.assert_close(got, expected, rtol=2e-7, atol=0, msg=name)
+    torch.testing.assert_close(seq_weight, setup.options.sequence_weights(partials[P_COUNT], T), rtol=2e-7, atol=0)
+
+
+def test_gradient_scaled_by_the_incoming_gradient_in_the_input_dtype():
+    """The backward scales the forward's gradient by the incoming one (not 1) and returns it in logp's dtype;
+    retain_graph gives the same gradient twice; bfloat16 log-probs get a bfloat16 gradient."""
+    logp, old, ref, adv, mask, _ = _inputs(11)
+    options = dict(ref_logprobs=ref, beta=0.04, loss_type="grpo")
+    for dtype in (torch.float32, torch.bfloat16):
+        grads = {}
+        for backend in ("reference", "cpu"):
+            x = logp.to(dtype).requires_grad_()
+            out = grpo_kernels.grpo_loss(x, old, adv, mask, backend=backend, **options)
+            g = torch.tensor(-2.5)
+            (first,) = torch.autograd.grad(out.loss, x, g, retain_graph=True)
+            (second,) = torch.autograd.grad(out.loss, x, g)
+            assert first.dtype == dtype and torch.equal(first, second)
+            grads[backend] = first
+        torch.testing.assert_close(grads["cpu"].float(), grads["reference"].float(),
+                                   **(TOLERANCES[torch.float32] if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)))
+
+
+def test_outputs_without_gradient():
+    """Without a gradient to form (no_grad, or logp not requiring grad) no output requires grad and the values
+    are those of the call with one; a constant input requiring grad leaves logp without gradient."""
+    logp, old, ref, adv, mask, _ = _inputs(13)
+    options = dict(ref_logprobs=ref, beta=0.04, loss_type="dapo", importance_sampling_level="sequence")
+    x = logp.clone().requires_grad_()
+    with_grad = grpo_kernels.grpo_loss(x, old, adv, mask, backend="cpu", **options)
+    with torch.no_grad():
+        without = grpo_kernels.grpo_loss(x, old, adv, mask, backend="cpu", **options)
+    plain = grpo_kernels.grpo_loss(logp, old, adv, mask, backend="cpu", **options)
+    for name in ("loss", "per_token_loss", "kl", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region"):
+        for out in (without, plain):
+            assert not getattr(out, name).requires_grad, name
+            assert torch.equal(getattr(out, name), getattr(with_grad, name).detach()), name
+    assert with_grad.loss.requires_grad and not with_grad.per_token_loss.requires_grad
+    const = grpo_kernels.grpo_loss(logp, old.clone().requires_grad_(), adv, mask, backend="cpu", **options)
+    assert torch.equal(const.loss.detach(), plain.loss)
+
+
+def test_num_items_tensor_read_at_each_call():
+    """A tensor num_items_in_batch is read at each call (the memoized setup does not keep the first one)."""
+    logp, old, ref, adv, mask, _ = _inputs(17)
+    losses = [grpo_kernels.grpo_loss(logp, old, adv, mask, backend="cpu", loss_type="dapo",
+                                     num_items_in_batch=torch.tensor(n)).loss for n in (100.0, 400.0)]
+    torch.testing.assert_close(losses[0], 4 * losses[1])
+
+
+def _value_error(monkeypatch, scan: bool, *args, **options):
+    """The ValueError text of grpo_loss on these inputs (None: accepted), by the C++ scan or by torch ops."""
+    from grpo_kernels import validation
+
+    if not scan:
+        monkeypatch.setattr(validation, "_LOSS_VALUE_PROBLEM", None)
+    try:
+        validation.check_grpo_loss(*args, **{**LOSS_DEFAULTS, **options})
+    except ValueError as error:
+        return str(error)
+    finally:
+        monkeypatch.undo()
+    return None
+
+
+@pytest.mark.parametrize("adv_shape", ["B", "B1", "BT"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.int32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("adv_dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_value_checks_in_one_pass_match_the_torch_checks(monkeypatch, adv_shape, mask_dtype, adv_dtype):
+    """The C++ value scan of mask and advantages raises what the torch checks raise (the same first bad value,
+    the mask first) and accepts what they accept: non-finite advantages at masked positions or in fully masked
+    sequences, NaN everywhere else masked, strided masks."""
+    g = torch.Generator().manual_seed(23)
+    b, t = 5, 37
+    mask = torch.arange(t) < torch.tensor([t, 20, 0, 1, 30])[:, None]
+    logp = -torch.rand(b, t, generator=g)
+    full = {"B": (b,), "B1": (b, 1), "BT": (b, t)}[adv_shape]
+    cases = []
+    for where, value in ((None, 0.0), ((2, 0), float("nan")), ((1, 25), float("inf")), ((1, 3), -float("inf")),
+                         ((4, 29), float("nan")), ((3, 0), float("nan"))):
+        adv = torch.randn(full, generator=g).to(adv_dtype)
+        if where is not None:
+            adv.view(b, -1)[where[0], where[1] if adv_shape == "BT" else 0] = value
+        cases.append((mask.to(mask_dtype), adv))
+    bad_mask = mask.to(mask_dtype).clone()
+    if mask_dtype != torch.bool:
+        bad_mask[1, 2] = 2
+        cases.append((bad_mask, torch.randn(full, generator=g).to(adv_dtype).fill_(float("nan"))))
+    cases.append((mask.to(mask_dtype).t().contiguous().t(), cases[1][1]))  # a column-major mask
+    outcomes = set()
+    for m, adv in cases:
+        got, want = (_value_error(monkeypatch, scan, logp, None, adv, m) for scan in (True, False))
+        assert got == want, (m, adv)
+        outcomes.add(got is None)
+    assert outcomes == {True, False}  # some accepted, some refused
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32], ids=str)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "vespo", "gmpo"])
+def test_padding_on_either_side_matches_the_reference(loss_type, level, mask_dtype):
+    """The kernels visit only the span of a row between its first and last counted token (the padding
+    outside adds nothing): left padding not on a lane boundary, holes, right padding, one token at the very end,
+    a fully masked row."""
+    if not applicable(loss_type, {}, level):
+        pytest.skip("validation refuses this combination")
+    g = torch.Generator().manual_seed(19)
+    logp = -2 * torch.rand(B, T, generator=g)
+    old, ref = (logp + 0.05 * torch.randn(B, T, generator=g) for _ in range(2))
+    adv = torch.randn(B, generator=g)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[0, 37:900] = True
+    mask[0, 300:341] = False
+    mask[1, T - 1] = True
+    for t in (logp, old, ref):
+        t[~mask] = float("nan")
+    _check(logp, old, adv, mask.to(mask_dtype), ref_logprobs=ref, beta=0.04, loss_type=loss_type,
+           importance_sampling_level=level)

@@ -2,6 +2,7 @@
 forms the [N, V] logits."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch.utils._pytree import tree_flatten
 from triton_compile import run_compile_script
 
 import grpo_kernels as gk
-from grpo_kernels import reference
+from grpo_kernels import linear, reference
 
 OP = "linear_token_logprobs"
 
@@ -84,7 +85,8 @@ def test_no_bias_flat_tokens_default_chunk(backend):
 
 
 def test_weight_in_vocabulary_blocks(backend):
-    """bfloat16 weight: cast in blocks of chunk·V/H rows, V not a multiple of the block."""
+    """bfloat16 weight: cast in blocks of chunk·V/H rows (off the CPU; the cpu backend casts it once per sweep),
+    V not a multiple of the block."""
     hidden, weight, bias, ids = make_inputs(shape=(3, 4), H=24, V=41, dtype=torch.bfloat16)
     assert_matches_spec(backend, hidden, weight, bias, ids, chunk_size=5)
 
@@ -277,3 +279,131 @@ def test_garbage_hidden_states_of_ignored_tokens(backend):
     for clean, dirty in zip(run(hidden), run(poisoned)):
         torch.testing.assert_close(dirty, clean, rtol=0, atol=0)
     assert (run(poisoned)[2][[1, 4]] == 0).all()
+
+
+# --------------------------------------------------------------------------- #
+# The default chunk size (grpo_kernels.linear.default_chunk_size) and the CPU sweep's buffers
+# --------------------------------------------------------------------------- #
+def _cpu_chunk(monkeypatch, V, H, threads, cache, dtype=torch.float32):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(linear, "last_level_cache_bytes", lambda: cache)
+    return linear.default_chunk_size(V, H, dtype, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("V,H", [(32000, 512), (32000, 1024), (151936, 4096), (262144, 2048), (1000, 64)])
+@pytest.mark.parametrize("threads", [1, 2, 16, 128])
+@pytest.mark.parametrize("cache", [None, 32 << 20])
+def test_default_chunk_size_on_cpu_is_bounded(monkeypatch, V, H, threads, cache):
+    """At least one row; the tile never larger than CPU_TILE_BYTES or the float32 weight, whichever is larger
+    (O(chunk·V + V·H) memory, whatever N); never more rows than the threads' share asks for."""
+    chunk = _cpu_chunk(monkeypatch, V, H, threads, cache)
+    assert 1 <= chunk <= threads * linear.CPU_ROWS_PER_THREAD
+    assert chunk * V * 4 <= max(linear.CPU_TILE_BYTES, V * H * 4)
+
+
+def test_default_chunk_size_on_cpu_follows_threads_and_cache(monkeypatch):
+    V, H = 32000, 4096  # a weight of 524 MB: never in the cache; the bound (H rows) is far away
+    assert [_cpu_chunk(monkeypatch, V, H, t, 32 << 20) for t in (1, 2, 4)] == [
+        t * linear.CPU_ROWS_PER_THREAD for t in (1, 2, 4)]
+    assert _cpu_chunk(monkeypatch, V, H, 64, 32 << 20) == H  # bounded by the weight's size
+    assert _cpu_chunk(monkeypatch, V, H, 2, None) == 2 * linear.CPU_ROWS_PER_THREAD  # cache unknown: streams
+    # 32000 x 512 at 2 threads: bounded by the 64 MiB tile (524 rows); in float64 by the weight's size (H rows)
+    assert _cpu_chunk(monkeypatch, 32000, 512, 2, 32 << 20) == linear.CPU_TILE_BYTES // (32000 * 4)
+    assert _cpu_chunk(monkeypatch, 32000, 512, 2, 32 << 20, torch.float64) == 512
+    assert _cpu_chunk(monkeypatch, 32000, 512, 2, 32 << 20, torch.bfloat16) == linear.CPU_TILE_BYTES // (32000 * 4)
+    # a weight and accumulator that fit in half the cache: a GEMM panel per thread is enough
+    assert _cpu_chunk(monkeypatch, 1000, 64, 4, 32 << 20) == 4 * linear.CPU_CACHED_ROWS_PER_THREAD
+    assert _cpu_chunk(monkeypatch, 1000, 64, 4, 256 << 10) == min(4 * linear.CPU_ROWS_PER_THREAD,
+                                                                   linear.CPU_TILE_BYTES // (1000 * 4))
+
+
+def test_default_chunk_size_off_cpu_is_the_64_mib_tile(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    for V in (1000, 32000, 151936):
+        assert linear.default_chunk_size(V, 4096, torch.bfloat16, torch.device("cuda")) == \
+            linear.DEFAULT_TILE_ELEMENTS // V
+
+
+def test_last_level_cache_bytes():
+    size = linear.last_level_cache_bytes()
+    assert size is None or size > 0
+    if any(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size")):
+        assert size is not None and size >= 64 << 10
+
+
+class TileRows(TorchDispatchMode):
+    """The most rows of any float tensor ``[n, V]`` an op returns."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.rows = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.ndim == 2 and t.shape[1] == self.vocab and t.is_floating_point():
+                self.rows = max(self.rows, t.shape[0])
+        return out
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_default_chunk_size_is_used_and_an_explicit_one_wins(backend, monkeypatch, chunk_size):
+    if backend != "cpu":
+        pytest.skip("the reference is unchunked; the driver's choice is the same for every backend")
+    monkeypatch.setattr(linear, "default_chunk_size", lambda V, H, dtype, device: 3)
+    hidden, weight, bias, ids = make_inputs(shape=(4, 5), H=2, V=23)  # H < 3 rows: weight.t() is [H, V]
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with TileRows(23) as mode:
+        logp = gk.linear_token_logprobs(leaves[0], leaves[1], ids, bias=leaves[2], chunk_size=chunk_size,
+                                        backend=backend)
+        logp.sum().backward()
+    assert mode.rows == (3 if chunk_size is None else chunk_size)
+
+
+class WeightCasts(TorchDispatchMode):
+    """Counts the casts of a ``[V, H]`` tensor to float32."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor):
+            self.count += tuple(out.shape) == self.shape and out.dtype == torch.float32
+        return out
+
+
+def test_cpu_casts_a_bf16_weight_once_per_sweep():
+    """The cpu backend's exact bf16 path: float32 GEMMs from a float32 copy of the weight made once per sweep
+    (the forward's and the backward's), not once per chunk; values and gradients as the spec's."""
+    hidden, weight, bias, ids = make_inputs(shape=(3, 7), H=12, V=31, dtype=torch.bfloat16)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with WeightCasts(weight.shape) as mode:
+        logp = gk.linear_token_logprobs(leaves[0], leaves[1], ids, bias=leaves[2], chunk_size=4, backend="cpu")
+        logp.sum().backward()
+    assert mode.count == 2
+    assert_matches_spec("cpu", hidden, weight, bias, ids, chunk_size=4)
+
+
+def nan_filled(monkeypatch):
+    """``torch.empty`` and ``Tensor.new_empty`` return NaN-filled floats (uninitialized memory made visible)."""
+    empty, new_empty = torch.empty, torch.Tensor.new_empty
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: fill(new_empty(self, *a, **k)))
+
+
+def test_uninitialized_memory_is_never_read(backend, monkeypatch):
+    """The accumulators start uninitialized (written with beta = 0 by the first chunk) and the tile buffer is
+    reused: NaN in every new buffer changes no value and no gradient."""
+    if backend == "triton":
+        pytest.skip("the driver's accumulators are the cpu backend's too; the interpreter is slow")
+    inputs = make_inputs(shape=(3, 5), H=6, V=19)
+    clean = run(*inputs, backend=backend, chunk_size=4)
+    nan_filled(monkeypatch)
+    for a, b in zip(run(*inputs, backend=backend, chunk_size=4), clean):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -1,7 +1,11 @@
 """token_logprobs: against an independent numpy float64 implementation, gradients, properties."""
 
+import hashlib
 import inspect
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ from hypothesis import strategies as st
 from triton_compile import run_compile_script
 
 import grpo_kernels as gk
+from grpo_kernels import _extension
 
 OP = "token_logprobs"
 
@@ -181,6 +186,76 @@ def test_low_precision_gradient_dtype(backend):
     logp = gk.token_logprobs(logits, torch.randint(0, 9, (3,)), backend=backend)
     logp.sum().backward()
     assert logits.grad.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- the cpu forward's chunk paths
+needs_cpu = pytest.mark.skipif("cpu" not in gk.available_backends(OP), reason="the cpu kernels are not built")
+CHUNK_VOCAB = 2 * 16384 + 301  # 3 chunks of float32 (16384 values), 2 of bfloat16 (32768)
+
+
+def _chunk_path_rows(dtype):
+    """Rows whose chunks take each path of the cpu forward: all d above the underflow (no mask), a -inf chunk,
+    one -inf logit, a range over 87 T, an ascending row (the max in the last chunk), an ignored NaN row."""
+    g = torch.Generator().manual_seed(5)
+    x = 3 * torch.randn(7, CHUNK_VOCAB, generator=g, dtype=torch.float64)
+    x[1, :16384] = float("-inf")  # a float32 chunk all -inf, the row's max later
+    x[2, -5] = float("-inf")
+    x[3, 16390:16396] = 120.0  # 120 - N(0, 9): a range over 87 T at T <= 1 in that chunk only
+    x[4] = torch.sort(10 * x[4]).values
+    x[5] = float("nan")
+    x[6] += 100.0  # a large common offset
+    ids = torch.randint(0, CHUNK_VOCAB, (7,), generator=g)
+    ids[5] = -100
+    return x.to(dtype), ids
+
+
+@needs_cpu
+@pytest.mark.parametrize("temperature", [1.0, 0.3, 2.5])  # 1.0: the loop without the product x (1/T)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_forward_chunk_paths_match_numpy(dtype, temperature):
+    logits, ids = _chunk_path_rows(dtype)
+    logp, ent = gk.token_logprobs(logits, ids, temperature=temperature, return_entropy=True, backend="cpu")
+    expected_logp, expected_ent = numpy_token_logprobs(logits, ids, temperature)
+    torch.testing.assert_close(logp.double(), expected_logp, **TOLERANCES[dtype])
+    torch.testing.assert_close(ent.double(), expected_ent, **TOLERANCES[dtype])
+    plain = gk.token_logprobs(logits, ids, temperature=temperature, backend="cpu")
+    assert torch.equal(plain, logp)  # the same sums with and without the entropy
+    # a row temperature tensor holding T takes the same paths
+    by_row = gk.token_logprobs(logits, ids, temperature=torch.full((7,), temperature), backend="cpu")
+    assert torch.equal(by_row, logp)
+
+
+def _chunk_path_digest():
+    """A digest of the cpu forward's outputs on _chunk_path_rows."""
+    digest = hashlib.sha256()
+    for dtype in (torch.float32, torch.bfloat16):
+        logits, ids = _chunk_path_rows(dtype)
+        for temperature in (1.0, 0.3):
+            for t in gk.token_logprobs(logits, ids, temperature=temperature, return_entropy=True, backend="cpu"):
+                digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+# prints the copy that ran and _chunk_path_digest()
+CHUNK_PATH_SCRIPT = f"""
+import hashlib, torch, grpo_kernels as gk
+CHUNK_VOCAB = {CHUNK_VOCAB}
+{inspect.getsource(_chunk_path_rows)}
+{inspect.getsource(_chunk_path_digest)}
+print(gk.extension_info()["cpu_isa"], _chunk_path_digest())
+"""
+
+
+@needs_cpu
+def test_cpu_forward_chunk_paths_same_bits_on_the_avx2_copy():
+    """The forward's paths (mask or not, T = 1 or not) give the dispatched copy's bits on the AVX2 copy too."""
+    copies = [copy["copy"] for copy in _extension._build_info().get("cpu_copies", [])]
+    if "avx2" not in copies or gk.extension_info()["cpu_isa"] == "avx2":
+        pytest.skip("only the AVX2 copy runs here")
+    run = subprocess.run([sys.executable, "-c", CHUNK_PATH_SCRIPT], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, GRPO_KERNELS_CPU_ISA="avx2"))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["avx2", _chunk_path_digest()]
 
 
 # ----------------------------------------------------------------------------- properties

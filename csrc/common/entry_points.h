@@ -70,6 +70,15 @@ std::tuple<at::Tensor, at::Tensor> grpo_loss_fwd(
     const at::Tensor& adv, const at::Tensor& mask, const c10::optional<at::Tensor>& iw,
     const c10::optional<at::Tensor>& sampling_logp, const LossConfig& cfg);
 
+// grpo_loss forward with, when compute_grad, the gradient of each sequence's masked loss sum S_i:
+// (per_token_loss, partials) as grpo_loss_fwd and grad_sums [B, T] = d S_i / d logp = m · dℓ/dlogp (compute
+// dtype, contiguous; grpo_loss_bwd's result for seq_grad = 1, so d loss / d logp = g · dL/dS_i · grad_sums),
+// else an empty [0, T] tensor. The CPU kernels form both from one evaluation of the token terms.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grpo_loss_fwd_grad(
+    const at::Tensor& logp, const c10::optional<at::Tensor>& old_logp, const c10::optional<at::Tensor>& ref_logp,
+    const at::Tensor& adv, const at::Tensor& mask, const c10::optional<at::Tensor>& iw,
+    const c10::optional<at::Tensor>& sampling_logp, const LossConfig& cfg, bool compute_grad);
+
 // grpo_loss backward: d loss / d logp [B, T] (compute dtype) for seq_grad [B] = g · dL/dS_i, from the
 // forward's inputs and partials (the sequence statistics are read from them).
 at::Tensor grpo_loss_bwd(
@@ -107,6 +116,7 @@ struct Kernels {
   decltype(&cpu::group_normalize) group_normalize;
   decltype(&cpu::grpo_loss_fwd) grpo_loss_fwd;
   decltype(&cpu::grpo_loss_bwd) grpo_loss_bwd;
+  decltype(&cpu::grpo_loss_fwd_grad) grpo_loss_fwd_grad;
   decltype(&cpu::fused_grpo_loss_fwd) fused_grpo_loss_fwd;
 };
 
@@ -141,6 +151,11 @@ at::Tensor grpo_loss_bwd(
     const at::Tensor& adv, const at::Tensor& mask, const c10::optional<at::Tensor>& iw,
     const c10::optional<at::Tensor>& sampling_logp, const at::Tensor& partials, const at::Tensor& seq_grad,
     const LossConfig& cfg);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grpo_loss_fwd_grad(
+    const at::Tensor& logp, const c10::optional<at::Tensor>& old_logp, const c10::optional<at::Tensor>& ref_logp,
+    const at::Tensor& adv, const at::Tensor& mask, const c10::optional<at::Tensor>& iw,
+    const c10::optional<at::Tensor>& sampling_logp, const LossConfig& cfg, bool compute_grad);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_grpo_loss_fwd(
     const at::Tensor& logits, const at::Tensor& token_ids, const c10::optional<at::Tensor>& old_logp,

@@ -7,6 +7,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <cstring>
+#include <vector>
+
 #include "../common/entry_points.h"
 #include "../common/loss_terms.h"
 #include "loss_simd.h"
@@ -138,16 +141,22 @@ inline void set_sequence(TokenOptions& o, const LossConfig& cfg, const loss::Seq
   }
 }
 
+// 0 in a row of an output outside the span of tokens the kernels visit.
+inline void zero_outside(float* row, std::pair<int64_t, int64_t> span, int64_t len) {
+  std::fill(row, row + span.first, 0.0f);
+  std::fill(row + span.second, row + len, 0.0f);
+}
+
 // The sequence pass of sequence i (loss::add_sequence_terms without rollout ratios, off-policy mask or token
 // importance weights), its sums in fixed lanes.
 template <Family F>
 loss::SeqStats<float> sequence_fast(const LossRows& in, const LossConfig& cfg, const TokenOptions& o, int64_t i,
-                                    int64_t len, TokenBlock& b) {
+                                    std::pair<int64_t, int64_t> span, TokenBlock& b) {
   const LossScalars<float>& s = o.s;
   LaneSum count, ratio, adv;
   float term[kTokenBlock], adv_m[kTokenBlock];
-  for (int64_t t0 = 0; t0 < len; t0 += kTokenBlock) {
-    const int64_t n = std::min(kTokenBlock, len - t0);
+  for (int64_t t0 = span.first; t0 < span.second; t0 += kTokenBlock) {
+    const int64_t n = std::min(kTokenBlock, span.second - t0);
     in.read(i, t0, n, b);
 #pragma omp simd
     for (int64_t t = 0; t < n; ++t) {
@@ -177,21 +186,29 @@ loss::SeqStats<float> sequence_fast(const LossRows& in, const LossConfig& cfg, c
   return loss::sequence_stats(cfg, s, sums);
 }
 
+// The forward and, when grad_sums is not null, d S_i / d logp = m · dℓ/dlogp from the same evaluation of the
+// token terms (backward_fast's values for seq_grad = 1). With a shared ratio the row's d c1/d logp terms wait in
+// ratio_grad until Σ_t m ∂ℓ_t/∂c1 is known at its end.
 template <Family F, bool kShared, bool kRef, bool kPlain>
 void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t len, float* per_token_loss,
-                  float* partials) {
+                  float* partials, float* grad_sums) {
   const TokenOptions base = token_options(cfg);
   at::parallel_for(0, B, sequence_grain(len), [&](int64_t begin, int64_t end) {
     TokenOptions o = base;
     TokenBlock b;
     float loss_m[kTokenBlock], kl_m[kTokenBlock], low_m[kTokenBlock], high_m[kTokenBlock], region_m[kTokenBlock];
+    float d_m[kTokenBlock], g_m[kTokenBlock], rg[kTokenBlock];
+    std::vector<float> ratio_grad(kShared && grad_sums != nullptr ? len : 0);
     for (int64_t i = begin; i < end; ++i) {
+      const std::pair<int64_t, int64_t> span = in.span(i, len);  // the tokens outside are masked: 0 out
+      zero_outside(per_token_loss + i * len, span, len);
+      if (grad_sums != nullptr) zero_outside(grad_sums + i * len, span, len);
       const loss::SeqStats<float> seq =
-          cfg.seq_pass ? sequence_fast<F>(in, cfg, o, i, len, b) : loss::SeqStats<float>{};
+          cfg.seq_pass ? sequence_fast<F>(in, cfg, o, i, span, b) : loss::SeqStats<float>{};
       set_sequence(o, cfg, seq);
-      LaneSum sum_loss, n, sum_kl, low, high, region;
-      for (int64_t t0 = 0; t0 < len; t0 += kTokenBlock) {
-        const int64_t count = std::min(kTokenBlock, len - t0);
+      LaneSum sum_loss, n, sum_kl, low, high, region, sum_g;
+      for (int64_t t0 = span.first; t0 < span.second; t0 += kTokenBlock) {
+        const int64_t count = std::min(kTokenBlock, span.second - t0);
         in.read(i, t0, count, b);
         float* out = per_token_loss + i * len + t0;
 #pragma omp simd
@@ -204,6 +221,10 @@ void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t 
           low_m[t] = r.low * m;
           high_m[t] = r.high * m;
           region_m[t] = std::max(r.low, r.high) * m;
+          // the gradient: at token level final; with a shared ratio ∂ℓ/∂logp, completed after the row
+          d_m[t] = kShared ? r.dlogp : select_bits(m != 0.0f, m * (r.dlogp + r.dcoef * r.ratio_grad), 0.0f);
+          g_m[t] = r.dcoef * m;
+          rg[t] = r.ratio_grad;
         }
         sum_loss.add(loss_m, count);
         n.add(b.mask, count);
@@ -211,9 +232,30 @@ void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t 
         low.add(low_m, count);
         high.add(high_m, count);
         region.add(region_m, count);
+        if (grad_sums != nullptr) {
+          std::memcpy(grad_sums + i * len + t0, d_m, count * sizeof(float));
+          if (kShared) {
+            std::memcpy(ratio_grad.data() + t0, rg, count * sizeof(float));
+            sum_g.add(g_m, count);
+          }
+        }
       }
       float values[kNumPartials] = {sum_loss.total(), n.total(), sum_kl.total(), low.total(), high.total(),
                                     region.total(), seq.log_ratio, seq.adv, seq.is_weight, seq.kl};
+      if (kShared && grad_sums != nullptr) {  // m · (∂ℓ/∂logp + G_i c1 / denominator · ratio_grad)
+        const float seq_term = loss::shared_ratio_term(cfg, sum_g.total(), seq.log_ratio, values[1]);
+        for (int64_t t0 = span.first; t0 < span.second; t0 += kTokenBlock) {
+          const int64_t count = std::min(kTokenBlock, span.second - t0);
+          in.mask.read(i, t0, count, b.mask);
+          float* g = grad_sums + i * len + t0;
+          const float* rgt = ratio_grad.data() + t0;
+#pragma omp simd
+          for (int64_t t = 0; t < count; ++t) {
+            const float m = b.mask[t];
+            g[t] = select_bits(m != 0.0f, m * (g[t] + seq_term * rgt[t]), 0.0f);
+          }
+        }
+      }
       if (cfg.per_seq_metrics) {  // one ratio and one advantage per sequence: a 0/1 flag per sequence
         const float seq_coef_1 = std::exp(seq.log_ratio);
         float adv0 = 0.0f;  // a fully masked sequence: neutral
@@ -237,13 +279,15 @@ void backward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t
     TokenBlock b;
     float g[kTokenBlock];
     for (int64_t i = begin; i < end; ++i) {
+      const std::pair<int64_t, int64_t> span = in.span(i, len);  // the tokens outside are masked: 0 out
+      zero_outside(grad_logp + i * len, span, len);
       const loss::SeqStats<float> seq = loss::stored_stats(partials, B, i);
       set_sequence(o, cfg, seq);
       float seq_term = 0.0f;
       if (kShared) {  // G_i = Σ_t m ∂ℓ_t/∂c1
         LaneSum sum_g;
-        for (int64_t t0 = 0; t0 < len; t0 += kTokenBlock) {
-          const int64_t count = std::min(kTokenBlock, len - t0);
+        for (int64_t t0 = span.first; t0 < span.second; t0 += kTokenBlock) {
+          const int64_t count = std::min(kTokenBlock, span.second - t0);
           in.read(i, t0, count, b);
 #pragma omp simd
           for (int64_t t = 0; t < count; ++t) {
@@ -255,8 +299,8 @@ void backward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t
         seq_term = loss::shared_ratio_term(cfg, sum_g.total(), seq.log_ratio, partials[B + i]);
       }
       const float w = seq_grad[i];
-      for (int64_t t0 = 0; t0 < len; t0 += kTokenBlock) {
-        const int64_t count = std::min(kTokenBlock, len - t0);
+      for (int64_t t0 = span.first; t0 < span.second; t0 += kTokenBlock) {
+        const int64_t count = std::min(kTokenBlock, span.second - t0);
         in.read(i, t0, count, b);
         float* out = grad_logp + i * len + t0;
 #pragma omp simd
@@ -282,11 +326,10 @@ inline bool fast_path(const at::Tensor& logp, const LossConfig& cfg) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> grpo_loss_fwd(const at::Tensor& logp, const c10::optional<at::Tensor>& old_logp,
-                                                 const c10::optional<at::Tensor>& ref_logp, const at::Tensor& adv,
-                                                 const at::Tensor& mask, const c10::optional<at::Tensor>& iw,
-                                                 const c10::optional<at::Tensor>& sampling_logp,
-                                                 const LossConfig& cfg) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grpo_loss_fwd_grad(
+    const at::Tensor& logp, const c10::optional<at::Tensor>& old_logp, const c10::optional<at::Tensor>& ref_logp,
+    const at::Tensor& adv, const at::Tensor& mask, const c10::optional<at::Tensor>& iw,
+    const c10::optional<at::Tensor>& sampling_logp, const LossConfig& cfg, bool compute_grad) {
   check_logp(logp, "grpo_loss_fwd");
   check_config(cfg, "grpo_loss_fwd");
   const int64_t B = logp.size(0), T = logp.size(1);
@@ -294,20 +337,37 @@ std::tuple<at::Tensor, at::Tensor> grpo_loss_fwd(const at::Tensor& logp, const c
                     sampling_logp, /*bool_mask=*/true);
   at::Tensor per_token_loss = at::empty({B, T}, logp.options());
   at::Tensor partials = at::empty({kNumPartials, B}, logp.options());
+  at::Tensor grad_sums = at::empty({compute_grad ? B : 0, T}, logp.options());
   const bool fast = fast_path(logp, cfg);
   const at::Tensor mask_k = kernel_mask(mask, logp.scalar_type(), fast);
   if (fast) {
     const LossRows rows(logp, old_logp, ref_logp, adv, mask_k, iw);
     with_token_kind(cfg, ref_logp.has_value(), [&](auto family, auto shared, auto ref, auto plain) {
       forward_fast<decltype(family)::value, decltype(shared)::value, decltype(ref)::value, decltype(plain)::value>(
-          rows, cfg, B, T, per_token_loss.data_ptr<float>(), partials.data_ptr<float>());
+          rows, cfg, B, T, per_token_loss.data_ptr<float>(), partials.data_ptr<float>(),
+          compute_grad ? grad_sums.data_ptr<float>() : nullptr);
     });
-    return {per_token_loss, partials};
+    return {per_token_loss, partials, grad_sums};
   }
   AT_DISPATCH_FLOATING_TYPES(logp.scalar_type(), "grpo_loss_fwd", [&] {
-    forward_kernel(LossTokens<scalar_t>(logp, old_logp, ref_logp, adv, mask_k, iw, sampling_logp), cfg,
-                   per_token_loss.data_ptr<scalar_t>(), partials.data_ptr<scalar_t>());
+    const LossTokens<scalar_t> tokens(logp, old_logp, ref_logp, adv, mask_k, iw, sampling_logp);
+    forward_kernel(tokens, cfg, per_token_loss.data_ptr<scalar_t>(), partials.data_ptr<scalar_t>());
+    if (compute_grad) {  // the token-by-token kernels: the backward for seq_grad = 1
+      const at::Tensor ones = at::ones({B}, logp.options());
+      backward_kernel(tokens, cfg, partials.const_data_ptr<scalar_t>(), ones.const_data_ptr<scalar_t>(),
+                      grad_sums.data_ptr<scalar_t>());
+    }
   });
+  return {per_token_loss, partials, grad_sums};
+}
+
+std::tuple<at::Tensor, at::Tensor> grpo_loss_fwd(const at::Tensor& logp, const c10::optional<at::Tensor>& old_logp,
+                                                 const c10::optional<at::Tensor>& ref_logp, const at::Tensor& adv,
+                                                 const at::Tensor& mask, const c10::optional<at::Tensor>& iw,
+                                                 const c10::optional<at::Tensor>& sampling_logp,
+                                                 const LossConfig& cfg) {
+  auto [per_token_loss, partials, grad_sums] =
+      grpo_loss_fwd_grad(logp, old_logp, ref_logp, adv, mask, iw, sampling_logp, cfg, /*compute_grad=*/false);
   return {per_token_loss, partials};
 }
 

@@ -10,8 +10,8 @@
 namespace grpo_kernels::cpu::GRPO_CPU_COPY {
 
 const Kernels& kernels() {
-  static constexpr Kernels table{&token_logprobs_fwd, &token_logprobs_bwd, &group_normalize,
-                                 &grpo_loss_fwd,      &grpo_loss_bwd,      &fused_grpo_loss_fwd};
+  static constexpr Kernels table{&token_logprobs_fwd, &token_logprobs_bwd, &group_normalize,    &grpo_loss_fwd,
+                                 &grpo_loss_bwd,      &grpo_loss_fwd_grad, &fused_grpo_loss_fwd};
   return table;
 }
 

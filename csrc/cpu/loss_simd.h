@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include <ATen/ATen.h>
 
@@ -257,6 +258,23 @@ class RowReader {
     }
   }
 
+  // The tokens [begin, end) of row i (of len) outside which the row holds only 0 (the mask's padding), begin
+  // rounded down to a multiple of kSumLanes; [0, len) unless the row is contiguous.
+  std::pair<int64_t, int64_t> nonzero_span(int64_t i, int64_t len) const {
+    int64_t begin = 0, end = len;
+    if (stride_t_ != 1) return {begin, end};
+    if (bools_ != nullptr) {
+      const bool* p = bools_ + i * stride_b_;
+      while (end > 0 && !p[end - 1]) --end;
+      while (begin < end && !p[begin]) ++begin;
+    } else if (floats_ != nullptr) {
+      const float* p = floats_ + i * stride_b_;
+      while (end > 0 && p[end - 1] == 0.0f) --end;
+      while (begin < end && p[begin] == 0.0f) ++begin;
+    }
+    return {begin / kSumLanes * kSumLanes, end};
+  }
+
   // Row i, tokens [t0, t0 + n): in place when contiguous float32, else read into buf.
   const float* view(int64_t i, int64_t t0, int64_t n, float* buf) const {
     if (floats_ != nullptr && stride_t_ == 1) return floats_ + i * stride_b_ + t0;
@@ -297,6 +315,10 @@ struct LossRows {
            const at::Tensor& adv_, const at::Tensor& mask_, const c10::optional<at::Tensor>& iw_)
       : logp(logp_, 0.0f), old(old_, 0.0f), ref(ref_, 0.0f), adv(adv_, 0.0f), mask(mask_, 0.0f), iw(iw_, 1.0f),
         has_old(old_.has_value()), has_ref(ref_.has_value()) {}
+
+  // The tokens of row i that the kernels visit (RowReader::nonzero_span of the mask): outside them every token
+  // is masked, so it adds 0 to every sum and gets 0 in every output; inside, each token keeps its sum lane.
+  std::pair<int64_t, int64_t> span(int64_t i, int64_t len) const { return mask.nonzero_span(i, len); }
 
   void read(int64_t i, int64_t t0, int64_t n, TokenBlock& b) const {
     mask.read(i, t0, n, b.mask);

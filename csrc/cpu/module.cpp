@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../common/entry_points.h"
+#include "grpo_loss_host.h"
 
 #ifndef GRPO_KERNELS_VERSION
 #error "setup.py defines GRPO_KERNELS_VERSION from grpo_kernels/_version.py"
@@ -193,6 +194,10 @@ auto grpo_loss_bwd(const at::Tensor& logp, Args... args) {
   return GRPO_DISPATCH(logp, grpo_loss_bwd)(logp, args...);
 }
 template <typename... Args>
+auto grpo_loss_fwd_grad(const at::Tensor& logp, Args... args) {
+  return GRPO_DISPATCH(logp, grpo_loss_fwd_grad)(logp, args...);
+}
+template <typename... Args>
 auto fused_grpo_loss_fwd(const at::Tensor& logits, Args... args) {
   return GRPO_DISPATCH(logits, fused_grpo_loss_fwd)(logits, args...);
 }
@@ -286,6 +291,41 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                        const OptTensor&, const Tensor&, const Tensor&, const LossConfig&>,
         py::arg("logp"), py::arg("old_logp"), py::arg("ref_logp"), py::arg("adv"), py::arg("mask"), py::arg("iw"),
         py::arg("sampling_logp"), py::arg("partials"), py::arg("seq_grad"), py::arg("cfg"), "d loss / d logp [B, T]",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("grpo_loss_fwd_grad",
+        &grpo_loss_fwd_grad<const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&,
+                            const OptTensor&, const LossConfig&, bool>,
+        py::arg("logp"), py::arg("old_logp"), py::arg("ref_logp"), py::arg("adv"), py::arg("mask"), py::arg("iw"),
+        py::arg("sampling_logp"), py::arg("cfg"), py::arg("compute_grad"),
+        "(per_token_loss [B, T], partials [kNumPartials, B], grad_sums [B, T] = d S_i / d logp or empty)",
+        py::call_guard<py::gil_scoped_release>());
+
+  // grpo_loss on CPU tensors: the host work of a call in C++ (csrc/cpu/grpo_loss_host.h)
+  py::class_<cpu::LossAggregation>(m, "LossAggregation",
+                                        "an aggregation of the loss as arithmetic (aggregation.KernelRule)")
+      .def(py::init([](bool count_per_sequence, bool mean_over_sequences, bool batch_tokens,
+                       c10::optional<double> batch_length, c10::optional<double> batch_number) {
+             return cpu::LossAggregation{count_per_sequence, mean_over_sequences, batch_tokens, batch_length,
+                                              batch_number};
+           }),
+           py::arg("count_per_sequence"), py::arg("mean_over_sequences"), py::arg("batch_tokens"),
+           py::arg("batch_length"), py::arg("batch_number"));
+  m.def("grpo_loss_value_problem", &cpu::grpo_loss_value_problem, py::arg("mask"), py::arg("advantages"),
+        "('', 0) or the first argument of grpo_loss whose values fail its checks ('mask', 'advantages') and the "
+        "advantage found", py::call_guard<py::gil_scoped_release>());
+  m.def("grpo_loss_forward",
+        [](const Tensor& logp, const OptTensor& old_logp, const OptTensor& ref_logp, const Tensor& adv,
+           const Tensor& mask, const OptTensor& iw, const OptTensor& sampling_logp, const LossConfig& cfg,
+           const cpu::LossAggregation& aggregation, bool compute_grad) {
+          return cpu::grpo_loss_forward(cpu_kernels().grpo_loss_fwd_grad, logp, old_logp, ref_logp, adv, mask,
+                                             iw, sampling_logp, cfg, aggregation, compute_grad);
+        },
+        py::arg("logp"), py::arg("old_logp"), py::arg("ref_logp"), py::arg("adv"), py::arg("mask"), py::arg("iw"),
+        py::arg("sampling_logp"), py::arg("cfg"), py::arg("aggregation"), py::arg("compute_grad"),
+        "(loss, per_token_loss, kl, clip_ratio_low, clip_ratio_high, clip_ratio_region, grad_sums, seq_weight)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("grpo_loss_backward", &cpu::grpo_loss_backward, py::arg("grad_sums"), py::arg("seq_weight"),
+        py::arg("grad_loss"), py::arg("dtype"), "d loss / d logp [B, T] in dtype",
         py::call_guard<py::gil_scoped_release>());
   m.def("fused_grpo_loss_fwd",
         &fused_grpo_loss_fwd<const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,

@@ -22,10 +22,13 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include "exp_poly.h"
 
 namespace grpo_kernels::cpu::GRPO_CPU_COPY {  // one copy per instruction set (setup.py)
 
@@ -34,56 +37,47 @@ namespace grpo_kernels::cpu::GRPO_CPU_COPY {  // one copy per instruction set (s
 template <typename scalar_t>
 constexpr int64_t kChunk = 65536 / sizeof(scalar_t);
 
-// a·b + c, fused (one rounding) where the target has FMA instructions. The
-// extension is built with -ffp-contract=off, so nothing else is fused.
-inline float madd(float a, float b, float c) {
-#ifdef __FMA__
-  return std::fma(a, b, c);
-#else
-  return a * b + c;
-#endif
+// Below this, exp_nonpositive and exp_sum_term give 0: above it, e^r 2^n is a normal float.
+constexpr float kExpUnderflow = -87.0f;
+
+// e^r 2^n (exp_parts) by adding n to the exponent bits of e^r: the low bits of t hold n (two's complement), so
+// t_bits << 23 is n << 23. Right where e^x is a normal float; meaningless bits elsewhere.
+GRPO_ALWAYS_INLINE float scale_by_exponent(const ExpParts& e) {
+  uint32_t p_bits;
+  std::memcpy(&p_bits, &e.poly, sizeof(p_bits));
+  p_bits += e.t_bits << 23;
+  float p;
+  std::memcpy(&p, &p_bits, sizeof(p));
+  return p;
+}
+
+// p, or 0 where x < kExpUnderflow, on the bits (NaN x keeps p).
+GRPO_ALWAYS_INLINE float zero_below_underflow(float p, float x) {
+  uint32_t p_bits;
+  std::memcpy(&p_bits, &p, sizeof(p_bits));
+  p_bits &= 0u - static_cast<uint32_t>(!(x < kExpUnderflow));  // all ones, or 0 where e^x underflows
+  std::memcpy(&p, &p_bits, sizeof(p));
+  return p;
 }
 
 // e^x for x <= 0 (softmax only exponentiates z - max; a rounding's worth above 0
 // is fine too), within 2 ulp, 0 for x < -87 (below the smallest normal float)
 // and for x = -inf, NaN for NaN. Free of branches and of selects between
 // floats, so that gcc vectorizes it inside `omp simd` loops for AVX2 as for
-// AVX-512 (a `cond ? 0.0f : p` here left the AVX2 loops scalar): x = n ln 2 + r
-// with |r| <= ln 2 / 2, e^r by a degree-5 polynomial (minimax for the relative
-// error, constant term exactly 1), 2^n by adding n to the exponent bits of e^r
-// (x >= -87: e^r 2^n stays a normal float), then the bits masked to 0 below -87.
-inline float exp_nonpositive(float x) {
-  const float xc = std::max(x, -87.0f);  // NaN stays NaN (std::max keeps its first argument)
-  const float t = madd(xc, 1.44269504088896341f, 12582912.0f);  // 1.5·2^23: round(x / ln 2) in the low bits
-  const float n = t - 12582912.0f;
-  const float r = madd(n, 2.12194440e-4f, madd(n, -0.693359375f, xc));  // x - n ln 2, ln 2 split hi + lo
-  float p = 8.2895793021e-3f;
-  p = madd(p, r, 4.1897822171e-2f);
-  p = madd(p, r, 1.6667649150e-1f);
-  p = madd(p, r, 4.9999150634e-1f);
-  p = madd(p, r, 9.9999970198e-1f);
-  p = madd(p, r, 1.0f);
-  uint32_t t_bits, p_bits;
-  std::memcpy(&t_bits, &t, sizeof(t));
-  std::memcpy(&p_bits, &p, sizeof(p));
-  p_bits += t_bits << 23;  // the low bits of t hold n (two's complement): n << 23 adds n to the exponent
-  p_bits &= 0u - static_cast<uint32_t>(!(x < -87.0f));  // all ones, or 0 where e^x underflows
-  std::memcpy(&p, &p_bits, sizeof(p));
-  return p;
-}
+// AVX-512 (a `cond ? 0.0f : p` here left the AVX2 loops scalar).
+GRPO_ALWAYS_INLINE float exp_nonpositive(float x) { return zero_below_underflow(scale_by_exponent(exp_parts(x)), x); }
 
 inline double exp_nonpositive(double x) { return std::exp(x); }  // float64: the simple, exact path
 
-// Running state of a row: max m and s, a relative to m.
 // Loads and stores between the logits dtype and the compute dtype that gcc vectorizes: bfloat16 by its
 // bits (round to nearest even, NaN kept as the quiet NaN, as c10::BFloat16 rounds), the others by a cast.
 template <typename acc_t, typename scalar_t>
-inline acc_t to_acc(scalar_t x) {
+GRPO_ALWAYS_INLINE acc_t to_acc(scalar_t x) {
   return static_cast<acc_t>(x);
 }
 
 template <>
-inline float to_acc<float, c10::BFloat16>(c10::BFloat16 x) {
+GRPO_ALWAYS_INLINE float to_acc<float, c10::BFloat16>(c10::BFloat16 x) {
   const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof(f));
@@ -103,6 +97,7 @@ inline c10::BFloat16 from_acc<c10::BFloat16, float>(float v) {
   return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
 }
 
+// Running state of a row: max m and s, a relative to m.
 template <typename acc_t>
 struct LseState {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
@@ -136,7 +131,7 @@ constexpr int64_t kSumBlock = 256;
 
 // x·y where x = 0 means 0 even for y = -inf (the weight of a value whose e^d underflowed).
 template <typename acc_t>
-inline acc_t times_finite(acc_t x, acc_t y) {
+GRPO_ALWAYS_INLINE acc_t times_finite(acc_t x, acc_t y) {
   return x * std::max(y, std::numeric_limits<acc_t>::lowest());
 }
 
@@ -148,35 +143,24 @@ inline acc_t sum_lanes(acc_t* s) {
   return s[0];
 }
 
-// One chunk of n logits: writes e_v = exp(z_v - cm) into e [n] and returns
-// cm = max z, cs = Σ e, ca = Σ e (z - cm) (ca only kEntropy). Reads x twice
-// (the max, then the exponentials; the second time from L2), writes e once.
-// max z = (max x) / T as 1/T > 0. z = x / T is rounded on its own everywhere
-// (here, in logp = z_y - lse and in log p of the gradient), so they agree with
-// lse = cm + log s: a dominant logit gets p = 1, not 1 + z's rounding error.
-template <bool kEntropy, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline void chunk_exp(const scalar_t* x, int64_t n, acc_t inv_t, acc_t* e, acc_t& cm, acc_t& cs, acc_t& ca) {
-  acc_t mx = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : mx)
-  for (int64_t v = 0; v < n; ++v) mx = std::max(mx, to_acc<acc_t>(x[v]));
-  cm = mx * inv_t;
-  const acc_t shift = cm == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : cm;
+// Runs add_group(v, lanes, part, part_a) over the groups of kSumLanes values of [0, n) (the last group may be
+// shorter), block by block of kSumBlock values with fresh partials, and returns the sums of part (cs) and
+// part_a (ca, only kEntropy) in the fixed lane order. before_block(v0, end) runs ahead of each block.
+// kUnroll: a whole block's groups unrolled, so that gcc keeps the partials in registers (AVX2 left them in
+// memory; chunk_exp with the entropy, which also stores e, runs slower unrolled).
+template <bool kEntropy, bool kUnroll, typename acc_t, typename AddGroup, typename BeforeBlock>
+inline void sum_in_lanes(int64_t n, AddGroup&& add_group, BeforeBlock&& before_block, acc_t& cs, acc_t& ca) {
   acc_t sum[kSumLanes] = {}, sum_a[kSumLanes] = {};
-  // lanes [0, lanes) of the group of values at x + v
-  auto add_group = [&](int64_t v, int64_t lanes, acc_t* part, acc_t* part_a) {
-#pragma omp simd
-    for (int64_t l = 0; l < lanes; ++l) {
-      const acc_t d = to_acc<acc_t>(x[v + l]) * inv_t - shift;
-      const acc_t ev = exp_nonpositive(d);
-      e[v + l] = ev;
-      part[l] += ev;
-      if constexpr (kEntropy) part_a[l] += times_finite(ev, d);
-    }
-  };
   for (int64_t v0 = 0; v0 < n; v0 += kSumBlock) {
     const int64_t end = std::min(n, v0 + kSumBlock);
+    before_block(v0, end);
     acc_t part[kSumLanes] = {}, part_a[kSumLanes] = {};
     int64_t v = v0;
+    if (kUnroll && end - v0 == kSumBlock) {
+#pragma GCC unroll 16
+      for (int64_t g = 0; g < kSumBlock / kSumLanes; ++g) add_group(v0 + g * kSumLanes, kSumLanes, part, part_a);
+      v = end;
+    }
     for (; v + kSumLanes <= end; v += kSumLanes) add_group(v, kSumLanes, part, part_a);
     if (v < end) add_group(v, end - v, part, part_a);
 #pragma omp simd
@@ -187,6 +171,112 @@ inline void chunk_exp(const scalar_t* x, int64_t n, acc_t inv_t, acc_t* e, acc_t
   }
   cs = sum_lanes(sum);
   ca = kEntropy ? sum_lanes(sum_a) : acc_t(0);
+}
+
+// The chunk's max z = (max x) / T (1/T > 0) and the shift its exponentials are taken relative to (0 for an
+// all -inf chunk). Also the smallest x, where asked.
+template <typename scalar_t, typename acc_t>
+inline acc_t chunk_max(const scalar_t* x, int64_t n, acc_t inv_t, acc_t& cm, acc_t* min_x = nullptr) {
+  acc_t mx = -std::numeric_limits<acc_t>::infinity(), mn = std::numeric_limits<acc_t>::infinity();
+  if (min_x) {
+#pragma omp simd reduction(max : mx) reduction(min : mn)
+    for (int64_t v = 0; v < n; ++v) {
+      const acc_t xv = to_acc<acc_t>(x[v]);
+      mx = std::max(mx, xv);
+      mn = std::min(mn, xv);
+    }
+    *min_x = mn;
+  } else {
+#pragma omp simd reduction(max : mx)
+    for (int64_t v = 0; v < n; ++v) mx = std::max(mx, to_acc<acc_t>(x[v]));
+  }
+  cm = mx * inv_t;
+  return cm == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : cm;
+}
+
+// One chunk of n logits: writes e_v = exp(z_v - cm) into e [n] and returns
+// cm = max z, cs = Σ e, ca = Σ e (z - cm) (ca only kEntropy). Reads x twice
+// (the max, then the exponentials; the second time from L2), writes e once.
+// z = x / T is rounded on its own everywhere
+// (here, in logp = z_y - lse and in log p of the gradient), so they agree with
+// lse = cm + log s: a dominant logit gets p = 1, not 1 + z's rounding error.
+template <bool kEntropy, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+inline void chunk_exp(const scalar_t* x, int64_t n, acc_t inv_t, acc_t* e, acc_t& cm, acc_t& cs, acc_t& ca) {
+  const acc_t shift = chunk_max(x, n, inv_t, cm);
+  // lanes [0, lanes) of the group of values at x + v
+  auto add_group = [&](int64_t v, int64_t lanes, acc_t* part, acc_t* part_a) __attribute__((always_inline)) {
+#pragma omp simd
+    for (int64_t l = 0; l < lanes; ++l) {
+      const acc_t d = to_acc<acc_t>(x[v + l]) * inv_t - shift;
+      const acc_t ev = exp_nonpositive(d);
+      e[v + l] = ev;
+      part[l] += ev;
+      if constexpr (kEntropy) part_a[l] += times_finite(ev, d);
+    }
+  };
+  sum_in_lanes<kEntropy, !kEntropy>(n, add_group, [](int64_t, int64_t) {}, cs, ca);
+}
+
+// e^d for the sums of the forward (d = z - max <= 0, or NaN): exp_nonpositive with ln 2 as one float
+// (Ln2Split::kOne: the terms that carry the sum have small |d|), one multiply-add less. kMasked = false
+// leaves out the mask of exp_nonpositive for a caller that knows d >= kExpUnderflow or NaN (there the mask
+// changes nothing). float64: std::exp.
+template <bool kMasked>
+GRPO_ALWAYS_INLINE float exp_sum_term(float d) {
+  const float p = scale_by_exponent(exp_parts<Ln2Split::kOne>(d));
+  return kMasked ? zero_below_underflow(p, d) : p;
+}
+
+template <bool kMasked>
+inline double exp_sum_term(double d) {
+  return std::exp(d);
+}
+
+// The values of one chunk, per lane as chunk_exp (kUnitT: T = 1, so z = x exactly; kMasked: some d may lie
+// below kExpUnderflow).
+template <bool kEntropy, bool kUnitT, bool kMasked, typename scalar_t, typename acc_t>
+inline void chunk_sums_of(const scalar_t* x, int64_t n, acc_t inv_t, acc_t shift, const scalar_t* next, acc_t& cs,
+                          acc_t& ca) {
+  auto add_group = [&](int64_t v, int64_t lanes, acc_t* part, acc_t* part_a) __attribute__((always_inline)) {
+#pragma omp simd
+    for (int64_t l = 0; l < lanes; ++l) {
+      const acc_t xv = to_acc<acc_t>(x[v + l]);
+      const acc_t d = (kUnitT ? xv : xv * inv_t) - shift;
+      const acc_t ev = exp_sum_term<kMasked>(d);
+      part[l] += ev;
+      if constexpr (kEntropy) part_a[l] += kMasked ? times_finite(ev, d) : ev * d;
+    }
+  };
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);  // values per cache line
+  auto prefetch = [&](int64_t v0, int64_t end) {
+    for (int64_t v = v0; v < end; v += kLine) __builtin_prefetch(next + v);
+  };
+  sum_in_lanes<kEntropy, true>(n, add_group, prefetch, cs, ca);
+}
+
+// The forward's chunk: cm, cs and ca as chunk_exp (each e by exp_sum_term), without writing the
+// exponentials. Reads x twice, the second time from L1/L2 as chunk_exp, and meanwhile prefetches the chunk
+// read next (`next`, as many values as this chunk: the rest of the row, or the next row), so that its
+// first read (the max) comes from L2 while this chunk's exponentials keep the core busy. Every path gives
+// the same bits: the mask only where the chunk's smallest d lies below kExpUnderflow (a -inf logit, a
+// logit range over 87 T), the product x·(1/T) only where T != 1.
+template <bool kEntropy, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+inline void chunk_sums(const scalar_t* x, int64_t n, acc_t inv_t, const scalar_t* next, acc_t& cm, acc_t& cs,
+                       acc_t& ca) {
+  acc_t min_x;
+  const acc_t shift = chunk_max(x, n, inv_t, cm, &min_x);
+  const bool unit_t = inv_t == acc_t(1);
+  // false where the chunk holds a -inf or a value more than 87 T below its max; float64 keeps the mask path
+  const bool in_range = std::is_same_v<acc_t, float> && min_x * inv_t - shift >= acc_t(kExpUnderflow);
+  if (unit_t && in_range) {
+    chunk_sums_of<kEntropy, true, false>(x, n, inv_t, shift, next, cs, ca);
+  } else if (unit_t) {
+    chunk_sums_of<kEntropy, true, true>(x, n, inv_t, shift, next, cs, ca);
+  } else if (in_range) {
+    chunk_sums_of<kEntropy, false, false>(x, n, inv_t, shift, next, cs, ca);
+  } else {
+    chunk_sums_of<kEntropy, false, true>(x, n, inv_t, shift, next, cs, ca);
+  }
 }
 
 // Writes the row dx = (w (onehot_y - p) + g_H (-p (log p + H))) / T with

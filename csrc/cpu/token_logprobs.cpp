@@ -18,10 +18,10 @@ namespace {
 constexpr int64_t kRowsPerTask = 1;  // a row is V values: enough work per task
 
 // Forward. Row r reads its id y and its V logits once from memory (kChunk at a
-// time, each chunk twice from L2, its exponentials into a thread's buffer; x_y
-// again from cache); writes logp, lse (and H) [R]. Memory traffic: one read of
-// the logits + 8-12 bytes per row (16-24 in float64). Ignored rows read nothing
-// but y.
+// time, each chunk twice, chunk_sums: the first read from L2 where the previous
+// chunk prefetched it; x_y again from cache); writes logp, lse (and H) [R].
+// Memory traffic: one read of the logits + 8-12 bytes per row (16-24 in
+// float64). Ignored rows read nothing but y (and are prefetched all the same).
 template <typename scalar_t, bool kEntropy>
 void forward_kernel(const at::Tensor& logits, const int64_t* ids, double temperature,
                     const at::opmath_type<scalar_t>* row_t, int64_t ignore_index, at::Tensor& logp, at::Tensor& lse,
@@ -35,18 +35,19 @@ void forward_kernel(const at::Tensor& logits, const int64_t* ids, double tempera
   acc_t* lse_out = lse.data_ptr<acc_t>();
   acc_t* ent_out = kEntropy ? entropy.data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, rows.rows(), kRowsPerTask, [&](int64_t begin, int64_t end) {
-    acc_t* e = thread_buffer<acc_t>(kChunk<scalar_t>);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t y = ids[r];
       acc_t row_logp = 0, row_lse = 0, row_ent = 0;
       if (y != ignore_index) {
         check_token_id(y, vocab, ignore_index, r);
         const scalar_t* x_row = x + rows.offset(r);
+        const scalar_t* next_row = r + 1 < end ? x + rows.offset(r + 1) : x_row;  // prefetched after this row
         const acc_t inv_t = row_inverse_temperature(row_t, r, inv_t_all);
         LseState<acc_t> state;
         for (int64_t v0 = 0; v0 < vocab; v0 += kChunk<scalar_t>) {
+          const int64_t v1 = std::min(vocab, v0 + kChunk<scalar_t>);
           acc_t cm, cs, ca;
-          chunk_exp<kEntropy>(x_row + v0, std::min(kChunk<scalar_t>, vocab - v0), inv_t, e, cm, cs, ca);
+          chunk_sums<kEntropy>(x_row + v0, v1 - v0, inv_t, v1 < vocab ? x_row + v1 : next_row, cm, cs, ca);
           state.merge(cm, cs, ca);
         }
         row_lse = state.lse();

@@ -171,4 +171,17 @@ at::Tensor grpo_loss_bwd(const at::Tensor& logp, const c10::optional<at::Tensor>
   return grad_logp;
 }
 
+// The forward, then the backward for seq_grad = 1 (the CPU kernels form both in one pass).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grpo_loss_fwd_grad(
+    const at::Tensor& logp, const c10::optional<at::Tensor>& old_logp, const c10::optional<at::Tensor>& ref_logp,
+    const at::Tensor& adv, const at::Tensor& mask, const c10::optional<at::Tensor>& iw,
+    const c10::optional<at::Tensor>& sampling_logp, const LossConfig& cfg, bool compute_grad) {
+  auto [per_token_loss, partials] = grpo_loss_fwd(logp, old_logp, ref_logp, adv, mask, iw, sampling_logp, cfg);
+  const at::Tensor grad_sums =
+      compute_grad ? grpo_loss_bwd(logp, old_logp, ref_logp, adv, mask, iw, sampling_logp, partials,
+                                   at::ones({logp.size(0)}, logp.options()), cfg)
+                   : at::empty({0, logp.size(1)}, logp.options());
+  return {per_token_loss, partials, grad_sums};
+}
+
 }  // namespace grpo_kernels::cuda

@@ -1,7 +1,12 @@
 """``grpo_loss`` over the extension's kernels, with exactly the numbers of
 :func:`grpo_kernels.reference.grpo_loss` (formulas in its docstring).
 
-``grpo_loss_fwd`` writes the per-token loss ``[B, T]`` and per-sequence
+CPU tensors: one call of ``_C.grpo_loss_forward`` (``csrc/cpu/grpo_loss_host.h``) converts the inputs, runs
+``grpo_loss_fwd_grad`` — the per-token loss, the per-sequence partials and, when ``logprobs`` requires grad,
+``d S_i / d logp`` from the same evaluation of the token terms — and aggregates the partials into the loss,
+the metrics and the weights ``dL/dS_i`` in C++; the backward is one scaling (``_C.grpo_loss_backward``).
+
+Other devices: ``grpo_loss_fwd`` writes the per-token loss ``[B, T]`` and per-sequence
 partials ``[NUM_PARTIALS, B]``; the scalar loss and metrics come from them through
 :mod:`grpo_kernels.aggregation` (torch ops on the device, no host sync).
 ``grpo_loss_bwd`` writes ``d loss / d logprobs``.
@@ -21,52 +26,71 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._extension import _C
-from ..aggregation import P_COUNT
+from ..aggregation import P_COUNT, kernel_rule
 from ..kernel_options import KernelLossOptions, kernel_loss_options
 from ..reference import GRPOLossOutput
 
 
 class LossSetup(NamedTuple):
-    """The loss options for the C++ kernels (``cfg``, a ``_C.LossConfig``) and the aggregation (``options``)."""
+    """The loss options for the C++ kernels (``cfg``, a ``_C.LossConfig``), the aggregation (``options``) and,
+    for the CPU host code, the aggregation as a ``_C.LossAggregation``."""
 
     cfg: object
     options: KernelLossOptions
+    aggregation: object
 
 
 def loss_setup(advantages: Tensor, T: int, loss_options: dict) -> LossSetup:
     """The kernel configuration of ``loss_options``, the keyword options of the reference ``grpo_loss``
-    (memoized: the same options at the same T give the same setup)."""
+    (memoized: the same options at the same T give the same setup; a tensor ``num_items_in_batch`` is taken
+    at each call, and read on the host for CPU ``advantages``)."""
     key = _setup_key(advantages, T, loss_options)
     setup = _SETUPS.get(key) if key is not None else None
+    num_items = loss_options.get("num_items_in_batch")
     if setup is None:
         options = kernel_loss_options(T, advantages, loss_options)
         cfg = _C.LossConfig(options.scalars)  # the numeric options in loss_table.KERNEL_SCALARS order
         for field in _CONFIG_FIELDS:
             setattr(cfg, field, getattr(options, field))
-        setup = LossSetup(cfg, options)
+        if isinstance(num_items, Tensor):  # taken at each call, not kept
+            setup = LossSetup(cfg, options._replace(num_items_in_batch=None), None)
+        else:
+            setup = LossSetup(cfg, options, _aggregation(options, T))
         if key is not None:
             if len(_SETUPS) >= _MAX_SETUPS:
                 _SETUPS.clear()
             _SETUPS[key] = setup
+    if isinstance(num_items, Tensor):  # this call's value
+        options = setup.options._replace(num_items_in_batch=num_items)
+        setup = LossSetup(setup.cfg, options, _aggregation(options, T) if advantages.device.type == "cpu" else None)
     return setup
 
 
 _SETUPS: dict = {}
 _MAX_SETUPS = 64
+_PLAIN = frozenset({bool, int, float, str, type(None)})
 
 
 def _setup_key(advantages: Tensor, T: int, loss_options: dict) -> Optional[tuple]:
     """What the setup depends on: T, whether advantages are per sequence, the options (a tensor option by its
-    presence); None when an option is not a plain value (e.g. a tensor num_items_in_batch)."""
-    items = []
-    for name, value in loss_options.items():
-        if isinstance(value, Tensor) and name != "num_items_in_batch":
-            value = Tensor
-        elif not isinstance(value, (bool, int, float, str, type(None))):
-            return None
-        items.append((name, type(value), value))
-    items.sort(key=lambda item: item[0])
-    return T, advantages.ndim == 1 or advantages.shape[1] == 1, tuple(items)
+    presence); None when an option is neither a plain value nor a tensor."""
+    values = tuple([value if value.__class__ in _PLAIN else _option_kind(value) for value in loss_options.values()])
+    if _UNKEYED in values:
+        return None
+    return T, advantages.ndim == 1 or advantages.shape[1] == 1, tuple(loss_options), values
+
+
+_UNKEYED = object()
+
+
+def _option_kind(value) -> object:
+    return Tensor if isinstance(value, Tensor) else _UNKEYED
+
+
+def _aggregation(options: KernelLossOptions, T: int):
+    """``_C.LossAggregation`` of the options (a tensor num_items_in_batch is read on the host)."""
+    return _C.LossAggregation(*kernel_rule(options.loss_type, T, max_completion_length=options.max_completion_length,
+                                           num_items_in_batch=options.num_items_in_batch))
 
 
 # The code paths of _C.LossConfig (csrc/common/loss_config.h), named as in KernelLossOptions; the enums
@@ -133,6 +157,44 @@ class _GRPOLossFunction(torch.autograd.Function):
         return grad_logp, None, None, None, None, None, None, None
 
 
+class _CpuLossFunction(torch.autograd.Function):
+    """The loss on CPU tensors; the other outputs (no gradient) are appended to ``extra``."""
+
+    @staticmethod
+    def forward(ctx, logp, old, ref, adv, mask, iw, sampling, setup: LossSetup, extra: list):
+        loss, *outputs, grad_sums, seq_weight = _C.grpo_loss_forward(
+            logp, old, ref, adv, mask, iw, sampling, setup.cfg, setup.aggregation, logp.requires_grad)
+        extra.extend(outputs)
+        ctx.grad_sums, ctx.seq_weight, ctx.logp_dtype = grad_sums, seq_weight, logp.dtype
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        grad_logp = None
+        if ctx.needs_input_grad[0]:
+            grad_logp = _C.grpo_loss_backward(ctx.grad_sums, ctx.seq_weight, grad_loss, ctx.logp_dtype)
+        return grad_logp, None, None, None, None, None, None, None, None
+
+
+def _cpu_grpo_loss(logprobs, old_logprobs, advantages, mask, ref, iw, sampling, setup: LossSetup) -> tuple:
+    """(loss, per_token_loss, kl, clip_ratio_low, clip_ratio_high, clip_ratio_region) on CPU tensors; an
+    autograd node only when an input requires grad."""
+    if torch.is_grad_enabled() and _requires_grad(logprobs, old_logprobs, advantages, mask, ref, iw, sampling):
+        extra: list = []
+        loss = _CpuLossFunction.apply(logprobs, old_logprobs, ref, advantages, mask, iw, sampling, setup, extra)
+        return (loss, *extra)
+    return _C.grpo_loss_forward(logprobs, old_logprobs, ref, advantages, mask, iw, sampling, setup.cfg,
+                                setup.aggregation, False)[:6]
+
+
+def _requires_grad(*tensors: Optional[Tensor]) -> bool:
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
 def grpo_loss(
     logprobs: Tensor,
     old_logprobs: Optional[Tensor],
@@ -147,9 +209,12 @@ def grpo_loss(
     ``kl`` and the clip metrics come without gradient.
     """
     setup = loss_setup(advantages, logprobs.shape[1], loss_options)
-    loss, per_token_loss, kl, low, high, region = _GRPOLossFunction.apply(
-        logprobs, old_logprobs, loss_options.get("ref_logprobs"), advantages, mask,
-        loss_options.get("importance_weights"), loss_options.get("sampling_logprobs"), setup
-    )
+    ref, iw, sampling = (loss_options.get(name) for name in ("ref_logprobs", "importance_weights", "sampling_logprobs"))
+    if logprobs.device.type == "cpu":
+        loss, per_token_loss, kl, low, high, region = _cpu_grpo_loss(logprobs, old_logprobs, advantages, mask, ref,
+                                                                     iw, sampling, setup)
+    else:
+        loss, per_token_loss, kl, low, high, region = _GRPOLossFunction.apply(
+            logprobs, old_logprobs, ref, advantages, mask, iw, sampling, setup)
     return GRPOLossOutput(loss=loss, per_token_loss=per_token_loss, kl=kl if setup.options.has_ref else None,
                           clip_ratio_low=low, clip_ratio_high=high, clip_ratio_region=region)
