@@ -7,9 +7,10 @@ compiles the extension, and ``tests/test_codegen.py`` checks the committed heade
 This module reads only ``grpo_kernels/loss_table.py``, loaded from its file path (no torch, no import
 of the package), so ``setup.py`` can load this file the same way. The header holds:
 
-- ``enum class Family``, ``KlEstimator``, ``RolloutLevel``: the IntEnums of the table, values = kernel codes;
-  for each, ``kNum<Enum>Codes``, ``<enum>_from_code`` (checked conversion from an int) and ``is_known``;
-- ``folds_importance_weights(Family)`` from ``FOLDS_IMPORTANCE_WEIGHTS``, VESPO's log-weight bounds;
+- ``enum class Family``, ``KlEstimator``, ``RolloutLevel``, ``RolloutGate``: the IntEnums of the table, values =
+  kernel codes; for each, ``kNum<Enum>Codes``, ``<enum>_from_code`` (checked conversion from an int) and ``is_known``;
+- ``folds_importance_weights(Family)`` from ``FOLDS_IMPORTANCE_WEIGHTS``, VESPO's log-weight bounds, the
+  divergence gates' probability clamp;
 - ``template <typename T = double> struct LossScalars``: one field per ``KERNEL_SCALARS`` row, in order,
   ``kNumLossScalars``, ``loss_scalars_from`` / ``loss_scalars_values`` (the float64 values in that order)
   and ``rounded_scalars<T>`` (each value rounded to a kernel's compute dtype).
@@ -140,10 +141,13 @@ def render(table: ModuleType) -> str:
     lines += _enum(table.Family, "loss family")
     lines += _enum(table.KlEstimator, "KL estimator")
     lines += _enum(table.RolloutLevel, "rollout importance-sampling level")
+    lines += _enum(table.RolloutGate, "rollout importance-sampling gate")
     lines += _folds(table)
     lines += ["// VESPO's clamp of its log-weights (loss_table.VESPO_LOG_MIN, VESPO_LOG_MAX).",
               f"constexpr double kVespoLogMin = {table.VESPO_LOG_MIN!r};",
-              f"constexpr double kVespoLogMax = {table.VESPO_LOG_MAX!r};", ""]
+              f"constexpr double kVespoLogMax = {table.VESPO_LOG_MAX!r};", "",
+              "// The divergence gates' clamp of p and q to [c, 1 - c] (loss_table.ROLLOUT_GATE_PROB_CLAMP).",
+              f"constexpr double kRolloutGateProbClamp = {table.ROLLOUT_GATE_PROB_CLAMP!r};", ""]
     lines += ["template <typename T>", "constexpr T nan_value() {", "  return std::numeric_limits<T>::quiet_NaN();",
               "}", ""]
     lines += _scalars(table)

@@ -20,10 +20,12 @@ from .loss_table import (
     IMPORTANCE_SAMPLING_LEVELS,
     KERNEL_SCALARS,
     KL_ESTIMATORS,
+    ROLLOUT_IS_GATES,
     ROLLOUT_IS_MODES,
     SCALAR_NAMES,
     Family,
     KlEstimator,
+    RolloutGate,
     RolloutLevel,
     loss_type_row,
 )
@@ -73,6 +75,7 @@ class KernelLossOptions(NamedTuple):
     has_sampling: bool  # sampling_logprobs given
     rollout_is: RolloutLevel  # where the rollout importance ratio is formed
     rollout_is_mask: bool  # masked (MIS) instead of truncated (TIS)
+    rollout_is_gate: RolloutGate  # the statistic the rollout importance sampling bounds
     has_off_policy_mask: bool  # off_policy_mask_threshold given
     has_log_clamp: bool  # log_ratio_clamp given
     scalars: LossScalars  # the numeric options (grpo_kernels.loss_table.KERNEL_SCALARS)
@@ -119,6 +122,7 @@ def kernel_loss_options(T: int, advantages: Tensor, options: dict) -> KernelLoss
         has_sampling=o["sampling_logprobs"] is not None,
         rollout_is=rollout.level,
         rollout_is_mask=rollout.mask,
+        rollout_is_gate=code(ROLLOUT_IS_GATES, "rollout_is_gate", o["rollout_is_gate"]),
         has_off_policy_mask=o["off_policy_mask_threshold"] is not None,
         has_log_clamp=o["log_ratio_clamp"] is not None,
         scalars=LossScalars(*(scalar.value(o) for scalar in KERNEL_SCALARS)),

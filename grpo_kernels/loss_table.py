@@ -132,6 +132,23 @@ ROLLOUT_IS_MODES: dict[Optional[str], RolloutMode] = {
     "sequence_mask": RolloutMode(RolloutLevel.SEQUENCE, mask=True),
 }
 
+
+class RolloutGate(enum.IntEnum):
+    """``rollout_is_gate``: the statistic that the rollout importance sampling bounds (kernel codes). ``RATIO``
+    bounds the ratio itself (truncated or masked); the others are masks only: a token keeps its ratio where
+    its unit's statistic (the token's, or its sequence's mean at sequence level) lies in the bounds, else 0."""
+
+    RATIO = 0  # ρ_t = e^{d_t} (sequence level: e^{Σ_t d_t}, TRL)
+    GEOMETRIC_MEAN = 1  # e^{mean_t d_t} over the sequence's tokens: sequence level only
+    BINARY_KL = 2  # p log(p/q) + (1-p) log((1-p)/(1-q)), p = e^{sampling}, q = e^{old}
+    TV = 3  # |p - q|
+
+
+ROLLOUT_IS_GATES: dict[str, RolloutGate] = {"ratio": RolloutGate.RATIO, "geometric_mean": RolloutGate.GEOMETRIC_MEAN,
+                                            "binary_kl": RolloutGate.BINARY_KL, "tv": RolloutGate.TV}
+# The divergence gates clamp p and q to [c, 1 - c] first (OpenRLHF's 1e-6: the binary KL's logs stay finite).
+ROLLOUT_GATE_PROB_CLAMP = 1e-6
+
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 # VESPO clamps its log-weights to [log(1e-8), 20] and its lambdas to at least 1e-4 (TRL's get_gamma_weights).

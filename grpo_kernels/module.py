@@ -30,7 +30,7 @@ class GRPOLoss(nn.Module):
             ``epsilon_low``, ``epsilon_high``, ``delta``, ``clip_ratio_c``, ``loss_type``,
             ``importance_sampling_level``, ``kl_estimator``, ``use_bias_correction_kl``,
             ``max_completion_length``, ``sapo_temperature_pos``, ``sapo_temperature_neg``, ``rollout_is_mode``,
-            ``rollout_is_min``, ``rollout_is_max``, ``off_policy_mask_threshold``, ``vespo_k_pos``,
+            ``rollout_is_min``, ``rollout_is_max``, ``rollout_is_gate``, ``off_policy_mask_threshold``, ``vespo_k_pos``,
             ``vespo_lambda_pos``, ``vespo_k_neg``, ``vespo_lambda_neg``, ``log_ratio_clamp``).
     """
 

@@ -186,6 +186,7 @@ def grpo_loss(
     rollout_is_mode: Optional[str] = None,
     rollout_is_min: Optional[float] = None,
     rollout_is_max: Optional[float] = 3.0,
+    rollout_is_gate: str = "ratio",
     off_policy_mask_threshold: Optional[float] = None,
     vespo_k_pos: float = 2.0,
     vespo_lambda_pos: float = 3.0,
@@ -225,8 +226,12 @@ def grpo_loss(
         rollout_is_mode: rollout importance sampling computed in the loss from ``old_logprobs`` and
             ``sampling_logprobs``: ``None`` (off), ``"token_truncate"``, ``"token_mask"``,
             ``"sequence_truncate"``, ``"sequence_mask"`` (TRL's ``vllm_importance_sampling_mode``).
-        rollout_is_min, rollout_is_max: bounds of the rollout ratio, ``None`` = unbounded (TRL's
-            ``vllm_importance_sampling_clip_min/max``: None, 3.0).
+        rollout_is_min, rollout_is_max: bounds of the rollout ratio (or of the gate's statistic), ``None`` =
+            unbounded (TRL's ``vllm_importance_sampling_clip_min/max``: None, 3.0).
+        rollout_is_gate: what the bounds apply to: ``"ratio"`` (TRL, verl), or, with the ``*_mask`` modes only,
+            OpenRLHF's gates ``"geometric_mean"`` (the sequence's e^{mean log-ratio}; ``sequence_mask``),
+            ``"binary_kl"``, ``"tv"`` (the sampled token's divergence, or its sequence mean): a token keeps its
+            ratio where its unit's statistic is within the bounds, else 0.
         off_policy_mask_threshold: drop negative-advantage sequences whose mean KL(sampling ‖ policy) exceeds it
             (TRL; ``None`` = off).
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma-weight parameters (TRL's).
@@ -293,6 +298,7 @@ def fused_grpo_loss(
     rollout_is_mode: Optional[str] = None,
     rollout_is_min: Optional[float] = None,
     rollout_is_max: Optional[float] = 3.0,
+    rollout_is_gate: str = "ratio",
     off_policy_mask_threshold: Optional[float] = None,
     vespo_k_pos: float = 2.0,
     vespo_lambda_pos: float = 3.0,
@@ -458,6 +464,7 @@ def fused_linear_grpo_loss(
     rollout_is_mode: Optional[str] = None,
     rollout_is_min: Optional[float] = None,
     rollout_is_max: Optional[float] = 3.0,
+    rollout_is_gate: str = "ratio",
     off_policy_mask_threshold: Optional[float] = None,
     vespo_k_pos: float = 2.0,
     vespo_lambda_pos: float = 3.0,

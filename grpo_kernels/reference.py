@@ -40,6 +40,8 @@ from .loss_table import (
     FOLDS_IMPORTANCE_WEIGHTS,
     IMPORTANCE_SAMPLING_LEVELS,
     KL_ESTIMATORS,
+    ROLLOUT_GATE_PROB_CLAMP,
+    ROLLOUT_IS_GATES,
     ROLLOUT_IS_MODES,
     VESPO_LOG_MAX,
     VESPO_LOG_MIN,
@@ -47,6 +49,7 @@ from .loss_table import (
     Aggregation,
     Family,
     KlEstimator,
+    RolloutGate,
     RolloutLevel,
     loss_type_row,
 )
@@ -362,6 +365,27 @@ def clamp_log_ratio(log_ratio: Tensor, log_ratio_clamp: Optional[float]) -> Tens
     return log_ratio if log_ratio_clamp is None else log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
 
 
+def rollout_gate_statistic(old_logprobs: Tensor, sampling_logprobs: Tensor, gate: str) -> Tensor:
+    r"""The per-token statistic of a divergence gate (``rollout_is_gate`` ``"binary_kl"`` or ``"tv"``).
+
+    With :math:`p = e^{\mathrm{sampling}}`, :math:`q = e^{\mathrm{old}}`, each clamped to :math:`[c, 1 - c]`
+    (:math:`c` = ``loss_table.ROLLOUT_GATE_PROB_CLAMP``, 1e-6): binary_kl
+    :math:`p \log\frac{p}{q} + (1-p) \log\frac{1-p}{1-q}`, tv :math:`|p - q|`; 0 where the sampling log-prob is
+    NaN (unknown, as TRL's ``nan_to_num`` makes its log-ratio 0). ``[B, T]``, no gradient.
+    """
+    code = ROLLOUT_IS_GATES.get(gate) if isinstance(gate, str) else None
+    sampling = sampling_logprobs.to(old_logprobs.dtype)
+    p = sampling.exp().clamp(ROLLOUT_GATE_PROB_CLAMP, 1 - ROLLOUT_GATE_PROB_CLAMP)
+    q = old_logprobs.detach().exp().clamp(ROLLOUT_GATE_PROB_CLAMP, 1 - ROLLOUT_GATE_PROB_CLAMP)
+    if code is RolloutGate.BINARY_KL:
+        g = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
+    elif code is RolloutGate.TV:
+        g = (p - q).abs()
+    else:
+        raise ValueError(f"rollout_is_gate must be 'binary_kl' or 'tv' here, got {gate!r}")
+    return torch.where(torch.isnan(sampling), torch.zeros((), dtype=g.dtype, device=g.device), g)
+
+
 def rollout_importance_ratio(
     old_logprobs: Tensor,
     sampling_logprobs: Tensor,
@@ -370,32 +394,62 @@ def rollout_importance_ratio(
     rollout_is_min: Optional[float],
     rollout_is_max: Optional[float],
     log_ratio_clamp: Optional[float] = None,
+    gate: str = "ratio",
 ) -> Tensor:
     r"""The rollout importance-sampling ratio :math:`\rho = \pi_{old} / \pi_{sampling}` (TRL's vLLM correction).
 
     With :math:`d_t = \mathrm{nan\_to\_num}((\mathrm{old}_t - \mathrm{sampling}_t)\, m_t)` (NaN → 0, ±inf →
-    the largest finite values, as TRL) and the bounds :math:`[C_{min}, C_{max}]` (``None`` = unbounded):
+    the largest finite values, as TRL), :math:`\rho_t = e^{d_t}` (every log-ratio clamped to ``±log_ratio_clamp``
+    before ``exp`` when given: verl's safety bound) and the bounds :math:`[C_{min}, C_{max}]` (``None`` =
+    unbounded), by ``gate``:
 
-    - ``token_*``: :math:`\rho_t = e^{d_t}`, ``[B, T]``; ``sequence_*``: :math:`\rho_i = e^{\sum_t d_t}`, ``[B, 1]``
-      (the log-ratio clamped to ``±log_ratio_clamp`` first when given: verl's safety bound);
-    - ``*_truncate`` (TIS): :math:`\mathrm{clamp}(\rho, C_{min}, C_{max})`;
-      ``*_mask`` (MIS, IcePop): :math:`\rho` where :math:`C_{min} \le \rho \le C_{max}`, else 0.
+    - ``"ratio"``: ``token_*``: :math:`\rho_t`, ``[B, T]``; ``sequence_*``: :math:`\rho_i = e^{\sum_t d_t}`,
+      ``[B, 1]``; ``*_truncate`` (TIS): :math:`\mathrm{clamp}(\rho, C_{min}, C_{max})`; ``*_mask`` (MIS,
+      IcePop): :math:`\rho` where :math:`C_{min} \le \rho \le C_{max}`, else 0.
+    - the other gates (``*_mask`` only; OpenRLHF's ``is_correction_gating``): a statistic :math:`g` per token,
+      :func:`rollout_gate_statistic` (``"binary_kl"``, ``"tv"``); at ``sequence_mask`` its mean over the
+      sequence's kept tokens :math:`\sum_t m_t g_t / \max(1, \sum_t m_t)`, and for ``"geometric_mean"``
+      (sequence level only: at token level it is the ratio) :math:`e^{\sum_t d_t / \max(1, \sum_t m_t)}`.
+      The weight is per token, ``[B, T]``: :math:`\rho_t` where the unit's statistic lies in
+      :math:`[C_{min}, C_{max}]`, else 0.
 
     Returns a constant (no gradient) in the dtype of ``old_logprobs``.
     """
     modes = [m for m in ROLLOUT_IS_MODES if m is not None]
     if mode not in modes:
         raise ValueError(f"rollout_is_mode must be one of {modes}, got {mode!r}")
+    gate_code = ROLLOUT_IS_GATES.get(gate) if isinstance(gate, str) else None
+    if gate_code is None:
+        raise ValueError(f"rollout_is_gate must be one of {list(ROLLOUT_IS_GATES)}, got {gate!r}")
     level, masked = ROLLOUT_IS_MODES[mode]
     d = torch.nan_to_num((old_logprobs.detach() - sampling_logprobs.to(old_logprobs.dtype)) * mask, nan=0.0)
-    if level == RolloutLevel.SEQUENCE:
-        d = d.sum(-1, keepdim=True)
-    ratio = torch.exp(clamp_log_ratio(d, log_ratio_clamp))
-    if not masked:
-        return torch.clamp(ratio, min=rollout_is_min, max=rollout_is_max)
     low = -float("inf") if rollout_is_min is None else rollout_is_min
     high = float("inf") if rollout_is_max is None else rollout_is_max
-    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+    if gate_code is RolloutGate.RATIO:
+        if level == RolloutLevel.SEQUENCE:
+            d = d.sum(-1, keepdim=True)
+        ratio = torch.exp(clamp_log_ratio(d, log_ratio_clamp))
+        if not masked:
+            return torch.clamp(ratio, min=rollout_is_min, max=rollout_is_max)
+        return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+    if not masked:
+        raise ValueError(f"rollout_is_gate={gate!r} masks: rollout_is_mode must be 'token_mask' or 'sequence_mask', "
+                         f"got {mode!r}")
+    kept = mask != 0
+    count = kept.sum(-1, keepdim=True).clamp(min=1).to(d.dtype)
+    if gate_code is RolloutGate.GEOMETRIC_MEAN:
+        if level != RolloutLevel.SEQUENCE:
+            raise ValueError("rollout_is_gate='geometric_mean' is a sequence statistic (at token level it is the "
+                             "ratio: rollout_is_gate='ratio'): rollout_is_mode must be 'sequence_mask'")
+        stat = torch.exp(clamp_log_ratio(d.sum(-1, keepdim=True) / count, log_ratio_clamp))
+    else:
+        g = rollout_gate_statistic(old_logprobs, sampling_logprobs, gate)
+        if level == RolloutLevel.SEQUENCE:
+            stat = torch.where(kept, g, torch.zeros((), dtype=g.dtype, device=g.device)).sum(-1, keepdim=True) / count
+        else:
+            stat = g
+    ratio = torch.exp(clamp_log_ratio(d, log_ratio_clamp))
+    return torch.where((stat >= low) & (stat <= high), ratio, torch.zeros((), dtype=ratio.dtype, device=ratio.device))
 
 
 def off_policy_mask(logprobs: Tensor, sampling_logprobs: Tensor, advantages: Tensor, mask: Tensor,
@@ -447,6 +501,7 @@ def grpo_loss(
     rollout_is_mode: Optional[str] = None,
     rollout_is_min: Optional[float] = None,
     rollout_is_max: Optional[float] = 3.0,
+    rollout_is_gate: str = "ratio",
     off_policy_mask_threshold: Optional[float] = None,
     vespo_k_pos: float = 2.0,
     vespo_lambda_pos: float = 3.0,
@@ -547,8 +602,12 @@ def grpo_loss(
             ``off_policy_mask_threshold``.
         rollout_is_mode: ``None`` or ``"token_truncate"``, ``"token_mask"``, ``"sequence_truncate"``,
             ``"sequence_mask"`` (TRL's ``vllm_importance_sampling_mode``; not ``sequence_*`` for vespo and gmpo).
-        rollout_is_min, rollout_is_max: the bounds :math:`C_{min}, C_{max}` of the rollout ratio (``None`` =
-            unbounded; TRL's ``vllm_importance_sampling_clip_min/max``).
+        rollout_is_min, rollout_is_max: the bounds :math:`C_{min}, C_{max}` of the rollout ratio, or of the gate's
+            statistic (``None`` = unbounded; TRL's ``vllm_importance_sampling_clip_min/max``).
+        rollout_is_gate: the statistic ``rollout_is_mode`` bounds (:func:`rollout_importance_ratio`): ``"ratio"``
+            (TRL, verl), or, masking only, ``"geometric_mean"`` (sequence level), ``"binary_kl"``, ``"tv"``
+            (OpenRLHF's ``is_correction_gating``); with a gate other than ``"ratio"`` the weight is per token, and
+            vespo and gmpo fold it in as a token-level rollout weight.
         off_policy_mask_threshold: :math:`\delta` of the off-policy sequence mask, ``None`` = off.
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma-weight parameters.
         log_ratio_clamp: clamp every log-ratio that is exponentiated to ``±log_ratio_clamp`` (verl: 20.0).
@@ -592,7 +651,7 @@ def grpo_loss(
     rollout_ratio = None
     if rollout_is_mode is not None:
         rollout_ratio = rollout_importance_ratio(old, sampling_logprobs, m, rollout_is_mode, rollout_is_min,
-                                                 rollout_is_max, log_ratio_clamp)
+                                                 rollout_is_max, log_ratio_clamp, rollout_is_gate)
     iw = None if importance_weights is None else _as_column(importance_weights.to(dtype))
     token_is = rollout_ratio if iw is None else (iw if rollout_ratio is None else rollout_ratio * iw)
 

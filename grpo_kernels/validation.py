@@ -26,9 +26,11 @@ from .loss_table import (
     FOLDS_IMPORTANCE_WEIGHTS,
     IMPORTANCE_SAMPLING_LEVELS,
     KL_ESTIMATORS,
+    ROLLOUT_IS_GATES,
     ROLLOUT_IS_MODES,
     SCALE_OUT_LOSS_TYPES,
     Family,
+    RolloutGate,
     RolloutLevel,
     loss_type_row,
 )
@@ -291,8 +293,8 @@ PER_CALL_OPTIONS = ("ref_logprobs", "importance_weights", "num_items_in_batch", 
 def check_loss_options(*, beta, epsilon_low, epsilon_high, delta, clip_ratio_c, loss_type,
                        importance_sampling_level, kl_estimator, use_bias_correction_kl, max_completion_length,
                        sapo_temperature_pos, sapo_temperature_neg, rollout_is_mode, rollout_is_min, rollout_is_max,
-                       off_policy_mask_threshold, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
-                       log_ratio_clamp) -> None:
+                       rollout_is_gate, off_policy_mask_threshold, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+                       vespo_lambda_neg, log_ratio_clamp) -> None:
     """Checks of the scalar options of grpo_loss / fused_grpo_loss / GRPOLoss."""
     row = loss_type_row(loss_type)
     _choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
@@ -318,7 +320,7 @@ def check_loss_options(*, beta, epsilon_low, epsilon_high, delta, clip_ratio_c, 
                          f"'token', got {importance_sampling_level!r}")
     if row.family is Family.GMPO and use_bias_correction_kl:
         raise ValueError("use_bias_correction_kl is not defined for loss_type='gmpo' (no per-token ratio)")
-    _check_rollout_is(row.family, loss_type, rollout_is_mode, rollout_is_min, rollout_is_max)
+    _check_rollout_is(row.family, loss_type, rollout_is_mode, rollout_is_min, rollout_is_max, rollout_is_gate)
     if off_policy_mask_threshold is not None:
         _real("off_policy_mask_threshold", off_policy_mask_threshold, low=0.0)
     for name, value in (("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
@@ -328,17 +330,29 @@ def check_loss_options(*, beta, epsilon_low, epsilon_high, delta, clip_ratio_c, 
         _real("log_ratio_clamp", log_ratio_clamp, low=0.0, low_open=True)
 
 
-def _check_rollout_is(family: Family, loss_type: str, mode, low, high) -> None:
+def _check_rollout_is(family: Family, loss_type: str, mode, low, high, gate) -> None:
+    _choice("rollout_is_gate", gate, ROLLOUT_IS_GATES)
+    ratio_gate = ROLLOUT_IS_GATES[gate] == RolloutGate.RATIO
     if mode is None:
+        if not ratio_gate:
+            raise ValueError(f"rollout_is_gate={gate!r} gates the rollout importance sampling: set rollout_is_mode "
+                             f"('token_mask' or 'sequence_mask')")
         return
     _choice("rollout_is_mode", mode, [m for m in ROLLOUT_IS_MODES if m is not None])
     level, masked = ROLLOUT_IS_MODES[mode]
-    if low is not None:
-        _real("rollout_is_min", low, low=0.0)
+    ratio_bounds = ROLLOUT_IS_GATES[gate] in (RolloutGate.RATIO, RolloutGate.GEOMETRIC_MEAN)
+    if low is not None:  # a ratio is at least 0; a divergence gate's band may start anywhere
+        _real("rollout_is_min", low, low=0.0 if ratio_bounds else None)
     if high is not None:
-        _real("rollout_is_max", high, low=0.0, low_open=True)
+        _real("rollout_is_max", high, low=0.0 if ratio_bounds else None, low_open=ratio_bounds)
     if low is not None and high is not None and low >= high:
         raise ValueError(f"rollout_is_min ({low}) must be less than rollout_is_max ({high})")
+    if not ratio_gate and not masked:
+        raise ValueError(f"rollout_is_gate={gate!r} masks, it does not truncate: rollout_is_mode must be "
+                         f"'token_mask' or 'sequence_mask' with it, got rollout_is_mode={mode!r}")
+    if ROLLOUT_IS_GATES[gate] == RolloutGate.GEOMETRIC_MEAN and level != RolloutLevel.SEQUENCE:
+        raise ValueError(f"rollout_is_gate='geometric_mean' is a sequence statistic (at token level it equals the "
+                         f"ratio: use rollout_is_gate='ratio'): rollout_is_mode must be 'sequence_mask', got {mode!r}")
     if not masked and low is None and high is None:
         raise ValueError(f"rollout_is_mode={mode!r} truncates: set rollout_is_min or rollout_is_max (or both)")
     if family in FOLDS_IMPORTANCE_WEIGHTS and level == RolloutLevel.SEQUENCE:

@@ -53,7 +53,8 @@ def _enum_values(text: str, name: str) -> dict:
     return {k: int(v) for k, v in re.findall(r"(\w+) = (-?\d+),", body)}
 
 
-@pytest.mark.parametrize("enum", [loss_table.Family, loss_table.KlEstimator, loss_table.RolloutLevel])
+@pytest.mark.parametrize("enum", [loss_table.Family, loss_table.KlEstimator, loss_table.RolloutLevel,
+                                  loss_table.RolloutGate])
 def test_header_enums_are_the_tables(enum):
     text = codegen.HEADER_PATH.read_text()
     assert _enum_values(text, enum.__name__) == {codegen.enumerator(m.name): int(m) for m in enum}
@@ -84,7 +85,7 @@ def test_loss_config_takes_the_scalars_in_table_order():
 def test_loss_config_codes_are_checked():
     cfg = _C.LossConfig([0.0] * len(loss_table.KERNEL_SCALARS))
     for field, enum in (("family", loss_table.Family), ("kl_estimator", loss_table.KlEstimator),
-                        ("rollout_is", loss_table.RolloutLevel)):
+                        ("rollout_is", loss_table.RolloutLevel), ("rollout_is_gate", loss_table.RolloutGate)):
         for member in enum:
             setattr(cfg, field, member)
             assert getattr(cfg, field) == int(member)

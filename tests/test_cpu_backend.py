@@ -191,3 +191,19 @@ def test_the_build_under_test_runs_the_requested_copy():
     requested = os.environ.get("GRPO_KERNELS_CPU_ISA")
     if requested:
         assert info["cpu_isa"] == requested
+
+
+def test_fused_kernel_refuses_a_rollout_gate():
+    """The single-pass fused kernels compute the ratio gate only (their registers on CUDA); the glue composes the
+    loss for the other gates, and a kernel called with one refuses it."""
+    from grpo_kernels.native.grpo_loss import loss_setup
+
+    _C = _extension._C
+    B, T, V = 2, 3, 5
+    options = dict(rollout_is_mode="token_mask", rollout_is_gate="tv", rollout_is_max=0.1)
+    cfg = loss_setup(torch.zeros(B), T, options).cfg
+    old = -torch.rand(B, T)
+    args = (torch.randn(B * T, V), torch.zeros(B * T, dtype=torch.long), old, None, torch.ones(B, T),
+            torch.ones(B, T), None, old - 0.1, torch.ones(B), cfg, 1.0, -100, False, True, False)
+    with pytest.raises(RuntimeError, match="gate other than the ratio is composed by the caller"):
+        _C.fused_grpo_loss_fwd(*args)

@@ -14,7 +14,7 @@ import grpo_kernels.native as native
 import grpo_kernels.reference as ref
 from grpo_kernels._extension import _C
 from grpo_kernels.kernel_options import kernel_loss_options
-from grpo_kernels.loss_table import Family, KlEstimator, RolloutLevel
+from grpo_kernels.loss_table import Family, KlEstimator, RolloutGate, RolloutLevel
 
 pytestmark = [
     pytest.mark.gpu,
@@ -111,7 +111,7 @@ SCALARS = kernel_loss_options(1, torch.zeros(1), {}).scalars._replace(
 
 
 def loss_config(family, seq_level, kl, bias_kl, delta, clip_c, rollout=RolloutLevel.NONE, off_policy=False,
-                log_clamp=False, per_seq_metrics=False, has_iw=True):
+                log_clamp=False, gate=RolloutGate.RATIO, per_seq_metrics=False, has_iw=True):
     """A LossConfig as kernel_options.kernel_loss_options fills it (rollout masked with off_policy)."""
     cfg = _C.LossConfig(SCALARS)
     cfg.family, cfg.seq_level, cfg.kl_estimator = family, seq_level, kl
@@ -120,7 +120,7 @@ def loss_config(family, seq_level, kl, bias_kl, delta, clip_c, rollout=RolloutLe
     cfg.shared_ratio = seq_level or family == Family.GMPO
     cfg.add_kl, cfg.bias_kl = True, bias_kl
     cfg.has_delta, cfg.has_clip_c = delta, clip_c
-    cfg.has_iw, cfg.rollout_is, cfg.rollout_is_mask = has_iw, rollout, off_policy
+    cfg.has_iw, cfg.rollout_is, cfg.rollout_is_mask, cfg.rollout_is_gate = has_iw, rollout, off_policy, gate
     cfg.has_off_policy_mask, cfg.has_log_clamp = off_policy, log_clamp
     cfg.per_seq_metrics = per_seq_metrics
     return cfg
@@ -134,6 +134,13 @@ CONFIGS += [(Family.VESPO, False, KlEstimator.K3, True, False, False, RolloutLev
             (Family.GPG, False, KlEstimator.K3, False, False, False, RolloutLevel.SEQUENCE, True, False),
             (Family.CLIPPED, True, KlEstimator.K3, True, True, True, RolloutLevel.SEQUENCE, True, True),
             (Family.SAPO, False, KlEstimator.LOW_VAR_KL, True, False, False, RolloutLevel.TOKEN, True, False)]
+# the rollout gates (masks: off_policy on)
+CONFIGS += [(Family.CLIPPED, False, KlEstimator.K3, False, False, False, RolloutLevel.TOKEN, True, True,
+             RolloutGate.TV),
+            (Family.SAPO, True, KlEstimator.LOW_VAR_KL, True, False, False, RolloutLevel.SEQUENCE, True, False,
+             RolloutGate.GEOMETRIC_MEAN),
+            (Family.GPG, False, KlEstimator.K3, False, False, False, RolloutLevel.SEQUENCE, True, True,
+             RolloutGate.BINARY_KL)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)

@@ -311,6 +311,8 @@ VARIANTS = [
     ("grpo", dict(rollout_is_mode="sequence_truncate", rollout_is_min=0.5, rollout_is_max=1.5)),
     ("sapo", dict(off_policy_mask_threshold=0.0, importance_weights=True)),
     ("cispo", dict(rollout_is_mode="sequence_mask", rollout_is_max=2.0, importance_sampling_level="sequence")),
+    ("dapo", dict(rollout_is_mode="token_mask", rollout_is_gate="tv", rollout_is_min=0.0, rollout_is_max=0.02,
+                  log_ratio_clamp=20.0)),
 ]
 
 

@@ -650,3 +650,120 @@ def test_rollout_ratio_modes(backend, mode, expected):
                        sampling_logprobs=sampling, rollout_is_mode=mode, rollout_is_min=0.5, rollout_is_max=2.0,
                        backend=backend)
     torch.testing.assert_close(out.per_token_loss, -torch.tensor([expected], dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- rollout gates
+# rollout_is_gate (OpenRLHF's IS-correction gates): (mode, gate, rollout_is_min, rollout_is_max); the bounds
+# filter part of gate_inputs' units and keep the rest.
+GATE_CASES = [
+    ("token_mask", "binary_kl", None, 0.02),
+    ("token_mask", "tv", 0.0, 0.1),
+    ("sequence_mask", "binary_kl", -1.0, 0.035),
+    ("sequence_mask", "tv", None, 0.08),
+    ("sequence_mask", "geometric_mean", 0.8, 1.25),
+]
+# loss type, importance_sampling_level, log_ratio_clamp: the clipped family at both levels, a folding family
+# (token-level gates only), with and without the clamp of the rollout log-ratios
+GATE_LOSSES = [("dapo", "token", None), ("grpo", "sequence", 20.0), ("cispo", "token", 20.0), ("vespo", "token", None),
+               ("gmpo", "token", 20.0)]
+
+
+def gate_inputs(dtype=torch.float64, seed=3):
+    """variant_inputs (a NaN sampling log-prob at a kept token, log-ratios past ±20) with wider train/rollout
+    gaps, garbage at masked positions and an empty row (2)."""
+    logp, old, ref, adv, iw, sampling, mask = variant_inputs(B=5, T=6, adv_shape="BT", seed=seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    sampling = old + 0.5 * torch.randn(old.shape, generator=g, dtype=torch.float64)
+    sampling[1, 2], mask[1, 2] = float("nan"), True
+    sampling[3, 0] = old[3, 0] - 60.0
+    old, sampling = old.clamp(max=-1e-3), sampling.clamp(max=-1e-3)
+    mask[2] = False
+    for k, t in enumerate((logp, old, adv, sampling, iw)):
+        t.masked_fill_(~mask, (float("nan"), float("inf"), -float("inf"), float("nan"), float("inf"))[k])
+    return [x.to(dtype) for x in (logp, old, ref, adv, iw, sampling)] + [mask]
+
+
+@pytest.mark.vs_reference
+@pytest.mark.parametrize("mode,gate,low,high", GATE_CASES, ids=[f"{m}-{g}" for m, g, _, _ in GATE_CASES])
+def test_rollout_gates_match_reference(backend, mode, gate, low, high):
+    """Values, metrics and gradients of every gate against the reference, float64 and float32."""
+    options = dict(rollout_is_mode=mode, rollout_is_gate=gate, rollout_is_min=low, rollout_is_max=high)
+    losses = [case for case in GATE_LOSSES if applicable(case[0], options, case[1])]
+    cases = [(*case, dtype) for case in losses for dtype in (torch.float64, torch.float32)]
+    if interpreted(backend):  # the interpreter is slow: one loss type per gate (rotating), float64
+        cases = [(*losses[GATE_CASES.index((mode, gate, low, high)) % len(losses)], torch.float64)]
+    for loss_type, level, clamp, dtype in cases:
+        logp, old, _ref, adv, _iw, sampling, mask = gate_inputs(dtype)
+        tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-6, rtol=2e-5)
+        assert_matches_reference(backend, logp, old, adv, mask, loss_type=loss_type, importance_sampling_level=level,
+                                 sampling_logprobs=sampling, log_ratio_clamp=clamp, tol=tol, **options)
+    # the bounds keep some kept tokens and drop others (a test that can filter nothing would prove little)
+    _logp, old, _ref, _adv, _iw, sampling, mask = gate_inputs()
+    w = gk.reference.rollout_importance_ratio(old.masked_fill(~mask, 0), sampling.masked_fill(~mask, 0),
+                                              mask.double(), mode, low, high, None, gate)
+    assert 0 < int((w[mask] == 0).sum()) < int(mask.sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rollout_gates_low_precision(backend, dtype):
+    """float32 / bfloat16 inputs: values and gradients as the float64 reference on the same (rounded) inputs."""
+    cases = GATE_CASES[1:3] if interpreted(backend) else GATE_CASES
+    for mode, gate, low, high in cases:
+        logp, old, _ref, adv, _iw, sampling, mask = gate_inputs(dtype, seed=5)
+        options = dict(rollout_is_mode=mode, rollout_is_gate=gate, rollout_is_min=low, rollout_is_max=high,
+                       log_ratio_clamp=20.0)
+        x = logp.detach().clone().requires_grad_()
+        out = gk.grpo_loss(x, old, adv, mask, sampling_logprobs=sampling, backend=backend, **options)
+        out.loss.backward()
+        y = logp.detach().double().requires_grad_()
+        exact = gk.grpo_loss(y, old.double(), adv.double(), mask, sampling_logprobs=sampling.double(),
+                             backend="reference", **options)
+        exact.loss.backward()
+        for name in ("loss", "clip_ratio_region", "per_token_loss"):
+            torch.testing.assert_close(getattr(out, name).double(), getattr(exact, name).detach(), atol=2e-5,
+                                       rtol=2e-5, msg=lambda m: f"{gate} {name}: {m}")
+        grad_tol = dict(atol=1e-6, rtol=2**-7) if dtype == torch.bfloat16 else dict(atol=2e-6, rtol=2e-5)
+        torch.testing.assert_close(x.grad.double(), y.grad.to(dtype).double(), **grad_tol)
+        assert torch.all(x.grad[~mask] == 0)
+
+
+def test_rollout_gate_edges(backend):
+    """gpg with logp = -1, A = -1: the per-token loss is -w, w the gate's weight. Statistics exactly at the bounds
+    (kept), just beyond them (dropped); a NaN sampling log-prob (statistic 0, ratio 1); an empty row."""
+    f64 = torch.float64
+    c = gk.loss_table.ROLLOUT_GATE_PROB_CLAMP
+    # row 0: p = q (statistics 0) at t = 0, 1; t = 2: q = c, p = 1 - c (tv (1 - c) - c); t = 3: NaN sampling
+    old = torch.tensor([[-0.5, -2.0, -100.0, -1.0], [0.5, -0.5, 0.0, 0.0], [9.0] * 4], dtype=f64)
+    sampling = torch.tensor([[-0.5, -2.0, 5.0, float("nan")], [0.0, 0.0, 0.0, 0.0], [9.0] * 4], dtype=f64)
+    mask = torch.tensor([[True] * 4, [True, True, False, False], [False] * 4])
+    sampling[1, 2:] = float("nan")  # masked: garbage
+    tv_edge = (1 - c) - c
+
+    def weights(mode, gate, low, high, clamp=None):
+        logp = torch.full((3, 4), -1.0, dtype=f64, requires_grad=True)
+        out = gk.grpo_loss(logp, old, torch.tensor([-1.0, -1.0, float("nan")], dtype=f64), mask, loss_type="gpg",
+                           sampling_logprobs=sampling, rollout_is_mode=mode, rollout_is_gate=gate, rollout_is_min=low,
+                           rollout_is_max=high, log_ratio_clamp=clamp, backend=backend)
+        out.loss.backward()
+        assert torch.all(logp.grad[~mask] == 0) and torch.all(out.per_token_loss[2] == 0)
+        return -out.per_token_loss
+
+    rho = torch.exp(torch.nan_to_num((old - sampling) * mask, nan=0.0))
+    w = weights("token_mask", "tv", 0.0, tv_edge)  # every token of row 0 in [0, tv_edge]
+    torch.testing.assert_close(w[0], rho[0])
+    w = weights("token_mask", "tv", None, math.nextafter(tv_edge, 0.0))  # token 2 just beyond
+    torch.testing.assert_close(w[0], rho[0] * torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=f64))
+    w = weights("token_mask", "binary_kl", -1.0, 0.0, clamp=20.0)  # only the zero statistics (and the NaN's)
+    torch.testing.assert_close(w[0], torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=f64))
+    # row 1, t = 0: q = e^0.5 and p = e^0 are both clamped to 1 - c: statistic 0
+    torch.testing.assert_close(w[1, :2], torch.tensor([math.exp(0.5), 0.0], dtype=f64))
+    # row 1: d = (0.5, -0.5), geometric mean e^0 = 1 exactly: kept at both edges, dropped just inside [1, 2]
+    for low, high, kept in ((1.0, 2.0, True), (0.5, 1.0, True), (math.nextafter(1.0, 2.0), 2.0, False)):
+        w = weights("sequence_mask", "geometric_mean", low, high)
+        expected = torch.exp(torch.tensor([0.5, -0.5], dtype=f64)) * float(kept)
+        torch.testing.assert_close(w[1, :2], expected)
+    # sequence tv: row 0's mean is tv_edge / 4 (the NaN token counts, with statistic 0)
+    edge = (0.0 + 0.0 + tv_edge + 0.0) / 4
+    torch.testing.assert_close(weights("sequence_mask", "tv", None, edge)[0], rho[0])
+    assert torch.all(weights("sequence_mask", "tv", None, math.nextafter(edge, 0.0))[0] == 0)
+

@@ -336,6 +336,41 @@ def test_fully_masked_batch_differs_from_openrlhf(orl, backend, token_level_loss
     assert torch.all(our_grad == 0)
 
 
+def test_gates_run_in_the_kernels():
+    """Every gate of the grids is computed by grpo_loss's rollout_is_gate, but a ratio band reaching e^±20 (there the
+    kernels' ±20 clamp of the rollout log-ratios would change decisions: torch ops, is_correction)."""
+    for name, (level, mode, gating, threshold) in CORRECTIONS.items():
+        if level != "off":
+            gate = gk_orl._kernel_gate(level, mode, gating, *threshold)
+            assert (gate is None) == (name == "tok-mask-ratio-wide"), name
+    assert gk_orl._kernel_gate("seq", "mask", "ratio", 0.5, 1e10) is None
+    assert gk_orl._kernel_gate("token", "mask", "tv", -float("inf"), float("inf"))["rollout_is_max"] is None
+
+
+@pytest.mark.parametrize("correction", ["tok-mask-tv", "seq-mask-binary_kl"])
+def test_divergence_gate_clamps_kept_ratios(orl, backend, correction):
+    """Documented difference: a kept token whose rollout log-ratio is beyond ±20 gets the weight e^±20 (the ppo
+    loss's log_ratio_clamp), OpenRLHF's e^{log-ratio}: ours equals OpenRLHF's on inputs with that log-ratio at ±20."""
+    if backend == "triton":
+        pytest.skip("the Triton interpreter is slow: covered by the reference and cpu backends")
+    logp, old, rollout, adv, mask = make_batch(13, torch.float64)
+    old, rollout = old.clone(), rollout.clone()
+    old[:, 0], rollout[:, 0] = -10.0, -40.0  # p, q ≈ 0: divergences ≈ 0, kept; ratio e^30
+    level, mode, gating, threshold = CORRECTIONS[correction]
+    filtered = gk_orl.is_correction(old, rollout, mask, level=level, mode=mode, gating=gating, threshold=threshold,
+                                    weights=False).filtered
+    row = int((~filtered[:, 0] & mask[:, 0]).nonzero()[0])  # a kept unit
+    old[row + 1:, 0], rollout[row + 1:, 0] = old[row + 1:, 1], rollout[row + 1:, 1]
+    options = _options(correction, dual_clip=DUAL_CLIP)
+    ours, our_grad = _run(gk_orl.PolicyLoss(**options, backend=backend), logp, old, rollout, adv, mask, {})
+    theirs, _ = _run(orl.loss.PolicyLoss(**options), logp, old, rollout, adv, mask, {})
+    assert not torch.allclose(ours[0], theirs[0])
+    at_clamp = rollout.clone()
+    at_clamp[row, 0] = -30.0
+    theirs, their_grad = _run(orl.loss.PolicyLoss(**options), logp, old, at_clamp, adv, mask, {})
+    assert_same(ours[:3], theirs[:3], (our_grad, their_grad), TOL[torch.float64])
+
+
 def test_validation_matches_openrlhf(orl):
     bad = [dict(is_correction_level="sometimes"), dict(is_correction_mode="drop"),
            dict(is_correction_gating="kl"),

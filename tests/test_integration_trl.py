@@ -213,6 +213,33 @@ def test_compute_loss_matches_trl(case, model_dir, tokenizer, tmp_path):
     assert_same_metrics(metrics, trl_metrics)
 
 
+@pytest.mark.parametrize("case", ["vespo_vllm_off_policy_beta", "sequence_level_dapo_beta", "vllm_importance_sampling",
+                                  "top_entropy_quantile"])
+def test_masked_garbage_changes_nothing(case, model_dir, tokenizer, tmp_path):
+    """NaN / ±inf in the per-token inputs at completion positions the mask drops change no loss, gradient or
+    logged metric of the patched trainer (TRL's own metrics multiply by the mask: NaN there)."""
+    config, settings = LOSS_CASES[case]
+    trainer = make_trainer(model_dir, tokenizer, tmp_path, patch="auto", **config)
+    clean = prepared_batch(trainer, vllm=settings.get("vllm", False))
+    dirty = dict(clean)
+    dropped = clean["completion_mask"] == 0
+    for key, junk in (("old_per_token_logps", float("nan")), ("ref_per_token_logps", float("inf")),
+                      ("sampling_per_token_logps", float("nan")), ("importance_sampling_ratio", float("nan"))):
+        if key in clean:
+            dirty[key] = clean[key].masked_fill(dropped, junk)
+    loss, grads, metrics = loss_and_gradients(trainer, clean, settings)
+    for logged in trainer._metrics.values():
+        logged.clear()
+    dirty_loss, dirty_grads, dirty_metrics = loss_and_gradients(trainer, dirty, settings)
+    torch.testing.assert_close(dirty_loss, loss, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(dirty_grads[name], grad, rtol=0, atol=0, msg=name)
+    assert sorted(dirty_metrics) == sorted(metrics)
+    for key, values in metrics.items():
+        assert all(v == v for v in values), key
+        torch.testing.assert_close(torch.tensor(dirty_metrics[key]), torch.tensor(values), rtol=0, atol=0, msg=key)
+
+
 def test_clip_metrics_nonzero(model_dir, tokenizer, tmp_path):
     """The batch of the loss tests clips low and high (so the clip metrics compared there are not all zeros)."""
     trainer = make_trainer(model_dir, tokenizer, tmp_path, patch="auto", loss_type="dapo")

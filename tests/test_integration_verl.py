@@ -206,6 +206,29 @@ def test_loss_agg_mode_not_used(policy):
         torch.testing.assert_close(loss, losses[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_masked_garbage_changes_nothing(policy, backend):
+    """NaN / ±inf at masked positions of every input change no loss, gradient or metric (verl multiplies by the
+    mask, so its own metrics would be NaN there: ours select the kept tokens)."""
+    mode = "token-mean"
+    log_prob, old, adv, mask = _batch(9, torch.float32, empty_rows=True)
+    mask = mask.bool()
+    dirty = []
+    for clean, junk in ((log_prob, float("nan")), (old, float("inf")), (adv, float("-inf"))):
+        dirty.append(torch.where(mask, clean, torch.full_like(clean, junk)))
+    fn = gk_verl.POLICY_LOSSES[policy]
+    results = []
+    for lp, o, a in ((log_prob, old, adv), dirty):
+        lp = lp.clone().requires_grad_(True)
+        loss, metrics = fn(o, lp, a, mask, mode, _config({}), backend=backend)
+        loss.backward()
+        results.append((loss.detach(), torch.where(mask, lp.grad, 0.0), metrics))
+    (loss, grad, metrics), (dirty_loss, dirty_grad, dirty_metrics) = results
+    torch.testing.assert_close(dirty_loss, loss, rtol=0, atol=0)
+    torch.testing.assert_close(dirty_grad, grad, rtol=0, atol=0)
+    assert dirty_metrics == metrics and all(v == v for v in metrics.values())
+
+
 def test_fully_masked_batch_gives_zero_loss():
     log_prob, old, adv, mask = _batch(6)
     mask = torch.zeros_like(mask)

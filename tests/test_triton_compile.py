@@ -4,8 +4,8 @@ The interpreter (every other Triton test here) is lenient about types; the
 compiler is not. So the ``grpo_loss`` forward and backward kernels and the
 single-pass ``fused_grpo_loss`` kernel are compiled to sm_90 cubins (no GPU
 needed) with their float64 scalars typed from ``loss_table.SCALAR_NAMES``, one
-variant per loss family, and an unknown family, KL estimator or rollout code
-must fail the compile.
+variant per loss family (and per rollout gate), and an unknown family, KL
+estimator, rollout level or gate code must fail the compile.
 """
 
 import importlib
@@ -18,7 +18,7 @@ from triton_compile import run_compile_script
 
 import grpo_kernels as gk
 from grpo_kernels.kernel_options import LossScalars, kernel_loss_options
-from grpo_kernels.loss_table import SCALAR_NAMES, Family, KlEstimator, RolloutLevel
+from grpo_kernels.loss_table import SCALAR_NAMES, Family, KlEstimator, RolloutGate, RolloutLevel
 
 if "triton" not in gk.available_backends("grpo_loss"):
     pytest.skip("the triton backend is not available", allow_module_level=True)
@@ -36,7 +36,7 @@ KERNELS = {
 
 def test_every_enum_member_has_a_named_code():
     """Each member of the loss table's enums has its constexpr in the kernels' module, with the member's value."""
-    for enum, prefix in ((Family, ""), (KlEstimator, "KL_"), (RolloutLevel, "ROLLOUT_")):
+    for enum, prefix in ((Family, ""), (KlEstimator, "KL_"), (RolloutLevel, "ROLLOUT_"), (RolloutGate, "GATE_")):
         for member in enum:
             code = getattr(loss_module, prefix + member.name)
             assert isinstance(code, tl.constexpr) and code.value == int(member), (enum.__name__, member.name)
@@ -55,7 +55,7 @@ def test_unknown_code_is_refused_under_the_interpreter():
     logp, old, adv = torch.zeros(1, 3), torch.zeros(1, 3), torch.ones(1)
     mask = torch.ones(1, 3, dtype=torch.bool)
     cfg = kernel_loss_options(3, adv, {})
-    for field in ("family", "kl_estimator", "rollout_is"):
+    for field in ("family", "kl_estimator", "rollout_is", "rollout_is_gate"):
         bad = cfg._replace(**{field: 9})
         with pytest.raises(Exception, match="unknown"):
             loss_module._GRPOLossFunction.apply(logp, old, None, adv, mask, None, None, bad)
@@ -70,7 +70,7 @@ import importlib, inspect
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
-from grpo_kernels.loss_table import SCALAR_NAMES, Family, KlEstimator, RolloutLevel
+from grpo_kernels.loss_table import SCALAR_NAMES, Family, KlEstimator, RolloutGate, RolloutLevel
 loss_module = importlib.import_module("grpo_kernels.triton.grpo_loss")
 fused_module = importlib.import_module("grpo_kernels.triton.fused_grpo_loss")
 
@@ -95,10 +95,10 @@ def build(kernel, constexprs, pointers, default_pointer, warps):
 
 
 def loss_flags(family, *, seq_level, kl, rollout, delta=False, clip_c=False, bias=False, iw=False, is_mask=False,
-               opm=False, log_clamp=False):
+               opm=False, log_clamp=False, gate=RolloutGate.RATIO):
     return dict(FAMILY=int(family), SHARED=seq_level or family == Family.GMPO, KL_EST=int(kl), ADD_KL=True,
                 BIAS_KL=bias, HAS_IW=iw, HAS_DELTA=delta, HAS_C=clip_c, ROLLOUT=int(rollout), IS_MASK=is_mask,
-                HAS_OPM=opm, LOG_CLAMP=log_clamp, HAS_SAMP=rollout != RolloutLevel.NONE)
+                GATE=int(gate), HAS_OPM=opm, LOG_CLAMP=log_clamp, HAS_SAMP=rollout != RolloutLevel.NONE)
 
 
 def grpo_loss_kernels(xdt, dtype, flags, seq_level):
@@ -120,17 +120,20 @@ VARIANTS = [
     ("fp64", tl.float64, loss_flags(Family.CLIPPED, seq_level=True, kl=KlEstimator.K1, rollout=RolloutLevel.SEQUENCE,
                                     delta=True, iw=True, opm=True, log_clamp=True), True),
     ("fp32", tl.float32, loss_flags(Family.SAPO, seq_level=True, kl=KlEstimator.LOW_VAR_KL,
-                                    rollout=RolloutLevel.SEQUENCE, iw=True, is_mask=True, opm=True), True),
+                                    rollout=RolloutLevel.SEQUENCE, iw=True, is_mask=True, opm=True,
+                                    gate=RolloutGate.GEOMETRIC_MEAN), True),
     ("fp64", tl.float64, loss_flags(Family.CISPO, seq_level=False, kl=KlEstimator.K2, rollout=RolloutLevel.NONE,
                                     bias=True, log_clamp=True), False),
     ("fp32", tl.float32, loss_flags(Family.VESPO, seq_level=False, kl=KlEstimator.K3, rollout=RolloutLevel.TOKEN,
-                                    bias=True, iw=True, is_mask=True, opm=True, log_clamp=True), False),
+                                    bias=True, iw=True, is_mask=True, opm=True, log_clamp=True,
+                                    gate=RolloutGate.BINARY_KL), False),
     ("fp64", tl.float64, loss_flags(Family.GMPO, seq_level=False, kl=KlEstimator.LOW_VAR_KL,
                                     rollout=RolloutLevel.TOKEN, iw=True, opm=True, log_clamp=True), False),
     ("bf16", tl.float32, loss_flags(Family.GPG, seq_level=False, kl=KlEstimator.K3, rollout=RolloutLevel.SEQUENCE,
-                                    bias=True, is_mask=True, opm=True), False),
+                                    bias=True, is_mask=True, opm=True, gate=RolloutGate.TV), False),
 ]
 assert {v[2]["FAMILY"] for v in VARIANTS} == {int(f) for f in Family}
+assert {v[2]["GATE"] for v in VARIANTS} == {int(g) for g in RolloutGate}
 for xdt, dtype, flags, seq_level in VARIANTS:
     grpo_loss_kernels(xdt, dtype, flags, seq_level)
 
@@ -141,7 +144,8 @@ for xdt, acc, block, warps, family, rollout, per_row_t in (
         ("fp64", tl.float64, 2048, 8, Family.SAPO, RolloutLevel.NONE, True),
         ("bf16", tl.float32, 8192, 16, Family.GPG, RolloutLevel.TOKEN, False)):
     flags = loss_flags(family, seq_level=False, kl=KlEstimator.LOW_VAR_KL, rollout=rollout, delta=True, clip_c=True,
-                       bias=True, iw=True, is_mask=family == Family.GPG, log_clamp=True)
+                       bias=True, iw=True, is_mask=family == Family.GPG, log_clamp=True,
+                       gate=RolloutGate.TV if family == Family.GPG else RolloutGate.RATIO)
     constexprs = dict(flags, HAS_OLD=True, RETURN_ENTROPY=True, WRITE_GRAD=True, BLOCK_V=block, ACC=acc,
                       PER_ROW_T=per_row_t)
     pointers = dict(x_ptr=xdt, dx_ptr=xdt, y_ptr="i64", keep_ptr="u8", adv_ptr="fp32")
@@ -150,7 +154,7 @@ for xdt, acc, block, warps, family, rollout, per_row_t in (
 # an unknown code fails the compile, with the name of what is unknown
 good = loss_flags(Family.CLIPPED, seq_level=False, kl=KlEstimator.K3, rollout=RolloutLevel.NONE)
 for field, message in (("FAMILY", "unknown loss family code"), ("KL_EST", "unknown KL estimator code"),
-                       ("ROLLOUT", "unknown rollout level code")):
+                       ("ROLLOUT", "unknown rollout level code"), ("GATE", "unknown rollout gate code")):
     try:
         grpo_loss_kernels("fp32", tl.float32, dict(good, **{field: 9}), False)
     except Exception as error:

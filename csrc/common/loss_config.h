@@ -27,6 +27,7 @@ struct LossConfig {
   bool has_iw = false;        // importance_weights given
   RolloutLevel rollout_is = RolloutLevel::kNone;  // rollout importance sampling from sampling_logp
   bool rollout_is_mask = false;       // masked (MIS) instead of truncated (TIS)
+  RolloutGate rollout_is_gate = RolloutGate::kRatio;  // the statistic the rollout importance sampling bounds
   bool has_off_policy_mask = false;   // off_policy_mask_threshold given
   bool has_log_clamp = false;         // log-ratios clamped to ±log_clamp before exp
   LossScalars<> scalars;              // the numeric options (loss_table.KERNEL_SCALARS); NaN until set
@@ -45,6 +46,12 @@ inline void check_config(const LossConfig& cfg, const char* name) {
   TORCH_CHECK(is_known(cfg.kl_estimator), name, ": unknown KL estimator ", static_cast<int64_t>(cfg.kl_estimator));
   TORCH_CHECK(is_known(cfg.rollout_is), name, ": unknown rollout importance-sampling level ",
               static_cast<int64_t>(cfg.rollout_is));
+  TORCH_CHECK(is_known(cfg.rollout_is_gate), name, ": unknown rollout importance-sampling gate ",
+              static_cast<int64_t>(cfg.rollout_is_gate));
+  TORCH_CHECK(cfg.rollout_is_gate == RolloutGate::kRatio || cfg.rollout_is_mask, name,
+              ": a rollout gate other than the ratio masks (rollout_is_mask)");
+  TORCH_CHECK(cfg.rollout_is_gate != RolloutGate::kGeometricMean || cfg.rollout_is != RolloutLevel::kToken, name,
+              ": the geometric-mean gate is a sequence statistic (not at token level)");
 }
 
 }  // namespace grpo_kernels

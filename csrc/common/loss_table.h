@@ -135,6 +135,47 @@ constexpr bool is_known(RolloutLevel v) {
   }
 }
 
+// loss_table.RolloutGate: ``rollout_is_gate``: the statistic that the rollout importance sampling bounds (kernel
+// codes). ``RATIO`` bounds the ratio itself (truncated or masked); the others are masks only: a token keeps its
+// ratio where its unit's statistic (the token's, or its sequence's mean at sequence level) lies in the bounds,
+// else 0.
+enum class RolloutGate : int64_t {
+  kRatio = 0,
+  kGeometricMean = 1,
+  kBinaryKl = 2,
+  kTv = 3,
+};
+constexpr int kNumRolloutGateCodes = 4;
+
+// The RolloutGate of a kernel code; std::invalid_argument (Python: ValueError) for an unknown one.
+inline RolloutGate rollout_gate_from_code(int64_t code) {
+  switch (code) {
+    case 0:
+      return RolloutGate::kRatio;
+    case 1:
+      return RolloutGate::kGeometricMean;
+    case 2:
+      return RolloutGate::kBinaryKl;
+    case 3:
+      return RolloutGate::kTv;
+    default:
+      throw std::invalid_argument("unknown rollout importance-sampling gate code " + std::to_string(code));
+  }
+}
+
+// Whether v is one of the enumerators of RolloutGate (an enum class may hold any int64_t).
+constexpr bool is_known(RolloutGate v) {
+  switch (v) {
+    case RolloutGate::kRatio:
+    case RolloutGate::kGeometricMean:
+    case RolloutGate::kBinaryKl:
+    case RolloutGate::kTv:
+      return true;
+    default:
+      return false;
+  }
+}
+
 // Whether the family folds the importance weights (token-level rollout ratio, importance_weights) into
 // its sequence weight instead of multiplying the per-token loss (loss_table.FOLDS_IMPORTANCE_WEIGHTS).
 GRPO_HOST_DEVICE constexpr bool folds_importance_weights(Family f) {
@@ -150,6 +191,9 @@ GRPO_HOST_DEVICE constexpr bool folds_importance_weights(Family f) {
 // VESPO's clamp of its log-weights (loss_table.VESPO_LOG_MIN, VESPO_LOG_MAX).
 constexpr double kVespoLogMin = -18.420680743952367;
 constexpr double kVespoLogMax = 20.0;
+
+// The divergence gates' clamp of p and q to [c, 1 - c] (loss_table.ROLLOUT_GATE_PROB_CLAMP).
+constexpr double kRolloutGateProbClamp = 1e-06;
 
 template <typename T>
 constexpr T nan_value() {

@@ -11,7 +11,7 @@
 // Derivatives follow PyTorch's autograd on the reference at ties: clamp passes
 // the gradient at its bounds, torch.min splits a tie 0.5 / 0.5.
 //
-// Every switch over a code (Family, KlEstimator) names its cases; its default
+// Every switch over a code (Family, KlEstimator, RolloutGate) names its cases; its default
 // gives NaN (loss and derivatives). The entry points reject such a code on the
 // host before any kernel runs (check_config, loss_config.h), so the default is
 // reached only by a LossConfig that skipped that check, and then it cannot
@@ -33,6 +33,7 @@ namespace grpo_kernels::loss {
 static_assert(kNumFamilyCodes == 6, "a new loss family: add its cases to loss_terms.h");
 static_assert(kNumKlEstimatorCodes == 4, "a new KL estimator: add its case to kl_terms");
 static_assert(kNumRolloutLevelCodes == 3, "a new rollout level: handle it where loss_terms.h tests rollout_is");
+static_assert(kNumRolloutGateCodes == 4, "a new rollout gate: add its cases to the rollout_is_gate switches");
 
 // The [B, T] inputs at one token (absent ones as documented in entry_points.h: old_logp = logp, iw = 1,
 // sampling_logp = old_logp; ref_logp is read only with has_ref).
@@ -43,8 +44,8 @@ struct TokenInputs {
 
 // The statistics of a sequence (rows P_SEQ_* of the partials): the log of its shared ratio (GSPO: mean
 // log-ratio; GMPO: clipped mean log-ratio) or VESPO's log w; GMPO's mean advantage; its importance weight
-// (GMPO: geometric mean of the token weights; else the sequence-level rollout ratio); the mean KL of the
-// off-policy mask.
+// (GMPO: geometric mean of the token weights; else the sequence-level rollout ratio, or with a gate other than
+// the ratio the sequence's 0/1 gate); the mean KL of the off-policy mask.
 template <typename T>
 struct SeqStats {
   T log_ratio = T(0);
@@ -54,7 +55,7 @@ struct SeqStats {
 };
 
 // Sums of the sequence pass: Σ m, Σ m·(log-ratio term), Σ m·A, Σ m·(log importance weight term),
-// Σ rollout log-ratio, Σ m·KL.
+// Σ rollout log-ratio (a divergence gate: Σ m·statistic), Σ m·KL.
 constexpr int kSequenceSums = 6;
 
 // One token's loss ℓ (importance weights and beta·KL included), its KL estimate
@@ -163,7 +164,74 @@ GRPO_HOST_DEVICE inline T rollout_log_ratio(const TokenInputs<T>& in) {
   return nan_to_num((in.old_logp - in.sampling_logp) * in.mask);
 }
 
-// VESPO and GMPO take a token importance weight into their sequence weight: the token-level rollout ratio
+// ρ = e^d of a token's rollout log-ratio d (clamped with has_log_clamp), no bounds.
+template <typename T>
+GRPO_HOST_DEVICE inline T token_ratio(const LossConfig& cfg, const LossScalars<T>& s, T d) {
+  if (cfg.has_log_clamp) d = clamp(d, -s.log_clamp, s.log_clamp);
+  return std::exp(d);
+}
+
+template <typename T>
+GRPO_HOST_DEVICE inline bool in_band(const LossScalars<T>& s, T g) {
+  return g >= s.is_min && g <= s.is_max;
+}
+
+// A divergence gate's statistic of a token (reference.rollout_gate_statistic): p = e^sampling, q = e^old
+// clamped to [c, 1 - c]; binary KL or |p - q|; 0 where the sampling log-prob is NaN. NaN for a gate without
+// a token statistic (the ratio gates: never called for them).
+template <typename T>
+GRPO_HOST_DEVICE inline T gate_statistic(const LossConfig& cfg, const TokenInputs<T>& in) {
+  if (in.sampling_logp != in.sampling_logp) return T(0);
+  const T low = static_cast<T>(kRolloutGateProbClamp), high = static_cast<T>(1.0 - kRolloutGateProbClamp);
+  const T p = clamp(std::exp(in.sampling_logp), low, high), q = clamp(std::exp(in.old_logp), low, high);
+  switch (cfg.rollout_is_gate) {
+    case RolloutGate::kBinaryKl:
+      return p * std::log(p / q) + (T(1) - p) * std::log((T(1) - p) / (T(1) - q));
+    case RolloutGate::kTv:
+      return std::abs(p - q);
+    case RolloutGate::kRatio:
+    case RolloutGate::kGeometricMean:
+    default:
+      return std::numeric_limits<T>::quiet_NaN();
+  }
+}
+
+// The token-level rollout weight: the ratio truncated to or masked outside [is_min, is_max] (the ratio gate),
+// or the ratio where the token's divergence lies in [is_min, is_max], else 0.
+template <typename T>
+GRPO_HOST_DEVICE inline T token_rollout_weight(const LossConfig& cfg, const LossScalars<T>& s,
+                                               const TokenInputs<T>& in) {
+  const T d = rollout_log_ratio(in);
+  switch (cfg.rollout_is_gate) {
+    case RolloutGate::kRatio:
+      return rollout_ratio(cfg, s, d);
+    case RolloutGate::kBinaryKl:
+    case RolloutGate::kTv:
+      return in_band(s, gate_statistic(cfg, in)) ? token_ratio(cfg, s, d) : T(0);
+    case RolloutGate::kGeometricMean:  // a sequence statistic: rejected at token level on the host
+    default:
+      return std::numeric_limits<T>::quiet_NaN();
+  }
+}
+
+// The sequence-level rollout weight of a token: the sequence's ratio (the ratio gate), or the token's ratio
+// where the sequence's 0/1 gate (seq_is, from sequence_stats) is 1, else 0.
+template <typename T>
+GRPO_HOST_DEVICE inline T sequence_rollout_weight(const LossConfig& cfg, const LossScalars<T>& s, T seq_is,
+                                                  const TokenInputs<T>& in) {
+  switch (cfg.rollout_is_gate) {
+    case RolloutGate::kRatio:
+      return seq_is;
+    case RolloutGate::kGeometricMean:
+    case RolloutGate::kBinaryKl:
+    case RolloutGate::kTv:
+      return seq_is != T(0) ? token_ratio(cfg, s, rollout_log_ratio(in)) : T(0);
+    default:  // rejected by check_config
+      return std::numeric_limits<T>::quiet_NaN();
+  }
+}
+
+// VESPO and GMPO take a token importance weight into their sequence weight: the token-level rollout weight
 // times importance_weights.
 GRPO_HOST_DEVICE inline bool has_token_is(const LossConfig& cfg) {
   return cfg.rollout_is == RolloutLevel::kToken || cfg.has_iw;
@@ -172,7 +240,7 @@ GRPO_HOST_DEVICE inline bool has_token_is(const LossConfig& cfg) {
 template <typename T>
 GRPO_HOST_DEVICE inline T token_is(const LossConfig& cfg, const LossScalars<T>& s, const TokenInputs<T>& in) {
   if (cfg.rollout_is != RolloutLevel::kToken) return in.iw;
-  const T rho = rollout_ratio(cfg, s, rollout_log_ratio(in));
+  const T rho = token_rollout_weight(cfg, s, in);
   return cfg.has_iw ? rho * in.iw : rho;
 }
 
@@ -195,6 +263,38 @@ GRPO_HOST_DEVICE inline T vespo_phi(const LossScalars<T>& s, T log_w, T adv) {
   const T k = nonneg ? s.k_pos : s.k_neg, lambda = nonneg ? s.lambda_pos : s.lambda_neg;
   const T phi = std::exp(lambda + k * log_w - lambda * std::exp(log_w));
   return phi <= std::numeric_limits<T>::max() ? phi : T(0);
+}
+
+// A token's term of the sequence's rollout sum: its log-ratio d (the ratio gates), or m·(its divergence).
+template <typename T>
+GRPO_HOST_DEVICE inline T sequence_rollout_term(const LossConfig& cfg, const TokenInputs<T>& in) {
+  switch (cfg.rollout_is_gate) {
+    case RolloutGate::kRatio:
+    case RolloutGate::kGeometricMean:
+      return rollout_log_ratio(in);
+    case RolloutGate::kBinaryKl:
+    case RolloutGate::kTv:
+      return gate_statistic(cfg, in) * in.mask;
+    default:  // rejected by check_config
+      return std::numeric_limits<T>::quiet_NaN();
+  }
+}
+
+// The sequence's rollout weight from its sums: its ratio e^{Σ d} (the ratio gate), else its 0/1 gate: 1 where
+// its statistic (e^{mean d}, or the mean divergence) lies in [is_min, is_max].
+template <typename T>
+GRPO_HOST_DEVICE inline T sequence_rollout_weight_of(const LossConfig& cfg, const LossScalars<T>& s, T sum, T n) {
+  switch (cfg.rollout_is_gate) {
+    case RolloutGate::kRatio:
+      return rollout_ratio(cfg, s, sum);
+    case RolloutGate::kGeometricMean:
+      return in_band(s, token_ratio(cfg, s, sum / std::max(n, T(1)))) ? T(1) : T(0);
+    case RolloutGate::kBinaryKl:
+    case RolloutGate::kTv:
+      return in_band(s, sum / std::max(n, T(1))) ? T(1) : T(0);
+    default:  // rejected by check_config
+      return std::numeric_limits<T>::quiet_NaN();
+  }
 }
 
 // Adds token `in`'s terms to the sequence pass's sums[kSequenceSums] (all zero at the start).
@@ -228,7 +328,7 @@ GRPO_HOST_DEVICE inline void add_sequence_terms(const LossConfig& cfg, const Los
     default:  // rejected by check_config
       sums[1] = std::numeric_limits<T>::quiet_NaN();
   }
-  if (cfg.rollout_is == RolloutLevel::kSequence) sums[4] += rollout_log_ratio(in);
+  if (cfg.rollout_is == RolloutLevel::kSequence) sums[4] += sequence_rollout_term(cfg, in);
   if (cfg.has_off_policy_mask) sums[5] += nan_to_num(in.sampling_logp - in.logp) * m;
 }
 
@@ -259,7 +359,7 @@ GRPO_HOST_DEVICE inline SeqStats<T> sequence_stats(const LossConfig& cfg, const 
     default:  // rejected by check_config
       st.log_ratio = std::numeric_limits<T>::quiet_NaN();
   }
-  if (cfg.rollout_is == RolloutLevel::kSequence) st.is_weight = rollout_ratio(cfg, s, sums[4]);
+  if (cfg.rollout_is == RolloutLevel::kSequence) st.is_weight = sequence_rollout_weight_of(cfg, s, sums[4], n);
   if (cfg.has_off_policy_mask) st.kl = sums[5] / std::max(n, T(1));
   return st;
 }
@@ -340,11 +440,21 @@ GRPO_HOST_DEVICE inline void scale_policy(TokenTerms<T>& t, T factor) {
   t.dloss_dlogp *= factor;
 }
 
-// The whole per-token loss: policy term; times the off-policy mask, the rollout ratio and iw (the last two
+// The whole per-token loss: policy term; times the off-policy mask, the rollout weight and iw (the last two
 // folded into the sequence weight instead for vespo and gmpo); plus beta · KL (KL computed when has_ref).
-template <typename T>
+// kRolloutGates = false: the ratio gate only (rollout_is_gate must be kRatio), for the single-pass fused kernels
+// (the CUDA one's registers do not hold a divergence gate's statistic); the host composes the loss for the others.
+template <typename T, bool kRolloutGates = true>
 GRPO_HOST_DEVICE inline TokenTerms<T> token_terms(const LossConfig& cfg, const LossScalars<T>& s,
                                                     const SeqStats<T>& seq, const TokenInputs<T>& in, bool has_ref) {
+  // A gate's rollout weight first, while few values are live.
+  T rollout_w = T(1);
+  if constexpr (kRolloutGates) {
+    if (!folds_importance_weights(cfg.family)) {
+      if (cfg.rollout_is == RolloutLevel::kToken) rollout_w = token_rollout_weight(cfg, s, in);
+      if (cfg.rollout_is == RolloutLevel::kSequence) rollout_w = sequence_rollout_weight(cfg, s, seq.is_weight, in);
+    }
+  }
   T dr;
   const T r = log_ratio(cfg, s, in.logp, in.old_logp, dr);
   const T coef_1 = std::exp(cfg.shared_ratio ? seq.log_ratio : r);
@@ -360,8 +470,12 @@ GRPO_HOST_DEVICE inline TokenTerms<T> token_terms(const LossConfig& cfg, const L
     scale_policy(t, in.adv >= T(0) || seq.kl <= s.off_policy_threshold ? T(1) : T(0));
   }
   if (!folds_importance_weights(cfg.family)) {
-    if (cfg.rollout_is == RolloutLevel::kToken) scale_policy(t, rollout_ratio(cfg, s, rollout_log_ratio(in)));
-    if (cfg.rollout_is == RolloutLevel::kSequence) scale_policy(t, seq.is_weight);
+    if constexpr (kRolloutGates) {
+      if (cfg.rollout_is != RolloutLevel::kNone) scale_policy(t, rollout_w);
+    } else {
+      if (cfg.rollout_is == RolloutLevel::kToken) scale_policy(t, rollout_ratio(cfg, s, rollout_log_ratio(in)));
+      if (cfg.rollout_is == RolloutLevel::kSequence) scale_policy(t, seq.is_weight);
+    }
     scale_policy(t, in.iw);
   }
   if (has_ref) {

@@ -78,7 +78,8 @@ void fused_kernel(const at::Tensor& logits, const int64_t* ids, const LossTokens
       // w = dL/dS_i · m · (∂ℓ/∂logp + ∂ℓ/∂c1 · d c1/d logp), as grpo_loss_bwd at token level
       const acc_t m = in.mask(i, t);
       const loss::TokenTerms<acc_t> terms =
-          loss::token_terms(cfg, s, loss::SeqStats<acc_t>{}, in.token(i, t, logp), in.has_ref);
+          loss::token_terms<acc_t, /*kRolloutGates=*/false>(cfg, s, loss::SeqStats<acc_t>{}, in.token(i, t, logp),
+                                                             in.has_ref);
       const acc_t w = seq_weight[i] * (m * loss::dloss_dlogp(cfg, terms, acc_t(0)));
       // dx = w (onehot_y - p) / T with p = e · exp(chunk max - lse): -w p / T over the row, then dx_y
       for (int64_t c = 0; c < n_chunks; ++c) {
@@ -104,6 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const char* name = "fused_grpo_loss_fwd";
   check_config(cfg, name);
   TORCH_CHECK(!cfg.seq_pass, name, ": a loss with a sequence pass is composed by the caller");
+  TORCH_CHECK(cfg.rollout_is_gate == RolloutGate::kRatio, name,
+              ": a rollout gate other than the ratio is composed by the caller");
   TORCH_CHECK(logits.is_cpu(), name, ": logits must be a CPU tensor, got ", logits.device());
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), name, ": logits must be floating point, got ",
               logits.scalar_type());

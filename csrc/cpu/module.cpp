@@ -245,6 +245,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "rollout_is", [](const LossConfig& cfg) { return static_cast<int64_t>(cfg.rollout_is); },
           [](LossConfig& cfg, int64_t code) { cfg.rollout_is = rollout_level_from_code(code); },
           "loss_table.RolloutLevel code")
+      .def_property(
+          "rollout_is_gate", [](const LossConfig& cfg) { return static_cast<int64_t>(cfg.rollout_is_gate); },
+          [](LossConfig& cfg, int64_t code) { cfg.rollout_is_gate = rollout_gate_from_code(code); },
+          "loss_table.RolloutGate code")
       .def_readwrite("seq_level", &LossConfig::seq_level)
       .def_readwrite("seq_pass", &LossConfig::seq_pass)
       .def_readwrite("shared_ratio", &LossConfig::shared_ratio)

@@ -75,7 +75,8 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowBlocksPerSm<scalar_t>)
         acc_t w = 0;
         if (m != acc_t(0)) {
           const loss::TokenTerms<acc_t> terms =
-              loss::token_terms(cfg, s, loss::SeqStats<acc_t>{}, in.token(i, t, logp), in.has_ref);
+              loss::token_terms<acc_t, /*kRolloutGates=*/false>(cfg, s, loss::SeqStats<acc_t>{},
+                                                                 in.token(i, t, logp), in.has_ref);
           w = seq_weight[i] * (m * loss::dloss_dlogp(cfg, terms, acc_t(0)));
         }
         w_shared = w;
@@ -118,6 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const c10::cuda::CUDAGuard guard(logits.device());
   check_config(cfg, "fused_grpo_loss_fwd");
   TORCH_CHECK(!cfg.seq_pass, "fused_grpo_loss_fwd: a loss with a sequence pass is composed by the caller");
+  TORCH_CHECK(cfg.rollout_is_gate == RolloutGate::kRatio,
+              "fused_grpo_loss_fwd: a rollout gate other than the ratio is composed by the caller");
   TORCH_CHECK(logits.dim() == 3, "fused_grpo_loss_fwd: logits must be [B, T, V]");
   TORCH_CHECK(!(compute_grad && inplace) || at::has_internal_overlap(logits) != at::MemOverlap::Yes,
               "fused_grpo_loss_fwd: in place needs logits whose rows do not overlap");

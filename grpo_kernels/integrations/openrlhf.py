@@ -21,16 +21,17 @@ Where each part of the loss runs:
 
 - in the kernels (``grpo_loss``): the PPO/GSPO clipped loss, the dual clip, the ±20 log-ratio clamp (ppo), the
   aggregation (``token_level_loss``: a token sum over ``batch_num_tokens``; else the mean of the sequences'
-  token means), the token-level ratio gate of the IS correction (``rollout_is_mode`` ``token_mask`` /
-  ``token_truncate`` with the threshold as bounds, when ``e^-20 <= low < high <= e^20``: there the kernels'
-  clamp of the rollout log-ratio to ±20 changes nothing), ``clip_ratio`` (its ``clip_ratio_region``:
-  ``surr2 < surr1`` is "ratio above ``1 + eps_high`` with A > 0 or below ``1 - eps_low`` with A < 0"),
-  ``ppo_kl`` (minus its k1 ``kl`` metric against ``old_log_probs``, with ``beta = 0``);
-- by torch ops here (:func:`is_correction`), passed as ``importance_weights``: the sequence-level gate (the
-  geometric-mean ratio, or a divergence's sequence mean), the binary-KL and total-variation gates, and a ratio
-  gate whose band reaches beyond ``e^±20``. Each gate reads only ``old_log_probs`` and ``rollout_log_probs``
-  (constants), so its coefficient is a per-token multiplier of the loss. Also by torch ops: ``vllm_kl``,
-  ``is_filter_ratio`` and the scale that applies ``dp_size`` / ``global_batch_size``.
+  token means), the IS correction's gates (``rollout_is_mode`` / ``rollout_is_gate`` from ``old_log_probs`` and
+  ``rollout_log_probs``, the threshold as bounds: the token ratio gate as ``token_mask`` / ``token_truncate``;
+  the sequence ratio gate as ``sequence_mask`` with the ``geometric_mean`` gate; the binary-KL and
+  total-variation gates, token or sequence level, as ``token_mask`` / ``sequence_mask`` with their gate),
+  ``clip_ratio`` (its ``clip_ratio_region``: ``surr2 < surr1`` is "ratio above ``1 + eps_high`` with A > 0 or
+  below ``1 - eps_low`` with A < 0"), ``ppo_kl`` (minus its k1 ``kl`` metric against ``old_log_probs``, with
+  ``beta = 0``);
+- by torch ops here (:func:`is_correction`, passed as ``importance_weights``): a ratio gate whose band reaches
+  ``e^±20`` (``low <= e^-20`` or ``high >= e^20``: the kernels clamp the rollout log-ratios and the sequence's
+  mean log-ratio to ±20 before the comparison, which inside that band changes no decision). Also by torch ops:
+  ``vllm_kl``, ``is_filter_ratio`` and the scale that applies ``dp_size`` / ``global_batch_size``.
 
 Differences from OpenRLHF, all outside ordinary inputs:
 
@@ -40,6 +41,9 @@ Differences from OpenRLHF, all outside ordinary inputs:
 - ``batch_num_tokens`` below 1 counts as 1 (it is a token count);
 - masked positions may hold anything (NaN, ±inf): they change nothing (OpenRLHF multiplies them by the mask);
 - the loss is float32 for bfloat16/float16 inputs (float64 for float64), computed in that precision;
+- with a binary-KL or TV gate, a kept token's weight is its ratio ``e^{old - rollout}`` clamped to ``e^±20`` (the
+  ppo loss's clamp); OpenRLHF does not clamp it: only a kept token whose rollout engine's log-prob differs from
+  ``old_log_probs`` by more than 20 is affected;
 - ``dual_clip <= 1`` raises ``ValueError`` (OpenRLHF: ``AssertionError``); an unknown ``policy_loss_type``
   raises at construction (OpenRLHF: in ``forward``); a correction without ``rollout_log_probs`` raises
   ``ValueError`` (OpenRLHF: ``TypeError`` from ``None``).
@@ -57,14 +61,16 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..loss_table import ROLLOUT_GATE_PROB_CLAMP
 from ..reference import compute_dtype, kl_estimate
+from .common import LossAggregation, masked_mean
 
 POLICY_LOSS_TYPES = ("ppo", "gspo")
 IS_CORRECTION_LEVELS = ("off", "token", "seq")
 IS_CORRECTION_MODES = ("mask", "clip")
 IS_CORRECTION_GATINGS = ("ratio", "binary_kl", "tv")
 LOG_RATIO_CLAMP = 20.0  # OpenRLHF's ppo clamps the log-ratio to ±20 before exp
-DIVERGENCE_PROB_CLAMP = 1e-6  # the probabilities of the binary-KL / TV gates, clamped to [1e-6, 1 - 1e-6]
+DIVERGENCE_PROB_CLAMP = ROLLOUT_GATE_PROB_CLAMP  # the binary-KL / TV gates' p, q clamped to [1e-6, 1 - 1e-6]
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_VALUE_CLAMP = 10.0  # compute_approx_kl clamps every estimate to ±10
 KL_IS_WEIGHT_CLIP = 10.0  # upper bound of the unbiased-gradient importance weight
@@ -123,7 +129,8 @@ def is_correction(
     threshold: Sequence[Number] = (0.5, 5.0),
     weights: bool = True,
 ) -> ISCorrection:
-    r"""OpenRLHF's train/rollout IS correction as a per-token multiplier of the policy loss.
+    r"""OpenRLHF's train/rollout IS correction as a per-token multiplier of the policy loss, by torch ops (the loss
+    uses it only for what the kernels would compute differently, :func:`_kernel_gate`; always for the filter).
 
     With :math:`\log\rho_t = \mathrm{old}_t - \mathrm{rollout}_t`, a statistic per unit (a token, or a
     sequence at ``level="seq"``): ``ratio`` :math:`\rho_t` (sequence: :math:`e^{\mathrm{mean}_t \log\rho_t}`),
@@ -180,25 +187,32 @@ def is_correction(
 
 
 def _kernel_gate(level: str, mode: str, gating: str, low: float, high: float) -> Optional[dict]:
-    """``grpo_loss``'s rollout options that compute this gate exactly in the kernels, or None."""
-    inside_clamp = math.exp(-LOG_RATIO_CLAMP) <= low < high <= math.exp(LOG_RATIO_CLAMP)
-    if level != "token" or gating != "ratio" or not inside_clamp:
-        return None
-    return dict(rollout_is_mode="token_mask" if mode == "mask" else "token_truncate", rollout_is_min=low,
-                rollout_is_max=high)
+    """``grpo_loss``'s rollout options that compute this gate in the kernels (``rollout_is_gate``), or None
+    where they would differ from OpenRLHF: a ratio gate whose band reaches ``e^±20`` (the kernels clamp the
+    rollout log-ratios, and the sequence's mean log-ratio, to ±20 before comparing; inside that band the clamp
+    changes no decision)."""
+    seq = level == "seq"
+    if gating == "ratio":
+        if not math.exp(-LOG_RATIO_CLAMP) < low < high < math.exp(LOG_RATIO_CLAMP):
+            return None
+        if seq:  # mask only (check_is_correction): the geometric mean of the sequence's ratios
+            return dict(rollout_is_mode="sequence_mask", rollout_is_gate="geometric_mean", rollout_is_min=low,
+                        rollout_is_max=high)
+        return dict(rollout_is_mode="token_mask" if mode == "mask" else "token_truncate", rollout_is_min=low,
+                    rollout_is_max=high)
+    if gating in ("binary_kl", "tv"):  # mask only; an infinite bound is no bound
+        if not low < high:
+            return None
+        return dict(rollout_is_mode="sequence_mask" if seq else "token_mask", rollout_is_gate=gating,
+                    rollout_is_min=None if low == -math.inf else low, rollout_is_max=None if high == math.inf else high)
+    raise ValueError(f"is_correction_gating must be ratio/binary_kl/tv, got {gating}")
 
 
 # --------------------------------------------------------------------------- #
 # aggregation
 # --------------------------------------------------------------------------- #
-class _Aggregation(NamedTuple):
-    loss_type: str
-    options: dict
-    scale: Union[float, Tensor]  # our loss times scale = OpenRLHF's aggregate_loss
-
-
 def _aggregation(token_level_loss: bool, mask: Tensor, dp_size: int, batch_num_tokens, global_batch_size
-                 ) -> _Aggregation:
+                 ) -> LossAggregation:
     """The loss type, its options and the scale that give OpenRLHF's ``aggregate_loss``.
 
     With S_i the masked loss sum of row i and n_i its token count: token level Σ S_i / Σ n_i, or
@@ -207,20 +221,15 @@ def _aggregation(token_level_loss: bool, mask: Tensor, dp_size: int, batch_num_t
     """
     if token_level_loss:
         if batch_num_tokens is None:
-            return _Aggregation("dapo", {}, 1.0)
-        return _Aggregation("dapo", {"num_items_in_batch": batch_num_tokens}, float(dp_size))
+            return LossAggregation("dapo", {}, 1.0)
+        return LossAggregation("dapo", {"num_items_in_batch": batch_num_tokens}, float(dp_size))
     batch = mask.shape[0]
     if global_batch_size is None:
         sequences = mask.any(-1).sum().clamp(min=1).to(torch.float64)
-        return _Aggregation("grpo", {}, batch / sequences)
+        return LossAggregation("grpo", {}, batch / sequences)
     if isinstance(global_batch_size, Tensor):  # OpenRLHF's are float32: the scale in float64, rounded once
         global_batch_size = global_batch_size.to(torch.float64)
-    return _Aggregation("grpo", {}, batch * dp_size / global_batch_size)
-
-
-def _masked_mean(x: Tensor, keep: Tensor) -> Tensor:
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    return torch.where(keep, x, zero).sum() / keep.sum().clamp(min=1).to(x.dtype)
+    return LossAggregation("grpo", {}, batch * dp_size / global_batch_size)
 
 
 # --------------------------------------------------------------------------- #
@@ -330,9 +339,9 @@ class PolicyLoss(nn.Module):
                 if self.is_correction_level == "seq":
                     is_filter_ratio = corr.filtered.float().mean()
                 else:
-                    is_filter_ratio = _masked_mean(corr.filtered.float(), keep)
+                    is_filter_ratio = masked_mean(corr.filtered.float(), keep)
                 dtype = compute_dtype(log_probs)
-                vllm_kl = _masked_mean(rollout_log_probs.detach().to(dtype) - old_log_probs.detach().to(dtype), keep)
+                vllm_kl = masked_mean(rollout_log_probs.detach().to(dtype) - old_log_probs.detach().to(dtype), keep)
         else:
             raise ValueError(f"Invalid policy loss type: {self.policy_loss_type}")
         out = ops.grpo_loss(log_probs, base, advantages, mask, backend=self.backend, **options)

@@ -198,11 +198,17 @@ def _op_metric(trainer, value: Tensor, per_sequence: bool, mask: Tensor) -> floa
     return _global_mean(trainer, value * count.clamp(min=1.0), count)
 
 
+def _kept(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` where ``mask`` keeps the token, else 0: TRL multiplies by the mask, which lets NaN / inf at dropped
+    positions through (0 · NaN = NaN)."""
+    return torch.where(mask != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _trl_mean(trainer, x: Tensor, mask: Tensor) -> float:
     """TRL's all-process mean of a ``[B, T]`` metric over the mask, or of a ``[B, 1]`` one over the sequences."""
     if x.shape[1] == 1:
         return _global_mean(trainer, x.sum(), x.new_tensor(float(x.shape[0])))
-    return _global_mean(trainer, (x * mask).sum(), mask.sum())
+    return _global_mean(trainer, _kept(x, mask).sum(), mask.sum())
 
 
 def _log_metrics(trainer, mode, out, inputs, logps, entropies, advantages, mask) -> None:
@@ -236,9 +242,9 @@ def _vespo_weights(trainer, logps, old_logps, is_ratio, advantages, mask) -> Ten
     sequence log-weight (the summed log-ratios and log vLLM importance-sampling ratios), as the op forms it."""
     logps = logps.detach()
     log_ratio = logps - (logps if old_logps is None else old_logps)
-    log_w = (log_ratio.clamp(-VESPO_LOG_MAX, VESPO_LOG_MAX) * mask).sum(-1, keepdim=True)
+    log_w = _kept(log_ratio.clamp(-VESPO_LOG_MAX, VESPO_LOG_MAX), mask).sum(-1, keepdim=True)
     if is_ratio is not None:
-        log_w = log_w + (torch.log(is_ratio).clamp(VESPO_LOG_MIN, VESPO_LOG_MAX) * mask).sum(-1, keepdim=True)
+        log_w = log_w + _kept(torch.log(is_ratio).clamp(VESPO_LOG_MIN, VESPO_LOG_MAX), mask).sum(-1, keepdim=True)
     args = trainer.args
     return vespo_phi(log_w.clamp(VESPO_LOG_MIN, VESPO_LOG_MAX), advantages, args.vespo_k_pos, args.vespo_lambda_pos,
                      args.vespo_k_neg, args.vespo_lambda_neg)
@@ -250,7 +256,7 @@ def _sequence_clip_fractions(trainer, logps, old_logps, advantages, mask) -> tup
     logps = logps.detach()
     log_ratio = logps - (logps if old_logps is None else old_logps)
     if trainer.importance_sampling_level == "sequence":
-        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+        log_ratio = _kept(log_ratio, mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
     ratio = torch.exp(log_ratio)
     if trainer.args.delta is not None:
         ratio = ratio.clamp(max=trainer.args.delta)
@@ -258,7 +264,7 @@ def _sequence_clip_fractions(trainer, logps, old_logps, advantages, mask) -> tup
     is_high = ((ratio > 1 + trainer.epsilon_high) & (advantages > 0)).float()
 
     def per_sequence(x: Tensor) -> Tensor:
-        return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
+        return x.squeeze(1) if x.shape[1] == 1 else _kept(x, mask).sum(-1) / mask.sum(-1)
 
     return per_sequence(is_low), per_sequence(is_high)
 

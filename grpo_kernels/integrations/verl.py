@@ -53,6 +53,7 @@ from torch import Tensor
 
 from .. import ops
 from ..loss_table import LOSS_TYPE_TABLE
+from .common import LossAggregation, masked_mean
 
 PREFIX = "grpo_kernels_"
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -115,13 +116,7 @@ GPG = _agg_modes("gpg")
 GEO_MEAN = next(name for name, row in LOSS_TYPE_TABLE.items() if row.verl_policy_loss == "geo_mean")
 
 
-class _Aggregation(NamedTuple):
-    loss_type: str
-    options: dict
-    scale: Union[float, Tensor]  # our loss times scale = verl's loss
-
-
-def _aggregation(loss_types: Mapping[str, str], mode: str, mask: Tensor, info: _BatchInfo) -> _Aggregation:
+def _aggregation(loss_types: Mapping[str, str], mode: str, mask: Tensor, info: _BatchInfo) -> LossAggregation:
     """The loss type and options whose loss, times ``scale``, is verl's ``agg_loss(..., mode, **info)``.
 
     With S_i the masked loss sum of sequence i, n_i its token count, N = Σ n_i,
@@ -142,24 +137,23 @@ def _aggregation(loss_types: Mapping[str, str], mode: str, mask: Tensor, info: _
         if getattr(info, needed) is None:
             raise ValueError(f"global_batch_info: {needed} is required when dp_size > 1 (loss_agg_mode={mode!r})")
     if mode == "token-mean":
-        return _Aggregation(loss_type, {"num_items_in_batch": info.batch_num_tokens}, float(info.dp_size))
+        return LossAggregation(loss_type, {"num_items_in_batch": info.batch_num_tokens}, float(info.dp_size))
     if mode == "token-sum":
-        return _Aggregation(loss_type, {"num_items_in_batch": 1}, float(info.dp_size))
+        return LossAggregation(loss_type, {"num_items_in_batch": 1}, float(info.dp_size))
     sequences = info.global_batch_size
     if sequences is None:
         sequences = (mask.sum(-1) > 0).sum().clamp(min=1).to(torch.float64)
     options = {}
     if mode == "seq-mean-token-sum-norm":
         options["max_completion_length"] = info.loss_scale_factor or mask.shape[-1]
-    return _Aggregation(loss_type, options, mask.shape[0] * info.dp_size / sequences)
+    return LossAggregation(loss_type, options, mask.shape[0] * info.dp_size / sequences)
 
 
 # --------------------------------------------------------------------------- #
 # metrics
 # --------------------------------------------------------------------------- #
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    m = mask.to(torch.float64)
-    return (x.to(torch.float64) * m).sum() / m.sum().clamp(min=1.0)
+    return masked_mean(x, mask, torch.float64)
 
 
 def _log_ratio(old_log_prob: Tensor, log_prob: Tensor, clamp: bool) -> Tensor:

@@ -8,8 +8,9 @@ depend on the mask only): ``fused_grpo_loss_fwd`` reads each row of logits
 once, exponentiates it once, and writes the row of ``w (onehot_y - p) / T``.
 With a sequence pass (GSPO, VESPO, GMPO, the sequence-level rollout ratio, the off-policy mask:
 :func:`grpo_kernels.kernel_options.needs_sequence_pass`) a token's weight depends on the whole
-sequence's log-probs: the forward then runs the ``token_logprobs`` forward,
-the loss forward and backward on ``[B, T]``, and the ``token_logprobs``
+sequence's log-probs; a rollout gate other than the ratio (``rollout_is_gate``) is kept out of the
+single-pass kernels (its statistic would spill the CUDA kernel's registers). The forward then runs
+the ``token_logprobs`` forward, the loss forward and backward on ``[B, T]``, and the ``token_logprobs``
 backward. The autograd backward only scales the gradient by the incoming
 scalar, in place (not at all when it is 1; after an in-place scaling a second
 backward through the same graph is refused). Peak extra memory: one
@@ -32,6 +33,7 @@ from torch.autograd.function import once_differentiable
 
 from .._extension import _C
 from ..aggregation import P_COUNT
+from ..loss_table import RolloutGate
 from ..precomputed_gradient import check_backward
 from ..reference import GRPOLossOutput, fused_loss_mask, kept_ids, masked_mean_entropy
 from .grpo_loss import LossSetup, compute_dtype, loss_setup, loss_tensors
@@ -74,7 +76,7 @@ class _FusedGRPOLossFunction(torch.autograd.Function):
         tensors = loss_tensors(compute_dtype(logits), token_ids.shape, old_logprobs, loss_options.get("ref_logprobs"),
                                advantages, keep, loss_options.get("importance_weights"),
                                loss_options.get("sampling_logprobs"))
-        if setup.cfg.seq_pass:
+        if setup.cfg.seq_pass or setup.options.rollout_is_gate != RolloutGate.RATIO:
             logp, lse, entropy, per_token_loss, partials, grad = _forward_sequence_level(
                 logits, token_ids, tensors, setup, temperature, row_t, ignore_index, return_entropy, compute_grad,
                 inplace)

@@ -94,10 +94,10 @@ def _aggregation(options: KernelLossOptions, T: int):
 
 
 # The code paths of _C.LossConfig (csrc/common/loss_config.h), named as in KernelLossOptions; the enums
-# (family, kl_estimator, rollout_is) go as their int codes, checked by the extension.
+# (family, kl_estimator, rollout_is, rollout_is_gate) go as their int codes, checked by the extension.
 _CONFIG_FIELDS = ("family", "seq_level", "seq_pass", "shared_ratio", "kl_estimator", "add_kl", "bias_kl", "has_delta",
-                  "has_clip_c", "per_seq_metrics", "has_iw", "rollout_is", "rollout_is_mask", "has_off_policy_mask",
-                  "has_log_clamp")
+                  "has_clip_c", "per_seq_metrics", "has_iw", "rollout_is", "rollout_is_mask", "rollout_is_gate",
+                  "has_off_policy_mask", "has_log_clamp")
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:

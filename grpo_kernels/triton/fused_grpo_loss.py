@@ -84,11 +84,11 @@ def _fused_grpo_loss_kernel(
     lambda_neg: tl.float64, log_clamp: tl.float64,
     FAMILY: tl.constexpr, SHARED: tl.constexpr, KL_EST: tl.constexpr, ADD_KL: tl.constexpr, BIAS_KL: tl.constexpr,
     HAS_IW: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr, ROLLOUT: tl.constexpr,
-    IS_MASK: tl.constexpr, HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr, HAS_SAMP: tl.constexpr,
-    HAS_OLD: tl.constexpr, RETURN_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
-    ACC: tl.constexpr, PER_ROW_T: tl.constexpr,
+    IS_MASK: tl.constexpr, GATE: tl.constexpr, HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr,
+    HAS_SAMP: tl.constexpr, HAS_OLD: tl.constexpr, RETURN_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr, ACC: tl.constexpr, PER_ROW_T: tl.constexpr,
 ):
-    check_codes(FAMILY, KL_EST, ROLLOUT)
+    check_codes(FAMILY, KL_EST, ROLLOUT, GATE)
     inv_t = (tl.zeros([], dtype=ACC) + inv_t_hi) + inv_t_lo
     sc = round_scalars(LossScalars(
         lo=lo, hi=hi, eps_high=eps_high, delta=delta, clip_c=clip_c, beta=beta, tau_pos=tau_pos, tau_neg=tau_neg,
@@ -142,8 +142,8 @@ def _fused_grpo_loss_kernel(
             dloss = dloss_dlogp(logp_k, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio=zero, seq_adv=zero,
                                 seq_is=zero + 1.0, seq_kl=zero, seq_term=zero, sc=sc, DTYPE=ACC, FAMILY=FAMILY,
                                 SHARED=SHARED, KL_EST=KL_EST, ADD_KL=ADD_KL, BIAS_KL=BIAS_KL, HAS_IW=HAS_IW,
-                                HAS_DELTA=HAS_DELTA, HAS_C=HAS_C, ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, HAS_OPM=HAS_OPM,
-                                LOG_CLAMP=LOG_CLAMP)
+                                HAS_DELTA=HAS_DELTA, HAS_C=HAS_C, ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, GATE=GATE,
+                                HAS_OPM=HAS_OPM, LOG_CLAMP=LOG_CLAMP)
             seq_w = tl.load(seq_w_ptr + b * s_seq_w).to(ACC)
             w = tl.where(m != 0, seq_w * (m * dloss), 0.0)
             if w == 0:

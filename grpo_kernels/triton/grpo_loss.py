@@ -45,8 +45,8 @@ from torch.autograd.function import once_differentiable
 
 from ..aggregation import NUM_PARTIALS, P_COUNT
 from ..kernel_options import KernelLossOptions, LossScalars, kernel_loss_options
-from ..loss_table import (FOLDS_IMPORTANCE_WEIGHTS, LOSS_TYPE_TABLE, VESPO_LOG_MAX, VESPO_LOG_MIN, Family,
-                          KlEstimator, RolloutLevel)
+from ..loss_table import (FOLDS_IMPORTANCE_WEIGHTS, LOSS_TYPE_TABLE, ROLLOUT_GATE_PROB_CLAMP, VESPO_LOG_MAX,
+                          VESPO_LOG_MIN, Family, KlEstimator, RolloutGate, RolloutLevel)
 from ..reference import GRPOLossOutput
 
 # The kernels' codes: one constexpr per member of the loss table's enums (the kernels take the enum values as
@@ -64,12 +64,19 @@ KL_LOW_VAR_KL = tl.constexpr(int(KlEstimator.LOW_VAR_KL))
 ROLLOUT_NONE = tl.constexpr(int(RolloutLevel.NONE))
 ROLLOUT_TOKEN = tl.constexpr(int(RolloutLevel.TOKEN))
 ROLLOUT_SEQUENCE = tl.constexpr(int(RolloutLevel.SEQUENCE))
+GATE_RATIO = tl.constexpr(int(RolloutGate.RATIO))
+GATE_GEOMETRIC_MEAN = tl.constexpr(int(RolloutGate.GEOMETRIC_MEAN))
+GATE_BINARY_KL = tl.constexpr(int(RolloutGate.BINARY_KL))
+GATE_TV = tl.constexpr(int(RolloutGate.TV))
+_GATE_PROB_MIN = tl.constexpr(ROLLOUT_GATE_PROB_CLAMP)
+_GATE_PROB_MAX = tl.constexpr(1 - ROLLOUT_GATE_PROB_CLAMP)  # rounded once from float64, as the reference's clamp
 _VESPO_LOG_MIN = tl.constexpr(VESPO_LOG_MIN)
 _VESPO_LOG_MAX = tl.constexpr(VESPO_LOG_MAX)
 # The same codes as sets, and the families' properties from the table (read by the constexpr functions below).
 _FAMILY_CODES = frozenset(int(member) for member in Family)
 _KL_ESTIMATOR_CODES = frozenset(int(member) for member in KlEstimator)
 _ROLLOUT_LEVEL_CODES = frozenset(int(member) for member in RolloutLevel)
+_ROLLOUT_GATE_CODES = frozenset(int(member) for member in RolloutGate)
 _FOLDING_FAMILIES = frozenset(int(family) for family in FOLDS_IMPORTANCE_WEIGHTS)
 _SEQUENCE_PASS_FAMILIES = frozenset(int(row.family) for row in LOSS_TYPE_TABLE.values() if row.sequence_pass)
 
@@ -115,6 +122,11 @@ def is_kl_estimator(code) -> bool:
 @triton.constexpr_function
 def is_rollout_level(code) -> bool:
     return code in _ROLLOUT_LEVEL_CODES
+
+
+@triton.constexpr_function
+def is_rollout_gate(code) -> bool:
+    return code in _ROLLOUT_GATE_CODES
 
 
 @triton.constexpr_function
@@ -185,12 +197,70 @@ def _rollout_ratio(d, is_min, is_max, log_clamp, IS_MASK: tl.constexpr, LOG_CLAM
 
 
 @triton.jit
-def _token_is(old_logp, samp_logp, m, iw, is_min, is_max, log_clamp, DTYPE: tl.constexpr, ROLLOUT: tl.constexpr,
-              IS_MASK: tl.constexpr, HAS_IW: tl.constexpr, LOG_CLAMP: tl.constexpr):
-    """The token importance weight VESPO and GMPO fold in: token-level rollout ratio times iw."""
+def _token_ratio(d, log_clamp, LOG_CLAMP: tl.constexpr):
+    """ρ = e^d of a token's rollout log-ratio d (clamped to ±log_clamp with LOG_CLAMP), no bounds."""
+    if LOG_CLAMP:
+        d = _min(_max(d, -log_clamp), log_clamp)
+    return tl.exp(d)
+
+
+@triton.jit
+def _gate_statistic(old_logp, samp_logp, DTYPE: tl.constexpr, GATE: tl.constexpr):
+    """A divergence gate's statistic of a token (reference.rollout_gate_statistic): binary KL or |p - q| of
+    p = e^sampling, q = e^old clamped to [c, 1 - c]; 0 where the sampling log-prob is NaN."""
+    p = _min(_max(tl.exp(samp_logp), tl.full((), _GATE_PROB_MIN, DTYPE)), tl.full((), _GATE_PROB_MAX, DTYPE))
+    q = _min(_max(tl.exp(old_logp), tl.full((), _GATE_PROB_MIN, DTYPE)), tl.full((), _GATE_PROB_MAX, DTYPE))
+    if GATE == GATE_BINARY_KL:
+        g = p * tl.log(p / q) + (1.0 - p) * tl.log((1.0 - p) / (1.0 - q))
+    elif GATE == GATE_TV:
+        g = tl.abs(p - q)
+    else:
+        tl.static_assert(False, "a token statistic exists for the divergence gates only (loss_table.RolloutGate)")
+    return tl.where(samp_logp != samp_logp, 0.0, g)
+
+
+@triton.jit
+def _in_band(g, is_min, is_max):
+    return (g >= is_min) & (g <= is_max)
+
+
+@triton.jit
+def _token_rollout_weight(old_logp, samp_logp, m, sc, DTYPE: tl.constexpr, IS_MASK: tl.constexpr,
+                          GATE: tl.constexpr, LOG_CLAMP: tl.constexpr):
+    """The token-level rollout weight: the ratio truncated to or masked outside [is_min, is_max] (GATE_RATIO),
+    or the ratio where the token's divergence lies in [is_min, is_max], else 0."""
+    d = _nan_to_num((old_logp - samp_logp) * m, DTYPE)
+    if GATE == GATE_RATIO:
+        w = _rollout_ratio(d, sc.is_min, sc.is_max, sc.log_clamp, IS_MASK=IS_MASK, LOG_CLAMP=LOG_CLAMP)
+    elif GATE == GATE_BINARY_KL or GATE == GATE_TV:
+        g = _gate_statistic(old_logp, samp_logp, DTYPE, GATE=GATE)
+        w = tl.where(_in_band(g, sc.is_min, sc.is_max), _token_ratio(d, sc.log_clamp, LOG_CLAMP=LOG_CLAMP), 0.0)
+    else:
+        tl.static_assert(False, "a sequence gate at token level (the host rejects it: loss_table.RolloutGate)")
+    return w
+
+
+@triton.jit
+def _sequence_rollout_weight(old_logp, samp_logp, m, seq_is, sc, DTYPE: tl.constexpr, GATE: tl.constexpr,
+                             LOG_CLAMP: tl.constexpr):
+    """The sequence-level rollout weight of a token: the sequence's ratio (GATE_RATIO), or the token's ratio
+    where its sequence's statistic lies in the bounds (seq_is, the sequence pass's 0/1 gate), else 0."""
+    if GATE == GATE_RATIO:
+        w = seq_is + tl.zeros_like(m)
+    else:
+        tl.static_assert(is_rollout_gate(GATE), "unknown rollout gate code (loss_table.RolloutGate)")
+        d = _nan_to_num((old_logp - samp_logp) * m, DTYPE)
+        w = tl.where(seq_is != 0, _token_ratio(d, sc.log_clamp, LOG_CLAMP=LOG_CLAMP), 0.0)
+    return w
+
+
+@triton.jit
+def _token_is(old_logp, samp_logp, m, iw, sc, DTYPE: tl.constexpr, ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr,
+              GATE: tl.constexpr, HAS_IW: tl.constexpr, LOG_CLAMP: tl.constexpr):
+    """The token importance weight VESPO and GMPO fold in: token-level rollout weight times iw."""
     if ROLLOUT == ROLLOUT_TOKEN:
-        rho = _rollout_ratio(_nan_to_num((old_logp - samp_logp) * m, DTYPE), is_min, is_max, log_clamp,
-                             IS_MASK=IS_MASK, LOG_CLAMP=LOG_CLAMP)
+        rho = _token_rollout_weight(old_logp, samp_logp, m, sc, DTYPE, IS_MASK=IS_MASK, GATE=GATE,
+                                    LOG_CLAMP=LOG_CLAMP)
         if HAS_IW:
             rho = rho * iw
         return rho
@@ -228,10 +298,11 @@ def _vespo_phi(log_w, adv, k_pos, lambda_pos, k_neg, lambda_neg, DTYPE: tl.const
 
 @triton.jit
 def _sequence_terms(logp, old_logp, adv, m, iw, samp_logp, sc, DTYPE: tl.constexpr, FAMILY: tl.constexpr,
-                    SEQ_LEVEL: tl.constexpr, ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr, HAS_IW: tl.constexpr,
-                    HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr):
+                    SEQ_LEVEL: tl.constexpr, ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr, GATE: tl.constexpr,
+                    HAS_IW: tl.constexpr, HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr):
     """A block's terms of the sequence pass: m, m·(log-ratio term), m·A, m·(log importance weight term),
-    rollout log-ratio, m·KL (summed by the caller, turned into statistics by _sequence_stats)."""
+    rollout term (d, or m·g of a divergence gate), m·KL (summed by the caller, turned into statistics by
+    _sequence_stats)."""
     r, _dr = _log_ratio(logp, old_logp, sc.log_clamp, LOG_CLAMP=LOG_CLAMP)
     zero = tl.zeros_like(r)
     t_ratio = zero
@@ -245,14 +316,14 @@ def _sequence_terms(logp, old_logp, adv, m, iw, samp_logp, sc, DTYPE: tl.constex
         t_ratio = r_min * m
         t_adv = adv * m
         if HAS_TOKEN_IS:
-            tau = _token_is(old_logp, samp_logp, m, iw, sc.is_min, sc.is_max, sc.log_clamp, DTYPE, ROLLOUT=ROLLOUT,
-                            IS_MASK=IS_MASK, HAS_IW=HAS_IW, LOG_CLAMP=LOG_CLAMP)
+            tau = _token_is(old_logp, samp_logp, m, iw, sc, DTYPE, ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, GATE=GATE,
+                            HAS_IW=HAS_IW, LOG_CLAMP=LOG_CLAMP)
             t_is = tl.log(tau + tl.full((), 1e-10, DTYPE)) * m
     elif FAMILY == VESPO:
         t_ratio = _min(_max(r, -_VESPO_LOG_MAX), _VESPO_LOG_MAX) * m
         if HAS_TOKEN_IS:
-            tau = _token_is(old_logp, samp_logp, m, iw, sc.is_min, sc.is_max, sc.log_clamp, DTYPE, ROLLOUT=ROLLOUT,
-                            IS_MASK=IS_MASK, HAS_IW=HAS_IW, LOG_CLAMP=LOG_CLAMP)
+            tau = _token_is(old_logp, samp_logp, m, iw, sc, DTYPE, ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, GATE=GATE,
+                            HAS_IW=HAS_IW, LOG_CLAMP=LOG_CLAMP)
             t_is = _min(_max(tl.log(tau), tl.full((), _VESPO_LOG_MIN, DTYPE)), _VESPO_LOG_MAX) * m
     elif not family_sequence_pass(FAMILY):  # a ratio per token
         if SEQ_LEVEL:  # GSPO: the sequence's mean log-ratio
@@ -260,7 +331,10 @@ def _sequence_terms(logp, old_logp, adv, m, iw, samp_logp, sc, DTYPE: tl.constex
     else:
         tl.static_assert(False, "a family with a sequence pass needs its sequence terms here")
     if ROLLOUT == ROLLOUT_SEQUENCE:
-        t_rollout = _nan_to_num((old_logp - samp_logp) * m, DTYPE)
+        if GATE == GATE_RATIO or GATE == GATE_GEOMETRIC_MEAN:  # Σ d
+            t_rollout = _nan_to_num((old_logp - samp_logp) * m, DTYPE)
+        else:  # Σ m·g
+            t_rollout = _gate_statistic(old_logp, samp_logp, DTYPE, GATE=GATE) * m
     if HAS_OPM:
         t_kl = _nan_to_num(samp_logp - logp, DTYPE) * m
     return m, t_ratio, t_adv, t_is, t_rollout, t_kl
@@ -268,9 +342,10 @@ def _sequence_terms(logp, old_logp, adv, m, iw, samp_logp, sc, DTYPE: tl.constex
 
 @triton.jit
 def _sequence_stats(n, s_ratio, s_adv, s_is, s_rollout, s_kl, sc, DTYPE: tl.constexpr, FAMILY: tl.constexpr,
-                    SEQ_LEVEL: tl.constexpr, ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr, HAS_IW: tl.constexpr,
-                    HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr):
-    """A sequence's statistics from its sums: (log-ratio, GMPO's mean advantage, importance weight, mean KL)."""
+                    SEQ_LEVEL: tl.constexpr, ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr, GATE: tl.constexpr,
+                    HAS_IW: tl.constexpr, HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr):
+    """A sequence's statistics from its sums: (log-ratio, GMPO's mean advantage, importance weight — the
+    sequence's rollout ratio, or its 0/1 gate with a gate other than the ratio —, mean KL)."""
     HAS_TOKEN_IS: tl.constexpr = ROLLOUT == ROLLOUT_TOKEN or HAS_IW
     log_ratio = tl.zeros((), DTYPE)
     seq_adv = tl.zeros((), DTYPE)
@@ -293,8 +368,17 @@ def _sequence_stats(n, s_ratio, s_adv, s_is, s_rollout, s_kl, sc, DTYPE: tl.cons
     else:
         tl.static_assert(False, "a family with a sequence pass needs its sequence statistics here")
     if ROLLOUT == ROLLOUT_SEQUENCE:
-        is_weight = _rollout_ratio(s_rollout, sc.is_min, sc.is_max, sc.log_clamp, IS_MASK=IS_MASK,
-                                   LOG_CLAMP=LOG_CLAMP)
+        if GATE == GATE_RATIO:  # the sequence's ratio e^{Σ d}
+            is_weight = _rollout_ratio(s_rollout, sc.is_min, sc.is_max, sc.log_clamp, IS_MASK=IS_MASK,
+                                       LOG_CLAMP=LOG_CLAMP)
+        else:  # the gate: 1 where the sequence's statistic lies in the bounds, else 0
+            if GATE == GATE_GEOMETRIC_MEAN:  # e^{mean d}
+                stat = _token_ratio(s_rollout / _max(n, 1.0), sc.log_clamp, LOG_CLAMP=LOG_CLAMP)
+            else:
+                tl.static_assert(GATE == GATE_BINARY_KL or GATE == GATE_TV,
+                                 "unknown rollout gate code (loss_table.RolloutGate)")
+                stat = s_rollout / _max(n, 1.0)
+            is_weight = tl.where(_in_band(stat, sc.is_min, sc.is_max), 1.0, 0.0) + tl.zeros((), DTYPE)
     if HAS_OPM:
         kl = s_kl / _max(n, 1.0)
     return log_ratio, seq_adv, is_weight, kl
@@ -406,7 +490,7 @@ def _token_terms(logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio,
                  DTYPE: tl.constexpr, FAMILY: tl.constexpr, SHARED: tl.constexpr, KL_EST: tl.constexpr,
                  HAS_REF: tl.constexpr, ADD_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_IW: tl.constexpr,
                  HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr, ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr,
-                 HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr):
+                 GATE: tl.constexpr, HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr):
     """The whole per-token loss (policy term; times the off-policy mask, the rollout ratio and iw — the last two
     folded into the sequence weight instead for vespo and gmpo; plus beta · KL).
 
@@ -439,15 +523,16 @@ def _token_terms(logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio,
         dloss_dlogp = dloss_dlogp * factor
     if not folds_importance_weights(FAMILY):
         if ROLLOUT == ROLLOUT_TOKEN:
-            rho = _rollout_ratio(_nan_to_num((old_logp - samp_logp) * m, DTYPE), sc.is_min, sc.is_max, sc.log_clamp,
-                                 IS_MASK=IS_MASK, LOG_CLAMP=LOG_CLAMP)
+            rho = _token_rollout_weight(old_logp, samp_logp, m, sc, DTYPE, IS_MASK=IS_MASK, GATE=GATE,
+                                        LOG_CLAMP=LOG_CLAMP)
             loss = loss * rho
             dloss_dcoef = dloss_dcoef * rho
             dloss_dlogp = dloss_dlogp * rho
-        elif ROLLOUT == ROLLOUT_SEQUENCE:  # the sequence's ratio, from the sequence pass
-            loss = loss * seq_is
-            dloss_dcoef = dloss_dcoef * seq_is
-            dloss_dlogp = dloss_dlogp * seq_is
+        elif ROLLOUT == ROLLOUT_SEQUENCE:  # from the sequence pass: its ratio, or its gate times the token's ratio
+            rho = _sequence_rollout_weight(old_logp, samp_logp, m, seq_is, sc, DTYPE, GATE=GATE, LOG_CLAMP=LOG_CLAMP)
+            loss = loss * rho
+            dloss_dcoef = dloss_dcoef * rho
+            dloss_dlogp = dloss_dlogp * rho
         else:
             tl.static_assert(ROLLOUT == ROLLOUT_NONE, "unknown rollout level code (loss_table.RolloutLevel)")
         if HAS_IW:
@@ -495,11 +580,12 @@ def select_unmasked(m, logp, old_logp, adv, ref_logp, iw, samp_logp):
 
 
 @triton.jit
-def check_codes(FAMILY: tl.constexpr, KL_EST: tl.constexpr, ROLLOUT: tl.constexpr):
+def check_codes(FAMILY: tl.constexpr, KL_EST: tl.constexpr, ROLLOUT: tl.constexpr, GATE: tl.constexpr):
     """The option codes are members of the loss table's enums (a compile-time error otherwise)."""
     tl.static_assert(is_family(FAMILY), "unknown loss family code (loss_table.Family)")
     tl.static_assert(is_kl_estimator(KL_EST), "unknown KL estimator code (loss_table.KlEstimator)")
     tl.static_assert(is_rollout_level(ROLLOUT), "unknown rollout level code (loss_table.RolloutLevel)")
+    tl.static_assert(is_rollout_gate(GATE), "unknown rollout gate code (loss_table.RolloutGate)")
 
 
 # --------------------------------------------------------------------------- #
@@ -524,10 +610,10 @@ def _grpo_loss_fwd_kernel(
     FAMILY: tl.constexpr, SEQ_LEVEL: tl.constexpr, SEQ_PASS: tl.constexpr, SHARED: tl.constexpr,
     KL_EST: tl.constexpr, HAS_REF: tl.constexpr, ADD_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_IW: tl.constexpr,
     HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr, PER_SEQ_METRICS: tl.constexpr, ROLLOUT: tl.constexpr,
-    IS_MASK: tl.constexpr, HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr, HAS_SAMP: tl.constexpr,
-    DTYPE: tl.constexpr, BLOCK_T: tl.constexpr,
+    IS_MASK: tl.constexpr, GATE: tl.constexpr, HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr,
+    HAS_SAMP: tl.constexpr, DTYPE: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    check_codes(FAMILY, KL_EST, ROLLOUT)
+    check_codes(FAMILY, KL_EST, ROLLOUT, GATE)
     i = tl.program_id(0).to(tl.int64)
     sc = round_scalars(LossScalars(
         lo=lo, hi=hi, eps_high=eps_high, delta=delta, clip_c=clip_c, beta=beta, tau_pos=tau_pos, tau_neg=tau_neg,
@@ -564,7 +650,7 @@ def _grpo_loss_fwd_kernel(
                 HAS_SAMP=HAS_SAMP)
             t_n, t_ratio, t_adv, t_is, t_rollout, t_kl = _sequence_terms(
                 logp, old_logp, adv, m, iw, samp_logp, sc, DTYPE, FAMILY=FAMILY, SEQ_LEVEL=SEQ_LEVEL,
-                ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, HAS_IW=HAS_IW, HAS_OPM=HAS_OPM, LOG_CLAMP=LOG_CLAMP)
+                ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, GATE=GATE, HAS_IW=HAS_IW, HAS_OPM=HAS_OPM, LOG_CLAMP=LOG_CLAMP)
             acc_n += t_n
             acc_ratio += t_ratio
             acc_adv += t_adv
@@ -574,7 +660,7 @@ def _grpo_loss_fwd_kernel(
         seq_log_ratio, seq_adv, seq_is, seq_kl = _sequence_stats(
             tl.sum(acc_n, axis=0), tl.sum(acc_ratio, axis=0), tl.sum(acc_adv, axis=0), tl.sum(acc_is, axis=0),
             tl.sum(acc_rollout, axis=0), tl.sum(acc_kl, axis=0), sc, DTYPE, FAMILY=FAMILY, SEQ_LEVEL=SEQ_LEVEL,
-            ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, HAS_IW=HAS_IW, HAS_OPM=HAS_OPM, LOG_CLAMP=LOG_CLAMP)
+            ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, GATE=GATE, HAS_IW=HAS_IW, HAS_OPM=HAS_OPM, LOG_CLAMP=LOG_CLAMP)
 
     acc_loss = tl.zeros((BLOCK_T,), DTYPE)
     acc_m = tl.zeros((BLOCK_T,), DTYPE)
@@ -591,8 +677,8 @@ def _grpo_loss_fwd_kernel(
         loss, kl, is_low, is_high, _dc, _dl, _rg = _token_terms(
             logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl, sc, DTYPE,
             FAMILY=FAMILY, SHARED=SHARED, KL_EST=KL_EST, HAS_REF=HAS_REF, ADD_KL=ADD_KL, BIAS_KL=BIAS_KL,
-            HAS_IW=HAS_IW, HAS_DELTA=HAS_DELTA, HAS_C=HAS_C, ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, HAS_OPM=HAS_OPM,
-            LOG_CLAMP=LOG_CLAMP)
+            HAS_IW=HAS_IW, HAS_DELTA=HAS_DELTA, HAS_C=HAS_C, ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, GATE=GATE,
+            HAS_OPM=HAS_OPM, LOG_CLAMP=LOG_CLAMP)
         loss = tl.where(m != 0, loss, 0.0)  # 0 at masked tokens, by selection
         tl.store(out_row + cols, loss, mask=inb)
         acc_loss += loss
@@ -648,10 +734,10 @@ def _grpo_loss_bwd_kernel(
     lambda_neg: tl.float64, log_clamp: tl.float64,
     FAMILY: tl.constexpr, SHARED: tl.constexpr, KL_EST: tl.constexpr, ADD_KL: tl.constexpr,
     BIAS_KL: tl.constexpr, HAS_IW: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_C: tl.constexpr,
-    ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr, HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr,
-    HAS_SAMP: tl.constexpr, DTYPE: tl.constexpr, BLOCK_T: tl.constexpr,
+    ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr, GATE: tl.constexpr, HAS_OPM: tl.constexpr,
+    LOG_CLAMP: tl.constexpr, HAS_SAMP: tl.constexpr, DTYPE: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    check_codes(FAMILY, KL_EST, ROLLOUT)
+    check_codes(FAMILY, KL_EST, ROLLOUT, GATE)
     i = tl.program_id(0).to(tl.int64)
     sc = round_scalars(LossScalars(
         lo=lo, hi=hi, eps_high=eps_high, delta=delta, clip_c=clip_c, beta=beta, tau_pos=tau_pos, tau_neg=tau_neg,
@@ -687,8 +773,8 @@ def _grpo_loss_bwd_kernel(
             _l, _kl, _low, _high, dloss_dcoef, _dl, _rg = _token_terms(
                 logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl, sc, DTYPE,
                 FAMILY=FAMILY, SHARED=SHARED, KL_EST=KL_EST, HAS_REF=ADD_KL, ADD_KL=ADD_KL, BIAS_KL=BIAS_KL,
-                HAS_IW=HAS_IW, HAS_DELTA=HAS_DELTA, HAS_C=HAS_C, ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, HAS_OPM=HAS_OPM,
-                LOG_CLAMP=LOG_CLAMP)
+                HAS_IW=HAS_IW, HAS_DELTA=HAS_DELTA, HAS_C=HAS_C, ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, GATE=GATE,
+                HAS_OPM=HAS_OPM, LOG_CLAMP=LOG_CLAMP)
             acc_g += dloss_dcoef * m
         if FAMILY == GMPO:  # R = e^(mean over n + 1e-8)
             denom = n_i + tl.full((), 1e-8, DTYPE)
@@ -707,7 +793,7 @@ def _grpo_loss_bwd_kernel(
         dloss = dloss_dlogp(logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl,
                             seq_term, sc, DTYPE, FAMILY=FAMILY, SHARED=SHARED, KL_EST=KL_EST, ADD_KL=ADD_KL,
                             BIAS_KL=BIAS_KL, HAS_IW=HAS_IW, HAS_DELTA=HAS_DELTA, HAS_C=HAS_C, ROLLOUT=ROLLOUT,
-                            IS_MASK=IS_MASK, HAS_OPM=HAS_OPM, LOG_CLAMP=LOG_CLAMP)
+                            IS_MASK=IS_MASK, GATE=GATE, HAS_OPM=HAS_OPM, LOG_CLAMP=LOG_CLAMP)
         tl.store(grad_row + cols, tl.where(m != 0, seq_grad * (m * dloss), 0.0), mask=inb)
 
 
@@ -715,15 +801,16 @@ def _grpo_loss_bwd_kernel(
 def dloss_dlogp(logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl, seq_term,
                 sc, DTYPE: tl.constexpr, FAMILY: tl.constexpr, SHARED: tl.constexpr, KL_EST: tl.constexpr,
                 ADD_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_IW: tl.constexpr, HAS_DELTA: tl.constexpr,
-                HAS_C: tl.constexpr, ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr, HAS_OPM: tl.constexpr,
-                LOG_CLAMP: tl.constexpr):
+                HAS_C: tl.constexpr, ROLLOUT: tl.constexpr, IS_MASK: tl.constexpr, GATE: tl.constexpr,
+                HAS_OPM: tl.constexpr, LOG_CLAMP: tl.constexpr):
     """dℓ_t/dlogp_t of a token (or a block of tokens), before the mask and the sequence weight: ∂ℓ/∂logp plus,
     at token level, ∂ℓ/∂c1 · d c1/d logp; with a shared ratio, ``seq_term`` (G_i · c1 / denominator) times the
     token's ratio_grad."""
     _l, _kl, _low, _high, d_coef, d_logp, ratio_grad = _token_terms(
         logp, old_logp, adv, m, ref_logp, iw, samp_logp, seq_log_ratio, seq_adv, seq_is, seq_kl, sc, DTYPE,
         FAMILY=FAMILY, SHARED=SHARED, KL_EST=KL_EST, HAS_REF=ADD_KL, ADD_KL=ADD_KL, BIAS_KL=BIAS_KL, HAS_IW=HAS_IW,
-        HAS_DELTA=HAS_DELTA, HAS_C=HAS_C, ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, HAS_OPM=HAS_OPM, LOG_CLAMP=LOG_CLAMP)
+        HAS_DELTA=HAS_DELTA, HAS_C=HAS_C, ROLLOUT=ROLLOUT, IS_MASK=IS_MASK, GATE=GATE, HAS_OPM=HAS_OPM,
+        LOG_CLAMP=LOG_CLAMP)
     if SHARED:
         return d_logp + seq_term * ratio_grad
     else:
@@ -751,8 +838,8 @@ def loss_flags(cfg: KernelLossOptions) -> dict:
     (a stable cache key)."""
     return dict(FAMILY=int(cfg.family), SHARED=cfg.shared_ratio, KL_EST=int(cfg.kl_estimator), ADD_KL=cfg.add_kl,
                 BIAS_KL=cfg.bias_kl, HAS_IW=cfg.has_iw, HAS_DELTA=cfg.has_delta, HAS_C=cfg.has_clip_c,
-                ROLLOUT=int(cfg.rollout_is), IS_MASK=cfg.rollout_is_mask, HAS_OPM=cfg.has_off_policy_mask,
-                LOG_CLAMP=cfg.has_log_clamp, HAS_SAMP=cfg.has_sampling)
+                ROLLOUT=int(cfg.rollout_is), IS_MASK=cfg.rollout_is_mask, GATE=int(cfg.rollout_is_gate),
+                HAS_OPM=cfg.has_off_policy_mask, LOG_CLAMP=cfg.has_log_clamp, HAS_SAMP=cfg.has_sampling)
 
 
 def kernel_mask(mask: Tensor) -> Tensor:
