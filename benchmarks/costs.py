@@ -15,8 +15,8 @@ byte floor.
 The roofline floor of a case is ``max(bytes / copy bandwidth, flops / matmul
 rate)`` with both rates measured on the device in the same run
 (:mod:`benchmarks.limits`; the LM-head cases' matmul rate is that of
-``torch.mm`` at their own shapes, [N, H] × [H, V], in their dtype or float32,
-whichever is faster: both are exact for bfloat16 operands). The LM-head cases'
+``torch.mm`` at their own shapes, [N, H] × [H, V], in the fastest exact dtype:
+on a GPU their dtype or float32, on the CPU float32, see ``measure.Record``). The LM-head cases'
 matmul floor, ``6·N·V·H / that rate`` in fwd+bwd, is also reported on its own.
 """
 

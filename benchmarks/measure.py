@@ -39,9 +39,11 @@ class Record:
     ``max_err`` / ``max_err_grad``: max |out - float64 reference| (None where the
     float64 reference is too large to run, see :data:`REFERENCE_MAX_ELEMENTS`).
     The fused-linear (LM-head) cases: ``matmul_gflops``, the rate of ``torch.mm`` of
-    [N, H] × [H, V] measured in the same run in ``matmul_dtype``: the faster of the
-    case's dtype and float32 (bfloat16/float16 operands convert to float32 exactly,
-    and float32 matmuls are the faster ones on CPUs without bfloat16 instructions);
+    [N, H] × [H, V] measured in the same run in ``matmul_dtype``, the fastest exact
+    path: on a GPU the faster of the case's dtype and float32; on the CPU float32
+    (bfloat16/float16 operands convert to float32 exactly, while torch's CPU
+    bfloat16 ``mm`` rounds its product to bfloat16: about 1e-2 of log-prob error,
+    not the op's result, however fast AVX512-BF16 or AMX make it);
     ``matmul_floor_ms``, their matmul FLOPs (6·N·V·H fwd+bwd) at that rate;
     ``pct_matmul_floor``, that floor over the median time. ``note`` of a
     measured record: what the implementation chose for the case (e.g. a chunk size).
@@ -113,8 +115,9 @@ def measure_case(
     )
     flops_rate = math.inf
     if case.op == "lm_head_grpo_loss":  # the LM head's matmul at the case's shapes, in the fastest exact dtype
+        exact = ("float32",) if device.type == "cpu" else (case.dtype, "float32")
         rates = {name: limits.mm_flops_per_s(device, DTYPES[name], case.N, case.H, case.V)
-                 for name in dict.fromkeys((case.dtype, "float32"))}
+                 for name in dict.fromkeys(exact)}
         base["matmul_dtype"] = max(rates, key=rates.get)
         flops_rate = rates[base["matmul_dtype"]]
         base["matmul_gflops"] = flops_rate / 1e9

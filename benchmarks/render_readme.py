@@ -85,8 +85,8 @@ def _run_tables(run: dict) -> list[str]:
     linear = matmul_floor_table(run["records"])
     if linear:
         parts += ["Fused linear: median time as a % of the 6·N·V·H matmul floor at the rate of `torch.mm` of "
-                  "[N, H] × [H, V] measured in the same run (in the case's dtype or float32, whichever is "
-                  "faster).", linear]
+                  "[N, H] × [H, V] measured in the same run, in the fastest exact dtype (on the CPU float32: "
+                  "torch's CPU bfloat16 `mm` rounds its product to bfloat16).", linear]
     return parts
 
 
