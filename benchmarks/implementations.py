@@ -44,6 +44,7 @@ from torch import Tensor
 
 import grpo_kernels
 from grpo_kernels import reference
+from grpo_kernels.linear import default_chunk_size
 
 from .cases import Case, Inputs, make_inputs
 from .workload import Outputs, Workload, step
@@ -177,9 +178,15 @@ def _ours(backend: str, inplace: bool, device: torch.device) -> Implementation:
             inputs = Inputs(**{**vars(inputs), "logits": inputs.logits.clone()})
         return Workload(_forward(case, inputs, _backend_ops(backend, inplace)), inputs.wrt)
 
+    def detail(case: Case) -> str:
+        if case.op != "lm_head_grpo_loss":
+            return ""
+        tokens = default_chunk_size(case.V, case.H, case.torch_dtype, device)
+        return f"chunk_size={tokens} tokens (grpo_kernels.linear.default_chunk_size)"
+
     suffix = " inplace_backward=True" if inplace else ""
     return Implementation(f"ours-{backend}" + ("-inplace" if inplace else ""),
-                          f"grpo_kernels backend={backend}{suffix}", build)
+                          f"grpo_kernels backend={backend}{suffix}", build, detail)
 
 
 # --------------------------------------------------------------------------- #
