@@ -19,12 +19,13 @@ PEERS = ("triton", "trl", "liger-kernel", "transformers")
 
 
 def git_sha() -> str:
-    """Short sha of HEAD, with ``-dirty`` when tracked files differ from it (``unknown`` outside git)."""
+    """Short sha of HEAD, with ``-dirty`` when tracked code differs from it (``unknown`` outside git); the result
+    files are not code (a run appends to ``all.csv``: the next run of a session is not dirty for it)."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "grpo_kernels", "csrc", "benchmarks"],
-                               cwd=ROOT).returncode != 0
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "grpo_kernels", "csrc", "benchmarks",
+                                ":(exclude)benchmarks/results"], cwd=ROOT).returncode != 0
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "")
