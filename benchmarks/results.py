@@ -1,6 +1,6 @@
 """Result files of a run: the JSON, the long CSV history, the markdown tables.
 
-``<out>/<device>-<date>-<HHMM>-<sha>.json``: environment, device limits, preset and
+``<out>/<device>-<date>-<HHMMSS>-<sha>.json``: environment, device limits, preset and
 every :class:`~benchmarks.measure.Record`. ``<out>/all.csv``: one row per
 record of every run (history accumulates; the environment in each row).
 ``<out>/<stem>.md``: the tables of one run.
@@ -21,11 +21,12 @@ BASELINES = {"trl-utils": "TRL", "trl-lm-head": "TRL fused LM head", "torch-comp
 
 
 def stem(environment: dict) -> str:
-    """``<device>-<date>-<HHMM>-<sha>``, e.g. ``nvidia-h100-80gb-hbm3-2026-11-23-1615-450567b`` (UTC)."""
+    """``<device>-<date>-<HHMMSS>-<sha>``, e.g. ``nvidia-h100-80gb-hbm3-2026-11-23-161502-450567b`` (UTC; seconds,
+    so that two runs started in the same minute do not overwrite each other's files)."""
     device = environment["device"] if environment["device"] == "cpu" else environment["device_name"]
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     date = environment["date"]
-    return f"{slug}-{date[:10]}-{date[11:13]}{date[14:16]}-{environment['git_sha']}"
+    return f"{slug}-{date[:10]}-{date[11:13]}{date[14:16]}{date[17:19]}-{environment['git_sha']}"
 
 
 def write_json(path: Path, run: dict) -> None:

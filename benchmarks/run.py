@@ -4,7 +4,7 @@ Measures the device's copy bandwidth (and matmul rate where a case needs it),
 then every case of the preset with every implementation (see
 :mod:`benchmarks.implementations`), in the preset's order until the time
 budget is spent, and writes into ``--out`` (default ``benchmarks/results``):
-``<device>-<date>-<HHMM>-<sha>.json``, a row per record appended to ``all.csv``,
+``<device>-<date>-<HHMMSS>-<sha>.json``, a row per record appended to ``all.csv``,
 ``<stem>.md`` and the PNG plots. Prints the summary table last.
 
 Filters for quick runs: ``--cases SUBSTRING`` (a case runs when its name
