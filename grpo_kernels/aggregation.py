@@ -98,17 +98,24 @@ def kernel_rule(
     ``num_items_in_batch`` is read: a host synchronization on an accelerator)."""
     aggregation = loss_type_row(loss_type).aggregation
     if aggregation is Aggregation.SEQUENCE_MEAN:
-        return KernelRule(True, True, False, None, None)
+        return KernelRule(count_per_sequence=True, mean_over_sequences=True, batch_tokens=False, batch_length=None,
+                          batch_number=None)
     if aggregation is Aggregation.BATCH_TOKEN_MEAN:
-        return KernelRule(False, False, True, None, None)
+        return KernelRule(count_per_sequence=False, mean_over_sequences=False, batch_tokens=True, batch_length=None,
+                          batch_number=None)
     if aggregation is Aggregation.FIXED_LENGTH:
-        return KernelRule(False, False, False, T if max_completion_length is None else max_completion_length, None)
+        return KernelRule(count_per_sequence=False, mean_over_sequences=False, batch_tokens=False,
+                          batch_length=T if max_completion_length is None else max_completion_length,
+                          batch_number=None)
     if aggregation is Aggregation.TOKEN_SUM:
         if num_items_in_batch is None:
-            return KernelRule(False, False, True, None, None)
-        return KernelRule(False, False, False, None, float(num_items_in_batch))
+            return KernelRule(count_per_sequence=False, mean_over_sequences=False, batch_tokens=True,
+                              batch_length=None, batch_number=None)
+        return KernelRule(count_per_sequence=False, mean_over_sequences=False, batch_tokens=False, batch_length=None,
+                          batch_number=float(num_items_in_batch))
     if aggregation is Aggregation.SEQUENCE_SUM:
-        return KernelRule(False, True, False, None, None)
+        return KernelRule(count_per_sequence=False, mean_over_sequences=True, batch_tokens=False, batch_length=None,
+                          batch_number=None)
     raise ValueError(f"unknown aggregation {aggregation!r} of loss_type {loss_type!r}")
 
 
