@@ -214,13 +214,23 @@ def _check_device(name: str, device: torch.device) -> None:
 
 def implementation(backend: str, device: torch.device, op: str) -> Callable:
     """The function computing ``op`` for ``backend`` on ``device``."""
+    key = (backend, device, op)
+    function = _IMPLEMENTATIONS.get(key) if backend != "auto" else None
+    if function is not None:
+        return function
     name = resolve_backend(backend, device, op)
     if not _provides(name, op):
         raise BackendUnavailableError(
             f"backend {name!r} does not implement {op} yet; backends with {op}: {available_backends(op)}"
         )
     _check_device(name, device)
-    return getattr(_module(name), op)
+    function = getattr(_module(name), op)
+    if backend != "auto":  # a named backend on a device: fixed once installed ("auto" reads the environment)
+        _IMPLEMENTATIONS[key] = function
+    return function
+
+
+_IMPLEMENTATIONS: dict = {}
 
 
 def backend_function(backend: str, device: torch.device, op: str) -> Callable:

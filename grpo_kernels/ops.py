@@ -261,7 +261,7 @@ def grpo_loss(
                                   cu_seqlens=cu_seqlens,
                                   backend=backends.resolve_backend(backend, logprobs.device, "grpo_loss"),
                                   **options)
-    validation.check_grpo_loss(logprobs, old_logprobs, advantages, mask, **options)
+    validation.check_grpo_loss(logprobs, old_logprobs, advantages, mask, options)
     if torch.compiler.is_compiling():
         return custom_ops.grpo_loss(logprobs, old_logprobs, advantages, mask, **options,
                                     backend=_traced_backend(backend, logprobs.device.type, "grpo_loss"))

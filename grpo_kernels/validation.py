@@ -12,6 +12,7 @@ meta tensors, and when the environment sets ``GRPO_KERNELS_CHECK_VALUES=0``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
@@ -330,6 +331,35 @@ def check_loss_options(*, beta, epsilon_low, epsilon_high, delta, clip_ratio_c, 
         _real("log_ratio_clamp", log_ratio_clamp, low=0.0, low_open=True)
 
 
+_SCALAR_OPTIONS = tuple(inspect.signature(check_loss_options).parameters)
+
+
+def _check_scalar_options(options: dict) -> None:
+    """check_loss_options on the scalar options in ``options`` (all the loss options), memoized: options that
+    passed, as plain values of the same types, pass again without a check (a call's Python overhead matters
+    at small batches)."""
+    try:
+        values = tuple(map(options.__getitem__, _SCALAR_OPTIONS))
+    except KeyError:
+        values = None
+    key = None
+    if values is not None:
+        types = tuple(map(type, values))
+        if _PLAIN_TYPES.issuperset(types):
+            key = (values, types)  # the types too: True == 1 == 1.0 but only True is a valid bool option
+            if key in _PASSED_OPTIONS:
+                return
+    check_loss_options(**{k: v for k, v in options.items() if k not in PER_CALL_OPTIONS})
+    if key is not None:
+        if len(_PASSED_OPTIONS) >= 256:
+            _PASSED_OPTIONS.clear()
+        _PASSED_OPTIONS.add(key)
+
+
+_PLAIN_TYPES = frozenset({bool, int, float, str, type(None)})
+_PASSED_OPTIONS: set = set()
+
+
 def _check_rollout_is(family: Family, loss_type: str, mode, low, high, gate) -> None:
     _choice("rollout_is_gate", gate, ROLLOUT_IS_GATES)
     ratio_gate = ROLLOUT_IS_GATES[gate] == RolloutGate.RATIO
@@ -408,7 +438,8 @@ def _loss_value_problem(mask: Tensor, advantages: Tensor, token_ids: Optional[Te
     return _LOSS_VALUE_PROBLEM(mask, advantages)
 
 
-def check_grpo_loss(logprobs, old_logprobs, advantages, mask, **options) -> None:
+def check_grpo_loss(logprobs, old_logprobs, advantages, mask, options: dict) -> None:
+    """The inputs of :func:`grpo_kernels.ops.grpo_loss`; ``options``: its loss options (every one)."""
     _tensor("logprobs", logprobs)
     _floating("logprobs", logprobs)
     if logprobs.ndim != 2:
@@ -449,7 +480,7 @@ def _check_loss_inputs(main: Tensor, main_name: str, shape, old_logprobs, advant
         raise ValueError(f"loss_type='vespo' folds token-level importance_weights into its sequence weight: they "
                          f"must have shape [B, T] = [{batch}, {length}], got {list(importance_weights.shape)}")
     _check_num_items(options["num_items_in_batch"])
-    check_loss_options(**{k: v for k, v in options.items() if k not in PER_CALL_OPTIONS})
+    _check_scalar_options(options)
     if options["beta"] != 0.0 and ref_logprobs is None:
         raise ValueError(f"beta={options['beta']} needs ref_logprobs (the reference policy's per-token log-probs)")
     if problem is None:
@@ -633,7 +664,7 @@ def check_packed_loss(main: Tensor, main_name: str, shape, old_logprobs, advanta
                  ref_logprobs=options["ref_logprobs"], importance_weights=options["importance_weights"])
     _check_num_items(options["num_items_in_batch"])
     check_scale_out_options(options, "cu_seqlens", defaults)
-    check_loss_options(**{k: v for k, v in options.items() if k not in PER_CALL_OPTIONS})
+    _check_scalar_options(options)
     if options["beta"] != 0.0 and options["ref_logprobs"] is None:
         raise ValueError(f"beta={options['beta']} needs ref_logprobs (the reference policy's per-token log-probs)")
     keep = _kept(mask, token_ids, ignore_index).reshape(-1)
@@ -656,7 +687,7 @@ def check_scale_out_grpo_loss(logprobs, old_logprobs, advantages, mask, *, batch
     """:func:`grpo_kernels.ops.grpo_loss` with ``batch_group`` and/or ``cu_seqlens``."""
     check_process_group("batch_group", batch_group)
     if cu_seqlens is None:
-        check_grpo_loss(logprobs, old_logprobs, advantages, mask, **options)
+        check_grpo_loss(logprobs, old_logprobs, advantages, mask, options)
     else:
         _tensor("logprobs", logprobs)
         _floating("logprobs", logprobs)

@@ -182,6 +182,20 @@ def test_gradient_scaled_by_the_incoming_gradient_in_the_input_dtype():
                                    **(TOLERANCES[torch.float32] if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)))
 
 
+def test_differentiable_once():
+    """The cpu backend's loss node (C++) gives the gradient under create_graph=True too, and differentiating
+    that gradient again raises, as the other kernel backends' once_differentiable nodes do (no silent zero
+    second derivative); the first gradient is unchanged by create_graph."""
+    logp, old, ref, adv, mask, _ = _inputs(12)
+    x = logp.clone().requires_grad_()
+    out = grpo_kernels.grpo_loss(x, old, adv, mask, backend="cpu", ref_logprobs=ref, beta=0.04)
+    (plain,) = torch.autograd.grad(out.loss, x, retain_graph=True)
+    (graphed,) = torch.autograd.grad(out.loss, x, create_graph=True)
+    assert torch.equal(plain, graphed.detach()) and graphed.requires_grad
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        graphed.sum().backward()
+
+
 def test_outputs_without_gradient():
     """Without a gradient to form (no_grad, or logp not requiring grad) no output requires grad and the values
     are those of the call with one; a constant input requiring grad leaves logp without gradient."""
@@ -216,7 +230,7 @@ def _value_error(monkeypatch, scan: bool, *args, **options):
     if not scan:
         monkeypatch.setattr(validation, "_LOSS_VALUE_PROBLEM", None)
     try:
-        validation.check_grpo_loss(*args, **{**LOSS_DEFAULTS, **options})
+        validation.check_grpo_loss(*args, {**LOSS_DEFAULTS, **options})
     except ValueError as error:
         return str(error)
     finally:

@@ -231,6 +231,21 @@ def test_grpo_loss_errors(over, error, match):
         call_loss(**over)
 
 
+def test_memoized_option_checks_tell_equal_values_of_other_types_apart():
+    """Options that passed pass again without a check; a value equal to a valid one but of a type the check
+    refuses (1 for True, 1.0 for an int) is still checked; a failed check is not memoized."""
+    call_loss(use_bias_correction_kl=True, max_completion_length=4)
+    call_loss(use_bias_correction_kl=True, max_completion_length=4)  # memoized
+    for over in (dict(use_bias_correction_kl=1, max_completion_length=4),
+                 dict(use_bias_correction_kl=True, max_completion_length=4.0)):
+        with pytest.raises(TypeError):
+            call_loss(**over)
+    with pytest.raises(ValueError, match="beta"):
+        call_loss(beta=-1.0)
+    with pytest.raises(ValueError, match="beta"):  # a failed check is not memoized
+        call_loss(beta=-1.0)
+
+
 FUSED_CASES = [
     (dict(logits=torch.randn(B * T, V), token_ids=torch.zeros(B * T, dtype=torch.long)), ValueError,
      r"logits must have shape \[B, T, V\]"),

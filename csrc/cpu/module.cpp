@@ -324,6 +324,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("sampling_logp"), py::arg("cfg"), py::arg("aggregation"), py::arg("compute_grad"),
         "(loss, per_token_loss, kl, clip_ratio_low, clip_ratio_high, clip_ratio_region, grad_sums, seq_weight)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("grpo_loss",
+        [](const Tensor& logp, const OptTensor& old_logp, const OptTensor& ref_logp, const Tensor& adv,
+           const Tensor& mask, const OptTensor& iw, const OptTensor& sampling_logp, const LossConfig& cfg,
+           const cpu::LossAggregation& aggregation) {
+          return cpu::grpo_loss_autograd(cpu_kernels().grpo_loss_fwd_grad, logp, old_logp, ref_logp, adv, mask, iw,
+                                         sampling_logp, cfg, aggregation);
+        },
+        py::arg("logp"), py::arg("old_logp"), py::arg("ref_logp"), py::arg("adv"), py::arg("mask"), py::arg("iw"),
+        py::arg("sampling_logp"), py::arg("cfg"), py::arg("aggregation"),
+        "(loss, per_token_loss, kl, clip_ratio_low, clip_ratio_high, clip_ratio_region); the loss with a C++ "
+        "autograd node when grad mode is on and an input requires grad",
+        py::call_guard<py::gil_scoped_release>());
   m.def("grpo_loss_backward", &cpu::grpo_loss_backward, py::arg("grad_sums"), py::arg("seq_weight"),
         py::arg("grad_loss"), py::arg("dtype"), "d loss / d logp [B, T] in dtype",
         py::call_guard<py::gil_scoped_release>());

@@ -1,10 +1,11 @@
 """``grpo_loss`` over the extension's kernels, with exactly the numbers of
 :func:`grpo_kernels.reference.grpo_loss` (formulas in its docstring).
 
-CPU tensors: one call of ``_C.grpo_loss_forward`` (``csrc/cpu/grpo_loss_host.h``) converts the inputs, runs
+CPU tensors: one call of ``_C.grpo_loss`` (``csrc/cpu/grpo_loss_host.h``) converts the inputs, runs
 ``grpo_loss_fwd_grad`` — the per-token loss, the per-sequence partials and, when ``logprobs`` requires grad,
 ``d S_i / d logp`` from the same evaluation of the token terms — and aggregates the partials into the loss,
-the metrics and the weights ``dL/dS_i`` in C++; the backward is one scaling (``_C.grpo_loss_backward``).
+the metrics and the weights ``dL/dS_i`` in C++; the loss's autograd node is a C++ one whose backward is one
+scaling (``grpo_loss_backward``).
 
 Other devices: ``grpo_loss_fwd`` writes the per-token loss ``[B, T]`` and per-sequence
 partials ``[NUM_PARTIALS, B]``; the scalar loss and metrics come from them through
@@ -157,44 +158,6 @@ class _GRPOLossFunction(torch.autograd.Function):
         return grad_logp, None, None, None, None, None, None, None
 
 
-class _CpuLossFunction(torch.autograd.Function):
-    """The loss on CPU tensors; the other outputs (no gradient) are appended to ``extra``."""
-
-    @staticmethod
-    def forward(ctx, logp, old, ref, adv, mask, iw, sampling, setup: LossSetup, extra: list):
-        loss, *outputs, grad_sums, seq_weight = _C.grpo_loss_forward(
-            logp, old, ref, adv, mask, iw, sampling, setup.cfg, setup.aggregation, logp.requires_grad)
-        extra.extend(outputs)
-        ctx.grad_sums, ctx.seq_weight, ctx.logp_dtype = grad_sums, seq_weight, logp.dtype
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        grad_logp = None
-        if ctx.needs_input_grad[0]:
-            grad_logp = _C.grpo_loss_backward(ctx.grad_sums, ctx.seq_weight, grad_loss, ctx.logp_dtype)
-        return grad_logp, None, None, None, None, None, None, None, None
-
-
-def _cpu_grpo_loss(logprobs, old_logprobs, advantages, mask, ref, iw, sampling, setup: LossSetup) -> tuple:
-    """(loss, per_token_loss, kl, clip_ratio_low, clip_ratio_high, clip_ratio_region) on CPU tensors; an
-    autograd node only when an input requires grad."""
-    if torch.is_grad_enabled() and _requires_grad(logprobs, old_logprobs, advantages, mask, ref, iw, sampling):
-        extra: list = []
-        loss = _CpuLossFunction.apply(logprobs, old_logprobs, ref, advantages, mask, iw, sampling, setup, extra)
-        return (loss, *extra)
-    return _C.grpo_loss_forward(logprobs, old_logprobs, ref, advantages, mask, iw, sampling, setup.cfg,
-                                setup.aggregation, False)[:6]
-
-
-def _requires_grad(*tensors: Optional[Tensor]) -> bool:
-    for t in tensors:
-        if t is not None and t.requires_grad:
-            return True
-    return False
-
-
 def grpo_loss(
     logprobs: Tensor,
     old_logprobs: Optional[Tensor],
@@ -212,8 +175,8 @@ def grpo_loss(
     get = loss_options.get
     ref, iw, sampling = get("ref_logprobs"), get("importance_weights"), get("sampling_logprobs")
     if logprobs.device.type == "cpu":
-        loss, per_token_loss, kl, low, high, region = _cpu_grpo_loss(logprobs, old_logprobs, advantages, mask, ref,
-                                                                     iw, sampling, setup)
+        loss, per_token_loss, kl, low, high, region = _C.grpo_loss(logprobs, old_logprobs, ref, advantages, mask, iw,
+                                                                   sampling, setup.cfg, setup.aggregation)
     else:
         loss, per_token_loss, kl, low, high, region = _GRPOLossFunction.apply(
             logprobs, old_logprobs, ref, advantages, mask, iw, sampling, setup)
