@@ -121,8 +121,14 @@ inline std::tuple<std::string, double> grpo_loss_value_problem(const at::Tensor&
 // A [B, T] input of the loss as the kernels take it: the compute dtype, a [B] / [B, 1] one as a broadcast view.
 inline at::Tensor as_bt(const at::Tensor& t, at::ScalarType dtype, int64_t B, int64_t T) {
   at::Tensor x = t.scalar_type() == dtype ? t : t.to(dtype);
-  if (x.dim() == 1) x = x.unsqueeze(1);
-  return x.size(1) == T ? x : x.expand({B, T});
+  if (x.dim() == 2 && x.size(1) == T) return x;
+  return x.as_strided({B, T}, {x.stride(0), 0});  // [B] or [B, 1]: each row's value over T (one view op)
+}
+
+// A new CPU tensor without the dispatcher (the host code's small outputs: a call's overhead matters at small
+// batches).
+inline at::Tensor new_cpu(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, c10::nullopt);
 }
 
 inline c10::optional<at::Tensor> as_bt(const c10::optional<at::Tensor>& t, at::ScalarType dtype, int64_t B,
@@ -198,14 +204,17 @@ grpo_loss_forward(FwdGrad kernel, const at::Tensor& logp, const c10::optional<at
       kernel(as_bt(logp, dtype, B, T), as_bt(old_logp, dtype, B, T), as_bt(ref_logp, dtype, B, T),
              as_bt(adv, dtype, B, T), mask_k, as_bt(iw, dtype, B, T), as_bt(sampling_logp, dtype, B, T), cfg,
              compute_grad);
-  at::Tensor seq_weight = at::empty({B}, partials.options());
+  at::Tensor seq_weight = new_cpu({B}, dtype);
   at::Tensor scalars[5];
   AT_DISPATCH_FLOATING_TYPES(dtype, "grpo_loss_forward", [&] {
     const auto values = aggregate<scalar_t>(partials.const_data_ptr<scalar_t>(), B, agg, ref_logp.has_value(),
                                             cfg.per_seq_metrics, seq_weight.data_ptr<scalar_t>());
     const scalar_t v[5] = {std::get<0>(values), std::get<1>(values), std::get<2>(values), std::get<3>(values),
                            std::get<4>(values)};
-    for (int k = 0; k < 5; ++k) scalars[k] = at::scalar_tensor(v[k], partials.options());
+    for (int k = 0; k < 5; ++k) {
+      scalars[k] = new_cpu({}, dtype);
+      *scalars[k].data_ptr<scalar_t>() = v[k];
+    }
   });
   return {scalars[0], per_token_loss, scalars[1], scalars[2], scalars[3], scalars[4], grad_sums, seq_weight};
 }
@@ -246,11 +255,15 @@ inline at::Tensor grpo_loss_backward(const at::Tensor& grad_sums, const at::Tens
   TORCH_CHECK(grad_sums.is_cpu() && grad_sums.dim() == 2 && grad_sums.is_contiguous() && seq_weight.is_contiguous() &&
                   seq_weight.numel() == grad_sums.size(0) && seq_weight.scalar_type() == grad_sums.scalar_type(),
               "grpo_loss_backward: grad_sums must be a contiguous [B, T] CPU tensor and seq_weight [B] of its dtype");
+  TORCH_CHECK(grad_loss.is_cpu() && grad_loss.numel() == 1, "grpo_loss_backward: grad_loss must be a one-element "
+              "CPU tensor");
   const int64_t B = grad_sums.size(0), T = grad_sums.size(1);
-  at::Tensor out = at::empty({B, T}, grad_sums.options().dtype(dtype));
+  at::Tensor out = new_cpu({B, T}, dtype);
   AT_DISPATCH_FLOATING_TYPES(grad_sums.scalar_type(), "grpo_loss_backward", [&] {
     using acc_t = scalar_t;
-    const acc_t g = grad_loss.to(grad_sums.scalar_type()).item<acc_t>();
+    acc_t g;  // the incoming gradient rounded to the compute dtype (as .to(acc_t).item() rounds it)
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_loss.scalar_type(), "grpo_loss_backward",
+                                    [&] { g = static_cast<acc_t>(*grad_loss.const_data_ptr<scalar_t>()); });
     const acc_t* w = seq_weight.const_data_ptr<acc_t>();
     const acc_t* x = grad_sums.const_data_ptr<acc_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "grpo_loss_backward",
