@@ -371,6 +371,25 @@ def test_divergence_gate_clamps_kept_ratios(orl, backend, correction):
     assert_same(ours[:3], theirs[:3], (our_grad, their_grad), TOL[torch.float64])
 
 
+@pytest.mark.parametrize("correction", ["tok-mask-ratio", "seq-mask-ratio", "tok-mask-tv"])
+def test_nan_rollout_log_prob_at_a_kept_token(orl, correction):
+    """Documented difference: a NaN rollout log-prob at a token that counts keeps the token at rollout ratio 1
+    (the kernels' convention for an unknown sampling log-prob), where OpenRLHF drops it; is_filter_ratio counts it
+    filtered, as OpenRLHF's does. Ours equals OpenRLHF's run on the batch whose rollout log-prob there is the old
+    one (ratio 1, kept), up to the filter metric."""
+    logp, old, rollout, adv, mask = make_batch(3, torch.float64)
+    row = int(mask[:, 0].nonzero()[0])
+    nan_rollout, ratio_one = rollout.clone(), rollout.clone()
+    nan_rollout[row, 0], ratio_one[row, 0] = float("nan"), old[row, 0]
+    options = _options(correction)
+    ours, our_grad = _run(gk_orl.PolicyLoss(**options, backend="cpu"), logp, old, nan_rollout, adv, mask, {})
+    theirs_nan, _ = _run(orl.loss.PolicyLoss(**options), logp, old, nan_rollout, adv, mask, {})
+    theirs_one, their_grad = _run(orl.loss.PolicyLoss(**options), logp, old, ratio_one, adv, mask, {})
+    assert our_grad[row, 0] != 0 and torch.isfinite(ours[0])
+    assert_same(ours[:3], theirs_one[:3], (our_grad, their_grad), TOL[torch.float64])
+    torch.testing.assert_close(ours[4], theirs_nan[4])
+
+
 def test_validation_matches_openrlhf(orl):
     bad = [dict(is_correction_level="sometimes"), dict(is_correction_mode="drop"),
            dict(is_correction_gating="kl"),

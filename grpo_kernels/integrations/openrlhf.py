@@ -44,6 +44,10 @@ Differences from OpenRLHF, all outside ordinary inputs:
 - with a binary-KL or TV gate, a kept token's weight is its ratio ``e^{old - rollout}`` clamped to ``e^±20`` (the
   ppo loss's clamp); OpenRLHF does not clamp it: only a kept token whose rollout engine's log-prob differs from
   ``old_log_probs`` by more than 20 is affected;
+- a NaN ``rollout_log_probs`` at a token that counts (an unknown rollout log-prob): the correction computed in
+  the kernels gives that token the rollout ratio 1 (TRL's convention) and keeps it; OpenRLHF's ratio is NaN,
+  so its mask modes drop the token (the sequence, at ``seq`` level) and its clip mode makes the loss NaN.
+  ``is_filter_ratio`` (OpenRLHF's formula, torch ops) counts the unit as filtered in both;
 - ``dual_clip <= 1`` raises ``ValueError`` (OpenRLHF: ``AssertionError``); an unknown ``policy_loss_type``
   raises at construction (OpenRLHF: in ``forward``); a correction without ``rollout_log_probs`` raises
   ``ValueError`` (OpenRLHF: ``TypeError`` from ``None``).
