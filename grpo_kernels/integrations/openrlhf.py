@@ -65,8 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..loss_table import ROLLOUT_GATE_PROB_CLAMP
-from ..reference import compute_dtype, kl_estimate
+from ..reference import compute_dtype, kl_estimate, rollout_gate_statistic
 from .common import LossAggregation, masked_mean
 
 POLICY_LOSS_TYPES = ("ppo", "gspo")
@@ -74,7 +73,6 @@ IS_CORRECTION_LEVELS = ("off", "token", "seq")
 IS_CORRECTION_MODES = ("mask", "clip")
 IS_CORRECTION_GATINGS = ("ratio", "binary_kl", "tv")
 LOG_RATIO_CLAMP = 20.0  # OpenRLHF's ppo clamps the log-ratio to ±20 before exp
-DIVERGENCE_PROB_CLAMP = ROLLOUT_GATE_PROB_CLAMP  # the binary-KL / TV gates' p, q clamped to [1e-6, 1 - 1e-6]
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_VALUE_CLAMP = 10.0  # compute_approx_kl clamps every estimate to ±10
 KL_IS_WEIGHT_CLIP = 10.0  # upper bound of the unbiased-gradient importance weight
@@ -166,14 +164,12 @@ def is_correction(
     if gating == "ratio":
         stat = torch.exp(_sequence_mean(is_log_ratio, m) if seq else is_log_ratio)
     else:
-        p = torch.where(keep, rollout, zero).exp().clamp(DIVERGENCE_PROB_CLAMP, 1 - DIVERGENCE_PROB_CLAMP)
-        q = torch.where(keep, old, zero).exp().clamp(DIVERGENCE_PROB_CLAMP, 1 - DIVERGENCE_PROB_CLAMP)
-        if gating == "binary_kl":
-            stat = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
-        elif gating == "tv":
-            stat = (p - q).abs()
-        else:
+        if gating not in ("binary_kl", "tv"):
             raise ValueError(f"is_correction_gating must be ratio/binary_kl/tv, got {gating}")
+        rollout_kept = torch.where(keep, rollout, zero)
+        stat = rollout_gate_statistic(torch.where(keep, old, zero), rollout_kept, gating)  # the kernels' formula
+        # an unknown (NaN) rollout log-prob: the kernels' statistic is 0, OpenRLHF's NaN (outside every band)
+        stat = torch.where(torch.isnan(rollout_kept), torch.full((), math.nan, dtype=dtype, device=keep.device), stat)
         if seq:
             stat = _sequence_mean(stat, m)
     if mode == "clip":
