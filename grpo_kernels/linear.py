@@ -15,14 +15,20 @@ statistics alone, keeps the per-token ``lse`` for the gradient sweeps that
 start from known statistics, and writes a ``[chunk_size, V]`` tile only where
 a gradient is formed). What follows describes :class:`RowOpTiles`.
 
-A tile: ``x = s (h Wᵀ + b)`` by ``torch.matmul`` in float32 (float64 for
+A tile: ``x = (s h) Wᵀ + s b`` by ``torch.matmul`` in float32 (float64 for
 float64 inputs) from the inputs cast to that dtype, so the product is never
-rounded to bfloat16; then ``x = c tanh(x / c)`` with a softcap. Its gradient
-``dz`` (from the row kernels' backward, ``w (onehot − p) / T`` for per-token
-weights ``w``) is chained through the softcap and the scale in place and
-reduced into float32 accumulators: ``dh[rows] = dx W``, ``dW += dxᵀ h``,
-``db += Σ_rows dx``. A weight of another dtype is cast once per sweep on the
-CPU (:meth:`RowOpTiles.sweep`), elsewhere in vocabulary blocks of at most a
+rounded to bfloat16 (the logit scale ``s`` on the ``[n, H]`` and ``[V]``
+operands, not on the tile); then ``x = c tanh(x / c)`` with a softcap. Its
+gradient (from the row kernels' backward, ``w (onehot − p) / T`` for per-token
+weights ``w``, given ``s w`` so that it is already w.r.t. ``h Wᵀ + b``) is
+chained through the softcap in place and reduced into float32 accumulators:
+``dh[rows] = dx W``, ``dW += dxᵀ h``, ``db += Σ_rows dx``. Passes over a
+tile: written by the product, read by the row kernels' forward, read and
+rewritten by their backward (the weights ``w`` multiply inside that pass),
+read by the two gradient products; with a bias, one more read and write
+(``+ s b``) and a read (``Σ_rows dx``); with a softcap, a few more. A weight
+of another dtype is cast once per sweep on the CPU
+(:meth:`RowOpTiles.sweep`), elsewhere in vocabulary blocks of at most a
 tile's size. ``chunk_size`` defaults to :func:`default_chunk_size`.
 
 ``fused_linear_grpo_loss`` forms the gradient in the forward. Without a sequence
@@ -235,7 +241,11 @@ def _head(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], token_ids: Ten
 
 def _tile(head: LinearHead, h: Tensor, buffer: Optional[Tensor] = None) -> Tensor:
     """The transformed logits ``[n, V]`` of the hidden states ``h [n, H]`` (already in the compute dtype), in the
-    first ``n`` rows of ``buffer`` when given."""
+    first ``n`` rows of ``buffer`` when given. The logit scale multiplies the operands, ``(s h) Wᵀ + s b``, not
+    the tile (a pass over ``[n, V]`` saved)."""
+    scale = head.logit_scale
+    if scale != 1.0:
+        h = h * scale
     if head.weight.dtype == head.dtype:
         tile = (torch.matmul(h, head.weight.t()) if buffer is None
                 else torch.matmul(h, head.weight.t(), out=buffer[:h.shape[0]]))
@@ -244,9 +254,8 @@ def _tile(head: LinearHead, h: Tensor, buffer: Optional[Tensor] = None) -> Tenso
         for cols, w in head.weight_blocks(h.shape[0]):
             tile[:, cols] = torch.matmul(h, w.t())
     if head.bias is not None:
-        tile += head.bias.to(head.dtype)
-    if head.logit_scale != 1.0:
-        tile *= head.logit_scale
+        bias = head.bias.to(head.dtype)
+        tile += bias if scale == 1.0 else bias * scale
     if head.softcap is not None:
         tile.div_(head.softcap).tanh_().mul_(head.softcap)
     return tile
@@ -291,15 +300,16 @@ class RowOpTiles:
         if weights is None:
             return stats, None
         g_logp, g_entropy = weights(rows, stats.logp)
-        pairs = [(o, g.contiguous()) for o, g in ((logp, g_logp), (entropy, g_entropy)) if g is not None]
+        # d y / d(h Wᵀ + b) = s rides on the [n] incoming gradients (the row kernels' gradient is linear in them),
+        # not on the [n, V] gradient: the tile's gradient below is w.r.t. h Wᵀ + b already
+        pairs = [(o, (g if head.logit_scale == 1.0 else g * head.logit_scale).contiguous())
+                 for o, g in ((logp, g_logp), (entropy, g_entropy)) if g is not None]
         (dx,) = torch.autograd.grad([o for o, _ in pairs], tile, [g for _, g in pairs])
         if head.softcap is not None:  # d/dy c tanh(y/c) = 1 − (x/c)²; the tile still holds x
             dx.mul_(tile.detach().div_(head.softcap).square_().neg_().add_(1.0))
             # an ignored token's x may be garbage (its hidden state): its dx row stays 0, selected, not 0 · NaN
             ignored = head.token_ids[rows] == head.ignore_index
             dx = torch.where(ignored[:, None], torch.zeros((), dtype=dx.dtype, device=dx.device), dx)
-        if head.logit_scale != 1.0:
-            dx.mul_(head.logit_scale)
         return stats, dx
 
     def token_logprobs(self, head: LinearHead, tile: Tensor, rows: slice, return_entropy: bool):

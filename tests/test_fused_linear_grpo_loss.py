@@ -107,6 +107,20 @@ def test_scale_and_softcap(backend, logit_scale, softcap):
                         loss_type="grpo", beta=0.04, ref_logprobs=inputs[-1]["ref"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_scale_and_token_weights_reach_each_gradient_once(backend, dtype, level):
+    """A logit scale that is not a power of two, with a bias and no softcap (the chunked driver puts it on ``h``,
+    ``b`` and the per-token weights, never on the tile), and per-token weights ``dL/dlogp`` that differ token by
+    token (a KL term, masked and ignored tokens, an entropy bonus): either applied twice or not at all changes
+    ``d hidden``, ``d weight`` and ``d bias``. The hidden states of tokens that do not count are NaN."""
+    hidden, weight, bias, ids, mask, tensors = make_inputs(B=3, T=5, H=12, V=31, dtype=dtype)
+    hidden[~mask | (ids == -100)] = float("nan")
+    assert_matches_spec(backend, (hidden, weight, bias, ids, mask, tensors), importance_sampling_level=level,
+                        logit_scale=0.7, temperature=0.6, chunk_size=4, loss_type="dapo", beta=0.04,
+                        ref_logprobs=tensors["ref"], return_entropy=True, entropy_coef=0.1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_dtypes(backend, dtype, level):
