@@ -72,7 +72,7 @@ import functools
 import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Optional, Protocol, Union
+from typing import Callable, ContextManager, Iterator, NamedTuple, Optional, Protocol, Union
 
 import torch
 from torch import Tensor
@@ -133,6 +133,10 @@ class Tiles(Protocol):
         gradient of ``Σ g_logp·logp + g_H·H`` for ``(g_logp, g_H) = weights(rows, logp)``
         is returned as well. ``known``: the rows' statistics from an earlier sweep, or None.
         """
+        ...
+
+    def sweep(self, head: LinearHead) -> ContextManager[LinearHead]:
+        """The head a sweep over the chunks uses, with whatever the provider holds for the sweep's length."""
         ...
 
 
@@ -396,8 +400,7 @@ def _sweep(head: LinearHead, return_entropy: bool, *, weights: Optional[WeightsF
     n = head.hidden.shape[0]
     out = Stats(*(torch.empty(n, dtype=head.dtype, device=head.hidden.device) for _ in range(3)))
     chunks = [slice(0, n)] if grads is None and head.tiles.tileless_stats else head.chunks()
-    sweep = head.tiles.sweep if isinstance(head.tiles, RowOpTiles) else nullcontext
-    with sweep(head) as head:
+    with head.tiles.sweep(head) as head:
         for rows in chunks:
             h = head.hidden[rows].to(head.dtype)
             stats, dx = head.tiles(head, rows, h, return_entropy, weights if grads is not None else None,

@@ -72,7 +72,8 @@ are a starting point, to be tuned on a GPU.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
 import triton
@@ -453,6 +454,11 @@ class TritonTiles:
     A gradient from known statistics (a later sweep, a backward): the gradient kernel forms the tiles again."""
 
     tileless_stats = True
+
+    @contextmanager
+    def sweep(self, head: LinearHead) -> Iterator[LinearHead]:
+        """Nothing held across a sweep: the head as it is."""
+        yield head
 
     def __call__(self, head: LinearHead, rows: slice, h: Tensor, return_entropy: bool,
                  weights: Optional[WeightsFn], known: Optional[Stats]) -> tuple[Stats, Optional[Tensor]]:
