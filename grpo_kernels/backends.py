@@ -215,22 +215,22 @@ def _check_device(name: str, device: torch.device) -> None:
 def implementation(backend: str, device: torch.device, op: str) -> Callable:
     """The function computing ``op`` for ``backend`` on ``device``."""
     key = (backend, device, op)
-    function = _IMPLEMENTATIONS.get(key) if backend != "auto" else None
-    if function is not None:
-        return function
+    module = _CHECKED_MODULES.get(key) if backend != "auto" else None
+    if module is not None:
+        return getattr(module, op)
     name = resolve_backend(backend, device, op)
     if not _provides(name, op):
         raise BackendUnavailableError(
             f"backend {name!r} does not implement {op} yet; backends with {op}: {available_backends(op)}"
         )
     _check_device(name, device)
-    function = getattr(_module(name), op)
-    if backend != "auto":  # a named backend on a device: fixed once installed ("auto" reads the environment)
-        _IMPLEMENTATIONS[key] = function
-    return function
+    module = _module(name)
+    if backend != "auto":  # a named backend on a device: its checks pass for good ("auto" reads the environment)
+        _CHECKED_MODULES[key] = module
+    return getattr(module, op)
 
 
-_IMPLEMENTATIONS: dict = {}
+_CHECKED_MODULES: dict = {}  # (named backend, device, op) → the backend's module, its checks passed
 
 
 def backend_function(backend: str, device: torch.device, op: str) -> Callable:
