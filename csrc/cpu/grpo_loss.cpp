@@ -186,9 +186,43 @@ loss::SeqStats<float> sequence_fast(const LossRows& in, const LossConfig& cfg, c
   return loss::sequence_stats(cfg, s, sums);
 }
 
+// The sums of forward_fast over a row, each in kSumLanes lanes (lane l: the tokens t ≡ l mod kSumLanes).
+struct ForwardSums {
+  LaneSum loss, n, kl, low, high, region, g;
+};
+
+// forward_fast's work on the tokens [c, c + kSumLanes) of block b: the per-token loss to loss_out, m · dℓ/dlogp
+// (with a shared ratio ∂ℓ/∂logp, and d c1/d logp to rg_out) to grad_out, the masked terms added to the sums'
+// lanes in place (no block buffers).
+template <Family F, bool kShared, bool kRef, bool kPlain>
+GRPO_ALWAYS_INLINE void forward_lanes(const TokenOptions& o, const TokenBlock& b, int64_t c, float* loss_out,
+                                      float* grad_out, float* rg_out, ForwardSums& sums) {
+#pragma omp simd
+  for (int64_t l = 0; l < kSumLanes; ++l) {
+    const TokenOut r = token_out<F, kShared, kRef, kPlain>(o, token(b, c + l));
+    const float m = b.mask[c + l];
+    const bool k = m != 0.0f;
+    loss_out[l] = select_bits(k, r.loss, 0.0f);  // 0 at masked tokens, by selection
+    // the gradient: at token level final; with a shared ratio ∂ℓ/∂logp, completed after the row
+    grad_out[l] = kShared ? r.dlogp : select_bits(k, m * (r.dlogp + r.dcoef * r.ratio_grad), 0.0f);
+    sums.loss.lane[l] += r.loss * m;
+    sums.n.lane[l] += m;
+    sums.kl.lane[l] += r.kl * m;
+    sums.low.lane[l] += r.low * m;
+    sums.high.lane[l] += r.high * m;
+    sums.region.lane[l] += std::max(r.low, r.high) * m;
+    if constexpr (kShared) {
+      rg_out[l] = r.ratio_grad;
+      sums.g.lane[l] += r.dcoef * m;
+    }
+  }
+}
+
 // The forward and, when grad_sums is not null, d S_i / d logp = m · dℓ/dlogp from the same evaluation of the
 // token terms (backward_fast's values for seq_grad = 1). With a shared ratio the row's d c1/d logp terms wait in
-// ratio_grad until Σ_t m ∂ℓ_t/∂c1 is known at its end.
+// ratio_grad until Σ_t m ∂ℓ_t/∂c1 is known at its end. The tokens go kSumLanes at a time straight into the
+// outputs and the sums' lanes; a last group of fewer tokens goes through buffers padded with masked tokens
+// (which add 0 to every lane).
 template <Family F, bool kShared, bool kRef, bool kPlain>
 void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t len, float* per_token_loss,
                   float* partials, float* grad_sums) {
@@ -196,58 +230,51 @@ void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t 
   at::parallel_for(0, B, sequence_grain(len), [&](int64_t begin, int64_t end) {
     TokenOptions o = base;
     TokenBlock b;
-    float loss_m[kTokenBlock], kl_m[kTokenBlock], low_m[kTokenBlock], high_m[kTokenBlock], region_m[kTokenBlock];
-    float d_m[kTokenBlock], g_m[kTokenBlock], rg[kTokenBlock];
+    // the destinations of a padded last group, and of the gradient when it is not asked for
+    float loss_pad[kSumLanes], grad_pad[kSumLanes], rg_pad[kSumLanes], grad_unused[kSumLanes];
     std::vector<float> ratio_grad(kShared && grad_sums != nullptr ? len : 0);
     for (int64_t i = begin; i < end; ++i) {
       const std::pair<int64_t, int64_t> span = in.span(i, len);  // the tokens outside are masked: 0 out
-      zero_outside(per_token_loss + i * len, span, len);
-      if (grad_sums != nullptr) zero_outside(grad_sums + i * len, span, len);
+      float* loss_row = per_token_loss + i * len;
+      float* grad_row = grad_sums != nullptr ? grad_sums + i * len : nullptr;
+      zero_outside(loss_row, span, len);
+      if (grad_row != nullptr) zero_outside(grad_row, span, len);
       const loss::SeqStats<float> seq =
           cfg.seq_pass ? sequence_fast<F>(in, cfg, o, i, span, b) : loss::SeqStats<float>{};
       set_sequence(o, cfg, seq);
-      LaneSum sum_loss, n, sum_kl, low, high, region, sum_g;
+      ForwardSums sums;
       for (int64_t t0 = span.first; t0 < span.second; t0 += kTokenBlock) {
         const int64_t count = std::min(kTokenBlock, span.second - t0);
+        const int64_t full = count / kSumLanes * kSumLanes;
         in.read(i, t0, count, b);
-        float* out = per_token_loss + i * len + t0;
-#pragma omp simd
-        for (int64_t t = 0; t < count; ++t) {
-          const TokenOut r = token_out<F, kShared, kRef, kPlain>(o, token(b, t));
-          const float m = b.mask[t];
-          out[t] = select_bits(m != 0.0f, r.loss, 0.0f);  // 0 at masked tokens, by selection
-          loss_m[t] = r.loss * m;
-          kl_m[t] = r.kl * m;
-          low_m[t] = r.low * m;
-          high_m[t] = r.high * m;
-          region_m[t] = std::max(r.low, r.high) * m;
-          // the gradient: at token level final; with a shared ratio ∂ℓ/∂logp, completed after the row
-          d_m[t] = kShared ? r.dlogp : select_bits(m != 0.0f, m * (r.dlogp + r.dcoef * r.ratio_grad), 0.0f);
-          g_m[t] = r.dcoef * m;
-          rg[t] = r.ratio_grad;
+        for (int64_t c = 0; c < full; c += kSumLanes) {
+          const int64_t t = t0 + c;
+          forward_lanes<F, kShared, kRef, kPlain>(o, b, c, loss_row + t,
+                                                  grad_row != nullptr ? grad_row + t : grad_unused,
+                                                  kShared && grad_row != nullptr ? ratio_grad.data() + t : rg_pad,
+                                                  sums);
         }
-        sum_loss.add(loss_m, count);
-        n.add(b.mask, count);
-        sum_kl.add(kl_m, count);
-        low.add(low_m, count);
-        high.add(high_m, count);
-        region.add(region_m, count);
-        if (grad_sums != nullptr) {
-          std::memcpy(grad_sums + i * len + t0, d_m, count * sizeof(float));
-          if (kShared) {
-            std::memcpy(ratio_grad.data() + t0, rg, count * sizeof(float));
-            sum_g.add(g_m, count);
+        if (full < count) {  // the row's last tokens
+          const int64_t rest = count - full;
+          b.pad(full, rest);
+          forward_lanes<F, kShared, kRef, kPlain>(o, b, full, loss_pad, grad_pad, rg_pad, sums);
+          const int64_t t = t0 + full;
+          std::memcpy(loss_row + t, loss_pad, rest * sizeof(float));
+          if (grad_row != nullptr) {
+            std::memcpy(grad_row + t, grad_pad, rest * sizeof(float));
+            if (kShared) std::memcpy(ratio_grad.data() + t, rg_pad, rest * sizeof(float));
           }
         }
       }
-      float values[kNumPartials] = {sum_loss.total(), n.total(), sum_kl.total(), low.total(), high.total(),
-                                    region.total(), seq.log_ratio, seq.adv, seq.is_weight, seq.kl};
-      if (kShared && grad_sums != nullptr) {  // m · (∂ℓ/∂logp + G_i c1 / denominator · ratio_grad)
-        const float seq_term = loss::shared_ratio_term(cfg, sum_g.total(), seq.log_ratio, values[1]);
+      float values[kNumPartials] = {sums.loss.total(), sums.n.total(), sums.kl.total(), sums.low.total(),
+                                    sums.high.total(), sums.region.total(), seq.log_ratio, seq.adv,
+                                    seq.is_weight, seq.kl};
+      if (kShared && grad_row != nullptr) {  // m · (∂ℓ/∂logp + G_i c1 / denominator · ratio_grad)
+        const float seq_term = loss::shared_ratio_term(cfg, sums.g.total(), seq.log_ratio, values[1]);
         for (int64_t t0 = span.first; t0 < span.second; t0 += kTokenBlock) {
           const int64_t count = std::min(kTokenBlock, span.second - t0);
           in.mask.read(i, t0, count, b.mask);
-          float* g = grad_sums + i * len + t0;
+          float* g = grad_row + t0;
           const float* rgt = ratio_grad.data() + t0;
 #pragma omp simd
           for (int64_t t = 0; t < count; ++t) {

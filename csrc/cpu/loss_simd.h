@@ -45,9 +45,15 @@ GRPO_ALWAYS_INLINE float flag(bool c) { return select_bits(c, 1.0f, 0.0f); }
 
 // e^x for any float x, within 2 ulp: e^r 2^n as exp_nonpositive (exp_parts, exp_poly.h), 2^n applied as two
 // exact power-of-two factors so that results overflow to +inf above ~88.72 and underflow through the
-// subnormals to 0 below ~-103; NaN stays NaN (std::max / std::min keep their first argument).
+// subnormals to 0 below ~-103. The argument is clamped below at -104 (e^x rounds to 0 there) and n above at 129
+// (e^x overflows from n = 128 on; past it r = x - n ln 2 only grows, and so does the result); NaN stays NaN
+// (r is NaN, whatever n). The clamps are a select on the bits and an integer min (of t > 0, or NaN), where
+// gcc 12 turns a float clamp into about ten mask operations per vector.
 GRPO_ALWAYS_INLINE float exp_any(float x) {
-  const ExpParts e = exp_parts(std::min(std::max(x, -104.0f), 89.0f));
+  constexpr int32_t kMaxShiftedN = static_cast<int32_t>(kRoundShifterBits) + 129;  // t's bits for n = 129
+  const float x_low = select_bits(x < -104.0f, -104.0f, x);
+  const int32_t t_bits = static_cast<int32_t>(float_bits(exp_shifted_n(x_low)));
+  const ExpParts e = exp_parts(x_low, bits_float(static_cast<uint32_t>(std::min(t_bits, kMaxShiftedN))));
   const int32_t ni = static_cast<int32_t>(e.t_bits - kRoundShifterBits);  // n
   const int32_t n1 = ni >> 1, n2 = ni - n1;                                // each in [-75, 65]
   const float s1 = bits_float(static_cast<uint32_t>(n1 + 127) << 23);
@@ -234,12 +240,13 @@ class RowReader {
         for (int64_t t = 0; t < n; ++t) x[t] = p[t * stride_t_];
       }
     } else if (bools_ != nullptr) {
-      const bool* p = bools_ + off;
+      // the bytes compared with 0 (gcc 12 leaves a loop over bool values scalar)
+      const uint8_t* p = reinterpret_cast<const uint8_t*>(bools_ + off);
       if (stride_t_ == 1) {
 #pragma omp simd
-        for (int64_t t = 0; t < n; ++t) x[t] = flag(p[t]);
+        for (int64_t t = 0; t < n; ++t) x[t] = static_cast<float>(p[t] != 0);
       } else {
-        for (int64_t t = 0; t < n; ++t) x[t] = flag(p[t * stride_t_]);
+        for (int64_t t = 0; t < n; ++t) x[t] = static_cast<float>(p[t * stride_t_] != 0);
       }
     } else {
       std::fill(x, x + n, absent_);
@@ -251,10 +258,12 @@ class RowReader {
   std::pair<int64_t, int64_t> nonzero_span(int64_t i, int64_t len) const {
     int64_t begin = 0, end = len;
     if (stride_t_ != 1) return {begin, end};
-    if (bools_ != nullptr) {
-      const bool* p = bools_ + i * stride_b_;
-      while (end > 0 && !p[end - 1]) --end;
-      while (begin < end && !p[begin]) ++begin;
+    if (bools_ != nullptr) {  // 8 bytes at a time (a row's padding may be long), then byte by byte
+      const uint8_t* p = reinterpret_cast<const uint8_t*>(bools_ + i * stride_b_);
+      while (end >= 8 && load_u64(p + end - 8) == 0) end -= 8;
+      while (end > 0 && p[end - 1] == 0) --end;
+      while (begin + 8 <= end && load_u64(p + begin) == 0) begin += 8;
+      while (begin < end && p[begin] == 0) ++begin;
     } else if (floats_ != nullptr) {
       const float* p = floats_ + i * stride_b_;
       while (end > 0 && p[end - 1] == 0.0f) --end;
@@ -271,6 +280,12 @@ class RowReader {
   }
 
  private:
+  static uint64_t load_u64(const uint8_t* p) {
+    uint64_t v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+
   const float* floats_ = nullptr;
   const bool* bools_ = nullptr;
   int64_t stride_b_ = 0, stride_t_ = 0;
@@ -284,6 +299,24 @@ struct TokenBlock {
   const float *logp, *old, *adv, *ref, *iw;
   float logp_buf[kTokenBlock], old_buf[kTokenBlock], adv_buf[kTokenBlock], ref_buf[kTokenBlock],
       iw_buf[kTokenBlock];
+
+  // Makes the tokens [c, c + kSumLanes) readable when only n < kSumLanes of them are (a row's last tokens, c +
+  // kSumLanes <= kTokenBlock): the inputs in the buffers, the tokens past n masked.
+  void pad(int64_t c, int64_t n) {
+    std::fill(mask + c + n, mask + c + kSumLanes, 0.0f);
+    pad_input(logp, logp_buf, c, n);
+    pad_input(old, old_buf, c, n);
+    pad_input(adv, adv_buf, c, n);
+    pad_input(ref, ref_buf, c, n);
+    pad_input(iw, iw_buf, c, n);
+  }
+
+ private:
+  static void pad_input(const float*& x, float* buf, int64_t c, int64_t n) {
+    if (x != buf) std::copy(x + c, x + c + n, buf + c);
+    std::fill(buf + c + n, buf + c + kSumLanes, 0.0f);
+    x = buf;
+  }
 };
 
 GRPO_ALWAYS_INLINE TokenIn token(const TokenBlock& b, int64_t t) {
