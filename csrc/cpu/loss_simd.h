@@ -211,6 +211,12 @@ struct LaneSum {
   }
 };
 
+// What a block buffer holds from a read of one value (RowReader::view): its bits in [0, count).
+struct BufferFill {
+  uint32_t bits = 0;
+  int64_t count = 0;  // 0: nothing known
+};
+
 // A [B, T] input of the loss read row by row: float32 (any strides, a broadcast row has stride 0), or the
 // mask as bool. Absent: reads `absent`.
 class RowReader {
@@ -272,9 +278,19 @@ class RowReader {
     return {begin / kSumLanes * kSumLanes, end};
   }
 
-  // Row i, tokens [t0, t0 + n): in place when contiguous float32, else read into buf.
-  const float* view(int64_t i, int64_t t0, int64_t n, float* buf) const {
+  // Row i, tokens [t0, t0 + n): in place when contiguous float32, else read into buf. One value for the whole
+  // row (a broadcast row, or absent) is not written again where buf already holds it (fill: what buf holds).
+  const float* view(int64_t i, int64_t t0, int64_t n, float* buf, BufferFill& fill) const {
     if (floats_ != nullptr && stride_t_ == 1) return floats_ + i * stride_b_ + t0;
+    if (bools_ == nullptr && (floats_ == nullptr || stride_t_ == 0)) {
+      const uint32_t bits = float_bits(floats_ != nullptr ? floats_[i * stride_b_] : absent_);
+      if (fill.count < n || fill.bits != bits) {
+        std::fill(buf, buf + n, bits_float(bits));
+        fill = BufferFill{bits, n};
+      }
+      return buf;
+    }
+    fill.count = 0;
     read(i, t0, n, buf);
     return buf;
   }
@@ -299,23 +315,25 @@ struct TokenBlock {
   const float *logp, *old, *adv, *ref, *iw;
   float logp_buf[kTokenBlock], old_buf[kTokenBlock], adv_buf[kTokenBlock], ref_buf[kTokenBlock],
       iw_buf[kTokenBlock];
+  BufferFill logp_fill, old_fill, adv_fill, ref_fill, iw_fill;
 
   // Makes the tokens [c, c + kSumLanes) readable when only n < kSumLanes of them are (a row's last tokens, c +
   // kSumLanes <= kTokenBlock): the inputs in the buffers, the tokens past n masked.
   void pad(int64_t c, int64_t n) {
     std::fill(mask + c + n, mask + c + kSumLanes, 0.0f);
-    pad_input(logp, logp_buf, c, n);
-    pad_input(old, old_buf, c, n);
-    pad_input(adv, adv_buf, c, n);
-    pad_input(ref, ref_buf, c, n);
-    pad_input(iw, iw_buf, c, n);
+    pad_input(logp, logp_buf, logp_fill, c, n);
+    pad_input(old, old_buf, old_fill, c, n);
+    pad_input(adv, adv_buf, adv_fill, c, n);
+    pad_input(ref, ref_buf, ref_fill, c, n);
+    pad_input(iw, iw_buf, iw_fill, c, n);
   }
 
  private:
-  static void pad_input(const float*& x, float* buf, int64_t c, int64_t n) {
+  static void pad_input(const float*& x, float* buf, BufferFill& fill, int64_t c, int64_t n) {
     if (x != buf) std::copy(x + c, x + c + n, buf + c);
     std::fill(buf + c + n, buf + c + kSumLanes, 0.0f);
     x = buf;
+    fill.count = 0;
   }
 };
 
@@ -343,11 +361,11 @@ struct LossRows {
 
   void read(int64_t i, int64_t t0, int64_t n, TokenBlock& b) const {
     mask.read(i, t0, n, b.mask);
-    b.logp = logp.view(i, t0, n, b.logp_buf);
-    b.old = has_old ? old.view(i, t0, n, b.old_buf) : b.logp;  // absent: logp (ratio 1)
-    b.adv = adv.view(i, t0, n, b.adv_buf);
-    b.ref = ref.view(i, t0, n, b.ref_buf);
-    b.iw = iw.view(i, t0, n, b.iw_buf);
+    b.logp = logp.view(i, t0, n, b.logp_buf, b.logp_fill);
+    b.old = has_old ? old.view(i, t0, n, b.old_buf, b.old_fill) : b.logp;  // absent: logp (ratio 1)
+    b.adv = adv.view(i, t0, n, b.adv_buf, b.adv_fill);
+    b.ref = ref.view(i, t0, n, b.ref_buf, b.ref_fill);
+    b.iw = iw.view(i, t0, n, b.iw_buf, b.iw_fill);
   }
 };
 
