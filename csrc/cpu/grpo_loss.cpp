@@ -93,12 +93,19 @@ void backward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, const a
 }
 
 // The vectorized kernels (float32, configurations of supported_fast): the family, the shared ratio, the KL's
-// presence and plain() as template parameters, chosen once per call.
+// presence and the options fixed as constants (Fixed; kBare only for a token-level ratio, to bound the number of
+// instances) as template parameters, chosen once per call.
 template <typename Fn>
-void with_token_kind(const LossConfig& cfg, bool has_ref, Fn&& fn) {
+void with_token_kind(const LossConfig& cfg, bool has_ref, bool has_iw, Fn&& fn) {
+  using General = std::integral_constant<Fixed, Fixed::kGeneral>;
+  using Plain = std::integral_constant<Fixed, Fixed::kPlain>;
+  using Bare = std::integral_constant<Fixed, Fixed::kBare>;
   auto with_plain = [&](auto family, auto shared, auto ref) {
-    if (plain(cfg)) fn(family, shared, ref, std::true_type{});
-    else fn(family, shared, ref, std::false_type{});
+    if constexpr (!decltype(shared)::value) {
+      if (bare(cfg, has_ref, has_iw)) return fn(family, shared, ref, Bare{});
+    }
+    if (plain(cfg)) fn(family, shared, ref, Plain{});
+    else fn(family, shared, ref, General{});
   };
   auto with_ref = [&](auto family, auto shared) {
     if (has_ref) with_plain(family, shared, std::true_type{});
@@ -194,12 +201,12 @@ struct ForwardSums {
 // forward_fast's work on the tokens [c, c + kSumLanes) of block b: the per-token loss to loss_out, m · dℓ/dlogp
 // (with a shared ratio ∂ℓ/∂logp, and d c1/d logp to rg_out) to grad_out, the masked terms added to the sums'
 // lanes in place (no block buffers).
-template <Family F, bool kShared, bool kRef, bool kPlain>
+template <Family F, bool kShared, bool kRef, Fixed kFixed>
 GRPO_ALWAYS_INLINE void forward_lanes(const TokenOptions& o, const TokenBlock& b, int64_t c, float* loss_out,
                                       float* grad_out, float* rg_out, ForwardSums& sums) {
 #pragma omp simd
   for (int64_t l = 0; l < kSumLanes; ++l) {
-    const TokenOut r = token_out<F, kShared, kRef, kPlain>(o, token(b, c + l));
+    const TokenOut r = token_out<F, kShared, kRef, kFixed>(o, token(b, c + l));
     const float m = b.mask[c + l];
     const bool k = m != 0.0f;
     loss_out[l] = select_bits(k, r.loss, 0.0f);  // 0 at masked tokens, by selection
@@ -223,7 +230,7 @@ GRPO_ALWAYS_INLINE void forward_lanes(const TokenOptions& o, const TokenBlock& b
 // ratio_grad until Σ_t m ∂ℓ_t/∂c1 is known at its end. The tokens go kSumLanes at a time straight into the
 // outputs and the sums' lanes; a last group of fewer tokens goes through buffers padded with masked tokens
 // (which add 0 to every lane).
-template <Family F, bool kShared, bool kRef, bool kPlain>
+template <Family F, bool kShared, bool kRef, Fixed kFixed>
 void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t len, float* per_token_loss,
                   float* partials, float* grad_sums) {
   const TokenOptions base = token_options(cfg);
@@ -249,7 +256,7 @@ void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t 
         in.read(i, t0, count, b);
         for (int64_t c = 0; c < full; c += kSumLanes) {
           const int64_t t = t0 + c;
-          forward_lanes<F, kShared, kRef, kPlain>(o, b, c, loss_row + t,
+          forward_lanes<F, kShared, kRef, kFixed>(o, b, c, loss_row + t,
                                                   grad_row != nullptr ? grad_row + t : grad_unused,
                                                   kShared && grad_row != nullptr ? ratio_grad.data() + t : rg_pad,
                                                   sums);
@@ -257,7 +264,7 @@ void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t 
         if (full < count) {  // the row's last tokens
           const int64_t rest = count - full;
           b.pad(full, rest);
-          forward_lanes<F, kShared, kRef, kPlain>(o, b, full, loss_pad, grad_pad, rg_pad, sums);
+          forward_lanes<F, kShared, kRef, kFixed>(o, b, full, loss_pad, grad_pad, rg_pad, sums);
           const int64_t t = t0 + full;
           std::memcpy(loss_row + t, loss_pad, rest * sizeof(float));
           if (grad_row != nullptr) {
@@ -297,7 +304,7 @@ void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t 
   });
 }
 
-template <Family F, bool kShared, bool kRef, bool kPlain>
+template <Family F, bool kShared, bool kRef, Fixed kFixed>
 void backward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t len, const float* partials,
                    const float* seq_grad, float* grad_logp) {
   const TokenOptions base = token_options(cfg);
@@ -318,7 +325,7 @@ void backward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t
           in.read(i, t0, count, b);
 #pragma omp simd
           for (int64_t t = 0; t < count; ++t) {
-            g[t] = token_out<F, kShared, kRef, kPlain>(o, token(b, t)).dcoef *
+            g[t] = token_out<F, kShared, kRef, kFixed>(o, token(b, t)).dcoef *
                    b.mask[t];
           }
           sum_g.add(g, count);
@@ -332,7 +339,7 @@ void backward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t
         float* out = grad_logp + i * len + t0;
 #pragma omp simd
         for (int64_t t = 0; t < count; ++t) {
-          const TokenOut r = token_out<F, kShared, kRef, kPlain>(o, token(b, t));
+          const TokenOut r = token_out<F, kShared, kRef, kFixed>(o, token(b, t));
           const float m = b.mask[t];
           const float d = r.dlogp + (kShared ? seq_term : r.dcoef) * r.ratio_grad;
           out[t] = select_bits(m != 0.0f, w * (m * d), 0.0f);
@@ -369,8 +376,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grpo_loss_fwd_grad(
   const at::Tensor mask_k = kernel_mask(mask, logp.scalar_type(), fast);
   if (fast) {
     const LossRows rows(logp, old_logp, ref_logp, adv, mask_k, iw);
-    with_token_kind(cfg, ref_logp.has_value(), [&](auto family, auto shared, auto ref, auto plain) {
-      forward_fast<decltype(family)::value, decltype(shared)::value, decltype(ref)::value, decltype(plain)::value>(
+    with_token_kind(cfg, ref_logp.has_value(), iw.has_value(), [&](auto family, auto shared, auto ref, auto fixed) {
+      forward_fast<decltype(family)::value, decltype(shared)::value, decltype(ref)::value, decltype(fixed)::value>(
           rows, cfg, B, T, per_token_loss.data_ptr<float>(), partials.data_ptr<float>(),
           compute_grad ? grad_sums.data_ptr<float>() : nullptr);
     });
@@ -417,8 +424,8 @@ at::Tensor grpo_loss_bwd(const at::Tensor& logp, const c10::optional<at::Tensor>
   const at::Tensor mask_k = kernel_mask(mask, logp.scalar_type(), fast);
   if (fast) {
     const LossRows rows(logp, old_logp, ref_logp, adv, mask_k, iw);
-    with_token_kind(cfg, ref_logp.has_value(), [&](auto family, auto shared, auto ref, auto plain) {
-      backward_fast<decltype(family)::value, decltype(shared)::value, decltype(ref)::value, decltype(plain)::value>(
+    with_token_kind(cfg, ref_logp.has_value(), iw.has_value(), [&](auto family, auto shared, auto ref, auto fixed) {
+      backward_fast<decltype(family)::value, decltype(shared)::value, decltype(ref)::value, decltype(fixed)::value>(
           rows, cfg, B, T, partials_c.const_data_ptr<float>(), seq_grad_c.const_data_ptr<float>(),
           grad_logp.data_ptr<float>());
     });

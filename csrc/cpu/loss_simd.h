@@ -75,6 +75,11 @@ struct TokenOptions {
   float shared_coef = 1.0f, seq_adv = 0.0f, phi_nonneg = 0.0f, phi_neg = 0.0f;
 };
 
+// The options that token_out takes as constants, the others each a select on its flag: kGeneral none; kPlain no
+// log-ratio clamp, delta, dual clip or bias-corrected KL, and the k3 estimator (plain()); kBare also no importance
+// weights, and the KL, when given, added to the loss (bare()).
+enum class Fixed { kGeneral, kPlain, kBare };
+
 // One token's inputs (neutral at a masked token) and terms.
 struct TokenIn {
   float logp, old, adv, mask, ref, iw;
@@ -85,14 +90,15 @@ struct TokenOut {
 };
 
 // loss::token_terms for one token of a sequence without rollout ratios, off-policy mask, or token importance
-// weights folded into a sequence weight (supported_fast); iw multiplies the policy term (1 when absent).
-template <Family F, bool kShared, bool kRef, bool kPlain>
+// weights folded into a sequence weight (supported_fast); iw multiplies the policy term (1 when absent; not
+// read with Fixed::kBare).
+template <Family F, bool kShared, bool kRef, Fixed kFixed>
 GRPO_ALWAYS_INLINE TokenOut token_out(const TokenOptions& o, const TokenIn& in) {
   const float logp = in.logp, old = in.old, adv = in.adv, ref = in.ref, iw = in.iw;
   const LossScalars<float>& s = o.s;
-  // kPlain: none of the log-ratio clamp, delta, dual clip, bias-corrected KL, and the k3 estimator (constants)
+  constexpr bool kPlain = kFixed != Fixed::kGeneral, kBare = kFixed == Fixed::kBare;
   const bool has_log_clamp = !kPlain && o.has_log_clamp, has_delta = !kPlain && o.has_delta;
-  const bool has_clip_c = !kPlain && o.has_clip_c, bias_kl = !kPlain && o.bias_kl;
+  const bool has_clip_c = !kPlain && o.has_clip_c, bias_kl = !kPlain && o.bias_kl, add_kl = kBare || o.add_kl;
   const KlEstimator kl_estimator = kPlain ? KlEstimator::kK3 : o.kl_estimator;
   float r = logp - old;
   const float dr = select_bits((!has_log_clamp) | ((r >= -s.log_clamp) & (r <= s.log_clamp)), 1.0f, 0.0f);
@@ -150,7 +156,7 @@ GRPO_ALWAYS_INLINE TokenOut token_out(const TokenOptions& o, const TokenIn& in) 
     high = flag((coef_1d > s.hi) & (adv > 0.0f));
   }
   const float ratio_grad = kShared ? dr * dg : coef_1 * dr;
-  if constexpr (!folds_importance_weights(F)) {
+  if constexpr (!folds_importance_weights(F) && !kBare) {
     loss *= iw;
     dcoef *= iw;
     dlogp *= iw;
@@ -167,20 +173,25 @@ GRPO_ALWAYS_INLINE TokenOut token_out(const TokenOptions& o, const TokenIn& in) 
     const bool k1 = kl_estimator == KlEstimator::kK1, k2 = kl_estimator == KlEstimator::kK2;
     float kl = select_bits(k1, -d, select_bits(k2, 0.5f * d * d, select_bits(low_var, kl_low_var, v)));
     float dkl = select_bits(k1, 1.0f, select_bits(k2, -d, select_bits(low_var, dkl_low_var, 1.0f - e)));
-    dcoef = select_bits(bias_kl & o.add_kl, dcoef + s.beta * kl, dcoef);
+    dcoef = select_bits(bias_kl & add_kl, dcoef + s.beta * kl, dcoef);
     kl = select_bits(bias_kl, kl * coef_1, kl);
     dkl = select_bits(bias_kl, dkl * coef_1, dkl);
     kl_out = kl;
-    loss = select_bits(o.add_kl, loss + s.beta * kl, loss);
-    dlogp = select_bits(o.add_kl, dlogp + s.beta * dkl, dlogp);
+    loss = select_bits(add_kl, loss + s.beta * kl, loss);
+    dlogp = select_bits(add_kl, dlogp + s.beta * dkl, dlogp);
   }
   return TokenOut{loss, kl_out, low, high, dcoef, dlogp, ratio_grad};
 }
 
-// Whether token_out<..., kPlain = true> computes cfg's terms.
+// Whether token_out<..., Fixed::kPlain> computes cfg's terms.
 inline bool plain(const LossConfig& cfg) {
   return !cfg.has_log_clamp && !cfg.has_delta && !cfg.has_clip_c && !cfg.bias_kl &&
          cfg.kl_estimator == KlEstimator::kK3;
+}
+
+// Whether token_out<..., Fixed::kBare> computes cfg's terms, with ref log-probs and importance weights given or not.
+inline bool bare(const LossConfig& cfg, bool has_ref, bool has_iw) {
+  return plain(cfg) && !has_iw && (!has_ref || cfg.add_kl);
 }
 
 // Whether token_out covers cfg (else the kernels take loss_terms.h token by token).
