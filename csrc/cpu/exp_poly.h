@@ -47,9 +47,12 @@ struct ExpParts {
   uint32_t t_bits;  // the bits of t = kRoundShifter + n
 };
 
+// t = x / ln 2 + kRoundShifter, n = round(x / ln 2) in its low mantissa bits.
+GRPO_ALWAYS_INLINE float exp_shifted_n(float x) { return madd(x, 1.44269504088896341f, kRoundShifter); }
+
+// exp_parts for t = exp_shifted_n(x) or a clamped value of it (r = x - n ln 2 then follows that n).
 template <Ln2Split kSplit = Ln2Split::kHiLo>
-GRPO_ALWAYS_INLINE ExpParts exp_parts(float x) {
-  const float t = madd(x, 1.44269504088896341f, kRoundShifter);
+GRPO_ALWAYS_INLINE ExpParts exp_parts(float x, float t) {
   const float n = t - kRoundShifter;
   const float r = kSplit == Ln2Split::kHiLo ? madd(n, 2.12194440e-4f, madd(n, -0.693359375f, x))
                                             : madd(n, -0.693147182464599609375f, x);
@@ -62,6 +65,11 @@ GRPO_ALWAYS_INLINE ExpParts exp_parts(float x) {
   uint32_t t_bits;
   std::memcpy(&t_bits, &t, sizeof(t));
   return {p, t_bits};
+}
+
+template <Ln2Split kSplit = Ln2Split::kHiLo>
+GRPO_ALWAYS_INLINE ExpParts exp_parts(float x) {
+  return exp_parts<kSplit>(x, exp_shifted_n(x));
 }
 
 }  // namespace grpo_kernels::cpu::GRPO_CPU_COPY

@@ -93,12 +93,19 @@ void backward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, const a
 }
 
 // The vectorized kernels (float32, configurations of supported_fast): the family, the shared ratio, the KL's
-// presence and plain() as template parameters, chosen once per call.
+// presence and the options fixed as constants (Fixed; kBare only for a token-level ratio, to bound the number of
+// instances) as template parameters, chosen once per call.
 template <typename Fn>
-void with_token_kind(const LossConfig& cfg, bool has_ref, Fn&& fn) {
+void with_token_kind(const LossConfig& cfg, bool has_ref, bool has_iw, Fn&& fn) {
+  using General = std::integral_constant<Fixed, Fixed::kGeneral>;
+  using Plain = std::integral_constant<Fixed, Fixed::kPlain>;
+  using Bare = std::integral_constant<Fixed, Fixed::kBare>;
   auto with_plain = [&](auto family, auto shared, auto ref) {
-    if (plain(cfg)) fn(family, shared, ref, std::true_type{});
-    else fn(family, shared, ref, std::false_type{});
+    if constexpr (!decltype(shared)::value) {
+      if (bare(cfg, has_ref, has_iw)) return fn(family, shared, ref, Bare{});
+    }
+    if (plain(cfg)) fn(family, shared, ref, Plain{});
+    else fn(family, shared, ref, General{});
   };
   auto with_ref = [&](auto family, auto shared) {
     if (has_ref) with_plain(family, shared, std::true_type{});
@@ -186,68 +193,95 @@ loss::SeqStats<float> sequence_fast(const LossRows& in, const LossConfig& cfg, c
   return loss::sequence_stats(cfg, s, sums);
 }
 
+// The sums of forward_fast over a row, each in kSumLanes lanes (lane l: the tokens t ≡ l mod kSumLanes).
+struct ForwardSums {
+  LaneSum loss, n, kl, low, high, region, g;
+};
+
+// forward_fast's work on the tokens [c, c + kSumLanes) of block b: the per-token loss to loss_out, m · dℓ/dlogp
+// (with a shared ratio ∂ℓ/∂logp, and d c1/d logp to rg_out) to grad_out, the masked terms added to the sums'
+// lanes in place (no block buffers).
+template <Family F, bool kShared, bool kRef, Fixed kFixed>
+GRPO_ALWAYS_INLINE void forward_lanes(const TokenOptions& o, const TokenBlock& b, int64_t c, float* loss_out,
+                                      float* grad_out, float* rg_out, ForwardSums& sums) {
+#pragma omp simd
+  for (int64_t l = 0; l < kSumLanes; ++l) {
+    const TokenOut r = token_out<F, kShared, kRef, kFixed>(o, token(b, c + l));
+    const float m = b.mask[c + l];
+    const bool k = m != 0.0f;
+    loss_out[l] = select_bits(k, r.loss, 0.0f);  // 0 at masked tokens, by selection
+    // the gradient: at token level final; with a shared ratio ∂ℓ/∂logp, completed after the row
+    grad_out[l] = kShared ? r.dlogp : select_bits(k, m * (r.dlogp + r.dcoef * r.ratio_grad), 0.0f);
+    sums.loss.lane[l] += r.loss * m;
+    sums.n.lane[l] += m;
+    sums.kl.lane[l] += r.kl * m;
+    sums.low.lane[l] += r.low * m;
+    sums.high.lane[l] += r.high * m;
+    sums.region.lane[l] += std::max(r.low, r.high) * m;
+    if constexpr (kShared) {
+      rg_out[l] = r.ratio_grad;
+      sums.g.lane[l] += r.dcoef * m;
+    }
+  }
+}
+
 // The forward and, when grad_sums is not null, d S_i / d logp = m · dℓ/dlogp from the same evaluation of the
 // token terms (backward_fast's values for seq_grad = 1). With a shared ratio the row's d c1/d logp terms wait in
-// ratio_grad until Σ_t m ∂ℓ_t/∂c1 is known at its end.
-template <Family F, bool kShared, bool kRef, bool kPlain>
+// ratio_grad until Σ_t m ∂ℓ_t/∂c1 is known at its end. The tokens go kSumLanes at a time straight into the
+// outputs and the sums' lanes; a last group of fewer tokens goes through buffers padded with masked tokens
+// (which add 0 to every lane).
+template <Family F, bool kShared, bool kRef, Fixed kFixed>
 void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t len, float* per_token_loss,
                   float* partials, float* grad_sums) {
   const TokenOptions base = token_options(cfg);
   at::parallel_for(0, B, sequence_grain(len), [&](int64_t begin, int64_t end) {
     TokenOptions o = base;
     TokenBlock b;
-    float loss_m[kTokenBlock], kl_m[kTokenBlock], low_m[kTokenBlock], high_m[kTokenBlock], region_m[kTokenBlock];
-    float d_m[kTokenBlock], g_m[kTokenBlock], rg[kTokenBlock];
+    // the destinations of a padded last group, and of the gradient when it is not asked for
+    float loss_pad[kSumLanes], grad_pad[kSumLanes], rg_pad[kSumLanes], grad_unused[kSumLanes];
     std::vector<float> ratio_grad(kShared && grad_sums != nullptr ? len : 0);
     for (int64_t i = begin; i < end; ++i) {
       const std::pair<int64_t, int64_t> span = in.span(i, len);  // the tokens outside are masked: 0 out
-      zero_outside(per_token_loss + i * len, span, len);
-      if (grad_sums != nullptr) zero_outside(grad_sums + i * len, span, len);
+      float* loss_row = per_token_loss + i * len;
+      float* grad_row = grad_sums != nullptr ? grad_sums + i * len : nullptr;
+      zero_outside(loss_row, span, len);
+      if (grad_row != nullptr) zero_outside(grad_row, span, len);
       const loss::SeqStats<float> seq =
           cfg.seq_pass ? sequence_fast<F>(in, cfg, o, i, span, b) : loss::SeqStats<float>{};
       set_sequence(o, cfg, seq);
-      LaneSum sum_loss, n, sum_kl, low, high, region, sum_g;
+      ForwardSums sums;
       for (int64_t t0 = span.first; t0 < span.second; t0 += kTokenBlock) {
         const int64_t count = std::min(kTokenBlock, span.second - t0);
+        const int64_t full = count / kSumLanes * kSumLanes;
         in.read(i, t0, count, b);
-        float* out = per_token_loss + i * len + t0;
-#pragma omp simd
-        for (int64_t t = 0; t < count; ++t) {
-          const TokenOut r = token_out<F, kShared, kRef, kPlain>(o, token(b, t));
-          const float m = b.mask[t];
-          out[t] = select_bits(m != 0.0f, r.loss, 0.0f);  // 0 at masked tokens, by selection
-          loss_m[t] = r.loss * m;
-          kl_m[t] = r.kl * m;
-          low_m[t] = r.low * m;
-          high_m[t] = r.high * m;
-          region_m[t] = std::max(r.low, r.high) * m;
-          // the gradient: at token level final; with a shared ratio ∂ℓ/∂logp, completed after the row
-          d_m[t] = kShared ? r.dlogp : select_bits(m != 0.0f, m * (r.dlogp + r.dcoef * r.ratio_grad), 0.0f);
-          g_m[t] = r.dcoef * m;
-          rg[t] = r.ratio_grad;
+        for (int64_t c = 0; c < full; c += kSumLanes) {
+          const int64_t t = t0 + c;
+          forward_lanes<F, kShared, kRef, kFixed>(o, b, c, loss_row + t,
+                                                  grad_row != nullptr ? grad_row + t : grad_unused,
+                                                  kShared && grad_row != nullptr ? ratio_grad.data() + t : rg_pad,
+                                                  sums);
         }
-        sum_loss.add(loss_m, count);
-        n.add(b.mask, count);
-        sum_kl.add(kl_m, count);
-        low.add(low_m, count);
-        high.add(high_m, count);
-        region.add(region_m, count);
-        if (grad_sums != nullptr) {
-          std::memcpy(grad_sums + i * len + t0, d_m, count * sizeof(float));
-          if (kShared) {
-            std::memcpy(ratio_grad.data() + t0, rg, count * sizeof(float));
-            sum_g.add(g_m, count);
+        if (full < count) {  // the row's last tokens
+          const int64_t rest = count - full;
+          b.pad(full, rest);
+          forward_lanes<F, kShared, kRef, kFixed>(o, b, full, loss_pad, grad_pad, rg_pad, sums);
+          const int64_t t = t0 + full;
+          std::memcpy(loss_row + t, loss_pad, rest * sizeof(float));
+          if (grad_row != nullptr) {
+            std::memcpy(grad_row + t, grad_pad, rest * sizeof(float));
+            if (kShared) std::memcpy(ratio_grad.data() + t, rg_pad, rest * sizeof(float));
           }
         }
       }
-      float values[kNumPartials] = {sum_loss.total(), n.total(), sum_kl.total(), low.total(), high.total(),
-                                    region.total(), seq.log_ratio, seq.adv, seq.is_weight, seq.kl};
-      if (kShared && grad_sums != nullptr) {  // m · (∂ℓ/∂logp + G_i c1 / denominator · ratio_grad)
-        const float seq_term = loss::shared_ratio_term(cfg, sum_g.total(), seq.log_ratio, values[1]);
+      float values[kNumPartials] = {sums.loss.total(), sums.n.total(), sums.kl.total(), sums.low.total(),
+                                    sums.high.total(), sums.region.total(), seq.log_ratio, seq.adv,
+                                    seq.is_weight, seq.kl};
+      if (kShared && grad_row != nullptr) {  // m · (∂ℓ/∂logp + G_i c1 / denominator · ratio_grad)
+        const float seq_term = loss::shared_ratio_term(cfg, sums.g.total(), seq.log_ratio, values[1]);
         for (int64_t t0 = span.first; t0 < span.second; t0 += kTokenBlock) {
           const int64_t count = std::min(kTokenBlock, span.second - t0);
           in.mask.read(i, t0, count, b.mask);
-          float* g = grad_sums + i * len + t0;
+          float* g = grad_row + t0;
           const float* rgt = ratio_grad.data() + t0;
 #pragma omp simd
           for (int64_t t = 0; t < count; ++t) {
@@ -270,7 +304,7 @@ void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t 
   });
 }
 
-template <Family F, bool kShared, bool kRef, bool kPlain>
+template <Family F, bool kShared, bool kRef, Fixed kFixed>
 void backward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t len, const float* partials,
                    const float* seq_grad, float* grad_logp) {
   const TokenOptions base = token_options(cfg);
@@ -291,7 +325,7 @@ void backward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t
           in.read(i, t0, count, b);
 #pragma omp simd
           for (int64_t t = 0; t < count; ++t) {
-            g[t] = token_out<F, kShared, kRef, kPlain>(o, token(b, t)).dcoef *
+            g[t] = token_out<F, kShared, kRef, kFixed>(o, token(b, t)).dcoef *
                    b.mask[t];
           }
           sum_g.add(g, count);
@@ -305,7 +339,7 @@ void backward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t
         float* out = grad_logp + i * len + t0;
 #pragma omp simd
         for (int64_t t = 0; t < count; ++t) {
-          const TokenOut r = token_out<F, kShared, kRef, kPlain>(o, token(b, t));
+          const TokenOut r = token_out<F, kShared, kRef, kFixed>(o, token(b, t));
           const float m = b.mask[t];
           const float d = r.dlogp + (kShared ? seq_term : r.dcoef) * r.ratio_grad;
           out[t] = select_bits(m != 0.0f, w * (m * d), 0.0f);
@@ -342,8 +376,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grpo_loss_fwd_grad(
   const at::Tensor mask_k = kernel_mask(mask, logp.scalar_type(), fast);
   if (fast) {
     const LossRows rows(logp, old_logp, ref_logp, adv, mask_k, iw);
-    with_token_kind(cfg, ref_logp.has_value(), [&](auto family, auto shared, auto ref, auto plain) {
-      forward_fast<decltype(family)::value, decltype(shared)::value, decltype(ref)::value, decltype(plain)::value>(
+    with_token_kind(cfg, ref_logp.has_value(), iw.has_value(), [&](auto family, auto shared, auto ref, auto fixed) {
+      forward_fast<decltype(family)::value, decltype(shared)::value, decltype(ref)::value, decltype(fixed)::value>(
           rows, cfg, B, T, per_token_loss.data_ptr<float>(), partials.data_ptr<float>(),
           compute_grad ? grad_sums.data_ptr<float>() : nullptr);
     });
@@ -390,8 +424,8 @@ at::Tensor grpo_loss_bwd(const at::Tensor& logp, const c10::optional<at::Tensor>
   const at::Tensor mask_k = kernel_mask(mask, logp.scalar_type(), fast);
   if (fast) {
     const LossRows rows(logp, old_logp, ref_logp, adv, mask_k, iw);
-    with_token_kind(cfg, ref_logp.has_value(), [&](auto family, auto shared, auto ref, auto plain) {
-      backward_fast<decltype(family)::value, decltype(shared)::value, decltype(ref)::value, decltype(plain)::value>(
+    with_token_kind(cfg, ref_logp.has_value(), iw.has_value(), [&](auto family, auto shared, auto ref, auto fixed) {
+      backward_fast<decltype(family)::value, decltype(shared)::value, decltype(ref)::value, decltype(fixed)::value>(
           rows, cfg, B, T, partials_c.const_data_ptr<float>(), seq_grad_c.const_data_ptr<float>(),
           grad_logp.data_ptr<float>());
     });

@@ -45,9 +45,15 @@ GRPO_ALWAYS_INLINE float flag(bool c) { return select_bits(c, 1.0f, 0.0f); }
 
 // e^x for any float x, within 2 ulp: e^r 2^n as exp_nonpositive (exp_parts, exp_poly.h), 2^n applied as two
 // exact power-of-two factors so that results overflow to +inf above ~88.72 and underflow through the
-// subnormals to 0 below ~-103; NaN stays NaN (std::max / std::min keep their first argument).
+// subnormals to 0 below ~-103. The argument is clamped below at -104 (e^x rounds to 0 there) and n above at 129
+// (e^x overflows from n = 128 on; past it r = x - n ln 2 only grows, and so does the result); NaN stays NaN
+// (r is NaN, whatever n). The clamps are a select on the bits and an integer min (of t > 0, or NaN), where
+// gcc 12 turns a float clamp into about ten mask operations per vector.
 GRPO_ALWAYS_INLINE float exp_any(float x) {
-  const ExpParts e = exp_parts(std::min(std::max(x, -104.0f), 89.0f));
+  constexpr int32_t kMaxShiftedN = static_cast<int32_t>(kRoundShifterBits) + 129;  // t's bits for n = 129
+  const float x_low = select_bits(x < -104.0f, -104.0f, x);
+  const int32_t t_bits = static_cast<int32_t>(float_bits(exp_shifted_n(x_low)));
+  const ExpParts e = exp_parts(x_low, bits_float(static_cast<uint32_t>(std::min(t_bits, kMaxShiftedN))));
   const int32_t ni = static_cast<int32_t>(e.t_bits - kRoundShifterBits);  // n
   const int32_t n1 = ni >> 1, n2 = ni - n1;                                // each in [-75, 65]
   const float s1 = bits_float(static_cast<uint32_t>(n1 + 127) << 23);
@@ -69,6 +75,11 @@ struct TokenOptions {
   float shared_coef = 1.0f, seq_adv = 0.0f, phi_nonneg = 0.0f, phi_neg = 0.0f;
 };
 
+// The options that token_out takes as constants, the others each a select on its flag: kGeneral none; kPlain no
+// log-ratio clamp, delta, dual clip or bias-corrected KL, and the k3 estimator (plain()); kBare also no importance
+// weights, and the KL, when given, added to the loss (bare()).
+enum class Fixed { kGeneral, kPlain, kBare };
+
 // One token's inputs (neutral at a masked token) and terms.
 struct TokenIn {
   float logp, old, adv, mask, ref, iw;
@@ -79,14 +90,15 @@ struct TokenOut {
 };
 
 // loss::token_terms for one token of a sequence without rollout ratios, off-policy mask, or token importance
-// weights folded into a sequence weight (supported_fast); iw multiplies the policy term (1 when absent).
-template <Family F, bool kShared, bool kRef, bool kPlain>
+// weights folded into a sequence weight (supported_fast); iw multiplies the policy term (1 when absent; not
+// read with Fixed::kBare).
+template <Family F, bool kShared, bool kRef, Fixed kFixed>
 GRPO_ALWAYS_INLINE TokenOut token_out(const TokenOptions& o, const TokenIn& in) {
   const float logp = in.logp, old = in.old, adv = in.adv, ref = in.ref, iw = in.iw;
   const LossScalars<float>& s = o.s;
-  // kPlain: none of the log-ratio clamp, delta, dual clip, bias-corrected KL, and the k3 estimator (constants)
+  constexpr bool kPlain = kFixed != Fixed::kGeneral, kBare = kFixed == Fixed::kBare;
   const bool has_log_clamp = !kPlain && o.has_log_clamp, has_delta = !kPlain && o.has_delta;
-  const bool has_clip_c = !kPlain && o.has_clip_c, bias_kl = !kPlain && o.bias_kl;
+  const bool has_clip_c = !kPlain && o.has_clip_c, bias_kl = !kPlain && o.bias_kl, add_kl = kBare || o.add_kl;
   const KlEstimator kl_estimator = kPlain ? KlEstimator::kK3 : o.kl_estimator;
   float r = logp - old;
   const float dr = select_bits((!has_log_clamp) | ((r >= -s.log_clamp) & (r <= s.log_clamp)), 1.0f, 0.0f);
@@ -144,7 +156,7 @@ GRPO_ALWAYS_INLINE TokenOut token_out(const TokenOptions& o, const TokenIn& in) 
     high = flag((coef_1d > s.hi) & (adv > 0.0f));
   }
   const float ratio_grad = kShared ? dr * dg : coef_1 * dr;
-  if constexpr (!folds_importance_weights(F)) {
+  if constexpr (!folds_importance_weights(F) && !kBare) {
     loss *= iw;
     dcoef *= iw;
     dlogp *= iw;
@@ -161,20 +173,25 @@ GRPO_ALWAYS_INLINE TokenOut token_out(const TokenOptions& o, const TokenIn& in) 
     const bool k1 = kl_estimator == KlEstimator::kK1, k2 = kl_estimator == KlEstimator::kK2;
     float kl = select_bits(k1, -d, select_bits(k2, 0.5f * d * d, select_bits(low_var, kl_low_var, v)));
     float dkl = select_bits(k1, 1.0f, select_bits(k2, -d, select_bits(low_var, dkl_low_var, 1.0f - e)));
-    dcoef = select_bits(bias_kl & o.add_kl, dcoef + s.beta * kl, dcoef);
+    dcoef = select_bits(bias_kl & add_kl, dcoef + s.beta * kl, dcoef);
     kl = select_bits(bias_kl, kl * coef_1, kl);
     dkl = select_bits(bias_kl, dkl * coef_1, dkl);
     kl_out = kl;
-    loss = select_bits(o.add_kl, loss + s.beta * kl, loss);
-    dlogp = select_bits(o.add_kl, dlogp + s.beta * dkl, dlogp);
+    loss = select_bits(add_kl, loss + s.beta * kl, loss);
+    dlogp = select_bits(add_kl, dlogp + s.beta * dkl, dlogp);
   }
   return TokenOut{loss, kl_out, low, high, dcoef, dlogp, ratio_grad};
 }
 
-// Whether token_out<..., kPlain = true> computes cfg's terms.
+// Whether token_out<..., Fixed::kPlain> computes cfg's terms.
 inline bool plain(const LossConfig& cfg) {
   return !cfg.has_log_clamp && !cfg.has_delta && !cfg.has_clip_c && !cfg.bias_kl &&
          cfg.kl_estimator == KlEstimator::kK3;
+}
+
+// Whether token_out<..., Fixed::kBare> computes cfg's terms, with ref log-probs and importance weights given or not.
+inline bool bare(const LossConfig& cfg, bool has_ref, bool has_iw) {
+  return plain(cfg) && !has_iw && (!has_ref || cfg.add_kl);
 }
 
 // Whether token_out covers cfg (else the kernels take loss_terms.h token by token).
@@ -203,6 +220,12 @@ struct LaneSum {
     }
     return v[0];
   }
+};
+
+// What a block buffer holds from a read of one value (RowReader::view): its bits in [0, count).
+struct BufferFill {
+  uint32_t bits = 0;
+  int64_t count = 0;  // 0: nothing known
 };
 
 // A [B, T] input of the loss read row by row: float32 (any strides, a broadcast row has stride 0), or the
@@ -234,12 +257,13 @@ class RowReader {
         for (int64_t t = 0; t < n; ++t) x[t] = p[t * stride_t_];
       }
     } else if (bools_ != nullptr) {
-      const bool* p = bools_ + off;
+      // the bytes compared with 0 (gcc 12 leaves a loop over bool values scalar)
+      const uint8_t* p = reinterpret_cast<const uint8_t*>(bools_ + off);
       if (stride_t_ == 1) {
 #pragma omp simd
-        for (int64_t t = 0; t < n; ++t) x[t] = flag(p[t]);
+        for (int64_t t = 0; t < n; ++t) x[t] = static_cast<float>(p[t] != 0);
       } else {
-        for (int64_t t = 0; t < n; ++t) x[t] = flag(p[t * stride_t_]);
+        for (int64_t t = 0; t < n; ++t) x[t] = static_cast<float>(p[t * stride_t_] != 0);
       }
     } else {
       std::fill(x, x + n, absent_);
@@ -251,10 +275,12 @@ class RowReader {
   std::pair<int64_t, int64_t> nonzero_span(int64_t i, int64_t len) const {
     int64_t begin = 0, end = len;
     if (stride_t_ != 1) return {begin, end};
-    if (bools_ != nullptr) {
-      const bool* p = bools_ + i * stride_b_;
-      while (end > 0 && !p[end - 1]) --end;
-      while (begin < end && !p[begin]) ++begin;
+    if (bools_ != nullptr) {  // 8 bytes at a time (a row's padding may be long), then byte by byte
+      const uint8_t* p = reinterpret_cast<const uint8_t*>(bools_ + i * stride_b_);
+      while (end >= 8 && load_u64(p + end - 8) == 0) end -= 8;
+      while (end > 0 && p[end - 1] == 0) --end;
+      while (begin + 8 <= end && load_u64(p + begin) == 0) begin += 8;
+      while (begin < end && p[begin] == 0) ++begin;
     } else if (floats_ != nullptr) {
       const float* p = floats_ + i * stride_b_;
       while (end > 0 && p[end - 1] == 0.0f) --end;
@@ -263,14 +289,30 @@ class RowReader {
     return {begin / kSumLanes * kSumLanes, end};
   }
 
-  // Row i, tokens [t0, t0 + n): in place when contiguous float32, else read into buf.
-  const float* view(int64_t i, int64_t t0, int64_t n, float* buf) const {
+  // Row i, tokens [t0, t0 + n): in place when contiguous float32, else read into buf. One value for the whole
+  // row (a broadcast row, or absent) is not written again where buf already holds it (fill: what buf holds).
+  const float* view(int64_t i, int64_t t0, int64_t n, float* buf, BufferFill& fill) const {
     if (floats_ != nullptr && stride_t_ == 1) return floats_ + i * stride_b_ + t0;
+    if (bools_ == nullptr && (floats_ == nullptr || stride_t_ == 0)) {
+      const uint32_t bits = float_bits(floats_ != nullptr ? floats_[i * stride_b_] : absent_);
+      if (fill.count < n || fill.bits != bits) {
+        std::fill(buf, buf + n, bits_float(bits));
+        fill = BufferFill{bits, n};
+      }
+      return buf;
+    }
+    fill.count = 0;
     read(i, t0, n, buf);
     return buf;
   }
 
  private:
+  static uint64_t load_u64(const uint8_t* p) {
+    uint64_t v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+
   const float* floats_ = nullptr;
   const bool* bools_ = nullptr;
   int64_t stride_b_ = 0, stride_t_ = 0;
@@ -284,6 +326,26 @@ struct TokenBlock {
   const float *logp, *old, *adv, *ref, *iw;
   float logp_buf[kTokenBlock], old_buf[kTokenBlock], adv_buf[kTokenBlock], ref_buf[kTokenBlock],
       iw_buf[kTokenBlock];
+  BufferFill logp_fill, old_fill, adv_fill, ref_fill, iw_fill;
+
+  // Makes the tokens [c, c + kSumLanes) readable when only n < kSumLanes of them are (a row's last tokens, c +
+  // kSumLanes <= kTokenBlock): the inputs in the buffers, the tokens past n masked.
+  void pad(int64_t c, int64_t n) {
+    std::fill(mask + c + n, mask + c + kSumLanes, 0.0f);
+    pad_input(logp, logp_buf, logp_fill, c, n);
+    pad_input(old, old_buf, old_fill, c, n);
+    pad_input(adv, adv_buf, adv_fill, c, n);
+    pad_input(ref, ref_buf, ref_fill, c, n);
+    pad_input(iw, iw_buf, iw_fill, c, n);
+  }
+
+ private:
+  static void pad_input(const float*& x, float* buf, BufferFill& fill, int64_t c, int64_t n) {
+    if (x != buf) std::copy(x + c, x + c + n, buf + c);
+    std::fill(buf + c + n, buf + c + kSumLanes, 0.0f);
+    x = buf;
+    fill.count = 0;
+  }
 };
 
 GRPO_ALWAYS_INLINE TokenIn token(const TokenBlock& b, int64_t t) {
@@ -310,11 +372,11 @@ struct LossRows {
 
   void read(int64_t i, int64_t t0, int64_t n, TokenBlock& b) const {
     mask.read(i, t0, n, b.mask);
-    b.logp = logp.view(i, t0, n, b.logp_buf);
-    b.old = has_old ? old.view(i, t0, n, b.old_buf) : b.logp;  // absent: logp (ratio 1)
-    b.adv = adv.view(i, t0, n, b.adv_buf);
-    b.ref = ref.view(i, t0, n, b.ref_buf);
-    b.iw = iw.view(i, t0, n, b.iw_buf);
+    b.logp = logp.view(i, t0, n, b.logp_buf, b.logp_fill);
+    b.old = has_old ? old.view(i, t0, n, b.old_buf, b.old_fill) : b.logp;  // absent: logp (ratio 1)
+    b.adv = adv.view(i, t0, n, b.adv_buf, b.adv_fill);
+    b.ref = ref.view(i, t0, n, b.ref_buf, b.ref_fill);
+    b.iw = iw.view(i, t0, n, b.iw_buf, b.iw_fill);
   }
 };
 
