@@ -22,7 +22,7 @@ class TimingPolicy:
     """How long to time each implementation (see :func:`benchmarks.timing.time_ms`)."""
 
     min_repeats: int = 3
-    max_repeats: int = 1000  # a sub-millisecond op gets ~1 s of calls too: a short burst of noise moves no median
+    max_repeats: int = 10000  # a sub-millisecond op gets ~1 s of calls too: a short burst of noise moves no median
     min_total_s: float = 1.0
 
 
