@@ -154,43 +154,95 @@ inline void zero_outside(float* row, std::pair<int64_t, int64_t> span, int64_t l
   std::fill(row + span.second, row + len, 0.0f);
 }
 
+// A mask value as the kernels read it: a bool mask's byte compared with 0 (as RowReader::read), a float as is.
+GRPO_ALWAYS_INLINE float mask_value(uint8_t m) { return static_cast<float>(m != 0); }
+GRPO_ALWAYS_INLINE float mask_value(float m) { return m; }
+
+// The sums of sequence_fast over a row, each in kSumLanes lanes (lane l: the tokens t ≡ l mod kSumLanes).
+struct SequenceSums {
+  LaneSum count, ratio, adv;
+};
+
+// sequence_fast's work on the n <= kSumLanes tokens of a group (mask, logp, old and, for GMPO, adv from the
+// group's first token): the masked terms added to the sums' lanes in place.
+template <Family F>
+GRPO_ALWAYS_INLINE void sequence_lanes(const TokenOptions& o, const float* mask, const float* logp, const float* old,
+                                       const float* adv, int64_t n, SequenceSums& sums) {
+  const LossScalars<float>& s = o.s;
+#pragma omp simd
+  for (int64_t l = 0; l < n; ++l) {
+    const float m = mask[l];
+    const bool k = m != 0.0f;  // neutral values at masked tokens (token())
+    float r = select_bits(k, logp[l], 0.0f) - select_bits(k, old[l], 0.0f);
+    r = select_bits(o.has_log_clamp, clampf(r, -s.log_clamp, s.log_clamp), r);
+    float x;
+    if constexpr (F == Family::kGmpo) {  // loss::gmpo_log_ratio
+      const float a_ = select_bits(k, adv[l], 0.0f);
+      const float sign = select_bits(a_ > 0.0f, 1.0f, select_bits(a_ < 0.0f, -1.0f, 0.0f));
+      x = sign * std::min(sign * r, sign * clampf(r, -s.eps_low, s.eps_high));
+      sums.adv.lane[l] += a_ * m;
+    } else if constexpr (F == Family::kVespo) {
+      x = clampf(r, float(-kVespoLogMax), float(kVespoLogMax));
+    } else {
+      x = r;
+    }
+    sums.count.lane[l] += m;
+    sums.ratio.lane[l] += x * m;
+  }
+}
+
+// sequence_lanes over the n tokens of a block, kSumLanes at a time (the last group may be shorter).
+template <Family F>
+GRPO_ALWAYS_INLINE void sequence_block(const TokenOptions& o, const float* mask, const float* logp, const float* old,
+                                       const float* adv, int64_t n, SequenceSums& sums) {
+  const int64_t full = n / kSumLanes * kSumLanes;
+  for (int64_t c = 0; c < full; c += kSumLanes) {
+    sequence_lanes<F>(o, mask + c, logp + c, old + c, F == Family::kGmpo ? adv + c : nullptr, kSumLanes, sums);
+  }
+  if (full < n) {
+    sequence_lanes<F>(o, mask + full, logp + full, old + full, F == Family::kGmpo ? adv + full : nullptr, n - full,
+                      sums);
+  }
+}
+
 // The sequence pass of sequence i (loss::add_sequence_terms without rollout ratios, off-policy mask or token
-// importance weights), its sums in fixed lanes.
+// importance weights): its sums in fixed lanes, straight from the rows (a contiguous row in place); only the
+// inputs it needs are read.
 template <Family F>
 loss::SeqStats<float> sequence_fast(const LossRows& in, const LossConfig& cfg, const TokenOptions& o, int64_t i,
                                     std::pair<int64_t, int64_t> span, TokenBlock& b) {
-  const LossScalars<float>& s = o.s;
-  LaneSum count, ratio, adv;
-  float term[kTokenBlock], adv_m[kTokenBlock];
+  SequenceSums sums;
   for (int64_t t0 = span.first; t0 < span.second; t0 += kTokenBlock) {
     const int64_t n = std::min(kTokenBlock, span.second - t0);
-    in.read(i, t0, n, b);
-#pragma omp simd
-    for (int64_t t = 0; t < n; ++t) {
-      const TokenIn x_in = token(b, t);
-      const float m = x_in.mask;
-      float r = x_in.logp - x_in.old;
-      r = select_bits(o.has_log_clamp, clampf(r, -s.log_clamp, s.log_clamp), r);
-      float x;
-      if constexpr (F == Family::kGmpo) {  // loss::gmpo_log_ratio
-        const float a_ = x_in.adv;
-        const float sign = select_bits(a_ > 0.0f, 1.0f, select_bits(a_ < 0.0f, -1.0f, 0.0f));
-        x = sign * std::min(sign * r, sign * clampf(r, -s.eps_low, s.eps_high));
-      } else if constexpr (F == Family::kVespo) {
-        x = clampf(r, float(-kVespoLogMax), float(kVespoLogMax));
-      } else {
-        x = r;
-      }
-      term[t] = x * m;
-      adv_m[t] = x_in.adv * m;
-    }
-    count.add(b.mask, n);
-    ratio.add(term, n);
-    if (F == Family::kGmpo) adv.add(adv_m, n);
+    const float* logp = in.logp.view(i, t0, n, b.logp_buf, b.logp_fill);
+    const float* old = in.has_old ? in.old.view(i, t0, n, b.old_buf, b.old_fill) : logp;  // absent: ratio 1
+    const float* adv = F == Family::kGmpo ? in.adv.view(i, t0, n, b.adv_buf, b.adv_fill) : nullptr;
+    in.mask.read(i, t0, n, b.mask);  // a bool mask as 0/1 (one vectorized loop; per group gcc 12 does not vectorize it)
+    sequence_block<F>(o, b.mask, logp, old, adv, n, sums);
   }
-  float sums[loss::kSequenceSums] = {count.total(), 0.0f, adv.total(), 0.0f, 0.0f, 0.0f};
-  if (F == Family::kGmpo || F == Family::kVespo || cfg.seq_level) sums[1] = ratio.total();
-  return loss::sequence_stats(cfg, s, sums);
+  float sums_out[loss::kSequenceSums] = {sums.count.total(), 0.0f, sums.adv.total(), 0.0f, 0.0f, 0.0f};
+  if (F == Family::kGmpo || F == Family::kVespo || cfg.seq_level) sums_out[1] = sums.ratio.total();
+  return loss::sequence_stats(cfg, o.s, sums_out);
+}
+
+// Whether token_out's ratio_grad (d c1/d logp's token factor) is 1 at every token: a shared ratio without
+// GMPO's clipped log-ratio and without the log-ratio clamp (Fixed::kPlain, kBare).
+template <Family F, bool kShared, Fixed kFixed>
+constexpr bool ratio_grad_one() {
+  return kShared && F != Family::kGmpo && kFixed != Fixed::kGeneral;
+}
+
+// The shared ratio's completion of the gradient over n tokens: g = m · (∂ℓ/∂logp + seq_term · ratio_grad), 0 at
+// masked tokens; ratio_grad 1 where kOne (not read).
+template <bool kOne, typename M>
+GRPO_ALWAYS_INLINE void complete_shared(const M* mask, const float* ratio_grad, float seq_term, int64_t n,
+                                        float* g) {
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) {
+    const float m = mask_value(mask[t]);
+    const float d = kOne ? seq_term : seq_term * ratio_grad[t];
+    g[t] = select_bits(m != 0.0f, m * (g[t] + d), 0.0f);
+  }
 }
 
 // The sums of forward_fast over a row, each in kSumLanes lanes (lane l: the tokens t ≡ l mod kSumLanes).
@@ -219,7 +271,7 @@ GRPO_ALWAYS_INLINE void forward_lanes(const TokenOptions& o, const TokenBlock& b
     sums.high.lane[l] += r.high * m;
     sums.region.lane[l] += std::max(r.low, r.high) * m;
     if constexpr (kShared) {
-      rg_out[l] = r.ratio_grad;
+      if constexpr (!ratio_grad_one<F, kShared, kFixed>()) rg_out[l] = r.ratio_grad;
       sums.g.lane[l] += r.dcoef * m;
     }
   }
@@ -233,13 +285,14 @@ GRPO_ALWAYS_INLINE void forward_lanes(const TokenOptions& o, const TokenBlock& b
 template <Family F, bool kShared, bool kRef, Fixed kFixed>
 void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t len, float* per_token_loss,
                   float* partials, float* grad_sums) {
+  constexpr bool kRatioGradOne = ratio_grad_one<F, kShared, kFixed>();
   const TokenOptions base = token_options(cfg);
   at::parallel_for(0, B, sequence_grain(len), [&](int64_t begin, int64_t end) {
     TokenOptions o = base;
     TokenBlock b;
     // the destinations of a padded last group, and of the gradient when it is not asked for
     float loss_pad[kSumLanes], grad_pad[kSumLanes], rg_pad[kSumLanes], grad_unused[kSumLanes];
-    std::vector<float> ratio_grad(kShared && grad_sums != nullptr ? len : 0);
+    std::vector<float> ratio_grad(kShared && !kRatioGradOne && grad_sums != nullptr ? len : 0);
     for (int64_t i = begin; i < end; ++i) {
       const std::pair<int64_t, int64_t> span = in.span(i, len);  // the tokens outside are masked: 0 out
       float* loss_row = per_token_loss + i * len;
@@ -258,7 +311,9 @@ void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t 
           const int64_t t = t0 + c;
           forward_lanes<F, kShared, kRef, kFixed>(o, b, c, loss_row + t,
                                                   grad_row != nullptr ? grad_row + t : grad_unused,
-                                                  kShared && grad_row != nullptr ? ratio_grad.data() + t : rg_pad,
+                                                  kShared && !kRatioGradOne && grad_row != nullptr
+                                                      ? ratio_grad.data() + t
+                                                      : rg_pad,
                                                   sums);
         }
         if (full < count) {  // the row's last tokens
@@ -269,7 +324,7 @@ void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t 
           std::memcpy(loss_row + t, loss_pad, rest * sizeof(float));
           if (grad_row != nullptr) {
             std::memcpy(grad_row + t, grad_pad, rest * sizeof(float));
-            if (kShared) std::memcpy(ratio_grad.data() + t, rg_pad, rest * sizeof(float));
+            if (kShared && !kRatioGradOne) std::memcpy(ratio_grad.data() + t, rg_pad, rest * sizeof(float));
           }
         }
       }
@@ -278,15 +333,15 @@ void forward_fast(const LossRows& in, const LossConfig& cfg, int64_t B, int64_t 
                                     seq.is_weight, seq.kl};
       if (kShared && grad_row != nullptr) {  // m · (∂ℓ/∂logp + G_i c1 / denominator · ratio_grad)
         const float seq_term = loss::shared_ratio_term(cfg, sums.g.total(), seq.log_ratio, values[1]);
-        for (int64_t t0 = span.first; t0 < span.second; t0 += kTokenBlock) {
-          const int64_t count = std::min(kTokenBlock, span.second - t0);
-          in.mask.read(i, t0, count, b.mask);
-          float* g = grad_row + t0;
-          const float* rgt = ratio_grad.data() + t0;
-#pragma omp simd
-          for (int64_t t = 0; t < count; ++t) {
-            const float m = b.mask[t];
-            g[t] = select_bits(m != 0.0f, m * (g[t] + seq_term * rgt[t]), 0.0f);
+        if (const uint8_t* bytes = in.mask.bytes(i, span.first)) {
+          complete_shared<kRatioGradOne>(bytes, kRatioGradOne ? nullptr : ratio_grad.data() + span.first, seq_term,
+                                         span.second - span.first, grad_row + span.first);
+        } else {
+          for (int64_t t0 = span.first; t0 < span.second; t0 += kTokenBlock) {
+            const int64_t count = std::min(kTokenBlock, span.second - t0);
+            in.mask.read(i, t0, count, b.mask);
+            complete_shared<kRatioGradOne>(b.mask, kRatioGradOne ? nullptr : ratio_grad.data() + t0, seq_term, count,
+                                           grad_row + t0);
           }
         }
       }

@@ -215,6 +215,7 @@ struct LaneSum {
   float total() const {
     float v[kSumLanes];
     for (int64_t l = 0; l < kSumLanes; ++l) v[l] = lane[l];
+#pragma GCC unroll 8  // each level's loop of constant length: one vector add
     for (int64_t w = kSumLanes / 2; w >= 1; w /= 2) {
       for (int64_t l = 0; l < w; ++l) v[l] += v[l + w];
     }
@@ -287,6 +288,12 @@ class RowReader {
       while (begin < end && p[begin] == 0.0f) ++begin;
     }
     return {begin / kSumLanes * kSumLanes, end};
+  }
+
+  // A contiguous bool row's bytes from token t0 of row i (read in place, each compared with 0); else null.
+  const uint8_t* bytes(int64_t i, int64_t t0) const {
+    if (bools_ == nullptr || stride_t_ != 1) return nullptr;
+    return reinterpret_cast<const uint8_t*>(bools_ + i * stride_b_ + t0);
   }
 
   // Row i, tokens [t0, t0 + n): in place when contiguous float32, else read into buf. One value for the whole
