@@ -13,13 +13,14 @@ from . import costs, limits, memory
 from .accuracy import max_errors
 from .cases import DTYPES, LOGITS_OPS, Case, make_inputs
 from .implementations import Implementation, Unsupported, reference_outputs
-from .timing import time_ms
+from .timing import Timing, time_interleaved, time_ms
 from .workload import Outputs, step
 
 
 @dataclass(frozen=True)
 class TimingPolicy:
-    """How long to time each implementation (see :func:`benchmarks.timing.time_ms`)."""
+    """How long to time each implementation (see :func:`benchmarks.timing.time_ms`; on the CPU the implementations
+    of a case are timed in alternating bursts, :func:`benchmarks.timing.time_interleaved`)."""
 
     min_repeats: int = 3
     max_repeats: int = 10000  # a sub-millisecond op gets ~1 s of calls too: a short burst of noise moves no median
@@ -128,6 +129,28 @@ def measure_case(
     expected: Optional[Outputs] = None
     reference_tried = False
     records = []
+    waiting = []  # on the CPU: (record, impl, fn, peak) of the implementations timed together at the end
+
+    def finish(record: Record, impl: Implementation, timing: Timing, peak: Optional[int]) -> None:
+        record.median_ms, record.min_ms, record.repeats = timing.median_ms, timing.min_ms, timing.repeats
+        record.gbps = record.min_bytes / timing.median_ms / 1e6
+        record.pct_copy = 100 * record.gbps * 1e9 / limits.copy_bytes_per_s(device)
+        record.floor_ms = 1e3 * floor_s
+        record.pct_roofline = 100 * record.floor_ms / timing.median_ms
+        record.peak_mem_mb = None if peak is None else peak / 2**20
+        if record.matmul_floor_ms is not None:
+            record.pct_matmul_floor = 100 * record.matmul_floor_ms / timing.median_ms
+        record.note = impl.detail(case) if impl.detail else ""
+
+    def failed(record: Record, error: Exception) -> None:
+        if isinstance(error, Unsupported):
+            record.status, record.note = "skipped", str(error)
+        elif isinstance(error, torch.OutOfMemoryError):
+            record.status, record.note = "oom", str(error).splitlines()[0]
+        else:  # a peer failing on a case is a result, not the end of the run
+            record.status, record.note = "error", f"{type(error).__name__}: {error}".splitlines()[0]
+
+    repeats = dict(min_repeats=policy.min_repeats, max_repeats=policy.max_repeats, min_total_s=policy.min_total_s)
     for impl in implementations:
         record = Record(**base, impl=impl.key, label=impl.label, status="ok")
         try:
@@ -140,25 +163,19 @@ def measure_case(
                 record.max_err, record.max_err_grad = max_errors(outputs, expected, n_forward)
             del outputs
             peak = memory.peak_bytes_above(fn, device)
-            timing = time_ms(fn, device, warmup=0, min_repeats=policy.min_repeats,
-                             max_repeats=policy.max_repeats, min_total_s=policy.min_total_s)
-        except Unsupported as reason:
-            record.status, record.note = "skipped", str(reason)
-        except torch.OutOfMemoryError as error:
-            record.status, record.note = "oom", str(error).splitlines()[0]
-        except Exception as error:  # a peer failing on a case is a result, not the end of the run
-            record.status, record.note = "error", f"{type(error).__name__}: {error}".splitlines()[0]
-        else:
-            record.median_ms, record.min_ms, record.repeats = timing.median_ms, timing.min_ms, timing.repeats
-            record.gbps = record.min_bytes / timing.median_ms / 1e6
-            record.pct_copy = 100 * record.gbps * 1e9 / limits.copy_bytes_per_s(device)
-            record.floor_ms = 1e3 * floor_s
-            record.pct_roofline = 100 * record.floor_ms / timing.median_ms
-            record.peak_mem_mb = None if peak is None else peak / 2**20
-            if record.matmul_floor_ms is not None:
-                record.pct_matmul_floor = 100 * record.matmul_floor_ms / timing.median_ms
-            record.note = impl.detail(case) if impl.detail else ""
+            if device.type == "cpu":  # a shared machine: timed in alternating bursts with the others, below
+                waiting.append((record, impl, fn, peak))
+            else:  # a GPU of its own, timed by events; one implementation's memory at a time
+                finish(record, impl, time_ms(fn, device, warmup=0, **repeats), peak)
+        except Exception as error:  # noqa: BLE001 (Unsupported, out of memory, a peer's failure: its record)
+            failed(record, error)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         records.append(record)
+    timings = time_interleaved([fn for _, _, fn, _ in waiting], device, **repeats)
+    for (record, impl, _, peak), timing in zip(waiting, timings):
+        if isinstance(timing, Exception):
+            failed(record, timing)
+        else:
+            finish(record, impl, timing, peak)
     return records

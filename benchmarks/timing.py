@@ -1,11 +1,12 @@
-"""Wall time of a function on a device: warm-up excluded, median of repeats."""
+"""Wall time of a function on a device: warm-up excluded, median of repeats; several functions timed in
+alternating bursts so that a slow spell of a shared machine falls on all of them."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -50,3 +51,38 @@ def time_ms(
     while len(samples) < max_repeats and (len(samples) < min_repeats or sum(samples) < 1e3 * min_total_s):
         samples.append(_once_ms(fn, device))
     return Timing(statistics.median(samples), min(samples), len(samples))
+
+
+def time_interleaved(
+    fns: list[Callable[[], object]], device: torch.device, *, min_repeats: int = 3, max_repeats: int = 50,
+    min_total_s: float = 1.0, burst_s: float = 0.02,
+) -> list[Union[Timing, Exception]]:
+    """Time each of ``fns`` (already warm) as :func:`time_ms` would, in rounds: each round calls each function
+    not yet done for about ``burst_s`` seconds (at least once). The ratios of the medians then come from the
+    same spells of the machine. A function that raises leaves the rounds; its entry is the exception."""
+    samples: list[list[float]] = [[] for _ in fns]
+    results: list[Optional[Union[Timing, Exception]]] = [None] * len(fns)
+
+    def done(i: int) -> bool:
+        n = len(samples[i])
+        return n >= max_repeats or (n >= min_repeats and sum(samples[i]) >= 1e3 * min_total_s)
+
+    active = list(range(len(fns)))
+    while active:
+        for i in list(active):
+            burst = 0.0
+            try:
+                while True:
+                    ms = _once_ms(fns[i], device)
+                    samples[i].append(ms)
+                    burst += ms
+                    if burst >= 1e3 * burst_s or done(i):
+                        break
+            except Exception as error:  # noqa: BLE001 (the caller records it as this implementation's result)
+                results[i] = error
+                active.remove(i)
+                continue
+            if done(i):
+                results[i] = Timing(statistics.median(samples[i]), min(samples[i]), len(samples[i]))
+                active.remove(i)
+    return results  # type: ignore[return-value]

@@ -187,3 +187,25 @@ def test_cases_past_the_reference_limit_run_without_the_float64_check(monkeypatc
     monkeypatch.setattr(measure, "REFERENCE_MAX_ELEMENTS", case.N * case.V - 1)
     (unchecked,) = measure_case(case, ours, cpu, TimingPolicy(1, 1, 0.0))
     assert checked.max_err is not None and unchecked.status == "ok" and unchecked.max_err is None
+
+
+def test_time_interleaved_alternates_and_isolates_failures():
+    """Implementations are timed in alternating bursts (a slow spell falls on each), each to its own repeats; one
+    that raises leaves the rounds with its exception and the others still finish."""
+    from benchmarks.timing import Timing, time_interleaved
+
+    calls: list[str] = []
+
+    def fn(name):
+        return lambda: calls.append(name)
+
+    def boom():
+        calls.append("boom")
+        if calls.count("boom") == 2:
+            raise RuntimeError("peer failed")
+
+    results = time_interleaved([fn("a"), boom, fn("b")], torch.device("cpu"), min_repeats=5, max_repeats=5,
+                               min_total_s=0.0, burst_s=0.0)
+    assert isinstance(results[1], RuntimeError)
+    assert all(isinstance(r, Timing) and r.repeats == 5 for r in (results[0], results[2]))
+    assert calls[:6] == ["a", "boom", "b", "a", "boom", "b"] and calls.count("a") == calls.count("b") == 5
