@@ -55,11 +55,12 @@ def time_ms(
 
 def time_interleaved(
     fns: list[Callable[[], object]], device: torch.device, *, min_repeats: int = 3, max_repeats: int = 50,
-    min_total_s: float = 1.0, burst_s: float = 0.02,
+    min_total_s: float = 1.0, burst_s: float = 0.1,
 ) -> list[Union[Timing, Exception]]:
-    """Time each of ``fns`` (already warm) as :func:`time_ms` would, in rounds: each round calls each function
-    not yet done for about ``burst_s`` seconds (at least once). The ratios of the medians then come from the
-    same spells of the machine. A function that raises leaves the rounds; its entry is the exception."""
+    """Time each of ``fns`` (already warm) as :func:`time_ms` would, in rounds: each round gives each function
+    not yet done a burst, one untimed call (the switch from another function: its allocator, cache and thread
+    states) then timed calls for about ``burst_s`` seconds (at least one). The ratios of the medians then come
+    from the same spells of the machine. A function that raises leaves the rounds; its entry is the exception."""
     samples: list[list[float]] = [[] for _ in fns]
     results: list[Optional[Union[Timing, Exception]]] = [None] * len(fns)
 
@@ -72,6 +73,7 @@ def time_interleaved(
         for i in list(active):
             burst = 0.0
             try:
+                fns[i]()
                 while True:
                     ms = _once_ms(fns[i], device)
                     samples[i].append(ms)

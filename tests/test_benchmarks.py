@@ -201,11 +201,12 @@ def test_time_interleaved_alternates_and_isolates_failures():
 
     def boom():
         calls.append("boom")
-        if calls.count("boom") == 2:
+        if calls.count("boom") == 3:
             raise RuntimeError("peer failed")
 
     results = time_interleaved([fn("a"), boom, fn("b")], torch.device("cpu"), min_repeats=5, max_repeats=5,
                                min_total_s=0.0, burst_s=0.0)
     assert isinstance(results[1], RuntimeError)
     assert all(isinstance(r, Timing) and r.repeats == 5 for r in (results[0], results[2]))
-    assert calls[:6] == ["a", "boom", "b", "a", "boom", "b"] and calls.count("a") == calls.count("b") == 5
+    # a burst: one untimed call, then (burst_s = 0) one timed call
+    assert calls[:8] == ["a", "a", "boom", "boom", "b", "b", "a", "a"] and calls.count("a") == calls.count("b") == 10
