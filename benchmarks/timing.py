@@ -47,10 +47,31 @@ def time_ms(
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    samples: list[float] = []
-    while len(samples) < max_repeats and (len(samples) < min_repeats or sum(samples) < 1e3 * min_total_s):
-        samples.append(_once_ms(fn, device))
-    return Timing(statistics.median(samples), min(samples), len(samples))
+    samples = _Samples(min_repeats, max_repeats, min_total_s)
+    while not samples.done():
+        samples.add(_once_ms(fn, device))
+    return samples.timing()
+
+
+class _Samples:
+    """The timed calls of one function and the rule that ends them: at least ``min_repeats`` calls and
+    ``min_total_s`` seconds, at most ``max_repeats`` calls (the total kept as it grows: up to 10000 calls)."""
+
+    def __init__(self, min_repeats: int, max_repeats: int, min_total_s: float):
+        self.ms: list[float] = []
+        self.total_ms = 0.0
+        self.min_repeats, self.max_repeats, self.min_total_ms = min_repeats, max_repeats, 1e3 * min_total_s
+
+    def add(self, ms: float) -> None:
+        self.ms.append(ms)
+        self.total_ms += ms
+
+    def done(self) -> bool:
+        n = len(self.ms)
+        return n >= self.max_repeats or (n >= self.min_repeats and self.total_ms >= self.min_total_ms)
+
+    def timing(self) -> Timing:
+        return Timing(statistics.median(self.ms), min(self.ms), len(self.ms))
 
 
 def time_interleaved(
@@ -61,13 +82,8 @@ def time_interleaved(
     not yet done a burst, one untimed call (the switch from another function: its allocator, cache and thread
     states) then timed calls for about ``burst_s`` seconds (at least one). The ratios of the medians then come
     from the same spells of the machine. A function that raises leaves the rounds; its entry is the exception."""
-    samples: list[list[float]] = [[] for _ in fns]
+    samples = [_Samples(min_repeats, max_repeats, min_total_s) for _ in fns]
     results: list[Optional[Union[Timing, Exception]]] = [None] * len(fns)
-
-    def done(i: int) -> bool:
-        n = len(samples[i])
-        return n >= max_repeats or (n >= min_repeats and sum(samples[i]) >= 1e3 * min_total_s)
-
     active = list(range(len(fns)))
     while active:
         for i in list(active):
@@ -76,15 +92,15 @@ def time_interleaved(
                 fns[i]()
                 while True:
                     ms = _once_ms(fns[i], device)
-                    samples[i].append(ms)
+                    samples[i].add(ms)
                     burst += ms
-                    if burst >= 1e3 * burst_s or done(i):
+                    if burst >= 1e3 * burst_s or samples[i].done():
                         break
             except Exception as error:  # noqa: BLE001 (the caller records it as this implementation's result)
                 results[i] = error
                 active.remove(i)
                 continue
-            if done(i):
-                results[i] = Timing(statistics.median(samples[i]), min(samples[i]), len(samples[i]))
+            if samples[i].done():
+                results[i] = samples[i].timing()
                 active.remove(i)
     return results  # type: ignore[return-value]
