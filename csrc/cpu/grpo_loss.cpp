@@ -154,10 +154,6 @@ inline void zero_outside(float* row, std::pair<int64_t, int64_t> span, int64_t l
   std::fill(row + span.second, row + len, 0.0f);
 }
 
-// A mask value as the kernels read it: a bool mask's byte compared with 0 (as RowReader::read), a float as is.
-GRPO_ALWAYS_INLINE float mask_value(uint8_t m) { return static_cast<float>(m != 0); }
-GRPO_ALWAYS_INLINE float mask_value(float m) { return m; }
-
 // The sums of sequence_fast over a row, each in kSumLanes lanes (lane l: the tokens t ≡ l mod kSumLanes).
 struct SequenceSums {
   LaneSum count, ratio, adv;

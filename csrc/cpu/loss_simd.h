@@ -229,6 +229,11 @@ struct BufferFill {
   int64_t count = 0;  // 0: nothing known
 };
 
+// A mask value as the kernels read it: a bool mask's byte compared with 0 (gcc 12 leaves a loop over bool values
+// scalar, not one over bytes), a float as is.
+GRPO_ALWAYS_INLINE float mask_value(uint8_t m) { return static_cast<float>(m != 0); }
+GRPO_ALWAYS_INLINE float mask_value(float m) { return m; }
+
 // A [B, T] input of the loss read row by row: float32 (any strides, a broadcast row has stride 0), or the
 // mask as bool. Absent: reads `absent`.
 class RowReader {
@@ -258,13 +263,12 @@ class RowReader {
         for (int64_t t = 0; t < n; ++t) x[t] = p[t * stride_t_];
       }
     } else if (bools_ != nullptr) {
-      // the bytes compared with 0 (gcc 12 leaves a loop over bool values scalar)
       const uint8_t* p = reinterpret_cast<const uint8_t*>(bools_ + off);
       if (stride_t_ == 1) {
 #pragma omp simd
-        for (int64_t t = 0; t < n; ++t) x[t] = static_cast<float>(p[t] != 0);
+        for (int64_t t = 0; t < n; ++t) x[t] = mask_value(p[t]);
       } else {
-        for (int64_t t = 0; t < n; ++t) x[t] = static_cast<float>(p[t * stride_t_] != 0);
+        for (int64_t t = 0; t < n; ++t) x[t] = mask_value(p[t * stride_t_]);
       }
     } else {
       std::fill(x, x + n, absent_);
