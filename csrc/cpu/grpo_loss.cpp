@@ -93,19 +93,24 @@ void backward_kernel(const LossTokens<acc_t>& in, const LossConfig& cfg, const a
 }
 
 // The vectorized kernels (float32, configurations of supported_fast): the family, the shared ratio, the KL's
-// presence and the options fixed as constants (Fixed; kBare only for a token-level ratio, to bound the number of
-// instances) as template parameters, chosen once per call.
-template <typename Fn>
+// presence and, with kSpecialize, the options fixed as constants (Fixed; kBare only for a token-level ratio) as
+// template parameters, chosen once per call. Without kSpecialize every configuration runs Fixed::kGeneral (the
+// separate backward: the fused loss's sequence level only; fewer instances to compile).
+template <bool kSpecialize, typename Fn>
 void with_token_kind(const LossConfig& cfg, bool has_ref, bool has_iw, Fn&& fn) {
   using General = std::integral_constant<Fixed, Fixed::kGeneral>;
   using Plain = std::integral_constant<Fixed, Fixed::kPlain>;
   using Bare = std::integral_constant<Fixed, Fixed::kBare>;
   auto with_plain = [&](auto family, auto shared, auto ref) {
-    if constexpr (!decltype(shared)::value) {
-      if (bare(cfg, has_ref, has_iw)) return fn(family, shared, ref, Bare{});
+    if constexpr (!kSpecialize) {
+      fn(family, shared, ref, General{});
+    } else {
+      if constexpr (!decltype(shared)::value) {
+        if (bare(cfg, has_ref, has_iw)) return fn(family, shared, ref, Bare{});
+      }
+      if (plain(cfg)) fn(family, shared, ref, Plain{});
+      else fn(family, shared, ref, General{});
     }
-    if (plain(cfg)) fn(family, shared, ref, Plain{});
-    else fn(family, shared, ref, General{});
   };
   auto with_ref = [&](auto family, auto shared) {
     if (has_ref) with_plain(family, shared, std::true_type{});
@@ -427,7 +432,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grpo_loss_fwd_grad(
   const at::Tensor mask_k = kernel_mask(mask, logp.scalar_type(), fast);
   if (fast) {
     const LossRows rows(logp, old_logp, ref_logp, adv, mask_k, iw);
-    with_token_kind(cfg, ref_logp.has_value(), iw.has_value(), [&](auto family, auto shared, auto ref, auto fixed) {
+    with_token_kind</*kSpecialize=*/true>(cfg, ref_logp.has_value(), iw.has_value(),
+                                       [&](auto family, auto shared, auto ref, auto fixed) {
       forward_fast<decltype(family)::value, decltype(shared)::value, decltype(ref)::value, decltype(fixed)::value>(
           rows, cfg, B, T, per_token_loss.data_ptr<float>(), partials.data_ptr<float>(),
           compute_grad ? grad_sums.data_ptr<float>() : nullptr);
@@ -475,7 +481,8 @@ at::Tensor grpo_loss_bwd(const at::Tensor& logp, const c10::optional<at::Tensor>
   const at::Tensor mask_k = kernel_mask(mask, logp.scalar_type(), fast);
   if (fast) {
     const LossRows rows(logp, old_logp, ref_logp, adv, mask_k, iw);
-    with_token_kind(cfg, ref_logp.has_value(), iw.has_value(), [&](auto family, auto shared, auto ref, auto fixed) {
+    with_token_kind</*kSpecialize=*/false>(cfg, ref_logp.has_value(), iw.has_value(),
+                                        [&](auto family, auto shared, auto ref, auto fixed) {
       backward_fast<decltype(family)::value, decltype(shared)::value, decltype(ref)::value, decltype(fixed)::value>(
           rows, cfg, B, T, partials_c.const_data_ptr<float>(), seq_grad_c.const_data_ptr<float>(),
           grad_logp.data_ptr<float>());
