@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TOLERANCES
+from conftest import TOLERANCES, interpreted
 from hypothesis import given
 from hypothesis import strategies as st
 from triton_compile import run_compile_script
@@ -176,7 +176,8 @@ def test_gradcheck(backend, temperature):
         logp, ent = gk.token_logprobs(x, ids, temperature=temperature, return_entropy=True, backend=backend)
         return logp, ent
 
-    assert torch.autograd.gradcheck(f, (logits,))
+    # fast_mode under the interpreter: the Jacobian in one random direction, not column by column
+    assert torch.autograd.gradcheck(f, (logits,), fast_mode=interpreted(backend))
     if backend == "reference":  # the Triton backward is once_differentiable: no double backward
         assert torch.autograd.gradgradcheck(f, (logits,))
 
