@@ -214,8 +214,10 @@ def _check_device(name: str, device: torch.device) -> None:
 
 def implementation(backend: str, device: torch.device, op: str) -> Callable:
     """The function computing ``op`` for ``backend`` on ``device``."""
-    key = (backend, device, op)
-    module = _CHECKED_MODULES.get(key) if backend != "auto" else None
+    # a named backend's checks on a device pass for good; "auto" reads the environment (its override is part of
+    # the key) and, on devices with an on-device check among its candidates, asks that check at each call
+    key = (backend, device, op, _override() if backend == "auto" else None)
+    module = _CHECKED_MODULES.get(key)
     if module is not None:
         return getattr(module, op)
     name = resolve_backend(backend, device, op)
@@ -225,12 +227,32 @@ def implementation(backend: str, device: torch.device, op: str) -> Callable:
         )
     _check_device(name, device)
     module = _module(name)
-    if backend != "auto":  # a named backend on a device: its checks pass for good ("auto" reads the environment)
+    if backend != "auto" or all(trust is Trust.TESTED for _, trust in auto_preference(device.type)):
         _CHECKED_MODULES[key] = module
     return getattr(module, op)
 
 
-_CHECKED_MODULES: dict = {}  # (named backend, device, op) → the backend's module, its checks passed
+_CHECKED_MODULES: dict = {}  # (backend, device, op, auto's override) → the backend's module, its checks passed
+
+
+def self_checked_implementation(backend: str, device: torch.device, op: str) -> Optional[Callable]:
+    """The backend's ``<op>_checked`` for ``op`` on ``device``, where it has one: ``op`` with the checks of its
+    tensor inputs done by the backend itself, for options that passed validation before; it returns None where
+    an input needs :mod:`grpo_kernels.validation` (which names the problem, or finds none). None when the backend
+    has none, or cannot run ``op`` there (the caller's usual path then raises the error)."""
+    try:
+        function = implementation(backend, device, op)
+    except (ValueError, TypeError, BackendUnavailableError):
+        return None
+    checked = _SELF_CHECKED.get(function, _NONE)
+    if checked is _NONE:
+        checked = _SELF_CHECKED[function] = getattr(importlib.import_module(function.__module__), f"{op}_checked",
+                                                    None)
+    return checked
+
+
+_SELF_CHECKED: dict = {}  # an op's function → its module's <op>_checked or None
+_NONE = object()
 
 
 def backend_function(backend: str, device: torch.device, op: str) -> Callable:

@@ -261,10 +261,17 @@ def grpo_loss(
                                   cu_seqlens=cu_seqlens,
                                   backend=backends.resolve_backend(backend, logprobs.device, "grpo_loss"),
                                   **options)
-    validation.check_grpo_loss(logprobs, old_logprobs, advantages, mask, options)
     if torch.compiler.is_compiling():
+        validation.check_grpo_loss(logprobs, old_logprobs, advantages, mask, options)
         return custom_ops.grpo_loss(logprobs, old_logprobs, advantages, mask, **options,
                                     backend=_traced_backend(backend, logprobs.device.type, "grpo_loss"))
+    key = validation.grpo_loss_call_key(options)
+    if isinstance(logprobs, Tensor) and validation.grpo_loss_options_passed(key):
+        checked = backends.self_checked_implementation(backend, logprobs.device, "grpo_loss")
+        out = None if checked is None else checked(logprobs, old_logprobs, advantages, mask, options, key)
+        if out is not None:  # the backend checked the tensors (a call's Python overhead matters at small batches)
+            return out
+    validation.check_grpo_loss(logprobs, old_logprobs, advantages, mask, options)
     return implementation(backend, logprobs.device, "grpo_loss")(logprobs, old_logprobs, advantages, mask, **options)
 
 

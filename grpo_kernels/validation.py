@@ -38,6 +38,7 @@ from .loss_table import (
 from .reference import ESTIMATORS, MULTI_OBJECTIVES, SCALES, broadcast_temperature
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------- #
@@ -62,7 +63,7 @@ def _tensor(name: str, t, *, optional: bool = False) -> None:
 
 
 def _floating(name: str, t: Tensor) -> None:
-    if not t.is_floating_point():
+    if t.dtype not in _FLOAT_DTYPES:  # (not the float8 types: no kernel reads them)
         raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {t.dtype}")
 
 
@@ -121,7 +122,7 @@ def _int(name: str, value, *, low: int) -> None:
 def _mask(name: str, mask: Tensor, shape: Sequence[int], what: str, *, values: bool = True) -> None:
     """A mask of ``shape``; ``values``: also its values (0 and 1 only)."""
     _tensor(name, mask)
-    if mask.dtype != torch.bool and (mask.is_complex() or not (mask.is_floating_point() or mask.dtype in _INT_DTYPES)):
+    if mask.dtype != torch.bool and mask.dtype not in _FLOAT_DTYPES and mask.dtype not in _INT_DTYPES:
         raise TypeError(f"{name} must be a bool or 0/1 numeric tensor, got {mask.dtype}")
     _shape(name, mask, shape, what)
     if values:
@@ -229,9 +230,7 @@ def _check_ids_in_range(token_ids: Tensor, vocab: int, ignore_index: int) -> Non
 def check_group_advantages(rewards, *, group_size, group_ids, scale, estimator, eps, reward_weights,
                            multi_objective, return_stats) -> None:
     _tensor("rewards", rewards)
-    if rewards.dtype == torch.bool or rewards.is_complex() or not (
-        rewards.is_floating_point() or rewards.dtype in _INT_DTYPES
-    ):
+    if rewards.dtype not in _FLOAT_DTYPES and rewards.dtype not in _INT_DTYPES:
         raise TypeError(f"rewards must be a floating-point or integer tensor, got {rewards.dtype}")
     if rewards.ndim not in (1, 2):
         raise ValueError(f"rewards must have shape [B] or [B, K], got {list(rewards.shape)}")
@@ -448,6 +447,41 @@ def check_grpo_loss(logprobs, old_logprobs, advantages, mask, options: dict) -> 
     if batch == 0 or length == 0:
         raise ValueError(f"empty batch: logprobs has shape {list(logprobs.shape)}")
     _check_loss_inputs(logprobs, "logprobs", logprobs.shape, old_logprobs, advantages, mask, options)
+    key = grpo_loss_call_key(options)
+    if key is not None:
+        if len(_PASSED_LOSS_CALLS) >= 256:
+            _PASSED_LOSS_CALLS.clear()
+        _PASSED_LOSS_CALLS.add(key)
+
+
+def grpo_loss_call_key(options: dict) -> Optional[tuple]:
+    """What :func:`check_grpo_loss` read of ``options`` besides its tensors: the options' names, values and
+    types, the tensor options by their presence; None for an option of another type, a tensor
+    ``num_items_in_batch`` included (its value is checked at each call)."""
+    plain = options.copy()
+    for name in _TENSOR_OPTIONS:
+        value = plain.get(name)
+        if value is not None:
+            if not isinstance(value, Tensor):
+                return None
+            plain[name] = True
+    values = tuple(plain.values())
+    types = tuple(map(type, values))
+    return (tuple(plain), values, types) if _PLAIN_TYPES.issuperset(types) else None
+
+
+_TENSOR_OPTIONS = ("ref_logprobs", "importance_weights", "sampling_logprobs")  # keyed by their presence
+
+
+def grpo_loss_options_passed(key: Optional[tuple]) -> bool:
+    """Whether a :func:`check_grpo_loss` that passed had options of this :func:`grpo_loss_call_key`: then a call
+    needs only the checks of its tensors (``logprobs``, ``old_logprobs``, ``advantages``, ``mask`` and the
+    tensor options, with the vespo shape of ``importance_weights``), which a backend's ``grpo_loss_checked``
+    does itself."""
+    return key is not None and key in _PASSED_LOSS_CALLS
+
+
+_PASSED_LOSS_CALLS: set = set()
 
 
 def _check_loss_inputs(main: Tensor, main_name: str, shape, old_logprobs, advantages, mask, options: dict,

@@ -307,3 +307,91 @@ def test_backward_scaling_rounds_as_torch(dtype):
     got = _C.grpo_loss_backward(grad_sums, seq_weight, grad_loss, dtype)
     assert got.dtype == dtype and torch.equal(got.isnan(), want.isnan())
     assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+def _messy_tensor(g: torch.Generator, shape, dtype, role: str) -> torch.Tensor:
+    """A tensor for the input checks: some of the values the checks look at (0/1/2 masks, non-finite values)."""
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.3
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if role == "mask":
+        x = (torch.rand(shape, generator=g) > 0.3).double()
+        if torch.rand((), generator=g) < 0.2:
+            x.view(-1)[0] = 2.0
+    elif torch.rand((), generator=g) < 0.3:
+        x.view(-1)[int(torch.randint(x.numel(), (), generator=g))] = float("nan")
+    return x.to(dtype)
+
+
+def test_the_cpu_tensor_checks_pass_only_inputs_validation_passes():
+    """``_C.grpo_loss_checked`` (the checks of a call whose options passed before) computes only where
+    ``validation.check_grpo_loss`` passes: messy shapes, dtypes, devices, masks and advantages; and it does
+    compute the ordinary inputs."""
+    from grpo_kernels import validation
+    from grpo_kernels._extension import _C
+    from grpo_kernels.native.grpo_loss import loss_setup
+
+    g = torch.Generator().manual_seed(0)
+    b, t = 3, 5
+    dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float16, torch.int64, torch.bool,
+              torch.complex64, torch.float8_e4m3fn]
+    shapes = {"per_token": [(b, t), (b, t + 1), (b + 1, t), (b * t,), (b, t, 1)],
+              "per_sequence": [(b,), (b, 1), (b, t), (b + 1,), (b, 2), ()]}
+    roles = dict(logp="per_token", old="per_token", ref="per_token", adv="per_sequence", mask="per_token",
+                 iw="per_sequence", sampling="per_token")
+    computed = refused = 0
+    for case in range(600):
+        inputs = {}
+        for role, kind in roles.items():
+            if role in ("old", "ref", "iw", "sampling") and torch.rand((), generator=g) < 0.3:
+                inputs[role] = None
+                continue
+            odd = torch.rand((), generator=g) < 0.15  # one odd property in a few inputs
+            dtype = dtypes[int(torch.randint(len(dtypes), (), generator=g))] if odd else (
+                torch.bool if role == "mask" and case % 2 else torch.float32)
+            shape = shapes[kind][int(torch.randint(len(shapes[kind]), (), generator=g))] if odd else shapes[kind][0]
+            x = _messy_tensor(g, shape, dtype, role)
+            if odd and torch.rand((), generator=g) < 0.2:
+                x = torch.empty_like(x, device="meta")
+            inputs[role] = x
+        vespo = case % 5 == 0
+        options = dict(LOSS_DEFAULTS, loss_type="vespo" if vespo else "dapo", ref_logprobs=inputs["ref"],
+                       importance_weights=inputs["iw"], sampling_logprobs=inputs["sampling"])
+        try:
+            validation.check_grpo_loss(inputs["logp"], inputs["old"], inputs["adv"], inputs["mask"], options)
+            valid = True
+        except (ValueError, TypeError):
+            valid = False
+        if inputs["adv"].dim() not in (1, 2) or inputs["logp"].dim() != 2 or inputs["adv"].is_meta:
+            continue  # grpo_loss_checked's Python guard refuses these before the setup
+        setup = loss_setup(inputs["adv"], inputs["logp"].shape[1], options)
+        out = _C.grpo_loss_checked(inputs["logp"], inputs["old"], inputs["ref"], inputs["adv"], inputs["mask"],
+                                   inputs["iw"], inputs["sampling"], setup.cfg, setup.aggregation, vespo)
+        assert out is None or valid, {k: None if v is None else (v.dtype, tuple(v.shape), v.device.type)
+                                      for k, v in inputs.items()}
+        computed += out is not None
+        refused += out is None
+    assert computed > 50 and refused > 50, (computed, refused)
+    assert _C.grpo_loss_checked([[0.0]], None, None, torch.zeros(1), torch.ones(1, 1), None, None, setup.cfg,
+                                setup.aggregation, False) is None  # not a tensor
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "vespo"])
+def test_repeated_options_skip_validation_and_give_the_same_bits(monkeypatch, loss_type):
+    """A call whose options passed before takes the cpu backend's checks in C++ (validation.check_grpo_loss is
+    not called), with the same outputs and gradient, bit for bit, as the validated call."""
+    from grpo_kernels import validation
+
+    logp, old, ref, adv, mask, iw = _inputs(1)
+    options = dict(ref_logprobs=ref, beta=0.04, importance_weights=iw, loss_type=loss_type)
+    first, first_grad = _run("cpu", logp, old, adv, mask, **options)
+    calls = []
+    check = validation.check_grpo_loss
+    monkeypatch.setattr(validation, "check_grpo_loss", lambda *a, **k: calls.append(1) or check(*a, **k))
+    again, again_grad = _run("cpu", logp, old, adv, mask, **options)
+    assert calls == []
+    for a, b in zip(first, again):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert torch.equal(first_grad, again_grad)
+    _run("cpu", logp, old, adv, mask, **dict(options, beta=0.05))  # other options: validated
+    assert calls == [1]

@@ -388,3 +388,38 @@ def test_fused_linear_validation_runs_before_any_computation(monkeypatch):
             call_linear(softcap=-1.0, backend=backend)
         with pytest.raises(ValueError, match="token_ids must be in"):
             call_fused_linear(token_ids=torch.full((B, T), V), backend=backend)
+
+
+# Tensor options a valid call of the same options keeps (present, valid), the others left at their defaults.
+_VALID_TENSOR_OPTIONS = dict(ref_logprobs=lambda: -torch.rand(B, T), sampling_logprobs=lambda: -torch.rand(B, T),
+                             importance_weights=lambda: torch.ones(B, T))
+
+
+@pytest.mark.parametrize("over,error,match", LOSS_CASES, ids=[c[2][:40] for c in LOSS_CASES])
+def test_grpo_loss_errors_after_the_same_options_passed(over, error, match):
+    """A call whose options passed validation before takes the cpu backend's own tensor checks (in C++): every
+    bad tensor still raises validation's error, before any kernel."""
+    twin = {name: (_VALID_TENSOR_OPTIONS[name]() if isinstance(value, torch.Tensor) else value)
+            for name, value in over.items() if name not in ("logprobs", "old_logprobs", "advantages", "mask")
+            and not (name == "num_items_in_batch" and isinstance(value, torch.Tensor))}
+    try:
+        call_loss(**twin)  # the same options with valid tensors: their key passes when the options are valid
+    except (ValueError, TypeError):
+        pass
+    with pytest.raises(error, match=match):
+        call_loss(**over)
+
+
+@pytest.mark.parametrize("named", ["auto", "cpu"])
+def test_bad_values_raise_after_the_same_options_passed(named):
+    """The value checks too: a non-binary mask, a non-finite advantage that counts (not one that is masked)."""
+    if named == "cpu" and "cpu" not in gk.available_backends("grpo_loss"):
+        pytest.skip("the cpu backend is not built")
+    call_loss(backend=named, beta=0.02, ref_logprobs=-torch.rand(B, T))
+    call_loss(backend=named, beta=0.02, ref_logprobs=-torch.rand(B, T), advantages=torch.tensor([math.nan, 1.0]),
+              mask=torch.tensor([[False] * T, [True] * T]))  # masked out: passes
+    for over, match in ((dict(mask=torch.full((B, T), 2.0)), "mask must contain only 0 and 1"),
+                        (dict(advantages=torch.tensor([1.0, math.inf])), "advantages must be finite"),
+                        (dict(advantages=torch.full((B, T), math.nan)), "advantages must be finite")):
+        with pytest.raises(ValueError, match=match):
+            call_loss(backend=named, beta=0.02, ref_logprobs=-torch.rand(B, T), **over)

@@ -21,6 +21,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <typeinfo>
 
 #include "../common/entry_points.h"
 
@@ -113,6 +114,53 @@ inline std::tuple<std::string, double> grpo_loss_value_problem(const at::Tensor&
                                   [&] { bad = first_bad_advantage<scalar_t>(adv, mask); });
   if (bad) return {"advantages", *bad};
   return {"", 0.0};
+}
+
+// Whether the inputs of a grpo_loss call pass every check of grpo_kernels/validation.py on its tensors: plain
+// dense CPU tensors (no tensor subclass, fake or meta tensor), logp [B, T] non-empty, old_logp / ref_logp /
+// sampling_logp [B, T], adv and iw [B], [B, 1] or [B, T] (iw [B, T] with iw_per_token), all float16 /
+// bfloat16 / float32 / float64; the mask [B, T] bool, floating or integer, and the values of
+// grpo_loss_value_problem. A sufficient condition only: a call it refuses goes through validation.py, which
+// names the problem or finds none.
+inline bool plain_cpu_tensor(const at::Tensor& t) {
+  // a TensorImpl itself (not a functorch, functionalization or nested wrapper) without a Python subclass's key
+  return t.defined() && typeid(*t.unsafeGetTensorImpl()) == typeid(c10::TensorImpl) && t.is_cpu() &&
+         t.layout() == at::kStrided && t.has_storage() && !t.is_neg() && !t.key_set().has(c10::DispatchKey::Python);
+}
+
+inline bool float_input(const at::Tensor& t) {
+  const at::ScalarType dtype = t.scalar_type();
+  return plain_cpu_tensor(t) &&
+         (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble);
+}
+
+inline bool per_token_input(const c10::optional<at::Tensor>& t, int64_t B, int64_t T) {
+  return !t || (float_input(*t) && t->dim() == 2 && t->size(0) == B && t->size(1) == T);
+}
+
+inline bool per_sequence_or_token_input(const at::Tensor& t, int64_t B, int64_t T) {
+  return float_input(t) && (t.dim() == 1 || t.dim() == 2) && t.size(0) == B &&
+         (t.dim() == 1 || t.size(1) == 1 || t.size(1) == T);
+}
+
+inline bool grpo_loss_inputs_pass(const at::Tensor& logp, const c10::optional<at::Tensor>& old_logp,
+                                  const c10::optional<at::Tensor>& ref_logp, const at::Tensor& adv,
+                                  const at::Tensor& mask, const c10::optional<at::Tensor>& iw,
+                                  const c10::optional<at::Tensor>& sampling_logp, bool iw_per_token) {
+  if (!float_input(logp) || logp.dim() != 2 || logp.size(0) == 0 || logp.size(1) == 0) return false;
+  const int64_t B = logp.size(0), T = logp.size(1);
+  if (!per_token_input(old_logp, B, T) || !per_token_input(ref_logp, B, T) || !per_token_input(sampling_logp, B, T))
+    return false;
+  if (!per_sequence_or_token_input(adv, B, T)) return false;
+  if (iw && !(iw_per_token ? per_token_input(iw, B, T) : per_sequence_or_token_input(*iw, B, T))) return false;
+  const at::ScalarType mask_dtype = mask.scalar_type();
+  const bool mask_dtype_ok = mask_dtype == at::kBool || mask_dtype == at::kFloat || mask_dtype == at::kDouble ||
+                             mask_dtype == at::kHalf || mask_dtype == at::kBFloat16 || mask_dtype == at::kByte ||
+                             mask_dtype == at::kChar || mask_dtype == at::kShort || mask_dtype == at::kInt ||
+                             mask_dtype == at::kLong;
+  if (!plain_cpu_tensor(mask) || !mask_dtype_ok || mask.dim() != 2 || mask.size(0) != B || mask.size(1) != T)
+    return false;
+  return std::get<0>(grpo_loss_value_problem(mask, adv)).empty();
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -336,6 +336,39 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(loss, per_token_loss, kl, clip_ratio_low, clip_ratio_high, clip_ratio_region); the loss with a C++ "
         "autograd node when grad mode is on and an input requires grad",
         py::call_guard<py::gil_scoped_release>());
+  // The same call for inputs not yet checked, whose options passed validation.py: None when a tensor input
+  // does not pass cpu::grpo_loss_inputs_pass (or is not a tensor / None where one may be), before any kernel.
+  m.def("grpo_loss_checked",
+        [](py::handle logp, py::handle old_logp, py::handle ref_logp, py::handle adv, py::handle mask, py::handle iw,
+           py::handle sampling_logp, const LossConfig& cfg, const cpu::LossAggregation& aggregation,
+           bool iw_per_token) -> py::object {
+          Tensor inputs[7];
+          const py::handle given[7] = {logp, old_logp, ref_logp, adv, mask, iw, sampling_logp};
+          constexpr bool kOptional[7] = {false, true, true, false, false, true, true};
+          for (int k = 0; k < 7; ++k) {
+            if (kOptional[k] && given[k].is_none()) continue;
+            if (!THPVariable_Check(given[k].ptr())) return py::none();
+            inputs[k] = THPVariable_Unpack(given[k].ptr());
+          }
+          auto optional = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+          const OptTensor old_t = optional(inputs[1]), ref_t = optional(inputs[2]), iw_t = optional(inputs[5]),
+                          sampling_t = optional(inputs[6]);
+          std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> out;
+          bool passed;
+          {
+            py::gil_scoped_release no_gil;
+            passed = cpu::grpo_loss_inputs_pass(inputs[0], old_t, ref_t, inputs[3], inputs[4], iw_t, sampling_t,
+                                                iw_per_token);
+            if (passed) {
+              out = cpu::grpo_loss_autograd(cpu_kernels().grpo_loss_fwd_grad, inputs[0], old_t, ref_t, inputs[3],
+                                            inputs[4], iw_t, sampling_t, cfg, aggregation);
+            }
+          }
+          return passed ? py::cast(std::move(out)) : py::none();
+        },
+        py::arg("logp"), py::arg("old_logp"), py::arg("ref_logp"), py::arg("adv"), py::arg("mask"), py::arg("iw"),
+        py::arg("sampling_logp"), py::arg("cfg"), py::arg("aggregation"), py::arg("iw_per_token"),
+        "grpo_loss's outputs, or None when an input does not pass the checks of cpu::grpo_loss_inputs_pass");
   m.def("grpo_loss_backward", &cpu::grpo_loss_backward, py::arg("grad_sums"), py::arg("seq_weight"),
         py::arg("grad_loss"), py::arg("dtype"), "d loss / d logp [B, T] in dtype",
         py::call_guard<py::gil_scoped_release>());

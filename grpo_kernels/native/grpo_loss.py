@@ -5,7 +5,9 @@ CPU tensors: one call of ``_C.grpo_loss`` (``csrc/cpu/grpo_loss_host.h``) conver
 ``grpo_loss_fwd_grad`` — the per-token loss, the per-sequence partials and, when ``logprobs`` requires grad,
 ``d S_i / d logp`` from the same evaluation of the token terms — and aggregates the partials into the loss,
 the metrics and the weights ``dL/dS_i`` in C++; the loss's autograd node is a C++ one whose backward is one
-scaling (``grpo_loss_backward``).
+scaling (``grpo_loss_backward``). A call whose options passed validation before comes through
+``grpo_loss_checked``: the checks of its tensors in the same C++ call (``_C.grpo_loss_checked``), Python
+validation only where they fail, to name the problem.
 
 Other devices: ``grpo_loss_fwd`` writes the per-token loss ``[B, T]`` and per-sequence
 partials ``[NUM_PARTIALS, B]``; the scalar loss and metrics come from them through
@@ -41,11 +43,14 @@ class LossSetup(NamedTuple):
     aggregation: object
 
 
-def loss_setup(advantages: Tensor, T: int, loss_options: dict) -> LossSetup:
+def loss_setup(advantages: Tensor, T: int, loss_options: dict, key: Optional[tuple] = None) -> LossSetup:
     """The kernel configuration of ``loss_options``, the keyword options of the reference ``grpo_loss``
     (memoized: the same options at the same T give the same setup; a tensor ``num_items_in_batch`` is taken
-    at each call, and read on the host for CPU ``advantages``)."""
-    key = _setup_key(advantages, T, loss_options)
+    at each call, and read on the host for CPU ``advantages``). ``key``: what the setup depends on, as the
+    caller knows it (T, whether advantages are per sequence, and a key of the options by value and type);
+    by default worked out here."""
+    if key is None:
+        key = _setup_key(advantages, T, loss_options)
     setup = _SETUPS.get(key) if key is not None else None
     num_items = loss_options.get("num_items_in_batch")
     if setup is None:
@@ -156,6 +161,29 @@ class _GRPOLossFunction(torch.autograd.Function):
             if grad_logp.dtype != ctx.logp_dtype:
                 grad_logp = grad_logp.to(ctx.logp_dtype)
         return grad_logp, None, None, None, None, None, None, None
+
+
+def grpo_loss_checked(logprobs: Tensor, old_logprobs: Optional[Tensor], advantages: Tensor, mask: Tensor,
+                      loss_options: dict, options_key: tuple) -> Optional[GRPOLossOutput]:
+    """:func:`grpo_loss` on CPU tensors whose checks are done here, in C++ (``_C.grpo_loss_checked``: the
+    tensor checks of :mod:`grpo_kernels.validation`), for ``loss_options`` (every one given) that passed
+    validation, ``options_key`` being what validation read of them (``validation.grpo_loss_call_key``: it keys
+    the setup too); None, before any kernel, where an input does not pass them (the caller then validates it)."""
+    if (logprobs.__class__ is not Tensor or advantages.__class__ is not Tensor or logprobs.ndim != 2
+            or advantages.ndim not in (1, 2) or loss_options["num_items_in_batch"].__class__ is Tensor):
+        return None
+    T = logprobs.shape[1]
+    setup = loss_setup(advantages, T, loss_options, key=(T, advantages.ndim == 1 or advantages.shape[1] == 1,
+                                                          options_key))
+    get = loss_options.get
+    outputs = _C.grpo_loss_checked(logprobs, old_logprobs, get("ref_logprobs"), advantages, mask,
+                                   get("importance_weights"), get("sampling_logprobs"), setup.cfg, setup.aggregation,
+                                   get("loss_type") == "vespo")
+    if outputs is None:
+        return None
+    loss, per_token_loss, kl, low, high, region = outputs
+    return GRPOLossOutput(loss=loss, per_token_loss=per_token_loss, kl=kl if setup.options.has_ref else None,
+                          clip_ratio_low=low, clip_ratio_high=high, clip_ratio_region=region)
 
 
 def grpo_loss(
