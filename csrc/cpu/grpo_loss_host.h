@@ -166,17 +166,31 @@ inline bool grpo_loss_inputs_pass(const at::Tensor& logp, const c10::optional<at
 // ---------------------------------------------------------------------------------------------------------
 // The forward and backward.
 
-// A [B, T] input of the loss as the kernels take it: the compute dtype, a [B] / [B, 1] one as a broadcast view.
-inline at::Tensor as_bt(const at::Tensor& t, at::ScalarType dtype, int64_t B, int64_t T) {
-  at::Tensor x = t.scalar_type() == dtype ? t : t.to(dtype);
-  if (x.dim() == 2 && x.size(1) == T) return x;
-  return x.as_strided({B, T}, {x.stride(0), 0});  // [B] or [B, 1]: each row's value over T (one view op)
-}
-
 // A new CPU tensor without the dispatcher (the host code's small outputs: a call's overhead matters at small
 // batches).
 inline at::Tensor new_cpu(at::IntArrayRef sizes, at::ScalarType dtype) {
   return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, c10::nullopt);
+}
+
+// t in `dtype`: a contiguous bfloat16 tensor to float32 here (exact: the bits shifted; torch's copy costs a few
+// microseconds of dispatch per tensor, most of a small call's conversions), else by torch.
+inline at::Tensor to_compute_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  if (dtype != at::kFloat || t.scalar_type() != at::kBFloat16 || !t.is_contiguous()) return t.to(dtype);
+  at::Tensor out = new_cpu(t.sizes(), at::kFloat);
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(t.const_data_ptr());
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr());
+  at::parallel_for(0, t.numel(), 32768, [&](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) dst[i] = static_cast<uint32_t>(src[i]) << 16;
+  });
+  return out;
+}
+
+// A [B, T] input of the loss as the kernels take it: the compute dtype, a [B] / [B, 1] one as a broadcast view.
+inline at::Tensor as_bt(const at::Tensor& t, at::ScalarType dtype, int64_t B, int64_t T) {
+  at::Tensor x = t.scalar_type() == dtype ? t : to_compute_dtype(t, dtype);
+  if (x.dim() == 2 && x.size(1) == T) return x;
+  return x.as_strided({B, T}, {x.stride(0), 0});  // [B] or [B, 1]: each row's value over T (one view op)
 }
 
 inline c10::optional<at::Tensor> as_bt(const c10::optional<at::Tensor>& t, at::ScalarType dtype, int64_t B,
