@@ -10,6 +10,8 @@ what was measured, for the result files.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .timing import time_ms
@@ -46,12 +48,24 @@ def mm_flops_per_s(device: torch.device, dtype: torch.dtype, n: int, h: int, v: 
     """Rate of ``torch.mm`` of [n, h] × [h, v] in ``dtype`` (the LM head's matmul at a case's shapes)."""
     key = (device, dtype, n, h, v)
     if key not in _mm_at:
-        a = torch.randn(n, h, device=device).to(dtype)
-        b = torch.randn(h, v, device=device).to(dtype)
-        out = torch.empty(n, v, device=device, dtype=dtype)
-        timing = time_ms(lambda: torch.mm(a, b, out=out), device, min_repeats=3, min_total_s=0.5)
-        _mm_at[key] = 2 * n * h * v / (timing.median_ms / 1e3)
+        timing = time_ms(mm_call(device, dtype, n, h, v), device, min_repeats=3, min_total_s=0.5)
+        remember_mm_rate(device, dtype, n, h, v, timing.median_ms)
     return _mm_at[key]
+
+
+def mm_call(device: torch.device, dtype: torch.dtype, n: int, h: int, v: int) -> Callable[[], torch.Tensor]:
+    """``torch.mm`` of random [n, h] × [h, v] in ``dtype`` into a buffer of its own, as a call to time (the
+    runner times it on the CPU in the same bursts as a case's implementations)."""
+    a = torch.randn(n, h, device=device).to(dtype)
+    b = torch.randn(h, v, device=device).to(dtype)
+    out = torch.empty(n, v, device=device, dtype=dtype)
+    return lambda: torch.mm(a, b, out=out)
+
+
+def remember_mm_rate(device: torch.device, dtype: torch.dtype, n: int, h: int, v: int, median_ms: float) -> float:
+    """The rate of :func:`mm_call` timed at ``median_ms`` a call, remembered as the latest at these shapes."""
+    _mm_at[device, dtype, n, h, v] = 2 * n * h * v / (median_ms / 1e3)
+    return _mm_at[device, dtype, n, h, v]
 
 
 def _name(dtype: torch.dtype) -> str:

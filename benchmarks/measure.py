@@ -45,7 +45,9 @@ class Record:
     (bfloat16/float16 operands convert to float32 exactly, while torch's CPU
     bfloat16 ``mm`` rounds its product to bfloat16: about 1e-2 of log-prob error,
     not the op's result, however fast AVX512-BF16 or AMX make it);
-    ``matmul_floor_ms``, their matmul FLOPs (6·N·V·H fwd+bwd) at that rate;
+    on the CPU timed in the same alternating bursts as the case's implementations (a shared machine's
+    spells move the floor and the times alike); ``matmul_floor_ms``, their matmul FLOPs (6·N·V·H fwd+bwd) at
+    that rate;
     ``pct_matmul_floor``, that floor over the median time. ``note`` of a
     measured record: what the implementation chose for the case (e.g. a chunk size).
     """
@@ -115,10 +117,14 @@ def measure_case(
         min_bytes=costs.min_bytes(case), min_flops=costs.min_flops(case),
     )
     flops_rate = math.inf
-    if case.op == "lm_head_grpo_loss":  # the LM head's matmul at the case's shapes, in the fastest exact dtype
-        exact = ("float32",) if device.type == "cpu" else (case.dtype, "float32")
+    floor_mm = None  # on the CPU: the LM head's matmul (float32), timed with the implementations below
+    if case.op == "lm_head_grpo_loss" and device.type == "cpu":
+        base["matmul_dtype"] = "float32"  # the fastest exact dtype there
+        floor_mm = limits.mm_call(device, torch.float32, case.N, case.H, case.V)
+        floor_mm()
+    elif case.op == "lm_head_grpo_loss":  # the LM head's matmul at the case's shapes, in the fastest exact dtype
         rates = {name: limits.mm_flops_per_s(device, DTYPES[name], case.N, case.H, case.V)
-                 for name in dict.fromkeys(exact)}
+                 for name in dict.fromkeys((case.dtype, "float32"))}
         base["matmul_dtype"] = max(rates, key=rates.get)
         flops_rate = rates[base["matmul_dtype"]]
         base["matmul_gflops"] = flops_rate / 1e9
@@ -172,7 +178,17 @@ def measure_case(
         if device.type == "cuda":
             torch.cuda.empty_cache()
         records.append(record)
-    timings = time_interleaved([fn for _, _, fn, _ in waiting], device, **repeats)
+    timings = time_interleaved([fn for _, _, fn, _ in waiting] + ([floor_mm] if floor_mm else []), device,
+                               **repeats)
+    if floor_mm is not None:  # the floor from the same spells of the machine as the implementations' times
+        mm_timing = timings.pop()
+        if isinstance(mm_timing, Exception):
+            raise mm_timing
+        flops_rate = limits.remember_mm_rate(device, torch.float32, case.N, case.H, case.V, mm_timing.median_ms)
+        floor_s = costs.floor_seconds(case, limits.copy_bytes_per_s(device), flops_rate)
+        for record in records:
+            record.matmul_gflops = flops_rate / 1e9
+            record.matmul_floor_ms = 1e3 * base["min_flops"] / flops_rate
     for (record, impl, _, peak), timing in zip(waiting, timings):
         if isinstance(timing, Exception):
             failed(record, timing)
