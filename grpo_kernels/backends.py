@@ -214,10 +214,8 @@ def _check_device(name: str, device: torch.device) -> None:
 
 def implementation(backend: str, device: torch.device, op: str) -> Callable:
     """The function computing ``op`` for ``backend`` on ``device``."""
-    # a named backend's checks on a device pass for good; "auto" reads the environment (its override is part of
-    # the key) and, on devices with an on-device check among its candidates, asks that check at each call
-    key = (backend, device, op, _override() if backend == "auto" else None)
-    module = _CHECKED_MODULES.get(key)
+    key = (backend, device, op)
+    module = _CHECKED_MODULES.get(key) if backend != "auto" else None
     if module is not None:
         return getattr(module, op)
     name = resolve_backend(backend, device, op)
@@ -227,12 +225,12 @@ def implementation(backend: str, device: torch.device, op: str) -> Callable:
         )
     _check_device(name, device)
     module = _module(name)
-    if backend != "auto" or all(trust is Trust.TESTED for _, trust in auto_preference(device.type)):
+    if backend != "auto":  # a named backend on a device: its checks pass for good ("auto" reads the environment)
         _CHECKED_MODULES[key] = module
     return getattr(module, op)
 
 
-_CHECKED_MODULES: dict = {}  # (backend, device, op, auto's override) → the backend's module, its checks passed
+_CHECKED_MODULES: dict = {}  # (named backend, device, op) → the backend's module, its checks passed
 
 
 def self_checked_implementation(backend: str, device: torch.device, op: str) -> Optional[Callable]:

@@ -169,8 +169,9 @@ def grpo_loss_checked(logprobs: Tensor, old_logprobs: Optional[Tensor], advantag
     tensor checks of :mod:`grpo_kernels.validation`), for ``loss_options`` (every one given) that passed
     validation, ``options_key`` being what validation read of them (``validation.grpo_loss_call_key``: it keys
     the setup too); None, before any kernel, where an input does not pass them (the caller then validates it)."""
-    if (logprobs.__class__ is not Tensor or advantages.__class__ is not Tensor or logprobs.ndim != 2
-            or advantages.ndim not in (1, 2) or loss_options["num_items_in_batch"].__class__ is Tensor):
+    if (logprobs.__class__ is not Tensor or advantages.__class__ is not Tensor or not logprobs.is_cpu
+            or logprobs.ndim != 2 or advantages.ndim not in (1, 2)
+            or loss_options["num_items_in_batch"].__class__ is Tensor):
         return None
     T = logprobs.shape[1]
     setup = loss_setup(advantages, T, loss_options, key=(T, advantages.ndim == 1 or advantages.shape[1] == 1,
