@@ -120,8 +120,7 @@ def measure_case(
     floor_mm = None  # on the CPU: the LM head's matmul (float32), timed with the implementations below
     if case.op == "lm_head_grpo_loss" and device.type == "cpu":
         base["matmul_dtype"] = "float32"  # the fastest exact dtype there
-        floor_mm = limits.mm_call(device, torch.float32, case.N, case.H, case.V)
-        floor_mm()
+        floor_mm = limits.mm_call(device, torch.float32, case.N, case.H, case.V)  # (each burst warms it up)
     elif case.op == "lm_head_grpo_loss":  # the LM head's matmul at the case's shapes, in the fastest exact dtype
         rates = {name: limits.mm_flops_per_s(device, DTYPES[name], case.N, case.H, case.V)
                  for name in dict.fromkeys((case.dtype, "float32"))}

@@ -470,7 +470,8 @@ def grpo_loss_call_key(options: dict) -> Optional[tuple]:
     return (tuple(plain), values, types) if _PLAIN_TYPES.issuperset(types) else None
 
 
-_TENSOR_OPTIONS = ("ref_logprobs", "importance_weights", "sampling_logprobs")  # keyed by their presence
+# the per-call options that are always tensors when given, keyed by their presence
+_TENSOR_OPTIONS = tuple(name for name in PER_CALL_OPTIONS if name != "num_items_in_batch")
 
 
 def grpo_loss_options_passed(key: Optional[tuple]) -> bool:

@@ -128,11 +128,11 @@ inline bool plain_cpu_tensor(const at::Tensor& t) {
          t.layout() == at::kStrided && t.has_storage() && !t.is_neg() && !t.key_set().has(c10::DispatchKey::Python);
 }
 
-inline bool float_input(const at::Tensor& t) {
-  const at::ScalarType dtype = t.scalar_type();
-  return plain_cpu_tensor(t) &&
-         (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble);
+inline bool float_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble;
 }
+
+inline bool float_input(const at::Tensor& t) { return plain_cpu_tensor(t) && float_dtype(t.scalar_type()); }
 
 inline bool per_token_input(const c10::optional<at::Tensor>& t, int64_t B, int64_t T) {
   return !t || (float_input(*t) && t->dim() == 2 && t->size(0) == B && t->size(1) == T);
@@ -154,8 +154,7 @@ inline bool grpo_loss_inputs_pass(const at::Tensor& logp, const c10::optional<at
   if (!per_sequence_or_token_input(adv, B, T)) return false;
   if (iw && !(iw_per_token ? per_token_input(iw, B, T) : per_sequence_or_token_input(*iw, B, T))) return false;
   const at::ScalarType mask_dtype = mask.scalar_type();
-  const bool mask_dtype_ok = mask_dtype == at::kBool || mask_dtype == at::kFloat || mask_dtype == at::kDouble ||
-                             mask_dtype == at::kHalf || mask_dtype == at::kBFloat16 || mask_dtype == at::kByte ||
+  const bool mask_dtype_ok = mask_dtype == at::kBool || float_dtype(mask_dtype) || mask_dtype == at::kByte ||
                              mask_dtype == at::kChar || mask_dtype == at::kShort || mask_dtype == at::kInt ||
                              mask_dtype == at::kLong;
   if (!plain_cpu_tensor(mask) || !mask_dtype_ok || mask.dim() != 2 || mask.size(0) != B || mask.size(1) != T)
