@@ -19,60 +19,67 @@ pytestmark = pytest.mark.skipif("cpu" not in gk.available_backends(), reason="gr
 THREAD_SCRIPT = r"""
 import hashlib, sys, torch, grpo_kernels as gk
 torch.set_num_threads(int(sys.argv[1]))
-g = torch.Generator().manual_seed(0)
-B, T, V = 5, 7, 70003  # several chunks per row (32768 bfloat16 or 16384 float32 values), odd row count
-logits = (3 * torch.randn(B, T, V, generator=g)).to(getattr(torch, sys.argv[2])).requires_grad_()
-ids = torch.randint(0, V, (B, T), generator=g)
-ids[1, 2] = -100
-old = -torch.rand(B, T, generator=g)
-ref = old + 0.1 * torch.randn(B, T, generator=g)
-adv = torch.randn(B, generator=g)
-mask = torch.rand(B, T, generator=g) > 0.2
-outs = []
-for level in ("token", "sequence"):
-    out = gk.fused_grpo_loss(logits, ids, old, adv, mask, ref_logprobs=ref, beta=0.04, return_entropy=True,
-                             importance_sampling_level=level, backend="cpu")
-    (grad,) = torch.autograd.grad(out.loss - 0.01 * out.entropy, logits)
-    outs += [t for t in out if t is not None] + [grad]
-logp, ent = gk.token_logprobs(logits, ids, temperature=0.7, return_entropy=True, backend="cpu")
-outs += [logp, ent, *torch.autograd.grad((logp * old).sum() + ent.sum(), logits)]
-outs.append(gk.group_advantages(torch.randn(60, 2, generator=g), group_size=6, backend="cpu"))
-lp = (-torch.rand(6, 301, generator=g)).requires_grad_()  # grpo_loss over rows longer than a vector
-lp_old = lp.detach() + 0.2 * torch.randn(6, 301, generator=g)
-for level in ("token", "sequence"):
-    out = gk.grpo_loss(lp, lp_old, torch.randn(6, generator=g), torch.rand(6, 301, generator=g) > 0.1,
-                       ref_logprobs=lp_old - 0.1, beta=0.04, importance_sampling_level=level, backend="cpu")
-    outs += [out.loss, *torch.autograd.grad(out.loss, lp)]
-digest = hashlib.sha256()
-for t in outs:
-    digest.update(t.detach().float().contiguous().numpy().tobytes())
-print(gk.extension_info()["cpu_isa"], digest.hexdigest())
+def digest_of(dtype):
+    g = torch.Generator().manual_seed(0)
+    B, T, V = 5, 7, 70003  # several chunks per row (32768 bfloat16 or 16384 float32 values), odd row count
+    logits = (3 * torch.randn(B, T, V, generator=g)).to(dtype).requires_grad_()
+    ids = torch.randint(0, V, (B, T), generator=g)
+    ids[1, 2] = -100
+    old = -torch.rand(B, T, generator=g)
+    ref = old + 0.1 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.2
+    outs = []
+    for level in ("token", "sequence"):
+        out = gk.fused_grpo_loss(logits, ids, old, adv, mask, ref_logprobs=ref, beta=0.04, return_entropy=True,
+                                 importance_sampling_level=level, backend="cpu")
+        (grad,) = torch.autograd.grad(out.loss - 0.01 * out.entropy, logits)
+        outs += [t for t in out if t is not None] + [grad]
+    logp, ent = gk.token_logprobs(logits, ids, temperature=0.7, return_entropy=True, backend="cpu")
+    outs += [logp, ent, *torch.autograd.grad((logp * old).sum() + ent.sum(), logits)]
+    outs.append(gk.group_advantages(torch.randn(60, 2, generator=g), group_size=6, backend="cpu"))
+    lp = (-torch.rand(6, 301, generator=g)).requires_grad_()  # grpo_loss over rows longer than a vector
+    lp_old = lp.detach() + 0.2 * torch.randn(6, 301, generator=g)
+    for level in ("token", "sequence"):
+        out = gk.grpo_loss(lp, lp_old, torch.randn(6, generator=g), torch.rand(6, 301, generator=g) > 0.1,
+                           ref_logprobs=lp_old - 0.1, beta=0.04, importance_sampling_level=level, backend="cpu")
+        outs += [out.loss, *torch.autograd.grad(out.loss, lp)]
+    digest = hashlib.sha256()
+    for t in outs:
+        digest.update(t.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+print(gk.extension_info()["cpu_isa"], *(digest_of(getattr(torch, name)) for name in sys.argv[2:]))
 """
 BASELINE_ISA = "avx2"  # the baseline copy of a default x86-64 build (setup.py X86_CPU_COPIES)
 
 
-def _digest(threads, dtype, cpu_isa=None):
-    """(the copy of the kernels that ran, the digest of THREAD_SCRIPT's outputs); cpu_isa: the copy to force
-    (None: as this process, GRPO_KERNELS_CPU_ISA included)."""
+DTYPES = ("float32", "bfloat16")
+
+
+def _digest(threads, cpu_isa=None):
+    """(the copy of the kernels that ran, THREAD_SCRIPT's digest per dtype of DTYPES), from one process;
+    cpu_isa: the copy to force (None: as this process, GRPO_KERNELS_CPU_ISA included)."""
     env = dict(os.environ, **({"GRPO_KERNELS_CPU_ISA": cpu_isa} if cpu_isa else {}))
-    run = subprocess.run([sys.executable, "-c", THREAD_SCRIPT, str(threads), dtype], capture_output=True, text=True,
-                         timeout=300, env=env)
+    run = subprocess.run([sys.executable, "-c", THREAD_SCRIPT, str(threads), *DTYPES], capture_output=True,
+                         text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr
-    isa, digest = run.stdout.split()
-    return isa, digest
+    isa, *digests = run.stdout.split()
+    assert len(digests) == len(DTYPES)
+    return isa, tuple(digests)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_results_depend_neither_on_the_thread_count_nor_on_the_instruction_set(dtype):
-    """The same bits from 1, 2 or 3 threads and, where this build dispatches to an AVX-512 copy, from
-    the AVX2 copy forced by GRPO_KERNELS_CPU_ISA (sums in 16 fixed lanes, whatever the vector width)."""
-    runs = {(threads, None): _digest(threads, dtype) for threads in (1, 2, 3)}
+def test_results_depend_neither_on_the_thread_count_nor_on_the_instruction_set():
+    """The same bits, per dtype, from 1, 2 or 3 threads and, where this build dispatches to an AVX-512
+    copy, from the AVX2 copy forced by GRPO_KERNELS_CPU_ISA (sums in 16 fixed lanes, whatever the vector
+    width)."""
+    runs = {(threads, None): _digest(threads) for threads in (1, 2, 3)}
     dispatched = runs[1, None][0]
     copies = [copy["copy"] for copy in _extension._build_info().get("cpu_copies", [])]
     if dispatched != BASELINE_ISA and BASELINE_ISA in copies:
-        runs[2, BASELINE_ISA] = _digest(2, dtype, BASELINE_ISA)
+        runs[2, BASELINE_ISA] = _digest(2, BASELINE_ISA)
         assert runs[2, BASELINE_ISA][0] == BASELINE_ISA
-    assert len({digest for _, digest in runs.values()}) == 1, runs
+    assert len({digests for _, digests in runs.values()}) == 1, runs
+    assert len(set(runs[1, None][1])) == len(DTYPES)  # the dtypes' runs differ: each digest covers its own
 
 
 def test_auto_picks_cpu_for_cpu_tensors(monkeypatch):

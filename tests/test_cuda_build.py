@@ -4,8 +4,9 @@ CI has no GPU, so this is what checks the CUDA kernels there: each file must
 compile with the flags torch's BuildExtension and setup.py use, its kernels must
 not spill registers, and the objects must define every entry point of
 csrc/common/entry_points.h in grpo_kernels::cuda with the signatures of the CPU
-kernels. Skipped when nvcc is absent. Files compile two at a time (about 30 s
-of CPU each, most of it parsing the ATen headers); the per-file compile times
+kernels. Skipped when nvcc is absent. Files compile two at a time (about 20 s
+of CPU each, a third of it the ATen headers: the sources include the narrow
+ones, not <ATen/ATen.h>, which alone costs ~20 s); the per-file compile times
 and the kernels' register counts are printed.
 """
 

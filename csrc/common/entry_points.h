@@ -22,7 +22,7 @@
 #include <cstdint>
 #include <tuple>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
 #include "loss_config.h"

@@ -2,6 +2,7 @@
 // rewards [B, K], one task per (group, reward column).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <cmath>
 #include <limits>

@@ -4,6 +4,7 @@
 // (deterministic: the tree is fixed by T). The per-token math is
 // csrc/common/loss_terms.h, shared with the CPU kernels.
 #include <ATen/Dispatch.h>
+#include <ATen/ops/ones.h>
 
 #include <cmath>
 
