@@ -16,6 +16,8 @@ import grpo_kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ("triton", "trl", "liger-kernel", "transformers")
+# What caps the instruction set of torch's kernels and inductor's code, MKL's and oneDNN's below the CPU's.
+ISA_LIMIT_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 
 def git_sha() -> str:
@@ -84,6 +86,10 @@ def describe(device: torch.device) -> dict:
         "extension_cpu_arch": extension.get("cpu_arch"),
         "extension_cpu_isa": extension.get("cpu_isa"),
         "extension_cpu_isa_forced": os.environ.get("GRPO_KERNELS_CPU_ISA") or None,
+        # the vector ISA of torch's own CPU kernels (and of inductor's generated code), and the variables that
+        # held torch, MKL and oneDNN below what the CPU has (benchmarks/avx2.sh: a CPU without AVX-512)
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_limits": {name: os.environ[name] for name in ISA_LIMIT_VARIABLES if os.environ.get(name)} or None,
         "triton_tuning": os.environ.get("GRPO_KERNELS_TRITON_TUNING"),  # knob overrides of a tuned run
         **{name: _version(name) for name in PEERS},
     }

@@ -68,9 +68,15 @@ def section(runs: list[dict]) -> str:
 
 
 def _forced(run: dict) -> str:
-    """`` on the <copy> copy`` for a run that forced the cpu kernels' copy, else ``""``."""
-    forced = run["environment"].get("extension_cpu_isa_forced")
-    return f" on the {forced} copy of the cpu kernels" if forced else ""
+    """`` on the <copy> copy`` for a run that forced the cpu kernels' copy (and what else it capped), else ``""``."""
+    env = run["environment"]
+    forced = env.get("extension_cpu_isa_forced")
+    if not forced:
+        return ""
+    if env.get("isa_limits"):  # benchmarks/avx2.sh
+        return (f" on the {forced} copy of the cpu kernels, torch at {env.get('torch_cpu_capability')} and MKL, "
+                f"oneDNN capped likewise (as on a CPU without AVX-512)")
+    return f" on the {forced} copy of the cpu kernels"
 
 
 def _run_tables(run: dict) -> list[str]:

@@ -70,8 +70,8 @@ def test_fused_loss_moves_one_read_and_one_write_of_the_logits():
     assert logits < costs.min_bytes(case.replace(backward=False)) < logits * 1.001
 
 
-def _write_run(path: Path, device: str, preset: str, date: str, forced_isa: str = None) -> Path:
-    environment = {"device": device, "date": date, "extension_cpu_isa_forced": forced_isa}
+def _write_run(path: Path, device: str, preset: str, date: str, forced_isa: str = None, **environment) -> Path:
+    environment.update(device=device, date=date, extension_cpu_isa_forced=forced_isa)
     path.write_text(json.dumps({"stem": path.stem, "preset": preset, "environment": environment, "records": []}))
     return path
 
@@ -89,6 +89,12 @@ def test_readme_keeps_the_newest_run_of_each_device_and_preset(tmp_path, monkeyp
     monkeypatch.setattr(render_readme, "environment_line", lambda run: f"{run['preset']} environment")
     section = render_readme.section(runs)  # the newer run on the forced AVX2 copy is linked, not the main table
     assert "`cpu-small` on the avx2 copy of the cpu kernels [e.md]" in section
+    capped = _write_run(tmp_path / "f.json", "cpu", "cpu-small", "2026-12-04T10:00:00Z", forced_isa="avx2",
+                        torch_cpu_capability="AVX2", isa_limits={"ATEN_CPU_CAPABILITY": "avx2"})
+    runs = render_readme.newest_per_device([baseline, main_run, capped])  # benchmarks/avx2.sh's run supersedes e
+    assert [r["stem"] for r in runs] == ["a", "f"]
+    assert ("`cpu-small` on the avx2 copy of the cpu kernels, torch at AVX2 and MKL, oneDNN capped likewise (as on "
+            "a CPU without AVX-512) [f.md]") in render_readme.section(runs)
 
 
 def test_csv_of_an_older_record_layout_gets_the_new_columns(tmp_path):

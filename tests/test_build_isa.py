@@ -1,8 +1,9 @@
 """The copies of the CPU kernels, one per instruction set (setup.py X86_CPU_COPIES): the extension runs
 the most capable copy this CPU supports, GRPO_KERNELS_CPU_ISA picks another, and no AVX-512 instruction
 lies outside the AVX-512 copy (an inline function that several copies define is kept once by the
-linker: the baseline's, or an AVX2 CPU could execute AVX-512 code through it). That the copies give
-the same bits: tests/test_cpu_backend.py."""
+linker: the baseline's, or an AVX2 CPU could execute AVX-512 code through it). Under valgrind, whose
+CPU has no AVX-512, the baseline copy runs without being forced. That the copies give the same bits:
+tests/test_cpu_backend.py."""
 
 import os
 import re
@@ -78,6 +79,44 @@ def test_the_variable_refuses_a_name_without_a_copy():
     assert unknown.stdout.split() == ["None", "False"]  # the package imports, without its extension
     assert "GRPO_KERNELS_CPU_ISA=sse2 names no copy" in unknown.stderr and ", ".join(reversed(COPIES)) in unknown.stderr
     assert "Rebuild" not in unknown.stderr
+
+
+# Under valgrind the process sees a CPU without AVX-512 (its cpuid reports none, and it stops at the first
+# AVX-512 instruction): import, dispatch and kernels as on an AVX2-only machine, with nothing forced.
+VALGRIND_SCRIPT = r"""
+import torch, grpo_kernels as gk
+g = torch.Generator().manual_seed(0)
+logits = (3 * torch.randn(3, 5, 1001, generator=g, dtype=torch.float64)).float()
+ids = torch.randint(0, 1001, (3, 5), generator=g)
+ids[1, 2] = -100
+old = gk.token_logprobs(logits, ids, temperature=0.7, backend="reference") + 0.1 * torch.randn(3, 5, generator=g)
+adv, mask = torch.randn(3, generator=g), torch.rand(3, 5, generator=g) > 0.2
+results = []
+for backend in ("cpu", "reference"):
+    x = logits.clone().requires_grad_()
+    logp = gk.token_logprobs(x, ids, temperature=0.7, backend=backend)
+    out = gk.fused_grpo_loss(x, ids, old, adv, mask, temperature=0.7, beta=0.04, ref_logprobs=old + 0.1,
+                             backend=backend)
+    results.append([logp, out.loss, *torch.autograd.grad(out.loss + (logp * old).sum(), x)])
+error = max(float(((a - b).abs() / (1 + b.abs())).max()) for a, b in zip(*results))
+print(torch.backends.cpu.get_cpu_capability(), gk.extension_info()["cpu_isa"], error)
+"""
+
+
+@dispatch_build
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not found")
+def test_a_cpu_without_avx512_runs_the_baseline_copy_by_itself():
+    """The run-time dispatch from cpuid (not GRPO_KERNELS_CPU_ISA) on a CPU without AVX-512, as valgrind
+    presents one: the baseline copy, the reference's values, no AVX-512 instruction executed (about 30 s)."""
+    env = {key: value for key, value in os.environ.items() if key != "GRPO_KERNELS_CPU_ISA"}
+    run = subprocess.run(["valgrind", "--tool=none", "--error-exitcode=3", sys.executable, "-c", VALGRIND_SCRIPT],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    capability, isa, error = run.stdout.split()
+    if capability.startswith("AVX512"):
+        pytest.skip("this valgrind presents a CPU with AVX-512")
+    assert isa == COPIES[0] == "avx2"
+    assert float(error) < 1e-5
 
 
 EVEX_PREFIXES = {"26", "2e", "36", "3e", "64", "65", "67", "f0"}  # may precede an EVEX (0x62) opcode byte
