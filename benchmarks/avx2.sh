@@ -6,4 +6,7 @@
 #   benchmarks/avx2.sh --preset cpu-small [runner options]
 set -euo pipefail
 export GRPO_KERNELS_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+# A cache of inductor's own: its on-disk cache does not key on ATEN_CPU_CAPABILITY, and code it compiled at one
+# vector width, loaded at the other, reads garbage indices or corrupts the heap (torch 2.13).
+export TORCHINDUCTOR_CACHE_DIR="${TMPDIR:-/tmp}/torchinductor_avx2_$(id -un)"
 exec "${PYTHON:-python}" -m benchmarks.run "$@"

@@ -454,23 +454,36 @@ def check_grpo_loss(logprobs, old_logprobs, advantages, mask, options: dict) -> 
         _PASSED_LOSS_CALLS.add(key)
 
 
-def grpo_loss_call_key(options: dict) -> Optional[tuple]:
-    """What :func:`check_grpo_loss` read of ``options`` besides its tensors: the options' names, values and
-    types, the tensor options by their presence; None for an option of another type, a tensor
-    ``num_items_in_batch`` included (its value is checked at each call)."""
+def loss_options_key(options: dict) -> Optional[tuple]:
+    """The loss options as a key of what is derived from them alone (validation's verdict, the kernels' setup):
+    their names, values and types, each tensor option by its presence; None for an option of another type."""
     plain = options.copy()
-    for name in _TENSOR_OPTIONS:
+    for name in PER_CALL_OPTIONS:
         value = plain.get(name)
-        if value is not None:
-            if not isinstance(value, Tensor):
-                return None
-            plain[name] = True
+        if isinstance(value, Tensor):
+            plain[name] = _TENSOR
+        elif value is not None and name in _TENSOR_OPTIONS:
+            return None
     values = tuple(plain.values())
     types = tuple(map(type, values))
-    return (tuple(plain), values, types) if _PLAIN_TYPES.issuperset(types) else None
+    return (tuple(plain), values, types) if _KEYED_TYPES.issuperset(types) else None
 
 
-# the per-call options that are always tensors when given, keyed by their presence
+def grpo_loss_call_key(options: dict) -> Optional[tuple]:
+    """What :func:`check_grpo_loss` read of ``options`` besides its tensors (:func:`loss_options_key`); None for
+    a tensor ``num_items_in_batch`` too (its value is checked at each call)."""
+    if isinstance(options.get("num_items_in_batch"), Tensor):
+        return None
+    return loss_options_key(options)
+
+
+class _TensorOption:
+    """A tensor option in a key: present (its values are the call's)."""
+
+
+_TENSOR = _TensorOption()
+_KEYED_TYPES = _PLAIN_TYPES | {_TensorOption}
+# the per-call options that are always tensors when given
 _TENSOR_OPTIONS = tuple(name for name in PER_CALL_OPTIONS if name != "num_items_in_batch")
 
 

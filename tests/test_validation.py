@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import grpo_kernels as gk
+from grpo_kernels import validation
+from grpo_kernels.kernel_options import LOSS_DEFAULTS
 
 B, T, V = 2, 3, 5
 
@@ -423,3 +425,20 @@ def test_bad_values_raise_after_the_same_options_passed(named):
                         (dict(advantages=torch.full((B, T), math.nan)), "advantages must be finite")):
         with pytest.raises(ValueError, match=match):
             call_loss(backend=named, beta=0.02, ref_logprobs=-torch.rand(B, T), **over)
+
+
+def test_option_keys_key_tensors_by_presence_and_values_by_type():
+    """One key for what is derived from the options alone (validation's verdict, the kernels' setup): a tensor
+    option by its presence, a value with its type; a tensor num_items_in_batch has no call key (its value is
+    checked at each call), and an option of another type no key at all."""
+    options = dict(LOSS_DEFAULTS, beta=0.04, ref_logprobs=-torch.rand(B, T))
+    key = validation.loss_options_key(options)
+    assert key is not None and key == validation.grpo_loss_call_key(options)
+    assert validation.loss_options_key(dict(options, ref_logprobs=torch.zeros(B, T))) == key
+    assert validation.loss_options_key(dict(options, ref_logprobs=None)) != key
+    assert validation.loss_options_key(dict(options, beta=1)) != validation.loss_options_key(dict(options, beta=1.0))
+    assert validation.loss_options_key(dict(options, ref_logprobs=True)) is None  # not a tensor: no key
+    assert validation.loss_options_key(dict(options, beta=[0.04])) is None
+    counted = dict(options, num_items_in_batch=torch.tensor(7.0))
+    assert validation.loss_options_key(counted) is not None and validation.grpo_loss_call_key(counted) is None
+    assert validation.grpo_loss_call_key(dict(options, num_items_in_batch=7)) is not None

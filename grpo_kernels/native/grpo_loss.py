@@ -32,6 +32,7 @@ from .._extension import _C
 from ..aggregation import P_COUNT, kernel_rule
 from ..kernel_options import KernelLossOptions, kernel_loss_options
 from ..reference import GRPOLossOutput
+from ..validation import loss_options_key
 
 
 class LossSetup(NamedTuple):
@@ -74,23 +75,13 @@ def loss_setup(advantages: Tensor, T: int, loss_options: dict, key: Optional[tup
 
 _SETUPS: dict = {}
 _MAX_SETUPS = 64
-_PLAIN = frozenset({bool, int, float, str, type(None)})
 
 
 def _setup_key(advantages: Tensor, T: int, loss_options: dict) -> Optional[tuple]:
-    """What the setup depends on: T, whether advantages are per sequence, the options (a tensor option by its
-    presence); None when an option is neither a plain value nor a tensor."""
-    values = tuple([value if value.__class__ in _PLAIN else _option_kind(value) for value in loss_options.values()])
-    if _UNKEYED in values:
-        return None
-    return T, advantages.ndim == 1 or advantages.shape[1] == 1, tuple(loss_options), values
-
-
-_UNKEYED = object()
-
-
-def _option_kind(value) -> object:
-    return Tensor if isinstance(value, Tensor) else _UNKEYED
+    """What the setup depends on: T, whether advantages are per sequence, the options
+    (``validation.loss_options_key``); None when an option is neither a plain value nor a tensor."""
+    key = loss_options_key(loss_options)
+    return None if key is None else (T, advantages.ndim == 1 or advantages.shape[1] == 1, key)
 
 
 def _aggregation(options: KernelLossOptions, T: int):
@@ -175,7 +166,7 @@ def grpo_loss_checked(logprobs: Tensor, old_logprobs: Optional[Tensor], advantag
         return None
     T = logprobs.shape[1]
     setup = loss_setup(advantages, T, loss_options, key=(T, advantages.ndim == 1 or advantages.shape[1] == 1,
-                                                          options_key))
+                                                          options_key))  # options_key is loss_options_key's here
     get = loss_options.get
     outputs = _C.grpo_loss_checked(logprobs, old_logprobs, get("ref_logprobs"), advantages, mask,
                                    get("importance_weights"), get("sampling_logprobs"), setup.cfg, setup.aggregation,
