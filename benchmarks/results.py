@@ -104,6 +104,10 @@ def environment_line(run: dict) -> str:
     if env.get("device") == "cpu" and env.get("extension_cpu_isa"):
         flags = " ".join(env.get("cpu_vector_flags") or []) or "none listed"
         isa = f"; cpu kernels' vector path {env['extension_cpu_isa']}, CPU flags {flags}"
+        if env.get("torch_cpu_capability"):
+            isa += f", torch's {env['torch_cpu_capability']}"
+    if env.get("free_page_reporting"):  # fresh buffers pay the host's page faults (docs/design.md, "Stores")
+        isa += "; a VM that hands free memory back to its host: fresh buffers are slow to fault in"
     return (f"{env['device_name']} ({env['cpu_threads']} CPU threads, load average {env['load_average_1m']:.1f} "
             f"at the start{isa}), {env['date']}, commit {env['git_sha']}, "
             f"preset `{run['preset']}`; {software}; copy bandwidth {lim['copy_gbps']:.1f} GB/s")
