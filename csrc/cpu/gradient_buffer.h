@@ -5,7 +5,7 @@
 // with 2 MiB pages a small fraction — unless the machine is a VM that reports
 // its free pages to the host (a virtio balloon with free page reporting): the
 // host then takes back every freed 2 MiB block, and a fresh huge page is
-// faulted in from the host again, at 5-10x the cost of 4 KiB pages from the
+// faulted in from the host again, at 2-10x the cost of 4 KiB pages from the
 // guest's own free lists (development VM, a [2048, 32000] float32 gradient,
 // calls 3 s apart: 256-942 ms on huge pages, 95-135 ms without). There the
 // buffer takes 4 KiB pages.
