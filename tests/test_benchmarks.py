@@ -216,3 +216,23 @@ def test_time_interleaved_alternates_and_isolates_failures():
     assert all(isinstance(r, Timing) and r.repeats == 5 for r in (results[0], results[2]))
     # a burst: one untimed call, then (burst_s = 0) one timed call
     assert calls[:8] == ["a", "a", "boom", "boom", "b", "b", "a", "a"] and calls.count("a") == calls.count("b") == 10
+
+
+def test_avx2_script_caps_torch_mkl_onednn_and_the_results_record_it():
+    """benchmarks/avx2.sh runs the runner with every vector cap set and inductor's cache of its own; describe()
+    records the caps and the capability torch runs at."""
+    code = ("import os, torch; from benchmarks import environment as e; d = e.describe(torch.device('cpu')); "
+            "print(d['isa_limits'], d['torch_cpu_capability'], d['extension_cpu_isa_forced'], "
+            "os.environ['TORCHINDUCTOR_CACHE_DIR'])")
+    script = (ROOT / "benchmarks" / "avx2.sh").read_text().replace('exec "${PYTHON:-python}" -m benchmarks.run "$@"',
+                                                                     'exec "${PYTHON:-python}" -c "$CODE"')
+    env = dict(os.environ, PYTHON=sys.executable, CODE=code)
+    out = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert ("{'ATEN_CPU_CAPABILITY': 'avx2', 'MKL_ENABLE_INSTRUCTIONS': 'AVX2', 'ONEDNN_MAX_CPU_ISA': 'AVX2'}"
+            in out.stdout)
+    assert " AVX2 avx2 " in out.stdout and "torchinductor_avx2_" in out.stdout
+    listed = subprocess.run(["bash", str(ROOT / "benchmarks" / "avx2.sh"), "--preset", "cpu-small", "--dry-run"],
+                            cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True,
+                            timeout=120)
+    assert listed.returncode == 0 and "cases:" in listed.stdout, listed.stderr
