@@ -44,14 +44,12 @@ class LossSetup(NamedTuple):
     aggregation: object
 
 
-def loss_setup(advantages: Tensor, T: int, loss_options: dict, key: Optional[tuple] = None) -> LossSetup:
+def loss_setup(advantages: Tensor, T: int, loss_options: dict, options_key: Optional[tuple] = None) -> LossSetup:
     """The kernel configuration of ``loss_options``, the keyword options of the reference ``grpo_loss``
     (memoized: the same options at the same T give the same setup; a tensor ``num_items_in_batch`` is taken
-    at each call, and read on the host for CPU ``advantages``). ``key``: what the setup depends on, as the
-    caller knows it (T, whether advantages are per sequence, and a key of the options by value and type);
-    by default worked out here."""
-    if key is None:
-        key = _setup_key(advantages, T, loss_options)
+    at each call, and read on the host for CPU ``advantages``). ``options_key``: the options'
+    ``validation.loss_options_key`` when the caller has it; by default worked out here."""
+    key = _setup_key(advantages, T, loss_options_key(loss_options) if options_key is None else options_key)
     setup = _SETUPS.get(key) if key is not None else None
     num_items = loss_options.get("num_items_in_batch")
     if setup is None:
@@ -77,11 +75,10 @@ _SETUPS: dict = {}
 _MAX_SETUPS = 64
 
 
-def _setup_key(advantages: Tensor, T: int, loss_options: dict) -> Optional[tuple]:
-    """What the setup depends on: T, whether advantages are per sequence, the options
-    (``validation.loss_options_key``); None when an option is neither a plain value nor a tensor."""
-    key = loss_options_key(loss_options)
-    return None if key is None else (T, advantages.ndim == 1 or advantages.shape[1] == 1, key)
+def _setup_key(advantages: Tensor, T: int, options_key: Optional[tuple]) -> Optional[tuple]:
+    """What the setup depends on: T, whether advantages are per sequence, the options' key (None: not
+    memoized)."""
+    return None if options_key is None else (T, advantages.ndim == 1 or advantages.shape[1] == 1, options_key)
 
 
 def _aggregation(options: KernelLossOptions, T: int):
@@ -165,8 +162,7 @@ def grpo_loss_checked(logprobs: Tensor, old_logprobs: Optional[Tensor], advantag
             or loss_options["num_items_in_batch"].__class__ is Tensor):
         return None
     T = logprobs.shape[1]
-    setup = loss_setup(advantages, T, loss_options, key=(T, advantages.ndim == 1 or advantages.shape[1] == 1,
-                                                          options_key))  # options_key is loss_options_key's here
+    setup = loss_setup(advantages, T, loss_options, options_key)  # the call key is loss_options_key's here
     get = loss_options.get
     outputs = _C.grpo_loss_checked(logprobs, old_logprobs, get("ref_logprobs"), advantages, mask,
                                    get("importance_weights"), get("sampling_logprobs"), setup.cfg, setup.aggregation,
