@@ -24,6 +24,11 @@ from hypothesis import settings  # noqa: E402
 
 import grpo_kernels  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    from triton_interpreter import patch_once_per_launch
+
+    patch_once_per_launch()
+
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
