@@ -62,19 +62,6 @@ def _version(distribution: str) -> Optional[str]:
         return None
 
 
-def free_page_reporting() -> bool:
-    """Whether a virtio balloon of this machine reports free pages to the host (VIRTIO_BALLOON_F_REPORTING,
-    bit 5 of the device's sysfs feature string)."""
-    for features in Path("/sys/bus/virtio/drivers/virtio_balloon").glob("virtio*/features"):
-        try:
-            bits = features.read_text().strip()
-        except OSError:
-            continue
-        if len(bits) > 5 and bits[5] == "1":
-            return True
-    return False
-
-
 def describe(device: torch.device) -> dict:
     """Everything recorded with the results of a run on ``device``."""
     extension = grpo_kernels.extension_info()
@@ -103,9 +90,9 @@ def describe(device: torch.device) -> dict:
         # held torch, MKL and oneDNN below what the CPU has (benchmarks/avx2.sh: a CPU without AVX-512)
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "isa_limits": {name: os.environ[name] for name in ISA_LIMIT_VARIABLES if os.environ.get(name)} or None,
-        # a VM that hands its free 2 MiB blocks back to the host: fresh memory costs host faults, and the cpu
-        # kernels' gradient buffers take 4 KiB pages (csrc/cpu/gradient_buffer.h)
-        "free_page_reporting": free_page_reporting(),
+        # the pages of the cpu kernels' gradient buffers: 4 KiB on a VM that hands its free memory back to the
+        # host, where fresh memory costs host faults (csrc/cpu/gradient_buffer.h)
+        "extension_gradient_buffer_pages": extension.get("gradient_buffer_pages"),
         "triton_tuning": os.environ.get("GRPO_KERNELS_TRITON_TUNING"),  # knob overrides of a tuned run
         **{name: _version(name) for name in PEERS},
     }

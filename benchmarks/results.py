@@ -106,7 +106,9 @@ def environment_line(run: dict) -> str:
         isa = f"; cpu kernels' vector path {env['extension_cpu_isa']}, CPU flags {flags}"
         if env.get("torch_cpu_capability"):
             isa += f", torch's {env['torch_cpu_capability']}"
-    if env.get("free_page_reporting"):  # fresh buffers pay the host's page faults (docs/design.md, "Stores")
+    # fresh buffers pay the host's page faults (docs/design.md, "Stores"); runs before the extension said so
+    # recorded the VM's free page reporting itself
+    if env.get("free_page_reporting") or "free page reporting" in (env.get("extension_gradient_buffer_pages") or ""):
         isa += "; a VM that hands free memory back to its host: fresh buffers are slow to fault in"
     return (f"{env['device_name']} ({env['cpu_threads']} CPU threads, load average {env['load_average_1m']:.1f} "
             f"at the start{isa}), {env['date']}, commit {env['git_sha']}, "

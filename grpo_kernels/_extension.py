@@ -109,8 +109,9 @@ def extension_has_cuda_kernels() -> bool:
 
 
 def extension_info() -> dict:
-    """Version and build facts of the extension (empty when it is absent)."""
+    """Version and build facts of the extension (empty when it is absent), and the choices its CPU kernels made
+    on this machine: ``cpu_isa`` (the copy it runs), ``gradient_buffer_pages``."""
     if _C is None:
         return {}
     return {"version": _C.version(), "cpu_arch": _C.cpu_arch(), "cpu_isa": _C.cpu_isa(), "cuda": bool(_C.with_cuda()),
-            "cuda_version": int(_C.cuda_version())}
+            "cuda_version": int(_C.cuda_version()), "gradient_buffer_pages": _C.gradient_buffer_pages()}

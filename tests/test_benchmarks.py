@@ -50,6 +50,19 @@ def test_runner_smoke_run_writes_results(tmp_path):
     assert "group_advantages" in section and run["stem"] in section
 
 
+@pytest.mark.parametrize("recorded, noted", [
+    ({"extension_gradient_buffer_pages": "4 KiB (free page reporting: the host takes freed memory back)"}, True),
+    ({"extension_gradient_buffer_pages": "2 MiB from 8 MiB up (transparent huge pages where enabled)"}, False),
+    ({"free_page_reporting": True}, True),  # runs recorded before the extension said it
+    ({}, False),
+])
+def test_the_environment_line_says_when_fresh_memory_comes_from_the_host(recorded, noted):
+    run = {"preset": "cpu-small", "limits": {"copy_gbps": 40.0},
+           "environment": dict(device="cpu", device_name="cpu", cpu_threads=2, load_average_1m=0.1,
+                               date="2026-12-07T00:00:00Z", git_sha="abc", torch="2.13.0", **recorded)}
+    assert ("hands free memory back to its host" in results.environment_line(run)) == noted
+
+
 def test_render_replaces_only_between_markers():
     text = f"intro\n{render_readme.BEGIN}\nold numbers\n{render_readme.END}\noutro\n"
     rendered = render_readme.render(text, "new table")

@@ -3,6 +3,7 @@ auto selection, the row layouts it reads without a copy. Its values and gradient
 every other backend in the op test modules."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -198,6 +199,26 @@ def test_the_build_under_test_runs_the_requested_copy():
     requested = os.environ.get("GRPO_KERNELS_CPU_ISA")
     if requested:
         assert info["cpu_isa"] == requested
+
+
+def _free_page_reporting() -> bool:
+    """Whether a virtio balloon here reports free pages to the host (feature bit 5 of its sysfs string)."""
+    for features in pathlib.Path("/sys/bus/virtio/drivers/virtio_balloon").glob("virtio*/features"):
+        bits = features.read_text().strip()
+        if len(bits) > 5 and bits[5] == "1":
+            return True
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge gradient pages are a Linux choice")
+def test_gradient_buffers_take_4k_pages_where_the_host_takes_freed_memory_back():
+    """csrc/cpu/gradient_buffer.h: huge pages for large gradient buffers, except on a VM whose balloon reports
+    free pages (each fresh huge page is faulted in from the host again); extension_info says which."""
+    pages = gk.extension_info()["gradient_buffer_pages"]
+    if _free_page_reporting():
+        assert pages.startswith("4 KiB (free page reporting"), pages
+    else:
+        assert pages.startswith("2 MiB"), pages
 
 
 def test_fused_kernel_refuses_a_rollout_gate():

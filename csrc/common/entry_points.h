@@ -118,6 +118,7 @@ struct Kernels {
   decltype(&cpu::grpo_loss_bwd) grpo_loss_bwd;
   decltype(&cpu::grpo_loss_fwd_grad) grpo_loss_fwd_grad;
   decltype(&cpu::fused_grpo_loss_fwd) fused_grpo_loss_fwd;
+  const char* (*gradient_buffer_pages)();  // not a kernel: how the copy pages its gradient buffers
 };
 
 }  // namespace cpu

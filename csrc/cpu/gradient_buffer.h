@@ -47,6 +47,17 @@ inline bool free_page_reporting() {
 }
 #endif
 
+// How this copy's logits-sized gradient buffers are paged (grpo_kernels.extension_info()["gradient_buffer_pages"],
+// recorded with benchmark results).
+inline const char* gradient_buffer_pages() {
+#ifdef __linux__
+  return free_page_reporting() ? "4 KiB (free page reporting: the host takes freed memory back)"
+                               : "2 MiB from 8 MiB up (transparent huge pages where enabled)";
+#else
+  return "4 KiB";
+#endif
+}
+
 inline at::Tensor empty_gradient_like(const at::Tensor& logits) {
   const size_t bytes = static_cast<size_t>(logits.numel()) * logits.element_size();
 #ifdef __linux__

@@ -2,6 +2,7 @@
 // once per instruction set, each copy in its namespace grpo_kernels::cpu::GRPO_CPU_COPY; module.cpp
 // binds the table of the copy the running CPU supports.
 #include "../common/entry_points.h"
+#include "gradient_buffer.h"
 
 #ifndef GRPO_CPU_COPY
 #error "setup.py defines GRPO_CPU_COPY, the namespace of one copy of the CPU kernels"
@@ -10,8 +11,9 @@
 namespace grpo_kernels::cpu::GRPO_CPU_COPY {
 
 const Kernels& kernels() {
-  static constexpr Kernels table{&token_logprobs_fwd, &token_logprobs_bwd, &group_normalize,    &grpo_loss_fwd,
-                                 &grpo_loss_bwd,      &grpo_loss_fwd_grad, &fused_grpo_loss_fwd};
+  static constexpr Kernels table{&token_logprobs_fwd, &token_logprobs_bwd, &group_normalize,
+                                 &grpo_loss_fwd,      &grpo_loss_bwd,      &grpo_loss_fwd_grad,
+                                 &fused_grpo_loss_fwd, &gradient_buffer_pages};
   return table;
 }
 

@@ -218,6 +218,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_arch", &cpu_arch, "the -march of each copy of the CPU kernels, joined by '+' (empty: the "
         "compiler's default target)");
   m.def("cpu_isa", &cpu_isa, "the instruction set of the copy of the CPU kernels this process runs");
+  m.def(
+      "gradient_buffer_pages", [] { return std::string(cpu_kernels().gradient_buffer_pages()); },
+      "the pages of the CPU kernels' logits-sized gradient buffers (csrc/cpu/gradient_buffer.h)");
   m.def("with_cuda", &with_cuda, "whether the extension was built with its CUDA kernels");
   m.def("cuda_version", &cuda_version, "CUDART_VERSION of the CUDA kernels (0 without CUDA)");
 
