@@ -350,13 +350,26 @@ def _check_scalar_options(options: dict) -> None:
                 return
     check_loss_options(**{k: v for k, v in options.items() if k not in PER_CALL_OPTIONS})
     if key is not None:
-        if len(_PASSED_OPTIONS) >= 256:
-            _PASSED_OPTIONS.clear()
         _PASSED_OPTIONS.add(key)
 
 
+class _PassedKeys:
+    """Keys of checks that passed, for calls that repeat them; bounded (past 256 keys it starts over)."""
+
+    def __init__(self) -> None:
+        self._keys: set = set()
+
+    def __contains__(self, key) -> bool:
+        return key in self._keys
+
+    def add(self, key) -> None:
+        if len(self._keys) >= 256:
+            self._keys.clear()
+        self._keys.add(key)
+
+
 _PLAIN_TYPES = frozenset({bool, int, float, str, type(None)})
-_PASSED_OPTIONS: set = set()
+_PASSED_OPTIONS = _PassedKeys()
 
 
 def _check_rollout_is(family: Family, loss_type: str, mode, low, high, gate) -> None:
@@ -449,8 +462,6 @@ def check_grpo_loss(logprobs, old_logprobs, advantages, mask, options: dict) -> 
     _check_loss_inputs(logprobs, "logprobs", logprobs.shape, old_logprobs, advantages, mask, options)
     key = grpo_loss_call_key(options)
     if key is not None:
-        if len(_PASSED_LOSS_CALLS) >= 256:
-            _PASSED_LOSS_CALLS.clear()
         _PASSED_LOSS_CALLS.add(key)
 
 
@@ -495,7 +506,7 @@ def grpo_loss_options_passed(key: Optional[tuple]) -> bool:
     return key is not None and key in _PASSED_LOSS_CALLS
 
 
-_PASSED_LOSS_CALLS: set = set()
+_PASSED_LOSS_CALLS = _PassedKeys()
 
 
 def _check_loss_inputs(main: Tensor, main_name: str, shape, old_logprobs, advantages, mask, options: dict,
