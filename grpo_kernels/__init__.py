@@ -22,6 +22,7 @@ from .ops import (
     token_logprobs,
 )
 from .reference import GRPOLossOutput
+from .workspace import keep_cpu_workspace, release_cpu_workspace
 
 # "auto" asks self_check before it uses a backend that must pass an on-device check. self_check runs the backends
 # (it imports them, not the other way round), so the package installs it here; looked up at each call.
@@ -40,6 +41,8 @@ __all__ = [
     "fused_linear_grpo_loss",
     "group_advantages",
     "grpo_loss",
+    "keep_cpu_workspace",
     "linear_token_logprobs",
+    "release_cpu_workspace",
     "token_logprobs",
 ]

@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import functools
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator, NamedTuple, Optional, Protocol, Union
 
@@ -78,7 +78,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import reference
+from . import reference, workspace
 from .aggregation import sequence_weights
 from .kernel_options import needs_sequence_pass
 from .reference import GRPOLossOutput
@@ -280,18 +280,20 @@ class RowOpTiles:
     @contextmanager
     def sweep(self, head: LinearHead) -> Iterator[LinearHead]:
         """The head of one sweep: on the CPU with its weight in the compute dtype, and the tile buffer held until
-        the sweep ends (never from the forward to the backward)."""
+        the sweep ends (never from the forward to the backward); both buffers from :mod:`grpo_kernels.workspace`."""
         if head.hidden.device.type != "cpu" or head.hidden.shape[0] == 0:
             yield head
             return
-        if head.weight.dtype != head.dtype:
-            head = head._replace(weight=head.weight.to(head.dtype))
-        self.buffer = head.hidden.new_empty((min(head.chunk_size, head.hidden.shape[0]), head.weight.shape[0]),
-                                            dtype=head.dtype)
-        try:
-            yield head
-        finally:
-            self.buffer = None
+        rows, (vocab, size) = min(head.chunk_size, head.hidden.shape[0]), head.weight.shape
+        with ExitStack() as buffers:
+            if head.weight.dtype != head.dtype:
+                weight = buffers.enter_context(workspace.cpu_buffer(vocab * size, head.dtype)).view(vocab, size)
+                head = head._replace(weight=weight.copy_(head.weight))
+            self.buffer = buffers.enter_context(workspace.cpu_buffer(rows * vocab, head.dtype)).view(rows, vocab)
+            try:
+                yield head
+            finally:
+                self.buffer = None
 
     def __call__(self, head: LinearHead, rows: slice, h: Tensor, return_entropy: bool, weights: Optional[WeightsFn],
                  known: Optional[Stats]) -> tuple[Stats, Optional[Tensor]]:

@@ -363,7 +363,7 @@ def test_default_chunk_size_is_used_and_an_explicit_one_wins(backend, monkeypatc
 
 
 class WeightCasts(TorchDispatchMode):
-    """Counts the casts of a ``[V, H]`` tensor to float32."""
+    """Counts the casts of a ``[V, H]`` tensor to float32 (``.to`` or a ``copy_`` into a float32 buffer)."""
 
     def __init__(self, shape):
         super().__init__()
@@ -373,6 +373,9 @@ class WeightCasts(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor):
             self.count += tuple(out.shape) == self.shape and out.dtype == torch.float32
+        elif func is torch.ops.aten.copy_.default:
+            self.count += (tuple(out.shape) == self.shape and out.dtype == torch.float32
+                           and args[1].dtype != torch.float32)
         return out
 
 
@@ -389,10 +392,14 @@ def test_cpu_casts_a_bf16_weight_once_per_sweep():
 
 
 def nan_filled(monkeypatch):
-    """``torch.empty`` and ``Tensor.new_empty`` return NaN-filled floats (uninitialized memory made visible)."""
+    """``torch.empty`` and ``Tensor.new_empty`` return NaN-filled floats (uninitialized memory made visible), and
+    bytes of 0xFF (NaN in every float dtype: the raw buffers of grpo_kernels.workspace, none kept from before)."""
     empty, new_empty = torch.empty, torch.Tensor.new_empty
+    gk.release_cpu_workspace()
 
     def fill(t):
+        if t.dtype == torch.uint8:
+            return t.fill_(255)
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))

@@ -1,0 +1,106 @@
+"""The CPU fused-linear ops' kept buffers (grpo_kernels/workspace.py): reused between calls, bounded, released
+on demand, and never a change in any number."""
+
+import threading
+
+import pytest
+import torch
+
+import grpo_kernels as gk
+from grpo_kernels import workspace
+
+pytestmark = pytest.mark.skipif("cpu" not in gk.available_backends("fused_linear_grpo_loss"),
+                                reason="the cpu backend is not built")
+
+
+@pytest.fixture(autouse=True)
+def fresh_workspace():
+    previous = gk.keep_cpu_workspace(True)
+    gk.release_cpu_workspace()
+    yield
+    gk.keep_cpu_workspace(previous)
+
+
+def _inputs(N, V, H, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, N // 2, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype)
+    ids = torch.randint(0, V, (2, N // 2), generator=g)
+    old = -torch.rand(2, N // 2, generator=g)
+    return hidden, weight, ids, old, torch.randn(2, generator=g), torch.rand(2, N // 2, generator=g) > 0.2
+
+
+def _loss_and_grads(hidden, weight, ids, old, adv, mask, **kw):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = gk.fused_linear_grpo_loss(h, w, ids, old, adv, mask, backend="cpu", beta=0.0, **kw)
+    out.loss.backward()
+    return out.loss.detach(), h.grad, w.grad
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_tile_buffer_is_kept_reused_and_released(dtype):
+    N, V, H, chunk = 12, 257, 16, 5
+    inputs = _inputs(N, V, H, dtype)
+    first = _loss_and_grads(*inputs, chunk_size=chunk)
+    weight_copy = V * H * 4 if dtype != torch.float32 else 0  # the float32 copy of a bf16 weight
+    assert workspace.kept_bytes() == chunk * V * 4 + weight_copy
+    _assert_same(_loss_and_grads(*inputs, chunk_size=chunk), first)  # the kept buffers reused: the same bits
+    assert workspace.kept_bytes() == chunk * V * 4 + weight_copy
+    assert gk.release_cpu_workspace() == chunk * V * 4 + weight_copy
+    assert workspace.kept_bytes() == 0
+    _assert_same(_loss_and_grads(*inputs, chunk_size=chunk), first)
+
+
+def test_a_smaller_call_reuses_a_larger_buffer_without_reading_its_old_contents():
+    big = _inputs(40, 1001, 8, seed=1)
+    small = _inputs(6, 37, 8, seed=2)
+    gk.keep_cpu_workspace(False)
+    expected = _loss_and_grads(*small, chunk_size=4)
+    gk.keep_cpu_workspace(True)
+    _loss_and_grads(*big, chunk_size=16)
+    kept = workspace.kept_bytes()
+    _assert_same(_loss_and_grads(*small, chunk_size=4), expected)
+    assert workspace.kept_bytes() == kept  # the small tile took the big buffer and gave it back
+
+
+def test_nothing_is_kept_when_keeping_is_off_or_past_the_limit(monkeypatch):
+    inputs = _inputs(8, 300, 8)
+    assert gk.keep_cpu_workspace(False) is True
+    _loss_and_grads(*inputs, chunk_size=4)
+    assert workspace.kept_bytes() == 0
+    gk.keep_cpu_workspace(True)
+    monkeypatch.setattr(workspace, "KEEP_LIMIT_BYTES", 4 * 300 * 4 - 1)  # one byte short of the tile
+    _loss_and_grads(*inputs, chunk_size=4)
+    assert workspace.kept_bytes() == 0
+    with pytest.raises(TypeError, match="keep must be a bool"):
+        gk.keep_cpu_workspace("yes")
+
+
+def test_linear_token_logprobs_and_concurrent_calls_each_get_their_own_buffer():
+    """Two threads in their sweeps at once: one takes the kept buffer, the other a new one; results unchanged."""
+    inputs = [_inputs(16, 513, 8, seed=s) for s in range(4)]
+    gk.keep_cpu_workspace(False)
+    expected = [_loss_and_grads(*x, chunk_size=4) for x in inputs]
+    logp_expected = gk.linear_token_logprobs(inputs[0][0], inputs[0][1], inputs[0][2], chunk_size=3, backend="cpu")
+    gk.keep_cpu_workspace(True)
+    results = [None] * len(inputs)
+
+    def work(i):
+        for _ in range(3):
+            results[i] = _loss_and_grads(*inputs[i], chunk_size=4)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected):
+        _assert_same(got, want)
+    assert torch.equal(gk.linear_token_logprobs(inputs[0][0], inputs[0][1], inputs[0][2], chunk_size=3,
+                                                backend="cpu"), logp_expected)
+    assert 0 < workspace.kept_bytes() <= workspace.KEEP_LIMIT_BYTES
