@@ -6,9 +6,11 @@ from torch's caching allocator.
 
 CPU: the process's peak resident set above its resident set before the call,
 read from Linux's ``/proc/self/status`` (``VmHWM`` - ``VmRSS``) after
-``malloc_trim(0)`` (glibc returns the freed memory it holds to the system, so
-every page the call touches counts, even when an earlier call freed it) and
-after resetting the peak by writing ``5`` to ``/proc/self/clear_refs``. Counts
+``grpo_kernels.release_cpu_workspace()`` and ``malloc_trim(0)`` (the buffers
+our CPU ops keep between calls and the freed memory glibc holds go back to the
+system, so every page the call touches counts, even when an earlier call
+allocated it) and after resetting the peak by writing ``5`` to
+``/proc/self/clear_refs``. Counts
 pages, so it can exceed the tensors' bytes by the allocator's slack. Includes
 the outputs and the gradients the call returns. Elsewhere (no /proc, no
 glibc): not measured (None).
@@ -23,6 +25,8 @@ from typing import Callable, Optional
 
 import torch
 
+import grpo_kernels
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _MALLOC_TRIM = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)  # glibc only
@@ -33,7 +37,7 @@ def method(device: torch.device) -> str:
     if device.type == "cuda":
         return "torch.cuda.max_memory_allocated - memory_allocated before"
     if _CLEAR_REFS.exists() and _MALLOC_TRIM is not None:
-        return "peak RSS (VmHWM after malloc_trim and clear_refs) - RSS before"
+        return "peak RSS (VmHWM after release_cpu_workspace, malloc_trim and clear_refs) - RSS before"
     return "not measured"
 
 
@@ -55,6 +59,7 @@ def peak_bytes_above(fn: Callable[[], object], device: torch.device) -> Optional
         return torch.cuda.max_memory_allocated(device) - before
     if not _CLEAR_REFS.exists() or _MALLOC_TRIM is None:
         return None
+    grpo_kernels.release_cpu_workspace()
     _MALLOC_TRIM(0)
     _CLEAR_REFS.write_text("5")
     before = _status_bytes("VmRSS")

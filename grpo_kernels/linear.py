@@ -53,7 +53,9 @@ softcap, whose derivative needs the tile after the row kernels wrote its
 gradient), the float32 accumulators of the gradients (``[N, H]``, ``[V, H]``,
 ``[V]``, held from the forward to the backward in the fused loss) and
 ``O(N)`` per-token vectors, and on the CPU a weight copy in the compute dtype
-for a weight of another dtype (``V × H``, during a sweep); never ``N × V``.
+for a weight of another dtype (``V × H``, during a sweep); never ``N × V``. On
+the CPU the tile buffer and the weight copy are kept between calls
+(:mod:`grpo_kernels.workspace`, at most 256 MiB in all).
 
 FLOPs of the matmuls (``N`` tokens, vocabulary ``V``, hidden size ``H``):
 the fused loss at token level takes ``6 N V H`` (logits, ``d hidden``,
@@ -271,7 +273,8 @@ class RowOpTiles:
     Statistics and gradient come from the same tile, so ``known`` is not used. During a sweep on the CPU
     (:meth:`sweep`) every chunk's tile is formed in one buffer and the weight is read in the compute dtype from
     one copy (a float32 copy of a bf16/fp16 weight, ``V·H·4`` bytes, made once per sweep): a new 64 MiB tile per
-    chunk costs its page faults again, and a weight cast per chunk costs ``2·N/c`` casts instead of one.
+    chunk costs its page faults again, and a weight cast per chunk costs ``2·N/c`` casts instead of one. Both
+    buffers are :mod:`grpo_kernels.workspace`'s, kept from one call to the next.
     """
 
     tileless_stats = False

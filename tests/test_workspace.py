@@ -104,3 +104,17 @@ def test_linear_token_logprobs_and_concurrent_calls_each_get_their_own_buffer():
     assert torch.equal(gk.linear_token_logprobs(inputs[0][0], inputs[0][1], inputs[0][2], chunk_size=3,
                                                 backend="cpu"), logp_expected)
     assert 0 < workspace.kept_bytes() <= workspace.KEEP_LIMIT_BYTES
+
+
+def test_the_runners_peak_memory_counts_the_kept_tile():
+    """benchmarks/memory.py frees the kept buffers first: a call's peak includes the tile it pages in."""
+    from benchmarks import memory
+
+    if memory.method(torch.device("cpu")) == "not measured":
+        pytest.skip("peak memory is not measured on this platform")
+    N, V, H = 64, 20000, 8
+    inputs = _inputs(N, V, H)
+    _loss_and_grads(*inputs, chunk_size=N)  # the tile is kept now
+    assert workspace.kept_bytes() == N * V * 4
+    peak = memory.peak_bytes_above(lambda: _loss_and_grads(*inputs, chunk_size=N), torch.device("cpu"))
+    assert peak >= N * V * 4
