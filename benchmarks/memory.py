@@ -10,10 +10,9 @@ read from Linux's ``/proc/self/status`` (``VmHWM`` - ``VmRSS``) after
 our CPU ops keep between calls and the freed memory glibc holds go back to the
 system, so every page the call touches counts, even when an earlier call
 allocated it) and after resetting the peak by writing ``5`` to
-``/proc/self/clear_refs``. Counts
-pages, so it can exceed the tensors' bytes by the allocator's slack. Includes
-the outputs and the gradients the call returns. Elsewhere (no /proc, no
-glibc): not measured (None).
+``/proc/self/clear_refs``. Counts pages, so it can exceed the tensors' bytes by
+the allocator's slack. Includes the outputs and the gradients the call returns.
+Elsewhere (no /proc, no glibc): not measured (None).
 """
 
 from __future__ import annotations

@@ -31,21 +31,21 @@ def patch_once_per_launch() -> bool:
     if not hasattr(scope_type(), "restore"):
         warnings.warn("the Triton interpreter's patch scope has no restore(): running it unchanged")
         return False
-    in_force: set = set()  # the language modules patched since the launch in progress began (one at a time)
-    launch: list = []  # [True] during a launch
+    # the language modules patched since the launch in progress began (one at a time); empty between launches
+    # (every jit function sees at least one: the interpreter asserts it)
+    in_force: set = set()
 
     def patch_lang(fn):
         langs = {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
-        if launch and langs <= in_force:
+        if in_force and langs <= in_force:
             return scope_type()  # a helper inside the launch: nothing to patch, nothing to restore
+        launch = not in_force
         scope = original(fn)
         in_force.update(langs)
-        if not launch:  # the launch's own patch: it ends with the restore
-            launch.append(True)
+        if launch:  # the launch's own patch: it ends with the restore
             restore = scope.restore
 
             def restore_and_end():
-                launch.clear()
                 in_force.clear()
                 restore()
 
