@@ -54,8 +54,9 @@ gradient), the float32 accumulators of the gradients (``[N, H]``, ``[V, H]``,
 ``[V]``, held from the forward to the backward in the fused loss) and
 ``O(N)`` per-token vectors, and on the CPU a weight copy in the compute dtype
 for a weight of another dtype (``V × H``, during a sweep); never ``N × V``. On
-the CPU the tile buffer and the weight copy are kept between calls
-(:mod:`grpo_kernels.workspace`, at most 256 MiB in all).
+the CPU the tile buffer, the weight copy and the float32 accumulators of a
+bf16/fp16 head are kept between calls (:mod:`grpo_kernels.workspace`, at most
+512 MiB in all).
 
 FLOPs of the matmuls (``N`` tokens, vocabulary ``V``, hidden size ``H``):
 the fused loss at token level takes ``6 N V H`` (logits, ``d hidden``,
@@ -339,13 +340,22 @@ class _Grads:
     def __init__(self, head: LinearHead, needs: tuple[bool, bool, bool]):
         inputs = (head.hidden, head.weight, head.bias)
         self.dtypes = tuple(None if t is None else t.dtype for t in inputs)
-        # on the CPU uninitialized until a sweep writes them (beta = 0 there): no zero fill, no pass over [V, H]
-        new = torch.empty if head.hidden.device.type == "cpu" else torch.zeros
+        self.leases: list[workspace.CpuLease] = []
         self.hidden, self.weight, self.bias = (
-            new(t.shape, dtype=head.dtype, device=t.device) if needed and t is not None else None
-            for t, needed in zip(inputs, needs)
+            self._accumulator(t, head.dtype) if needed and t is not None else None for t, needed in zip(inputs, needs)
         )
         self.hidden_written = self.weight_written = False
+
+    def _accumulator(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """``t``'s gradient accumulator in the compute ``dtype``. On the CPU uninitialized until a sweep writes it
+        (beta = 0 there: no zero fill, no pass over [V, H]), and one that is not itself the result (the float32
+        accumulator of a bf16 weight) is leased from :mod:`grpo_kernels.workspace` until :meth:`results`."""
+        if t.device.type != "cpu":
+            return torch.zeros(t.shape, dtype=dtype, device=t.device)
+        if dtype == t.dtype:
+            return torch.empty(t.shape, dtype=dtype)
+        self.leases.append(workspace.CpuLease(t.numel(), dtype))
+        return self.leases[-1].tensor.view(t.shape)
 
     def add(self, head: LinearHead, rows: slice, h: Tensor, dx: Tensor) -> None:
         """Add the contribution of the logits gradient ``dx [n, V]`` of the tokens ``rows`` (hidden states ``h``).
@@ -390,6 +400,9 @@ class _Grads:
             reduce_hidden_grad(self.hidden)
         dh, dw, db = (None if g is None else g.to(dtype) for g, dtype in zip((self.hidden, self.weight, self.bias),
                                                                               self.dtypes))
+        self.hidden = self.weight = self.bias = None
+        for lease in self.leases:
+            lease.release()
         return None if dh is None else dh.view(shape), dw, db
 
 

@@ -339,13 +339,15 @@ def test_cpu_casts_a_bf16_weight_once_per_sweep(level, entropy_coef):
                         entropy_coef=entropy_coef)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("level", ["token", "sequence"])
-def test_uninitialized_memory_is_never_read(backend, monkeypatch, level):
+def test_uninitialized_memory_is_never_read(backend, monkeypatch, level, dtype):
     """Gradient accumulators start uninitialized (the first chunk of a sweep writes them with beta = 0; an entropy
-    bonus's sweep adds) and the tile buffer is reused: NaN in every new buffer changes nothing."""
+    bonus's sweep adds; bf16's float32 ones are leased from the workspace) and the tile buffer is reused: NaN in
+    every new buffer changes nothing."""
     if backend == "triton":
         pytest.skip("the driver's accumulators are the cpu backend's too; the interpreter is slow")
-    inputs = make_inputs(B=3, T=5, H=6, V=19)
+    inputs = make_inputs(B=3, T=5, H=6, V=19, dtype=dtype)
     options = dict(importance_sampling_level=level, chunk_size=4, return_entropy=True, entropy_coef=0.1,
                    backend=backend)
     clean_out, clean_grads = run(*inputs, **options)

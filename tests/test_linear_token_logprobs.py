@@ -406,12 +406,13 @@ def nan_filled(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: fill(new_empty(self, *a, **k)))
 
 
-def test_uninitialized_memory_is_never_read(backend, monkeypatch):
-    """The accumulators start uninitialized (written with beta = 0 by the first chunk) and the tile buffer is
-    reused: NaN in every new buffer changes no value and no gradient."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_uninitialized_memory_is_never_read(backend, monkeypatch, dtype):
+    """The accumulators start uninitialized (written with beta = 0 by the first chunk; bf16's float32 ones are
+    leased from the workspace) and the tile buffer is reused: NaN in every new buffer changes nothing."""
     if backend == "triton":
         pytest.skip("the driver's accumulators are the cpu backend's too; the interpreter is slow")
-    inputs = make_inputs(shape=(3, 5), H=6, V=19)
+    inputs = make_inputs(shape=(3, 5), H=6, V=19, dtype=dtype)
     clean = run(*inputs, backend=backend, chunk_size=4)
     nan_filled(monkeypatch)
     for a, b in zip(run(*inputs, backend=backend, chunk_size=4), clean):
