@@ -149,8 +149,34 @@ def resolve_backend(backend: str, device: torch.device, op: Optional[str] = None
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend == "auto":
         override = _override()
-        return _auto(device, op) if override is None else _check_known(override, "GRPO_KERNELS_BACKEND")
+        return _auto_choice(device, op) if override is None else _check_known(override, "GRPO_KERNELS_BACKEND")
     return _check_known(backend, "backend")
+
+
+class _AutoChoice(NamedTuple):
+    name: str
+    fixed: bool  # chosen without asking the on-device check
+
+
+class _Remembered(NamedTuple):
+    preference: tuple  # the preference list it was chosen from (the choice holds while that is the list)
+    name: str
+
+
+_AUTO_CHOSEN: dict = {}  # (device, op) → _Remembered
+
+
+def _auto_choice(device: torch.device, op: Optional[str]) -> str:
+    """``"auto"``'s backend for ``op`` on ``device``: remembered where no on-device check took part in the choice
+    (then it is the same on every call: installation and preferences do not change), else chosen anew."""
+    preference = auto_preference(device.type)
+    remembered = _AUTO_CHOSEN.get((device, op))
+    if remembered is not None and remembered.preference is preference:
+        return remembered.name
+    choice = _auto(device, op)
+    if choice.fixed:
+        _AUTO_CHOSEN[(device, op)] = _Remembered(preference, choice.name)
+    return choice.name
 
 
 def _override() -> Optional[str]:
@@ -164,12 +190,13 @@ def auto_preference(device_type: str) -> tuple[tuple[str, Trust], ...]:
     return _AUTO_PREFERENCE.get(device_type, _AUTO_OTHER_DEVICES)
 
 
-def _auto(device: torch.device, op: Optional[str]) -> str:
+def _auto(device: torch.device, op: Optional[str]) -> _AutoChoice:
+    asked = False
     for name, trust in auto_preference(device.type):
         if not _installed(name) or (op is not None and not (_provides(name, op) or chunked(name, op))):
             continue
         if trust is Trust.TESTED:
-            return name
+            return _AutoChoice(name, fixed=not asked)
         if trust is not Trust.VALIDATE_ON_DEVICE:
             raise ValueError(f"unknown trust {trust!r} of backend {name!r}")
         if op is None:
@@ -177,9 +204,10 @@ def _auto(device: torch.device, op: Optional[str]) -> str:
         if _device_check is None:
             raise RuntimeError(f"backend {name!r} needs an on-device check before 'auto' uses it, and none is "
                                f"installed (grpo_kernels/__init__.py installs grpo_kernels.self_check's)")
+        asked = True
         if _device_check(name, op, device):
-            return name
-    return "reference"
+            return _AutoChoice(name, fixed=False)
+    return _AutoChoice("reference", fixed=not asked)
 
 
 # What "auto" asks before using a backend whose trust is VALIDATE_ON_DEVICE: (backend, op, device) -> passed.
@@ -214,23 +242,22 @@ def _check_device(name: str, device: torch.device) -> None:
 
 def implementation(backend: str, device: torch.device, op: str) -> Callable:
     """The function computing ``op`` for ``backend`` on ``device``."""
-    key = (backend, device, op)
-    module = _CHECKED_MODULES.get(key) if backend != "auto" else None
+    name = resolve_backend(backend, device, op) if backend == "auto" else backend
+    module = _CHECKED_MODULES.get((name, device, op))
     if module is not None:
         return getattr(module, op)
-    name = resolve_backend(backend, device, op)
+    name = resolve_backend(name, device, op)
     if not _provides(name, op):
         raise BackendUnavailableError(
             f"backend {name!r} does not implement {op} yet; backends with {op}: {available_backends(op)}"
         )
     _check_device(name, device)
     module = _module(name)
-    if backend != "auto":  # a named backend on a device: its checks pass for good ("auto" reads the environment)
-        _CHECKED_MODULES[key] = module
+    _CHECKED_MODULES[(name, device, op)] = module  # a backend on a device: its checks pass for good
     return getattr(module, op)
 
 
-_CHECKED_MODULES: dict = {}  # (named backend, device, op) → the backend's module, its checks passed
+_CHECKED_MODULES: dict = {}  # (backend name, device, op) → the backend's module, its checks passed
 
 
 def self_checked_implementation(backend: str, device: torch.device, op: str) -> Optional[Callable]:

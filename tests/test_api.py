@@ -69,6 +69,39 @@ def test_env_overrides_auto(monkeypatch):
     gk.token_logprobs(logits, ids, backend="reference")
 
 
+def test_auto_remembers_only_a_choice_made_without_an_on_device_check(monkeypatch):
+    """"auto" chooses once per device and op where no on-device check took part (a per-call saving), again after
+    its preference list changed, and on every call where a check did (a later verdict may differ)."""
+    from grpo_kernels import backends
+    from grpo_kernels.backends import Trust
+
+    monkeypatch.delenv("GRPO_KERNELS_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_AUTO_CHOSEN", {})
+    cpu, op = torch.device("cpu"), "grpo_loss"
+    chosen = backends.resolve_backend("auto", cpu, op)
+    assert chosen == ("cpu" if "cpu" in gk.available_backends(op) else "reference")
+    original = backends._auto
+
+    def choose_again(device, op):
+        calls.append(op)
+        return original(device, op)
+
+    calls = []
+    monkeypatch.setattr(backends, "_auto", choose_again)
+    assert backends.resolve_backend("auto", cpu, op) == chosen and calls == []
+    monkeypatch.setitem(backends._AUTO_PREFERENCE, "cpu", (("reference", Trust.TESTED),))
+    assert [backends.resolve_backend("auto", cpu, op) for _ in range(2)] == ["reference"] * 2 and calls == [op]
+
+    verdicts = iter([False, True])
+    monkeypatch.setattr(backends, "_device_check", lambda backend, op, device: next(verdicts))
+    monkeypatch.setitem(backends._AUTO_PREFERENCE, "cpu",
+                        (("triton", Trust.VALIDATE_ON_DEVICE), ("reference", Trust.TESTED)))
+    if "triton" not in gk.available_backends(op):
+        pytest.skip("needs the triton package (the candidate that asks the check)")
+    assert backends.resolve_backend("auto", cpu, op) == "reference"  # the check said no: not remembered
+    assert backends.resolve_backend("auto", cpu, op) == "triton"
+
+
 def test_auto_calls_the_selected_backend(monkeypatch):
     from grpo_kernels import backends
 
