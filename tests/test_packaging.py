@@ -111,6 +111,11 @@ def test_cpu_flags_reader(tmp_path):
 
 
 def test_auto_uses_the_reference_when_the_extension_is_withheld(fake_build, monkeypatch):
+    from grpo_kernels import backends
+
+    # the installation changes under a running process here: forget the choices made with the extension there
+    monkeypatch.setattr(backends, "_AUTO_CHOSEN", {})
+    monkeypatch.setattr(backends, "_CHECKED_MODULES", {})
     monkeypatch.setattr(_extension, "cpu_flags", lambda: AVX2_CPU)
     monkeypatch.setattr(_extension, "_import_extension", _refuse_import)
     with pytest.warns(RuntimeWarning, match="lacks"):
