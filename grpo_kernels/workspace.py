@@ -55,21 +55,10 @@ def _give_back(raw: Tensor) -> None:
             _kept[:] = keep
 
 
-@contextmanager
-def cpu_buffer(numel: int, dtype: torch.dtype) -> Iterator[Tensor]:
-    """A CPU buffer of ``numel`` elements of ``dtype``, uninitialized, for the ``with`` block (no view of it may
-    outlive the block): a kept buffer that fits (:func:`_take`), else a new one; kept afterwards."""
-    size = numel * dtype.itemsize
-    raw = _take(size)
-    try:
-        yield raw[:size].view(dtype)
-    finally:
-        _give_back(raw)
-
-
 class CpuLease:
-    """A CPU buffer like :func:`cpu_buffer`'s, held until :meth:`release` rather than for a block: for memory that
-    lives from a forward to its backward. A lease never released is freed with it, not kept."""
+    """A CPU buffer of ``numel`` elements of ``dtype``, uninitialized: a kept buffer that fits (:func:`_take`),
+    else a new one, held until :meth:`release` (for memory that lives from a forward to its backward). A lease
+    never released is freed with it, not kept."""
 
     def __init__(self, numel: int, dtype: torch.dtype):
         size = numel * dtype.itemsize
@@ -81,6 +70,17 @@ class CpuLease:
         raw, self._raw, self.tensor = self._raw, None, None
         if raw is not None:
             _give_back(raw)
+
+
+@contextmanager
+def cpu_buffer(numel: int, dtype: torch.dtype) -> Iterator[Tensor]:
+    """A :class:`CpuLease`'s buffer for the ``with`` block (no view of it may outlive the block), given back at
+    its end."""
+    lease = CpuLease(numel, dtype)
+    try:
+        yield lease.tensor
+    finally:
+        lease.release()
 
 
 def kept_bytes() -> int:
